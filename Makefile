@@ -1,0 +1,31 @@
+# Every target that runs code first makes sure .venv exists and holds the project.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+PROTOS := $(wildcard protos/*.proto)
+
+.PHONY: demo test proto proto-check lint
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python benchmarks/core_scenario.py
+
+test: $(STAMP) proto-check lint
+	$(BIN)/python -m pytest -q
+
+# Regenerates the gRPC stubs next to their .proto files (import path: protos.<name>_pb2).
+proto: $(STAMP)
+	@if [ -n "$(PROTOS)" ]; then $(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS); fi
+
+# Fails when the committed stubs differ from what `make proto` would write.
+proto-check: $(STAMP)
+	$(BIN)/python tools/check_protos.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .

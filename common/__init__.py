@@ -1,0 +1,1 @@
+"""Code shared by the services, the simulator and the clients."""

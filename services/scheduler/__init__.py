@@ -1,0 +1,1 @@
+"""The scheduler service: fairness policy, preemption, block tables, and the Generate API."""

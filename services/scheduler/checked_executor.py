@@ -1,0 +1,74 @@
+"""A stand-in executor whose KV is the token ids themselves, for drivers without a model.
+
+Each device or host block slot stores the token whose KV it would hold. Every step checks
+that each sequence's block table holds exactly its prefix, and copies move slots only when
+a swap completes, so a block reused while a copy still reads it, or read before its
+swap-in ends, shows up as a mismatch. The sampled token is a pure function of the prefix
+(and so identical with or without preemption), which makes the planner testable on its
+own and keeps the simulator honest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from services.scheduler.core.plan import Direction, ScheduledSeq, SwapOrder
+
+EMPTY = -1
+
+
+class KVMismatch(AssertionError):
+    pass
+
+
+def next_token(prefix: list[int], vocab: int) -> int:
+    digest = hashlib.blake2b(repr(prefix).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % vocab
+
+
+@dataclass
+class CheckedExecutor:
+    block_size: int
+    num_device_blocks: int
+    num_host_blocks: int
+    vocab: int = 1000
+    device: list[list[int]] = field(init=False)
+    host: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.device = [[EMPTY] * self.block_size for _ in range(self.num_device_blocks)]
+        self.host = [[EMPTY] * self.block_size for _ in range(self.num_host_blocks)]
+
+    def step(self, batch: tuple[ScheduledSeq, ...], tokens_of: Mapping[str, list[int]]) -> dict:
+        """Runs one step; `tokens_of` gives each request's full token list (the truth)."""
+        sampled: dict[str, int] = {}
+        for seq in batch:
+            truth = tokens_of[seq.request_id]
+            for pos in range(seq.start):
+                held = self._slot(seq.block_table, pos)
+                if held != truth[pos]:
+                    raise KVMismatch(
+                        f"{seq.request_id}: position {pos} holds {held}, expected {truth[pos]}"
+                    )
+            for i, token in enumerate(seq.token_ids):
+                pos = seq.start + i
+                block = seq.block_table[pos // self.block_size]
+                self.device[block][pos % self.block_size] = token
+            if seq.sample:
+                sampled[seq.request_id] = next_token(truth[: seq.start + len(seq.token_ids)],
+                                                     self.vocab)
+        return sampled
+
+    def finish_swap(self, order: SwapOrder) -> None:
+        src, dst = (
+            (self.device, self.host) if order.direction is Direction.OUT
+            else (self.host, self.device)
+        )
+        for copy in order.copies:
+            for s, d in zip(copy.src.blocks(), copy.dst.blocks(), strict=True):
+                dst[d] = list(src[s])
+
+    def _slot(self, table: tuple[int, ...], pos: int) -> int:
+        return self.device[table[pos // self.block_size]][pos % self.block_size]

@@ -1,0 +1,85 @@
+"""A request's life: its tokens, how much of their KV exists, and where that KV is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class RequestState(Enum):
+    WAITING = "waiting"  # no KV anywhere (new, or preempted by recompute)
+    PREFILLING = "prefilling"
+    RUNNING = "running"  # decoding
+    SWAPPING_OUT = "swapping_out"
+    SWAPPED = "swapped"
+    SWAPPING_IN = "swapping_in"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+S = RequestState
+TERMINAL = frozenset({S.FINISHED, S.CANCELLED, S.FAILED})
+RESIDENT = frozenset({S.PREFILLING, S.RUNNING})  # KV on the device, schedulable
+_ALLOWED: dict[RequestState, frozenset[RequestState]] = {
+    S.WAITING: frozenset({S.PREFILLING, S.SWAPPING_IN}),
+    S.PREFILLING: frozenset({S.RUNNING, S.SWAPPING_OUT, S.WAITING}),
+    S.RUNNING: frozenset({S.SWAPPING_OUT, S.WAITING, S.FINISHED}),
+    S.SWAPPING_OUT: frozenset({S.SWAPPED, S.WAITING}),
+    S.SWAPPED: frozenset({S.SWAPPING_IN, S.WAITING}),
+    S.SWAPPING_IN: frozenset({S.PREFILLING, S.RUNNING, S.WAITING}),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    client_id: str
+    prompt: list[int]
+    max_tokens: int
+    conversation_id: str | None = None
+    priority: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
+    arrival: int = 0  # admission order, set by the planner: a sequence number, not a time
+    output: list[int] = field(default_factory=list)
+    state: RequestState = RequestState.WAITING
+    num_computed: int = 0  # leading tokens whose KV exists (on the device, or on the host)
+    preemptions: int = 0
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("prompt must not be empty")
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def kv_key(self) -> str:
+        """Host KV is kept per conversation; a one-shot request is its own conversation."""
+        return self.conversation_id or f"request:{self.request_id}"
+
+    @property
+    def is_done(self) -> bool:
+        return self.state in TERMINAL
+
+    def move(self, new: RequestState) -> None:
+        if new in TERMINAL and self.state not in TERMINAL:
+            if new is S.FINISHED and self.state is not S.RUNNING:
+                raise InvalidTransition(f"{self.request_id}: {self.state.value} -> finished")
+            self.state = new
+            return
+        if new not in _ALLOWED.get(self.state, frozenset()):
+            raise InvalidTransition(f"{self.request_id}: {self.state.value} -> {new.value}")
+        self.state = new

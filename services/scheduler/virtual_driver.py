@@ -1,0 +1,215 @@
+"""Drives a `Planner` on a virtual clock: the demo's and the simulator's executor.
+
+Step and copy durations come from a `CostModel`. Copies run on two FIFO copy queues
+(device-to-host and host-to-device) that overlap the steps; a barrier plan (baseline
+mode) makes the step wait for every copy in flight, which is the stall FastSwitch removes.
+The planner and policies are the real ones; only time is simulated.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from services.scheduler.checked_executor import CheckedExecutor
+from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
+from services.scheduler.core.planner import Planner
+from services.scheduler.core.policy import RandomPriorityUpdates
+from services.scheduler.core.request import Request
+
+
+class CostModel(Protocol):
+    def step_seconds(self, plan: StepPlan) -> float: ...
+
+    def swap_seconds(self, order: SwapOrder) -> float: ...
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """A deliberately plain cost model for demos and tests (not a hardware model)."""
+
+    step_base: float = 1e-3
+    per_token: float = 2e-5
+    per_copy: float = 2e-4
+    per_block: float = 2e-5
+
+    def step_seconds(self, plan: StepPlan) -> float:
+        return self.step_base + self.per_token * plan.num_tokens
+
+    def swap_seconds(self, order: SwapOrder) -> float:
+        return self.per_copy * len(order.copies) + self.per_block * order.num_blocks
+
+
+@dataclass
+class RequestTimes:
+    arrival: float
+    tokens: list[float] = field(default_factory=list)
+
+    @property
+    def ttft(self) -> float | None:
+        return self.tokens[0] - self.arrival if self.tokens else None
+
+    @property
+    def tbts(self) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(self.tokens)]
+
+
+@dataclass
+class RunReport:
+    makespan_s: float
+    busy_s: float
+    stall_s: float  # steps waiting on a barrier
+    output_tokens: int
+    times: dict[str, RequestTimes]
+    context_switch_s: list[float]  # each swap-in: submit to completion
+    finished: list[Request]
+
+    @property
+    def ttfts(self) -> list[float]:
+        return [t.ttft for t in self.times.values() if t.ttft is not None]
+
+    @property
+    def tbts(self) -> list[float]:
+        return [d for t in self.times.values() for d in t.tbts]
+
+    @property
+    def throughput_tok_s(self) -> float:
+        return self.output_tokens / self.makespan_s if self.makespan_s else 0.0
+
+    @property
+    def gpu_idle_frac(self) -> float:
+        return 1 - self.busy_s / self.makespan_s if self.makespan_s else 0.0
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """Nearest-rank percentile; 0.0 for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1
+    return ordered[rank]
+
+
+FollowUp = Callable[[Request, float], Iterable[tuple[float, Request]]]
+
+
+class VirtualDriver:
+    def __init__(
+        self,
+        planner: Planner,
+        cost: CostModel,
+        *,
+        executor: CheckedExecutor | None = None,
+        priority_updates: RandomPriorityUpdates | None = None,
+        follow_up: FollowUp | None = None,
+        on_iteration: Callable[[VirtualDriver, StepPlan], None] | None = None,
+    ) -> None:
+        self.planner = planner
+        self.cost = cost
+        self.executor = executor
+        self.priority_updates = priority_updates
+        self.follow_up = follow_up
+        self.on_iteration = on_iteration
+        self.now = 0.0
+        self._arrivals: list[tuple[float, int, Request]] = []
+        self._inflight: list[tuple[float, int, SwapOrder, float]] = []  # done, id, order, start
+        self._queue_free = {Direction.OUT: 0.0, Direction.IN: 0.0}
+        self._seq = itertools.count()
+        self._times: dict[str, RequestTimes] = {}
+        self._switch: list[float] = []
+        self._finished: list[Request] = []
+        self._busy = self._stall = 0.0
+        self._output_tokens = 0
+
+    def submit(self, at: float, request: Request) -> None:
+        heapq.heappush(self._arrivals, (at, next(self._seq), request))
+
+    def run(self, *, max_iterations: int = 1_000_000) -> RunReport:
+        for _ in range(max_iterations):
+            self._admit_arrivals()
+            self._deliver_swaps(until=self.now)
+            if not (self.planner.has_work() or self._arrivals):
+                break
+            self._apply_priority_updates()
+            plan = self.planner.plan()
+            self._start_swaps(plan.swaps)
+            if plan.barrier and self._inflight:
+                done = max(t for t, *_ in self._inflight)
+                self._stall += done - self.now
+                self.now = done
+                self._deliver_swaps(until=done)
+            if plan.batch:
+                self._run_batch(plan)
+            elif not (plan.preemptions or self._idle_until_next_event()):
+                raise RuntimeError(f"scheduler stuck at iteration {plan.iteration}: {plan}")
+            if self.on_iteration:
+                self.on_iteration(self, plan)
+        else:
+            raise RuntimeError(f"did not finish in {max_iterations} iterations")
+        return RunReport(
+            makespan_s=self.now,
+            busy_s=self._busy,
+            stall_s=self._stall,
+            output_tokens=self._output_tokens,
+            times=self._times,
+            context_switch_s=self._switch,
+            finished=self._finished,
+        )
+
+    def _admit_arrivals(self) -> None:
+        while self._arrivals and self._arrivals[0][0] <= self.now:
+            at, _, request = heapq.heappop(self._arrivals)
+            self._times[request.request_id] = RequestTimes(arrival=at)
+            self.planner.add(request)
+
+    def _apply_priority_updates(self) -> None:
+        if self.priority_updates is None:
+            return
+        updates = self.priority_updates.updates(self.planner.stats.iterations, self.planner.live())
+        for request_id, priority in updates.items():
+            self.planner.set_priority(priority, request_id=request_id)
+
+    def _start_swaps(self, orders: Iterable[SwapOrder]) -> None:
+        for order in orders:  # swap-outs come first in a plan
+            start = max(self.now, self._queue_free[order.direction])
+            done = start + self.cost.swap_seconds(order)
+            self._queue_free[order.direction] = done
+            heapq.heappush(self._inflight, (done, order.swap_id, order, self.now))
+
+    def _deliver_swaps(self, *, until: float) -> None:
+        while self._inflight and self._inflight[0][0] <= until:
+            done, _, order, submitted = heapq.heappop(self._inflight)
+            if self.executor is not None:
+                self.executor.finish_swap(order)
+            if order.direction is Direction.IN:
+                self._switch.append(done - submitted)
+            self.planner.swap_done(order.swap_id)
+
+    def _run_batch(self, plan: StepPlan) -> None:
+        if self.executor is not None:
+            truth = {s.request_id: self.planner.requests[s.request_id].tokens for s in plan.batch}
+            sampled = self.executor.step(plan.batch, truth)
+        else:
+            sampled = {s.request_id: 0 for s in plan.batch if s.sample}
+        seconds = self.cost.step_seconds(plan)
+        self.now += seconds
+        self._busy += seconds
+        for request_id in sampled:
+            self._times[request_id].tokens.append(self.now)
+        self._output_tokens += len(sampled)
+        for request in self.planner.complete_step(sampled):
+            self._finished.append(request)
+            for at, nxt in self.follow_up(request, self.now) if self.follow_up else ():
+                self.submit(at, nxt)
+
+    def _idle_until_next_event(self) -> bool:
+        """Nothing ran: jump to the next swap completion or arrival. False if there is none."""
+        upcoming = [t for t, *_ in self._inflight[:1]] + [t for t, *_ in self._arrivals[:1]]
+        if not upcoming:
+            return False
+        self.now = max(self.now, min(upcoming))
+        return True

@@ -1,0 +1,304 @@
+"""The step planner, driven by hand and by the virtual driver with the token-checking executor."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.kv.reuse_index import ReuseIndex
+from services.scheduler.checked_executor import CheckedExecutor, next_token
+from services.scheduler.core.config import Mode, SchedulerConfig
+from services.scheduler.core.plan import Direction, PreemptBy, StepPlan, SwapOrder
+from services.scheduler.core.planner import Planner
+from services.scheduler.core.policy import (
+    FCFS,
+    PriorityPolicy,
+    RandomPriorityUpdates,
+    VirtualTokenCounter,
+)
+from services.scheduler.core.request import Request, RequestState
+from services.scheduler.virtual_driver import UnitCost, VirtualDriver
+
+BS = 4
+
+
+def make_planner(mode: Mode, *, device_blocks: int = 16, host_blocks: int = 256, policy=None,
+                 max_seqs: int = 8, budget: int = 64) -> Planner:
+    config = SchedulerConfig(mode=mode, block_size=BS, num_device_blocks=device_blocks,
+                             max_num_seqs=max_seqs, max_batched_tokens=budget)
+    host = ReuseIndex(fingerprint="test", block_size=BS, num_blocks=host_blocks)
+    return Planner(config, policy or PriorityPolicy(), host)
+
+
+def req(rid: str, n_prompt: int, max_tokens: int, *, client: str = "c", priority: int = 0,
+        conv: str | None = None, seed: int = 0) -> Request:
+    rng = random.Random(f"{rid}/{seed}")
+    prompt = [rng.randrange(100) for _ in range(n_prompt)]
+    return Request(rid, client, prompt, max_tokens, conversation_id=conv, priority=priority)
+
+
+def run_step(planner: Planner, plan: StepPlan) -> list[Request]:
+    sampled = {s.request_id: next_token(planner.requests[s.request_id].tokens, 100)
+               for s in plan.batch if s.sample and s.request_id in planner.requests}
+    return planner.complete_step(sampled)
+
+
+def finish_swaps(planner: Planner, plan: StepPlan) -> None:
+    for order in plan.swaps:
+        planner.swap_done(order.swap_id)
+
+
+def state(planner: Planner, rid: str) -> RequestState:
+    return planner.requests[rid].state
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_high_priority_arrival_preempts_lowest_priority_runner(mode: Mode) -> None:
+    p = make_planner(mode, device_blocks=8)
+    p.add(req("low", 12, 50, priority=0))
+    p.add(req("mid", 12, 50, priority=1))
+    run_step(p, p.plan())
+    assert state(p, "low") is state(p, "mid") is RequestState.RUNNING
+    p.add(req("high", 12, 50, priority=5))
+    plan = p.plan()
+    assert [(x.request_id, x.by) for x in plan.preemptions] == [("low", PreemptBy.SWAP)]
+    assert state(p, "mid") is RequestState.RUNNING
+    assert "mid" in {s.request_id for s in plan.batch}
+    out = [s for s in plan.swaps if s.direction is Direction.OUT]
+    assert [s.request_id for s in out] == ["low"]
+
+
+def test_fastswitch_keeps_others_running_while_one_swaps() -> None:
+    p = make_planner(Mode.FASTSWITCH, device_blocks=8)
+    p.add(req("a", 12, 50, priority=0))
+    p.add(req("b", 12, 50, priority=1))
+    run_step(p, p.plan())
+    p.add(req("c", 12, 50, priority=5))
+    plan = p.plan()
+    assert not plan.barrier
+    assert {s.request_id for s in plan.batch} == {"b"}  # a swaps out, b decodes meanwhile
+    run_step(p, plan)  # the swap of a is still in flight
+    assert state(p, "a") is RequestState.SWAPPING_OUT
+    plan2 = p.plan()
+    assert "b" in {s.request_id for s in plan2.batch}
+    assert state(p, "c") is RequestState.WAITING  # a's blocks are still draining
+    assert p.allocator.num_draining > 0
+    finish_swaps(p, plan)
+    run_step(p, plan2)
+    plan3 = p.plan()
+    assert {s.request_id for s in plan3.batch} == {"b", "c"}
+    assert state(p, "a") is RequestState.SWAPPED
+
+
+def test_fastswitch_swap_in_runs_only_after_its_own_copy() -> None:
+    p = make_planner(Mode.FASTSWITCH, device_blocks=10)
+    p.add(req("a", 12, 50, priority=0))
+    p.add(req("b", 12, 50, priority=1))
+    run_step(p, p.plan())
+    p.add(req("c", 12, 3, priority=2))
+    for _ in range(20):
+        plan = p.plan()
+        swap_ins = [s for s in plan.swaps if s.direction is Direction.IN]
+        if swap_ins:
+            break
+        run_step(p, plan)
+        finish_swaps(p, plan)
+    assert [s.request_id for s in swap_ins] == ["a"]
+    assert "c" not in p.requests  # a comes back once c is done
+    assert "a" not in {s.request_id for s in plan.batch}
+    assert state(p, "a") is RequestState.SWAPPING_IN
+    run_step(p, plan)
+    during = p.plan()
+    assert "a" not in {s.request_id for s in during.batch}  # its copy is still in flight
+    assert "b" in {s.request_id for s in during.batch}
+    run_step(p, during)
+    finish_swaps(p, plan)
+    assert "a" in {s.request_id for s in p.plan().batch}
+
+
+def test_baseline_plans_a_barrier_and_runs_swapped_in_requests_at_once() -> None:
+    p = make_planner(Mode.BASELINE, device_blocks=8)
+    p.add(req("a", 12, 50, priority=0))
+    p.add(req("b", 12, 50, priority=1))
+    run_step(p, p.plan())
+    p.add(req("c", 12, 50, priority=5))
+    plan = p.plan()
+    assert plan.barrier and plan.swaps
+    assert all(len(s.copies) == s.num_blocks for s in plan.swaps)  # one copy per block
+    finish_swaps(p, plan)
+    run_step(p, plan)
+    p.set_priority(9, request_id="a")
+    plan = p.plan()
+    assert plan.barrier
+    assert [s.request_id for s in plan.swaps if s.direction is Direction.IN] == ["a"]
+    assert "a" in {s.request_id for s in plan.batch}  # runs right after the barrier
+
+
+def test_vtc_does_not_starve_a_light_client() -> None:
+    """A heavy client queues 12 requests, a light one keeps one request in flight: VTC
+    gives the light client the next free slot every time, so it gets about half the GPU."""
+    p = make_planner(Mode.FASTSWITCH, device_blocks=64, policy=VirtualTokenCounter(),
+                     max_seqs=2, budget=32)
+    for i in range(12):
+        p.add(req(f"heavy{i}", 16, 10, client="heavy"))
+    p.add(req("light0", 16, 10, client="light"))
+    first_run: dict[str, int] = {}
+    light_arrived = {"light0": 0}
+    for step in range(300):
+        plan = p.plan()
+        for s in plan.batch:
+            first_run.setdefault(s.request_id, step)
+        for r in run_step(p, plan):
+            if r.client_id == "light" and len(light_arrived) < 6:
+                light_arrived[f"light{len(light_arrived)}"] = step + 1
+                p.add(req(f"light{len(light_arrived) - 1}", 16, 10, client="light"))
+        if not p.requests:
+            break
+    assert not p.requests
+    assert first_run["light0"] <= min(first_run[f"heavy{i}"] for i in range(2, 12))
+    waits = [first_run[rid] - at for rid, at in light_arrived.items()]
+    assert len(waits) == 6 and max(waits) <= 10  # never behind more than one heavy request
+
+
+def test_vtc_counts_tokens_per_client_and_lifts_returning_clients() -> None:
+    vtc = VirtualTokenCounter(input_weight=1, output_weight=2)
+    a = req("a", 10, 5, client="A")
+    vtc.on_arrival(a, [])
+    vtc.on_served(a, 10, 1)
+    assert vtc.counters["A"] == 12
+    b = req("b", 10, 5, client="B")
+    vtc.on_arrival(b, [a])
+    assert vtc.counters["B"] == 12  # lifted to the backlogged minimum, no banked credit
+
+
+def test_random_priority_updates_are_periodic_and_seeded() -> None:
+    live = [req(f"r{i}", 4, 4) for i in range(5)]
+    u1, u2 = RandomPriorityUpdates(every=3, seed=1), RandomPriorityUpdates(every=3, seed=1)
+    assert u1.updates(1, live) == {} and u1.updates(2, live) == {}
+    first = u1.updates(3, live)
+    assert set(first) == {r.request_id for r in live}
+    assert first == u2.updates(3, live)
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_recompute_when_host_is_full(mode: Mode) -> None:
+    p = make_planner(mode, device_blocks=8, host_blocks=2)
+    p.add(req("a", 12, 50, priority=0))
+    p.add(req("b", 12, 50, priority=1))
+    run_step(p, p.plan())
+    p.add(req("c", 12, 50, priority=5))
+    plan = p.plan()
+    assert [(x.request_id, x.by) for x in plan.preemptions] == [("a", PreemptBy.RECOMPUTE)]
+    assert state(p, "a") is RequestState.WAITING and p.requests["a"].num_computed == 0
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_cancel_in_every_state_frees_everything(mode: Mode) -> None:
+    p = make_planner(mode, device_blocks=8)
+    for rid, prio in (("a", 0), ("b", 1)):
+        p.add(req(rid, 12, 50, priority=prio))
+    run_step(p, p.plan())
+    p.add(req("c", 12, 50, priority=5))
+    p.add(req("w", 12, 50, priority=-1))
+    plan = p.plan()  # a swapping out, c admitted or waiting, w waiting
+    assert p.cancel("a") and p.cancel("w") and p.cancel("b")
+    assert not p.cancel("a")
+    finish_swaps(p, plan)
+    run_step(p, plan)
+    assert p.cancel("c")
+    assert p.swaps_in_flight() == 0
+    metrics = p.allocator.metrics()
+    assert (metrics.used, metrics.draining, metrics.free) == (0, 0, 8)
+    assert p.host.stats().used == 0 and p.host.stats().pinned == 0
+
+
+def test_failed_swap_out_falls_back_to_recompute() -> None:
+    p = make_planner(Mode.FASTSWITCH, device_blocks=8)
+    p.add(req("a", 12, 50, priority=0))
+    p.add(req("b", 12, 50, priority=1))
+    run_step(p, p.plan())
+    p.add(req("c", 12, 50, priority=5))
+    plan = p.plan()
+    (out,) = [s for s in plan.swaps if s.direction is Direction.OUT]
+    p.swap_done(out.swap_id, ok=False)
+    assert state(p, "a") is RequestState.WAITING and p.requests["a"].num_computed == 0
+    assert p.host.stats().used == 0 and p.allocator.num_draining == 0
+
+
+def test_next_turn_swaps_in_the_conversation_prefix() -> None:
+    p = make_planner(Mode.FASTSWITCH, device_blocks=32)
+    first = req("t1", 20, 6, conv="conv")
+    p.add(first)
+    while "t1" in p.requests:
+        plan = p.plan()
+        run_step(p, plan)
+        finish_swaps(p, plan)
+    offload = p.plan()  # the finished turn's KV goes to the host
+    assert [s.direction for s in offload.swaps] == [Direction.OUT]
+    finish_swaps(p, offload)
+    second = Request("t2", "c", [*first.tokens, 7, 8, 9, 10, 11], 4, conversation_id="conv")
+    p.add(second)
+    plan = p.plan()
+    (swap_in,) = plan.swaps
+    assert swap_in.direction is Direction.IN and not plan.batch
+    assert p.stats.prefix_hit_tokens == 24  # 25 history tokens hold KV; 6 full blocks
+    finish_swaps(p, plan)
+    plan = p.plan()
+    (seq,) = plan.batch
+    assert seq.start == 24 and len(seq.token_ids) == second.num_tokens - 24
+
+
+@dataclass(frozen=True)
+class JitteryCost(UnitCost):
+    """Swap durations vary with the swap id, so completions interleave unpredictably."""
+
+    seed: int = 0
+
+    def swap_seconds(self, order: SwapOrder) -> float:
+        jitter = random.Random(self.seed * 7919 + order.swap_id).uniform(0.1, 20)
+        return super().swap_seconds(order) * jitter
+
+
+def run_workload(mode: Mode, *, seed: int, device_blocks: int, n_requests: int,
+                 update_every: int, policy=None) -> tuple[dict[str, list[int]], Planner]:
+    p = make_planner(mode, device_blocks=device_blocks, policy=policy or PriorityPolicy(),
+                     host_blocks=4096, budget=48)
+    executor = CheckedExecutor(BS, device_blocks, 4096, vocab=100)
+    rng = random.Random(seed)
+    driver = VirtualDriver(p, JitteryCost(seed=seed), executor=executor,
+                           priority_updates=RandomPriorityUpdates(every=update_every, seed=seed))
+    for i in range(n_requests):
+        conv = f"conv{i % 3}" if i % 2 else None
+        driver.submit(rng.uniform(0, 0.01),
+                      req(f"r{i}", rng.randint(1, 30), rng.randint(1, 25), conv=conv,
+                          client=f"c{i % 3}", seed=seed))
+    report = driver.run(max_iterations=20_000)
+    return {r.request_id: r.output for r in report.finished}, p
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), mode=st.sampled_from(list(Mode)),
+       policy=st.sampled_from([PriorityPolicy, VirtualTokenCounter, FCFS]))
+def test_random_workloads_are_exact_and_leak_nothing(seed: int, mode: Mode, policy) -> None:
+    tight, planner = run_workload(mode, seed=seed, device_blocks=14, n_requests=8,
+                                  update_every=3, policy=policy())
+    roomy, _ = run_workload(mode, seed=seed, device_blocks=512, n_requests=8,
+                            update_every=10_000, policy=policy())
+    assert tight == roomy  # bit-identical with and without preemption
+    assert len(tight) == 8
+    metrics = planner.allocator.metrics()
+    assert (metrics.used, metrics.draining) == (0, 0)
+    assert planner.host.stats().pinned == 0
+
+
+def test_tight_memory_really_preempts() -> None:
+    outputs = {}
+    for mode in Mode:
+        outputs[mode], planner = run_workload(mode, seed=3, device_blocks=14, n_requests=8,
+                                              update_every=3)
+        assert planner.stats.preempted_by_swap > 0
+    assert outputs[Mode.FASTSWITCH] == outputs[Mode.BASELINE]
