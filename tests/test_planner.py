@@ -293,6 +293,7 @@ def test_random_workloads_are_exact_and_leak_nothing(seed: int, mode: Mode, poli
     metrics = planner.allocator.metrics()
     assert (metrics.used, metrics.draining) == (0, 0)
     assert planner.host.stats().pinned == 0
+    assert not planner._chains and not planner.swaps_in_flight()
 
 
 def test_tight_memory_really_preempts() -> None:

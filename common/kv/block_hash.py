@@ -19,15 +19,37 @@ def root_hash(fingerprint: str) -> bytes:
 
 def block_hashes(tokens: Sequence[int], block_size: int, fingerprint: str) -> list[bytes]:
     """One hash per block of `tokens`, the last one possibly over a partial block."""
-    parent = root_hash(fingerprint)
-    chain: list[bytes] = []
-    for start in range(0, len(tokens), block_size):
-        block = tokens[start : start + block_size]
-        h = hashlib.blake2b(parent, digest_size=16)
-        h.update(pack(f"<I{len(block)}q", len(block), *block))
-        parent = h.digest()
-        chain.append(parent)
-    return chain
+    return TokenChain(block_size, fingerprint).hashes(tokens)
+
+
+class TokenChain:
+    """The hash chain of one append-only token list (a request's prompt plus output), kept
+    between calls so that a growing request is hashed once per block, not once per step."""
+
+    def __init__(self, block_size: int, fingerprint: str) -> None:
+        self.block_size = block_size
+        self._root = root_hash(fingerprint)
+        self._full: list[bytes] = []
+
+    def hashes(self, tokens: Sequence[int]) -> list[bytes]:
+        """`block_hashes(tokens)`; `tokens` must extend the lists hashed before."""
+        bs = self.block_size
+        num_full = len(tokens) // bs
+        for i in range(len(self._full), num_full):
+            self._full.append(_hash_block(self._parent(i), tokens[i * bs : (i + 1) * bs]))
+        chain = self._full[:num_full]
+        if len(tokens) % bs:
+            chain.append(_hash_block(self._parent(num_full), tokens[num_full * bs :]))
+        return chain
+
+    def _parent(self, i: int) -> bytes:
+        return self._full[i - 1] if i else self._root
+
+
+def _hash_block(parent: bytes, block: Sequence[int]) -> bytes:
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(pack(f"<I{len(block)}q", len(block), *block))
+    return h.digest()
 
 
 def tokens_in_blocks(num_blocks: int, num_tokens: int, block_size: int) -> int:

@@ -2,6 +2,9 @@
 
 Contract (two-phase put, as in vLLM's offloading manager):
 
+Every call that takes `tokens` also takes their precomputed `chain` (`block_hashes(tokens)`,
+e.g. from a `TokenChain`), which saves rehashing a long history on every call.
+
 - `lookup(conv, tokens)` returns only committed blocks: the longest prefix of `tokens` whose
   chained block hashes match the conversation's committed chain.
 - `reserve(conv, tokens)` returns that valid prefix (pinned) plus fresh host blocks for the
@@ -28,6 +31,8 @@ from typing import Protocol
 from common.kv.block_hash import block_hashes
 from common.kv.extent import Extent, flatten, runs
 from common.kv.free_extents import FreeExtents
+
+Chain = Sequence[bytes] | None
 
 
 class FingerprintMismatch(ValueError):
@@ -173,13 +178,13 @@ class ReuseIndex:
         s.pinned = len(self._pins)
         return IndexStats(**{f: getattr(s, f) for f in IndexStats.__slots__})
 
-    def lookup(self, conv: str, tokens: Sequence[int]) -> Hit:
-        return self._match(conv, tokens)[0]
+    def lookup(self, conv: str, tokens: Sequence[int], chain: Chain = None) -> Hit:
+        return self._match(conv, tokens, chain)[0]
 
-    def reserve(self, conv: str, tokens: Sequence[int]) -> Reservation:
+    def reserve(self, conv: str, tokens: Sequence[int], chain: Chain = None) -> Reservation:
         if not tokens:
             raise ValueError("cannot reserve an empty token list")
-        hit, chain = self._match(conv, tokens)
+        hit, chain = self._match(conv, tokens, chain)
         num_new = len(chain) - len(hit.blocks)
         self._make_room(num_new, keep=conv)
         self._pin_blocks(hit.blocks)
@@ -214,9 +219,11 @@ class ReuseIndex:
     def abort(self, reservation_id: int) -> None:
         self._drop_reservation(self._pop_pending(reservation_id).reservation)
 
-    def pin(self, conv: str, tokens: Sequence[int]) -> tuple[Hit, PinHandle]:
+    def pin(
+        self, conv: str, tokens: Sequence[int], chain: Chain = None
+    ) -> tuple[Hit, PinHandle]:
         """The valid prefix of `tokens`, pinned until `unpin`: what a swap-in may read."""
-        hit, _ = self._match(conv, tokens)
+        hit, _ = self._match(conv, tokens, chain)
         handle = PinHandle(next(self._ids), hit.blocks)
         self._pin_blocks(hit.blocks)
         self._pin_handles[handle.pin_id] = hit.blocks
@@ -235,8 +242,13 @@ class ReuseIndex:
             self.storage.delete(conv)
             self._drop_blocks(record.blocks)
 
-    def _match(self, conv: str, tokens: Sequence[int]) -> tuple[Hit, list[bytes]]:
-        chain = block_hashes(tokens, self.block_size, self.fingerprint)
+    def _match(
+        self, conv: str, tokens: Sequence[int], chain: Chain
+    ) -> tuple[Hit, Sequence[bytes]]:
+        if chain is None:
+            chain = block_hashes(tokens, self.block_size, self.fingerprint)
+        elif len(chain) != -(-len(tokens) // self.block_size):
+            raise ValueError(f"chain has {len(chain)} hashes for {len(tokens)} tokens")
         record = self.storage.get(conv)
         if record is None:
             return Hit(0, ()), chain

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from common.kv.allocator import OutOfBlocks
+from common.kv.block_hash import TokenChain
 from common.kv.reuse_index import (
     HostCapacityExhausted,
     PinHandle,
@@ -83,6 +84,7 @@ class Planner:
         self._swaps: dict[int, _Swap] = {}
         self._swapped_kv: dict[str, tuple[int, PinHandle]] = {}  # request -> (tokens, pin)
         self._host_keys: dict[str, str] = {}  # request -> where its swapped KV lives
+        self._chains: dict[str, TokenChain] = {}  # request -> its tokens' hash chain
         self._scheduled: tuple[ScheduledSeq, ...] = ()
         self._offloads: list[SwapOrder] = []  # finished turns' swap-outs, for the next plan
         self._ids = itertools.count(1)
@@ -129,6 +131,7 @@ class Planner:
             self.allocator.release(request_id, draining=swap.draining)
         if r.state not in (S.SWAPPING_OUT, S.SWAPPING_IN):  # else when the copy ends
             self._forget_private_kv(r)
+        self._chains.pop(request_id, None)
         r.state = S.CANCELLED
         self.stats.cancelled += 1
         return True
@@ -242,7 +245,9 @@ class Planner:
         if r.state is S.SWAPPED:
             return self._swapped_kv[r.request_id][0]
         if r.state is S.WAITING and self.config.reuse and r.conversation_id is not None:
-            usable = min(self.host.lookup(r.kv_key, r.tokens).num_tokens, r.num_tokens - 1)
+            tokens = r.tokens
+            hit = self.host.lookup(r.kv_key, tokens, self._chain(r, tokens))
+            usable = min(hit.num_tokens, r.num_tokens - 1)
             return usable if usable >= self.config.block_size else 0
         return 0
 
@@ -264,7 +269,8 @@ class Planner:
         """Copies the KV the host lacks; None when the host has no room for it."""
         key = self._host_key(r)
         try:
-            res = self.host.reserve(key, r.tokens[: r.num_computed])
+            tokens = r.tokens[: r.num_computed]
+            res = self.host.reserve(key, tokens, self._chain(r, tokens))
         except HostCapacityExhausted:
             return None
         table = self.allocator.table(r.request_id)
@@ -301,7 +307,8 @@ class Planner:
             r.num_computed = 0  # its device KV is gone: recompute
             r.move(S.WAITING)
         elif r.state is S.SWAPPING_OUT:
-            hit, pin = self.host.pin(swap.host_key, r.tokens[: r.num_computed])
+            tokens = r.tokens[: r.num_computed]
+            hit, pin = self.host.pin(swap.host_key, tokens, self._chain(r, tokens))
             self._swapped_kv[r.request_id] = (hit.num_tokens, pin)
             r.move(S.SWAPPED)
 
@@ -315,7 +322,8 @@ class Planner:
             return self._swap_in(r, num_tokens, pin, chunk, swaps, batch)
         usable = self._kv_to_swap_in(r)
         if usable:
-            hit, pin = self.host.pin(r.kv_key, r.tokens[:usable])
+            tokens = r.tokens[:usable]
+            hit, pin = self.host.pin(r.kv_key, tokens, self._chain(r, tokens))
             fed = self._swap_in(r, hit.num_tokens, pin, chunk, swaps, batch)
             if fed is None:
                 self.host.unpin(pin.pin_id)
@@ -387,6 +395,7 @@ class Planner:
         elif order.copies:
             self._offloads.append(order)
         self._forget_private_kv(r)
+        self._chains.pop(r.request_id, None)
 
     def _grow(self, r: Request, blocks: int) -> bool:
         have = self.allocator.num_blocks_of(r.request_id)
@@ -418,6 +427,14 @@ class Planner:
         if self.config.reuse:
             return r.kv_key
         return self._host_keys.setdefault(r.request_id, f"swap:{r.request_id}")
+
+    def _chain(self, r: Request, tokens: list[int]) -> list[bytes]:
+        chain = self._chains.get(r.request_id)
+        if chain is None:
+            chain = self._chains[r.request_id] = TokenChain(
+                self.config.block_size, self.host.fingerprint
+            )
+        return chain.hashes(tokens)
 
     def _forget_private_kv(self, r: Request) -> None:
         if not self.config.reuse or r.conversation_id is None:
