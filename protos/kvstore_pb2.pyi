@@ -1,0 +1,161 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Extent(_message.Message):
+    __slots__ = ("start", "length")
+    START_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    length: int
+    def __init__(self, start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("instance_id", "arena_name", "num_blocks", "block_bytes", "block_size", "model_fingerprint", "index_backend")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ARENA_NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    arena_name: str
+    num_blocks: int
+    block_bytes: int
+    block_size: int
+    model_fingerprint: str
+    index_backend: str
+    def __init__(self, instance_id: _Optional[str] = ..., arena_name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., index_backend: _Optional[str] = ...) -> None: ...
+
+class TokensRequest(_message.Message):
+    __slots__ = ("conversation_id", "token_ids", "model_fingerprint")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    model_fingerprint: str
+    def __init__(self, conversation_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("valid_tokens", "extents", "instance_id")
+    VALID_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    valid_tokens: int
+    extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    instance_id: str
+    def __init__(self, valid_tokens: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("reservation_id", "valid_tokens", "valid_extents", "new_extents")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    VALID_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VALID_EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    NEW_EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: int
+    valid_tokens: int
+    valid_extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    new_extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    def __init__(self, reservation_id: _Optional[int] = ..., valid_tokens: _Optional[int] = ..., valid_extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., new_extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ...) -> None: ...
+
+class ReservationRef(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: int
+    def __init__(self, reservation_id: _Optional[int] = ...) -> None: ...
+
+class PinResponse(_message.Message):
+    __slots__ = ("pin_id", "valid_tokens", "extents")
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    VALID_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    pin_id: int
+    valid_tokens: int
+    extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    def __init__(self, pin_id: _Optional[int] = ..., valid_tokens: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ...) -> None: ...
+
+class PinRef(_message.Message):
+    __slots__ = ("pin_id",)
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    pin_id: int
+    def __init__(self, pin_id: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("conversation_id",)
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    def __init__(self, conversation_id: _Optional[str] = ...) -> None: ...
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("capacity_blocks", "used_blocks", "pinned_blocks", "hit_tokens", "miss_tokens", "evicted_blocks", "bytes_saved_by_reuse", "pending_reservations")
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MISS_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SAVED_BY_REUSE_FIELD_NUMBER: _ClassVar[int]
+    PENDING_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    capacity_blocks: int
+    used_blocks: int
+    pinned_blocks: int
+    hit_tokens: int
+    miss_tokens: int
+    evicted_blocks: int
+    bytes_saved_by_reuse: int
+    pending_reservations: int
+    def __init__(self, capacity_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., bytes_saved_by_reuse: _Optional[int] = ..., pending_reservations: _Optional[int] = ...) -> None: ...
+
+class ReadBlocksRequest(_message.Message):
+    __slots__ = ("extents",)
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    def __init__(self, extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ...) -> None: ...
+
+class BlockChunk(_message.Message):
+    __slots__ = ("offset", "data", "crc32c")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    crc32c: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
+
+class WriteBlocksChunk(_message.Message):
+    __slots__ = ("reservation_id", "extents", "offset", "data", "crc32c")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: int
+    extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    offset: int
+    data: bytes
+    crc32c: int
+    def __init__(self, reservation_id: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
+
+class WriteBlocksResponse(_message.Message):
+    __slots__ = ("bytes_written",)
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    bytes_written: int
+    def __init__(self, bytes_written: _Optional[int] = ...) -> None: ...
