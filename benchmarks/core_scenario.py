@@ -14,13 +14,14 @@ import random
 import sys
 
 from common.kv.reuse_index import ReuseIndex
+from common.latency import percentile
 from services.scheduler.checked_executor import CheckedExecutor
 from services.scheduler.core.config import Mode, SchedulerConfig
 from services.scheduler.core.plan import StepPlan
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import PriorityPolicy, RandomPriorityUpdates
 from services.scheduler.core.request import Request
-from services.scheduler.virtual_driver import RunReport, UnitCost, VirtualDriver, percentile
+from services.scheduler.virtual_driver import RunReport, UnitCost, VirtualDriver
 
 
 def scenario(args: argparse.Namespace, mode: Mode) -> tuple[RunReport, Planner, float]:

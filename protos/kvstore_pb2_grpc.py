@@ -154,7 +154,8 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReadBlocks(self, request, context):
-        """Bulk bytes for an executor on another host: chunks of at most 1 MiB with CRC32C.
+        """Bulk bytes for an executor on another host: chunks of at most 1 MiB, each with a
+        CRC-32 checksum (see BlockChunk.crc32c).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -59,11 +59,11 @@ def state(planner: Planner, rid: str) -> RequestState:
 @pytest.mark.parametrize("mode", list(Mode))
 def test_high_priority_arrival_preempts_lowest_priority_runner(mode: Mode) -> None:
     p = make_planner(mode, device_blocks=8)
-    p.add(req("low", 12, 50, priority=0))
-    p.add(req("mid", 12, 50, priority=1))
+    p.add(req("low", 12, 18, priority=0))
+    p.add(req("mid", 12, 18, priority=1))
     run_step(p, p.plan())
     assert state(p, "low") is state(p, "mid") is RequestState.RUNNING
-    p.add(req("high", 12, 50, priority=5))
+    p.add(req("high", 12, 18, priority=5))
     plan = p.plan()
     assert [(x.request_id, x.by) for x in plan.preemptions] == [("low", PreemptBy.SWAP)]
     assert state(p, "mid") is RequestState.RUNNING
@@ -74,10 +74,10 @@ def test_high_priority_arrival_preempts_lowest_priority_runner(mode: Mode) -> No
 
 def test_fastswitch_keeps_others_running_while_one_swaps() -> None:
     p = make_planner(Mode.FASTSWITCH, device_blocks=8)
-    p.add(req("a", 12, 50, priority=0))
-    p.add(req("b", 12, 50, priority=1))
+    p.add(req("a", 12, 18, priority=0))
+    p.add(req("b", 12, 18, priority=1))
     run_step(p, p.plan())
-    p.add(req("c", 12, 50, priority=5))
+    p.add(req("c", 12, 18, priority=5))
     plan = p.plan()
     assert not plan.barrier
     assert {s.request_id for s in plan.batch} == {"b"}  # a swaps out, b decodes meanwhile
@@ -96,8 +96,8 @@ def test_fastswitch_keeps_others_running_while_one_swaps() -> None:
 
 def test_fastswitch_swap_in_runs_only_after_its_own_copy() -> None:
     p = make_planner(Mode.FASTSWITCH, device_blocks=10)
-    p.add(req("a", 12, 50, priority=0))
-    p.add(req("b", 12, 50, priority=1))
+    p.add(req("a", 12, 18, priority=0))
+    p.add(req("b", 12, 18, priority=1))
     run_step(p, p.plan())
     p.add(req("c", 12, 3, priority=2))
     for _ in range(20):
@@ -122,10 +122,10 @@ def test_fastswitch_swap_in_runs_only_after_its_own_copy() -> None:
 
 def test_baseline_plans_a_barrier_and_runs_swapped_in_requests_at_once() -> None:
     p = make_planner(Mode.BASELINE, device_blocks=8)
-    p.add(req("a", 12, 50, priority=0))
-    p.add(req("b", 12, 50, priority=1))
+    p.add(req("a", 12, 18, priority=0))
+    p.add(req("b", 12, 18, priority=1))
     run_step(p, p.plan())
-    p.add(req("c", 12, 50, priority=5))
+    p.add(req("c", 12, 18, priority=5))
     plan = p.plan()
     assert plan.barrier and plan.swaps
     assert all(len(s.copies) == s.num_blocks for s in plan.swaps)  # one copy per block
@@ -187,10 +187,10 @@ def test_random_priority_updates_are_periodic_and_seeded() -> None:
 @pytest.mark.parametrize("mode", list(Mode))
 def test_recompute_when_host_is_full(mode: Mode) -> None:
     p = make_planner(mode, device_blocks=8, host_blocks=2)
-    p.add(req("a", 12, 50, priority=0))
-    p.add(req("b", 12, 50, priority=1))
+    p.add(req("a", 12, 18, priority=0))
+    p.add(req("b", 12, 18, priority=1))
     run_step(p, p.plan())
-    p.add(req("c", 12, 50, priority=5))
+    p.add(req("c", 12, 18, priority=5))
     plan = p.plan()
     assert [(x.request_id, x.by) for x in plan.preemptions] == [("a", PreemptBy.RECOMPUTE)]
     assert state(p, "a") is RequestState.WAITING and p.requests["a"].num_computed == 0
@@ -200,10 +200,10 @@ def test_recompute_when_host_is_full(mode: Mode) -> None:
 def test_cancel_in_every_state_frees_everything(mode: Mode) -> None:
     p = make_planner(mode, device_blocks=8)
     for rid, prio in (("a", 0), ("b", 1)):
-        p.add(req(rid, 12, 50, priority=prio))
+        p.add(req(rid, 12, 18, priority=prio))
     run_step(p, p.plan())
-    p.add(req("c", 12, 50, priority=5))
-    p.add(req("w", 12, 50, priority=-1))
+    p.add(req("c", 12, 18, priority=5))
+    p.add(req("w", 12, 18, priority=-1))
     plan = p.plan()  # a swapping out, c admitted or waiting, w waiting
     assert p.cancel("a") and p.cancel("w") and p.cancel("b")
     assert not p.cancel("a")
@@ -218,10 +218,10 @@ def test_cancel_in_every_state_frees_everything(mode: Mode) -> None:
 
 def test_failed_swap_out_falls_back_to_recompute() -> None:
     p = make_planner(Mode.FASTSWITCH, device_blocks=8)
-    p.add(req("a", 12, 50, priority=0))
-    p.add(req("b", 12, 50, priority=1))
+    p.add(req("a", 12, 18, priority=0))
+    p.add(req("b", 12, 18, priority=1))
     run_step(p, p.plan())
-    p.add(req("c", 12, 50, priority=5))
+    p.add(req("c", 12, 18, priority=5))
     plan = p.plan()
     (out,) = [s for s in plan.swaps if s.direction is Direction.OUT]
     p.swap_done(out.swap_id, ok=False)
@@ -303,3 +303,38 @@ def test_tight_memory_really_preempts() -> None:
                                               update_every=3)
         assert planner.stats.preempted_by_swap > 0
     assert outputs[Mode.FASTSWITCH] == outputs[Mode.BASELINE]
+
+
+def test_stop_finishes_a_decoding_request_early() -> None:
+    p = make_planner(Mode.FASTSWITCH)
+    p.add(req("a", 6, 20, conv="c"))
+    run_step(p, p.plan())
+    assert p.stop("a") and not p.stop("a")
+    assert "a" not in p.requests and p.stats.finished == 1
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_reset_device_fails_device_requests_and_keeps_the_rest(mode: Mode) -> None:
+    p = make_planner(mode, device_blocks=8)
+    p.add(req("a", 12, 18, priority=0))
+    p.add(req("b", 12, 18, priority=1))
+    run_step(p, p.plan())
+    p.add(req("c", 12, 18, priority=5))
+    p.add(req("w", 12, 18, priority=-5))
+    p.plan()  # a swaps out (in flight), b runs, c waits for a's blocks, w waits
+    failed = p.reset_device()
+    assert {r.request_id for r in failed} == {"a", "b"}
+    assert all(r.state is RequestState.FAILED for r in failed)
+    assert set(p.requests) == {"c", "w"} and p.swaps_in_flight() == 0
+    assert p.allocator.metrics().used == 0 and p.host.stats().pinned == 0
+    while p.requests:  # the survivors run on the fresh device
+        plan = p.plan()
+        run_step(p, plan)
+        finish_swaps(p, plan)
+
+
+def test_a_request_that_can_never_fit_is_refused() -> None:
+    p = make_planner(Mode.FASTSWITCH, device_blocks=8)
+    with pytest.raises(ValueError, match="needs 9 KV blocks"):
+        p.add(req("big", 30, 6))
+    assert not p.requests

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from common.latency import gaps
 from services.scheduler.checked_executor import CheckedExecutor
 from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
 from services.scheduler.core.planner import Planner
@@ -55,7 +55,7 @@ class RequestTimes:
 
     @property
     def tbts(self) -> list[float]:
-        return [b - a for a, b in itertools.pairwise(self.tokens)]
+        return gaps(self.tokens)
 
 
 @dataclass
@@ -83,15 +83,6 @@ class RunReport:
     @property
     def gpu_idle_frac(self) -> float:
         return 1 - self.busy_s / self.makespan_s if self.makespan_s else 0.0
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """Nearest-rank percentile; 0.0 for no values."""
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1
-    return ordered[rank]
 
 
 FollowUp = Callable[[Request, float], Iterable[tuple[float, Request]]]

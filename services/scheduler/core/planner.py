@@ -19,14 +19,10 @@ from dataclasses import dataclass, field
 
 from common.kv.allocator import OutOfBlocks
 from common.kv.block_hash import TokenChain
-from common.kv.reuse_index import (
-    HostCapacityExhausted,
-    PinHandle,
-    ReuseIndex,
-    StaleReservation,
-)
+from common.kv.reuse_index import HostCapacityExhausted, PinHandle, StaleReservation
 from common.kv.swap_plan import plan_copies
 from services.scheduler.core.config import SchedulerConfig
+from services.scheduler.core.host import HostKV
 from services.scheduler.core.plan import (
     Direction,
     PreemptBy,
@@ -73,7 +69,7 @@ class _Swap:
 class Planner:
     config: SchedulerConfig
     policy: FairnessPolicy
-    host: ReuseIndex
+    host: HostKV
     requests: dict[str, Request] = field(default_factory=dict)
     stats: PlannerStats = field(default_factory=PlannerStats)
 
@@ -98,6 +94,12 @@ class Planner:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if request.state is not S.WAITING:
             raise ValueError(f"new request {request.request_id!r} is {request.state.value}")
+        need = self.config.blocks_for(len(request.prompt) + request.max_tokens)
+        if need > self.config.num_device_blocks:
+            raise ValueError(
+                f"request needs {need} KV blocks at its longest; the device holds "
+                f"{self.config.num_device_blocks}"
+            )
         request.arrival = next(self._arrivals)
         self.policy.on_arrival(request, self.requests.values())
         self.requests[request.request_id] = request
@@ -135,6 +137,36 @@ class Planner:
         r.state = S.CANCELLED
         self.stats.cancelled += 1
         return True
+
+    def stop(self, request_id: str) -> bool:
+        """Finishes a decoding request early (a stop string matched); False if it is not."""
+        r = self.requests.get(request_id)
+        if r is None or r.state is not S.RUNNING:
+            return False
+        self._finish(r)
+        return True
+
+    def reset_device(self) -> list[Request]:
+        """The executor lost device memory (it restarted): requests whose KV was there, or
+        in flight, fail; swaps in flight are dropped. Waiting and swapped requests stay."""
+        for swap in self._swaps.values():
+            if swap.reservation_id is not None:
+                self.host.abort(swap.reservation_id)
+            if swap.pin is not None:
+                self.host.unpin(swap.pin.pin_id)
+        self._swaps.clear()
+        self._offloads.clear()
+        self._scheduled = ()
+        busy = (*RESIDENT, S.SWAPPING_OUT, S.SWAPPING_IN)
+        failed = [r for r in self.requests.values() if r.state in busy]
+        for r in failed:
+            del self.requests[r.request_id]
+            r.state = S.FAILED
+            r.error = "executor restarted"
+            self._forget_private_kv(r)
+            self._chains.pop(r.request_id, None)
+        self.allocator = self.config.make_allocator()
+        return failed
 
     def swap_done(self, swap_id: int, *, ok: bool = True) -> None:
         swap = self._swaps.pop(swap_id)
@@ -329,6 +361,7 @@ class Planner:
                 self.host.unpin(pin.pin_id)
             else:
                 self.stats.prefix_hit_tokens += hit.num_tokens
+                r.reused_tokens += hit.num_tokens
             return fed
         if not chunk or not self._grow(r, self.config.blocks_for(chunk)):
             return None
@@ -445,6 +478,10 @@ class Planner:
 
     def swaps_in_flight(self) -> int:
         return len(self._swaps)
+
+    def swapped_blocks(self) -> int:
+        """Host blocks held for swapped-out requests."""
+        return sum(len(pin.blocks) for _, pin in self._swapped_kv.values())
 
     def has_work(self) -> bool:
         """Live requests, swaps in flight, or swaps waiting for the next plan."""

@@ -1,0 +1,192 @@
+"""The paper-scale benchmark: FastSwitch against the vLLM-style baseline on a virtual clock.
+
+For each (GPU, model) setting, arrival rate and priority-update interval, the same seeded
+multi-turn workload runs through the real scheduler core in both modes; the executor and the
+copy engine are replaced by the roofline and link cost models (benchmarks/sim/COST_MODEL.md).
+Prints the per-point ratios and a table beside the paper's headline numbers; optionally
+writes JSON and PNG plots. Run from the repository root: `python -m benchmarks.paper_sim`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.sim.copy_engine import LinkModel
+from benchmarks.sim.hardware import GPUS, MODELS, Deployment, DoesNotFit
+from benchmarks.sim.report import (
+    Point,
+    paper_table,
+    point_label,
+    points_table,
+    write_json,
+    write_plots,
+)
+from benchmarks.sim.simulate import ConservationError, SimOptions, simulate
+from benchmarks.sim.trace import load_trace
+from benchmarks.sim.workload import TurnSpec, WorkloadConfig, generate
+from services.scheduler.core.config import Mode
+from services.scheduler.core.policy import POLICIES
+
+DEFAULT_SETTINGS = "a10:llama-3-8b,a100:qwen-2.5-32b,a100:llama-3-8b"
+# Small enough for about a minute on two cores; explicit flags still override it.
+QUICK = {"settings": "a10:llama-3-8b", "rates": "0.5,2", "update_every": "20"}
+MODES = (Mode.FASTSWITCH, Mode.BASELINE)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    deployment: Deployment
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS,
+                        help=f"comma list of GPU:MODEL; GPU in {sorted(GPUS)}, "
+                        f"MODEL in {sorted(MODELS)}")
+    parser.add_argument("--rates", default="0.5,1,2",
+                        help="new conversations per second, comma list (ignored with --trace)")
+    parser.add_argument("--update-every", default="20,100",
+                        help="iterations between priority reshuffles, comma list (priority policy)")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="priority")
+    parser.add_argument("--priority-levels", type=int, default=4)
+    parser.add_argument("--trace", type=Path, help="replay this JSONL trace instead (trace.py)")
+    parser.add_argument("--num-conversations", type=int, default=100)
+    parser.add_argument("--num-clients", type=int, default=8)
+    parser.add_argument("--think-time", type=float, default=10.0,
+                        help="mean seconds between a reply and the next user turn")
+    parser.add_argument("--mean-turns", type=float, default=5.5)
+    parser.add_argument("--max-context", type=int, default=8192,
+                        help="a conversation ends before outgrowing this many tokens; the same "
+                        "for every setting, so all replay the same conversations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host-kv-multiple", type=float, default=4.0,
+                        help="host KV blocks as a multiple of the device KV blocks")
+    parser.add_argument("--device-blocks", type=int,
+                        help="override every deployment's device KV blocks (forces pressure)")
+    parser.add_argument("--link-overhead-us", type=float, default=5.0,
+                        help="driver cost of one cudaMemcpyAsync")
+    parser.add_argument("--link-bandwidth-gbs", type=float, default=25.0,
+                        help="pinned PCIe 4.0 x16 throughput, GB/s")
+    parser.add_argument("--compute-efficiency", type=float, default=0.6)
+    parser.add_argument("--memory-efficiency", type=float, default=0.85)
+    parser.add_argument("--step-overhead-ms", type=float, default=4.0)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    parser.add_argument("--quick", action="store_true", help=f"preset: {QUICK}")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    return args
+
+
+def parse_settings(text: str) -> list[Setting]:
+    settings = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        gpu, _, model = item.partition(":")
+        if gpu not in GPUS or model not in MODELS:
+            raise ValueError(f"unknown setting {item!r}: use GPU:MODEL with GPU in "
+                             f"{sorted(GPUS)} and MODEL in {sorted(MODELS)}")
+        settings.append(Setting(f"{gpu}/{model}", Deployment(GPUS[gpu], MODELS[model])))
+    if not settings:
+        raise ValueError("no settings given")
+    return settings
+
+
+def workloads(args: argparse.Namespace) -> dict[float | None, list[TurnSpec]]:
+    """One workload per arrival rate, shared by every setting and mode (None: the trace)."""
+    if args.trace is not None:
+        return {None: load_trace(args.trace)}
+    return {
+        rate: generate(WorkloadConfig(
+            num_conversations=args.num_conversations,
+            arrival_rate=rate,
+            num_clients=args.num_clients,
+            mean_turns=args.mean_turns,
+            mean_think_time_s=args.think_time,
+            max_context=args.max_context,
+            max_output_tokens=min(2048, args.max_context // 2),
+            seed=args.seed,
+        ))
+        for rate in (float(r) for r in args.rates.split(","))
+    }
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that determine the results (not where they are written)."""
+    skip = {"json", "plots", "quick"}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in skip}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = parse_settings(args.settings)
+    except (ValueError, DoesNotFit) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    everys: list[int | None] = (
+        [int(e) for e in args.update_every.split(",")] if args.policy == "priority" else [None]
+    )
+    loads = workloads(args)
+    link = LinkModel(args.link_overhead_us * 1e-6, args.link_bandwidth_gbs * 1e9)
+    total = len(settings) * len(loads) * len(everys) * len(MODES)
+    started, done = time.perf_counter(), 0
+    points: list[Point] = []
+    for setting in settings:
+        for rate, turns in loads.items():
+            for every in everys:
+                options = SimOptions(
+                    policy=args.policy,
+                    update_every=every,
+                    priority_levels=args.priority_levels,
+                    host_kv_multiple=args.host_kv_multiple,
+                    device_blocks=args.device_blocks,
+                    link=link,
+                    compute_efficiency=args.compute_efficiency,
+                    memory_efficiency=args.memory_efficiency,
+                    step_overhead_s=args.step_overhead_ms * 1e-3,
+                    seed=args.seed,
+                )
+                label = point_label(setting.name, rate, every)
+                results = {}
+                for mode in MODES:
+                    run_start = time.perf_counter()
+                    try:
+                        results[mode] = simulate(setting.deployment, mode, turns, options)
+                    except (ConservationError, ValueError) as error:
+                        print(f"error: {label} {mode.value}: {error}", file=sys.stderr)
+                        return 1
+                    done += 1
+                    now = time.perf_counter()
+                    print(f"[{done:>3}/{total}] {label} {mode.value:<10} "
+                          f"{now - run_start:6.1f} s  (elapsed {now - started:6.1f} s)",
+                          file=sys.stderr, flush=True)
+                points.append(Point(setting.name, rate, every, results))
+
+    point_docs = [p.to_json() for p in points]
+    print("\nPer point (x = baseline / FastSwitch for latencies, FastSwitch / baseline for "
+          "throughput):")
+    print(points_table(point_docs))
+    print("\nAgainst the paper (FastSwitch, arXiv 2411.18424):")
+    print(paper_table(point_docs))
+    if args.json is not None:
+        write_json(args.json, run_config(args), point_docs)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.plots is not None:
+        written = write_plots(args.plots, points)
+        print(f"wrote {len(written)} plots into {args.plots}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

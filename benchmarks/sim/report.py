@@ -1,0 +1,265 @@
+"""What a sweep reports: per-mode metrics, FastSwitch/baseline ratios, the comparison with the
+paper's headline numbers, the JSON document and the plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.sim.simulate import ModeResult
+from common.latency import percentile
+from services.scheduler.core.config import Mode
+
+# Ratios are FastSwitch / baseline; these are the metrics worth a ratio.
+RATIO_KEYS = (
+    "p95_ttft_s",
+    "p99_tbt_s",
+    "p999_tbt_s",
+    "throughput_tok_s",
+    "swap_out_bytes",
+    "swap_out_bytes_preempted",
+    "swap_in_bytes",
+    "copies",
+    "preemptions",
+    "context_switch_s_p99",
+    "gpu_idle_frac",
+)
+
+
+def mode_metrics(result: ModeResult) -> dict[str, float | int]:
+    r, s = result.report, result.stats
+    return {
+        "turns_finished": len(r.finished),
+        "iterations": s.iterations,
+        "makespan_s": r.makespan_s,
+        "p50_ttft_s": percentile(r.ttfts, 50),
+        "p95_ttft_s": percentile(r.ttfts, 95),
+        "p99_tbt_s": percentile(r.tbts, 99),
+        "p999_tbt_s": percentile(r.tbts, 99.9),
+        "throughput_tok_s": r.throughput_tok_s,
+        "swap_out_bytes": result.swaps.bytes_out,
+        "swap_out_bytes_preempted": result.swaps.bytes_out_preempted,
+        "swap_in_bytes": result.swaps.bytes_in,
+        "copies": result.swaps.copies,
+        "preemptions": s.preempted_by_swap + s.preempted_by_recompute,
+        "preemptions_by_recompute": s.preempted_by_recompute,
+        "context_switch_s_p99": percentile(r.context_switch_s, 99),
+        "gpu_idle_frac": r.gpu_idle_frac,
+        "barrier_stall_s": r.stall_s,
+        "reuse_saved_bytes": s.reuse_saved_blocks * result.deployment.block_bytes,
+        "prefix_hit_tokens": s.prefix_hit_tokens,
+        "device_blocks": result.num_device_blocks,
+    }
+
+
+def point_label(setting: str, rate: float | None, update_every: int | None) -> str:
+    rate_part = "trace" if rate is None else f"rate={rate:g}"
+    every_part = "" if update_every is None else f" every={update_every}"
+    return f"{setting} {rate_part}{every_part}"
+
+
+def ratio(fastswitch: float, baseline: float) -> float | None:
+    """None when the baseline is 0: no ratio exists (both modes idle, or nothing swapped)."""
+    return fastswitch / baseline if baseline else None
+
+
+@dataclass
+class Point:
+    """One point of the sweep: both modes on the same workload."""
+
+    setting: str
+    rate: float | None
+    update_every: int | None
+    results: dict[Mode, ModeResult]
+
+    @property
+    def label(self) -> str:
+        return point_label(self.setting, self.rate, self.update_every)
+
+    def to_json(self) -> dict[str, Any]:
+        modes = {m.value: mode_metrics(r) for m, r in self.results.items()}
+        fs, base = modes[Mode.FASTSWITCH.value], modes[Mode.BASELINE.value]
+        return {
+            "setting": self.setting,
+            "arrival_rate": self.rate,
+            "update_every": self.update_every,
+            "modes": modes,
+            "ratios": {k: ratio(fs[k], base[k]) for k in RATIO_KEYS},
+        }
+
+
+@dataclass(frozen=True)
+class PaperClaim:
+    """One headline number of the FastSwitch paper and how ours is derived from the ratios."""
+
+    name: str
+    paper: str
+    key: str
+    invert: bool  # the paper reports baseline / FastSwitch (a speedup)
+    as_change: bool = False  # shown as a percentage change instead of a factor
+
+    def values(self, points: Sequence[dict[str, Any]]) -> list[float]:
+        out = []
+        for p in points:
+            value = p["ratios"][self.key]
+            if value is None or (self.invert and value == 0):
+                continue
+            out.append(1 / value if self.invert else value)
+        return out
+
+    def ours(self, points: Sequence[dict[str, Any]]) -> str:
+        values = self.values(points)
+        if not values:
+            return "n/a (no point had it)"
+        if self.as_change:
+            lo, hi = (100 * (v - 1) for v in (min(values), max(values)))
+            return f"{lo:+.0f}% .. {hi:+.0f}%"
+        return f"{min(values):.2f}x .. {max(values):.2f}x"
+
+
+PAPER_CLAIMS = (
+    PaperClaim("P95 TTFT speedup", "4.3-5.8x", "p95_ttft_s", invert=True),
+    PaperClaim("P99.9 TBT speedup", "3.6-11.2x", "p999_tbt_s", invert=True),
+    PaperClaim("throughput gain", "up to 1.44x", "throughput_tok_s", invert=False),
+    PaperClaim("swap-out volume, all", "-53%", "swap_out_bytes", invert=False, as_change=True),
+    PaperClaim("swap-out volume, preemptions only", "-53%", "swap_out_bytes_preempted",
+               invert=False, as_change=True),
+    PaperClaim("context-switch latency speedup (P99)", "3.11x", "context_switch_s_p99",
+               invert=True),
+)
+
+
+def claims_json(points: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        c.key: {
+            "name": c.name, "paper": c.paper, "ours": c.ours(points), "values": c.values(points)
+        }
+        for c in PAPER_CLAIMS
+    }
+
+
+def paper_table(points: Sequence[dict[str, Any]]) -> str:
+    rows = [("", "paper", "this simulation (min .. max over the sweep)")]
+    rows += [(c.name, c.paper, c.ours(points)) for c in PAPER_CLAIMS]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)
+
+
+def points_table(points: Sequence[dict[str, Any]]) -> str:
+    """Per-point speedups (baseline / FastSwitch) and the raw latencies behind them."""
+    header = (
+        f"{'point':<38} {'P95 TTFT fs/base (s)':>22} {'TTFT x':>7} {'P99.9 TBT x':>11} "
+        f"{'tput x':>7} {'swap-out':>9} {'ctx-sw x':>8} {'preempt fs/base':>16}"
+    )
+    lines = [header]
+    for p in points:
+        fs, base, r = p["modes"]["fastswitch"], p["modes"]["baseline"], p["ratios"]
+        label = point_label(p["setting"], p["arrival_rate"], p["update_every"])
+        lines.append(
+            f"{label:<38} {fs['p95_ttft_s']:>10.3f}/{base['p95_ttft_s']:<11.3f} "
+            f"{_speedup(r['p95_ttft_s']):>7} {_speedup(r['p999_tbt_s']):>11} "
+            f"{_factor(r['throughput_tok_s']):>7} {_change(r['swap_out_bytes']):>9} "
+            f"{_speedup(r['context_switch_s_p99']):>8} "
+            f"{fs['preemptions']:>7}/{base['preemptions']:<8}"
+        )
+    return "\n".join(lines)
+
+
+def _speedup(value: float | None) -> str:
+    return "n/a" if not value else f"{1 / value:.2f}"
+
+
+def _factor(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _change(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * (value - 1):+.0f}%"
+
+
+def write_json(path: Path, config: dict[str, Any], points: Sequence[dict[str, Any]]) -> None:
+    document = {"config": config, "points": list(points), "paper_comparison": claims_json(points)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _cdf(values: list[float], max_points: int = 2000) -> tuple[list[float], list[float]]:
+    """Sorted values against their cumulative fraction, thinned to at most `max_points`."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return [], []
+    idx = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)}) if (
+        n > max_points
+    ) else range(n)
+    return [ordered[i] for i in idx], [(i + 1) / n for i in idx]
+
+
+def write_plots(directory: Path, points: Sequence[Point]) -> list[Path]:
+    """Latency CDFs per point and mode, and speedups against arrival rate per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for point in points:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, name in zip(axes, ("TTFT", "TBT"), strict=True):
+            for mode, result in point.results.items():
+                samples = result.report.ttfts if name == "TTFT" else result.report.tbts
+                ax.plot(*_cdf(samples), label=mode.value)
+            ax.set_xscale("log")
+            ax.set_xlabel(f"{name} (s, virtual)")
+            ax.set_ylabel("fraction of samples")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"latency CDFs: {point.label}")
+        fig.tight_layout()
+        written.append(_save(fig, directory / f"cdf_{_slug(point.label)}.png"))
+        plt.close(fig)
+
+    by_setting: dict[str, list[tuple[Point, dict[str, Any]]]] = {}
+    for point in points:
+        if point.rate is not None:
+            by_setting.setdefault(point.setting, []).append((point, point.to_json()))
+    for setting, series in by_setting.items():
+        fig, axes = plt.subplots(1, len(PAPER_CLAIMS), figsize=(4 * len(PAPER_CLAIMS), 3.6))
+        everys = sorted({p.update_every for p, _ in series}, key=lambda e: (e is None, e or 0))
+        for ax, claim in zip(axes, PAPER_CLAIMS, strict=True):
+            for every in everys:
+                line = sorted(
+                    ((p, doc) for p, doc in series if p.update_every == every),
+                    key=lambda pair: pair[0].rate,
+                )
+                xs, ys = [], []
+                for p, doc in line:
+                    values = claim.values([doc])
+                    if values:
+                        xs.append(p.rate)
+                        ys.append(values[0])
+                label = "no updates" if every is None else f"every {every}"
+                ax.plot(xs, ys, marker="o", label=label)
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            ax.set_title(claim.name, fontsize=9)
+            ax.set_xlabel("conversations / s")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"FastSwitch vs baseline: {setting} (paper: see table)")
+        fig.tight_layout()
+        written.append(_save(fig, directory / f"ratios_{_slug(setting)}.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in text)

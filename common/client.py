@@ -1,0 +1,165 @@
+"""An asyncio client for FastSwitch's public gRPC API, for other services to import.
+
+    async with FastSwitchClient("127.0.0.1:50051") as client:
+        gen = client.generate("Hello", client_id="team-a", max_tokens=32)
+        async for token in gen:
+            print(token.text, end="")
+        print(gen.final.ttft_s)
+
+Errors arrive as `grpc.aio.AioRpcError` with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import scheduler_pb2 as pb
+from protos import scheduler_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    tbt_mean_s: float
+    tbt_p99_s: float
+    tbt_max_s: float
+    preemptions: int
+    bytes_swapped: int
+    reused_prompt_tokens: int
+
+
+class Generation:
+    """Async-iterates the tokens of one request; `final` is set once they are all in."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._call = call
+        self.request_id = ""
+        self.tokens: list[Token] = []
+        self.final: Final | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+    async def __aiter__(self) -> AsyncIterator[Token]:
+        async for event in self._call:
+            self.request_id = event.request_id
+            if event.HasField("token"):
+                token = Token(event.token.id, event.token.text, event.token.logprob)
+                self.tokens.append(token)
+                yield token
+            else:
+                f = event.final
+                self.final = Final(
+                    f.finish_reason, f.prompt_tokens, f.completion_tokens, f.ttft_s,
+                    f.tbt_mean_s, f.tbt_p99_s, f.tbt_max_s, f.preemptions, f.bytes_swapped,
+                    f.reused_prompt_tokens,
+                )
+
+    async def collect(self) -> Generation:
+        async for _ in self:
+            pass
+        return self
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class FastSwitchClient:
+    def __init__(self, address: str, *, channel: grpc.aio.Channel | None = None) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(address)
+        self._stub = pb_grpc.SchedulerStub(self._channel)
+
+    async def __aenter__(self) -> FastSwitchClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Waits until the scheduler reports SERVING on the standard health service."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        await self._channel.channel_ready()
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s,
+                                 wait_for_ready=True)
+        status = health_pb2.HealthCheckResponse
+        if reply.status != status.SERVING:
+            raise RuntimeError(f"scheduler is {status.ServingStatus.Name(reply.status)}")
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        client_id: str,
+        max_tokens: int = 64,
+        conversation_id: str = "",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        priority: int | None = None,
+        request_id: str = "",
+        logprobs: bool = False,
+    ) -> Generation:
+        request = pb.GenerateRequest(
+            client_id=client_id, conversation_id=conversation_id, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, seed=seed, stop=list(stop),
+            priority=priority, request_id=request_id, logprobs=logprobs,
+        )
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(prompt)
+        return Generation(self._stub.Generate(request))
+
+    def chat(
+        self,
+        conversation_id: str,
+        message: str,
+        *,
+        client_id: str,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        priority: int | None = None,
+    ) -> Generation:
+        return Generation(self._stub.Chat(pb.ChatRequest(
+            client_id=client_id, conversation_id=conversation_id, message=message,
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            stop=list(stop), priority=priority,
+        )))
+
+    async def set_priority(
+        self, priority: int, *, request_id: str = "", client_id: str = ""
+    ) -> int:
+        request = pb.SetPriorityRequest(priority=priority)
+        if request_id:
+            request.request_id = request_id
+        elif client_id:
+            request.client_id = client_id
+        return (await self._stub.SetPriority(request)).updated
+
+    async def cancel(self, request_id: str) -> bool:
+        return (await self._stub.Cancel(pb.CancelRequest(request_id=request_id))).cancelled
+
+    async def stats(self) -> pb.StatsResponse:
+        return await self._stub.Stats(pb.StatsRequest())

@@ -1,0 +1,129 @@
+"""Runs the executor: `python -m services.executor --num-gpu-blocks 512 --port 50052`.
+
+Every flag also reads an environment variable, FASTSWITCH_EXECUTOR_<FLAG> (e.g.
+FASTSWITCH_EXECUTOR_NUM_GPU_BLOCKS), so containers configure it without a command line.
+Without --checkpoint it serves the tiny random Llama that tools/make_tiny_checkpoint writes,
+generated once into $FASTSWITCH_CACHE/tiny-llama (default ~/.cache/fastswitch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import grpc
+import torch
+import uvloop
+
+from services.executor.engine import (
+    BACKENDS,
+    BackendUnavailable,
+    ExecutorEngine,
+    PreconditionFailed,
+)
+from services.executor.service import ExecutorService, add_to_server, mark_serving
+from tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+log = logging.getLogger("services.executor")
+
+ENV_PREFIX = "FASTSWITCH_EXECUTOR_"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHUTDOWN_GRACE_S = 5.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.executor", description=__doc__)
+
+    def env(flag: str, default: str | None) -> str | None:
+        return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
+
+    parser.add_argument("--checkpoint", type=Path, default=env("checkpoint", None),
+                        help="HF-format folder; default: the tiny checkpoint in the cache")
+    parser.add_argument("--num-gpu-blocks", type=int, default=int(env("num-gpu-blocks", "512")))
+    parser.add_argument("--block-size", type=int, default=int(env("block-size", "16")))
+    parser.add_argument("--backend", choices=BACKENDS, default=env("backend", "cpu"))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env("dtype", "float32"))
+    parser.add_argument("--host-arena", default=env("host-arena", None),
+                        help="name of the kvstore's shared-memory arena to attach at start")
+    parser.add_argument("--listen", default=env("listen", "0.0.0.0"), help="bind address")
+    parser.add_argument("--port", type=int, default=int(env("port", "50052")),
+                        help="0 picks a free port; the chosen one is printed on stdout")
+    args = parser.parse_args(argv)
+    for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES)):
+        value = getattr(args, flag)
+        if value not in allowed:  # argparse checks choices of flags, not of env defaults
+            parser.error(f"{ENV_PREFIX}{flag.upper()}={value!r} is not one of {sorted(allowed)}")
+    return args
+
+
+def tiny_checkpoint() -> Path:
+    """The default model, written once; concurrent starters race to an atomic rename."""
+    cache = Path(os.environ.get("FASTSWITCH_CACHE", Path.home() / ".cache" / "fastswitch"))
+    target = cache / "tiny-llama"
+    if (target / "config.json").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".tiny-llama-") as scratch:
+        written = make_tiny_checkpoint(Path(scratch) / "ckpt")
+        try:
+            written.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
+async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:
+    server = grpc.aio.server()
+    service = ExecutorService(engine)
+    health = add_to_server(service, server)
+    port = server.add_insecure_port(f"{args.listen}:{args.port}")
+    await server.start()
+    await mark_serving(health)
+    print(f"executor listening on {args.listen}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await health.enter_graceful_shutdown()
+    service.end_streams()
+    await server.stop(SHUTDOWN_GRACE_S)
+    service.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    checkpoint = args.checkpoint or tiny_checkpoint()
+    try:
+        engine = ExecutorEngine.load(
+            checkpoint,
+            num_gpu_blocks=args.num_gpu_blocks,
+            block_size=args.block_size,
+            backend=args.backend,
+            dtype=DTYPES[args.dtype],
+        )
+    except BackendUnavailable as exc:
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        if args.host_arena:
+            try:
+                engine.attach_host_arena(args.host_arena)
+            except (OSError, ValueError, PreconditionFailed) as exc:  # ValueError: InvalidInput
+                raise SystemExit(f"error: --host-arena {args.host_arena}: {exc}") from None
+        log.info("serving %s (%s, %d device blocks, fingerprint %s)", checkpoint, args.backend,
+                 args.num_gpu_blocks, engine.fingerprint[:16])
+        uvloop.run(serve(args, engine))
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The executor's gRPC face (grpc.aio): protobuf in, engine calls, status codes out.
+
+Steps run on one worker thread so the event loop keeps serving SubmitSwaps and streaming
+SwapEvents while a forward pass is in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from common.kv.extent import Extent
+from common.kv.swap_plan import Copy
+from protos import executor_pb2, executor_pb2_grpc
+from services.executor.copy import CompletionStream, Direction
+from services.executor.engine import (
+    ExecutorEngine,
+    InvalidInput,
+    PreconditionFailed,
+    StepClaim,
+    StepSequence,
+    SwapDone,
+    SwapOrder,
+)
+from services.executor.model import SamplingParams
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+_DIRECTIONS: dict[int, Direction] = {executor_pb2.DIRECTION_OUT: "out",
+                                     executor_pb2.DIRECTION_IN: "in"}
+_DIRECTION_ENUM = {name: value for value, name in _DIRECTIONS.items()}
+T = TypeVar("T")
+
+
+class ExecutorService(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self, engine: ExecutorEngine) -> None:
+        self._engine = engine
+        self._step_worker = ThreadPoolExecutor(1, thread_name_prefix="step")
+        self._step_lock = asyncio.Lock()
+        self._streams: set[CompletionStream] = set()
+
+    async def Describe(
+        self, request: executor_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> executor_pb2.DescribeResponse:
+        d = self._engine.describe()
+        g = d.geometry
+        return executor_pb2.DescribeResponse(
+            model_fingerprint=d.fingerprint,
+            geometry=executor_pb2.BlockGeometry(
+                block_size=g.block_size,
+                num_layers=g.num_layers,
+                kv_heads=g.kv_heads,
+                head_dim=g.head_dim,
+                dtype=str(g.dtype).removeprefix("torch."),
+                block_bytes=g.block_bytes,
+            ),
+            num_gpu_blocks=g.num_blocks,
+            backend=d.backend,
+            vocab_size=d.vocab_size,
+            max_model_len=d.max_model_len,
+            host_arena=d.host_arena or "",
+            num_host_blocks=d.num_host_blocks,
+            eos_token_id=d.eos_token_id,
+        )
+
+    async def AttachHostArena(
+        self, request: executor_pb2.AttachHostArenaRequest, context: grpc.aio.ServicerContext
+    ) -> executor_pb2.AttachHostArenaResponse:
+        try:
+            blocks = self._engine.attach_host_arena(request.name)
+        except FileNotFoundError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"name: no arena {request.name!r}")
+        except (ValueError, PreconditionFailed) as exc:  # ValueError: not a fitting arena
+            await _abort(context, exc)
+        return executor_pb2.AttachHostArenaResponse(num_host_blocks=blocks)
+
+    async def Step(
+        self, request: executor_pb2.StepRequest, context: grpc.aio.ServicerContext
+    ) -> executor_pb2.StepResponse:
+        try:
+            sequences = [_sequence(i, s) for i, s in enumerate(request.sequences)]
+        except InvalidInput as exc:
+            await _abort(context, exc)
+        await self._step_lock.acquire()  # held until the step's thread is done
+        try:
+            claim = await self._begin_step(sequences, context)
+        except BaseException:
+            self._step_lock.release()
+            raise
+        running = asyncio.get_running_loop().run_in_executor(
+            self._step_worker, self._engine.run_step, claim
+        )
+        running.add_done_callback(lambda _: self._step_lock.release())
+        try:
+            result = await asyncio.shield(running)  # a cancelled call lets the step finish
+        except Exception as exc:
+            log.exception("step %d failed", request.iteration)
+            await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")
+        return executor_pb2.StepResponse(
+            tokens=[
+                executor_pb2.SampledToken(
+                    request_id=t.request_id,
+                    token_id=t.token_id,
+                    logprob=0.0 if t.logprob is None else t.logprob,
+                )
+                for t in result.tokens
+            ],
+            duration_s=result.duration_s,
+        )
+
+    async def _begin_step(
+        self, sequences: list[StepSequence], context: grpc.aio.ServicerContext
+    ) -> StepClaim:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step ran"
+            )
+        try:
+            return self._engine.begin_step(sequences)
+        except (InvalidInput, PreconditionFailed) as exc:
+            await _abort(context, exc)
+
+    async def SubmitSwaps(
+        self, request: executor_pb2.SubmitSwapsRequest, context: grpc.aio.ServicerContext
+    ) -> executor_pb2.SubmitSwapsResponse:
+        try:
+            orders = [_order(i, s) for i, s in enumerate(request.swaps)]
+            tickets = self._engine.submit_swaps(orders)
+        except (InvalidInput, PreconditionFailed) as exc:
+            await _abort(context, exc)
+        return executor_pb2.SubmitSwapsResponse(tickets=tickets)
+
+    async def SwapEvents(
+        self, request: executor_pb2.SwapEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[executor_pb2.SwapEvent]:
+        with self._engine.subscribe() as stream:
+            self._streams.add(stream)
+            # Headers now tell the client it is subscribed: every later swap reaches it.
+            await context.send_initial_metadata(())
+            try:
+                async for done in stream:
+                    yield _event(done)  # type: ignore[arg-type]  # the engine's hub relays SwapDone
+            finally:
+                self._streams.discard(stream)
+
+    def end_streams(self) -> None:
+        """Ends the open SwapEvents calls, so that a graceful stop need not wait them out."""
+        for stream in list(self._streams):
+            stream.close()
+
+    def close(self) -> None:
+        """After the server stopped: waits for a step still running."""
+        self._step_worker.shutdown(wait=True)
+
+
+def add_to_server(service: ExecutorService, server: grpc.aio.Server) -> health_aio.HealthServicer:
+    """Registers the executor, grpc.health.v1 (SERVING) and reflection; returns the health
+    servicer so the caller can report a graceful shutdown."""
+    executor_pb2_grpc.add_ExecutorServicer_to_server(service, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    return health
+
+
+async def mark_serving(health: health_aio.HealthServicer) -> None:
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    code = (
+        grpc.StatusCode.FAILED_PRECONDITION
+        if isinstance(exc, PreconditionFailed)
+        else grpc.StatusCode.INVALID_ARGUMENT
+    )
+    await context.abort(code, str(exc))
+
+
+def _field(where: str, build: Callable[[], T]) -> T:
+    """Builds a domain value, naming the field in the error if the value is malformed."""
+    try:
+        return build()
+    except ValueError as exc:
+        raise InvalidInput(f"{where}: {exc}") from exc
+
+
+def _sequence(index: int, seq: executor_pb2.SequenceInput) -> StepSequence:
+    s = seq.sampling
+    sampling = _field(
+        f"sequences[{index}].sampling",
+        lambda: SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p or 1.0,  # proto3's default 0 means "no nucleus cut"
+            seed=s.seed,
+            logprobs=s.logprobs,
+        ),
+    )
+    return StepSequence(
+        request_id=seq.request_id,
+        block_table=list(seq.block_table),
+        start=seq.start,
+        token_ids=list(seq.token_ids),
+        sample=seq.sample,
+        sampling=sampling,
+    )
+
+
+def _order(index: int, order: executor_pb2.SwapOrder) -> SwapOrder:
+    where = f"swaps[{index}]"
+    if order.direction not in _DIRECTIONS:
+        raise InvalidInput(
+            f"{where}.direction={order.direction} is not DIRECTION_OUT or DIRECTION_IN"
+        )
+    copies = [
+        _field(
+            f"{where}.copies[{j}]",
+            lambda c=c: Copy(Extent(c.src.start, c.src.length), Extent(c.dst.start, c.dst.length)),
+        )
+        for j, c in enumerate(order.copies)
+    ]
+    return SwapOrder(order.swap_id, order.request_id, _DIRECTIONS[order.direction], copies)
+
+
+def _event(done: SwapDone) -> executor_pb2.SwapEvent:
+    return executor_pb2.SwapEvent(
+        ticket=done.swap_id,
+        request_id=done.request_id,
+        direction=_DIRECTION_ENUM[done.direction],
+        bytes=done.bytes,
+        duration_s=done.duration_s,
+        error=done.error or "",
+    )

@@ -1,0 +1,49 @@
+"""`python -m services.kvstore`: serve until SIGTERM/SIGINT, then unlink the arena.
+
+Prints one line, `kvstore ready port=<port> instance=<id> arena=<segment>`, once serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import uvloop
+
+from services.kvstore.assemble import open_store
+from services.kvstore.config import StoreConfig, parse_config
+from services.kvstore.service import StoreServer
+
+log = logging.getLogger("fastswitch.kvstore")
+
+
+async def serve(config: StoreConfig) -> None:
+    store = open_store(config)
+    server = StoreServer(store)
+    try:
+        port = await server.start(f"{config.host}:{config.port}")
+    except BaseException:
+        store.close()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"kvstore ready port={port} instance={config.instance_id} arena={store.arena.name}",
+        flush=True,
+    )
+    await stop.wait()
+    log.info("stopping")
+    await server.stop()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    uvloop.run(serve(parse_config()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Where the store keeps its chains: in process (`memory`) or in a shared Redis (`redis`).
+
+The store calls `sync` before and after each call: a Redis backend then reports an index
+that other processes cannot see as unavailable, instead of silently diverging from it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import redis
+
+from common.kv.arena import HostArena
+from common.kv.reuse_index import ChainRecord, IndexStorage, MemoryIndexStorage
+from services.kvstore.arena_setup import open_arena
+from services.kvstore.errors import IndexUnavailable
+from services.kvstore.redis_storage import Namespace, RedisIndexStorage
+from services.kvstore.registry import InstanceEntry, InstanceRegistry
+
+
+class IndexBackend(Protocol):
+    name: str
+    storage: IndexStorage
+
+    def sync(self) -> None:
+        """Raises IndexUnavailable when the shared index cannot be brought up to date."""
+
+    def peer_records(self, conv: str) -> list[tuple[str, ChainRecord]]:
+        """Chains other instances hold for `conv`, by instance id."""
+
+    def close(self) -> None:
+        """Withdraws this instance's chains: its arena is about to be unlinked."""
+
+
+class MemoryBackend:
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.storage = MemoryIndexStorage()
+
+    def sync(self) -> None:
+        pass
+
+    def peer_records(self, conv: str) -> list[tuple[str, ChainRecord]]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(self, client: redis.Redis, namespace: Namespace) -> None:
+        self.client = client
+        self.storage = RedisIndexStorage(client, namespace)
+        self.registry = InstanceRegistry(client, namespace)
+
+    def open_arena(
+        self, base: str, num_blocks: int, block_bytes: int, block_size: int
+    ) -> HostArena:
+        """The arena, inheriting a crashed run's bytes if the chains point at them; chains
+        whose memory did not survive are dropped, never served."""
+        own = self.registry.own()
+        arena, inherited = open_arena(
+            base, num_blocks, block_bytes, inherit=own.arena_name if own else None
+        )
+        try:
+            if not inherited or own is None or own.block_size != block_size:
+                self.storage.clear()
+            self.registry.register(
+                InstanceEntry(
+                    instance_id=self.registry.namespace.instance_id,
+                    arena_name=arena.name,
+                    host=os.uname().nodename,
+                    num_blocks=num_blocks,
+                    block_bytes=block_bytes,
+                    block_size=block_size,
+                )
+            )
+        except BaseException:
+            arena.unlink()
+            arena.close()
+            raise
+        return arena
+
+    def sync(self) -> None:
+        self.storage.ensure_synced()
+
+    def peer_records(self, conv: str) -> list[tuple[str, ChainRecord]]:
+        return self.registry.peer_records(conv)
+
+    def close(self) -> None:
+        try:
+            self.storage.clear()
+            self.registry.unregister()
+        except IndexUnavailable:
+            pass  # the next start finds the segment gone and drops the chains then
+        finally:
+            self.client.close()

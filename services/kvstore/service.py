@@ -1,0 +1,211 @@
+"""The KV store's gRPC face: a grpc.aio servicer over `KVStore`, health and reflection.
+
+Errors become status codes, never response fields. Store calls are serialized; with the
+Redis backend they run on one worker thread so that Redis round trips never block the
+event loop (the in-memory backend runs inline: its calls are microseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from common.kv.extent import runs
+from common.kv.reuse_index import (
+    FingerprintMismatch,
+    HostCapacityExhausted,
+    StaleReservation,
+    UnknownReservation,
+)
+from protos import kvstore_pb2, kvstore_pb2_grpc
+from services.kvstore.bulk import checksum, from_proto, to_proto
+from services.kvstore.errors import IndexUnavailable, InvalidRequest
+from services.kvstore.store import BlockWrite, KVStore
+
+T = TypeVar("T")
+SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
+
+# First match wins: subclasses before their bases.
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
+    (IndexUnavailable, grpc.StatusCode.UNAVAILABLE, ""),
+    (
+        HostCapacityExhausted,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "KV store has no host blocks to spare, recompute instead: ",
+    ),
+    (StaleReservation, grpc.StatusCode.ABORTED, ""),
+    (UnknownReservation, grpc.StatusCode.INVALID_ARGUMENT, ""),
+    (FingerprintMismatch, grpc.StatusCode.INVALID_ARGUMENT, ""),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, ""),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT, ""),
+)
+_MAPPED = tuple(error for error, _, _ in _STATUS)
+
+
+class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
+    def __init__(self, store: KVStore, worker: ThreadPoolExecutor | None) -> None:
+        self.store = store
+        self._worker = worker
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Runs a store call where store calls run (inline, or on the worker thread)."""
+        if self._worker is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, partial(fn, *args))
+
+    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., T],
+                    *args: object) -> T:
+        try:
+            return await self.run(fn, *args)
+        except _MAPPED as e:
+            code, prefix = next((c, p) for t, c, p in _STATUS if isinstance(e, t))
+            message = e.args[0] if e.args else type(e).__name__
+            await context.abort(code, f"{prefix}{message}")
+            raise AssertionError("unreachable: abort raises") from e
+
+    async def Describe(self, request, context):
+        d = self.store.describe()
+        return kvstore_pb2.DescribeResponse(
+            instance_id=d.instance_id,
+            arena_name=d.arena_name,
+            num_blocks=d.num_blocks,
+            block_bytes=d.block_bytes,
+            block_size=d.block_size,
+            model_fingerprint=d.model_fingerprint,
+            index_backend=d.index_backend,
+        )
+
+    async def Lookup(self, request, context):
+        hit = await self._call(context, self.store.lookup, *_tokens_args(request))
+        return kvstore_pb2.LookupResponse(
+            valid_tokens=hit.valid_tokens,
+            extents=to_proto(hit.extents),
+            instance_id=hit.instance_id,
+        )
+
+    async def Reserve(self, request, context):
+        res = await self._call(context, self.store.reserve, *_tokens_args(request))
+        return kvstore_pb2.ReserveResponse(
+            reservation_id=res.reservation_id,
+            valid_tokens=res.valid_tokens,
+            valid_extents=to_proto(list(runs(res.valid_blocks))),
+            new_extents=to_proto(res.new_extents),
+        )
+
+    async def Commit(self, request, context):
+        await self._call(context, self.store.commit, request.reservation_id)
+        return kvstore_pb2.Empty()
+
+    async def Abort(self, request, context):
+        await self._call(context, self.store.abort, request.reservation_id)
+        return kvstore_pb2.Empty()
+
+    async def Pin(self, request, context):
+        pin = await self._call(context, self.store.pin, *_tokens_args(request))
+        return kvstore_pb2.PinResponse(
+            pin_id=pin.pin_id, valid_tokens=pin.valid_tokens, extents=to_proto(pin.extents)
+        )
+
+    async def Unpin(self, request, context):
+        await self._call(context, self.store.unpin, request.pin_id)
+        return kvstore_pb2.Empty()
+
+    async def Release(self, request, context):
+        await self._call(context, self.store.release, request.conversation_id)
+        return kvstore_pb2.Empty()
+
+    async def Stats(self, request, context):
+        s = await self._call(context, self.store.stats)
+        return kvstore_pb2.StatsResponse(
+            capacity_blocks=s.capacity_blocks,
+            used_blocks=s.used_blocks,
+            pinned_blocks=s.pinned_blocks,
+            hit_tokens=s.hit_tokens,
+            miss_tokens=s.miss_tokens,
+            evicted_blocks=s.evicted_blocks,
+            bytes_saved_by_reuse=s.bytes_saved_by_reuse,
+            pending_reservations=s.pending_reservations,
+        )
+
+    async def ReadBlocks(self, request, context):
+        chunks = await self._call(
+            context, lambda: self.store.read_blocks(from_proto(request.extents))
+        )
+        for offset, data in chunks:
+            yield kvstore_pb2.BlockChunk(offset=offset, data=data, crc32c=checksum(data))
+
+    async def WriteBlocks(self, request_iterator, context):
+        write: BlockWrite | None = None
+        async for chunk in request_iterator:
+            if write is None:
+                write = await self._call(
+                    context,
+                    lambda c=chunk: self.store.begin_write(c.reservation_id, from_proto(c.extents)),
+                )
+            await self._call(context, write.write, chunk.offset, chunk.data, chunk.crc32c)
+        if write is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty WriteBlocks stream")
+        written = await self._call(context, write.finish)
+        return kvstore_pb2.WriteBlocksResponse(bytes_written=written)
+
+
+class StoreServer:
+    """A running store: the gRPC server, health, reflection and the lease reaper."""
+
+    def __init__(self, store: KVStore, *, reap_interval: float | None = None) -> None:
+        self.store = store
+        blocking = store.backend.name != "memory"
+        self._worker = ThreadPoolExecutor(1, "kvstore-index") if blocking else None
+        self.servicer = KVStoreServicer(store, self._worker)
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server()
+        kvstore_pb2_grpc.add_KVStoreServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.server,
+        )
+        self._reap_interval = reap_interval or max(0.05, min(5.0, store.lease_seconds / 4))
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self, address: str) -> int:
+        """Serves on `address` ("host:port", port 0 picks one); returns the bound port."""
+        port = self.server.add_insecure_port(address)
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._reaper = asyncio.create_task(self._reap())
+        return port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stops serving, then closes the store (which unlinks the arena)."""
+        await self.health.enter_graceful_shutdown()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await self.server.stop(grace)
+        try:
+            await self.servicer.run(self.store.close)
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown()
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(self._reap_interval)
+            await self.servicer.run(self.store.expire_leases)
+
+
+def _tokens_args(request: kvstore_pb2.TokensRequest) -> tuple[str, str, list[int]]:
+    return request.model_fingerprint, request.conversation_id, list(request.token_ids)

@@ -1,0 +1,340 @@
+"""The KV store's state machine: reuse index, host arena, leases and stats, without I/O.
+
+Contract (the service maps each error to a gRPC status):
+
+- Every call is validated before anything changes, so a rejected call leaves the index and
+  the arena as they were. Bad input raises `InvalidRequest`, `FingerprintMismatch`,
+  `UnknownReservation` (also on a second commit) or `ValueError`.
+- `reserve` raises `HostCapacityExhausted` when even eviction cannot make room; `commit`
+  raises `StaleReservation` when the conversation's prefix changed under the reservation.
+- Reservations and pins are leases: a client that dies leaves them to `expire_leases`,
+  which aborts or unpins them so that their blocks return. Writing renews a reservation.
+- Bytes reach the arena only through `begin_write`, and only into a pending reservation's
+  new blocks, which no reader can see until `commit`.
+- With a Redis index a call raises `IndexUnavailable` when the shared index is behind; the
+  local state stays consistent and Redis is rewritten when it answers again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from common.kv.arena import HostArena
+from common.kv.block_hash import block_hashes, tokens_in_blocks
+from common.kv.extent import Extent, flatten, runs
+from common.kv.reuse_index import Reservation, ReuseIndex, UnknownReservation
+from services.kvstore.backend import IndexBackend
+from services.kvstore.bulk import CHUNK_BYTES, checksum, chunk_spans
+from services.kvstore.errors import InvalidRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Description:
+    instance_id: str
+    arena_name: str
+    num_blocks: int
+    block_bytes: int
+    block_size: int
+    model_fingerprint: str
+    index_backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    valid_tokens: int
+    extents: list[Extent]
+    instance_id: str  # whose arena the extents are in
+
+
+@dataclass(frozen=True, slots=True)
+class PinResult:
+    pin_id: int
+    valid_tokens: int
+    extents: list[Extent]
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """`hit_tokens`/`miss_tokens` count Lookup and Reserve tokens found valid or not;
+    `bytes_saved_by_reuse` counts the valid blocks a Reserve spared from being copied."""
+
+    capacity_blocks: int = 0
+    used_blocks: int = 0
+    pinned_blocks: int = 0
+    hit_tokens: int = 0
+    miss_tokens: int = 0
+    evicted_blocks: int = 0
+    bytes_saved_by_reuse: int = 0
+    pending_reservations: int = 0
+
+
+class KVStore:
+    def __init__(
+        self,
+        *,
+        instance_id: str,
+        fingerprint: str,
+        block_size: int,
+        arena: HostArena,
+        backend: IndexBackend,
+        lease_seconds: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.instance_id = instance_id
+        self.arena = arena
+        self.backend = backend
+        self.lease_seconds = lease_seconds
+        self.index = ReuseIndex(
+            fingerprint=fingerprint,
+            block_size=block_size,
+            num_blocks=arena.num_blocks,
+            storage=backend.storage,
+        )
+        self._clock = clock
+        self._bytes = arena.as_tensor().view(-1).numpy()  # the arena's bytes, shared
+        self._reservations: dict[int, Reservation] = {}
+        self._reservation_deadlines: dict[int, float] = {}
+        self._pin_deadlines: dict[int, float] = {}
+        self._hit_tokens = 0
+        self._miss_tokens = 0
+        self._bytes_saved = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.index.block_size
+
+    @property
+    def fingerprint(self) -> str:
+        return self.index.fingerprint
+
+    def describe(self) -> Description:
+        return Description(
+            instance_id=self.instance_id,
+            arena_name=self.arena.name,
+            num_blocks=self.arena.num_blocks,
+            block_bytes=self.arena.block_bytes,
+            block_size=self.block_size,
+            model_fingerprint=self.fingerprint,
+            index_backend=self.backend.name,
+        )
+
+    def lookup(self, fingerprint: str, conv: str, tokens: Sequence[int]) -> LookupResult:
+        chain = self._validated_chain(fingerprint, conv, tokens)
+        with self._synced():
+            hit = self.index.lookup(conv, tokens, chain)
+            best = LookupResult(hit.num_tokens, list(runs(hit.blocks)), self.instance_id)
+            if best.valid_tokens < len(tokens):
+                for peer, record in self.backend.peer_records(conv):
+                    n = _common_prefix(record.hashes, chain)
+                    valid = tokens_in_blocks(n, len(tokens), self.block_size)
+                    if valid > best.valid_tokens:
+                        best = LookupResult(valid, list(runs(record.blocks[:n])), peer)
+        self._count(best.valid_tokens, len(tokens))
+        return best
+
+    def reserve(self, fingerprint: str, conv: str, tokens: Sequence[int]) -> Reservation:
+        chain = self._validated_chain(fingerprint, conv, tokens)
+        with self._synced():
+            res = self.index.reserve(conv, tokens, chain)
+        self._reservations[res.reservation_id] = res
+        self._reservation_deadlines[res.reservation_id] = self._clock() + self.lease_seconds
+        self._count(res.valid_tokens, len(tokens))
+        self._bytes_saved += len(res.valid_blocks) * self.arena.block_bytes
+        return res
+
+    def commit(self, reservation_id: int) -> None:
+        with self._synced():
+            self._forget_reservation(reservation_id)
+            self.index.commit(reservation_id)
+
+    def abort(self, reservation_id: int) -> None:
+        with self._synced():
+            self._forget_reservation(reservation_id)
+            self.index.abort(reservation_id)
+
+    def pin(self, fingerprint: str, conv: str, tokens: Sequence[int]) -> PinResult:
+        chain = self._validated_chain(fingerprint, conv, tokens)
+        with self._synced():
+            hit, handle = self.index.pin(conv, tokens, chain)
+        self._pin_deadlines[handle.pin_id] = self._clock() + self.lease_seconds
+        return PinResult(handle.pin_id, hit.num_tokens, list(runs(hit.blocks)))
+
+    def unpin(self, pin_id: int) -> None:
+        if self._pin_deadlines.pop(pin_id, None) is None:
+            raise InvalidRequest(f"no pin {pin_id} (never made, unpinned, or its lease expired)")
+        self.index.unpin(pin_id)
+
+    def release(self, conv: str) -> None:
+        if not conv:
+            raise InvalidRequest("empty conversation id")
+        with self._synced():
+            self.index.release(conv)
+
+    def expire_leases(self) -> int:
+        """Aborts reservations and drops pins whose lease ran out; returns how many."""
+        now = self._clock()
+        expired = [r for r, t in self._reservation_deadlines.items() if t <= now]
+        dropped = [p for p, t in self._pin_deadlines.items() if t <= now]
+        for reservation_id in expired:
+            self._forget_reservation(reservation_id)
+            self.index.abort(reservation_id)
+        for pin_id in dropped:
+            del self._pin_deadlines[pin_id]
+            self.index.unpin(pin_id)
+        return len(expired) + len(dropped)
+
+    def stats(self) -> StoreStats:
+        s = self.index.stats()
+        return StoreStats(
+            capacity_blocks=s.capacity,
+            used_blocks=s.used,
+            pinned_blocks=s.pinned,
+            hit_tokens=self._hit_tokens,
+            miss_tokens=self._miss_tokens,
+            evicted_blocks=s.evicted_blocks,
+            bytes_saved_by_reuse=self._bytes_saved,
+            pending_reservations=len(self._reservations),
+        )
+
+    def read_blocks(self, extents: Sequence[Extent]) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) chunks of the concatenated extents; validated before the first."""
+        self._check_in_arena(extents)
+        total = sum(e.length for e in extents) * self.arena.block_bytes
+
+        def chunks() -> Iterator[tuple[int, bytes]]:
+            for offset, length in chunk_spans(total):
+                parts = [
+                    self._bytes[at : at + n].tobytes()
+                    for at, n, _ in self._spans(extents, offset, length)
+                ]
+                yield offset, b"".join(parts)
+
+        return chunks()
+
+    def begin_write(self, reservation_id: int, extents: Sequence[Extent]) -> BlockWrite:
+        """A write into `extents`, which must be new blocks of a pending reservation."""
+        res = self._pending(reservation_id)
+        blocks = flatten(extents)
+        if not blocks:
+            raise InvalidRequest("WriteBlocks needs target extents")
+        if len(set(blocks)) != len(blocks) or not set(blocks) <= set(res.new_blocks):
+            raise InvalidRequest(
+                f"extents {[(e.start, e.length) for e in extents]} are not distinct new "
+                f"blocks of reservation {reservation_id}"
+            )
+        return BlockWrite(self, reservation_id, list(extents))
+
+    def close(self) -> None:
+        """Withdraws the chains and removes the arena: no segment outlives a clean stop."""
+        del self._bytes
+        try:
+            self.backend.close()
+        finally:
+            self.arena.unlink()
+            self.arena.close()
+
+    def _write(self, reservation_id: int, extents: Sequence[Extent], offset: int,
+               data: bytes) -> None:
+        self._pending(reservation_id)  # still pending: not committed, aborted or expired
+        self._reservation_deadlines[reservation_id] = self._clock() + self.lease_seconds
+        view = memoryview(data)
+        for at, n, src in self._spans(extents, offset, len(data)):
+            self._bytes[at : at + n] = view[src : src + n]
+
+    def _spans(
+        self, extents: Sequence[Extent], offset: int, length: int
+    ) -> Iterator[tuple[int, int, int]]:
+        """(arena byte offset, length, offset in the piece) of bytes [offset, offset+length)
+        of the extents laid end to end."""
+        bb = self.arena.block_bytes
+        end = offset + length
+        base = 0
+        for extent in extents:
+            size = extent.length * bb
+            lo, hi = max(offset, base), min(end, base + size)
+            if lo < hi:
+                yield extent.start * bb + lo - base, hi - lo, lo - offset
+            base += size
+
+    def _validated_chain(
+        self, fingerprint: str, conv: str, tokens: Sequence[int]
+    ) -> list[bytes]:
+        self.index.check_fingerprint(fingerprint)
+        if not conv:
+            raise InvalidRequest("empty conversation id")
+        if not tokens:
+            raise InvalidRequest("empty token list")
+        return block_hashes(tokens, self.block_size, self.fingerprint)
+
+    def _check_in_arena(self, extents: Sequence[Extent]) -> None:
+        if not extents:
+            raise InvalidRequest("no extents given")
+        for e in extents:
+            if e.end > self.arena.num_blocks:
+                raise InvalidRequest(
+                    f"extent ({e.start}, {e.length}) exceeds the arena's "
+                    f"{self.arena.num_blocks} blocks"
+                )
+
+    def _pending(self, reservation_id: int) -> Reservation:
+        res = self._reservations.get(reservation_id)
+        if res is None:
+            raise UnknownReservation(f"no pending reservation {reservation_id}")
+        return res
+
+    def _forget_reservation(self, reservation_id: int) -> None:
+        self._pending(reservation_id)
+        del self._reservations[reservation_id]
+        del self._reservation_deadlines[reservation_id]
+
+    def _count(self, valid: int, total: int) -> None:
+        self._hit_tokens += valid
+        self._miss_tokens += total - valid
+
+    @contextmanager
+    def _synced(self) -> Iterator[None]:
+        self.backend.sync()
+        yield
+        self.backend.sync()
+
+
+class BlockWrite:
+    """One WriteBlocks stream: chunks in order, each checksummed, exactly filling the
+    target extents."""
+
+    def __init__(self, store: KVStore, reservation_id: int, extents: list[Extent]) -> None:
+        self._store = store
+        self.reservation_id = reservation_id
+        self.extents = extents
+        self.total = sum(e.length for e in extents) * store.arena.block_bytes
+        self.written = 0
+
+    def write(self, offset: int, data: bytes, crc: int) -> None:
+        if offset != self.written:
+            raise InvalidRequest(f"chunk at offset {offset}, expected {self.written}")
+        if len(data) > CHUNK_BYTES:
+            raise InvalidRequest(f"chunk of {len(data)} bytes exceeds {CHUNK_BYTES}")
+        if offset + len(data) > self.total:
+            raise InvalidRequest(f"data runs past the {self.total} bytes of the extents")
+        if checksum(data) != crc:
+            raise InvalidRequest(f"checksum mismatch in the chunk at offset {offset}")
+        self._store._write(self.reservation_id, self.extents, offset, data)
+        self.written += len(data)
+
+    def finish(self) -> int:
+        if self.written != self.total:
+            raise InvalidRequest(f"wrote {self.written} of the extents' {self.total} bytes")
+        return self.written
+
+
+def _common_prefix(held: Sequence[bytes], wanted: Sequence[bytes]) -> int:
+    n = 0
+    for a, b in zip(held, wanted, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+

@@ -1,0 +1,201 @@
+"""`python -m services.launch` (also `fastswitch up`): the whole stack as local processes.
+
+Starts the executor (tiny checkpoint, CPU backend unless told otherwise), then the KV store
+with the executor's block geometry and model fingerprint, then the scheduler; waits for
+each to report SERVING; and on Ctrl-C or SIGTERM stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import executor_pb2 as ex
+from protos import executor_pb2_grpc as ex_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class StackConfig:
+    mode: str = "fastswitch"
+    policy: str = "priority"
+    num_gpu_blocks: int = 256
+    num_host_blocks: int = 4096
+    block_size: int = 16
+    checkpoint: str = ""  # empty: the executor writes and loads the tiny checkpoint
+    backend: str = "cpu"
+    redis_url: str = ""
+    max_num_seqs: int = 32
+    max_batched_tokens: int = 256
+    scheduler_port: int = 0  # 0: a free port
+    log_dir: str = ""  # empty: children inherit stderr
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Child:
+    name: str
+    address: str
+    process: subprocess.Popen[bytes]
+
+
+class LocalStack:
+    """Three processes on this machine; use as a context manager."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+        self.describe: ex.DescribeResponse | None = None
+
+    @property
+    def scheduler_address(self) -> str:
+        return self._child("scheduler").address
+
+    @property
+    def executor_address(self) -> str:
+        return self._child("executor").address
+
+    @property
+    def kvstore_address(self) -> str:
+        return self._child("kvstore").address
+
+    def _child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        c = self.config
+        executor = self._spawn("executor", [
+            "--num-gpu-blocks", str(c.num_gpu_blocks), "--block-size", str(c.block_size),
+            "--backend", c.backend, *(["--checkpoint", c.checkpoint] if c.checkpoint else []),
+        ], timeout_s)
+        with grpc.insecure_channel(executor.address) as channel:
+            self.describe = ex_grpc.ExecutorStub(channel).Describe(ex.DescribeRequest())
+        geometry = self.describe.geometry
+        self._spawn("kvstore", [
+            "--num-blocks", str(c.num_host_blocks), "--block-bytes", str(geometry.block_bytes),
+            "--block-size", str(geometry.block_size),
+            "--fingerprint", self.describe.model_fingerprint,
+            *(["--redis-url", c.redis_url] if c.redis_url else []),
+        ], timeout_s)
+        self._spawn("scheduler", [
+            "--executor", executor.address, "--kvstore", self.kvstore_address,
+            "--mode", c.mode, "--policy", c.policy, "--max-num-seqs", str(c.max_num_seqs),
+            "--max-batched-tokens", str(c.max_batched_tokens),
+        ], timeout_s, port=c.scheduler_port or None)
+
+    def _spawn(self, name: str, args: Sequence[str], timeout_s: float,
+               port: int | None = None) -> Child:
+        port = port or free_port()
+        log = None
+        if self.config.log_dir:
+            Path(self.config.log_dir).mkdir(parents=True, exist_ok=True)
+            log = open(Path(self.config.log_dir) / f"{name}.log", "ab")  # noqa: SIM115
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}", "--port", str(port), *args],
+            stdout=log or None, stderr=subprocess.STDOUT if log else None,
+            env={**os.environ, **self.config.extra_env},
+        )
+        child = Child(name, f"127.0.0.1:{port}", process)
+        self.children.append(child)
+        wait_serving(child, timeout_s)
+        return child
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+                try:
+                    child.process.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+        self.children.clear()
+
+
+def wait_serving(child: Child, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(child.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if child.process.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} not serving after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastswitch up", description=__doc__)
+    d = StackConfig()
+    parser.add_argument("--mode", default=os.environ.get("FASTSWITCH_MODE", d.mode),
+                        choices=["fastswitch", "baseline"])
+    parser.add_argument("--policy", default=d.policy, choices=["priority", "vtc", "fcfs"])
+    parser.add_argument("--num-gpu-blocks", type=int, default=d.num_gpu_blocks)
+    parser.add_argument("--num-host-blocks", type=int, default=d.num_host_blocks)
+    parser.add_argument("--checkpoint", default=os.environ.get("FASTSWITCH_CHECKPOINT", ""))
+    parser.add_argument("--backend", default=d.backend, choices=["cpu", "cupy"])
+    parser.add_argument("--redis-url", default=os.environ.get("FASTSWITCH_REDIS_URL", ""))
+    parser.add_argument("--port", type=int, default=int(
+        os.environ.get("FASTSWITCH_SCHEDULER_PORT", "50051")))
+    args = parser.parse_args(argv)
+    config = StackConfig(
+        mode=args.mode, policy=args.policy, num_gpu_blocks=args.num_gpu_blocks,
+        num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
+        backend=args.backend, redis_url=args.redis_url, scheduler_port=args.port,
+    )
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with LocalStack(config) as stack:
+        print(f"FastSwitch is up ({config.mode} mode): scheduler {stack.scheduler_address}, "
+              f"executor {stack.executor_address}, kvstore {stack.kvstore_address}. "
+              "Ctrl-C stops it.", flush=True)
+        while not stopping:
+            if any(c.process.poll() is not None for c in stack.children):
+                dead = [c.name for c in stack.children if c.process.poll() is not None]
+                print(f"stopping: {', '.join(dead)} exited", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

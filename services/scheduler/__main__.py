@@ -1,0 +1,179 @@
+"""`python -m services.scheduler`: the public Generate API over an executor and a KV store.
+
+Every flag also reads an environment variable (shown in --help); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import grpc
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.kv.arena import HostArena
+from common.kv.reuse_index import ReuseIndex
+from protos import executor_pb2 as ex
+from protos import executor_pb2_grpc as ex_grpc
+from protos import kvstore_pb2 as kv
+from protos import kvstore_pb2_grpc as kv_grpc
+from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.executor.model.config import ModelConfig
+from services.executor.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from services.scheduler.core.config import Mode, SchedulerConfig
+from services.scheduler.core.host import HostKV
+from services.scheduler.core.planner import Planner
+from services.scheduler.core.policy import POLICIES
+from services.scheduler.engine import Engine, EngineLimits
+from services.scheduler.remote_host import RemoteHostKV
+from services.scheduler.service import SchedulerService
+
+log = logging.getLogger("fastswitch.scheduler")
+SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    env: str
+    default: str
+    help: str
+
+
+FLAGS = [
+    Flag("port", "FASTSWITCH_SCHEDULER_PORT", "50051", "port of the public API"),
+    Flag("executor", "FASTSWITCH_EXECUTOR_ADDR", "127.0.0.1:50052", "executor address"),
+    Flag("kvstore", "FASTSWITCH_KVSTORE_ADDR", "127.0.0.1:50053",
+         "KV store address, or 'embedded' for a host arena owned by this process"),
+    Flag("mode", "FASTSWITCH_MODE", "fastswitch", "fastswitch or baseline"),
+    Flag("policy", "FASTSWITCH_POLICY", "priority", "priority, vtc or fcfs"),
+    Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
+    Flag("max-batched-tokens", "FASTSWITCH_MAX_BATCHED_TOKENS", "256", "tokens per step"),
+    Flag("max-waiting", "FASTSWITCH_MAX_WAITING", "256", "queued requests before refusing"),
+    Flag("num-host-blocks", "FASTSWITCH_NUM_HOST_BLOCKS", "4096",
+         "host blocks of the embedded arena"),
+    Flag("tokenizer", "FASTSWITCH_TOKENIZER", "",
+         "checkpoint folder whose tokenizer.json to use (default: byte-level)"),
+    Flag("connect-timeout", "FASTSWITCH_CONNECT_TIMEOUT_S", "60",
+         "seconds to wait for the executor and the KV store at start"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.scheduler", description=__doc__)
+    for f in FLAGS:
+        parser.add_argument(f"--{f.name}", default=os.environ.get(f.env, f.default),
+                            help=f"{f.help} [env {f.env}, default {f.default!r}]")
+    args = parser.parse_args(argv)
+    if args.mode not in {m.value for m in Mode}:
+        parser.error(f"--mode must be fastswitch or baseline, got {args.mode!r}")
+    if args.policy not in POLICIES:
+        parser.error(f"--policy must be one of {sorted(POLICIES)}, got {args.policy!r}")
+    return args
+
+
+async def wait_for(call, what: str, timeout_s: float):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as e:
+            if asyncio.get_running_loop().time() > deadline:
+                raise SystemExit(f"{what} not reachable: {e.code().name} {e.details()}") from e
+            await asyncio.sleep(0.3)
+
+
+def tokenizer_for(folder: str) -> Tokenizer:
+    if not folder:
+        return ByteTokenizer()
+    return load_tokenizer(folder, ModelConfig.from_file(os.path.join(folder, "config.json")))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    timeout = float(args.connect_timeout)
+    executor_channel = grpc.aio.insecure_channel(args.executor)
+    executor = ex_grpc.ExecutorStub(executor_channel)
+    desc: ex.DescribeResponse = await wait_for(
+        lambda: executor.Describe(ex.DescribeRequest(), timeout=5), "executor", timeout)
+    geometry = desc.geometry
+    arena: HostArena | None = None
+    host: HostKV
+    kv_channel: grpc.Channel | None = None
+    if args.kvstore == "embedded":
+        arena = HostArena.local(int(args.num_host_blocks), geometry.block_bytes)
+        host = ReuseIndex(fingerprint=desc.model_fingerprint, block_size=geometry.block_size,
+                          num_blocks=arena.num_blocks)
+        arena_name = arena.name
+    else:
+        kv_channel = grpc.insecure_channel(args.kvstore)
+        stub = kv_grpc.KVStoreStub(kv_channel)
+        store: kv.DescribeResponse = await wait_for(
+            lambda: asyncio.to_thread(stub.Describe, kv.DescribeRequest(), timeout=5),
+            "kvstore", timeout)
+        if store.block_bytes != geometry.block_bytes or store.block_size != geometry.block_size:
+            raise SystemExit(
+                f"kvstore blocks ({store.block_size} tokens, {store.block_bytes} B) differ from "
+                f"the executor's ({geometry.block_size} tokens, {geometry.block_bytes} B)")
+        host = RemoteHostKV(kv_channel, fingerprint=desc.model_fingerprint,
+                            block_size=geometry.block_size)
+        arena_name = store.arena_name
+    await executor.AttachHostArena(ex.AttachHostArenaRequest(name=arena_name))
+    config = SchedulerConfig(
+        mode=Mode(args.mode),
+        block_size=geometry.block_size,
+        num_device_blocks=desc.num_gpu_blocks,
+        max_num_seqs=int(args.max_num_seqs),
+        max_batched_tokens=int(args.max_batched_tokens),
+    )
+    planner = Planner(config, POLICIES[args.policy](), host)
+    engine = Engine(planner, executor, tokenizer_for(args.tokenizer),
+                    EngineLimits(max_model_len=desc.max_model_len,
+                                 max_waiting=int(args.max_waiting)))
+    await engine.start()
+
+    server = grpc.aio.server()
+    service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    server.add_insecure_port(f"0.0.0.0:{args.port}")
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("scheduler serving on :%s (%s mode, %s policy, %d device blocks, arena %s)",
+             args.port, args.mode, args.policy, desc.num_gpu_blocks, arena_name)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    await engine.close()
+    await executor_channel.close()
+    if kv_channel is not None:
+        kv_channel.close()
+    if arena is not None:
+        arena.close()
+        arena.unlink()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("FASTSWITCH_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvloop.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""The scheduler's asyncio driver: the iteration loop around the sans-IO planner.
+
+Each iteration plans a step, starts its swaps on the executor, runs its batch, and feeds
+the sampled tokens back; swap completions stream in on their own task. All planner calls
+run on one dedicated thread, so the core stays single-threaded and blocking KV-store
+calls never stall the event loop. In fastswitch mode a step waits for nothing but its own
+batch; in baseline mode a plan's barrier makes the step wait for every swap in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from common.kv.extent import Extent
+from common.latency import LatencyWindow, gaps
+from protos import executor_pb2 as ex
+from protos import executor_pb2_grpc as ex_grpc
+from services.executor.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
+from services.scheduler.core.planner import Planner
+from services.scheduler.core.request import Request, RequestState
+from services.scheduler.token_stream import Finished, TokenStream
+
+log = logging.getLogger("fastswitch.scheduler")
+T = TypeVar("T")
+
+
+class AdmissionError(Exception):
+    """A request the engine refuses; `code` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_model_len: int
+    max_waiting: int = 256
+
+
+@dataclass
+class _Tracked:
+    stream: TokenStream
+    request: Request
+    sampling: ex.SamplingParams
+    bytes_swapped: int = 0
+    timings: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        planner: Planner,
+        executor: ex_grpc.ExecutorStub,
+        *,
+        tokenizer: Tokenizer,
+        limits: EngineLimits,
+    ) -> None:
+        self.planner = planner
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self._core = ThreadPoolExecutor(1, thread_name_prefix="planner")
+        self._tracked: dict[str, _Tracked] = {}
+        self._swaps: dict[int, asyncio.Future[None]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._events_ready = asyncio.Event()
+        self.latency = LatencyWindow()
+        self.swap_out_bytes = 0
+        self.copies = 0
+        self.executor_ok = True
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._swap_events(), name="swap-events"),
+            asyncio.create_task(self._loop(), name="iteration-loop"),
+        ]
+        await self._events_ready.wait()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for tracked in self._tracked.values():
+            tracked.stream.fail(grpc.StatusCode.UNAVAILABLE, "scheduler shutting down")
+        self._core.shutdown(wait=True)
+
+    async def core(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Runs `fn` on the planner's thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._core, lambda: fn(*args, **kwargs)
+        )
+
+    # ---- requests in -----------------------------------------------------------------
+
+    async def submit(
+        self, request: Request, sampling: ex.SamplingParams, stop: Sequence[str] = ()
+    ) -> TokenStream:
+        self._check_admissible(request)
+        stream = TokenStream(IncrementalDetokenizer(self.tokenizer), stop)
+        tracked = _Tracked(stream, request, sampling, timings=[time.monotonic()])
+        self._tracked[request.request_id] = tracked
+        try:
+            await self.core(self._admit, request)
+        except Exception:
+            del self._tracked[request.request_id]
+            raise
+        self._wake.set()
+        return stream
+
+    def _admit(self, request: Request) -> None:
+        waiting = sum(r.state is RequestState.WAITING for r in self.planner.requests.values())
+        if waiting >= self.limits.max_waiting:
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"queue full: {waiting} requests waiting (limit {self.limits.max_waiting})",
+            )
+        try:
+            self.planner.add(request)
+        except ValueError as e:
+            raise AdmissionError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+
+    def _check_admissible(self, request: Request) -> None:
+        if request.request_id in self._tracked:
+            raise AdmissionError(
+                grpc.StatusCode.ALREADY_EXISTS, f"request_id {request.request_id!r} is in flight"
+            )
+        total = len(request.prompt) + request.max_tokens
+        if len(request.prompt) >= self.limits.max_model_len or total > self.limits.max_model_len:
+            raise AdmissionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) "
+                f"exceeds the model context of {self.limits.max_model_len} tokens",
+            )
+
+    async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+        cancelled = await self.core(self.planner.cancel, request_id)
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is not None:
+            tracked.stream.finish(self._final(tracked, reason))
+        self._wake.set()
+        return cancelled
+
+    async def set_priority(
+        self, priority: int, *, request_id: str | None = None, client_id: str | None = None
+    ) -> int:
+        n = await self.core(
+            self.planner.set_priority, priority, request_id=request_id, client_id=client_id
+        )
+        self._wake.set()
+        return n
+
+    # ---- the loop --------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while await self.core(self.planner.has_work):
+                if not await self._iteration():
+                    break  # nothing can run until a swap completes or a request arrives
+
+    async def _iteration(self) -> bool:
+        plan = await self.core(self.planner.plan)
+        try:
+            if plan.swaps:
+                await self._submit_swaps(plan.swaps)
+            if plan.barrier:
+                await asyncio.gather(*list(self._swaps.values()))
+            if plan.batch:
+                await self._run_batch(plan)
+                return True
+        except grpc.aio.AioRpcError as e:
+            await self._executor_lost(e)
+            return False
+        return bool(plan.preemptions)
+
+    async def _submit_swaps(self, orders: Sequence[SwapOrder]) -> None:
+        loop = asyncio.get_running_loop()
+        for order in orders:
+            self._swaps[order.swap_id] = loop.create_future()
+            self.copies += len(order.copies)
+        await self.executor.SubmitSwaps(
+            ex.SubmitSwapsRequest(swaps=[_swap_message(o) for o in orders])
+        )
+
+    async def _run_batch(self, plan: StepPlan) -> None:
+        request = ex.StepRequest(iteration=plan.iteration)
+        for seq in plan.batch:
+            request.sequences.append(
+                ex.SequenceInput(
+                    request_id=seq.request_id,
+                    block_table=seq.block_table,
+                    start=seq.start,
+                    token_ids=seq.token_ids,
+                    sample=seq.sample,
+                    sampling=self._tracked[seq.request_id].sampling
+                    if seq.request_id in self._tracked
+                    else None,
+                )
+            )
+        response = await self.executor.Step(request)
+        sampled = {t.request_id: t.token_id for t in response.tokens}
+        finished = await self.core(self.planner.complete_step, sampled)
+        now = time.monotonic()
+        done = {r.request_id for r in finished}
+        for token in response.tokens:
+            tracked = self._tracked.get(token.request_id)
+            if tracked is None:
+                continue
+            tracked.timings.append(now)
+            stopped = tracked.stream.push(token.token_id, token.logprob)
+            if stopped and token.request_id not in done and await self.core(
+                self.planner.stop, token.request_id
+            ):
+                done.add(token.request_id)
+        for request_id in done:
+            tracked = self._tracked.pop(request_id, None)
+            if tracked is not None:
+                reason = "stop" if tracked.stream.stopped else "length"
+                final = self._final(tracked, reason)
+                self.latency.record(final.ttft_s, final.tbts)
+                tracked.stream.finish(final)
+
+    async def _swap_events(self) -> None:
+        """Feeds swap completions to the planner, reconnecting when the executor returns."""
+        while True:
+            try:
+                call = self.executor.SwapEvents(ex.SwapEventsRequest())
+                await call.wait_for_connection()
+                self._events_ready.set()
+                async for event in call:
+                    await self._swap_completed(event)
+            except grpc.aio.AioRpcError as e:
+                log.warning("swap event stream lost (%s); retrying", e.code().name)
+            self._events_ready.set()
+            await asyncio.sleep(0.5)
+
+    async def _swap_completed(self, event: ex.SwapEvent) -> None:
+        future = self._swaps.pop(event.ticket, None)
+        if future is None:
+            return  # a swap from before an executor restart
+        if event.error:
+            log.warning("swap %d of %s failed: %s", event.ticket, event.request_id, event.error)
+        await self.core(self.planner.swap_done, event.ticket, ok=not event.error)
+        tracked = self._tracked.get(event.request_id)
+        if tracked is not None:
+            tracked.bytes_swapped += event.bytes
+        if event.direction == ex.DIRECTION_OUT:
+            self.swap_out_bytes += event.bytes
+        if not future.done():
+            future.set_result(None)
+        self._wake.set()
+
+    async def _executor_lost(self, error: grpc.aio.AioRpcError) -> None:
+        """Fails what lived on the device, then waits for the executor to come back."""
+        log.error("executor call failed: %s %s", error.code().name, error.details())
+        self.executor_ok = False
+        failed = await self.core(self.planner.reset_device)
+        for future in self._swaps.values():
+            future.cancel()
+        self._swaps.clear()
+        for request in failed:
+            tracked = self._tracked.pop(request.request_id, None)
+            if tracked is not None:
+                tracked.stream.fail(
+                    grpc.StatusCode.UNAVAILABLE, f"executor unavailable: {error.details()}"
+                )
+        while True:
+            try:
+                await self.executor.Describe(ex.DescribeRequest(), timeout=2)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.5)
+        log.warning("executor is back; %d request(s) failed, the rest continue", len(failed))
+        self.executor_ok = True
+        self._wake.set()
+
+    def _final(self, tracked: _Tracked, reason: str) -> Finished:
+        times = tracked.timings  # arrival, then one entry per token
+        return Finished(
+            finish_reason=reason,
+            prompt_tokens=len(tracked.request.prompt),
+            completion_tokens=len(tracked.request.output),
+            ttft_s=times[1] - times[0] if len(times) > 1 else 0.0,
+            tbts=gaps(times[1:]),
+            preemptions=tracked.request.preemptions,
+            bytes_swapped=tracked.bytes_swapped,
+            reused_tokens=tracked.request.reused_tokens,
+        )
+
+
+def _swap_message(order: SwapOrder) -> ex.SwapOrder:
+    direction = ex.DIRECTION_OUT if order.direction is Direction.OUT else ex.DIRECTION_IN
+    return ex.SwapOrder(
+        swap_id=order.swap_id,
+        request_id=order.request_id,
+        direction=direction,
+        copies=[ex.SwapCopy(src=_extent(c.src), dst=_extent(c.dst)) for c in order.copies],
+    )
+
+
+def _extent(extent: Extent) -> ex.Extent:
+    return ex.Extent(start=extent.start, length=extent.length)

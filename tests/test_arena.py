@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import uuid
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+
+import pytest
+import torch
+
+from common.kv.arena import SHM_DIR, HostArena, cleanup_stale
+
+NUM_BLOCKS = 4
+BLOCK_BYTES = 3 * 4096 + 64  # not a page multiple: offsets must not assume one
+
+
+def _pattern(block: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(block)
+    return torch.randint(0, 256, (BLOCK_BYTES,), dtype=torch.uint8, generator=generator)
+
+
+def _segments(prefix: str) -> list[str]:
+    return sorted(path.name for path in SHM_DIR.glob(f"{prefix}*"))
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    prefix = f"fastswitch-test-{uuid.uuid4().hex[:8]}-"
+    yield prefix
+    for name in _segments(prefix):
+        (SHM_DIR / name).unlink()
+
+
+def _write_blocks(name: str, blocks: list[int]) -> None:
+    arena = HostArena.attach(name)
+    view = arena.as_tensor()
+    for block in blocks:
+        view[block] = _pattern(block)
+    del view
+    arena.close()
+
+
+def _create_and_hang(name: str, ready: Connection) -> None:
+    HostArena.create(name, NUM_BLOCKS, BLOCK_BYTES)
+    ready.send(name)
+    signal.pause()  # until killed
+
+
+def test_blocks_written_by_another_process_read_back_bit_identical(prefix: str) -> None:
+    with HostArena.local(NUM_BLOCKS, BLOCK_BYTES, prefix=prefix) as arena:
+        child = mp.get_context("spawn").Process(target=_write_blocks, args=(arena.name, [1, 3]))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+
+        view = arena.as_tensor()
+        assert torch.equal(view[1], _pattern(1))
+        assert torch.equal(view[3], _pattern(3))
+        assert not view[0].any() and not view[2].any()
+        # The attacher exiting must not have unlinked the creator's segment.
+        assert _segments(prefix) == [arena.name]
+        del view
+
+
+def test_attach_recovers_geometry_and_shares_memory(prefix: str) -> None:
+    with HostArena.local(NUM_BLOCKS, 2 * 4 * 16, prefix=prefix) as owner:
+        with HostArena.attach(owner.name) as attached:
+            assert (attached.num_blocks, attached.block_bytes) == (NUM_BLOCKS, 128)
+            assert not attached.created
+            typed = attached.as_tensor(torch.float16, (2, 4, 8))
+            assert typed.shape == (NUM_BLOCKS, 2, 4, 8)
+            typed[2, 1] = 1.5
+            raw = owner.as_tensor()
+            assert torch.equal(raw[2].view(torch.float16).view(2, 4, 8)[1], typed[2, 1])
+            assert not raw[[0, 1, 3]].any()
+            del typed, raw
+        assert _segments(prefix) == [owner.name]  # an attacher's exit leaves the segment
+    assert _segments(prefix) == []
+
+
+def test_as_tensor_rejects_a_block_shape_of_other_size(prefix: str) -> None:
+    with (
+        HostArena.local(NUM_BLOCKS, 128, prefix=prefix) as arena,
+        pytest.raises(ValueError, match="not 128 bytes"),
+    ):
+        arena.as_tensor(torch.float32, (2, 4, 8))
+
+
+def test_close_refuses_while_a_view_is_alive(prefix: str) -> None:
+    arena = HostArena.local(NUM_BLOCKS, BLOCK_BYTES, prefix=prefix)
+    row = arena.as_tensor()[1]
+    with pytest.raises(BufferError):
+        arena.close()
+    del row
+    arena.close()
+    arena.unlink()
+    with pytest.raises(ValueError, match="closed"):
+        arena.as_tensor()
+    assert _segments(prefix) == []
+
+
+def test_create_refuses_an_existing_name(prefix: str) -> None:
+    with (
+        HostArena.local(NUM_BLOCKS, BLOCK_BYTES, prefix=prefix) as arena,
+        pytest.raises(FileExistsError),
+    ):
+        HostArena.create(arena.name, NUM_BLOCKS, BLOCK_BYTES)
+
+
+def test_foreign_segments_are_neither_attached_nor_cleaned(prefix: str) -> None:
+    (SHM_DIR / f"{prefix}foreign").write_bytes(b"not an arena" * 100)
+    with pytest.raises(ValueError, match="magic"):
+        HostArena.attach(f"{prefix}foreign")
+    assert cleanup_stale(prefix) == []
+    assert _segments(prefix) == [f"{prefix}foreign"]
+
+
+def test_cleanup_stale_removes_the_arena_of_a_killed_creator(prefix: str) -> None:
+    context = mp.get_context("spawn")
+    ready, child_end = context.Pipe(duplex=False)  # a pipe, not an Event: no semaphore to leak
+    stale_name = f"{prefix}crashed"
+    child = context.Process(target=_create_and_hang, args=(stale_name, child_end))
+    child.start()
+    assert ready.poll(60) and ready.recv() == stale_name
+    with HostArena.local(NUM_BLOCKS, BLOCK_BYTES, prefix=prefix) as live:
+        assert cleanup_stale(prefix) == []  # creator still running
+        child.kill()
+        child.join()
+        assert cleanup_stale(prefix) == [stale_name]
+        assert _segments(prefix) == [live.name]
+    assert _segments(prefix) == []
+
+
+def test_close_and_unlink_leave_nothing_in_dev_shm(prefix: str) -> None:
+    arena = HostArena.create(f"{prefix}plain", NUM_BLOCKS, BLOCK_BYTES)
+    other = HostArena.attach(arena.name)
+    other.close()
+    arena.close()
+    arena.unlink()
+    assert _segments(prefix) == []
