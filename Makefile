@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PROTOS := $(wildcard protos/*.proto)
 
-.PHONY: demo test proto proto-check lint
+.PHONY: demo core-demo paper-sim test proto proto-check lint
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -14,7 +14,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/core_scenario.py
+	$(BIN)/python -m benchmarks.live_demo
+
+# The scheduling core alone on a virtual clock, both modes (no processes, runs in a second).
+core-demo: $(STAMP)
+	$(BIN)/python -m benchmarks.core_scenario
+
+# The paper-scale simulation (A10/A100 cost models); see benchmarks/sim/COST_MODEL.md.
+paper-sim: $(STAMP)
+	$(BIN)/python -m benchmarks.paper_sim --json out/paper_sim.json --plots out/plots
 
 test: $(STAMP) proto-check lint
 	$(BIN)/python -m pytest -q

@@ -20,6 +20,8 @@ from common.client import FastSwitchClient
 from common.loadgen import LoadSpec, run_load
 from services.launch import LocalStack, StackConfig
 
+HIGHER_IS_BETTER = {"tokens/s", "prompt tokens reused", "reuse hit tokens"}
+
 
 async def one_mode(mode: str, args: argparse.Namespace, log_dir: str) -> tuple[dict, list]:
     config = StackConfig(mode=mode, num_gpu_blocks=args.gpu_blocks,
@@ -51,12 +53,13 @@ async def main_async(args: argparse.Namespace) -> int:
         for mode in ("fastswitch", "baseline"):
             rows[mode], outputs[mode] = await one_mode(mode, args, f"{log_dir}/{mode}")
     width = max(map(len, rows["fastswitch"]))
-    print(f"\n{'':{width}}  {'fastswitch':>12}  {'baseline':>12}  {'ratio':>7}")
+    print(f"\n{'':{width}}  {'fastswitch':>12}  {'baseline':>12}  {'gain':>7}")
     for key, fs in rows["fastswitch"].items():
         base = rows["baseline"][key]
-        ratio = f"{base / fs:7.2f}" if fs else "      -"
-        print(f"{key:{width}}  {fs:>12.2f}  {base:>12.2f}  {ratio}")
-    print("(ratio = baseline / fastswitch: above 1 means fastswitch is lower)")
+        better = fs / base if key in HIGHER_IS_BETTER else base / fs
+        gain = f"{better:6.2f}x" if fs and base else "      -"
+        print(f"{key:{width}}  {fs:>12.2f}  {base:>12.2f}  {gain}")
+    print("(gain: how many times better fastswitch is; above 1 favours fastswitch)")
     if outputs["fastswitch"] != outputs["baseline"]:
         print("ERROR: the two modes returned different tokens", file=sys.stderr)
         return 1
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--gpu-blocks", type=int, default=64)
+    parser.add_argument("--gpu-blocks", type=int, default=96)
     parser.add_argument("--host-blocks", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     return asyncio.run(main_async(parser.parse_args(argv)))

@@ -27,7 +27,7 @@ WORDS = (
 class LoadSpec:
     clients: int = 6
     turns: int = 3
-    message_words: tuple[int, int] = (20, 60)
+    message_words: tuple[int, int] = (12, 40)
     max_tokens: tuple[int, int] = (32, 96)
     think_s: tuple[float, float] = (0.0, 0.3)
     priority_update_every_s: float = 0.25

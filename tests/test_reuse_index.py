@@ -213,11 +213,6 @@ def test_eviction_takes_least_recently_used_first() -> None:
     assert index.lookup("c", _tokens(16, offset=200)).num_tokens == 16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_make_room stores the trimmed chain with storage.put, which marks the victim most "
-    "recently used: the next eviction skips the real LRU conversation",
-)
 def test_a_partly_evicted_conversation_stays_least_recently_used() -> None:
     index = _index(8)
     _put(index, "a", _tokens(16))

@@ -95,7 +95,7 @@ class BlockAllocator(ABC):
         drain = set(draining)
         if not drain.issubset(table):
             raise ValueError(f"draining blocks {sorted(drain - set(table))} not owned by {owner!r}")
-        del self._tables[owner]
+        self._tables.pop(owner, None)
         self._forget(owner)
         self._num_used -= len(table)
         self._draining |= drain

@@ -5,9 +5,11 @@ runs, so a swap is a few large copies. Sizing policy (`GroupSizing`):
 
 1. An owner first grows into the slack of its own last group, then in place into the free
    extent that starts right after it.
-2. Otherwise it starts a new group of `clamp(n + expected, min_blocks, max_blocks)` blocks
-   (at least `n`) in the best-fitting free extent: the owner uses `n` of them and keeps
-   the rest as *slack*, so that its next blocks land right after.
+2. Otherwise it starts a new group of `clamp(n + expected, min_blocks, cap)` blocks (at
+   least `n`) in the best-fitting free extent: the owner uses `n` of them and keeps the
+   rest as *slack*, so that its next blocks land right after. The cap is `max_blocks`, or
+   `1/free_share` of the unreserved free blocks if that is smaller, so slack shrinks as
+   memory fills instead of being carved up and reclaimed in small pieces.
 3. Slack is reserved, not used: it counts as free, and when free extents run short the
    allocator reclaims other owners' slack (largest first) before failing.
 """
@@ -26,13 +28,16 @@ from common.kv.free_extents import FreeExtents
 class GroupSizing:
     min_blocks: int = 4
     max_blocks: int = 256
+    free_share: int = 32
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_blocks <= self.max_blocks:
-            raise ValueError(f"need 1 <= min_blocks <= max_blocks, got {self}")
+        if not 1 <= self.min_blocks <= self.max_blocks or self.free_share < 1:
+            raise ValueError(f"need 1 <= min_blocks <= max_blocks and free_share >= 1: {self}")
 
-    def group_len(self, n: int, expected: int) -> int:
-        return max(n, min(max(n + expected, self.min_blocks), self.max_blocks))
+    def group_len(self, n: int, expected: int, free: int) -> int:
+        """Blocks for a new group: `n` now, `expected` more later, `free` unreserved blocks."""
+        cap = min(self.max_blocks, max(self.min_blocks, free // self.free_share))
+        return max(n, min(max(n + expected, self.min_blocks), cap))
 
 
 class BlockGroupAllocator(BlockAllocator):
@@ -82,7 +87,7 @@ class BlockGroupAllocator(BlockAllocator):
         return list(range(after.start, after.start + k))
 
     def _new_group(self, owner: Hashable, n: int, expected: int) -> list[int]:
-        want = self.sizing.group_len(n, expected)
+        want = self.sizing.group_len(n, expected, self._free.total)
         if self._free.total < n:
             self._reclaim_slack(n - self._free.total)
         extent = self._free.best_fit(want) or self._free.largest()

@@ -66,6 +66,9 @@ class IndexStorage(Protocol):
     def put(self, conv: str, record: ChainRecord) -> None:
         """Replaces the record atomically and marks `conv` most recently used."""
 
+    def replace(self, conv: str, record: ChainRecord) -> None:
+        """Replaces the record atomically, keeping `conv`'s place in the LRU order."""
+
     def delete(self, conv: str) -> None: ...
 
     def touch(self, conv: str) -> None: ...
@@ -86,6 +89,9 @@ class MemoryIndexStorage:
     def put(self, conv: str, record: ChainRecord) -> None:
         self._records[conv] = record
         self._records.move_to_end(conv)
+
+    def replace(self, conv: str, record: ChainRecord) -> None:
+        self._records[conv] = record
 
     def delete(self, conv: str) -> None:
         self._records.pop(conv, None)
@@ -290,7 +296,7 @@ class ReuseIndex:
             else:
                 num_tokens = min(record.num_tokens, kept * self.block_size)
                 trimmed = ChainRecord(record.hashes[:kept], record.blocks[:kept], num_tokens)
-                self.storage.put(conv, trimmed)
+                self.storage.replace(conv, trimmed)
 
     def _evictable_tail(self, record: ChainRecord) -> int:
         n = 0

@@ -105,6 +105,10 @@ class RedisIndexStorage:
             )
         )
 
+    def replace(self, conv: str, record: ChainRecord) -> None:
+        self._local.replace(conv, record)
+        self._write(lambda p: p.hset(self.namespace.chains, conv, encode_record(record)))
+
     def delete(self, conv: str) -> None:
         self._local.delete(conv)
         self._write(lambda p: p.hdel(self.namespace.chains, conv).zrem(self.namespace.lru, conv))

@@ -132,9 +132,10 @@ async def serve(args: argparse.Namespace) -> None:
         max_batched_tokens=int(args.max_batched_tokens),
     )
     planner = Planner(config, POLICIES[args.policy](), host)
-    engine = Engine(planner, executor, tokenizer_for(args.tokenizer),
-                    EngineLimits(max_model_len=desc.max_model_len,
-                                 max_waiting=int(args.max_waiting)))
+    engine = Engine(
+        planner, executor, tokenizer=tokenizer_for(args.tokenizer),
+        limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting)),
+    )
     await engine.start()
 
     server = grpc.aio.server()

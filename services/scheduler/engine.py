@@ -229,7 +229,9 @@ class Engine:
         for request_id in done:
             tracked = self._tracked.pop(request_id, None)
             if tracked is not None:
-                reason = "stop" if tracked.stream.stopped else "length"
+                output = tracked.request.output
+                eos = bool(output) and output[-1] in tracked.request.stop_token_ids
+                reason = "stop" if tracked.stream.stopped or eos else "length"
                 final = self._final(tracked, reason)
                 self.latency.record(final.ttft_s, final.tbts)
                 tracked.stream.finish(final)
