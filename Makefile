@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m benchmarks.live_demo
+	$(BIN)/python -m benchmarks.stack
 
 # The scheduling core alone on a virtual clock, both modes (no processes, runs in a second).
 core-demo: $(STAMP)

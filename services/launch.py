@@ -76,7 +76,8 @@ class LocalStack:
         return self._child("kvstore").address
 
     def _child(self, name: str) -> Child:
-        return next(c for c in self.children if c.name == name)
+        """The most recently started child called `name`."""
+        return next(c for c in reversed(self.children) if c.name == name)
 
     def __enter__(self) -> LocalStack:
         try:
@@ -89,29 +90,52 @@ class LocalStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout_s: float = 120.0) -> None:
+    def start(self, timeout_s: float = 120.0, *, scheduler: bool = True) -> None:
         c = self.config
-        executor = self._spawn("executor", [
+        executor = self.spawn("executor", [
             "--num-gpu-blocks", str(c.num_gpu_blocks), "--block-size", str(c.block_size),
             "--backend", c.backend, *(["--checkpoint", c.checkpoint] if c.checkpoint else []),
         ], timeout_s)
         with grpc.insecure_channel(executor.address) as channel:
             self.describe = ex_grpc.ExecutorStub(channel).Describe(ex.DescribeRequest())
         geometry = self.describe.geometry
-        self._spawn("kvstore", [
+        self.spawn("kvstore", [
             "--num-blocks", str(c.num_host_blocks), "--block-bytes", str(geometry.block_bytes),
             "--block-size", str(geometry.block_size),
             "--fingerprint", self.describe.model_fingerprint,
             *(["--redis-url", c.redis_url] if c.redis_url else []),
         ], timeout_s)
-        self._spawn("scheduler", [
-            "--executor", executor.address, "--kvstore", self.kvstore_address,
-            "--mode", c.mode, "--policy", c.policy, "--max-num-seqs", str(c.max_num_seqs),
-            "--max-batched-tokens", str(c.max_batched_tokens),
+        if scheduler:
+            self.start_scheduler(timeout_s=timeout_s)
+
+    def start_scheduler(
+        self, *, mode: str = "", extra_args: Sequence[str] = (), timeout_s: float = 120.0
+    ) -> Child:
+        """Starts a scheduler against this stack's executor and KV store."""
+        c = self.config
+        return self.spawn("scheduler", [
+            "--executor", self.executor_address, "--kvstore", self.kvstore_address,
+            "--mode", mode or c.mode, "--policy", c.policy,
+            "--max-num-seqs", str(c.max_num_seqs),
+            "--max-batched-tokens", str(c.max_batched_tokens), *extra_args,
         ], timeout_s, port=c.scheduler_port or None)
 
-    def _spawn(self, name: str, args: Sequence[str], timeout_s: float,
-               port: int | None = None) -> Child:
+    def stop_child(self, child: Child, grace_s: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL after `grace_s`; returns the exit code."""
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                child.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        if child in self.children:
+            self.children.remove(child)
+        return child.process.returncode
+
+    def spawn(self, name: str, args: Sequence[str], timeout_s: float = 120.0,
+              port: int | None = None) -> Child:
+        """Starts `python -m services.<name> --port P ARGS` and waits until it serves."""
         port = port or free_port()
         log = None
         if self.config.log_dir:
@@ -128,15 +152,8 @@ class LocalStack:
         return child
 
     def stop(self, grace_s: float = 10.0) -> None:
-        for child in reversed(self.children):
-            if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-                try:
-                    child.process.wait(grace_s)
-                except subprocess.TimeoutExpired:
-                    child.process.kill()
-                    child.process.wait()
-        self.children.clear()
+        for child in reversed(list(self.children)):
+            self.stop_child(child, grace_s)
 
 
 def wait_serving(child: Child, timeout_s: float) -> None:

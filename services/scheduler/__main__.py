@@ -56,6 +56,8 @@ FLAGS = [
     Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
     Flag("max-batched-tokens", "FASTSWITCH_MAX_BATCHED_TOKENS", "256", "tokens per step"),
     Flag("max-waiting", "FASTSWITCH_MAX_WAITING", "256", "queued requests before refusing"),
+    Flag("kv-blocks", "FASTSWITCH_KV_BLOCKS", "0",
+         "use at most this many of the executor's device blocks (0: all of them)"),
     Flag("num-host-blocks", "FASTSWITCH_NUM_HOST_BLOCKS", "4096",
          "host blocks of the embedded arena"),
     Flag("tokenizer", "FASTSWITCH_TOKENIZER", "",
@@ -127,7 +129,8 @@ async def serve(args: argparse.Namespace) -> None:
     config = SchedulerConfig(
         mode=Mode(args.mode),
         block_size=geometry.block_size,
-        num_device_blocks=desc.num_gpu_blocks,
+        num_device_blocks=min(int(args.kv_blocks) or desc.num_gpu_blocks,
+                              desc.num_gpu_blocks),
         max_num_seqs=int(args.max_num_seqs),
         max_batched_tokens=int(args.max_batched_tokens),
     )
@@ -135,6 +138,7 @@ async def serve(args: argparse.Namespace) -> None:
     engine = Engine(
         planner, executor, tokenizer=tokenizer_for(args.tokenizer),
         limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting)),
+        arena_name=arena_name,
     )
     await engine.start()
 
@@ -151,7 +155,7 @@ async def serve(args: argparse.Namespace) -> None:
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("scheduler serving on :%s (%s mode, %s policy, %d device blocks, arena %s)",
-             args.port, args.mode, args.policy, desc.num_gpu_blocks, arena_name)
+             args.port, args.mode, args.policy, config.num_device_blocks, arena_name)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

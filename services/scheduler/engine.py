@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Engine:
         *,
         tokenizer: Tokenizer,
         limits: EngineLimits,
+        arena_name: str,
     ) -> None:
         self.planner = planner
         self.executor = executor
@@ -78,7 +80,10 @@ class Engine:
         self.latency = LatencyWindow()
         self.swap_out_bytes = 0
         self.copies = 0
+        self.step_overheads: deque[float] = deque(maxlen=10_000)
+        self.steps = 0
         self.executor_ok = True
+        self.arena_name = arena_name
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -89,12 +94,22 @@ class Engine:
         ]
         await self._events_ready.wait()
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Cancels what is still running, lets swaps in flight land (so the KV store is
+        left with no pending reservation or pin), then stops."""
+        for request_id in list(self._tracked):
+            tracked = self._tracked.pop(request_id)
+            await self.core(self.planner.cancel, request_id)
+            tracked.stream.fail(grpc.StatusCode.UNAVAILABLE, "scheduler shutting down")
+        self._wake.set()
+        deadline = time.monotonic() + grace_s
+        while self.executor_ok and time.monotonic() < deadline:
+            if not await self.core(self.planner.has_work):
+                break
+            await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for tracked in self._tracked.values():
-            tracked.stream.fail(grpc.StatusCode.UNAVAILABLE, "scheduler shutting down")
         self._core.shutdown(wait=True)
 
     async def core(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -211,7 +226,10 @@ class Engine:
                     else None,
                 )
             )
+        started = time.monotonic()
         response = await self.executor.Step(request)
+        self.steps += 1
+        self.step_overheads.append(time.monotonic() - started - response.duration_s)
         sampled = {t.request_id: t.token_id for t in response.tokens}
         finished = await self.core(self.planner.complete_step, sampled)
         now = time.monotonic()
@@ -283,6 +301,9 @@ class Engine:
         while True:
             try:
                 await self.executor.Describe(ex.DescribeRequest(), timeout=2)
+                await self.executor.AttachHostArena(
+                    ex.AttachHostArenaRequest(name=self.arena_name), timeout=10
+                )
                 break
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.5)

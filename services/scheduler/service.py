@@ -38,7 +38,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
         if request.WhichOneof("prompt") == "text":
-            prompt = self.tokenizer.encode(request.text)
+            prompt = self.tokenizer.encode(request.text) if request.text else []
         else:
             prompt = list(request.token_ids.ids)
         bad = [i for i, t in enumerate(prompt) if t >= self.vocab_size]
@@ -56,6 +56,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         if not request.conversation_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "conversation_id is required")
+        if not request.message:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message is empty")
         conv = self._conversations.setdefault(request.conversation_id, _Conversation())
         if conv.lock.locked():
             await context.abort(
@@ -154,6 +156,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         states = [r.state for r in planner.requests.values()]
         metrics = planner.allocator.metrics()
         latency = self.engine.latency
+        overheads = list(self.engine.step_overheads)
         return pb.StatsResponse(
             mode=self.mode,
             waiting=states.count(S.WAITING),
@@ -176,6 +179,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             finished=planner.stats.finished,
             swap_out_bytes=self.engine.swap_out_bytes,
             copies=self.engine.copies,
+            steps=self.engine.steps,
+            step_overhead_mean_s=sum(overheads) / len(overheads) if overheads else 0.0,
+            step_overhead_p99_s=percentile(overheads, 99),
+            executor_available=self.engine.executor_ok,
+            kvstore_degraded=getattr(planner.host, "degraded", False),
         )
 
 

@@ -1,0 +1,257 @@
+"""The running stack: executor, KV store and scheduler as real processes, over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from common.client import FastSwitchClient, Generation
+from protos import kvstore_pb2 as kv
+from protos import kvstore_pb2_grpc as kv_grpc
+from services.launch import Child, LocalStack, StackConfig
+
+DEVICE_BLOCKS = 128
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    config = StackConfig(num_gpu_blocks=DEVICE_BLOCKS, num_host_blocks=1024,
+                         log_dir=str(tmp_path_factory.mktemp("logs")))
+    with LocalStack(config) as s:
+        s.start(scheduler=False)
+        yield s
+
+
+@pytest.fixture
+def scheduler(stack: LocalStack, request: pytest.FixtureRequest) -> Iterator[Child]:
+    """A scheduler per test; parametrize with (mode, extra args) through `indirect`."""
+    mode, extra = getattr(request, "param", ("fastswitch", ()))
+    child = stack.start_scheduler(mode=mode, extra_args=extra)
+    yield child
+    assert stack.stop_child(child) == 0, "scheduler did not exit cleanly on SIGTERM"
+
+
+def prompts(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        tokens = [rng.randrange(256) for _ in range(rng.randint(20, 90))]
+        sampling = {"temperature": 0.8, "top_p": 0.9, "seed": i} if i % 2 else {}
+        out.append((tokens, sampling))
+    return out
+
+
+async def run_requests(address: str, reqs, *, concurrent: bool, shuffle_priorities: bool
+                       ) -> list[list[int]]:
+    async with FastSwitchClient(address) as client:
+        await client.wait_ready()
+
+        async def one(i: int) -> list[int]:
+            tokens, sampling = reqs[i]
+            gen = client.generate(tokens, client_id=f"c{i % 3}", max_tokens=40,
+                                  priority=i % 4, request_id=f"r{i}", **sampling)
+            await gen.collect()
+            return [t.id for t in gen.tokens]
+
+        if not concurrent:
+            return [await one(i) for i in range(len(reqs))]
+
+        async def reshuffle() -> None:
+            rng = random.Random(1)
+            while True:
+                await asyncio.sleep(0.05)
+                for i in range(len(reqs)):
+                    await client.set_priority(rng.randrange(4), request_id=f"r{i}")
+
+        updater = asyncio.create_task(reshuffle()) if shuffle_priorities else None
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
+        finally:
+            if updater:
+                updater.cancel()
+
+
+async def stats(address: str):
+    async with FastSwitchClient(address) as client:
+        return await client.stats()
+
+
+async def test_tokens_are_bit_exact_with_and_without_preemption(stack: LocalStack) -> None:
+    reqs = prompts(8)
+    outputs, preemptions = {}, {}
+    for name, mode, budget, concurrent in [
+        ("alone", "fastswitch", 0, False),
+        ("fastswitch", "fastswitch", 24, True),
+        ("baseline", "baseline", 24, True),
+    ]:
+        child = stack.start_scheduler(mode=mode, extra_args=["--kv-blocks", str(budget)])
+        try:
+            outputs[name] = await run_requests(child.address, reqs, concurrent=concurrent,
+                                               shuffle_priorities=concurrent)
+            preemptions[name] = (await stats(child.address)).preemptions
+        finally:
+            stack.stop_child(child)
+    assert preemptions["alone"] == 0
+    assert preemptions["fastswitch"] > 0 and preemptions["baseline"] > 0
+    assert outputs["fastswitch"] == outputs["alone"]
+    assert outputs["baseline"] == outputs["alone"]
+    assert all(len(o) > 0 for o in outputs["alone"])
+
+
+async def test_second_turn_reuses_the_host_prefix(scheduler: Child) -> None:
+    async with FastSwitchClient(scheduler.address) as client:
+        await client.wait_ready()
+        first = await client.chat("conv-reuse", "tell me about block groups and swaps",
+                                  client_id="a", max_tokens=24).collect()
+        assert first.final.reused_prompt_tokens == 0
+        await asyncio.sleep(0.3)  # the finished turn's KV is copied to the host meanwhile
+        second = await client.chat("conv-reuse", "and then?", client_id="a",
+                                   max_tokens=8).collect()
+        history = first.final.prompt_tokens + first.final.completion_tokens - 1
+        assert second.final.reused_prompt_tokens == history // 16 * 16 > 0
+        assert (await client.stats()).reuse_hit_tokens >= second.final.reused_prompt_tokens
+
+
+async def test_edited_history_reuses_only_the_common_prefix(scheduler: Child) -> None:
+    rng = random.Random(5)
+    history = [rng.randrange(256) for _ in range(100)]
+    async with FastSwitchClient(scheduler.address) as client:
+        await client.wait_ready()
+        await client.generate(history, client_id="a", conversation_id="edit",
+                              max_tokens=4).collect()
+        await asyncio.sleep(0.3)
+        edited = list(history)
+        edited[40] = (edited[40] + 1) % 256  # an edit inside block 2 (tokens 32..47)
+        warm = await client.generate(edited, client_id="a", conversation_id="edit",
+                                     max_tokens=16).collect()
+        cold = await client.generate(edited, client_id="a", conversation_id="cold",
+                                     max_tokens=16).collect()
+    assert warm.final.reused_prompt_tokens == 32
+    assert cold.final.reused_prompt_tokens == 0
+    assert [t.id for t in warm.tokens] == [t.id for t in cold.tokens]
+
+
+@pytest.mark.parametrize("scheduler", [("fastswitch", ["--kv-blocks", "24"]),
+                                       ("baseline", ["--kv-blocks", "24"])], indirect=True)
+async def test_nothing_leaks_after_cancels_disconnects_and_preemptions(
+    stack: LocalStack, scheduler: Child
+) -> None:
+    reqs = prompts(10, seed=3)
+    async with FastSwitchClient(scheduler.address) as client:
+        await client.wait_ready()
+        gens = [client.generate(t, client_id=f"c{i}", max_tokens=40, request_id=f"leak{i}",
+                                priority=i % 3, conversation_id=f"leak-conv{i}", **s)
+                for i, (t, s) in enumerate(reqs)]
+        tasks = [asyncio.create_task(g.collect()) for g in gens]
+        await asyncio.sleep(0.3)
+        assert await client.cancel("leak0") is True
+        await client.cancel("leak1")
+        gens[2].cancel()  # client disconnects
+        gens[3].cancel()
+        for i in range(10):
+            await client.set_priority(9 - i, request_id=f"leak{i}")
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for i in range(4, 10):
+            assert not isinstance(results[i], BaseException), results[i]
+            assert results[i].final.finish_reason in ("length", "stop")
+        for _ in range(100):
+            s = await client.stats()
+            if not (s.swaps_in_flight or s.running_blocks or s.draining_blocks):
+                break
+            await asyncio.sleep(0.1)
+    assert s.preemptions > 0
+    assert (s.waiting, s.running, s.swapped) == (0, 0, 0)
+    assert (s.running_blocks, s.swapped_blocks, s.draining_blocks) == (0, 0, 0)
+    assert s.free_blocks == 24 and s.swaps_in_flight == 0
+    with grpc.insecure_channel(stack.kvstore_address) as channel:
+        store = kv_grpc.KVStoreStub(channel).Stats(kv.StatsRequest())
+    assert store.pinned_blocks == 0 and store.pending_reservations == 0
+
+
+async def test_bad_input_gets_clear_status_codes(stack: LocalStack) -> None:
+    child = stack.start_scheduler(extra_args=["--max-waiting", "2", "--kv-blocks", "8"])
+    try:
+        async with FastSwitchClient(child.address) as client:
+            await client.wait_ready()
+            cases = [
+                (dict(prompt="hi", client_id="a", max_tokens=0), "max_tokens"),
+                (dict(prompt="", client_id="a"), "empty"),
+                (dict(prompt="hi", client_id=""), "client_id"),
+                (dict(prompt="hi", client_id="a", temperature=-1), "temperature"),
+                (dict(prompt="hi", client_id="a", top_p=1.5), "top_p"),
+                (dict(prompt=[1, 99999], client_id="a"), "token_ids.ids[1]"),
+                (dict(prompt="x" * 5000, client_id="a"), "context"),
+                (dict(prompt="x" * 200, client_id="a", max_tokens=8), "KV blocks"),
+            ]
+            for kwargs, needle in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await client.generate(**kwargs).collect()
+                assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, kwargs
+                assert needle in err.value.details(), err.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.chat("", "hi", client_id="a").collect()
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.set_priority(1)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.cancel("")
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            # A full queue: two running (8 blocks hold two prompts), two waiting, then refusal.
+            running = []
+            for state in ("running", "waiting"):
+                for _ in range(2):
+                    gen = client.generate("y" * 60, client_id="q", max_tokens=60)
+                    running.append(asyncio.create_task(gen.collect()))
+                while getattr(await client.stats(), state) < 2:
+                    await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.generate("z" * 60, client_id="q", max_tokens=60).collect()
+            assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue full" in err.value.details()
+            await asyncio.gather(*running)
+            # A second turn while one is in flight on the same conversation.
+            turn = client.chat("busy", "first", client_id="a", max_tokens=40)
+            task = asyncio.create_task(turn.collect())
+            await asyncio.sleep(0.1)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.chat("busy", "second", client_id="a").collect()
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            await task
+    finally:
+        stack.stop_child(child)
+
+
+async def test_executor_death_fails_running_requests_then_service_resumes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    config = StackConfig(num_gpu_blocks=64, num_host_blocks=256,
+                         log_dir=str(tmp_path_factory.mktemp("fault-logs")))
+    with LocalStack(config) as stack:
+        executor = stack._child("executor")
+        address = stack.scheduler_address
+        async with FastSwitchClient(address) as client:
+            await client.wait_ready()
+            gens = [client.generate("w" * 40, client_id="a", max_tokens=200) for _ in range(3)]
+            tasks = [asyncio.create_task(g.collect()) for g in gens]
+            while not any(g.tokens for g in gens):
+                await asyncio.sleep(0.05)
+            executor.process.send_signal(signal.SIGKILL)
+            results = await asyncio.wait_for(
+                asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+            for result in results:
+                assert isinstance(result, grpc.aio.AioRpcError), result
+                assert result.code() is grpc.StatusCode.UNAVAILABLE
+            stack.children.remove(executor)
+            port = int(executor.address.rsplit(":", 1)[1])
+            stack.spawn("executor", ["--num-gpu-blocks", "64", "--block-size", "16"], port=port)
+            after: Generation = await asyncio.wait_for(
+                client.generate("hello again", client_id="a", max_tokens=8).collect(), 60)
+            assert after.final.completion_tokens > 0
+            s = await client.stats()
+            assert s.executor_available
