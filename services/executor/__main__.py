@@ -9,10 +9,8 @@ generated once into $FASTSWITCH_CACHE/tiny-llama (default ~/.cache/fastswitch).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import tempfile
 from pathlib import Path
 
@@ -20,13 +18,14 @@ import grpc
 import torch
 import uvloop
 
+from common.grpc_serving import mark_serving, wait_for_stop_signal
 from services.executor.engine import (
     BACKENDS,
     BackendUnavailable,
     ExecutorEngine,
     PreconditionFailed,
 )
-from services.executor.service import ExecutorService, add_to_server, mark_serving
+from services.executor.service import SERVICE_NAME, ExecutorService, add_to_server
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
 log = logging.getLogger("services.executor")
@@ -84,13 +83,9 @@ async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:
     health = add_to_server(service, server)
     port = server.add_insecure_port(f"{args.listen}:{args.port}")
     await server.start()
-    await mark_serving(health)
+    await mark_serving(health, SERVICE_NAME)
     print(f"executor listening on {args.listen}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("shutting down")
     await health.enter_graceful_shutdown()
     service.end_streams()

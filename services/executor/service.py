@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
+from common.grpc_serving import add_health_and_reflection
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy
 from protos import executor_pb2, executor_pb2_grpc
@@ -164,22 +163,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
 
 
 def add_to_server(service: ExecutorService, server: grpc.aio.Server) -> health_aio.HealthServicer:
-    """Registers the executor, grpc.health.v1 (SERVING) and reflection; returns the health
-    servicer so the caller can report a graceful shutdown."""
+    """Registers the executor, grpc.health.v1 and reflection; returns the health servicer."""
     executor_pb2_grpc.add_ExecutorServicer_to_server(service, server)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
-        server,
-    )
-    return health
-
-
-async def mark_serving(health: health_aio.HealthServicer) -> None:
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return add_health_and_reflection(server, SERVICE_NAME)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:

@@ -5,13 +5,12 @@ Prints one line, `kvstore ready port=<port> instance=<id> arena=<segment>`, once
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import sys
 
 import uvloop
 
+from common.grpc_serving import wait_for_stop_signal
 from services.kvstore.assemble import open_store
 from services.kvstore.config import StoreConfig, parse_config
 from services.kvstore.service import StoreServer
@@ -27,15 +26,11 @@ async def serve(config: StoreConfig) -> None:
     except BaseException:
         store.close()
         raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     print(
         f"kvstore ready port={port} instance={config.instance_id} arena={store.arena.name}",
         flush=True,
     )
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("stopping")
     await server.stop()
 

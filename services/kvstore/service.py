@@ -15,10 +15,8 @@ from functools import partial
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
+from common.grpc_serving import add_health_and_reflection, mark_serving
 from common.kv.extent import runs
 from common.kv.reuse_index import (
     FingerprintMismatch,
@@ -166,15 +164,9 @@ class StoreServer:
         blocking = store.backend.name != "memory"
         self._worker = ThreadPoolExecutor(1, "kvstore-index") if blocking else None
         self.servicer = KVStoreServicer(store, self._worker)
-        self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server()
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
-            self.server,
-        )
+        self.health = add_health_and_reflection(self.server, SERVICE_NAME)
         self._reap_interval = reap_interval or max(0.05, min(5.0, store.lease_seconds / 4))
         self._reaper: asyncio.Task[None] | None = None
 
@@ -182,8 +174,7 @@ class StoreServer:
         """Serves on `address` ("host:port", port 0 picks one); returns the bound port."""
         port = self.server.add_insecure_port(address)
         await self.server.start()
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await mark_serving(self.health, SERVICE_NAME)
         self._reaper = asyncio.create_task(self._reap())
         return port
 

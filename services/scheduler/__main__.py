@@ -9,14 +9,12 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 from dataclasses import dataclass
 
 import grpc
 import uvloop
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from common.grpc_serving import add_health_and_reflection, mark_serving, wait_for_stop_signal
 from common.kv.arena import HostArena
 from common.kv.reuse_index import ReuseIndex
 from protos import executor_pb2 as ex
@@ -145,23 +143,14 @@ async def serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server()
     service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+    health_servicer = add_health_and_reflection(server, SERVICE)
     server.add_insecure_port(f"0.0.0.0:{args.port}")
     await server.start()
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await mark_serving(health_servicer, SERVICE)
     log.info("scheduler serving on :%s (%s mode, %s policy, %d device blocks, arena %s)",
              args.port, args.mode, args.policy, config.num_device_blocks, arena_name)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=5)
