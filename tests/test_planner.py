@@ -338,3 +338,20 @@ def test_a_request_that_can_never_fit_is_refused() -> None:
     with pytest.raises(ValueError, match="needs 9 KV blocks"):
         p.add(req("big", 30, 6))
     assert not p.requests
+
+
+def test_a_waiting_request_looks_up_the_host_once_until_the_host_changes() -> None:
+    p = make_planner(Mode.FASTSWITCH, device_blocks=8)
+    looked_up: list[str] = []
+    lookup = p.host.lookup
+    p.host.lookup = lambda conv, *a: looked_up.append(conv) or lookup(conv, *a)  # type: ignore[method-assign]
+    p.add(req("a", 28, 4, priority=5))  # fills the device
+    p.add(req("w", 12, 4, priority=0, conv="w-conv"))
+    for _ in range(3):
+        run_step(p, p.plan())
+    assert looked_up == ["w-conv"]
+    while "w" in p.requests:
+        plan = p.plan()
+        run_step(p, plan)
+        finish_swaps(p, plan)
+    assert len(looked_up) >= 2  # asked again once a's finish changed the host

@@ -81,6 +81,10 @@ class Planner:
         self._swapped_kv: dict[str, tuple[int, PinHandle]] = {}  # request -> (tokens, pin)
         self._host_keys: dict[str, str] = {}  # request -> where its swapped KV lives
         self._chains: dict[str, TokenChain] = {}  # request -> its tokens' hash chain
+        # Host prefix a waiting request would get, valid while the host epoch is unchanged;
+        # the epoch moves whenever this planner changes what the host holds.
+        self._prefix_hits: dict[str, tuple[int, int]] = {}
+        self._host_epoch = 0
         self._scheduled: tuple[ScheduledSeq, ...] = ()
         self._offloads: list[SwapOrder] = []  # finished turns' swap-outs, for the next plan
         self._ids = itertools.count(1)
@@ -277,10 +281,14 @@ class Planner:
         if r.state is S.SWAPPED:
             return self._swapped_kv[r.request_id][0]
         if r.state is S.WAITING and self.config.reuse and r.conversation_id is not None:
-            tokens = r.tokens
-            hit = self.host.lookup(r.kv_key, tokens, self._chain(r, tokens))
-            usable = min(hit.num_tokens, r.num_tokens - 1)
-            return usable if usable >= self.config.block_size else 0
+            epoch, usable = self._prefix_hits.get(r.request_id, (-1, 0))
+            if epoch != self._host_epoch:
+                tokens = r.tokens
+                hit = self.host.lookup(r.kv_key, tokens, self._chain(r, tokens))
+                usable = min(hit.num_tokens, r.num_tokens - 1)
+                usable = usable if usable >= self.config.block_size else 0
+                self._prefix_hits[r.request_id] = (self._host_epoch, usable)
+            return usable
         return 0
 
     def _preempt(self, r: Request, swaps: list[SwapOrder]) -> Preemption:
@@ -300,8 +308,9 @@ class Planner:
     def _swap_out(self, r: Request, *, offload_only: bool) -> SwapOrder | None:
         """Copies the KV the host lacks; None when the host has no room for it."""
         key = self._host_key(r)
+        self._host_epoch += 1
         try:
-            tokens = r.tokens[: r.num_computed]
+            tokens = r.token_slice(0, r.num_computed)
             res = self.host.reserve(key, tokens, self._chain(r, tokens))
         except HostCapacityExhausted:
             return None
@@ -326,6 +335,7 @@ class Planner:
 
     def _swap_out_done(self, swap: _Swap, r: Request, ok: bool) -> None:
         assert swap.reservation_id is not None
+        self._host_epoch += 1
         if not ok:
             self.host.abort(swap.reservation_id)
         else:
@@ -339,7 +349,7 @@ class Planner:
             r.num_computed = 0  # its device KV is gone: recompute
             r.move(S.WAITING)
         elif r.state is S.SWAPPING_OUT:
-            tokens = r.tokens[: r.num_computed]
+            tokens = r.token_slice(0, r.num_computed)
             hit, pin = self.host.pin(swap.host_key, tokens, self._chain(r, tokens))
             self._swapped_kv[r.request_id] = (hit.num_tokens, pin)
             r.move(S.SWAPPED)
@@ -354,15 +364,19 @@ class Planner:
             return self._swap_in(r, num_tokens, pin, chunk, swaps, batch)
         usable = self._kv_to_swap_in(r)
         if usable:
-            tokens = r.tokens[:usable]
+            tokens = r.token_slice(0, usable)
             hit, pin = self.host.pin(r.kv_key, tokens, self._chain(r, tokens))
-            fed = self._swap_in(r, hit.num_tokens, pin, chunk, swaps, batch)
-            if fed is None:
-                self.host.unpin(pin.pin_id)
-            else:
+            # The host may have evicted part of it since the lookup: use what is pinned.
+            fed = None
+            if hit.num_tokens >= self.config.block_size:
+                fed = self._swap_in(r, hit.num_tokens, pin, chunk, swaps, batch)
+            if fed is not None:
                 self.stats.prefix_hit_tokens += hit.num_tokens
                 r.reused_tokens += hit.num_tokens
-            return fed
+                return fed
+            self.host.unpin(pin.pin_id)
+            if hit.num_tokens >= self.config.block_size:
+                return None  # it did not fit
         if not chunk or not self._grow(r, self.config.blocks_for(chunk)):
             return None
         r.move(S.PREFILLING)
@@ -451,7 +465,7 @@ class Planner:
             r.request_id,
             self.allocator.table(r.request_id),
             start,
-            tuple(r.tokens[start:end]),
+            tuple(r.token_slice(start, end)),
             sample=end == r.num_tokens,
         )
 
@@ -470,7 +484,9 @@ class Planner:
         return chain.hashes(tokens)
 
     def _forget_private_kv(self, r: Request) -> None:
+        self._prefix_hits.pop(r.request_id, None)
         if not self.config.reuse or r.conversation_id is None:
+            self._host_epoch += 1
             self.host.release(self._host_keys.pop(r.request_id, r.kv_key))
 
     def live(self) -> Iterable[Request]:

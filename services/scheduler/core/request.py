@@ -62,6 +62,15 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """`tokens[start:end]` without building the whole token list."""
+        split = len(self.prompt)
+        if end <= split:
+            return self.prompt[start:end]
+        if start >= split:
+            return self.output[start - split : end - split]
+        return self.prompt[start:] + self.output[: end - split]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)
