@@ -136,7 +136,7 @@ async def serve(args: argparse.Namespace) -> None:
     engine = Engine(
         planner, executor, tokenizer=tokenizer_for(args.tokenizer),
         limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting)),
-        arena_name=arena_name,
+        arena_names=[arena_name],
     )
     await engine.start()
 

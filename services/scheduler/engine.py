@@ -65,7 +65,7 @@ class Engine:
         *,
         tokenizer: Tokenizer,
         limits: EngineLimits,
-        arena_name: str,
+        arena_names: Sequence[str],
     ) -> None:
         self.planner = planner
         self.executor = executor
@@ -83,15 +83,24 @@ class Engine:
         self.step_overheads: deque[float] = deque(maxlen=10_000)
         self.steps = 0
         self.executor_ok = True
-        self.arena_name = arena_name
+        self.arena_names = tuple(arena_names)  # host arenas, in the executor's attach order
 
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._swap_events(), name="swap-events"),
-            asyncio.create_task(self._loop(), name="iteration-loop"),
-        ]
+        await self._subscribe_swap_events()
+        self._tasks.append(asyncio.create_task(self._loop(), name="iteration-loop"))
+
+    async def _subscribe_swap_events(self) -> None:
+        """(Re)starts the swap event stream and returns once the executor has subscribed
+        it, so that no completion of a swap submitted afterwards can be missed."""
+        for task in self._tasks:
+            if task.get_name() == "swap-events":
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                self._tasks.remove(task)
+        self._events_ready.clear()
+        self._tasks.append(asyncio.create_task(self._swap_events(), name="swap-events"))
         await self._events_ready.wait()
 
     async def close(self, grace_s: float = 5.0) -> None:
@@ -255,17 +264,16 @@ class Engine:
                 tracked.stream.finish(final)
 
     async def _swap_events(self) -> None:
-        """Feeds swap completions to the planner, reconnecting when the executor returns."""
+        """Feeds swap completions to the planner until the stream breaks."""
         while True:
             try:
                 call = self.executor.SwapEvents(ex.SwapEventsRequest())
-                await call.wait_for_connection()
+                await call.initial_metadata()  # sent once the executor has subscribed us
                 self._events_ready.set()
                 async for event in call:
                     await self._swap_completed(event)
             except grpc.aio.AioRpcError as e:
                 log.warning("swap event stream lost (%s); retrying", e.code().name)
-            self._events_ready.set()
             await asyncio.sleep(0.5)
 
     async def _swap_completed(self, event: ex.SwapEvent) -> None:
@@ -301,11 +309,13 @@ class Engine:
         while True:
             try:
                 await self.executor.Describe(ex.DescribeRequest(), timeout=2)
-                await self.executor.AttachHostArena(
-                    ex.AttachHostArenaRequest(name=self.arena_name), timeout=10
-                )
+                for name in self.arena_names:
+                    await self.executor.AttachHostArena(
+                        ex.AttachHostArenaRequest(name=name), timeout=10
+                    )
+                await asyncio.wait_for(self._subscribe_swap_events(), timeout=10)
                 break
-            except grpc.aio.AioRpcError:
+            except (grpc.aio.AioRpcError, TimeoutError):
                 await asyncio.sleep(0.5)
         log.warning("executor is back; %d request(s) failed, the rest continue", len(failed))
         self.executor_ok = True
