@@ -61,7 +61,7 @@ def make_tiny_checkpoint(
         }
     )
     model = DecoderModel(config)
-    _randomize(model, seed)
+    _randomize(model, seed, tied=config.tie_word_embeddings)
     tensors = {
         name: tensor.contiguous()
         for name, tensor in model.state_dict().items()
@@ -72,9 +72,11 @@ def make_tiny_checkpoint(
     return out
 
 
-def _randomize(model: DecoderModel, seed: int) -> None:
+def _randomize(model: DecoderModel, seed: int, *, tied: bool) -> None:
     """Unit-variance activations, and q/k at twice that: the sharper attention makes greedy
-    decoding follow the context, where plain scaling soon repeats one token over and over."""
+    decoding follow the context, where plain scaling soon repeats one token over and over.
+    Tied embeddings are drawn at 0.1 scale: at unit scale the output head's top token is
+    always the input token, and greedy decoding repeats it forever."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -84,7 +86,7 @@ def _randomize(model: DecoderModel, seed: int) -> None:
             elif name.endswith("bias"):
                 param.copy_(0.1 * noise)
             elif name.endswith("embed_tokens.weight"):
-                param.copy_(noise)
+                param.copy_(0.1 * noise if tied else noise)
             elif name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.copy_(2 * noise / param.shape[1] ** 0.5)
             else:
