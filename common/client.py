@@ -6,11 +6,14 @@
             print(token.text, end="")
         print(gen.final.ttft_s)
 
-Errors arrive as `grpc.aio.AioRpcError` with the server's status code and message.
+Errors arrive as `grpc.aio.AioRpcError` with the server's status code and message;
+`timeout_s` on a call is its gRPC deadline (DEADLINE_EXCEEDED when it passes). A scheduler
+that is shutting down refuses new requests with UNAVAILABLE: retry them elsewhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -94,14 +97,17 @@ class FastSwitchClient:
         await self._channel.close()
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Waits until the scheduler reports SERVING on the standard health service."""
+        """Waits until the scheduler reports SERVING on the standard health service (it is
+        NOT_SERVING while it starts or drains); raises TimeoutError after `timeout_s`."""
         stub = health_pb2_grpc.HealthStub(self._channel)
-        await self._channel.channel_ready()
-        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s,
-                                 wait_for_ready=True)
-        status = health_pb2.HealthCheckResponse
-        if reply.status != status.SERVING:
-            raise RuntimeError(f"scheduler is {status.ServingStatus.Name(reply.status)}")
+        serving = health_pb2.HealthCheckResponse.SERVING
+
+        async def until_serving() -> None:
+            while (await stub.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True)
+                   ).status != serving:
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(until_serving(), timeout_s)
 
     def generate(
         self,
@@ -117,6 +123,7 @@ class FastSwitchClient:
         priority: int | None = None,
         request_id: str = "",
         logprobs: bool = False,
+        timeout_s: float | None = None,
     ) -> Generation:
         request = pb.GenerateRequest(
             client_id=client_id, conversation_id=conversation_id, max_tokens=max_tokens,
@@ -127,7 +134,7 @@ class FastSwitchClient:
             request.text = prompt
         else:
             request.token_ids.ids.extend(prompt)
-        return Generation(self._stub.Generate(request))
+        return Generation(self._stub.Generate(request, timeout=timeout_s))
 
     def chat(
         self,
@@ -141,12 +148,13 @@ class FastSwitchClient:
         seed: int = 0,
         stop: Sequence[str] = (),
         priority: int | None = None,
+        timeout_s: float | None = None,
     ) -> Generation:
         return Generation(self._stub.Chat(pb.ChatRequest(
             client_id=client_id, conversation_id=conversation_id, message=message,
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop=list(stop), priority=priority,
-        )))
+        ), timeout=timeout_s))
 
     async def set_priority(
         self, priority: int, *, request_id: str = "", client_id: str = ""

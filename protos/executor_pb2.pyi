@@ -37,7 +37,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "geometry", "num_gpu_blocks", "backend", "vocab_size", "max_model_len", "host_arena", "num_host_blocks", "eos_token_id")
+    __slots__ = ("model_fingerprint", "geometry", "num_gpu_blocks", "backend", "vocab_size", "max_model_len", "host_arena", "num_host_blocks", "eos_token_id", "host_arenas")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     NUM_GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class DescribeResponse(_message.Message):
     HOST_ARENA_FIELD_NUMBER: _ClassVar[int]
     NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_ARENAS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     geometry: BlockGeometry
     num_gpu_blocks: int
@@ -56,7 +57,8 @@ class DescribeResponse(_message.Message):
     host_arena: str
     num_host_blocks: int
     eos_token_id: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., geometry: _Optional[_Union[BlockGeometry, _Mapping]] = ..., num_gpu_blocks: _Optional[int] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., host_arena: _Optional[str] = ..., num_host_blocks: _Optional[int] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    host_arenas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., geometry: _Optional[_Union[BlockGeometry, _Mapping]] = ..., num_gpu_blocks: _Optional[int] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., host_arena: _Optional[str] = ..., num_host_blocks: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., host_arenas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttachHostArenaRequest(_message.Message):
     __slots__ = ("name",)
@@ -65,10 +67,12 @@ class AttachHostArenaRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class AttachHostArenaResponse(_message.Message):
-    __slots__ = ("num_host_blocks",)
+    __slots__ = ("num_host_blocks", "first_host_block")
     NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_HOST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     num_host_blocks: int
-    def __init__(self, num_host_blocks: _Optional[int] = ...) -> None: ...
+    first_host_block: int
+    def __init__(self, num_host_blocks: _Optional[int] = ..., first_host_block: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "seed", "logprobs")

@@ -72,7 +72,9 @@ class ExecutorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AttachHostArena(self, request, context):
-        """Maps the KV store's shared-memory arena (same host) as the host side of swaps.
+        """Maps a KV store's shared-memory arena (same host) as host memory for swaps. Arenas
+        are appended: host block ids run through them in attach order (global id = the
+        arena's first_host_block + its local id). Attaching a name again changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

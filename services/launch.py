@@ -1,8 +1,9 @@
 """`python -m services.launch` (also `fastswitch up`): the whole stack as local processes.
 
 Starts the executor (tiny checkpoint, CPU backend unless told otherwise), then the KV store
-with the executor's block geometry and model fingerprint, then the scheduler; waits for
-each to report SERVING; and on Ctrl-C or SIGTERM stops them in reverse order.
+(or several, sharing one Redis index) with the executor's block geometry and model
+fingerprint, then the scheduler; waits for each to report SERVING; and on Ctrl-C or SIGTERM
+stops them in reverse order.
 """
 
 from __future__ import annotations
@@ -41,11 +42,18 @@ class StackConfig:
     checkpoint: str = ""  # empty: the executor writes and loads the tiny checkpoint
     backend: str = "cpu"
     redis_url: str = ""
+    num_kvstores: int = 1  # more than one shares the index through redis_url
     max_num_seqs: int = 32
     max_batched_tokens: int = 256
     scheduler_port: int = 0  # 0: a free port
     log_dir: str = ""  # empty: children inherit stderr
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_kvstores < 1:
+            raise ValueError(f"num_kvstores must be at least 1, got {self.num_kvstores}")
+        if self.num_kvstores > 1 and not self.redis_url:
+            raise ValueError("num_kvstores > 1 needs redis_url: instances share one index")
 
 
 @dataclass
@@ -75,6 +83,11 @@ class LocalStack:
     def kvstore_address(self) -> str:
         return self._child("kvstore").address
 
+    @property
+    def kvstore_addresses(self) -> list[str]:
+        """Every running KV store, in start order (the scheduler's arena order)."""
+        return [c.address for c in self.children if c.name == "kvstore"]
+
     def _child(self, name: str) -> Child:
         """The most recently started child called `name`."""
         return next(c for c in reversed(self.children) if c.name == name)
@@ -99,22 +112,23 @@ class LocalStack:
         with grpc.insecure_channel(executor.address) as channel:
             self.describe = ex_grpc.ExecutorStub(channel).Describe(ex.DescribeRequest())
         geometry = self.describe.geometry
-        self.spawn("kvstore", [
-            "--num-blocks", str(c.num_host_blocks), "--block-bytes", str(geometry.block_bytes),
-            "--block-size", str(geometry.block_size),
-            "--fingerprint", self.describe.model_fingerprint,
-            *(["--redis-url", c.redis_url] if c.redis_url else []),
-        ], timeout_s)
+        for _ in range(c.num_kvstores):
+            self.spawn("kvstore", [
+                "--num-blocks", str(c.num_host_blocks), "--block-bytes", str(geometry.block_bytes),
+                "--block-size", str(geometry.block_size),
+                "--fingerprint", self.describe.model_fingerprint,
+                *(["--redis-url", c.redis_url] if c.redis_url else []),
+            ], timeout_s)
         if scheduler:
             self.start_scheduler(timeout_s=timeout_s)
 
     def start_scheduler(
         self, *, mode: str = "", extra_args: Sequence[str] = (), timeout_s: float = 120.0
     ) -> Child:
-        """Starts a scheduler against this stack's executor and KV store."""
+        """Starts a scheduler against this stack's executor and running KV stores."""
         c = self.config
         return self.spawn("scheduler", [
-            "--executor", self.executor_address, "--kvstore", self.kvstore_address,
+            "--executor", self.executor_address, "--kvstore", ",".join(self.kvstore_addresses),
             "--mode", mode or c.mode, "--policy", c.policy,
             "--max-num-seqs", str(c.max_num_seqs),
             "--max-batched-tokens", str(c.max_batched_tokens), *extra_args,
@@ -185,13 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=os.environ.get("FASTSWITCH_CHECKPOINT", ""))
     parser.add_argument("--backend", default=d.backend, choices=["cpu", "cupy"])
     parser.add_argument("--redis-url", default=os.environ.get("FASTSWITCH_REDIS_URL", ""))
+    parser.add_argument("--num-kvstores", type=int, default=d.num_kvstores,
+                        help="KV store instances; more than one needs --redis-url")
     parser.add_argument("--port", type=int, default=int(
         os.environ.get("FASTSWITCH_SCHEDULER_PORT", "50051")))
     args = parser.parse_args(argv)
     config = StackConfig(
         mode=args.mode, policy=args.policy, num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
-        backend=args.backend, redis_url=args.redis_url, scheduler_port=args.port,
+        backend=args.backend, redis_url=args.redis_url, num_kvstores=args.num_kvstores,
+        scheduler_port=args.port,
     )
     stopping = False
 
@@ -203,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     with LocalStack(config) as stack:
         print(f"FastSwitch is up ({config.mode} mode): scheduler {stack.scheduler_address}, "
-              f"executor {stack.executor_address}, kvstore {stack.kvstore_address}. "
+              f"executor {stack.executor_address}, "
+              f"kvstore {', '.join(stack.kvstore_addresses)}. "
               "Ctrl-C stops it.", flush=True)
         while not stopping:
             if any(c.process.poll() is not None for c in stack.children):

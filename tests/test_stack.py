@@ -22,9 +22,12 @@ DEVICE_BLOCKS = 128
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     config = StackConfig(num_gpu_blocks=DEVICE_BLOCKS, num_host_blocks=1024,
                          log_dir=str(tmp_path_factory.mktemp("logs")))
-    with LocalStack(config) as s:
+    s = LocalStack(config)
+    try:
         s.start(scheduler=False)
         yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ generated once into $FASTSWITCH_CACHE/tiny-llama (default ~/.cache/fastswitch).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import tempfile
@@ -19,12 +20,14 @@ import torch
 import uvloop
 
 from common.grpc_serving import mark_serving, wait_for_stop_signal
+from common.metrics import serve_metrics
 from services.executor.engine import (
     BACKENDS,
     BackendUnavailable,
     ExecutorEngine,
     PreconditionFailed,
 )
+from services.executor.metrics import ExecutorMetrics
 from services.executor.service import SERVICE_NAME, ExecutorService, add_to_server
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
@@ -41,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def env(flag: str, default: str | None) -> str | None:
         return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
 
-    parser.add_argument("--checkpoint", type=Path, default=env("checkpoint", None),
+    parser.add_argument("--checkpoint", type=Path, default=env("checkpoint", None) or None,
                         help="HF-format folder; default: the tiny checkpoint in the cache")
     parser.add_argument("--num-gpu-blocks", type=int, default=int(env("num-gpu-blocks", "512")))
     parser.add_argument("--block-size", type=int, default=int(env("block-size", "16")))
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listen", default=env("listen", "0.0.0.0"), help="bind address")
     parser.add_argument("--port", type=int, default=int(env("port", "50052")),
                         help="0 picks a free port; the chosen one is printed on stdout")
+    parser.add_argument("--metrics-port", type=int, default=int(env("metrics-port", "0")),
+                        help="port of the Prometheus /metrics endpoint (0: off)")
     args = parser.parse_args(argv)
     for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES)):
         value = getattr(args, flag)
@@ -78,9 +83,14 @@ def tiny_checkpoint() -> Path:
 
 
 async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:
-    server = grpc.aio.server()
-    service = ExecutorService(engine)
+    metrics = ExecutorMetrics()
+    metrics.watch(engine)
+    completions = engine.subscribe()
+    recording = asyncio.create_task(metrics.record_swaps(completions))
+    server = grpc.aio.server(interceptors=[metrics.rpc_errors])
+    service = ExecutorService(engine, metrics)
     health = add_to_server(service, server)
+    serve_metrics(args.metrics_port, args.listen, metrics.registry)
     port = server.add_insecure_port(f"{args.listen}:{args.port}")
     await server.start()
     await mark_serving(health, SERVICE_NAME)
@@ -91,6 +101,8 @@ async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:
     service.end_streams()
     await server.stop(SHUTDOWN_GRACE_S)
     service.close()
+    completions.close()
+    await recording
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,11 @@
-"""The executor's device side: model, KV cache, host arena view and copy engine, behind plain calls.
+"""The executor's device side: model, KV cache, host arenas and copy engines, behind plain calls.
 
 No gRPC here: the service turns messages into these types and errors into status codes.
 Every call validates all of its input before it acts, so a refused call changes nothing.
+
+Host memory is one or more arenas (one per KV store instance), attached in order; host block
+ids run through them end to end. Each arena has its own copy engine: one store's
+reservation or pin never spans two arenas, so neither does a swap.
 
 Threads: `step` runs on one worker thread (steps are serialized there); the other calls run
 on the event loop's thread. One lock guards what they share: the step in progress and the
@@ -10,6 +14,7 @@ swaps in flight, which is what keeps a step and the copies it conflicts with apa
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import importlib.util
 import threading
@@ -22,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from common.kv.arena import HostArena
+from common.kv.extent import Extent
 from common.kv.swap_plan import Copy
 from services.executor.copy import CompletionStream, CopyEngine, CpuCopyEngine, Direction
 from services.executor.copy.completions import CompletionHub
@@ -113,8 +119,8 @@ class Description:
     vocab_size: int
     max_model_len: int
     eos_token_id: int
-    host_arena: str | None
-    num_host_blocks: int
+    host_arenas: tuple[str, ...]  # in attach order, which is host block id order
+    num_host_blocks: int  # over all arenas
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -128,17 +134,31 @@ class StepClaim:
 
 
 @dataclass(frozen=True, slots=True)
+class AttachedArena:
+    name: str
+    first_block: int  # global host block id of the arena's block 0
+    num_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
 class _InFlight:
     swap_id: int
     request_id: str
     direction: Direction
     device_blocks: frozenset[int]
+    arena: int  # index of the host side it copies to or from
 
 
 @dataclass(slots=True)
 class _HostSide:
     arena: HostArena
     copy: CopyEngine[Any]
+    first_block: int
+    fence: object | None = None  # of the last finished step, on this side's copy engine
+
+    @property
+    def end(self) -> int:
+        return self.first_block + self.arena.num_blocks
 
 
 def cache_fingerprint(model_fingerprint: str, kv_dtype: torch.dtype, block_size: int) -> str:
@@ -182,10 +202,10 @@ class ExecutorEngine:
         )
         self._make_copy_engine = copy_engine
         self._lock = threading.Lock()
-        self._host: _HostSide | None = None
+        self._attach_lock = threading.Lock()  # attaches one at a time, so offsets are unique
+        self._hosts: list[_HostSide] = []  # in attach order; only ever appended to
         self._running: StepClaim | None = None
         self._inflight: dict[int, _InFlight] = {}
-        self._last_step_fence: object | None = None
         self._hub = CompletionHub()
 
     @classmethod
@@ -213,7 +233,7 @@ class ExecutorEngine:
         )
 
     def describe(self) -> Description:
-        host = self._host
+        hosts = list(self._hosts)
         eos = self.config.eos_token_ids
         return Description(
             fingerprint=self.fingerprint,
@@ -222,41 +242,40 @@ class ExecutorEngine:
             vocab_size=self.config.vocab_size,
             max_model_len=self.config.max_position_embeddings,
             eos_token_id=eos[0] if eos else 0,
-            host_arena=host.arena.name if host else None,
-            num_host_blocks=host.arena.num_blocks if host else 0,
+            host_arenas=tuple(h.arena.name for h in hosts),
+            num_host_blocks=hosts[-1].end if hosts else 0,
         )
 
-    def attach_host_arena(self, name: str) -> int:
-        """Maps the arena as the host side of swaps; returns its number of blocks.
+    def attach_host_arena(self, name: str) -> AttachedArena:
+        """Maps the arena after those attached before; its blocks take the next global ids.
 
-        Re-attaching the same name is a no-op; switching arenas waits for no swap, so it is
-        refused while any is in flight. Raises FileNotFoundError if there is no such arena.
+        Attaching a name again changes nothing and answers as the first time did; arenas
+        are never detached while the executor runs, so swaps in flight are unaffected.
+        Raises FileNotFoundError if there is no such arena.
         """
-        with self._lock:
-            if self._host is not None and self._host.arena.name == name:
-                return self._host.arena.num_blocks
-            if self._inflight:
-                raise PreconditionFailed(
-                    f"{len(self._inflight)} swaps are in flight on arena "
-                    f"{self._host.arena.name if self._host else '?'}; attach after they finish"
-                )
         if not name:
             raise InvalidInput("name is empty")
-        arena = HostArena.attach(name)
-        if arena.block_bytes != self.geometry.block_bytes:
-            arena.close()
-            raise InvalidInput(
-                f"name: arena {name} has {arena.block_bytes}-byte blocks, the KV cache "
-                f"needs {self.geometry.block_bytes}"
+        with self._attach_lock:
+            known = next((h for h in self._hosts if h.arena.name == name), None)
+            if known is not None:
+                return _attached(known)
+            arena = HostArena.attach(name)
+            if arena.block_bytes != self.geometry.block_bytes:
+                arena.close()
+                raise InvalidInput(
+                    f"name: arena {name} has {arena.block_bytes}-byte blocks, the KV cache "
+                    f"needs {self.geometry.block_bytes}"
+                )
+            host_view = arena.as_tensor(self.cache.dtype, self.geometry.block_shape)
+            side = _HostSide(
+                arena,
+                self._make_copy_engine(self.cache, host_view),
+                self._hosts[-1].end if self._hosts else 0,
             )
-        host_view = arena.as_tensor(self.cache.dtype, self.geometry.block_shape)
-        side = _HostSide(arena, self._make_copy_engine(self.cache, host_view))
-        del host_view  # the copy engine holds the view it needs
-        with self._lock:
-            previous, self._host = self._host, side
-        if previous is not None:
-            _release(previous)
-        return arena.num_blocks
+            del host_view  # the copy engine holds the view it needs
+            with self._lock:
+                self._hosts.append(side)
+        return _attached(side)
 
     def begin_step(self, sequences: Sequence[StepSequence]) -> StepClaim:
         """Validates a step and claims its blocks: from now until `run_step` returns, swaps
@@ -286,29 +305,31 @@ class ExecutorEngine:
         finally:
             with self._lock:
                 self._running = None
-                if self._host is not None:
-                    self._last_step_fence = self._host.copy.step_fence()
+                for side in self._hosts:
+                    side.fence = side.copy.step_fence()
         return StepResult(tokens, time.perf_counter() - started)
 
     def submit_swaps(self, orders: Sequence[SwapOrder]) -> list[int]:
-        """Starts every order as one copy-engine swap and returns their swap ids at once.
+        """Starts every order as one swap on its arena's copy engine, in the arena's own
+        block ids, and returns their swap ids at once.
 
         Swap-outs wait for the fence of the last finished step, so a copy never reads KV a
-        step is still writing; completions reach `subscribe()` streams.
+        step is still writing; completions of every arena reach `subscribe()` streams.
         """
         with self._lock:
-            host = self._host
-            if host is None:
+            if not self._hosts:
                 raise PreconditionFailed("no host arena attached: call AttachHostArena first")
-            planned = self._validate_swaps(orders, host.copy)
-            fence = self._last_step_fence
-            for order, inflight in zip(orders, planned, strict=True):
+            planned = self._validate_swaps(orders)
+            starts = []
+            for order, (inflight, copies) in zip(orders, planned, strict=True):
                 self._inflight[order.swap_id] = inflight
-        if fence is None:
-            fence = host.copy.step_fence()
-        for order in orders:
-            after = fence if order.direction == "out" else None
-            ticket = host.copy.submit(order.direction, order.request_id, order.copies, after)
+                side = self._hosts[inflight.arena]
+                starts.append((order, side, copies, side.fence))
+        for order, side, copies, fence in starts:
+            after = None
+            if order.direction == "out":
+                after = fence if fence is not None else side.copy.step_fence()
+            ticket = side.copy.submit(order.direction, order.request_id, copies, after)
             ticket.future.add_done_callback(
                 lambda future, swap_id=order.swap_id: self._finish_swap(swap_id, future.result())
             )
@@ -319,10 +340,10 @@ class ExecutorEngine:
         return self._hub.subscribe()
 
     def close(self) -> None:
-        """Lets submitted swaps finish, then unmaps the arena."""
+        """Lets submitted swaps finish, then unmaps the arenas."""
         with self._lock:
-            host, self._host = self._host, None
-        if host is not None:
+            hosts, self._hosts = self._hosts, []
+        for host in hosts:
             _release(host)
 
     def _sample(self, seq: StepSequence, logits: torch.Tensor) -> SampledToken:
@@ -406,18 +427,18 @@ class ExecutorEngine:
         return claim
 
     def _validate_swaps(
-        self, orders: Sequence[SwapOrder], copy: CopyEngine[Any]
-    ) -> list[_InFlight]:
+        self, orders: Sequence[SwapOrder]
+    ) -> list[tuple[_InFlight, list[Copy]]]:
+        """Each order's in-flight record, and its copies in its arena's own block ids."""
         if not orders:
             raise InvalidInput("swaps is empty")
-        layout = copy.layout
-        sides = {"device": layout.device_blocks, "host": layout.host_blocks}
+        sides = {"device": self.geometry.num_blocks, "host": self._hosts[-1].end}
         dst_writer: dict[tuple[str, int], str] = {}
-        planned: list[_InFlight] = []
+        planned: list[tuple[_InFlight, list[Copy]]] = []
         for i, order in enumerate(orders):
             where = f"swaps[{i}]"
             if order.swap_id in self._inflight or any(
-                p.swap_id == order.swap_id for p in planned
+                p.swap_id == order.swap_id for p, _ in planned
             ):
                 raise InvalidInput(f"{where}.swap_id={order.swap_id} is already in use")
             if not order.request_id:
@@ -441,18 +462,66 @@ class ExecutorEngine:
                             f"written by {dst_writer[dst_side, block]}"
                         )
                     dst_writer[dst_side, block] = f"{where}.copies[{j}]"
+            arena, copies = self._localize(where, order)
             device_extents = [c.src if order.direction == "out" else c.dst for c in order.copies]
-            planned.append(
-                _InFlight(
-                    order.swap_id,
-                    order.request_id,
-                    order.direction,
-                    frozenset(b for e in device_extents for b in e.blocks()),
-                )
+            inflight = _InFlight(
+                order.swap_id,
+                order.request_id,
+                order.direction,
+                frozenset(b for e in device_extents for b in e.blocks()),
+                arena,
             )
-        for i, swap in enumerate(planned):
-            self._check_device_conflicts(f"swaps[{i}]", swap, planned[:i])
+            self._check_same_arena(where, inflight, [p for p, _ in planned])
+            planned.append((inflight, copies))
+        for i, (swap, _) in enumerate(planned):
+            self._check_device_conflicts(f"swaps[{i}]", swap, [p for p, _ in planned[:i]])
         return planned
+
+    def _localize(self, where: str, order: SwapOrder) -> tuple[int, list[Copy]]:
+        """The one arena the order's host extents lie in, and its copies in that arena's
+        block ids; InvalidInput names the first extent that lies elsewhere."""
+        role = "dst" if order.direction == "out" else "src"
+        starts = [h.first_block for h in self._hosts]
+        arena: int | None = None
+        for j, c in enumerate(order.copies):
+            extent = c.dst if order.direction == "out" else c.src
+            k = bisect.bisect_right(starts, extent.start) - 1
+            side = self._hosts[k]
+            field_name = f"{where}.copies[{j}].{role}=[{extent.start}, {extent.end})"
+            if extent.end > side.end:
+                raise InvalidInput(
+                    f"{field_name} crosses the end of host arena {side.arena.name} "
+                    f"[{side.first_block}, {side.end}): an order's host blocks lie in one arena"
+                )
+            if arena is not None and k != arena:
+                first = self._hosts[arena]
+                raise InvalidInput(
+                    f"{field_name} is in host arena {side.arena.name}, but earlier copies are "
+                    f"in {first.arena.name}: an order's host blocks lie in one arena"
+                )
+            arena = k
+        assert arena is not None  # the order has copies
+        offset = self._hosts[arena].first_block
+
+        def local(e: Extent) -> Extent:
+            return Extent(e.start - offset, e.length)
+
+        if order.direction == "out":
+            return arena, [Copy(c.src, local(c.dst)) for c in order.copies]
+        return arena, [Copy(local(c.src), c.dst) for c in order.copies]
+
+    def _check_same_arena(
+        self, where: str, swap: _InFlight, earlier: Iterable[_InFlight]
+    ) -> None:
+        """A copy engine orders one request's swaps only among its own: a request's swaps in
+        flight together must use one arena."""
+        for other in (*self._inflight.values(), *earlier):
+            if other.request_id == swap.request_id and other.arena != swap.arena:
+                raise PreconditionFailed(
+                    f"{where}: swap {other.swap_id} of {swap.request_id!r} is in flight on host "
+                    f"arena {self._hosts[other.arena].arena.name}, this one is on "
+                    f"{self._hosts[swap.arena].arena.name}; submit after its SwapEvent"
+                )
 
     def _check_device_conflicts(
         self, where: str, swap: _InFlight, earlier: Iterable[_InFlight]
@@ -487,6 +556,10 @@ def _check_range(where: str, values: Sequence[int], bound: int) -> None:
     for j, value in enumerate(values):
         if not 0 <= value < bound:
             raise InvalidInput(f"{where}[{j}]={value} out of range [0, {bound})")
+
+
+def _attached(side: _HostSide) -> AttachedArena:
+    return AttachedArena(side.arena.name, side.first_block, side.arena.num_blocks)
 
 
 def _release(host: _HostSide) -> None:

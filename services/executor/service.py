@@ -29,6 +29,7 @@ from services.executor.engine import (
     SwapDone,
     SwapOrder,
 )
+from services.executor.metrics import ExecutorMetrics
 from services.executor.model import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ T = TypeVar("T")
 
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, engine: ExecutorEngine) -> None:
+    def __init__(self, engine: ExecutorEngine, metrics: ExecutorMetrics | None = None) -> None:
         self._engine = engine
+        self._metrics = metrics or ExecutorMetrics()
         self._step_worker = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._step_lock = asyncio.Lock()
         self._streams: set[CompletionStream] = set()
@@ -66,21 +68,24 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             backend=d.backend,
             vocab_size=d.vocab_size,
             max_model_len=d.max_model_len,
-            host_arena=d.host_arena or "",
+            host_arena=d.host_arenas[0] if d.host_arenas else "",
             num_host_blocks=d.num_host_blocks,
             eos_token_id=d.eos_token_id,
+            host_arenas=d.host_arenas,
         )
 
     async def AttachHostArena(
         self, request: executor_pb2.AttachHostArenaRequest, context: grpc.aio.ServicerContext
     ) -> executor_pb2.AttachHostArenaResponse:
         try:
-            blocks = self._engine.attach_host_arena(request.name)
+            attached = self._engine.attach_host_arena(request.name)
         except FileNotFoundError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"name: no arena {request.name!r}")
-        except (ValueError, PreconditionFailed) as exc:  # ValueError: not a fitting arena
+        except ValueError as exc:  # not a fitting arena
             await _abort(context, exc)
-        return executor_pb2.AttachHostArenaResponse(num_host_blocks=blocks)
+        return executor_pb2.AttachHostArenaResponse(
+            num_host_blocks=attached.num_blocks, first_host_block=attached.first_block
+        )
 
     async def Step(
         self, request: executor_pb2.StepRequest, context: grpc.aio.ServicerContext
@@ -104,6 +109,8 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         except Exception as exc:
             log.exception("step %d failed", request.iteration)
             await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")
+        self._metrics.step.observe(result.duration_s)
+        self._metrics.step_sequences.observe(len(sequences))
         return executor_pb2.StepResponse(
             tokens=[
                 executor_pb2.SampledToken(
@@ -137,6 +144,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             tickets = self._engine.submit_swaps(orders)
         except (InvalidInput, PreconditionFailed) as exc:
             await _abort(context, exc)
+        self._metrics.swaps_in_flight.inc(len(tickets))
         return executor_pb2.SubmitSwapsResponse(tickets=tickets)
 
     async def SwapEvents(

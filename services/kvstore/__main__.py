@@ -11,6 +11,7 @@ import sys
 import uvloop
 
 from common.grpc_serving import wait_for_stop_signal
+from common.metrics import serve_metrics
 from services.kvstore.assemble import open_store
 from services.kvstore.config import StoreConfig, parse_config
 from services.kvstore.service import StoreServer
@@ -26,6 +27,7 @@ async def serve(config: StoreConfig) -> None:
     except BaseException:
         store.close()
         raise
+    serve_metrics(config.metrics_port, config.host, server.metrics.registry)
     print(
         f"kvstore ready port={port} instance={config.instance_id} arena={store.arena.name}",
         flush=True,

@@ -1,16 +1,30 @@
-"""The store's settings: command-line flags, each defaulting to an environment variable."""
+"""The store's settings: command-line flags, each defaulting to an environment variable.
+
+The block geometry and model fingerprint must be the executor's. They are given either as
+flags, or by `--from-executor HOST:PORT`, which asks the executor's Describe at start (what
+docker-compose does: the store starts once the executor is healthy).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import grpc
+
+from protos import executor_pb2, executor_pb2_grpc
 from services.kvstore.arena_setup import default_arena_base
 
 DEFAULT_PORT = 50053
+DEFAULT_BLOCK_SIZE = 16
+# Reconnect quickly while the executor comes up, rather than backing off to minutes.
+_WAIT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,10 +39,38 @@ class StoreConfig:
     arena_name: str  # segment base name; each start appends a random epoch
     instance_id: str
     lease_seconds: float
+    metrics_port: int = 0  # 0: no /metrics endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorGeometry:
+    block_bytes: int
+    block_size: int
+    fingerprint: str
+
+
+class ExecutorUnreachable(RuntimeError):
+    """--from-executor named an executor that did not answer Describe in time."""
+
+
+def describe_executor(address: str, timeout_s: float) -> ExecutorGeometry:
+    """The executor's block geometry and fingerprint, waiting up to `timeout_s` for it."""
+    with grpc.insecure_channel(address, options=_WAIT_OPTIONS) as channel:
+        try:
+            d = executor_pb2_grpc.ExecutorStub(channel).Describe(
+                executor_pb2.DescribeRequest(), timeout=timeout_s, wait_for_ready=True
+            )
+        except grpc.RpcError as e:
+            raise ExecutorUnreachable(
+                f"executor {address} did not answer Describe: {e.code().name} {e.details()}"
+            ) from e
+    return ExecutorGeometry(d.geometry.block_bytes, d.geometry.block_size, d.model_fingerprint)
 
 
 def parse_config(
-    argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] = os.environ,
+    describe: Callable[[str, float], ExecutorGeometry] = describe_executor,
 ) -> StoreConfig:
     def env_default(name: str, fallback: str | None = None) -> str | None:
         return env.get(f"FASTSWITCH_{name}", fallback)
@@ -44,13 +86,18 @@ def parse_config(
                    help="Redis index (e.g. redis://127.0.0.1:6379/0); absent: in-memory index")
     p.add_argument("--num-blocks", type=int, default=env_default("KVSTORE_NUM_BLOCKS", "1024"),
                    help="host blocks in the arena")
+    p.add_argument("--from-executor", default=env_default("KVSTORE_FROM_EXECUTOR"),
+                   metavar="HOST:PORT",
+                   help="take the block geometry and fingerprint from this executor's Describe, "
+                        "waiting for it to answer (instead of the next three flags)")
+    p.add_argument("--connect-timeout", type=float,
+                   default=env_default("KVSTORE_CONNECT_TIMEOUT_S", "60"),
+                   help="seconds to wait for the --from-executor executor")
     p.add_argument("--block-bytes", type=int, default=env_default("KVSTORE_BLOCK_BYTES"),
-                   required=env_default("KVSTORE_BLOCK_BYTES") is None,
                    help="bytes per block: layers * 2 * block_size * kv_heads * head_dim * dtype")
-    p.add_argument("--block-size", type=int, default=env_default("KVSTORE_BLOCK_SIZE", "16"),
-                   help="tokens per block")
+    p.add_argument("--block-size", type=int, default=env_default("KVSTORE_BLOCK_SIZE"),
+                   help=f"tokens per block (default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--fingerprint", default=env_default("MODEL_FINGERPRINT"),
-                   required=env_default("MODEL_FINGERPRINT") is None,
                    help="model fingerprint; calls carrying another one are rejected")
     p.add_argument("--instance-id", default=env_default("KVSTORE_INSTANCE_ID"),
                    help="stable id of this store (default: <hostname>-<port>); a restart "
@@ -60,7 +107,24 @@ def parse_config(
     p.add_argument("--lease-seconds", type=float,
                    default=env_default("KVSTORE_LEASE_SECONDS", "60"),
                    help="reservations and pins not finished within this are dropped")
+    p.add_argument("--metrics-port", type=int, default=env_default("KVSTORE_METRICS_PORT", "0"),
+                   help="port of the Prometheus /metrics endpoint (0: off)")
     a = p.parse_args(argv)
+    given = [f"--{f.replace('_', '-')}" for f in ("block_bytes", "block_size", "fingerprint")
+             if getattr(a, f) is not None]
+    if a.from_executor:
+        if given:
+            p.error(f"--from-executor takes the geometry from the executor; drop {given}")
+        try:
+            geometry = describe(a.from_executor, a.connect_timeout)
+        except ExecutorUnreachable as e:
+            p.error(str(e))
+        a.block_bytes, a.block_size, a.fingerprint = (
+            geometry.block_bytes, geometry.block_size, geometry.fingerprint)
+    elif a.block_bytes is None or a.fingerprint is None:
+        p.error("give --block-bytes and --fingerprint, or --from-executor")
+    if a.block_size is None:
+        a.block_size = DEFAULT_BLOCK_SIZE
     for flag in ("num_blocks", "block_bytes", "block_size", "lease_seconds"):
         if getattr(a, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive")
@@ -76,4 +140,5 @@ def parse_config(
         arena_name=a.arena_name or default_arena_base(instance_id),
         instance_id=instance_id,
         lease_seconds=a.lease_seconds,
+        metrics_port=a.metrics_port,
     )

@@ -27,6 +27,7 @@ from common.kv.reuse_index import (
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.bulk import checksum, from_proto, to_proto
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
+from services.kvstore.metrics import StoreMetrics
 from services.kvstore.store import BlockWrite, KVStore
 
 T = TypeVar("T")
@@ -157,14 +158,21 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
 
 class StoreServer:
-    """A running store: the gRPC server, health, reflection and the lease reaper."""
+    """A running store: the gRPC server, health, reflection, metrics and the lease reaper."""
 
-    def __init__(self, store: KVStore, *, reap_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        store: KVStore,
+        *,
+        reap_interval: float | None = None,
+        metrics: StoreMetrics | None = None,
+    ) -> None:
         self.store = store
         blocking = store.backend.name != "memory"
         self._worker = ThreadPoolExecutor(1, "kvstore-index") if blocking else None
         self.servicer = KVStoreServicer(store, self._worker)
-        self.server = grpc.aio.server()
+        self.metrics = metrics or StoreMetrics()
+        self.server = grpc.aio.server(interceptors=[self.metrics.rpc_errors])
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self.servicer, self.server)
         self.health = add_health_and_reflection(self.server, SERVICE_NAME)
         self._reap_interval = reap_interval or max(0.05, min(5.0, store.lease_seconds / 4))
@@ -175,6 +183,7 @@ class StoreServer:
         port = self.server.add_insecure_port(address)
         await self.server.start()
         await mark_serving(self.health, SERVICE_NAME)
+        self.metrics.watch(lambda: self.servicer.run(self.store.stats))
         self._reaper = asyncio.create_task(self._reap())
         return port
 

@@ -1,4 +1,4 @@
-"""`python -m services.scheduler`: the public Generate API over an executor and a KV store.
+"""`python -m services.scheduler`: the public Generate API over an executor and KV stores.
 
 Every flag also reads an environment variable (shown in --help); flags win.
 """
@@ -17,6 +17,7 @@ import uvloop
 from common.grpc_serving import add_health_and_reflection, mark_serving, wait_for_stop_signal
 from common.kv.arena import HostArena
 from common.kv.reuse_index import ReuseIndex
+from common.metrics import serve_metrics
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
 from protos import kvstore_pb2 as kv
@@ -29,6 +30,8 @@ from services.scheduler.core.host import HostKV
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import POLICIES
 from services.scheduler.engine import Engine, EngineLimits
+from services.scheduler.host_router import HostRouter, RoutedStore, StoreIdentity
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.remote_host import RemoteHostKV
 from services.scheduler.service import SchedulerService
 
@@ -48,7 +51,8 @@ FLAGS = [
     Flag("port", "FASTSWITCH_SCHEDULER_PORT", "50051", "port of the public API"),
     Flag("executor", "FASTSWITCH_EXECUTOR_ADDR", "127.0.0.1:50052", "executor address"),
     Flag("kvstore", "FASTSWITCH_KVSTORE_ADDR", "127.0.0.1:50053",
-         "KV store address, or 'embedded' for a host arena owned by this process"),
+         "KV store address, or several separated by commas (instances sharing one Redis "
+         "index), or 'embedded' for a host arena owned by this process"),
     Flag("mode", "FASTSWITCH_MODE", "fastswitch", "fastswitch or baseline"),
     Flag("policy", "FASTSWITCH_POLICY", "priority", "priority, vtc or fcfs"),
     Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
@@ -62,6 +66,10 @@ FLAGS = [
          "checkpoint folder whose tokenizer.json to use (default: byte-level)"),
     Flag("connect-timeout", "FASTSWITCH_CONNECT_TIMEOUT_S", "60",
          "seconds to wait for the executor and the KV store at start"),
+    Flag("shutdown-grace", "FASTSWITCH_SHUTDOWN_GRACE_S", "5",
+         "seconds that requests in flight get to finish on SIGTERM before they are cancelled"),
+    Flag("metrics-port", "FASTSWITCH_SCHEDULER_METRICS_PORT", "0",
+         "port of the Prometheus /metrics endpoint (0: off)"),
 ]
 
 
@@ -95,6 +103,50 @@ def tokenizer_for(folder: str) -> Tokenizer:
     return load_tokenizer(folder, ModelConfig.from_file(os.path.join(folder, "config.json")))
 
 
+async def connect_stores(
+    addresses: list[str], executor: ex_grpc.ExecutorStub, desc: ex.DescribeResponse,
+    timeout_s: float,
+) -> tuple[HostRouter, list[grpc.Channel]]:
+    """Checks each store against the executor's blocks and model, and has the executor map
+    the stores' arenas in the order given: global host block ids follow that order."""
+    geometry = desc.geometry
+    channels: list[grpc.Channel] = []
+    stores: list[RoutedStore] = []
+    backends: set[str] = set()
+    for address in addresses:
+        channel = grpc.insecure_channel(address)
+        channels.append(channel)
+        stub = kv_grpc.KVStoreStub(channel)
+        store: kv.DescribeResponse = await wait_for(
+            lambda stub=stub: asyncio.to_thread(stub.Describe, kv.DescribeRequest(), timeout=5),
+            f"kvstore {address}", timeout_s)
+        if store.block_bytes != geometry.block_bytes or store.block_size != geometry.block_size:
+            raise SystemExit(
+                f"kvstore {address} blocks ({store.block_size} tokens, {store.block_bytes} B) "
+                f"differ from the executor's ({geometry.block_size} tokens, "
+                f"{geometry.block_bytes} B)")
+        if store.model_fingerprint != desc.model_fingerprint:
+            raise SystemExit(
+                f"kvstore {address} holds KV of model {store.model_fingerprint[:16]}, the "
+                f"executor runs {desc.model_fingerprint[:16]}")
+        attached = await executor.AttachHostArena(
+            ex.AttachHostArenaRequest(name=store.arena_name))
+        client = RemoteHostKV(channel, fingerprint=desc.model_fingerprint,
+                              block_size=geometry.block_size)
+        identity = StoreIdentity(store.instance_id, store.arena_name)
+        stores.append(RoutedStore(client, identity, attached.first_host_block))
+        backends.add(store.index_backend)
+    if len(stores) > 1 and backends != {"redis"}:
+        log.warning("KV stores without a shared Redis index cannot see each other's chains: "
+                    "a conversation is found again only while this scheduler remembers it")
+    try:
+        router = HostRouter(stores, fingerprint=desc.model_fingerprint,
+                            block_size=geometry.block_size)
+    except ValueError as e:
+        raise SystemExit(f"--kvstore {','.join(addresses)}: {e}") from e
+    return router, channels
+
+
 async def serve(args: argparse.Namespace) -> None:
     timeout = float(args.connect_timeout)
     executor_channel = grpc.aio.insecure_channel(args.executor)
@@ -104,26 +156,23 @@ async def serve(args: argparse.Namespace) -> None:
     geometry = desc.geometry
     arena: HostArena | None = None
     host: HostKV
-    kv_channel: grpc.Channel | None = None
+    kv_channels: list[grpc.Channel] = []
     if args.kvstore == "embedded":
         arena = HostArena.local(int(args.num_host_blocks), geometry.block_bytes)
         host = ReuseIndex(fingerprint=desc.model_fingerprint, block_size=geometry.block_size,
                           num_blocks=arena.num_blocks)
-        arena_name = arena.name
+        arena_names = [arena.name]
+        attached = await executor.AttachHostArena(ex.AttachHostArenaRequest(name=arena.name))
+        if attached.first_host_block:  # the index's block ids would be off by that much
+            arena.close()
+            arena.unlink()
+            raise SystemExit("the executor already maps other host arenas; the embedded one "
+                             "must be its first: restart the executor")
     else:
-        kv_channel = grpc.insecure_channel(args.kvstore)
-        stub = kv_grpc.KVStoreStub(kv_channel)
-        store: kv.DescribeResponse = await wait_for(
-            lambda: asyncio.to_thread(stub.Describe, kv.DescribeRequest(), timeout=5),
-            "kvstore", timeout)
-        if store.block_bytes != geometry.block_bytes or store.block_size != geometry.block_size:
-            raise SystemExit(
-                f"kvstore blocks ({store.block_size} tokens, {store.block_bytes} B) differ from "
-                f"the executor's ({geometry.block_size} tokens, {geometry.block_bytes} B)")
-        host = RemoteHostKV(kv_channel, fingerprint=desc.model_fingerprint,
-                            block_size=geometry.block_size)
-        arena_name = store.arena_name
-    await executor.AttachHostArena(ex.AttachHostArenaRequest(name=arena_name))
+        addresses = [a.strip() for a in args.kvstore.split(",") if a.strip()]
+        router, kv_channels = await connect_stores(addresses, executor, desc, timeout)
+        host = router
+        arena_names = [s.identity.arena_name for s in router.stores]
     config = SchedulerConfig(
         mode=Mode(args.mode),
         block_size=geometry.block_size,
@@ -133,31 +182,37 @@ async def serve(args: argparse.Namespace) -> None:
         max_batched_tokens=int(args.max_batched_tokens),
     )
     planner = Planner(config, POLICIES[args.policy](), host)
+    metrics = SchedulerMetrics()
     engine = Engine(
         planner, executor, tokenizer=tokenizer_for(args.tokenizer),
         limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting)),
-        arena_names=[arena_name],
+        arena_names=arena_names, metrics=metrics,
     )
     await engine.start()
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[metrics.rpc_errors])
     service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size)
+    metrics.watch(service.snapshot)
+    serve_metrics(int(args.metrics_port), "0.0.0.0", metrics.registry)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     health_servicer = add_health_and_reflection(server, SERVICE)
     server.add_insecure_port(f"0.0.0.0:{args.port}")
     await server.start()
     await mark_serving(health_servicer, SERVICE)
-    log.info("scheduler serving on :%s (%s mode, %s policy, %d device blocks, arena %s)",
-             args.port, args.mode, args.policy, config.num_device_blocks, arena_name)
+    log.info("scheduler serving on :%s (%s mode, %s policy, %d device blocks, arenas %s)",
+             args.port, args.mode, args.policy, config.num_device_blocks,
+             ", ".join(arena_names))
 
     await wait_for_stop_signal()
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=5)
-    await engine.close()
+    if not await engine.drain(float(args.shutdown_grace)):
+        log.warning("grace period over: cancelling the requests still in flight")
+    await engine.close()  # fails what is left with UNAVAILABLE, lets swaps land
+    await server.stop(grace=1)  # the streams have ended; let their last messages out
     await executor_channel.close()
-    if kv_channel is not None:
-        kv_channel.close()
+    for channel in kv_channels:
+        channel.close()
     if arena is not None:
         arena.close()
         arena.unlink()

@@ -28,6 +28,7 @@ from services.executor.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.request import Request, RequestState
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.token_stream import Finished, TokenStream
 
 log = logging.getLogger("fastswitch.scheduler")
@@ -66,6 +67,7 @@ class Engine:
         tokenizer: Tokenizer,
         limits: EngineLimits,
         arena_names: Sequence[str],
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self.planner = planner
         self.executor = executor
@@ -74,6 +76,7 @@ class Engine:
         self._core = ThreadPoolExecutor(1, thread_name_prefix="planner")
         self._tracked: dict[str, _Tracked] = {}
         self._swaps: dict[int, asyncio.Future[None]] = {}
+        self._swap_started: dict[int, float] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._events_ready = asyncio.Event()
@@ -84,6 +87,8 @@ class Engine:
         self.steps = 0
         self.executor_ok = True
         self.arena_names = tuple(arena_names)  # host arenas, in the executor's attach order
+        self.metrics = metrics or SchedulerMetrics()
+        self.accepting = True
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -102,6 +107,15 @@ class Engine:
         self._events_ready.clear()
         self._tasks.append(asyncio.create_task(self._swap_events(), name="swap-events"))
         await self._events_ready.wait()
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuses new requests (UNAVAILABLE, which clients may retry elsewhere) and waits
+        up to `grace_s` for those in flight to finish; True if they all did."""
+        self.accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._tracked and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._tracked
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Cancels what is still running, lets swaps in flight land (so the KV store is
@@ -157,6 +171,8 @@ class Engine:
             raise AdmissionError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
 
     def _check_admissible(self, request: Request) -> None:
+        if not self.accepting:
+            raise AdmissionError(grpc.StatusCode.UNAVAILABLE, "scheduler is shutting down")
         if request.request_id in self._tracked:
             raise AdmissionError(
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id {request.request_id!r} is in flight"
@@ -215,6 +231,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         for order in orders:
             self._swaps[order.swap_id] = loop.create_future()
+            self._swap_started[order.swap_id] = time.monotonic()
             self.copies += len(order.copies)
         await self.executor.SubmitSwaps(
             ex.SubmitSwapsRequest(swaps=[_swap_message(o) for o in orders])
@@ -239,6 +256,7 @@ class Engine:
         response = await self.executor.Step(request)
         self.steps += 1
         self.step_overheads.append(time.monotonic() - started - response.duration_s)
+        self.metrics.step.observe(time.monotonic() - started)
         sampled = {t.request_id: t.token_id for t in response.tokens}
         finished = await self.core(self.planner.complete_step, sampled)
         now = time.monotonic()
@@ -248,6 +266,7 @@ class Engine:
             if tracked is None:
                 continue
             tracked.timings.append(now)
+            self.metrics.observe_token(tracked.timings)
             stopped = tracked.stream.push(token.token_id, token.logprob)
             if stopped and token.request_id not in done and await self.core(
                 self.planner.stop, token.request_id
@@ -280,6 +299,9 @@ class Engine:
         future = self._swaps.pop(event.ticket, None)
         if future is None:
             return  # a swap from before an executor restart
+        direction = "out" if event.direction == ex.DIRECTION_OUT else "in"
+        started = self._swap_started.pop(event.ticket)
+        self.metrics.observe_swap(direction, time.monotonic() - started, event.bytes)
         if event.error:
             log.warning("swap %d of %s failed: %s", event.ticket, event.request_id, event.error)
         await self.core(self.planner.swap_done, event.ticket, ok=not event.error)
@@ -300,6 +322,7 @@ class Engine:
         for future in self._swaps.values():
             future.cancel()
         self._swaps.clear()
+        self._swap_started.clear()
         for request in failed:
             tracked = self._tracked.pop(request.request_id, None)
             if tracked is not None:

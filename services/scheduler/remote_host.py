@@ -1,15 +1,17 @@
-"""`HostKV` over the KV store's gRPC API, for the planner's thread (blocking calls).
+"""One KV store over its gRPC API, for the planner's thread (blocking calls): the
+`StoreClient` that `HostRouter` presents to the planner as host KV.
 
 A KV store that fails degrades preemption to recompute instead of failing requests: a
 reservation that cannot be made raises `HostCapacityExhausted`, a commit that cannot be
-made raises `StaleReservation`, and lookups answer "nothing held". The store hashes the
-tokens itself, so the planner's precomputed chains are not sent.
+made raises `StaleReservation`, and lookups answer "nothing held". A store that cannot be
+reached at all also calls `on_unreachable`. The store hashes the tokens itself, so the
+planner's precomputed chains are not sent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -23,9 +25,10 @@ from common.kv.reuse_index import (
 )
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
+from services.scheduler.host_router import NO_PIN, StoreIdentity
 
 log = logging.getLogger("fastswitch.scheduler.kvstore")
-NO_PIN = 0
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class RemoteHostKV:
@@ -36,19 +39,25 @@ class RemoteHostKV:
         self.fingerprint = fingerprint
         self.block_size = block_size
         self._timeout = timeout_s
-        self.degraded = False
+        self.on_unreachable: Callable[[], None] | None = None
 
-    def lookup(self, conv: str, tokens: Sequence[int], chain: Sequence[bytes] = ()) -> Hit:
+    def identity(self) -> StoreIdentity | None:
+        try:
+            reply = self._stub.Describe(kv.DescribeRequest(), timeout=min(self._timeout, 1.0))
+        except grpc.RpcError:
+            return None
+        return StoreIdentity(reply.instance_id, reply.arena_name)
+
+    def lookup(self, conv: str, tokens: Sequence[int]) -> tuple[Hit, str]:
+        """The hit, and the id of the instance whose arena its blocks are in."""
         try:
             reply = self._stub.Lookup(self._tokens(conv, tokens), timeout=self._timeout)
         except grpc.RpcError as e:
             self._warn("Lookup", e)
-            return Hit(0, ())
-        return Hit(reply.valid_tokens, _blocks(reply.extents))
+            return Hit(0, ()), ""
+        return Hit(reply.valid_tokens, _blocks(reply.extents)), reply.instance_id
 
-    def reserve(
-        self, conv: str, tokens: Sequence[int], chain: Sequence[bytes] = ()
-    ) -> Reservation:
+    def reserve(self, conv: str, tokens: Sequence[int]) -> Reservation:
         try:
             reply = self._stub.Reserve(self._tokens(conv, tokens), timeout=self._timeout)
         except grpc.RpcError as e:
@@ -75,9 +84,7 @@ class RemoteHostKV:
     def abort(self, reservation_id: int) -> None:
         self._call("Abort", kv.ReservationRef(reservation_id=reservation_id))
 
-    def pin(
-        self, conv: str, tokens: Sequence[int], chain: Sequence[bytes] = ()
-    ) -> tuple[Hit, PinHandle]:
+    def pin(self, conv: str, tokens: Sequence[int]) -> tuple[Hit, PinHandle]:
         try:
             reply = self._stub.Pin(self._tokens(conv, tokens), timeout=self._timeout)
         except grpc.RpcError as e:
@@ -105,9 +112,10 @@ class RemoteHostKV:
             self._warn(method, e)
 
     def _warn(self, method: str, error: grpc.RpcError) -> None:
-        self.degraded = error.code() is grpc.StatusCode.UNAVAILABLE
         log.warning("kvstore %s failed (%s: %s); preemption falls back to recompute",
                     method, error.code().name, error.details())
+        if error.code() in _UNREACHABLE and self.on_unreachable is not None:
+            self.on_unreachable()
 
 
 def _blocks(extents: Sequence[kv.Extent]) -> tuple[int, ...]:

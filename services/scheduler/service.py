@@ -149,6 +149,10 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatsResponse:
+        return await self.snapshot()
+
+    async def snapshot(self) -> pb.StatsResponse:
+        """What Stats answers; the metrics endpoint exports the same numbers."""
         return await self.engine.core(self._stats)
 
     def _stats(self) -> pb.StatsResponse:

@@ -1,0 +1,46 @@
+"""`python -m common.health_probe HOST:PORT [SERVICE]`: exit 0 iff grpc.health.v1 says SERVING.
+
+Container health checks run it, so that the images need no grpc_health_probe binary. Any
+other answer, or no answer within the timeout, exits 1 with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def check(address: str, service: str = "", timeout_s: float = 3.0) -> str | None:
+    """None when `service` (default: the whole server) is SERVING; otherwise why not."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError as e:
+            return f"{e.code().name}: {e.details()}"
+    if reply.status != SERVING:
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m common.health_probe", description=__doc__)
+    parser.add_argument("address", help="HOST:PORT of a FastSwitch service")
+    parser.add_argument("service", nargs="?", default="", help="service name (default: server)")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    args = parser.parse_args(argv)
+    problem = check(args.address, args.service, args.timeout)
+    if problem is not None:
+        print(f"{args.address}: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""What the services' Prometheus metrics share: the HTTP endpoint, RPC errors by status code,
+and values read from a service's own state when Prometheus scrapes.
+
+Each service defines its metrics in its own `metrics` module; every name starts with
+`fastswitch_<service>_`. Counters that a service already keeps (a store's hit tokens, the
+planner's preemptions) are exported as they are at scrape time rather than mirrored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from functools import partial
+from typing import Any, Generic, TypeVar
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("fastswitch.metrics")
+T = TypeVar("T")
+
+NAMESPACE = "fastswitch"
+# 1 ms to 1 min: a CPU test step is milliseconds, a long TTFT under load is tens of seconds.
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
+# 4 KiB to 4 GiB by fours: one block of a tiny model up to a long request of a 32B model.
+BYTES_BUCKETS = tuple(float(4096 * 4**i) for i in range(11))
+_HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+def serve_metrics(port: int, address: str, registry: CollectorRegistry) -> int | None:
+    """Serves `registry` at http://address:port/metrics on a daemon thread; returns the bound
+    port, or None when `port` is 0 (metrics off)."""
+    if port == 0:
+        return None
+    server, _ = start_http_server(port, address, registry)
+    bound = int(server.server_port)
+    log.info("metrics on %s:%d/metrics", address, bound)
+    return bound
+
+
+class RpcErrors(grpc.aio.ServerInterceptor):
+    """Counts the calls of a server that end with a status other than OK, by method and code.
+
+    The handler is left as it is; a done-callback on its context reads the final code, so
+    aborts, unhandled exceptions and deadline expiries are all seen the same way.
+    """
+
+    def __init__(self, service: str, registry: CollectorRegistry) -> None:
+        self.counter = Counter(
+            "rpc_errors", "Calls that ended with a gRPC status other than OK",
+            ("method", "code"), namespace=NAMESPACE, subsystem=service, registry=registry,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        kind = next(k for k in _HANDLER_KINDS if getattr(handler, k) is not None)
+        watched = _watched(getattr(handler, kind), partial(self._watch, method))
+        return handler._replace(**{kind: watched})
+
+    def _watch(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        context.add_done_callback(partial(self._done, method))
+
+    def _done(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        code = context.code()
+        if code is not None and code is not grpc.StatusCode.OK:
+            self.counter.labels(method, code.name).inc()
+
+
+def _watched(behavior: Callable[..., Any], watch: Callable[[Any], None]) -> Callable[..., Any]:
+    """`behavior`, calling `watch(context)` first. grpc.aio tells handler kinds apart by
+    their function type, so coroutine and async generator handlers keep theirs; others
+    (sync handlers get a context without done-callbacks) are left unwatched."""
+    if inspect.iscoroutinefunction(behavior):
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            watch(context)
+            return await behavior(request, context)
+
+        return call
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            watch(context)
+            async for response in behavior(request, context):
+                yield response
+
+        return stream
+    return behavior
+
+
+class ScrapeTimeCollector(Collector, Generic[T]):
+    """Metric families computed from a snapshot of a service's state, taken at each scrape.
+
+    The scrape runs on the HTTP server's thread; `read` runs on the service's event loop,
+    where the state lives, so the two never touch it at once.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        read: Callable[[], Coroutine[Any, Any, T]],
+        families: Callable[[T], Iterable[Metric]],
+        timeout_s: float = 2.0,
+    ) -> None:
+        self._loop = loop
+        self._read = read
+        self._families = families
+        self._timeout_s = timeout_s
+
+    def describe(self) -> list[Metric]:
+        return []  # registering must not read the service (it may not serve yet)
+
+    def collect(self) -> Iterator[Metric]:
+        future = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+        try:
+            snapshot = future.result(self._timeout_s)
+        except Exception as e:  # a stopping loop or a stuck read: scrape what else there is
+            future.cancel()
+            log.warning("metrics snapshot failed: %r", e)
+            return
+        yield from self._families(snapshot)

@@ -1,0 +1,103 @@
+"""The scheduler's Prometheus metrics, all named `fastswitch_scheduler_*`.
+
+Latencies are observed by the engine as they happen: TTFT and TBT per sampled token, the
+step round trip, and each swap from submission to its completion event. Block and queue
+gauges and the planner's counters are read from the same snapshot as the Stats RPC, at
+scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from common.metrics import (
+    BYTES_BUCKETS,
+    NAMESPACE,
+    SECONDS_BUCKETS,
+    RpcErrors,
+    ScrapeTimeCollector,
+)
+from protos import scheduler_pb2 as pb
+
+SUBSYSTEM = "scheduler"
+PREFIX = f"{NAMESPACE}_{SUBSYSTEM}_"
+
+
+class SchedulerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+
+        def histogram(name: str, doc: str, buckets: Sequence[float], labels: Sequence[str] = ()
+                      ) -> Histogram:
+            return Histogram(name, doc, labels, namespace=NAMESPACE, subsystem=SUBSYSTEM,
+                             buckets=buckets, registry=self.registry)
+
+        self.ttft = histogram("ttft_seconds", "Arrival to first token", SECONDS_BUCKETS)
+        self.tbt = histogram("tbt_seconds", "Time between consecutive tokens of a request",
+                             SECONDS_BUCKETS)
+        self.step = histogram("step_seconds", "Round trip of one executor Step",
+                              SECONDS_BUCKETS)
+        self.swap_latency = histogram("swap_seconds", "Swap submission to its completion event",
+                                      SECONDS_BUCKETS, ("direction",))
+        self.swap_bytes = histogram("swap_bytes", "Bytes moved by one swap", BYTES_BUCKETS,
+                                    ("direction",))
+        self.rpc_errors = RpcErrors(SUBSYSTEM, self.registry)
+
+    def observe_token(self, timings: Sequence[float]) -> None:
+        """`timings`: the request's arrival, then the time of each token so far."""
+        if len(timings) == 2:
+            self.ttft.observe(timings[1] - timings[0])
+        elif len(timings) > 2:
+            self.tbt.observe(timings[-1] - timings[-2])
+
+    def observe_swap(self, direction: str, seconds: float, nbytes: int) -> None:
+        self.swap_latency.labels(direction).observe(seconds)
+        self.swap_bytes.labels(direction).observe(nbytes)
+
+    def watch(self, read_stats: Callable[[], Coroutine[Any, Any, pb.StatsResponse]]) -> None:
+        """Exports the Stats snapshot at each scrape; call it on the serving loop."""
+        self.registry.register(
+            ScrapeTimeCollector(asyncio.get_running_loop(), read_stats, stats_families)
+        )
+
+
+def stats_families(s: pb.StatsResponse) -> Iterator[Metric]:
+    blocks = GaugeMetricFamily(
+        PREFIX + "blocks",
+        "KV blocks by state: free, used and draining device blocks, and the host blocks "
+        "that swapped-out requests hold",
+        labels=["state"],
+    )
+    for state, value in (("free", s.free_blocks), ("used", s.running_blocks),
+                         ("draining", s.draining_blocks), ("swapped", s.swapped_blocks)):
+        blocks.add_metric([state], value)
+    requests = GaugeMetricFamily(PREFIX + "requests", "Requests by queue", labels=["queue"])
+    for queue, value in (("waiting", s.waiting), ("running", s.running),
+                         ("swapped", s.swapped)):
+        requests.add_metric([queue], value)
+    yield blocks
+    yield requests
+    yield GaugeMetricFamily(PREFIX + "swaps_in_flight", "Swaps submitted and not yet done",
+                            value=s.swaps_in_flight)
+    yield GaugeMetricFamily(PREFIX + "executor_available",
+                            "1 while the executor answers, 0 while it is being waited for",
+                            value=int(s.executor_available))
+    yield GaugeMetricFamily(PREFIX + "kvstore_degraded",
+                            "1 while KV store calls fail and preemption falls back to recompute",
+                            value=int(s.kvstore_degraded))
+    yield CounterMetricFamily(PREFIX + "preemptions", "Requests preempted (swap or recompute)",
+                              value=s.preemptions)
+    yield CounterMetricFamily(PREFIX + "reuse_hit_tokens",
+                              "Tokens whose KV the host already held: not copied or prefilled",
+                              value=s.reuse_hit_tokens)
+    yield CounterMetricFamily(PREFIX + "finished_requests", "Requests finished",
+                              value=s.finished)
+    yield CounterMetricFamily(PREFIX + "steps", "Executor steps run", value=s.steps)
+    yield CounterMetricFamily(PREFIX + "swap_copies", "Copies submitted (one per extent)",
+                              value=s.copies)
