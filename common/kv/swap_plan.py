@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from common.kv.extent import Extent
+
+
+class Direction(StrEnum):
+    OUT = "out"  # device -> host
+    IN = "in"  # host -> device
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +31,21 @@ class Copy:
     @property
     def num_blocks(self) -> int:
         return self.src.length
+
+
+@dataclass(frozen=True, slots=True)
+class SwapOrder:
+    """One request's copies in one direction: what the scheduler plans, the executor runs
+    as one copy-engine swap, and completion is reported for (by `swap_id`)."""
+
+    swap_id: int
+    request_id: str
+    direction: Direction
+    copies: tuple[Copy, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(c.num_blocks for c in self.copies)
 
 
 def plan_copies(src: Sequence[int], dst: Sequence[int], *, merge: bool = True) -> list[Copy]:

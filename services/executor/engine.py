@@ -28,7 +28,7 @@ import torch
 
 from common.kv.arena import HostArena
 from common.kv.extent import Extent
-from common.kv.swap_plan import Copy
+from common.kv.swap_plan import Copy, SwapOrder
 from services.executor.copy import CompletionStream, CopyEngine, CpuCopyEngine, Direction
 from services.executor.copy.completions import CompletionHub
 from services.executor.copy.engine import SwapCompletion
@@ -89,16 +89,6 @@ class SampledToken:
 class StepResult:
     tokens: tuple[SampledToken, ...]
     duration_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class SwapOrder:
-    """Copies of one request in one direction, submitted as a single copy-engine swap."""
-
-    swap_id: int
-    request_id: str
-    direction: Direction
-    copies: Sequence[Copy]
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,8 +35,8 @@ from services.executor.model import SamplingParams
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
-_DIRECTIONS: dict[int, Direction] = {executor_pb2.DIRECTION_OUT: "out",
-                                     executor_pb2.DIRECTION_IN: "in"}
+_DIRECTIONS: dict[int, Direction] = {executor_pb2.DIRECTION_OUT: Direction.OUT,
+                                     executor_pb2.DIRECTION_IN: Direction.IN}
 _DIRECTION_ENUM = {name: value for value, name in _DIRECTIONS.items()}
 T = TypeVar("T")
 
@@ -227,7 +227,7 @@ def _order(index: int, order: executor_pb2.SwapOrder) -> SwapOrder:
         )
         for j, c in enumerate(order.copies)
     ]
-    return SwapOrder(order.swap_id, order.request_id, _DIRECTIONS[order.direction], copies)
+    return SwapOrder(order.swap_id, order.request_id, _DIRECTIONS[order.direction], tuple(copies))
 
 
 def _event(done: SwapDone) -> executor_pb2.SwapEvent:

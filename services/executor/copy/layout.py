@@ -10,14 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Literal, get_args
 
 import torch
 
-from common.kv.swap_plan import Copy
+from common.kv.swap_plan import Copy, Direction
 
-Direction = Literal["out", "in"]
-DIRECTIONS: tuple[Direction, ...] = get_args(Direction)
+DIRECTIONS: tuple[Direction, ...] = tuple(Direction)
 
 
 @dataclass(frozen=True, slots=True)

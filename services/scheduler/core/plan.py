@@ -5,32 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from common.kv.swap_plan import Copy
+from common.kv.swap_plan import Direction, SwapOrder
 
-
-class Direction(Enum):
-    OUT = "out"  # device -> host
-    IN = "in"  # host -> device
+__all__ = ["Direction", "PreemptBy", "Preemption", "ScheduledSeq", "StepPlan", "SwapOrder"]
 
 
 class PreemptBy(Enum):
     SWAP = "swap"
     RECOMPUTE = "recompute"
-
-
-@dataclass(frozen=True, slots=True)
-class SwapOrder:
-    """Copies `src` blocks to `dst` blocks (device ids on the device side, host ids on the
-    host side). The driver reports completion with `Planner.swap_done(swap_id)`."""
-
-    swap_id: int
-    request_id: str
-    direction: Direction
-    copies: tuple[Copy, ...]
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(c.num_blocks for c in self.copies)
 
 
 @dataclass(frozen=True, slots=True)
