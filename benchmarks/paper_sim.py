@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compute-efficiency", type=float, default=0.6)
     parser.add_argument("--memory-efficiency", type=float, default=0.85)
     parser.add_argument("--step-overhead-ms", type=float, default=4.0)
+    parser.add_argument("--no-turn-offload", action="store_true",
+                        help="ablation: fastswitch keeps no finished turn's KV for the next turn")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     parser.add_argument("--quick", action="store_true", help=f"preset: {QUICK}")
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     memory_efficiency=args.memory_efficiency,
                     step_overhead_s=args.step_overhead_ms * 1e-3,
                     seed=args.seed,
+                    offload_finished=not args.no_turn_offload,
                 )
                 label = point_label(setting.name, rate, every)
                 results = {}

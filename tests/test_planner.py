@@ -355,3 +355,16 @@ def test_a_waiting_request_looks_up_the_host_once_until_the_host_changes() -> No
         run_step(p, plan)
         finish_swaps(p, plan)
     assert len(looked_up) >= 2  # asked again once a's finish changed the host
+
+
+def test_without_turn_offload_a_finished_turn_leaves_nothing_on_the_host() -> None:
+    config = SchedulerConfig(mode=Mode.FASTSWITCH, block_size=BS, num_device_blocks=16,
+                             offload_finished=False)
+    p = Planner(config, PriorityPolicy(), ReuseIndex(fingerprint="t", block_size=BS,
+                                                     num_blocks=64))
+    p.add(req("t1", 20, 6, conv="conv"))
+    while p.has_work():
+        plan = p.plan()
+        assert not plan.swaps
+        run_step(p, plan)
+    assert p.host.stats().used == 0 and p.allocator.metrics().used == 0

@@ -44,6 +44,9 @@ class SimOptions:
     step_overhead_s: float = 4e-3
     seed: int = 0
     vocab: int = 32000
+    offload_finished: bool = True
+    """fastswitch: copy a finished turn's KV to the host for the next turn. Off, the modes
+    differ only in groups, async swaps and swap-out reuse (an ablation)."""
 
 
 @dataclass
@@ -99,6 +102,7 @@ def simulate(
         num_device_blocks=device_blocks,
         max_num_seqs=deployment.max_num_seqs,
         max_batched_tokens=deployment.max_batched_tokens,
+        offload_finished=options.offload_finished,
     )
     host = ReuseIndex(
         fingerprint=deployment.model.name, block_size=deployment.block_size, num_blocks=host_blocks
