@@ -89,7 +89,6 @@ class Planner:
         self._offloads: list[SwapOrder] = []  # finished turns' swap-outs, for the next plan
         self._ids = itertools.count(1)
         self._arrivals = itertools.count()
-        self._iteration = 0
 
     # ---- events in -------------------------------------------------------------------
 
@@ -208,8 +207,7 @@ class Planner:
     # ---- the decision ----------------------------------------------------------------
 
     def plan(self) -> StepPlan:
-        iteration = self._iteration
-        self._iteration += 1
+        iteration = self.stats.iterations
         self.stats.iterations += 1
         wanted = self._choose_resident()
         keep = {r.request_id for r in wanted}
