@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -13,7 +16,7 @@ import pytest
 from common.client import FastSwitchClient, Generation
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
-from services.launch import Child, LocalStack, StackConfig
+from services.launch import Child, LocalStack, StackConfig, free_port, wait_serving
 
 DEVICE_BLOCKS = 128
 
@@ -258,3 +261,28 @@ async def test_executor_death_fails_running_requests_then_service_resumes(
             assert after.final.completion_tokens > 0
             s = await client.stats()
             assert s.executor_available
+
+
+def test_scheduler_waits_for_a_kvstore_that_starts_after_it(stack: LocalStack) -> None:
+    port, scheduler_port = free_port(), free_port()
+    scheduler = subprocess.Popen([
+        sys.executable, "-m", "services.scheduler", "--port", str(scheduler_port),
+        "--executor", stack.executor_address, "--kvstore", f"127.0.0.1:{port}",
+        "--connect-timeout", "60",
+    ])
+    child = Child("scheduler", f"127.0.0.1:{scheduler_port}", scheduler)
+    try:
+        time.sleep(2)  # the scheduler is up and waiting; the store is not there yet
+        assert scheduler.poll() is None, "the scheduler gave up on a store still starting"
+        d = stack.describe
+        assert d is not None
+        store = stack.spawn("kvstore", [
+            "--num-blocks", "64", "--block-bytes", str(d.geometry.block_bytes),
+            "--block-size", str(d.geometry.block_size), "--fingerprint", d.model_fingerprint,
+        ], port=port)
+        wait_serving(child, 60)
+        assert stack.stop_child(child) == 0
+        stack.stop_child(store)
+    finally:
+        if scheduler.poll() is None:
+            scheduler.kill()

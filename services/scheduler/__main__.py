@@ -9,7 +9,9 @@ import argparse
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import uvloop
@@ -36,6 +38,7 @@ from services.scheduler.remote_host import RemoteHostKV
 from services.scheduler.service import SchedulerService
 
 log = logging.getLogger("fastswitch.scheduler")
+T = TypeVar("T")
 SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 
@@ -86,15 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def wait_for(call, what: str, timeout_s: float):
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            return await call()
-        except grpc.aio.AioRpcError as e:
-            if asyncio.get_running_loop().time() > deadline:
-                raise SystemExit(f"{what} not reachable: {e.code().name} {e.details()}") from e
-            await asyncio.sleep(0.3)
+async def wait_for(call: Awaitable[T], what: str) -> T:
+    """Awaits a Describe made with `wait_for_ready` and a deadline, so a service that is
+    still starting is waited for; one that never answers stops the scheduler."""
+    try:
+        return await call
+    except grpc.RpcError as e:
+        raise SystemExit(f"{what} not reachable: {e.code().name} {e.details()}") from e
 
 
 def tokenizer_for(folder: str) -> Tokenizer:
@@ -118,8 +119,9 @@ async def connect_stores(
         channels.append(channel)
         stub = kv_grpc.KVStoreStub(channel)
         store: kv.DescribeResponse = await wait_for(
-            lambda stub=stub: asyncio.to_thread(stub.Describe, kv.DescribeRequest(), timeout=5),
-            f"kvstore {address}", timeout_s)
+            asyncio.to_thread(stub.Describe, kv.DescribeRequest(), timeout=timeout_s,
+                              wait_for_ready=True),
+            f"kvstore {address}")
         if store.block_bytes != geometry.block_bytes or store.block_size != geometry.block_size:
             raise SystemExit(
                 f"kvstore {address} blocks ({store.block_size} tokens, {store.block_bytes} B) "
@@ -152,7 +154,8 @@ async def serve(args: argparse.Namespace) -> None:
     executor_channel = grpc.aio.insecure_channel(args.executor)
     executor = ex_grpc.ExecutorStub(executor_channel)
     desc: ex.DescribeResponse = await wait_for(
-        lambda: executor.Describe(ex.DescribeRequest(), timeout=5), "executor", timeout)
+        executor.Describe(ex.DescribeRequest(), timeout=timeout, wait_for_ready=True),
+        "executor")
     geometry = desc.geometry
     arena: HostArena | None = None
     host: HostKV
