@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.client import FastSwitchClient
-from common.latency import gaps, percentile
+from common.latency import gaps
 
 WORDS = (
     "switch", "block", "group", "swap", "copy", "host", "device", "token", "cache", "fair",
@@ -56,20 +56,6 @@ class LoadReport:
     @property
     def output_tokens(self) -> int:
         return sum(len(t.token_ids) for t in self.turns)
-
-    def summary(self) -> dict[str, float]:
-        ttfts = [t.ttft_s for t in self.turns]
-        tbts = [g for t in self.turns for g in t.tbts]
-        return {
-            "P50 TTFT (ms)": 1e3 * percentile(ttfts, 50),
-            "P95 TTFT (ms)": 1e3 * percentile(ttfts, 95),
-            "P99 TTFT (ms)": 1e3 * percentile(ttfts, 99),
-            "P99 TBT (ms)": 1e3 * percentile(tbts, 99),
-            "P99.9 TBT (ms)": 1e3 * percentile(tbts, 99.9),
-            "tokens/s": self.output_tokens / self.wall_s if self.wall_s else 0.0,
-            "preemptions (seen by requests)": sum(t.preemptions for t in self.turns),
-            "prompt tokens reused": sum(t.reused_prompt_tokens for t in self.turns),
-        }
 
 
 async def run_load(
