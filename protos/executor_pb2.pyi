@@ -37,7 +37,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "geometry", "num_gpu_blocks", "backend", "vocab_size", "max_model_len", "host_arena", "num_host_blocks", "eos_token_id", "host_arenas")
+    __slots__ = ("model_fingerprint", "geometry", "num_gpu_blocks", "backend", "vocab_size", "max_model_len", "host_arena", "num_host_blocks", "eos_token_id", "host_arenas", "checkpoint", "tokenizer_sha256", "eos_token_ids", "batch_invariant")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     NUM_GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,10 @@ class DescribeResponse(_message.Message):
     NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_ARENAS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     geometry: BlockGeometry
     num_gpu_blocks: int
@@ -58,7 +62,11 @@ class DescribeResponse(_message.Message):
     num_host_blocks: int
     eos_token_id: int
     host_arenas: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_fingerprint: _Optional[str] = ..., geometry: _Optional[_Union[BlockGeometry, _Mapping]] = ..., num_gpu_blocks: _Optional[int] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., host_arena: _Optional[str] = ..., num_host_blocks: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., host_arenas: _Optional[_Iterable[str]] = ...) -> None: ...
+    checkpoint: str
+    tokenizer_sha256: str
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    batch_invariant: bool
+    def __init__(self, model_fingerprint: _Optional[str] = ..., geometry: _Optional[_Union[BlockGeometry, _Mapping]] = ..., num_gpu_blocks: _Optional[int] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., host_arena: _Optional[str] = ..., num_host_blocks: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., host_arenas: _Optional[_Iterable[str]] = ..., checkpoint: _Optional[str] = ..., tokenizer_sha256: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., batch_invariant: _Optional[bool] = ...) -> None: ...
 
 class AttachHostArenaRequest(_message.Message):
     __slots__ = ("name",)
@@ -75,32 +83,36 @@ class AttachHostArenaResponse(_message.Message):
     def __init__(self, num_host_blocks: _Optional[int] = ..., first_host_block: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "seed", "logprobs")
+    __slots__ = ("temperature", "top_p", "seed", "logprobs", "top_k")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     seed: int
     logprobs: bool
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ...) -> None: ...
+    top_k: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class SequenceInput(_message.Message):
-    __slots__ = ("request_id", "block_table", "start", "token_ids", "sample", "sampling")
+    __slots__ = ("request_id", "block_table", "start", "token_ids", "sample", "sampling", "banned_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    BANNED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_table: _containers.RepeatedScalarFieldContainer[int]
     start: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
     sampling: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    banned_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., banned_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("iteration", "sequences")

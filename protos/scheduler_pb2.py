@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\x17\x66\x61stswitch.scheduler.v1\"\xad\x02\n\x0fGenerateRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x04 \x01(\x0b\x32!.fastswitch.scheduler.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08priority\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x42\x08\n\x06promptB\x0b\n\t_priority\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc2\x01\n\x0b\x43hatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x15\n\x08priority\x18\t \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\"\x8e\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05token\x18\x02 \x01(\x0b\x32\x1e.fastswitch.scheduler.v1.TokenH\x00\x12/\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x1e.fastswitch.scheduler.v1.FinalH\x00\x42\x07\n\x05\x65vent\"2\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xe4\x01\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x12\n\ntbt_mean_s\x18\x05 \x01(\x01\x12\x11\n\ttbt_p99_s\x18\x06 \x01(\x01\x12\x11\n\ttbt_max_s\x18\x07 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x08 \x01(\r\x12\x15\n\rbytes_swapped\x18\t \x01(\x04\x12\x1c\n\x14reused_prompt_tokens\x18\n \x01(\r\"[\n\x12SetPriorityRequest\x12\x14\n\nrequest_id\x18\x01 \x01(\tH\x00\x12\x13\n\tclient_id\x18\x02 \x01(\tH\x00\x12\x10\n\x08priority\x18\x03 \x01(\x05\x42\x08\n\x06target\"&\n\x13SetPriorityResponse\x12\x0f\n\x07updated\x18\x01 \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xa6\x04\n\rStatsResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07swapped\x18\x04 \x01(\r\x12\x16\n\x0erunning_blocks\x18\x05 \x01(\r\x12\x16\n\x0eswapped_blocks\x18\x06 \x01(\r\x12\x17\n\x0f\x64raining_blocks\x18\x07 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\r\x12\x17\n\x0fswaps_in_flight\x18\t \x01(\r\x12\x13\n\x0bpreemptions\x18\n \x01(\x04\x12\x18\n\x10reuse_hit_tokens\x18\x0b \x01(\x04\x12\x12\n\nttft_p50_s\x18\x0c \x01(\x01\x12\x12\n\nttft_p95_s\x18\r \x01(\x01\x12\x12\n\nttft_p99_s\x18\x0e \x01(\x01\x12\x11\n\ttbt_p50_s\x18\x0f \x01(\x01\x12\x11\n\ttbt_p99_s\x18\x10 \x01(\x01\x12\x12\n\ntbt_p999_s\x18\x11 \x01(\x01\x12\x10\n\x08\x66inished\x18\x12 \x01(\x04\x12\x16\n\x0eswap_out_bytes\x18\x13 \x01(\x04\x12\x0e\n\x06\x63opies\x18\x14 \x01(\x04\x12\r\n\x05steps\x18\x15 \x01(\x04\x12\x1c\n\x14step_overhead_mean_s\x18\x16 \x01(\x01\x12\x1b\n\x13step_overhead_p99_s\x18\x17 \x01(\x01\x12\x1a\n\x12\x65xecutor_available\x18\x18 \x01(\x08\x12\x18\n\x10kvstore_degraded\x18\x19 \x01(\x08\x32\xe0\x03\n\tScheduler\x12^\n\x08Generate\x12(.fastswitch.scheduler.v1.GenerateRequest\x1a&.fastswitch.scheduler.v1.GenerateEvent0\x01\x12V\n\x04\x43hat\x12$.fastswitch.scheduler.v1.ChatRequest\x1a&.fastswitch.scheduler.v1.GenerateEvent0\x01\x12h\n\x0bSetPriority\x12+.fastswitch.scheduler.v1.SetPriorityRequest\x1a,.fastswitch.scheduler.v1.SetPriorityResponse\x12Y\n\x06\x43\x61ncel\x12&.fastswitch.scheduler.v1.CancelRequest\x1a\'.fastswitch.scheduler.v1.CancelResponse\x12V\n\x05Stats\x12%.fastswitch.scheduler.v1.StatsRequest\x1a&.fastswitch.scheduler.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\x17\x66\x61stswitch.scheduler.v1\"\xa5\x03\n\x0fGenerateRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x04 \x01(\x0b\x32!.fastswitch.scheduler.v1.TokenIdsH\x00\x12\x39\n\x08messages\x18\r \x01(\x0b\x32%.fastswitch.scheduler.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08priority\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12;\n\x07options\x18\x0e \x01(\x0b\x32*.fastswitch.scheduler.v1.GenerationOptionsB\x08\n\x06promptB\x0b\n\t_priority\"b\n\x11GenerationOptions\x12\x12\n\nignore_eos\x18\x01 \x01(\x08\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"F\n\x0c\x43hatMessages\x12\x36\n\x08messages\x18\x01 \x03(\x0b\x32$.fastswitch.scheduler.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xdd\x02\n\x0b\x43hatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x15\n\x08priority\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x36\n\x08messages\x18\n \x03(\x0b\x32$.fastswitch.scheduler.v1.ChatMessage\x12;\n\x07options\x18\x0b \x01(\x0b\x32*.fastswitch.scheduler.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x10\n\x08logprobs\x18\r \x01(\x08\x42\x0b\n\t_priority\"\x8e\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05token\x18\x02 \x01(\x0b\x32\x1e.fastswitch.scheduler.v1.TokenH\x00\x12/\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x1e.fastswitch.scheduler.v1.FinalH\x00\x42\x07\n\x05\x65vent\"2\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xe4\x01\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x12\n\ntbt_mean_s\x18\x05 \x01(\x01\x12\x11\n\ttbt_p99_s\x18\x06 \x01(\x01\x12\x11\n\ttbt_max_s\x18\x07 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x08 \x01(\r\x12\x15\n\rbytes_swapped\x18\t \x01(\x04\x12\x1c\n\x14reused_prompt_tokens\x18\n \x01(\r\"[\n\x12SetPriorityRequest\x12\x14\n\nrequest_id\x18\x01 \x01(\tH\x00\x12\x13\n\tclient_id\x18\x02 \x01(\tH\x00\x12\x10\n\x08priority\x18\x03 \x01(\x05\x42\x08\n\x06target\"&\n\x13SetPriorityResponse\x12\x0f\n\x07updated\x18\x01 \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xa6\x04\n\rStatsResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07swapped\x18\x04 \x01(\r\x12\x16\n\x0erunning_blocks\x18\x05 \x01(\r\x12\x16\n\x0eswapped_blocks\x18\x06 \x01(\r\x12\x17\n\x0f\x64raining_blocks\x18\x07 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\r\x12\x17\n\x0fswaps_in_flight\x18\t \x01(\r\x12\x13\n\x0bpreemptions\x18\n \x01(\x04\x12\x18\n\x10reuse_hit_tokens\x18\x0b \x01(\x04\x12\x12\n\nttft_p50_s\x18\x0c \x01(\x01\x12\x12\n\nttft_p95_s\x18\r \x01(\x01\x12\x12\n\nttft_p99_s\x18\x0e \x01(\x01\x12\x11\n\ttbt_p50_s\x18\x0f \x01(\x01\x12\x11\n\ttbt_p99_s\x18\x10 \x01(\x01\x12\x12\n\ntbt_p999_s\x18\x11 \x01(\x01\x12\x10\n\x08\x66inished\x18\x12 \x01(\x04\x12\x16\n\x0eswap_out_bytes\x18\x13 \x01(\x04\x12\x0e\n\x06\x63opies\x18\x14 \x01(\x04\x12\r\n\x05steps\x18\x15 \x01(\x04\x12\x1c\n\x14step_overhead_mean_s\x18\x16 \x01(\x01\x12\x1b\n\x13step_overhead_p99_s\x18\x17 \x01(\x01\x12\x1a\n\x12\x65xecutor_available\x18\x18 \x01(\x08\x12\x18\n\x10kvstore_degraded\x18\x19 \x01(\x08\x32\xe0\x03\n\tScheduler\x12^\n\x08Generate\x12(.fastswitch.scheduler.v1.GenerateRequest\x1a&.fastswitch.scheduler.v1.GenerateEvent0\x01\x12V\n\x04\x43hat\x12$.fastswitch.scheduler.v1.ChatRequest\x1a&.fastswitch.scheduler.v1.GenerateEvent0\x01\x12h\n\x0bSetPriority\x12+.fastswitch.scheduler.v1.SetPriorityRequest\x1a,.fastswitch.scheduler.v1.SetPriorityResponse\x12Y\n\x06\x43\x61ncel\x12&.fastswitch.scheduler.v1.CancelRequest\x1a\'.fastswitch.scheduler.v1.CancelResponse\x12V\n\x05Stats\x12%.fastswitch.scheduler.v1.StatsRequest\x1a&.fastswitch.scheduler.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.scheduler_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=52
-  _globals['_GENERATEREQUEST']._serialized_end=353
-  _globals['_TOKENIDS']._serialized_start=355
-  _globals['_TOKENIDS']._serialized_end=378
-  _globals['_CHATREQUEST']._serialized_start=381
-  _globals['_CHATREQUEST']._serialized_end=575
-  _globals['_GENERATEEVENT']._serialized_start=578
-  _globals['_GENERATEEVENT']._serialized_end=720
-  _globals['_TOKEN']._serialized_start=722
-  _globals['_TOKEN']._serialized_end=772
-  _globals['_FINAL']._serialized_start=775
-  _globals['_FINAL']._serialized_end=1003
-  _globals['_SETPRIORITYREQUEST']._serialized_start=1005
-  _globals['_SETPRIORITYREQUEST']._serialized_end=1096
-  _globals['_SETPRIORITYRESPONSE']._serialized_start=1098
-  _globals['_SETPRIORITYRESPONSE']._serialized_end=1136
-  _globals['_CANCELREQUEST']._serialized_start=1138
-  _globals['_CANCELREQUEST']._serialized_end=1173
-  _globals['_CANCELRESPONSE']._serialized_start=1175
-  _globals['_CANCELRESPONSE']._serialized_end=1210
-  _globals['_STATSREQUEST']._serialized_start=1212
-  _globals['_STATSREQUEST']._serialized_end=1226
-  _globals['_STATSRESPONSE']._serialized_start=1229
-  _globals['_STATSRESPONSE']._serialized_end=1779
-  _globals['_SCHEDULER']._serialized_start=1782
-  _globals['_SCHEDULER']._serialized_end=2262
+  _globals['_GENERATEREQUEST']._serialized_end=473
+  _globals['_GENERATIONOPTIONS']._serialized_start=475
+  _globals['_GENERATIONOPTIONS']._serialized_end=573
+  _globals['_CHATMESSAGE']._serialized_start=575
+  _globals['_CHATMESSAGE']._serialized_end=619
+  _globals['_CHATMESSAGES']._serialized_start=621
+  _globals['_CHATMESSAGES']._serialized_end=691
+  _globals['_TOKENIDS']._serialized_start=693
+  _globals['_TOKENIDS']._serialized_end=716
+  _globals['_CHATREQUEST']._serialized_start=719
+  _globals['_CHATREQUEST']._serialized_end=1068
+  _globals['_GENERATEEVENT']._serialized_start=1071
+  _globals['_GENERATEEVENT']._serialized_end=1213
+  _globals['_TOKEN']._serialized_start=1215
+  _globals['_TOKEN']._serialized_end=1265
+  _globals['_FINAL']._serialized_start=1268
+  _globals['_FINAL']._serialized_end=1496
+  _globals['_SETPRIORITYREQUEST']._serialized_start=1498
+  _globals['_SETPRIORITYREQUEST']._serialized_end=1589
+  _globals['_SETPRIORITYRESPONSE']._serialized_start=1591
+  _globals['_SETPRIORITYRESPONSE']._serialized_end=1629
+  _globals['_CANCELREQUEST']._serialized_start=1631
+  _globals['_CANCELREQUEST']._serialized_end=1666
+  _globals['_CANCELRESPONSE']._serialized_start=1668
+  _globals['_CANCELRESPONSE']._serialized_end=1703
+  _globals['_STATSREQUEST']._serialized_start=1705
+  _globals['_STATSREQUEST']._serialized_end=1719
+  _globals['_STATSRESPONSE']._serialized_start=1722
+  _globals['_STATSRESPONSE']._serialized_end=2272
+  _globals['_SCHEDULER']._serialized_start=2275
+  _globals['_SCHEDULER']._serialized_end=2755
 # @@protoc_insertion_point(module_scope)
