@@ -1,14 +1,21 @@
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
+import os
+import resource
+import shutil
 import signal
+import subprocess
 import uuid
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pytest
 import torch
 
+from common.kv import arena as arena_module
 from common.kv.arena import SHM_DIR, HostArena, cleanup_stale
 
 NUM_BLOCKS = 4
@@ -139,3 +146,47 @@ def test_close_and_unlink_leave_nothing_in_dev_shm(prefix: str) -> None:
     arena.close()
     arena.unlink()
     assert _segments(prefix) == []
+
+
+def _create_under_fsize_limit(name: str, result: Connection) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of dying
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    try:
+        HostArena.create(name, 64, 64 * 1024)  # 4 MiB
+    except OSError as e:
+        result.send(str(e))
+    else:
+        result.send("created")
+
+
+def test_an_arena_that_does_not_fit_fails_at_creation_not_later(prefix: str) -> None:
+    """The segment is allocated up front (posix_fallocate), so no room means an error that
+    says so, and no half-made segment, instead of a SIGBUS at the first write."""
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_create_under_fsize_limit, args=(f"{prefix}big", theirs))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    message = ours.recv()
+    assert "needs 4198400 bytes of shared memory" in message
+    assert _segments(prefix) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounts a tmpfs")
+def test_a_full_tmpfs_is_refused_with_the_free_space(
+    prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        monkeypatch.setattr(arena_module, "SHM_DIR", tmp_path)
+        with pytest.raises(OSError, match="has 1048576 free") as raised:
+            HostArena.create(f"{prefix}big", 64, 64 * 1024)
+        assert raised.value.errno == errno.ENOSPC
+        assert list(tmp_path.iterdir()) == []
+        with HostArena.create(f"{prefix}small", 4, 64 * 1024) as small:
+            small.as_tensor()[:] = 1  # allocated: writing it cannot fault
+    finally:
+        subprocess.run(["umount", str(tmp_path)], check=True)

@@ -215,8 +215,10 @@ def test_a_store_that_fails_is_left_out_then_probed_back() -> None:
     assert len(shared["kv-b"].calls) == calls  # nothing more was sent to the down store
     shared["kv-b"].reachable = True
     clock.now += 4.9
+    router.probe_down()
     assert router.lookup(conv, TOKENS) == Hit(0, ())  # not probed before retry_s
     clock.now += 0.2
+    router.probe_down()
     assert router.reserve(conv_owned_by("kv-b", ids, "later"), TOKENS).reservation_id % 2 == 1
     assert not router.degraded
     assert router.lookup(conv, TOKENS).num_tokens == 10  # its chains were never lost
@@ -231,6 +233,7 @@ def test_a_store_back_with_another_arena_stays_out() -> None:
     shared["kv-b"].reachable = True
     shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
     clock.now += 10
+    router.probe_down()
     assert all(b < 10 for b in router.reserve(conv_owned_by("kv-b", ids), TOKENS).new_blocks)
     assert router.degraded
 

@@ -8,17 +8,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.client import FastSwitchClient, Generation
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
+from protos import scheduler_pb2
 from services.launch import Child, LocalStack, StackConfig, free_port, wait_serving
 
 DEVICE_BLOCKS = 128
+SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="module")
@@ -254,13 +259,90 @@ async def test_executor_death_fails_running_requests_then_service_resumes(
                 assert isinstance(result, grpc.aio.AioRpcError), result
                 assert result.code() is grpc.StatusCode.UNAVAILABLE
             stack.children.remove(executor)
+            assert not (await client.stats()).executor_available
+            assert health(address, SCHEDULER) == NOT_SERVING  # not ready ...
+            assert health(address, "") == SERVING  # ... but alive
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.generate("during", client_id="a", max_tokens=8).collect()
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 4  # the 2 s outage wait, not the deadline
             port = int(executor.address.rsplit(":", 1)[1])
             stack.spawn("executor", ["--num-gpu-blocks", "64", "--block-size", "16"], port=port)
+            await wait_until(lambda: health(address, SCHEDULER) == SERVING, 5)
             after: Generation = await asyncio.wait_for(
                 client.generate("hello again", client_id="a", max_tokens=8).collect(), 60)
             assert after.final.completion_tokens > 0
             s = await client.stats()
             assert s.executor_available
+            assert health(address, SCHEDULER) == SERVING
+
+
+def health(address: str, service: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=2).status
+
+
+async def test_executor_dying_while_idle_turns_readiness_off_and_back_on(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """No request needs to notice: the scheduler probes the executor."""
+    config = StackConfig(num_gpu_blocks=64, num_host_blocks=256,
+                         log_dir=str(tmp_path_factory.mktemp("idle-fault-logs")))
+    with LocalStack(config) as own:
+        executor = own._child("executor")
+        address = own.scheduler_address
+        executor.process.send_signal(signal.SIGKILL)
+        executor.process.wait()
+        own.children.remove(executor)
+        await wait_until(lambda: health(address, SCHEDULER) == NOT_SERVING, 5)
+        port = int(executor.address.rsplit(":", 1)[1])
+        own.spawn("executor", ["--num-gpu-blocks", "64", "--block-size", "16"], port=port)
+        await wait_until(lambda: health(address, SCHEDULER) == SERVING, 5)
+
+
+async def test_a_stopped_kvstore_does_not_hold_up_stats_or_requests(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """SIGSTOP the store: Stats answers at once, requests still run (recomputing), and once
+    the store is continued kvstore_degraded clears without any request's help."""
+    config = StackConfig(num_gpu_blocks=64, num_host_blocks=256,
+                         log_dir=str(tmp_path_factory.mktemp("stop-logs")))
+    with LocalStack(config) as stack:
+        store = stack._child("kvstore")
+        async with FastSwitchClient(stack.scheduler_address) as client:
+            await client.wait_ready()
+            await client.chat("c", "hello there", client_id="a", max_tokens=4).collect()
+            store.process.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                turn = await asyncio.wait_for(
+                    client.chat("c", "and again", client_id="a", max_tokens=4).collect(), 30)
+                assert turn.final.completion_tokens > 0
+                assert time.monotonic() - started < 4  # one store call's 1 s deadline or so
+                for _ in range(5):
+                    started = time.monotonic()
+                    s = await client.stats()
+                    assert time.monotonic() - started < 1
+                assert s.kvstore_degraded
+            finally:
+                store.process.send_signal(signal.SIGCONT)
+
+            async def degraded() -> bool:
+                return (await client.stats()).kvstore_degraded
+
+            deadline = time.monotonic() + 15
+            while await degraded():
+                assert time.monotonic() < deadline, "kvstore_degraded stayed on"
+                await asyncio.sleep(0.2)
+
+
+async def wait_until(check: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
 
 
 def test_scheduler_waits_for_a_kvstore_that_starts_after_it(stack: LocalStack) -> None:

@@ -11,9 +11,11 @@ a segment, and `cleanup_stale` removes those whose creator died without calling 
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
+import shutil
 import struct
 import uuid
 from dataclasses import dataclass
@@ -76,9 +78,10 @@ class HostArena:
             raise ValueError(f"arena needs positive geometry, got {num_blocks}x{block_bytes}")
         path = _segment_path(name)
         header = ArenaHeader(num_blocks, block_bytes, os.getpid(), os.uname().nodename)
+        size = _DATA_OFFSET + num_blocks * block_bytes
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, _DATA_OFFSET + num_blocks * block_bytes)
+            _reserve(fd, path, size)
             mapping = mmap.mmap(fd, 0)
         except BaseException:
             os.unlink(path)
@@ -170,6 +173,23 @@ class HostArena:
         if self._mmap is None:
             raise ValueError(f"arena {self.name} is closed")
         return self._mmap
+
+
+def _reserve(fd: int, path: Path, size: int) -> None:
+    """Allocates every page now: a sparse segment would SIGBUS on first touch when the
+    shared-memory filesystem is full, so a too-small one fails here, with a reason."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(
+            e.errno,
+            f"arena {path.name} needs {size} bytes of shared memory, {path.parent} has "
+            f"{free} free: give it more (Docker: shm_size or the tmpfs volume's size) or "
+            f"use fewer host blocks",
+        ) from e
 
 
 def cleanup_stale(prefix: str = ARENA_PREFIX) -> list[str]:

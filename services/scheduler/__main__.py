@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import grpc
 import uvloop
+from grpc_health.v1 import health_pb2
 
 from common.grpc_serving import add_health_and_reflection, mark_serving, wait_for_stop_signal
 from common.kv.arena import HostArena
@@ -40,6 +41,11 @@ from services.scheduler.service import SchedulerService
 log = logging.getLogger("fastswitch.scheduler")
 T = TypeVar("T")
 SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+# Redial a restarted executor or store within a second, not after gRPC's default backoff
+# (up to two minutes), so that an outage ends when the service is back.
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250),
+                   ("grpc.min_reconnect_backoff_ms", 250),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,10 @@ FLAGS = [
          "checkpoint folder whose tokenizer.json to use (default: byte-level)"),
     Flag("connect-timeout", "FASTSWITCH_CONNECT_TIMEOUT_S", "60",
          "seconds to wait for the executor and the KV store at start"),
+    Flag("outage-wait", "FASTSWITCH_OUTAGE_WAIT_S", "2",
+         "seconds a request waits for an unavailable executor before it gets UNAVAILABLE"),
+    Flag("kvstore-timeout", "FASTSWITCH_KVSTORE_TIMEOUT_S", "1",
+         "deadline of each KV store call; a store that misses it is probed in the background"),
     Flag("shutdown-grace", "FASTSWITCH_SHUTDOWN_GRACE_S", "5",
          "seconds that requests in flight get to finish on SIGTERM before they are cancelled"),
     Flag("metrics-port", "FASTSWITCH_SCHEDULER_METRICS_PORT", "0",
@@ -106,7 +116,7 @@ def tokenizer_for(folder: str) -> Tokenizer:
 
 async def connect_stores(
     addresses: list[str], executor: ex_grpc.ExecutorStub, desc: ex.DescribeResponse,
-    timeout_s: float,
+    timeout_s: float, call_timeout_s: float,
 ) -> tuple[HostRouter, list[grpc.Channel]]:
     """Checks each store against the executor's blocks and model, and has the executor map
     the stores' arenas in the order given: global host block ids follow that order."""
@@ -115,7 +125,7 @@ async def connect_stores(
     stores: list[RoutedStore] = []
     backends: set[str] = set()
     for address in addresses:
-        channel = grpc.insecure_channel(address)
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         channels.append(channel)
         stub = kv_grpc.KVStoreStub(channel)
         store: kv.DescribeResponse = await wait_for(
@@ -134,7 +144,7 @@ async def connect_stores(
         attached = await executor.AttachHostArena(
             ex.AttachHostArenaRequest(name=store.arena_name))
         client = RemoteHostKV(channel, fingerprint=desc.model_fingerprint,
-                              block_size=geometry.block_size)
+                              block_size=geometry.block_size, timeout_s=call_timeout_s)
         identity = StoreIdentity(store.instance_id, store.arena_name)
         stores.append(RoutedStore(client, identity, attached.first_host_block))
         backends.add(store.index_backend)
@@ -149,9 +159,17 @@ async def connect_stores(
     return router, channels
 
 
+async def probe_stores(router: HostRouter) -> None:
+    """Probes stores that stopped answering, on a thread of their own, so that one which
+    answers again is used (and Stats' kvstore_degraded clears) with no request's help."""
+    while True:
+        await asyncio.sleep(router.retry_s / 5)
+        await asyncio.to_thread(router.probe_down)
+
+
 async def serve(args: argparse.Namespace) -> None:
     timeout = float(args.connect_timeout)
-    executor_channel = grpc.aio.insecure_channel(args.executor)
+    executor_channel = grpc.aio.insecure_channel(args.executor, options=CHANNEL_OPTIONS)
     executor = ex_grpc.ExecutorStub(executor_channel)
     desc: ex.DescribeResponse = await wait_for(
         executor.Describe(ex.DescribeRequest(), timeout=timeout, wait_for_ready=True),
@@ -173,7 +191,8 @@ async def serve(args: argparse.Namespace) -> None:
                              "must be its first: restart the executor")
     else:
         addresses = [a.strip() for a in args.kvstore.split(",") if a.strip()]
-        router, kv_channels = await connect_stores(addresses, executor, desc, timeout)
+        router, kv_channels = await connect_stores(addresses, executor, desc, timeout,
+                                                   float(args.kvstore_timeout))
         host = router
         arena_names = [s.identity.arena_name for s in router.stores]
     config = SchedulerConfig(
@@ -186,19 +205,29 @@ async def serve(args: argparse.Namespace) -> None:
     )
     planner = Planner(config, POLICIES[args.policy](), host)
     metrics = SchedulerMetrics()
+    server = grpc.aio.server(interceptors=[metrics.rpc_errors])
+    health_servicer = add_health_and_reflection(server, SERVICE)
+
+    async def on_health(ok: bool) -> None:
+        """Readiness follows the executor: the Scheduler service is NOT_SERVING while it is
+        unavailable; the server as a whole ("", liveness) stays SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if ok else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set(SERVICE, status)
+
     engine = Engine(
         planner, executor, tokenizer=tokenizer_for(args.tokenizer),
-        limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting)),
-        arena_names=arena_names, metrics=metrics,
+        limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting),
+                            outage_wait_s=float(args.outage_wait)),
+        arena_names=arena_names, metrics=metrics, on_health=on_health,
     )
     await engine.start()
+    prober = asyncio.create_task(probe_stores(host)) if isinstance(host, HostRouter) else None
 
-    server = grpc.aio.server(interceptors=[metrics.rpc_errors])
     service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size)
     metrics.watch(service.snapshot)
     serve_metrics(int(args.metrics_port), "0.0.0.0", metrics.registry)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
-    health_servicer = add_health_and_reflection(server, SERVICE)
     server.add_insecure_port(f"0.0.0.0:{args.port}")
     await server.start()
     await mark_serving(health_servicer, SERVICE)
@@ -212,6 +241,8 @@ async def serve(args: argparse.Namespace) -> None:
     if not await engine.drain(float(args.shutdown_grace)):
         log.warning("grace period over: cancelling the requests still in flight")
     await engine.close()  # fails what is left with UNAVAILABLE, lets swaps land
+    if prober is not None:
+        prober.cancel()
     await server.stop(grace=1)  # the streams have ended; let their last messages out
     await executor_channel.close()
     for channel in kv_channels:

@@ -5,6 +5,12 @@ the sampled tokens back; swap completions stream in on their own task. All plann
 run on one dedicated thread, so the core stays single-threaded and blocking KV-store
 calls never stall the event loop. In fastswitch mode a step waits for nothing but its own
 batch; in baseline mode a plan's barrier makes the step wait for every swap in flight.
+
+Executor outages: a failed executor call, or a failed probe (`EngineLimits.probe_s`) while
+idle, starts one. Requests on the device fail at once with UNAVAILABLE; new ones wait up to
+`EngineLimits.outage_wait_s` for the executor and then get UNAVAILABLE, and so does every
+request still held once the outage has lasted that long. `on_health(False)` is called when
+an outage starts and `on_health(True)` once the executor is back with the arenas attached.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -47,6 +53,8 @@ class AdmissionError(Exception):
 class EngineLimits:
     max_model_len: int
     max_waiting: int = 256
+    outage_wait_s: float = 2.0  # how long a request waits for a lost executor
+    probe_s: float = 1.0  # how often an idle engine checks that the executor answers
 
 
 @dataclass
@@ -68,6 +76,7 @@ class Engine:
         limits: EngineLimits,
         arena_names: Sequence[str],
         metrics: SchedulerMetrics | None = None,
+        on_health: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self.planner = planner
         self.executor = executor
@@ -86,6 +95,10 @@ class Engine:
         self.step_overheads: deque[float] = deque(maxlen=10_000)
         self.steps = 0
         self.executor_ok = True
+        self._executor_back = asyncio.Event()
+        self._executor_back.set()
+        self._busy = asyncio.Lock()  # held by the loop's iterations and by a recovery
+        self.on_health = on_health
         self.arena_names = tuple(arena_names)  # host arenas, in the executor's attach order
         self.metrics = metrics or SchedulerMetrics()
         self.accepting = True
@@ -95,6 +108,7 @@ class Engine:
     async def start(self) -> None:
         await self._subscribe_swap_events()
         self._tasks.append(asyncio.create_task(self._loop(), name="iteration-loop"))
+        self._tasks.append(asyncio.create_task(self._probe_executor(), name="executor-probe"))
 
     async def _subscribe_swap_events(self) -> None:
         """(Re)starts the swap event stream and returns once the executor has subscribed
@@ -146,6 +160,7 @@ class Engine:
     async def submit(
         self, request: Request, sampling: ex.SamplingParams, stop: Sequence[str] = ()
     ) -> TokenStream:
+        await self._wait_for_executor()
         self._check_admissible(request)
         stream = TokenStream(IncrementalDetokenizer(self.tokenizer), stop)
         tracked = _Tracked(stream, request, sampling, timings=[time.monotonic()])
@@ -208,9 +223,10 @@ class Engine:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while await self.core(self.planner.has_work):
-                if not await self._iteration():
-                    break  # nothing can run until a swap completes or a request arrives
+            async with self._busy:
+                while await self.core(self.planner.has_work):
+                    if not await self._iteration():
+                        break  # nothing can run until a swap completes or a request arrives
 
     async def _iteration(self) -> bool:
         plan = await self.core(self.planner.plan)
@@ -314,35 +330,74 @@ class Engine:
             future.set_result(None)
         self._wake.set()
 
+    async def _wait_for_executor(self) -> None:
+        """Returns once the executor is up, or raises UNAVAILABLE after the outage wait."""
+        if self.executor_ok:
+            return
+        try:
+            await asyncio.wait_for(self._executor_back.wait(), self.limits.outage_wait_s)
+        except TimeoutError:
+            raise AdmissionError(grpc.StatusCode.UNAVAILABLE, "executor unavailable") from None
+
+    async def _probe_executor(self) -> None:
+        """Notices an executor that died while nothing ran, so that health tells at once."""
+        while True:
+            await asyncio.sleep(self.limits.probe_s)
+            if not self.executor_ok or self._busy.locked():
+                continue  # an outage is being handled, or the loop's calls will tell
+            try:
+                await self.executor.Describe(ex.DescribeRequest(), timeout=self.limits.probe_s)
+            except grpc.aio.AioRpcError as e:
+                async with self._busy:
+                    if self.executor_ok:
+                        await self._executor_lost(e)
+
+    async def _set_health(self, ok: bool) -> None:
+        if self.on_health is not None and self.accepting:
+            await self.on_health(ok)
+
     async def _executor_lost(self, error: grpc.aio.AioRpcError) -> None:
-        """Fails what lived on the device, then waits for the executor to come back."""
+        """Fails what lived on the device, then waits for the executor to come back; what
+        is still held once the outage has lasted `outage_wait_s` fails too."""
         log.error("executor call failed: %s %s", error.code().name, error.details())
         self.executor_ok = False
+        self._executor_back.clear()
+        await self._set_health(False)
         failed = await self.core(self.planner.reset_device)
         for future in self._swaps.values():
             future.cancel()
         self._swaps.clear()
         self._swap_started.clear()
+        message = f"executor unavailable: {error.details()}"
         for request in failed:
             tracked = self._tracked.pop(request.request_id, None)
             if tracked is not None:
-                tracked.stream.fail(
-                    grpc.StatusCode.UNAVAILABLE, f"executor unavailable: {error.details()}"
-                )
-        while True:
-            try:
-                await self.executor.Describe(ex.DescribeRequest(), timeout=2)
-                for name in self.arena_names:
-                    await self.executor.AttachHostArena(
-                        ex.AttachHostArenaRequest(name=name), timeout=10
-                    )
-                await asyncio.wait_for(self._subscribe_swap_events(), timeout=10)
-                break
-            except (grpc.aio.AioRpcError, TimeoutError):
-                await asyncio.sleep(0.5)
+                tracked.stream.fail(grpc.StatusCode.UNAVAILABLE, message)
+        give_up = time.monotonic() + self.limits.outage_wait_s
+        while not await self._reconnect():
+            if self._tracked and time.monotonic() >= give_up:
+                for request_id in list(self._tracked):
+                    await self.core(self.planner.cancel, request_id)
+                    self._tracked.pop(request_id).stream.fail(grpc.StatusCode.UNAVAILABLE, message)
+            await asyncio.sleep(0.5)
         log.warning("executor is back; %d request(s) failed, the rest continue", len(failed))
         self.executor_ok = True
+        self._executor_back.set()
+        await self._set_health(True)
         self._wake.set()
+
+    async def _reconnect(self) -> bool:
+        """Re-attaches the host arenas and the swap event stream; False if it can't yet."""
+        try:
+            await self.executor.Describe(ex.DescribeRequest(), timeout=2)
+            for name in self.arena_names:
+                await self.executor.AttachHostArena(
+                    ex.AttachHostArenaRequest(name=name), timeout=10
+                )
+            await asyncio.wait_for(self._subscribe_swap_events(), timeout=10)
+        except (grpc.aio.AioRpcError, TimeoutError):
+            return False
+        return True
 
     def _final(self, tracked: _Tracked, reason: str) -> Finished:
         times = tracked.timings  # arrival, then one entry per token

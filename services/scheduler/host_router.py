@@ -13,8 +13,10 @@ instance gets an even share, and when one goes down only its own conversations m
 
 Failure. A store that cannot be reached is marked down. Calls that need it degrade as with
 one store (lookups miss, reservations and commits fail, so preemption recomputes), and it
-is probed again every `retry_s`. It comes back only with the arena it had: a restarted
-store's new arena is not mapped by the executor, so that takes a scheduler restart.
+is probed again every `retry_s` by `probe_down`, which the scheduler calls off the planner's
+thread, so that a stalled store never holds the planner up for more than one call's
+deadline. It comes back only with the arena it had: a restarted store's new arena is not
+mapped by the executor, so that takes a scheduler restart.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class HostRouter:
         self.fingerprint = fingerprint
         self.block_size = block_size
         self.stores = tuple(stores)  # in the executor's attach order
-        self._retry_s = retry_s
+        self.retry_s = retry_s
         self._clock = clock
         self._instances = [_Instance(i, s) for i, s in enumerate(stores)]
         self._by_id = {inst.instance_id: inst for inst in self._instances}
@@ -219,11 +221,15 @@ class HostRouter:
         owner = rendezvous_owner(conv, [inst.instance_id for inst in live])
         return self._by_id[owner]
 
-    def _live(self) -> list[_Instance]:
+    def probe_down(self) -> None:
+        """Probes each down store whose retry time has come; blocking, and safe to call off
+        the planner's thread (it only clears or moves an instance's `retry_at`)."""
         now = self._clock()
         for inst in self._instances:
             if inst.retry_at is not None and inst.retry_at <= now:
                 self._probe(inst)
+
+    def _live(self) -> list[_Instance]:
         return [inst for inst in self._instances if inst.retry_at is None]
 
     def _probe(self, inst: _Instance) -> None:
@@ -233,7 +239,7 @@ class HostRouter:
             log.info("KV store %s answers again; new conversations may go to it",
                      inst.instance_id)
             return
-        inst.retry_at = self._clock() + self._retry_s
+        inst.retry_at = self._clock() + self.retry_s
         if identity is not None and not inst.moved_warned:
             inst.moved_warned = True
             log.warning("KV store %s restarted with arena %s instead of %s; the executor does "
@@ -243,8 +249,8 @@ class HostRouter:
     def _mark_down(self, inst: _Instance) -> None:
         if inst.retry_at is None:
             log.warning("KV store %s is unreachable: its conversations recompute; probing it "
-                        "every %.0f s", inst.instance_id, self._retry_s)
-        inst.retry_at = self._clock() + self._retry_s
+                        "every %.0f s", inst.instance_id, self.retry_s)
+        inst.retry_at = self._clock() + self.retry_s
 
     def _remember(self, conv: str, inst: _Instance) -> None:
         self._holders[conv] = inst

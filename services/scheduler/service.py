@@ -18,6 +18,7 @@ from services.scheduler.engine import AdmissionError, Engine
 from services.scheduler.token_stream import Failed, Finished, TokenEvent
 
 S = RequestState
+STATS_WAIT_S = 0.25  # how long Stats waits for the planner's thread
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.mode = mode
         self.vocab_size = vocab_size
         self._conversations: dict[str, _Conversation] = {}
+        self._last_stats = pb.StatsResponse(mode=mode)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -152,8 +154,17 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         return await self.snapshot()
 
     async def snapshot(self) -> pb.StatsResponse:
-        """What Stats answers; the metrics endpoint exports the same numbers."""
-        return await self.engine.core(self._stats)
+        """What Stats answers; the metrics endpoint exports the same numbers. While the
+        planner's thread is held up (a stalled KV store call), the last numbers, with the
+        executor's and the store's state as of now."""
+        try:
+            self._last_stats = await asyncio.wait_for(
+                asyncio.shield(self.engine.core(self._stats)), STATS_WAIT_S)
+        except TimeoutError:
+            self._last_stats.executor_available = self.engine.executor_ok
+            self._last_stats.kvstore_degraded = getattr(
+                self.engine.planner.host, "degraded", False)
+        return self._last_stats
 
     def _stats(self) -> pb.StatsResponse:
         planner = self.engine.planner
