@@ -187,19 +187,55 @@ def test_dependencies_wait_for_health(name: str) -> None:
             SERVICES[name].get("profiles", [])), f"{name} needs {dependency} in its profiles"
 
 
-@pytest.mark.parametrize("name", [n for n in APP_NAMES if module_of(SERVICES[n]) ==
-                                  "services.kvstore"])
-def test_kvstore_shares_ipc_with_the_executor_it_reads_geometry_from(
+KVSTORES = [n for n in APP_NAMES if module_of(SERVICES[n]) == "services.kvstore"]
+
+
+def shm_volume(service: dict[str, Any]) -> str | None:
+    """The named volume a service mounts at /dev/shm, if any."""
+    for volume in service.get("volumes", []):
+        source, target = interpolate(volume).split(":")[:2]
+        if target == "/dev/shm":
+            return source
+    return None
+
+
+@pytest.mark.parametrize("name", KVSTORES)
+def test_kvstore_shares_a_tmpfs_dev_shm_with_the_executor_it_reads_geometry_from(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Not an IPC namespace: a volume outlives a restart of either container."""
     service = SERVICES[name]
     settings, _ = parse_flags(name, monkeypatch)
-    owner = service["ipc"].removeprefix("service:")
-    assert service["ipc"] == f"service:{owner}"
-    assert settings["from_executor"].split(":")[0] == owner
-    assert SERVICES[owner]["ipc"] == "shareable" and "shm_size" in SERVICES[owner]
+    owner = settings["from_executor"].split(":")[0]
     assert module_of(SERVICES[owner]) == "services.executor"
+    volume = shm_volume(service)
+    assert volume is not None and volume == shm_volume(SERVICES[owner])
+    assert "ipc" not in service and "ipc" not in SERVICES[owner]
+    options = COMPOSE["volumes"][volume]["driver_opts"]
+    assert options["type"] == "tmpfs" and "size=" in interpolate(options["o"])
     assert settings["redis_url"], "scaled-out stores share a Redis index"
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+def test_every_service_restarts_by_itself(name: str) -> None:
+    assert SERVICES[name].get("restart") in ("unless-stopped", "on-failure", "always")
+
+
+def test_the_scheduler_health_check_means_ready() -> None:
+    """It probes the Scheduler service, which is NOT_SERVING while the executor is away."""
+    main = importlib.import_module("services.scheduler.__main__")
+    for name in [n for n in APP_NAMES if module_of(SERVICES[n]) == "services.scheduler"]:
+        assert SERVICES[name]["healthcheck"]["test"][5:] == [main.SERVICE]
+
+
+def test_images_are_overridable_with_official_defaults() -> None:
+    assert re.fullmatch(r"\$\{FASTSWITCH_REDIS_IMAGE:-redis:[^}]+\}", SERVICES["redis"]["image"])
+    args = SERVICES["executor"]["build"]["args"]
+    assert args["PYTHON_IMAGE"] == "${PYTHON_IMAGE:-python:3.11-slim-bookworm}"
+    assert interpolate(args["TORCH_INDEX_CPU"]) == "https://download.pytorch.org/whl/cpu"
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in dockerfile
+    assert not dockerfile.startswith("# syntax="), "the classic builder needs no registry"
 
 
 def test_checkpoint_folder_is_a_volume(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -233,9 +233,30 @@ def test_a_store_back_with_another_arena_stays_out() -> None:
     shared["kv-b"].reachable = True
     shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
     clock.now += 10
-    router.probe_down()
+    assert router.probe_down() == [(1, shared["kv-b"].identity_now)]  # to be mapped
     assert all(b < 10 for b in router.reserve(conv_owned_by("kv-b", ids), TOKENS).new_blocks)
     assert router.degraded
+
+
+def test_a_store_back_with_another_arena_rejoins_where_the_executor_maps_it() -> None:
+    ids = ["kv-a", "kv-b"]
+    clock = Clock()
+    router, shared = make(ids, clock=clock)
+    shared["kv-b"].reachable = False
+    router.lookup(conv_owned_by("kv-b", ids), TOKENS)
+    shared["kv-b"].reachable = True
+    shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
+    clock.now += 10
+    [(index, identity)] = router.probe_down()
+    router.rejoin(index, identity, 20)  # appended after a's and b's old arena
+    assert not router.degraded
+    assert router.stores[1].identity == identity
+    conv = conv_owned_by("kv-b", ids, "new")
+    assert all(20 <= b < 30 for b in router.reserve(conv, TOKENS).new_blocks)
+    assert not router.rebase([0, 20])  # an executor restart that mapped them as before
+    assert router.rebase([0, 10])  # one that mapped them without the old arena between
+    newer = router.reserve(conv_owned_by("kv-b", ids, "newer"), TOKENS)
+    assert all(10 <= b < 20 for b in newer.new_blocks)
 
 
 def test_no_live_store_means_recompute() -> None:

@@ -159,12 +159,21 @@ async def connect_stores(
     return router, channels
 
 
-async def probe_stores(router: HostRouter) -> None:
+async def probe_stores(router: HostRouter, engine: Engine) -> None:
     """Probes stores that stopped answering, on a thread of their own, so that one which
-    answers again is used (and Stats' kvstore_degraded clears) with no request's help."""
+    answers again is used (and Stats' kvstore_degraded clears) with no request's help; one
+    that restarted with a new arena is used again once the executor maps that arena."""
     while True:
         await asyncio.sleep(router.retry_s / 5)
-        await asyncio.to_thread(router.probe_down)
+        for index, identity in await asyncio.to_thread(router.probe_down):
+            try:
+                attached = await engine.executor.AttachHostArena(
+                    ex.AttachHostArenaRequest(name=identity.arena_name), timeout=10)
+            except grpc.aio.AioRpcError as e:
+                log.warning("cannot map %s yet: %s", identity.arena_name, e.details())
+                continue
+            await engine.core(router.rejoin, index, identity, attached.first_host_block)
+            engine.arena_names = tuple(s.identity.arena_name for s in router.stores)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -220,9 +229,11 @@ async def serve(args: argparse.Namespace) -> None:
         limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting),
                             outage_wait_s=float(args.outage_wait)),
         arena_names=arena_names, metrics=metrics, on_health=on_health,
+        on_arenas=host.rebase if isinstance(host, HostRouter) else None,
     )
     await engine.start()
-    prober = asyncio.create_task(probe_stores(host)) if isinstance(host, HostRouter) else None
+    prober = (asyncio.create_task(probe_stores(host, engine))
+              if isinstance(host, HostRouter) else None)
 
     service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size)
     metrics.watch(service.snapshot)

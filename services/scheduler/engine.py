@@ -77,6 +77,7 @@ class Engine:
         arena_names: Sequence[str],
         metrics: SchedulerMetrics | None = None,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
+        on_arenas: Callable[[list[int]], bool] | None = None,
     ) -> None:
         self.planner = planner
         self.executor = executor
@@ -100,6 +101,9 @@ class Engine:
         self._busy = asyncio.Lock()  # held by the loop's iterations and by a recovery
         self.on_health = on_health
         self.arena_names = tuple(arena_names)  # host arenas, in the executor's attach order
+        # Told the arenas' first host blocks after a re-attach (on the planner's thread);
+        # True if they moved, which fails every request held.
+        self.on_arenas = on_arenas
         self.metrics = metrics or SchedulerMetrics()
         self.accepting = True
 
@@ -374,30 +378,37 @@ class Engine:
             if tracked is not None:
                 tracked.stream.fail(grpc.StatusCode.UNAVAILABLE, message)
         give_up = time.monotonic() + self.limits.outage_wait_s
-        while not await self._reconnect():
+        while (firsts := await self._reconnect()) is None:
             if self._tracked and time.monotonic() >= give_up:
-                for request_id in list(self._tracked):
-                    await self.core(self.planner.cancel, request_id)
-                    self._tracked.pop(request_id).stream.fail(grpc.StatusCode.UNAVAILABLE, message)
+                await self._fail_all(message)
             await asyncio.sleep(0.5)
+        if self.on_arenas is not None and await self.core(self.on_arenas, firsts):
+            await self._fail_all("the executor mapped the host arenas at other block ids")
         log.warning("executor is back; %d request(s) failed, the rest continue", len(failed))
         self.executor_ok = True
         self._executor_back.set()
         await self._set_health(True)
         self._wake.set()
 
-    async def _reconnect(self) -> bool:
-        """Re-attaches the host arenas and the swap event stream; False if it can't yet."""
+    async def _fail_all(self, message: str) -> None:
+        for request_id in list(self._tracked):
+            await self.core(self.planner.cancel, request_id)
+            self._tracked.pop(request_id).stream.fail(grpc.StatusCode.UNAVAILABLE, message)
+
+    async def _reconnect(self) -> list[int] | None:
+        """Re-attaches the host arenas and the swap event stream: the arenas' first host
+        blocks, or None if it can't yet."""
         try:
             await self.executor.Describe(ex.DescribeRequest(), timeout=2)
-            for name in self.arena_names:
-                await self.executor.AttachHostArena(
-                    ex.AttachHostArenaRequest(name=name), timeout=10
-                )
+            firsts = [
+                (await self.executor.AttachHostArena(
+                    ex.AttachHostArenaRequest(name=name), timeout=10)).first_host_block
+                for name in self.arena_names
+            ]
             await asyncio.wait_for(self._subscribe_swap_events(), timeout=10)
         except (grpc.aio.AioRpcError, TimeoutError):
-            return False
-        return True
+            return None
+        return firsts
 
     def _final(self, tracked: _Tracked, reason: str) -> Finished:
         times = tracked.timings  # arrival, then one entry per token

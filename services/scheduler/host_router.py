@@ -15,8 +15,11 @@ Failure. A store that cannot be reached is marked down. Calls that need it degra
 one store (lookups miss, reservations and commits fail, so preemption recomputes), and it
 is probed again every `retry_s` by `probe_down`, which the scheduler calls off the planner's
 thread, so that a stalled store never holds the planner up for more than one call's
-deadline. It comes back only with the arena it had: a restarted store's new arena is not
-mapped by the executor, so that takes a scheduler restart.
+deadline. A store that answers with the arena it had is back at once; one that restarted
+with a new arena is named by `probe_down`, and is back once the scheduler has had the
+executor map that arena and called `rejoin` (the chains it held before are gone, unless it
+inherited them through Redis). `rebase` follows a restarted executor that mapped the
+arenas at other first blocks.
 """
 
 from __future__ import annotations
@@ -221,30 +224,59 @@ class HostRouter:
         owner = rendezvous_owner(conv, [inst.instance_id for inst in live])
         return self._by_id[owner]
 
-    def probe_down(self) -> None:
+    def probe_down(self) -> list[tuple[int, StoreIdentity]]:
         """Probes each down store whose retry time has come; blocking, and safe to call off
-        the planner's thread (it only clears or moves an instance's `retry_at`)."""
+        the planner's thread (it only clears or moves an instance's `retry_at`). Returns
+        (index, identity) of those that answer with a new arena, for `rejoin`."""
         now = self._clock()
+        moved = []
         for inst in self._instances:
             if inst.retry_at is not None and inst.retry_at <= now:
-                self._probe(inst)
+                identity = self._probe(inst)
+                if identity is not None and identity.instance_id == inst.instance_id:
+                    moved.append((inst.index, identity))
+        return moved
+
+    def rejoin(self, index: int, identity: StoreIdentity, first_block: int) -> None:
+        """Takes store `index` back with its new arena, which the executor maps at
+        `first_block`."""
+        inst = self._instances[index]
+        inst.store = replace(inst.store, identity=identity, first_block=first_block)
+        self.stores = tuple(i.store for i in self._instances)
+        inst.retry_at = None
+        inst.moved_warned = False
+        log.info("KV store %s is back with arena %s (host blocks from %d)",
+                 inst.instance_id, identity.arena_name, first_block)
+
+    def rebase(self, first_blocks: Sequence[int]) -> bool:
+        """Follows a restarted executor that mapped the stores' arenas (in order) at these
+        first blocks; True if any moved, which makes every host block id held stale."""
+        moved = False
+        for inst, first in zip(self._instances, first_blocks, strict=True):
+            if first != inst.store.first_block:
+                inst.store = replace(inst.store, first_block=first)
+                moved = True
+        self.stores = tuple(i.store for i in self._instances)
+        return moved
 
     def _live(self) -> list[_Instance]:
         return [inst for inst in self._instances if inst.retry_at is None]
 
-    def _probe(self, inst: _Instance) -> None:
+    def _probe(self, inst: _Instance) -> StoreIdentity | None:
+        """Back if it answers with its arena; the identity it answers with if another."""
         identity = inst.store.client.identity()
         if identity == inst.store.identity:
             inst.retry_at = None
             log.info("KV store %s answers again; new conversations may go to it",
                      inst.instance_id)
-            return
+            return None
         inst.retry_at = self._clock() + self.retry_s
         if identity is not None and not inst.moved_warned:
             inst.moved_warned = True
-            log.warning("KV store %s restarted with arena %s instead of %s; the executor does "
-                        "not map it, so it stays out until the scheduler restarts",
-                        inst.instance_id, identity.arena_name, inst.store.identity.arena_name)
+            log.warning("KV store %s restarted with arena %s instead of %s; it stays out "
+                        "until the executor maps the new one", inst.instance_id,
+                        identity.arena_name, inst.store.identity.arena_name)
+        return identity
 
     def _mark_down(self, inst: _Instance) -> None:
         if inst.retry_at is None:

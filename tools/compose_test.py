@@ -1,0 +1,200 @@
+"""`make compose-test`: builds the image, runs docker-compose.yml for real and faults it.
+
+Steps, each printed as it goes:
+  1. `docker build` of docker/Dockerfile (classic builder, host network) with the build
+     args PYTHON_IMAGE and TORCH_INDEX_CPU taken from the environment when set;
+  2. `docker-compose up` of redis, executor, kvstore and scheduler under a project name of
+     its own, on ephemeral host ports, and a wait until the scheduler is healthy;
+  3. the checks: a greedy Generate (its tokens are the reference for later rounds), a
+     two-turn Chat whose second turn reuses host KV (reused_prompt_tokens > 0), and
+     concurrent Generates;
+  4. for executor, kvstore, scheduler and redis in turn: `docker restart`, then the checks
+     again, which must pass within --bound seconds of the restart;
+  5. `docker-compose down -v`, and a check that no container, volume or network of the
+     project is left.
+Exits 0 when all of it passed. Needs Docker and docker-compose (v1); on machines without
+a registry, run ../shared/tools/docker-sandbox.sh first and export what it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.client import FastSwitchClient
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEDULER = "fastswitch.scheduler.v1.Scheduler"
+SERVICES = ("executor", "kvstore", "scheduler", "redis")
+PROMPT = "the quick brown fox jumps over the lazy dog"
+HOST_PORTS = [f"FASTSWITCH_HOST_PORT_{s}{m}" for s in ("SCHEDULER", "EXECUTOR", "KVSTORE")
+              for m in ("", "_METRICS")]
+_started = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[compose-test {time.monotonic() - _started:6.1f}s] {message}", flush=True)
+
+
+class Compose:
+    """docker-compose for one project, on ephemeral host ports."""
+
+    def __init__(self, project: str, image: str) -> None:
+        self.project = project
+        self.env = {
+            **os.environ,
+            "FASTSWITCH_IMAGE": image,
+            "FASTSWITCH_NUM_HOST_BLOCKS": os.environ.get("FASTSWITCH_NUM_HOST_BLOCKS", "1024"),
+            "FASTSWITCH_SHM_SIZE": os.environ.get("FASTSWITCH_SHM_SIZE", "256m"),
+            **{name: "" for name in HOST_PORTS},
+        }
+
+    def run(self, *args: str, capture: bool = False) -> str:
+        result = subprocess.run(
+            ["docker-compose", "-p", self.project, *args], cwd=REPO, env=self.env, check=True,
+            stdout=subprocess.PIPE if capture else None, text=True)
+        return result.stdout.strip() if capture else ""
+
+    def container(self, service: str) -> str:
+        return self.run("ps", "-q", service, capture=True)
+
+    def scheduler_address(self) -> str:
+        port = self.run("port", "scheduler", "50051", capture=True).rsplit(":", 1)[1]
+        return f"127.0.0.1:{port}"
+
+    def leftovers(self) -> list[str]:
+        label = f"label=com.docker.compose.project={self.project}"
+        found = []
+        for kind in (["ps", "-a"], ["volume", "ls"], ["network", "ls"]):
+            out = subprocess.run(["docker", *kind, "-q", "--filter", label], check=True,
+                                 capture_output=True, text=True).stdout.split()
+            found += [f"{kind[0]} {name}" for name in out]
+        return found
+
+
+def build(image: str) -> None:
+    args = ["--build-arg", "VARIANT=cpu"]
+    for name in ("PYTHON_IMAGE", "TORCH_INDEX_CPU"):
+        if os.environ.get(name):
+            args += ["--build-arg", f"{name}={os.environ[name]}"]
+    subprocess.run(["docker", "build", "--network", "host", *args, "-f", "docker/Dockerfile",
+                    "-t", image, "."], cwd=REPO, check=True,
+                   env={**os.environ, "DOCKER_BUILDKIT": "0"})
+
+
+def ready(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SCHEDULER), timeout=2)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def checks(address: str, reference: Sequence[int] | None, tag: str) -> list[int]:
+    """Generate (the same tokens as `reference`), a Chat reusing host KV on its second
+    turn, and concurrent requests; returns the Generate's tokens."""
+    async with FastSwitchClient(address) as client:
+        one = await client.generate(PROMPT, client_id="ct", max_tokens=16).collect()
+        tokens = [t.id for t in one.tokens]
+        assert one.final is not None and one.final.completion_tokens > 0, "empty Generate"
+        assert reference is None or tokens == list(reference), "Generate's tokens changed"
+        conv = f"conv-{tag}"
+        await client.chat(conv, "tell me about block groups and swaps " * 3, client_id="ct",
+                          max_tokens=24).collect()
+        await asyncio.sleep(0.5)  # the finished turn's KV is copied to the host meanwhile
+        second = await client.chat(conv, "and then?", client_id="ct", max_tokens=8).collect()
+        assert second.final is not None and second.final.reused_prompt_tokens > 0, \
+            "the second Chat turn reused no host KV"
+        many = await asyncio.gather(*[
+            client.generate(f"{PROMPT} {i}", client_id=f"ct-{i % 3}", max_tokens=12).collect()
+            for i in range(8)])
+        assert all(g.final is not None and g.final.completion_tokens > 0 for g in many)
+        stats = await client.stats()
+        assert stats.executor_available and not stats.kvstore_degraded, stats
+    return tokens
+
+
+async def recover(compose: Compose, reference: Sequence[int], tag: str, bound_s: float
+                  ) -> float:
+    """Seconds until the checks pass again; fails past `bound_s`."""
+    started = time.monotonic()
+    problem = "not ready"
+    while time.monotonic() - started < bound_s:
+        try:
+            address = compose.scheduler_address()  # a restarted container may move ports
+            if ready(address):
+                await asyncio.wait_for(checks(address, reference, tag), bound_s)
+                return time.monotonic() - started
+        except (grpc.RpcError, AssertionError, subprocess.CalledProcessError,
+                TimeoutError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        await asyncio.sleep(1)
+    raise SystemExit(f"{tag}: not serving correctly {bound_s:.0f} s after the restart "
+                     f"({problem})")
+
+
+async def scenario(compose: Compose, bound_s: float, start_s: float) -> dict[str, float]:
+    compose.run("up", "-d", "--no-build")
+    say("stack started; waiting for the scheduler to be ready")
+    deadline = time.monotonic() + start_s
+    while not ready(compose.scheduler_address()):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the scheduler was not ready {start_s:.0f} s after up")
+        await asyncio.sleep(1)
+    reference = await checks(compose.scheduler_address(), None, "start")
+    say(f"checks passed (Generate: {len(reference)} tokens)")
+    recovered: dict[str, float] = {}
+    for service in SERVICES:
+        container = compose.container(service)
+        say(f"docker restart {service}")
+        subprocess.run(["docker", "restart", container], check=True, capture_output=True)
+        recovered[service] = await recover(compose, reference, f"after-{service}", bound_s)
+        say(f"{service} restarted: serving correctly again {recovered[service]:.1f} s later")
+    return recovered
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/compose_test.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", default="fastswitch-compose-test:cpu")
+    parser.add_argument("--project", default=f"fastswitch-ct-{os.getpid()}")
+    parser.add_argument("--bound", type=float, default=60.0,
+                        help="seconds the stack may take to serve again after a restart")
+    parser.add_argument("--start-timeout", type=float, default=300.0)
+    parser.add_argument("--no-build", action="store_true", help="use the image as it is")
+    args = parser.parse_args(argv)
+    if not args.no_build:
+        say(f"building {args.image}")
+        build(args.image)
+    compose = Compose(args.project, args.image)
+    try:
+        recovered = asyncio.run(scenario(compose, args.bound, args.start_timeout))
+    except BaseException:
+        say("failed; the services' last log lines:")
+        subprocess.run(["docker-compose", "-p", compose.project, "logs", "--tail", "30"],
+                       cwd=REPO, env=compose.env)
+        raise
+    finally:
+        say("docker-compose down -v")
+        compose.run("down", "-v", "--remove-orphans")
+        left = compose.leftovers()
+        if left:
+            raise SystemExit(f"left behind after down -v: {', '.join(left)}")
+    summary = ", ".join(f"{s} {t:.1f} s" for s, t in recovered.items())
+    say(f"passed; recovery after restart: {summary} (bound {args.bound:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
