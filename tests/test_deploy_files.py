@@ -193,9 +193,9 @@ KVSTORES = [n for n in APP_NAMES if module_of(SERVICES[n]) == "services.kvstore"
 def shm_volume(service: dict[str, Any]) -> str | None:
     """The named volume a service mounts at /dev/shm, if any."""
     for volume in service.get("volumes", []):
-        source, target = interpolate(volume).split(":")[:2]
-        if target == "/dev/shm":
-            return source
+        if isinstance(volume, dict) and volume["target"] == "/dev/shm":
+            assert volume["type"] == "volume" and volume["volume"]["nocopy"]
+            return str(volume["source"])
     return None
 
 
@@ -242,10 +242,12 @@ def test_checkpoint_folder_is_a_volume(monkeypatch: pytest.MonkeyPatch) -> None:
     declared = set(COMPOSE.get("volumes") or {})
     for name, service in app_services():
         for volume in service.get("volumes", []):
-            source = interpolate(volume).split(":")[0]
+            source = volume["source"] if isinstance(volume, dict) else \
+                interpolate(volume).split(":")[0]
             if not source.startswith((".", "/")):
                 assert source in declared, f"{name} uses undeclared volume {source}"
-    mounts = {interpolate(v).split(":")[1] for v in SERVICES["executor"]["volumes"]}
+    mounts = {interpolate(v).split(":")[1] for v in SERVICES["executor"]["volumes"]
+              if isinstance(v, str)}
     assert "/models" in mounts
     checkpoint = "/models/some-model"
     monkeypatch.setitem(SERVICES["executor"]["environment"], "FASTSWITCH_EXECUTOR_CHECKPOINT",
