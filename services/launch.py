@@ -2,8 +2,9 @@
 
 Starts the executor (tiny checkpoint, CPU backend unless told otherwise), then the KV store
 (or several, sharing one Redis index) with the executor's block geometry and model
-fingerprint, then the scheduler; waits for each to report SERVING; and on Ctrl-C or SIGTERM
-stops them in reverse order.
+fingerprint, then the scheduler; waits for each to report SERVING; restarts one that dies,
+on its port and with its arguments, after a backoff that doubles from 1 s to 30 s while
+restarts keep failing; and on Ctrl-C or SIGTERM stops them in reverse order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,11 @@ class Child:
     name: str
     address: str
     process: subprocess.Popen[bytes]
+    args: Sequence[str] = ()  # what `spawn` was given, to start it again
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
 
 
 class LocalStack:
@@ -149,7 +155,8 @@ class LocalStack:
 
     def spawn(self, name: str, args: Sequence[str], timeout_s: float = 120.0,
               port: int | None = None) -> Child:
-        """Starts `python -m services.<name> --port P ARGS` and waits until it serves."""
+        """Starts `python -m services.<name> --port P ARGS` and waits until it serves; if it
+        does not, kills it and raises."""
         port = port or free_port()
         log = None
         if self.config.log_dir:
@@ -160,10 +167,21 @@ class LocalStack:
             stdout=log or None, stderr=subprocess.STDOUT if log else None,
             env={**os.environ, **self.config.extra_env},
         )
-        child = Child(name, f"127.0.0.1:{port}", process)
+        child = Child(name, f"127.0.0.1:{port}", process, tuple(args))
+        try:
+            wait_serving(child, timeout_s)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
         self.children.append(child)
-        wait_serving(child, timeout_s)
         return child
+
+    def restart(self, child: Child, timeout_s: float = 120.0) -> Child:
+        """Starts a dead child again, on its port, with its arguments."""
+        if child in self.children:
+            self.children.remove(child)
+        return self.spawn(child.name, child.args, timeout_s, port=child.port)
 
     def stop(self, grace_s: float = 10.0) -> None:
         for child in reversed(list(self.children)):
@@ -223,13 +241,31 @@ def main(argv: list[str] | None = None) -> int:
               f"executor {stack.executor_address}, "
               f"kvstore {', '.join(stack.kvstore_addresses)}. "
               "Ctrl-C stops it.", flush=True)
-        while not stopping:
-            if any(c.process.poll() is not None for c in stack.children):
-                dead = [c.name for c in stack.children if c.process.poll() is not None]
-                print(f"stopping: {', '.join(dead)} exited", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        supervise(stack, lambda: stopping)
     return 0
+
+
+def supervise(stack: LocalStack, stopping: Callable[[], bool], backoff_s: float = 1.0,
+              max_backoff_s: float = 30.0) -> None:
+    """Restarts children that exit until `stopping()`; a failed restart doubles the wait
+    before the next try, a successful one resets it."""
+    wait = backoff_s
+    while not stopping():
+        dead = next((c for c in stack.children if c.process.poll() is not None), None)
+        if dead is None:
+            time.sleep(0.5)
+            continue
+        print(f"{dead.name} exited with code {dead.process.returncode}; restarting it",
+              file=sys.stderr, flush=True)
+        try:
+            stack.restart(dead)
+            wait = backoff_s
+        except (RuntimeError, TimeoutError) as e:
+            print(f"{dead.name} did not come back ({e}); next try in {wait:.0f} s",
+                  file=sys.stderr, flush=True)
+            stack.children.append(dead)  # still dead: tried again after the wait
+            time.sleep(wait)
+            wait = min(wait * 2, max_backoff_s)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Each start creates a new segment named `<base>.<epoch>` (a random epoch), owned by this
 process. If the shared index names a segment this instance left behind when it crashed,
 and it still exists with the same geometry, its bytes are copied into the new segment, so
-that the chains recorded for it stay valid. The old segment is then removed as stale. The
+that the chains recorded for it stay valid. Every other segment of this base (an earlier
+epoch: only one store runs per instance id) is then removed, as are arenas of dead
+creators; a pid says nothing in a container restarted with the same pid 1. The
 copy, rather than adopting the old segment in place, keeps the owner pid in every header
 live, so no other process's `cleanup_stale` can unlink the segment under a running store.
 The epoch makes a segment name unique per creation: a name recorded in the index denotes
@@ -15,9 +17,10 @@ from __future__ import annotations
 import re
 import uuid
 
-from common.kv.arena import ARENA_PREFIX, HostArena, cleanup_stale
+from common.kv.arena import ARENA_PREFIX, SHM_DIR, HostArena, cleanup_stale
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+_EPOCH_CHARS = 12
 
 
 def default_arena_base(instance_id: str) -> str:
@@ -28,10 +31,15 @@ def open_arena(
     base: str, num_blocks: int, block_bytes: int, inherit: str | None = None
 ) -> tuple[HostArena, bool]:
     """The new arena, and whether it holds the bytes of segment `inherit`."""
-    arena = HostArena.create(f"{base}.{uuid.uuid4().hex[:12]}", num_blocks, block_bytes)
+    arena = HostArena.create(f"{base}.{uuid.uuid4().hex[:_EPOCH_CHARS]}", num_blocks,
+                             block_bytes)
     try:
         inherited = inherit is not None and _copy_into(arena, inherit)
-        cleanup_stale()  # the inherited segment and any other arena of a crashed run
+        epoch = re.compile(re.escape(base) + rf"\.[0-9a-f]{{{_EPOCH_CHARS}}}")
+        for old in SHM_DIR.glob(f"{base}.*"):
+            if old.name != arena.name and epoch.fullmatch(old.name):
+                old.unlink(missing_ok=True)  # mappings of it (an executor's) stay valid
+        cleanup_stale()  # any other arena of a crashed run
     except BaseException:
         arena.unlink()
         arena.close()
