@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,7 +19,7 @@ from common.client import FastSwitchClient, Generation
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2
-from services.launch import Child, LocalStack, StackConfig, free_port, wait_serving
+from services.launch import Child, LocalStack, StackConfig, free_port, supervise, wait_serving
 
 DEVICE_BLOCKS = 128
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -368,3 +369,38 @@ def test_scheduler_waits_for_a_kvstore_that_starts_after_it(stack: LocalStack) -
     finally:
         if scheduler.poll() is None:
             scheduler.kill()
+
+
+async def test_fastswitch_up_restarts_a_dead_kvstore_and_the_scheduler_takes_it_back(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`supervise` (fastswitch up's loop) brings back a killed KV store; the scheduler has
+    the executor map its new arena, and the next conversation reuses host KV again."""
+    config = StackConfig(num_gpu_blocks=64, num_host_blocks=256,
+                         log_dir=str(tmp_path_factory.mktemp("supervise-logs")))
+    with LocalStack(config) as stack:
+        stopping = threading.Event()
+        loop = threading.Thread(target=supervise, args=(stack, stopping.is_set), daemon=True)
+        loop.start()
+        address = stack.scheduler_address
+        try:
+            async with FastSwitchClient(address) as client:
+                await client.wait_ready()
+                store = stack._child("kvstore")
+                store.process.send_signal(signal.SIGKILL)
+                await wait_until(lambda: any(
+                    c.name == "kvstore" and c is not store for c in list(stack.children)), 60)
+                await wait_until(lambda: health(address, SCHEDULER) == SERVING, 30)
+                deadline = time.monotonic() + 30
+                while (await client.stats()).kvstore_degraded:
+                    assert time.monotonic() < deadline, "the restarted store was not taken back"
+                    await asyncio.sleep(0.5)
+                await client.chat("after", "tell me about block groups and swaps",
+                                  client_id="a", max_tokens=24).collect()
+                await asyncio.sleep(0.3)
+                turn = await client.chat("after", "and then?", client_id="a",
+                                         max_tokens=8).collect()
+                assert turn.final.reused_prompt_tokens > 0
+        finally:
+            stopping.set()
+            loop.join(30)
