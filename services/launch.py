@@ -41,6 +41,7 @@ class StackConfig:
     block_size: int = 16
     checkpoint: str = ""  # empty: the executor writes and loads the tiny checkpoint
     backend: str = "cpu"
+    dtype: str = ""  # empty: the executor's default (the checkpoint's own dtype)
     redis_url: str = ""
     num_kvstores: int = 1  # more than one shares the index through redis_url
     max_num_seqs: int = 32
@@ -108,6 +109,7 @@ class LocalStack:
         executor = self.spawn("executor", [
             "--num-gpu-blocks", str(c.num_gpu_blocks), "--block-size", str(c.block_size),
             "--backend", c.backend, *(["--checkpoint", c.checkpoint] if c.checkpoint else []),
+            *(["--dtype", c.dtype] if c.dtype else []),
         ], timeout_s)
         with grpc.insecure_channel(executor.address) as channel:
             self.describe = ex_grpc.ExecutorStub(channel).Describe(ex.DescribeRequest())
@@ -198,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-host-blocks", type=int, default=d.num_host_blocks)
     parser.add_argument("--checkpoint", default=os.environ.get("FASTSWITCH_CHECKPOINT", ""))
     parser.add_argument("--backend", default=d.backend, choices=["cpu", "cupy"])
+    parser.add_argument("--dtype", default=os.environ.get("FASTSWITCH_DTYPE", ""),
+                        choices=["", "auto", "float32", "float16", "bfloat16"],
+                        help="model and KV dtype [default: the checkpoint's]")
+    parser.add_argument("--log-dir", default=os.environ.get(
+        "FASTSWITCH_LOG_DIR", str(Path.home() / ".cache" / "fastswitch" / "logs")),
+        help="each service logs to NAME.log here [env FASTSWITCH_LOG_DIR]")
     parser.add_argument("--redis-url", default=os.environ.get("FASTSWITCH_REDIS_URL", ""))
     parser.add_argument("--num-kvstores", type=int, default=d.num_kvstores,
                         help="KV store instances; more than one needs --redis-url")
@@ -207,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     config = StackConfig(
         mode=args.mode, policy=args.policy, num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
-        backend=args.backend, redis_url=args.redis_url, num_kvstores=args.num_kvstores,
-        scheduler_port=args.port,
+        backend=args.backend, dtype=args.dtype, redis_url=args.redis_url,
+        num_kvstores=args.num_kvstores, scheduler_port=args.port, log_dir=args.log_dir,
     )
+    logs = [str(Path(args.log_dir) / f"{n}.log") for n in ("executor", "kvstore", "scheduler")]
+    print(f"starting FastSwitch; the services log to {', '.join(logs)}", flush=True)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from common.client import FastSwitchClient, Generation
+from common.client import FastSwitchClient, Generation, Sampling
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from services.launch import Child, LocalStack, StackConfig, free_port, wait_serving
@@ -42,12 +42,12 @@ def scheduler(stack: LocalStack, request: pytest.FixtureRequest) -> Iterator[Chi
     assert stack.stop_child(child) == 0, "scheduler did not exit cleanly on SIGTERM"
 
 
-def prompts(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
+def prompts(n: int, seed: int = 0) -> list[tuple[list[int], Sampling]]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
         tokens = [rng.randrange(256) for _ in range(rng.randint(20, 90))]
-        sampling = {"temperature": 0.8, "top_p": 0.9, "seed": i} if i % 2 else {}
+        sampling = Sampling(temperature=0.8, top_p=0.9, seed=i) if i % 2 else Sampling()
         out.append((tokens, sampling))
     return out
 
@@ -60,7 +60,7 @@ async def run_requests(address: str, reqs, *, concurrent: bool, shuffle_prioriti
         async def one(i: int) -> list[int]:
             tokens, sampling = reqs[i]
             gen = client.generate(tokens, client_id=f"c{i % 3}", max_tokens=40,
-                                  priority=i % 4, request_id=f"r{i}", **sampling)
+                                  priority=i % 4, request_id=f"r{i}", sampling=sampling)
             await gen.collect()
             return [t.id for t in gen.tokens]
 
@@ -115,7 +115,7 @@ async def test_second_turn_reuses_the_host_prefix(scheduler: Child) -> None:
         first = await client.chat("conv-reuse", "tell me about block groups and swaps",
                                   client_id="a", max_tokens=24).collect()
         assert first.final.reused_prompt_tokens == 0
-        await asyncio.sleep(0.3)  # the finished turn's KV is copied to the host meanwhile
+        # Sent at once: the planner waits for the finished turn's copy to the host.
         second = await client.chat("conv-reuse", "and then?", client_id="a",
                                    max_tokens=8).collect()
         history = first.final.prompt_tokens + first.final.completion_tokens - 1
@@ -188,8 +188,18 @@ async def test_bad_input_gets_clear_status_codes(stack: LocalStack) -> None:
                 (dict(prompt="hi", client_id="a", max_tokens=0), "max_tokens"),
                 (dict(prompt="", client_id="a"), "empty"),
                 (dict(prompt="hi", client_id=""), "client_id"),
-                (dict(prompt="hi", client_id="a", temperature=-1), "temperature"),
-                (dict(prompt="hi", client_id="a", top_p=1.5), "top_p"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(temperature=-1)),
+                 "temperature"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(temperature=float("nan"))),
+                 "temperature"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(top_p=1.5)), "top_p"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(top_p=float("inf"))),
+                 "top_p"),
+                (dict(prompt="hi", client_id="a", max_tokens=4,
+                      sampling=Sampling(min_tokens=5)), "min_tokens"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(stop_token_ids=[10**6])),
+                 "stop_token_ids"),
+                (dict(prompt="", client_id="a", messages=[("robot", "hi")]), "role"),
                 (dict(prompt=[1, 99999], client_id="a"), "token_ids.ids[1]"),
                 (dict(prompt="x" * 5000, client_id="a"), "context"),
                 (dict(prompt="x" * 200, client_id="a", max_tokens=8), "KV blocks"),

@@ -3,7 +3,7 @@
 Every flag also reads an environment variable, FASTSWITCH_EXECUTOR_<FLAG> (e.g.
 FASTSWITCH_EXECUTOR_NUM_GPU_BLOCKS), so containers configure it without a command line.
 Without --checkpoint it serves the tiny random Llama that tools/make_tiny_checkpoint writes,
-generated once into $FASTSWITCH_CACHE/tiny-llama (default ~/.cache/fastswitch).
+generated once into $FASTSWITCH_CACHE/tiny-llama-2 (default ~/.cache/fastswitch).
 """
 
 from __future__ import annotations
@@ -68,11 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def tiny_checkpoint() -> Path:
     """The default model, written once; concurrent starters race to an atomic rename."""
     cache = Path(os.environ.get("FASTSWITCH_CACHE", Path.home() / ".cache" / "fastswitch"))
-    target = cache / "tiny-llama"
+    target = cache / "tiny-llama-2"  # -2: with a chat template
     if (target / "config.json").is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".tiny-llama-") as scratch:
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".tiny-llama-2-") as scratch:
         written = make_tiny_checkpoint(Path(scratch) / "ckpt")
         try:
             written.rename(target)

@@ -29,6 +29,7 @@ import torch
 from common.kv.arena import HostArena
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy, SwapOrder
+from common.tokenizer import tokenizer_fingerprint
 from services.executor.copy import CompletionStream, CopyEngine, CpuCopyEngine, Direction
 from services.executor.copy.completions import CompletionHub
 from services.executor.copy.engine import SwapCompletion
@@ -72,6 +73,7 @@ class StepSequence:
     token_ids: Sequence[int]
     sample: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    banned_token_ids: tuple[int, ...] = ()  # never sampled this step
 
     @property
     def end(self) -> int:
@@ -111,6 +113,8 @@ class Description:
     eos_token_id: int
     host_arenas: tuple[str, ...]  # in attach order, which is host block id order
     num_host_blocks: int  # over all arenas
+    checkpoint: str = ""  # the folder served (its tokenizer and chat template live there)
+    tokenizer_sha256: str = ""  # of its tokenizer.json; empty: byte-level tokens
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -191,6 +195,8 @@ class ExecutorEngine:
             model.fingerprint(), cache.dtype, self.geometry.block_size
         )
         self._make_copy_engine = copy_engine
+        self.checkpoint: Path | None = None  # these two are set by `load`
+        self.tokenizer_sha256 = ""
         self._lock = threading.Lock()
         self._attach_lock = threading.Lock()  # attaches one at a time, so offsets are unique
         self._hosts: list[_HostSide] = []  # in attach order; only ever appended to
@@ -214,13 +220,16 @@ class ExecutorEngine:
         geometry = KVCacheGeometry.for_model(
             config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=dtype
         )
-        return cls(
+        engine = cls(
             config,
             model.to(device),
             geometry.allocate(device),
             backend=backend,
             copy_engine=factory,
         )
+        engine.checkpoint = Path(checkpoint).resolve()
+        engine.tokenizer_sha256 = tokenizer_fingerprint(engine.checkpoint)
+        return engine
 
     def describe(self) -> Description:
         hosts = list(self._hosts)
@@ -234,6 +243,8 @@ class ExecutorEngine:
             eos_token_id=eos[0] if eos else 0,
             host_arenas=tuple(h.arena.name for h in hosts),
             num_host_blocks=hosts[-1].end if hosts else 0,
+            checkpoint=str(self.checkpoint or ""),
+            tokenizer_sha256=self.tokenizer_sha256,
         )
 
     def attach_host_arena(self, name: str) -> AttachedArena:
@@ -339,7 +350,7 @@ class ExecutorEngine:
     def _sample(self, seq: StepSequence, logits: torch.Tensor) -> SampledToken:
         # The index of the token being sampled in the request's whole token list: the same
         # whether or not the request was preempted or its prompt chunked.
-        chosen = sample(logits, seq.sampling, output_index=seq.end)
+        chosen = sample(logits, seq.sampling, output_index=seq.end, banned=seq.banned_token_ids)
         return SampledToken(seq.request_id, chosen.token_id, chosen.logprob)
 
     def _finish_swap(self, swap_id: int, completion: SwapCompletion) -> None:
@@ -386,6 +397,7 @@ class ExecutorEngine:
                     f"{where}: start+len(token_ids)={seq.end} exceeds max_model_len {max_len}"
                 )
             _check_range(f"{where}.token_ids", seq.token_ids, vocab)
+            _check_range(f"{where}.banned_token_ids", seq.banned_token_ids, vocab)
             _check_range(f"{where}.block_table", seq.block_table, num_blocks)
             needed = -(-seq.end // block_size)
             if len(seq.block_table) < needed:
