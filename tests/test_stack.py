@@ -123,6 +123,25 @@ async def test_second_turn_reuses_the_host_prefix(scheduler: Child) -> None:
         assert (await client.stats()).reuse_hit_tokens >= second.final.reused_prompt_tokens
 
 
+async def test_stop_token_ids_and_min_tokens(scheduler: Child) -> None:
+    prompt = list(range(40, 90))
+    async with FastSwitchClient(scheduler.address) as client:
+        await client.wait_ready()
+        free = [t.id for t in (await client.generate(prompt, client_id="a",
+                                                      max_tokens=12).collect()).tokens]
+        stop = free[3]
+        first = free.index(stop)
+        stopped = await client.generate(prompt, client_id="a", max_tokens=12,
+                                        sampling=Sampling(stop_token_ids=[stop])).collect()
+        assert [t.id for t in stopped.tokens] == free[: first + 1]
+        assert stopped.final.finish_reason == "stop"
+        held = await client.generate(prompt, client_id="a", max_tokens=12, sampling=Sampling(
+            stop_token_ids=[stop], min_tokens=first + 2)).collect()
+        ids = [t.id for t in held.tokens]
+        assert ids[:first] == free[:first]
+        assert stop not in ids[: first + 2] and len(ids) >= first + 2
+
+
 async def test_edited_history_reuses_only_the_common_prefix(scheduler: Child) -> None:
     rng = random.Random(5)
     history = [rng.randrange(256) for _ in range(100)]
