@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -315,3 +316,15 @@ def test_scheduler_waits_for_a_kvstore_that_starts_after_it(stack: LocalStack) -
     finally:
         if scheduler.poll() is None:
             scheduler.kill()
+
+
+def test_scheduler_refuses_a_tokenizer_that_is_not_the_executors(
+    stack: LocalStack, smollm2: Path
+) -> None:
+    d = stack.describe
+    assert d is not None and Path(d.checkpoint).is_dir()
+    assert d.tokenizer_sha256 == ""  # the tiny model has byte-level tokens
+    with pytest.raises(RuntimeError, match="scheduler exited with code 1"):
+        stack.start_scheduler(extra_args=["--tokenizer", str(smollm2)], timeout_s=60)
+    log = (Path(stack.config.log_dir) / "scheduler.log").read_text()
+    assert "the executor's checkpoint has byte-level" in log
