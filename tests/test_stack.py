@@ -328,3 +328,26 @@ def test_scheduler_refuses_a_tokenizer_that_is_not_the_executors(
         stack.start_scheduler(extra_args=["--tokenizer", str(smollm2)], timeout_s=60)
     log = (Path(stack.config.log_dir) / "scheduler.log").read_text()
     assert "the executor's checkpoint has byte-level" in log
+
+
+@pytest.mark.parametrize("service", ["scheduler", "executor", "kvstore"])
+async def test_undecodable_requests_get_invalid_argument(
+    stack: LocalStack, scheduler: Child, service: str
+) -> None:
+    """Invalid UTF-8 in a string field, and bytes that are no message at all."""
+    address, method = {
+        "scheduler": (scheduler.address, "/fastswitch.scheduler.v1.Scheduler/Cancel"),
+        "executor": (stack.executor_address, "/fastswitch.executor.v1.Executor/AttachHostArena"),
+        "kvstore": (stack.kvstore_address, "/fastswitch.kvstore.v1.KVStore/Release"),
+    }[service]
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(method, request_serializer=None,
+                                   response_deserializer=None)
+        for payload in (b"\x0a\x02\xff\xfe", b"\xff\xff\xff\xff"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(payload, timeout=10)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, payload
+            assert "does not parse" in err.value.details()
+    log = (Path(stack.config.log_dir) / f"{service}.log").read_text()
+    assert "request does not parse" in log
+    assert "Exception deserializing" not in log  # grpc's own traceback for it

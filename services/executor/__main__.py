@@ -19,7 +19,7 @@ import grpc
 import torch
 import uvloop
 
-from common.grpc_serving import mark_serving, wait_for_stop_signal
+from common.grpc_serving import RefuseUndecodable, mark_serving, wait_for_stop_signal
 from common.metrics import serve_metrics
 from services.executor.engine import (
     BACKENDS,
@@ -87,7 +87,7 @@ async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:
     metrics.watch(engine)
     completions = engine.subscribe()
     recording = asyncio.create_task(metrics.record_swaps(completions))
-    server = grpc.aio.server(interceptors=[metrics.rpc_errors])
+    server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()])
     service = ExecutorService(engine, metrics)
     health = add_to_server(service, server)
     serve_metrics(args.metrics_port, args.listen, metrics.registry)

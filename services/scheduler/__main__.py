@@ -17,7 +17,12 @@ import grpc
 import uvloop
 
 from common.chat_template import ChatTemplate, ChatTemplateError, find_template
-from common.grpc_serving import add_health_and_reflection, mark_serving, wait_for_stop_signal
+from common.grpc_serving import (
+    RefuseUndecodable,
+    add_health_and_reflection,
+    mark_serving,
+    wait_for_stop_signal,
+)
 from common.kv.arena import HostArena
 from common.kv.reuse_index import ReuseIndex
 from common.metrics import serve_metrics
@@ -210,7 +215,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     await engine.start()
 
-    server = grpc.aio.server(interceptors=[metrics.rpc_errors])
+    server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()])
     service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size,
                                prompts=prompts,
                                eos_token_ids=desc.eos_token_ids or [desc.eos_token_id])
