@@ -10,6 +10,7 @@ loosening its comparison (see `hf_greedy`).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,3 +158,48 @@ async def test_concurrent_under_preemption_matches_hf(
     check(gens, references)
     async with FastSwitchClient(scheduler.address) as client:
         assert (await client.stats()).preemptions > 0
+
+
+BF16_TIE_ULPS = 3  # a near tie in bf16: the top two logits this many ulps apart or fewer
+
+
+def bf16_ulp(x: float) -> float:
+    """The spacing of bf16 numbers (8 significant bits) around `x`."""
+    return 2.0 ** (math.floor(math.log2(abs(x))) - 7)
+
+
+def test_bfloat16_matches_hf_in_bfloat16(
+    smollm2: Path, hf_tokenizer, tmp_path: Path
+) -> None:
+    """bf16 arithmetic differs between any two implementations in its last bits, so greedy
+    paths may part where HF's own top two logits are within a few bf16 ulps, and only there.
+    Up to that point every token must be HF's."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16).eval()
+    config = StackConfig(checkpoint=str(smollm2), num_gpu_blocks=64, num_host_blocks=128,
+                         dtype="bfloat16", log_dir=str(tmp_path))
+
+    async def ours(prompt: str) -> list[int]:
+        async with FastSwitchClient(stack.scheduler_address) as client:
+            await client.wait_ready(timeout_s=60)
+            gen = await client.generate(prompt, client_id="b", max_tokens=24).collect()
+            return [t.id for t in gen.tokens]
+
+    with LocalStack(config) as stack:
+        for prompt in RAW:
+            ids = hf_tokenizer(prompt)["input_ids"]
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True)
+            theirs = out.sequences[0, len(ids):].tolist()
+            mine = asyncio.run(ours(prompt))
+            parted = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False))
+                           if a != b), None)
+            if parted is None:
+                assert mine == theirs, prompt
+                continue
+            top = torch.topk(out.logits[parted][0].float(), 2).values
+            ulps = float(top[0] - top[1]) / bf16_ulp(float(top[0]))
+            assert ulps <= BF16_TIE_ULPS, f"{prompt!r} parts from HF at {parted}, {ulps} ulps"
+            assert parted >= 4, f"{prompt!r} parts from HF at token {parted} (near tie)"
