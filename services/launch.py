@@ -41,6 +41,8 @@ class StackConfig:
     block_size: int = 16
     checkpoint: str = ""  # empty: the executor writes and loads the tiny checkpoint
     backend: str = "cpu"
+    dtype: str = ""  # empty: the executor's default
+    tokenizer: str = ""  # checkpoint folder for the scheduler's tokenizer; empty: byte-level
     redis_url: str = ""
     num_kvstores: int = 1  # more than one shares the index through redis_url
     max_num_seqs: int = 32
@@ -108,6 +110,7 @@ class LocalStack:
         executor = self.spawn("executor", [
             "--num-gpu-blocks", str(c.num_gpu_blocks), "--block-size", str(c.block_size),
             "--backend", c.backend, *(["--checkpoint", c.checkpoint] if c.checkpoint else []),
+            *(["--dtype", c.dtype] if c.dtype else []),
         ], timeout_s)
         with grpc.insecure_channel(executor.address) as channel:
             self.describe = ex_grpc.ExecutorStub(channel).Describe(ex.DescribeRequest())
@@ -131,7 +134,8 @@ class LocalStack:
             "--executor", self.executor_address, "--kvstore", ",".join(self.kvstore_addresses),
             "--mode", mode or c.mode, "--policy", c.policy,
             "--max-num-seqs", str(c.max_num_seqs),
-            "--max-batched-tokens", str(c.max_batched_tokens), *extra_args,
+            "--max-batched-tokens", str(c.max_batched_tokens),
+            *(["--tokenizer", c.tokenizer] if c.tokenizer else []), *extra_args,
         ], timeout_s, port=c.scheduler_port or None)
 
     def stop_child(self, child: Child, grace_s: float = 10.0) -> int:
