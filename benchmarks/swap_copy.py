@@ -125,6 +125,9 @@ class Backend:
     def engine(self, device: torch.Tensor, host: torch.Tensor) -> CopyEngine[Any]:
         return CpuCopyEngine(device, host)
 
+    def settle(self) -> None:
+        """Returns when the buffers' setup has finished (CPU setup finishes as it runs)."""
+
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "torch_threads": torch.get_num_threads()}
 
@@ -166,6 +169,10 @@ class CupyBackend(Backend):
         from services.executor.copy.cupy_backend import CupyCopyEngine
 
         return CupyCopyEngine(device, host)
+
+    def settle(self) -> None:
+        # The fills ran on torch's stream; the copy streams do not wait for it.
+        torch.cuda.synchronize(self.device)
 
     def describe(self) -> dict[str, object]:
         runtime = self._cupy.cuda.runtime
@@ -335,6 +342,7 @@ def run_direction(
             group_method(backend, direction, geometry, placement, engines),
             memcpy_method(backend, direction, nbytes),
         ]
+        backend.settle()
         return measure(methods, repeats)
 
 
