@@ -23,6 +23,7 @@ interpreter before anything is installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -38,6 +39,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WHEELS = REPO / "gpu" / "wheels"
@@ -158,8 +160,9 @@ class Runner:
                 step.rc = process.wait(timeout)
             except subprocess.TimeoutExpired:
                 step.timed_out = True
-                os.killpg(process.pid, signal.SIGKILL)
-                step.rc = process.wait()
+            with contextlib.suppress(ProcessLookupError):  # the session is already empty
+                os.killpg(process.pid, signal.SIGKILL)  # what the step left behind, or all
+            step.rc = process.wait()
             echo.join()
         step.seconds = time.monotonic() - t0
         if step.json_out is not None and step.json_out.is_file():
@@ -168,30 +171,31 @@ class Runner:
         return step
 
     @staticmethod
-    def _echo(name: str, process: subprocess.Popen[str], log: object) -> None:
+    def _echo(name: str, process: subprocess.Popen[str], log: TextIO) -> None:
         assert process.stdout is not None
         for line in process.stdout:
-            log.write(line)  # type: ignore[attr-defined]
+            log.write(line)
             print(f"  {name}| {line}", end="", flush=True)
 
 
-def prepare(wheels_dir: Path, scratch: Path, runner: Runner) -> Step:
+def prepare(wheels_dir: Path, scratch: Path, runner: Runner) -> list[Step]:
     """Installs the needed carried wheels into `scratch/site` (already on the runner's
-    PYTHONPATH), then imports every module the steps need there."""
+    PYTHONPATH), then imports every module the steps need there; stops at a failure."""
     wheels = sorted(wheels_dir.glob("*.whl"))
     needed = wheels_to_install(wheels)
     runner.say(f"{len(wheels)} carried wheels in {wheels_dir}; installing "
                f"{[w.name for w in needed]}")
     site = scratch / "site"
     site.mkdir(parents=True, exist_ok=True)
+    steps = []
     if needed:
-        step = runner.run(Step("install", [
+        steps.append(runner.run(Step("install", [
             sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
             "--no-index", "--no-deps", "--find-links", str(wheels_dir), "--target", str(site),
             *map(str, needed),
-        ], 120))
-        if not step.passed:
-            return step
+        ], 120)))
+        if not steps[-1].passed:
+            return steps
     probe = (
         "import importlib, json, sys\n"
         f"names = {list(MODULES)!r}\n"
@@ -199,8 +203,9 @@ def prepare(wheels_dir: Path, scratch: Path, runner: Runner) -> Step:
         "json.dump(found, open(sys.argv[1], 'w'))\n"
     )
     versions = runner.out / "modules.json"
-    return runner.run(Step("imports", [sys.executable, "-c", probe, str(versions)], 120,
-                           json_out=versions))
+    steps.append(runner.run(Step("imports", [sys.executable, "-c", probe, str(versions)], 60,
+                                 json_out=versions)))
+    return steps
 
 
 def plan(out: Path, smollm2: Path | None) -> list[Step]:
@@ -323,12 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         runner = Runner(args.out, env, args.budget_s)
         runner.say(f"CUDA device: {device}; budget {args.budget_s:.0f}s; results in {args.out}")
-        ready = prepare(args.wheels, Path(scratch), runner)
-        steps = {ready.name: ready}
-        if ready.passed:
+        steps = {s.name: s for s in prepare(args.wheels, Path(scratch), runner)}
+        last = list(steps.values())[-1]
+        if last.passed:
             steps.update((s.name, runner.run(s)) for s in plan(args.out, args.smollm2))
         else:
-            notes.append(f"stopped after {ready.name}: see logs/{ready.name}.log")
+            notes.append(f"stopped after {last.name}: see logs/{last.name}.log")
     tests = junit_report(args.out / "tests.xml")
     if "tests" in steps:
         check_skips(steps["tests"], tests)
