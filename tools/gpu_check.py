@@ -183,8 +183,10 @@ def prepare(wheels_dir: Path, scratch: Path, runner: Runner) -> list[Step]:
     PYTHONPATH), then imports every module the steps need there; stops at a failure."""
     wheels = sorted(wheels_dir.glob("*.whl"))
     needed = wheels_to_install(wheels)
-    runner.say(f"{len(wheels)} carried wheels in {wheels_dir}; installing "
-               f"{[w.name for w in needed]}")
+    if not wheels:
+        runner.say(f"no carried wheels in {wheels_dir} (run `make gpu-wheels` where there is "
+                   f"a network, and carry that folder); using only what is installed")
+    runner.say(f"{len(wheels)} carried wheels; installing {[w.name for w in needed]}")
     site = scratch / "site"
     site.mkdir(parents=True, exist_ok=True)
     steps = []
@@ -196,10 +198,15 @@ def prepare(wheels_dir: Path, scratch: Path, runner: Runner) -> list[Step]:
         ], 120)))
         if not steps[-1].passed:
             return steps
+    # CuPy links the CUDA runtime statically: these calls need only the driver.
     probe = (
         "import importlib, json, sys\n"
         f"names = {list(MODULES)!r}\n"
         "found = {n: getattr(importlib.import_module(n), '__version__', 'ok') for n in names}\n"
+        "import cupy, torch\n"
+        "runtime = cupy.cuda.runtime\n"
+        "found.update(torch_cuda=torch.version.cuda, cuda_runtime=runtime.runtimeGetVersion(),\n"
+        "             cuda_driver=runtime.driverGetVersion(), devices=runtime.getDeviceCount())\n"
         "json.dump(found, open(sys.argv[1], 'w'))\n"
     )
     versions = runner.out / "modules.json"
