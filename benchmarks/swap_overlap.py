@@ -52,6 +52,7 @@ class SwapKeeper:
         self.done = 0
         self.bytes = 0
         self.seconds = 0.0
+        self.errors: list[str] = []
 
     def start(self) -> None:
         self.running = True
@@ -72,15 +73,18 @@ class SwapKeeper:
         )
 
     def on_done(self, done: SwapDone) -> None:
-        if done.error is not None:
-            raise RuntimeError(f"swap {done.swap_id} failed: {done.error}")
+        """Counts a completion and resubmits its direction; a failed swap is recorded in
+        `errors` and stops its direction."""
         self.in_flight -= 1
-        self.done += 1
-        self.bytes += done.bytes
-        self.seconds += done.duration_s
-        if self.running:
-            self._submit(done.direction)
-        elif self.in_flight == 0:
+        if done.error is not None:
+            self.errors.append(f"swap {done.swap_id} ({done.direction}): {done.error}")
+        else:
+            self.done += 1
+            self.bytes += done.bytes
+            self.seconds += done.duration_s
+            if self.running:
+                self._submit(done.direction)
+        if self.in_flight == 0:
             self._idle.set()
 
 
@@ -129,6 +133,8 @@ async def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, objec
             await keeper.stop()
             relaying.cancel()
         engine.close()
+    if keeper.errors:
+        raise RuntimeError(f"{len(keeper.errors)} swaps failed, first: {keeper.errors[0]}")
     quiet, busy = (statistics.median(seconds[phase]) for phase in ("quiet", "busy"))
     return {
         "backend": args.backend,
