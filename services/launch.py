@@ -133,7 +133,8 @@ class LocalStack:
             "--executor", self.executor_address, "--kvstore", ",".join(self.kvstore_addresses),
             "--mode", mode or c.mode, "--policy", c.policy,
             "--max-num-seqs", str(c.max_num_seqs),
-            "--max-batched-tokens", str(c.max_batched_tokens), *extra_args,
+            "--max-batched-tokens", str(c.max_batched_tokens),
+            *extra_args,
         ], timeout_s, port=c.scheduler_port or None)
 
     def stop_child(self, child: Child, grace_s: float = 10.0) -> int:

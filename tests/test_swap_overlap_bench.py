@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from benchmarks.swap_overlap import main
 
+from benchmarks.swap_overlap import main
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
 
