@@ -108,7 +108,9 @@ class Description:
     backend: Backend
     vocab_size: int
     max_model_len: int
-    eos_token_id: int
+    eos_token_id: int  # the first of eos_token_ids, 0 if none
+    eos_token_ids: tuple[int, ...]  # config.json's, then generation_config.json's
+    checkpoint: str  # the absolute folder served; empty if the engine was not loaded from one
     host_arenas: tuple[str, ...]  # in attach order, which is host block id order
     num_host_blocks: int  # over all arenas
 
@@ -181,8 +183,10 @@ class ExecutorEngine:
         *,
         backend: Backend,
         copy_engine: CopyEngineFactory,
+        checkpoint: Path | None = None,
     ) -> None:
         self.config = config
+        self.checkpoint = checkpoint
         self.model = model
         self.cache = cache
         self.geometry = KVCacheGeometry.of(cache)
@@ -206,13 +210,14 @@ class ExecutorEngine:
         num_gpu_blocks: int,
         block_size: int = 16,
         backend: Backend = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> ExecutorEngine:
+        """dtype of weights and KV cache; None: the checkpoint's (see `load_checkpoint`)."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
         config, model = load_checkpoint(checkpoint, dtype=dtype)
         geometry = KVCacheGeometry.for_model(
-            config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=dtype
+            config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=model.dtype
         )
         return cls(
             config,
@@ -220,6 +225,7 @@ class ExecutorEngine:
             geometry.allocate(device),
             backend=backend,
             copy_engine=factory,
+            checkpoint=Path(checkpoint).resolve(),
         )
 
     def describe(self) -> Description:
@@ -232,6 +238,8 @@ class ExecutorEngine:
             vocab_size=self.config.vocab_size,
             max_model_len=self.config.max_position_embeddings,
             eos_token_id=eos[0] if eos else 0,
+            eos_token_ids=eos,
+            checkpoint=str(self.checkpoint or ""),
             host_arenas=tuple(h.arena.name for h in hosts),
             num_host_blocks=hosts[-1].end if hosts else 0,
         )

@@ -72,6 +72,8 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             num_host_blocks=d.num_host_blocks,
             eos_token_id=d.eos_token_id,
             host_arenas=d.host_arenas,
+            checkpoint=d.checkpoint,
+            eos_token_ids=d.eos_token_ids,
         )
 
     async def AttachHostArena(
