@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import select
 import signal
@@ -33,6 +34,7 @@ PROMPT = [1, *b"The executor keeps no scheduling state."]  # 40 tokens
 GENERATED = 30
 GREEDY = pb.SamplingParams()
 SEEDED = pb.SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+EXTRA_EOS = 3  # generation_config.json's, after config.json's
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("executor")
     checkpoint = make_tiny_checkpoint(tmp / "tiny")
     config = ModelConfig.from_file(checkpoint / "config.json")
+    generation = {"eos_token_id": [*config.eos_token_ids, EXTRA_EOS]}
+    (checkpoint / "generation_config.json").write_text(json.dumps(generation))
     geometry = KVCacheGeometry.for_model(config, num_blocks=NUM_GPU_BLOCKS, block_size=16)
     with HostArena.local(HOST_BLOCKS, geometry.block_bytes) as arena:
         view = arena.as_tensor()
@@ -159,6 +163,8 @@ async def test_describe(server: Server, stub: executor_pb2_grpc.ExecutorStub) ->
     assert described.vocab_size == server.config.vocab_size
     assert described.max_model_len == server.config.max_position_embeddings
     assert described.eos_token_id == server.config.eos_token_ids[0]
+    assert list(described.eos_token_ids) == [*server.config.eos_token_ids, EXTRA_EOS]
+    assert described.checkpoint == str(server.checkpoint.resolve())
     assert (described.host_arena, described.num_host_blocks) == (server.arena.name, HOST_BLOCKS)
 
 

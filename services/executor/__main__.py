@@ -34,7 +34,13 @@ from tools.make_tiny_checkpoint import make_tiny_checkpoint
 log = logging.getLogger("services.executor")
 
 ENV_PREFIX = "FASTSWITCH_EXECUTOR_"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# "auto": the dtype the checkpoint's config names (float32 if none).
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 SHUTDOWN_GRACE_S = 5.0
 
 
@@ -49,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-gpu-blocks", type=int, default=int(env("num-gpu-blocks", "512")))
     parser.add_argument("--block-size", type=int, default=int(env("block-size", "16")))
     parser.add_argument("--backend", choices=BACKENDS, default=env("backend", "cpu"))
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env("dtype", "float32"))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env("dtype", "auto"),
+                        help="of weights and KV cache; auto: the checkpoint's (float32 if none)")
     parser.add_argument("--host-arena", default=env("host-arena", None),
                         help="name of the kvstore's shared-memory arena to attach at start")
     parser.add_argument("--listen", default=env("listen", "0.0.0.0"), help="bind address")

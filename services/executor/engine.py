@@ -110,11 +110,12 @@ class Description:
     backend: Backend
     vocab_size: int
     max_model_len: int
-    eos_token_id: int
+    eos_token_id: int  # the first of eos_token_ids, 0 if none
+    eos_token_ids: tuple[int, ...]  # config.json's, then generation_config.json's
+    checkpoint: str  # the absolute folder served; empty if the engine was not loaded from one
     host_arenas: tuple[str, ...]  # in attach order, which is host block id order
     num_host_blocks: int  # over all arenas
-    checkpoint: str = ""  # the folder served (its tokenizer and chat template live there)
-    tokenizer_sha256: str = ""  # of its tokenizer.json; empty: byte-level tokens
+    tokenizer_sha256: str = ""  # of the checkpoint's tokenizer.json; empty: byte-level tokens
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -185,8 +186,11 @@ class ExecutorEngine:
         *,
         backend: Backend,
         copy_engine: CopyEngineFactory,
+        checkpoint: Path | None = None,
     ) -> None:
         self.config = config
+        self.checkpoint = checkpoint  # its tokenizer and chat template live there too
+        self.tokenizer_sha256 = tokenizer_fingerprint(checkpoint) if checkpoint else ""
         self.model = model
         self.cache = cache
         self.geometry = KVCacheGeometry.of(cache)
@@ -195,8 +199,6 @@ class ExecutorEngine:
             model.fingerprint(), cache.dtype, self.geometry.block_size
         )
         self._make_copy_engine = copy_engine
-        self.checkpoint: Path | None = None  # these two are set by `load`
-        self.tokenizer_sha256 = ""
         self._lock = threading.Lock()
         self._attach_lock = threading.Lock()  # attaches one at a time, so offsets are unique
         self._hosts: list[_HostSide] = []  # in attach order; only ever appended to
@@ -212,24 +214,23 @@ class ExecutorEngine:
         num_gpu_blocks: int,
         block_size: int = 16,
         backend: Backend = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> ExecutorEngine:
+        """dtype of weights and KV cache; None: the checkpoint's (see `load_checkpoint`)."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
         config, model = load_checkpoint(checkpoint, dtype=dtype)
         geometry = KVCacheGeometry.for_model(
-            config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=dtype
+            config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=model.dtype
         )
-        engine = cls(
+        return cls(
             config,
             model.to(device),
             geometry.allocate(device),
             backend=backend,
             copy_engine=factory,
+            checkpoint=Path(checkpoint).resolve(),
         )
-        engine.checkpoint = Path(checkpoint).resolve()
-        engine.tokenizer_sha256 = tokenizer_fingerprint(engine.checkpoint)
-        return engine
 
     def describe(self) -> Description:
         hosts = list(self._hosts)
@@ -241,9 +242,10 @@ class ExecutorEngine:
             vocab_size=self.config.vocab_size,
             max_model_len=self.config.max_position_embeddings,
             eos_token_id=eos[0] if eos else 0,
+            eos_token_ids=eos,
+            checkpoint=str(self.checkpoint or ""),
             host_arenas=tuple(h.arena.name for h in hosts),
             num_host_blocks=hosts[-1].end if hosts else 0,
-            checkpoint=str(self.checkpoint or ""),
             tokenizer_sha256=self.tokenizer_sha256,
         )
 

@@ -73,6 +73,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             eos_token_id=d.eos_token_id,
             host_arenas=d.host_arenas,
             checkpoint=d.checkpoint,
+            eos_token_ids=d.eos_token_ids,
             tokenizer_sha256=d.tokenizer_sha256,
         )
 

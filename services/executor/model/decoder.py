@@ -47,9 +47,7 @@ class DecoderModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = RotaryTable(
-            config.head_dim, config.rope_theta, config.max_position_embeddings
-        )
+        self.rotary = RotaryTable(config)
         self.scale = config.head_dim**-0.5
         self.to(dtype)
         self.requires_grad_(False)
