@@ -114,9 +114,19 @@ async def run_all(address: str, *, concurrent: bool) -> dict[str, Generation]:
                                        max_tokens=MAX_TOKENS).collect()
             return [("turn1", first), ("turn2", second)]
 
+        async def reshuffle() -> None:
+            """Priority updates while they run: the winners preempt the others."""
+            rng = random.Random(2)
+            while True:
+                await asyncio.sleep(0.2)
+                for client_id in ("c0", "c1", "c2", "t", "u"):
+                    await client.set_priority(rng.randrange(4), client_id=client_id)
+
         jobs = [raw(i) for i in range(len(RAW))] + [chat_prompt()]
         if concurrent:
+            shuffling = asyncio.create_task(reshuffle())
             done, turns = await asyncio.gather(asyncio.gather(*jobs), conversation())
+            shuffling.cancel()
         else:
             done = [await job for job in jobs]
             turns = await conversation()
@@ -148,7 +158,7 @@ async def test_alone_matches_hf(scheduler: Child, references: dict[str, Referenc
 
 
 @pytest.mark.parametrize(
-    "scheduler", [("fastswitch", ("--kv-blocks", "24")), ("baseline", ("--kv-blocks", "24"))],
+    "scheduler", [("fastswitch", ("--kv-blocks", "7")), ("baseline", ("--kv-blocks", "7"))],
     indirect=True, ids=["fastswitch", "baseline"],
 )
 async def test_concurrent_under_preemption_matches_hf(
