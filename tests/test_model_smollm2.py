@@ -50,12 +50,15 @@ def test_greedy_tokens_and_logits_match_hf_generate(
     hf: tuple[Any, Any], ours: DecoderModel
 ) -> None:
     model, tokenizer = hf
-    chat = [{"role": "user", "content": "Name a fruit that is yellow."}]
+    # A short system message: the template's default one would double the prefill, and our
+    # CPU decoder costs about a second per prefill row over 30 layers.
+    chat = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a yellow fruit."}]  # fmt: skip
     prompts = [
         tokenizer("The three primary colours are")["input_ids"],
         tokenizer.apply_chat_template(chat, add_generation_prompt=True)["input_ids"],
     ]
-    chunks = [(len(prompts[0]),), (16, len(prompts[1]) - 16)]  # the chat prompt in two steps
+    chunks = [(len(prompts[0]),), (9, len(prompts[1]) - 9)]  # the chat prompt in two steps
     actual = our_greedy(ours, prompts, chunks, decode_steps=NEW_TOKENS - 1, seed=2)
     for index, (prompt, got) in enumerate(zip(prompts, actual, strict=True)):
         with torch.inference_mode():
