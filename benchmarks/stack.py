@@ -63,7 +63,7 @@ def metrics(report: LoadReport, stats) -> dict[str, float]:
 
 
 async def one_mode(mode: str, args: argparse.Namespace, log_dir: str):
-    config = StackConfig(mode=mode, num_gpu_blocks=args.gpu_blocks,
+    config = StackConfig(mode=mode, batch_invariant=True, num_gpu_blocks=args.gpu_blocks,
                          num_host_blocks=args.host_blocks, log_dir=log_dir)
     t0 = time.monotonic()
     print(f"[{mode}] starting executor, kvstore and scheduler (logs in {log_dir}) ...",

@@ -1,8 +1,8 @@
 """`python -m services.launch` (also `fastswitch up`): the whole stack as local processes.
 
-Starts the executor (tiny checkpoint, CPU backend unless told otherwise), then the KV store
-(or several, sharing one Redis index) with the executor's block geometry and model
-fingerprint, then the scheduler; waits for each to report SERVING; and on Ctrl-C or SIGTERM
+Starts the executor (tiny checkpoint, CPU backend, fast path unless told otherwise), then
+the KV store (or several, sharing one Redis index) with the executor's block geometry and
+model fingerprint, then the scheduler; waits for each to report SERVING; and on Ctrl-C or SIGTERM
 stops them in reverse order.
 """
 
@@ -41,6 +41,9 @@ class StackConfig:
     block_size: int = 16
     checkpoint: str = ""  # empty: the executor writes and loads the tiny checkpoint
     backend: str = "cpu"
+    # Bit-identical steps whatever the batch: what tests and `make demo` compare tokens by.
+    # `fastswitch up` serves the fast path unless asked.
+    batch_invariant: bool = True
     redis_url: str = ""
     num_kvstores: int = 1  # more than one shares the index through redis_url
     max_num_seqs: int = 32
@@ -108,6 +111,7 @@ class LocalStack:
         executor = self.spawn("executor", [
             "--num-gpu-blocks", str(c.num_gpu_blocks), "--block-size", str(c.block_size),
             "--backend", c.backend, *(["--checkpoint", c.checkpoint] if c.checkpoint else []),
+            "--batch-invariant" if c.batch_invariant else "--no-batch-invariant",
         ], timeout_s)
         with grpc.insecure_channel(executor.address) as channel:
             self.describe = ex_grpc.ExecutorStub(channel).Describe(ex.DescribeRequest())
@@ -198,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-host-blocks", type=int, default=d.num_host_blocks)
     parser.add_argument("--checkpoint", default=os.environ.get("FASTSWITCH_CHECKPOINT", ""))
     parser.add_argument("--backend", default=d.backend, choices=["cpu", "cupy"])
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="bit-identical steps whatever the batch (slower); "
+                             "default: the fast path")
     parser.add_argument("--redis-url", default=os.environ.get("FASTSWITCH_REDIS_URL", ""))
     parser.add_argument("--num-kvstores", type=int, default=d.num_kvstores,
                         help="KV store instances; more than one needs --redis-url")
@@ -207,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     config = StackConfig(
         mode=args.mode, policy=args.policy, num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
-        backend=args.backend, redis_url=args.redis_url, num_kvstores=args.num_kvstores,
+        backend=args.backend, batch_invariant=args.batch_invariant, redis_url=args.redis_url,
+        num_kvstores=args.num_kvstores,
         scheduler_port=args.port,
     )
     stopping = False

@@ -111,6 +111,7 @@ class Description:
     eos_token_id: int
     host_arenas: tuple[str, ...]  # in attach order, which is host block id order
     num_host_blocks: int  # over all arenas
+    batch_invariant: bool  # steps give bit-identical results whatever the batch
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -151,9 +152,17 @@ class _HostSide:
         return self.first_block + self.arena.num_blocks
 
 
-def cache_fingerprint(model_fingerprint: str, kv_dtype: torch.dtype, block_size: int) -> str:
-    """Names the bytes a KV block holds: host blocks are reusable only between equal ones."""
+def cache_fingerprint(
+    model_fingerprint: str, kv_dtype: torch.dtype, block_size: int, *, batch_invariant: bool
+) -> str:
+    """Names the bytes a KV block holds: host blocks are reusable only between equal ones.
+
+    The mode counts: the fast path's KV differs from the invariant path's in the last bits,
+    and reusing it would break an invariant executor's bit-exactness.
+    """
     text = f"{model_fingerprint}|kv_dtype={kv_dtype}|block_size={block_size}"
+    if batch_invariant:
+        text += "|batch_invariant"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -188,7 +197,10 @@ class ExecutorEngine:
         self.geometry = KVCacheGeometry.of(cache)
         self.backend = backend
         self.fingerprint = cache_fingerprint(
-            model.fingerprint(), cache.dtype, self.geometry.block_size
+            model.fingerprint(),
+            cache.dtype,
+            self.geometry.block_size,
+            batch_invariant=model.batch_invariant,
         )
         self._make_copy_engine = copy_engine
         self._lock = threading.Lock()
@@ -207,10 +219,12 @@ class ExecutorEngine:
         block_size: int = 16,
         backend: Backend = "cpu",
         dtype: torch.dtype = torch.float32,
+        batch_invariant: bool = False,
     ) -> ExecutorEngine:
+        """The checkpoint on the backend's device, in the fast or the batch-invariant mode."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
-        config, model = load_checkpoint(checkpoint, dtype=dtype)
+        config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant)
         geometry = KVCacheGeometry.for_model(
             config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=dtype
         )
@@ -234,6 +248,7 @@ class ExecutorEngine:
             eos_token_id=eos[0] if eos else 0,
             host_arenas=tuple(h.arena.name for h in hosts),
             num_host_blocks=hosts[-1].end if hosts else 0,
+            batch_invariant=self.model.batch_invariant,
         )
 
     def attach_host_arena(self, name: str) -> AttachedArena:

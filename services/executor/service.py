@@ -72,6 +72,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             num_host_blocks=d.num_host_blocks,
             eos_token_id=d.eos_token_id,
             host_arenas=d.host_arenas,
+            batch_invariant=d.batch_invariant,
         )
 
     async def AttachHostArena(

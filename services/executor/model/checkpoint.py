@@ -21,14 +21,15 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(
-    path: str | Path, *, dtype: torch.dtype = torch.float32
+    path: str | Path, *, dtype: torch.dtype = torch.float32, batch_invariant: bool = False
 ) -> tuple[ModelConfig, DecoderModel]:
+    """The config and the model, in the given dtype and mode (see `decoder.py`)."""
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing")
     config = ModelConfig.from_file(config_file)
-    model = DecoderModel(config, dtype)
+    model = DecoderModel(config, dtype, batch_invariant=batch_invariant)
     _assign(model, _read_tensors(folder))
     return config, model
 
