@@ -64,7 +64,7 @@ def metrics(report: LoadReport, stats) -> dict[str, float]:
 
 
 async def one_mode(mode: str, args: argparse.Namespace, log_dir: str):
-    config = StackConfig(mode=mode, num_gpu_blocks=args.gpu_blocks,
+    config = StackConfig(mode=mode, batch_invariant=True, num_gpu_blocks=args.gpu_blocks,
                          num_host_blocks=args.host_blocks, log_dir=log_dir,
                          backend=args.backend, checkpoint=args.checkpoint, dtype=args.dtype)
     t0 = time.monotonic()

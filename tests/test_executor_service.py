@@ -23,6 +23,7 @@ from common.kv.extent import runs
 from common.kv.swap_plan import plan_copies
 from protos import executor_pb2 as pb
 from protos import executor_pb2_grpc
+from services.executor.__main__ import parse_args
 from services.executor.engine import cache_fingerprint
 from services.executor.model import KVCacheGeometry, ModelConfig, load_checkpoint
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
@@ -64,7 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             [sys.executable, "-m", "services.executor", "--checkpoint", str(checkpoint),
              "--num-gpu-blocks", str(NUM_GPU_BLOCKS), "--block-size", "16", "--backend", "cpu",
              "--dtype", "float32", "--host-arena", arena.name, "--listen", "127.0.0.1",
-             "--port", "0"],
+             "--port", "0", "--batch-invariant"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
         try:
@@ -151,7 +152,10 @@ async def swap(stub: executor_pb2_grpc.ExecutorStub, order: pb.SwapOrder) -> pb.
 async def test_describe(server: Server, stub: executor_pb2_grpc.ExecutorStub) -> None:
     described = await stub.Describe(pb.DescribeRequest())
     _, model = load_checkpoint(server.checkpoint)
-    assert described.model_fingerprint == cache_fingerprint(model.fingerprint(), torch.float32, 16)
+    assert described.model_fingerprint == cache_fingerprint(
+        model.fingerprint(), torch.float32, 16, batch_invariant=True
+    )
+    assert described.batch_invariant
     geometry = described.geometry
     assert (geometry.block_size, geometry.num_layers, geometry.kv_heads, geometry.head_dim) == (
         16, server.config.num_hidden_layers, server.config.num_key_value_heads,
@@ -168,11 +172,36 @@ async def test_describe(server: Server, stub: executor_pb2_grpc.ExecutorStub) ->
     assert (described.host_arena, described.num_host_blocks) == (server.arena.name, HOST_BLOCKS)
 
 
-def test_kv_fingerprint_covers_cache_dtype_and_block_size() -> None:
-    base = cache_fingerprint("model", torch.float32, 16)
-    assert base != cache_fingerprint("model", torch.float16, 16)
-    assert base != cache_fingerprint("model", torch.float32, 32)
-    assert base != cache_fingerprint("other", torch.float32, 16)
+def test_kv_fingerprint_covers_cache_dtype_block_size_and_mode() -> None:
+    base = cache_fingerprint("model", torch.float32, 16, batch_invariant=False)
+    assert base != cache_fingerprint("model", torch.float16, 16, batch_invariant=False)
+    assert base != cache_fingerprint("model", torch.float32, 32, batch_invariant=False)
+    assert base != cache_fingerprint("other", torch.float32, 16, batch_invariant=False)
+    assert base != cache_fingerprint("model", torch.float32, 16, batch_invariant=True)
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "expected"),
+    [
+        ({}, [], False),
+        ({"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "1"}, [], True),
+        ({"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "true"}, ["--no-batch-invariant"], False),
+        ({"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "off"}, ["--batch-invariant"], True),
+    ],
+)
+def test_batch_invariance_is_off_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str], expected: bool
+) -> None:
+    monkeypatch.delenv("FASTSWITCH_EXECUTOR_BATCH_INVARIANT", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert parse_args(argv).batch_invariant is expected
+
+
+def test_a_misspelt_batch_invariance_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTSWITCH_EXECUTOR_BATCH_INVARIANT", "ture")
+    with pytest.raises(SystemExit):
+        parse_args([])
 
 
 async def test_attach_host_arena(server: Server, stub: executor_pb2_grpc.ExecutorStub) -> None:

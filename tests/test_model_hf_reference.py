@@ -33,15 +33,16 @@ RELATIVE_TOLERANCE = 1e-4
 
 
 @pytest.mark.parametrize(("arch", "seed"), [("llama", 11), ("qwen2", 12)])
+@pytest.mark.parametrize("batch_invariant", [False, True])
 def test_logits_and_greedy_tokens_match_hf_transformers(
-    tmp_path: Path, transformers: ModuleType, arch: str, seed: int
+    tmp_path: Path, transformers: ModuleType, arch: str, seed: int, batch_invariant: bool
 ) -> None:
     folder = make_tiny_checkpoint(tmp_path, seed=seed, arch=arch)
     hf_model = getattr(transformers, HF_CLASSES[arch]).from_pretrained(
         folder, torch_dtype=torch.float32
     )
     hf_model.eval()
-    config, ours = load_checkpoint(folder)
+    config, ours = load_checkpoint(folder, batch_invariant=batch_invariant)
     assert config.tie_word_embeddings == config.attention_bias == (arch == "qwen2")
     generator = torch.Generator().manual_seed(seed)
     prompts = [

@@ -4,6 +4,8 @@ Every flag also reads an environment variable, FASTSWITCH_EXECUTOR_<FLAG> (e.g.
 FASTSWITCH_EXECUTOR_NUM_GPU_BLOCKS), so containers configure it without a command line.
 Without --checkpoint it serves the tiny random Llama that tools/make_tiny_checkpoint writes,
 generated once into $FASTSWITCH_CACHE/tiny-llama-2 (default ~/.cache/fastswitch).
+Steps take the fast path unless --batch-invariant (FASTSWITCH_EXECUTOR_BATCH_INVARIANT=1)
+asks for bit-identical results whatever the batch, as bit-exact preemption tests need.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
 }
 SHUTDOWN_GRACE_S = 5.0
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,9 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listen", default=env("listen", "0.0.0.0"), help="bind address")
     parser.add_argument("--port", type=int, default=int(env("port", "50052")),
                         help="0 picks a free port; the chosen one is printed on stdout")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
+                        default=env("batch-invariant", None) or "false",
+                        help="bit-identical steps whatever the batch, at a cost in speed "
+                             "(default: the fast path)")
     parser.add_argument("--metrics-port", type=int, default=int(env("metrics-port", "0")),
                         help="port of the Prometheus /metrics endpoint (0: off)")
     args = parser.parse_args(argv)
+    if isinstance(args.batch_invariant, str):  # the env default, not the flag
+        if args.batch_invariant.lower() not in BOOLEANS:
+            parser.error(f"{ENV_PREFIX}BATCH_INVARIANT={args.batch_invariant!r} is not one of "
+                         f"{sorted(BOOLEANS)}")
+        args.batch_invariant = BOOLEANS[args.batch_invariant.lower()]
     for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES)):
         value = getattr(args, flag)
         if value not in allowed:  # argparse checks choices of flags, not of env defaults
@@ -123,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             block_size=args.block_size,
             backend=args.backend,
             dtype=DTYPES[args.dtype],
+            batch_invariant=args.batch_invariant,
         )
     except BackendUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -132,8 +146,10 @@ def main(argv: list[str] | None = None) -> None:
                 engine.attach_host_arena(args.host_arena)
             except (OSError, ValueError, PreconditionFailed) as exc:  # ValueError: InvalidInput
                 raise SystemExit(f"error: --host-arena {args.host_arena}: {exc}") from None
-        log.info("serving %s (%s, %d device blocks, fingerprint %s)", checkpoint, args.backend,
-                 args.num_gpu_blocks, engine.fingerprint[:16])
+        log.info("serving %s (%s, %d device blocks, %s, fingerprint %s)", checkpoint,
+                 args.backend, args.num_gpu_blocks,
+                 "batch-invariant" if args.batch_invariant else "fast path",
+                 engine.fingerprint[:16])
         uvloop.run(serve(args, engine))
     finally:
         engine.close()

@@ -115,6 +115,7 @@ class Description:
     checkpoint: str  # the absolute folder served; empty if the engine was not loaded from one
     host_arenas: tuple[str, ...]  # in attach order, which is host block id order
     num_host_blocks: int  # over all arenas
+    batch_invariant: bool  # steps give bit-identical results whatever the batch
     tokenizer_sha256: str = ""  # of the checkpoint's tokenizer.json; empty: byte-level tokens
 
 
@@ -156,9 +157,17 @@ class _HostSide:
         return self.first_block + self.arena.num_blocks
 
 
-def cache_fingerprint(model_fingerprint: str, kv_dtype: torch.dtype, block_size: int) -> str:
-    """Names the bytes a KV block holds: host blocks are reusable only between equal ones."""
+def cache_fingerprint(
+    model_fingerprint: str, kv_dtype: torch.dtype, block_size: int, *, batch_invariant: bool
+) -> str:
+    """Names the bytes a KV block holds: host blocks are reusable only between equal ones.
+
+    The mode counts: the fast path's KV differs from the invariant path's in the last bits,
+    and reusing it would break an invariant executor's bit-exactness.
+    """
     text = f"{model_fingerprint}|kv_dtype={kv_dtype}|block_size={block_size}"
+    if batch_invariant:
+        text += "|batch_invariant"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -196,7 +205,10 @@ class ExecutorEngine:
         self.geometry = KVCacheGeometry.of(cache)
         self.backend = backend
         self.fingerprint = cache_fingerprint(
-            model.fingerprint(), cache.dtype, self.geometry.block_size
+            model.fingerprint(),
+            cache.dtype,
+            self.geometry.block_size,
+            batch_invariant=model.batch_invariant,
         )
         self._make_copy_engine = copy_engine
         self._lock = threading.Lock()
@@ -215,11 +227,13 @@ class ExecutorEngine:
         block_size: int = 16,
         backend: Backend = "cpu",
         dtype: torch.dtype | None = None,
+        batch_invariant: bool = False,
     ) -> ExecutorEngine:
-        """dtype of weights and KV cache; None: the checkpoint's (see `load_checkpoint`)."""
+        """The checkpoint on the backend's device, in the fast or the batch-invariant mode;
+        dtype of weights and KV cache, or None: the checkpoint's (see `load_checkpoint`)."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
-        config, model = load_checkpoint(checkpoint, dtype=dtype)
+        config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant)
         geometry = KVCacheGeometry.for_model(
             config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=model.dtype
         )
@@ -247,6 +261,7 @@ class ExecutorEngine:
             host_arenas=tuple(h.arena.name for h in hosts),
             num_host_blocks=hosts[-1].end if hosts else 0,
             tokenizer_sha256=self.tokenizer_sha256,
+            batch_invariant=self.model.batch_invariant,
         )
 
     def attach_host_arena(self, name: str) -> AttachedArena:

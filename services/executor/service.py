@@ -75,6 +75,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             checkpoint=d.checkpoint,
             eos_token_ids=d.eos_token_ids,
             tokenizer_sha256=d.tokenizer_sha256,
+            batch_invariant=d.batch_invariant,
         )
 
     async def AttachHostArena(
