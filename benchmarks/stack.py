@@ -1,6 +1,7 @@
 """`make demo`: the real stack, once in fastswitch mode and once in baseline mode.
 
-Each run starts the three services as local processes (tiny checkpoint, CPU backend,
+Each run starts the three services as local processes (by default the tiny checkpoint and
+the CPU backend; `--backend cupy`, `--checkpoint DIR` and `--dtype` choose others; the
 embedded index), drives them with the load generator (multi-turn conversations and random
 priority updates, with device KV memory small enough to force preemption), and reads the
 scheduler's counters. The table compares the modes side by side, and `--json FILE` records
@@ -63,8 +64,9 @@ def metrics(report: LoadReport, stats) -> dict[str, float]:
 
 
 async def one_mode(mode: str, args: argparse.Namespace, log_dir: str):
-    config = StackConfig(mode=mode, num_gpu_blocks=args.gpu_blocks,
-                         num_host_blocks=args.host_blocks, log_dir=log_dir)
+    config = StackConfig(mode=mode, batch_invariant=True, num_gpu_blocks=args.gpu_blocks,
+                         num_host_blocks=args.host_blocks, log_dir=log_dir,
+                         backend=args.backend, checkpoint=args.checkpoint, dtype=args.dtype)
     t0 = time.monotonic()
     print(f"[{mode}] starting executor, kvstore and scheduler (logs in {log_dir}) ...",
           file=sys.stderr, flush=True)
@@ -126,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-blocks", type=int, default=96)
     parser.add_argument("--host-blocks", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=["cpu", "cupy"], default="cpu")
+    parser.add_argument("--checkpoint", default="",
+                        help="HF folder; default: the tiny model")
+    parser.add_argument("--dtype", default="",
+                        choices=["", "auto", "float32", "float16", "bfloat16"],
+                        help="the executor's model and KV dtype (default: the checkpoint's)")
     parser.add_argument("--json", default="", help="write both modes' metrics and ratios here")
     return asyncio.run(main_async(parser.parse_args(argv)))
 

@@ -43,6 +43,40 @@ class Final:
     preemptions: int
     bytes_swapped: int
     reused_prompt_tokens: int
+    trailing_text: str  # text held back past the last token; `Generation.text` includes it
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How tokens are chosen and when generation stops; the defaults are greedy until EOS."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no cut
+    seed: int = 0
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def fields(self) -> dict[str, object]:
+        """The request fields these set (GenerateRequest and ChatRequest share them)."""
+        return {
+            "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+            "stop": list(self.stop), "logprobs": self.logprobs,
+            "options": pb.GenerationOptions(
+                ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                stop_token_ids=list(self.stop_token_ids), top_k=self.top_k,
+            ),
+        }
+
+
+Messages = Sequence[tuple[str, str]]  # (role, content) pairs
+
+
+def _messages(messages: Messages) -> list[pb.ChatMessage]:
+    return [pb.ChatMessage(role=role, content=content) for role, content in messages]
 
 
 class Generation:
@@ -56,7 +90,8 @@ class Generation:
 
     @property
     def text(self) -> str:
-        return "".join(t.text for t in self.tokens)
+        tail = self.final.trailing_text if self.final else ""
+        return "".join(t.text for t in self.tokens) + tail
 
     async def __aiter__(self) -> AsyncIterator[Token]:
         async for event in self._call:
@@ -70,7 +105,7 @@ class Generation:
                 self.final = Final(
                     f.finish_reason, f.prompt_tokens, f.completion_tokens, f.ttft_s,
                     f.tbt_mean_s, f.tbt_p99_s, f.tbt_max_s, f.preemptions, f.bytes_swapped,
-                    f.reused_prompt_tokens,
+                    f.reused_prompt_tokens, f.trailing_text,
                 )
 
     async def collect(self) -> Generation:
@@ -115,22 +150,22 @@ class FastSwitchClient:
         *,
         client_id: str,
         max_tokens: int = 64,
+        messages: Messages = (),
         conversation_id: str = "",
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        stop: Sequence[str] = (),
+        sampling: Sampling | None = None,
         priority: int | None = None,
         request_id: str = "",
-        logprobs: bool = False,
         timeout_s: float | None = None,
     ) -> Generation:
+        """`prompt` is text (tokenized with the model's special tokens, as HF does) or token
+        ids; or pass `prompt=""` and role `messages`, rendered with the chat template."""
         request = pb.GenerateRequest(
             client_id=client_id, conversation_id=conversation_id, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, seed=seed, stop=list(stop),
-            priority=priority, request_id=request_id, logprobs=logprobs,
+            priority=priority, request_id=request_id, **(sampling or Sampling()).fields(),
         )
-        if isinstance(prompt, str):
+        if messages:
+            request.messages.messages.extend(_messages(messages))
+        elif isinstance(prompt, str):
             request.text = prompt
         else:
             request.token_ids.ids.extend(prompt)
@@ -139,22 +174,25 @@ class FastSwitchClient:
     def chat(
         self,
         conversation_id: str,
-        message: str,
+        message: str | Messages,
         *,
         client_id: str,
         max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        stop: Sequence[str] = (),
+        sampling: Sampling | None = None,
         priority: int | None = None,
+        request_id: str = "",
         timeout_s: float | None = None,
     ) -> Generation:
-        return Generation(self._stub.Chat(pb.ChatRequest(
-            client_id=client_id, conversation_id=conversation_id, message=message,
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            stop=list(stop), priority=priority,
-        ), timeout=timeout_s))
+        """One turn: a user message, or this turn's (role, content) messages."""
+        request = pb.ChatRequest(
+            client_id=client_id, conversation_id=conversation_id, max_tokens=max_tokens,
+            priority=priority, request_id=request_id, **(sampling or Sampling()).fields(),
+        )
+        if isinstance(message, str):
+            request.message = message
+        else:
+            request.messages.extend(_messages(message))
+        return Generation(self._stub.Chat(request, timeout=timeout_s))
 
     async def set_priority(
         self, priority: int, *, request_id: str = "", client_id: str = ""

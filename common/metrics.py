@@ -9,9 +9,8 @@ planner's preemptions) are exported as they are at scrape time rather than mirro
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from functools import partial
 from typing import Any, Generic, TypeVar
 
@@ -19,6 +18,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from common.grpc_serving import before_each_call, handler_kind
 
 log = logging.getLogger("fastswitch.metrics")
 T = TypeVar("T")
@@ -29,7 +30,6 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    10.0, 30.0, 60.0)
 # 4 KiB to 4 GiB by fours: one block of a tiny model up to a long request of a 32B model.
 BYTES_BUCKETS = tuple(float(4096 * 4**i) for i in range(11))
-_HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 def serve_metrics(port: int, address: str, registry: CollectorRegistry) -> int | None:
@@ -65,39 +65,17 @@ class RpcErrors(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        kind = next(k for k in _HANDLER_KINDS if getattr(handler, k) is not None)
-        watched = _watched(getattr(handler, kind), partial(self._watch, method))
+        kind = handler_kind(handler)
+        watched = before_each_call(getattr(handler, kind), partial(self._watch, method))
         return handler._replace(**{kind: watched})
 
-    def _watch(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    async def _watch(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         context.add_done_callback(partial(self._done, method))
 
     def _done(self, method: str, context: grpc.aio.ServicerContext) -> None:
         code = context.code()
         if code is not None and code is not grpc.StatusCode.OK:
             self.counter.labels(method, code.name).inc()
-
-
-def _watched(behavior: Callable[..., Any], watch: Callable[[Any], None]) -> Callable[..., Any]:
-    """`behavior`, calling `watch(context)` first. grpc.aio tells handler kinds apart by
-    their function type, so coroutine and async generator handlers keep theirs; others
-    (sync handlers get a context without done-callbacks) are left unwatched."""
-    if inspect.iscoroutinefunction(behavior):
-
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            watch(context)
-            return await behavior(request, context)
-
-        return call
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            watch(context)
-            async for response in behavior(request, context):
-                yield response
-
-        return stream
-    return behavior
 
 
 class ScrapeTimeCollector(Collector, Generic[T]):

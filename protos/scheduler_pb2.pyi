@@ -121,7 +121,7 @@ class Token(_message.Message):
     def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Final(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_s", "tbt_mean_s", "tbt_p99_s", "tbt_max_s", "preemptions", "bytes_swapped", "reused_prompt_tokens")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_s", "tbt_mean_s", "tbt_p99_s", "tbt_max_s", "preemptions", "bytes_swapped", "reused_prompt_tokens", "trailing_text")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class Final(_message.Message):
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     BYTES_SWAPPED_FIELD_NUMBER: _ClassVar[int]
     REUSED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAILING_TEXT_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -142,7 +143,8 @@ class Final(_message.Message):
     preemptions: int
     bytes_swapped: int
     reused_prompt_tokens: int
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tbt_mean_s: _Optional[float] = ..., tbt_p99_s: _Optional[float] = ..., tbt_max_s: _Optional[float] = ..., preemptions: _Optional[int] = ..., bytes_swapped: _Optional[int] = ..., reused_prompt_tokens: _Optional[int] = ...) -> None: ...
+    trailing_text: str
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tbt_mean_s: _Optional[float] = ..., tbt_p99_s: _Optional[float] = ..., tbt_max_s: _Optional[float] = ..., preemptions: _Optional[int] = ..., bytes_swapped: _Optional[int] = ..., reused_prompt_tokens: _Optional[int] = ..., trailing_text: _Optional[str] = ...) -> None: ...
 
 class SetPriorityRequest(_message.Message):
     __slots__ = ("request_id", "client_id", "priority")

@@ -1,10 +1,10 @@
 """`python -m services.launch` (also `fastswitch up`): the whole stack as local processes.
 
-Starts the executor (tiny checkpoint, CPU backend unless told otherwise), then the KV store
-(or several, sharing one Redis index) with the executor's block geometry and model
-fingerprint, then the scheduler; waits for each to report SERVING; restarts one that dies,
-on its port and with its arguments, after a backoff that doubles from 1 s to 30 s while
-restarts keep failing; and on Ctrl-C or SIGTERM stops them in reverse order.
+Starts the executor (tiny checkpoint, CPU backend, fast path unless told otherwise), then
+the KV store (or several, sharing one Redis index) with the executor's block geometry and
+model fingerprint, then the scheduler; waits for each to report SERVING; restarts one that
+dies, on its port and with its arguments, after a backoff that doubles from 1 s to 30 s
+while restarts keep failing; and on Ctrl-C or SIGTERM stops them in reverse order.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class StackConfig:
     block_size: int = 16
     checkpoint: str = ""  # empty: the executor writes and loads the tiny checkpoint
     backend: str = "cpu"
+    dtype: str = ""  # empty: the executor's default (the checkpoint's own dtype)
+    # Bit-identical steps whatever the batch: what tests and `make demo` compare tokens by.
+    # `fastswitch up` serves the fast path unless asked.
+    batch_invariant: bool = True
     redis_url: str = ""
     num_kvstores: int = 1  # more than one shares the index through redis_url
     max_num_seqs: int = 32
@@ -114,6 +118,8 @@ class LocalStack:
         executor = self.spawn("executor", [
             "--num-gpu-blocks", str(c.num_gpu_blocks), "--block-size", str(c.block_size),
             "--backend", c.backend, *(["--checkpoint", c.checkpoint] if c.checkpoint else []),
+            *(["--dtype", c.dtype] if c.dtype else []),
+            "--batch-invariant" if c.batch_invariant else "--no-batch-invariant",
         ], timeout_s)
         with grpc.insecure_channel(executor.address) as channel:
             self.describe = ex_grpc.ExecutorStub(channel).Describe(ex.DescribeRequest())
@@ -137,7 +143,8 @@ class LocalStack:
             "--executor", self.executor_address, "--kvstore", ",".join(self.kvstore_addresses),
             "--mode", mode or c.mode, "--policy", c.policy,
             "--max-num-seqs", str(c.max_num_seqs),
-            "--max-batched-tokens", str(c.max_batched_tokens), *extra_args,
+            "--max-batched-tokens", str(c.max_batched_tokens),
+            *extra_args,
         ], timeout_s, port=c.scheduler_port or None)
 
     def stop_child(self, child: Child, grace_s: float = 10.0) -> int:
@@ -216,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-host-blocks", type=int, default=d.num_host_blocks)
     parser.add_argument("--checkpoint", default=os.environ.get("FASTSWITCH_CHECKPOINT", ""))
     parser.add_argument("--backend", default=d.backend, choices=["cpu", "cupy"])
+    parser.add_argument("--dtype", default=os.environ.get("FASTSWITCH_DTYPE", ""),
+                        choices=["", "auto", "float32", "float16", "bfloat16"],
+                        help="model and KV dtype [default: the checkpoint's]")
+    parser.add_argument("--log-dir", default=os.environ.get(
+        "FASTSWITCH_LOG_DIR", str(Path.home() / ".cache" / "fastswitch" / "logs")),
+        help="each service logs to NAME.log here [env FASTSWITCH_LOG_DIR]")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="bit-identical steps whatever the batch (slower); "
+                             "default: the fast path")
     parser.add_argument("--redis-url", default=os.environ.get("FASTSWITCH_REDIS_URL", ""))
     parser.add_argument("--num-kvstores", type=int, default=d.num_kvstores,
                         help="KV store instances; more than one needs --redis-url")
@@ -225,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     config = StackConfig(
         mode=args.mode, policy=args.policy, num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
-        backend=args.backend, redis_url=args.redis_url, num_kvstores=args.num_kvstores,
-        scheduler_port=args.port,
+        backend=args.backend, dtype=args.dtype, batch_invariant=args.batch_invariant,
+        redis_url=args.redis_url, num_kvstores=args.num_kvstores, scheduler_port=args.port,
+        log_dir=args.log_dir,
     )
+    logs = [str(Path(args.log_dir) / f"{n}.log") for n in ("executor", "kvstore", "scheduler")]
+    print(f"starting FastSwitch; the services log to {', '.join(logs)}", flush=True)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:

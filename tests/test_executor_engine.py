@@ -5,6 +5,7 @@ Copies are held at a gate, so "in flight" is a state the test controls rather th
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -27,11 +28,12 @@ from services.executor.engine import (
     SwapOrder,
     copy_engine_factory,
 )
-from services.executor.model import KVCacheGeometry, load_checkpoint
+from services.executor.model import ByteTokenizer, KVCacheGeometry, load_checkpoint
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK_SIZE = 4
+EOS = ByteTokenizer.EOS  # the tiny checkpoint's
 
 
 class GatedCopyEngine(CpuCopyEngine):
@@ -129,6 +131,27 @@ def test_swaps_need_an_attached_arena(checkpoint: Path) -> None:
     bare = ExecutorEngine(config, model, cache, backend="cpu", copy_engine=CpuCopyEngine)
     with pytest.raises(PreconditionFailed, match="no host arena attached"):
         bare.submit_swaps([order(1, "a", "out", [0], [0])])
+
+
+def test_load_takes_the_checkpoints_dtype_and_describes_the_folder(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    config_file = tmp_path / "config.json"
+    config_file.write_text(
+        json.dumps(json.loads((checkpoint / "config.json").read_text()) | {"dtype": "bfloat16"})
+    )
+    for weights in checkpoint.glob("*.safetensors"):
+        (tmp_path / weights.name).symlink_to(weights)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3]}))
+    auto = ExecutorEngine.load(tmp_path, num_gpu_blocks=4, block_size=BLOCK_SIZE)
+    assert (auto.model.dtype, auto.cache.dtype) == (torch.bfloat16, torch.bfloat16)
+    described = auto.describe()
+    auto.close()
+    assert described.checkpoint == str(tmp_path.resolve())
+    assert (described.eos_token_id, described.eos_token_ids) == (EOS, (EOS, 3))
+    forced = ExecutorEngine.load(tmp_path, num_gpu_blocks=4, dtype=torch.float32)
+    forced.close()
+    assert (forced.model.dtype, forced.cache.dtype) == (torch.float32, torch.float32)
 
 
 def _cuda_ready() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import select
 import signal
@@ -22,6 +23,7 @@ from common.kv.extent import runs
 from common.kv.swap_plan import plan_copies
 from protos import executor_pb2 as pb
 from protos import executor_pb2_grpc
+from services.executor.__main__ import parse_args
 from services.executor.engine import cache_fingerprint
 from services.executor.model import KVCacheGeometry, ModelConfig, load_checkpoint
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
@@ -33,6 +35,7 @@ PROMPT = [1, *b"The executor keeps no scheduling state."]  # 40 tokens
 GENERATED = 30
 GREEDY = pb.SamplingParams()
 SEEDED = pb.SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+EXTRA_EOS = 3  # generation_config.json's, after config.json's
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("executor")
     checkpoint = make_tiny_checkpoint(tmp / "tiny")
     config = ModelConfig.from_file(checkpoint / "config.json")
+    generation = {"eos_token_id": [*config.eos_token_ids, EXTRA_EOS]}
+    (checkpoint / "generation_config.json").write_text(json.dumps(generation))
     geometry = KVCacheGeometry.for_model(config, num_blocks=NUM_GPU_BLOCKS, block_size=16)
     with HostArena.local(HOST_BLOCKS, geometry.block_bytes) as arena:
         view = arena.as_tensor()
@@ -60,7 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             [sys.executable, "-m", "services.executor", "--checkpoint", str(checkpoint),
              "--num-gpu-blocks", str(NUM_GPU_BLOCKS), "--block-size", "16", "--backend", "cpu",
              "--dtype", "float32", "--host-arena", arena.name, "--listen", "127.0.0.1",
-             "--port", "0"],
+             "--port", "0", "--batch-invariant"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
         try:
@@ -147,7 +152,10 @@ async def swap(stub: executor_pb2_grpc.ExecutorStub, order: pb.SwapOrder) -> pb.
 async def test_describe(server: Server, stub: executor_pb2_grpc.ExecutorStub) -> None:
     described = await stub.Describe(pb.DescribeRequest())
     _, model = load_checkpoint(server.checkpoint)
-    assert described.model_fingerprint == cache_fingerprint(model.fingerprint(), torch.float32, 16)
+    assert described.model_fingerprint == cache_fingerprint(
+        model.fingerprint(), torch.float32, 16, batch_invariant=True
+    )
+    assert described.batch_invariant
     geometry = described.geometry
     assert (geometry.block_size, geometry.num_layers, geometry.kv_heads, geometry.head_dim) == (
         16, server.config.num_hidden_layers, server.config.num_key_value_heads,
@@ -159,14 +167,41 @@ async def test_describe(server: Server, stub: executor_pb2_grpc.ExecutorStub) ->
     assert described.vocab_size == server.config.vocab_size
     assert described.max_model_len == server.config.max_position_embeddings
     assert described.eos_token_id == server.config.eos_token_ids[0]
+    assert list(described.eos_token_ids) == [*server.config.eos_token_ids, EXTRA_EOS]
+    assert described.checkpoint == str(server.checkpoint.resolve())
     assert (described.host_arena, described.num_host_blocks) == (server.arena.name, HOST_BLOCKS)
 
 
-def test_kv_fingerprint_covers_cache_dtype_and_block_size() -> None:
-    base = cache_fingerprint("model", torch.float32, 16)
-    assert base != cache_fingerprint("model", torch.float16, 16)
-    assert base != cache_fingerprint("model", torch.float32, 32)
-    assert base != cache_fingerprint("other", torch.float32, 16)
+def test_kv_fingerprint_covers_cache_dtype_block_size_and_mode() -> None:
+    base = cache_fingerprint("model", torch.float32, 16, batch_invariant=False)
+    assert base != cache_fingerprint("model", torch.float16, 16, batch_invariant=False)
+    assert base != cache_fingerprint("model", torch.float32, 32, batch_invariant=False)
+    assert base != cache_fingerprint("other", torch.float32, 16, batch_invariant=False)
+    assert base != cache_fingerprint("model", torch.float32, 16, batch_invariant=True)
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "expected"),
+    [
+        ({}, [], False),
+        ({"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "1"}, [], True),
+        ({"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "true"}, ["--no-batch-invariant"], False),
+        ({"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "off"}, ["--batch-invariant"], True),
+    ],
+)
+def test_batch_invariance_is_off_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str], expected: bool
+) -> None:
+    monkeypatch.delenv("FASTSWITCH_EXECUTOR_BATCH_INVARIANT", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert parse_args(argv).batch_invariant is expected
+
+
+def test_a_misspelt_batch_invariance_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTSWITCH_EXECUTOR_BATCH_INVARIANT", "ture")
+    with pytest.raises(SystemExit):
+        parse_args([])
 
 
 async def test_attach_host_arena(server: Server, stub: executor_pb2_grpc.ExecutorStub) -> None:
@@ -271,7 +306,16 @@ BAD_STEPS = [
      r"sequences\[1\]\.request_id='poison' repeats sequences\[0\]"),
     ([POISON_STEP, _seq("b", [100], 0, [5], sample=True,
                         sampling=pb.SamplingParams(temperature=-1))],
-     r"sequences\[1\]\.sampling: temperature must be >= 0"),
+     r"sequences\[1\]\.sampling: temperature must be a finite number >= 0"),
+    ([POISON_STEP, _seq("b", [100], 0, [5], sample=True,
+                        sampling=pb.SamplingParams(temperature=float("nan")))],
+     r"sequences\[1\]\.sampling: temperature must be a finite number >= 0, got nan"),
+    ([POISON_STEP, _seq("b", [100], 0, [5], sample=True,
+                        sampling=pb.SamplingParams(top_p=float("inf")))],
+     r"sequences\[1\]\.sampling: top_p must be in \(0, 1\]"),
+    ([POISON_STEP, pb.SequenceInput(request_id="b", block_table=[100], token_ids=[5],
+                                    sample=True, banned_token_ids=[9999])],
+     r"sequences\[1\]\.banned_token_ids\[0\]=9999 out of range"),
     ([POISON_STEP, _seq("b", list(range(100, 100 + 257)), 4090, [5] * 10)],
      r"sequences\[1\]: start\+len\(token_ids\)=4100 exceeds max_model_len 4096"),
     ([POISON_STEP, _seq("b", [VICTIM_BLOCKS[0]], 3, [5])],

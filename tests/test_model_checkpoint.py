@@ -55,6 +55,31 @@ def test_loading_casts_to_the_requested_dtype(tmp_path: Path) -> None:
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+def edit_config(folder: Path, **fields: object) -> None:
+    config_file = folder / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | fields))
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])  # transformers 5, transformers 4
+def test_the_checkpoints_dtype_is_honoured_unless_overridden(tmp_path: Path, key: str) -> None:
+    folder = make_tiny_checkpoint(tmp_path, **SMALL)
+    assert load_checkpoint(folder)[1].dtype == torch.float32  # the config names none
+    edit_config(folder, **{key: "bfloat16"})
+    config, model = load_checkpoint(folder)
+    assert (config.dtype, model.dtype) == ("bfloat16", torch.bfloat16)
+    assert load_checkpoint(folder, dtype=torch.float16)[1].dtype == torch.float16
+
+
+def test_eos_ids_merge_config_and_generation_config(tmp_path: Path) -> None:
+    folder = make_tiny_checkpoint(tmp_path, **SMALL)
+    edit_config(folder, eos_token_id=[257, 5])
+    assert load_checkpoint(folder)[0].eos_token_ids == (257, 5)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 5, 257, 4]}))
+    assert load_checkpoint(folder)[0].eos_token_ids == (257, 5, 9, 4)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 6}))
+    assert load_checkpoint(folder)[0].eos_token_ids == (257, 5, 6)
+
+
 def test_fingerprint_is_stable_and_tracks_weights_and_dtype(tmp_path: Path) -> None:
     folder = make_tiny_checkpoint(tmp_path / "a", **SMALL)
     first = load_checkpoint(folder)[1].fingerprint()

@@ -52,7 +52,7 @@ def test_defaults_and_derived_fields() -> None:
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_to_hf_round_trips(model_type: str) -> None:
-    config = ModelConfig.from_hf(hf(model_type, tie_word_embeddings=True))
+    config = ModelConfig.from_hf(hf(model_type, tie_word_embeddings=True, dtype="bfloat16"))
     assert ModelConfig.from_hf(config.to_hf()) == config
 
 
@@ -61,7 +61,12 @@ def test_to_hf_round_trips(model_type: str) -> None:
     [
         ({"model_type": "mistral"}, "model_type"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "'longrope'"),
+        ({"rope_parameters": {"rope_type": "su", "rope_theta": 1e4}}, "'su'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs 'low_freq_factor'"),
+        ({"rope_scaling": {"type": "linear"}}, "needs 'factor'"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"dtype": "float8_e4m3fn"}, "dtype 'float8_e4m3fn'"),
         ({"num_key_value_heads": 3}, "multiple"),
     ],
 )

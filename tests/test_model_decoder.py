@@ -1,4 +1,5 @@
-"""The paged decoder: right answers, and the same bits under any chunking, batching, placement."""
+"""The paged decoder: right answers in both modes; with batch invariance on, the same bits under
+any chunking, batching, placement; without it, the same answers to float rounding."""
 
 from __future__ import annotations
 
@@ -20,8 +21,19 @@ BLOCK = 16
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> DecoderModel:
-    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("llama"), seed=3)
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("llama"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(folder: Path) -> DecoderModel:
+    """The batch-invariant model: the determinism tests compare bits."""
+    return load_checkpoint(folder, batch_invariant=True)[1]
+
+
+@pytest.fixture(scope="module")
+def fast(folder: Path) -> DecoderModel:
+    """The same weights on the default, fast path."""
     return load_checkpoint(folder)[1]
 
 
@@ -102,10 +114,13 @@ def dense_reference(model: DecoderModel, ids: list[int]) -> torch.Tensor:
     return F.linear(norm(x, w["model.norm.weight"]), w["lm_head.weight"])
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_paged_forward_matches_a_dense_reference(tmp_path: Path, arch: str) -> None:
+def test_paged_forward_matches_a_dense_reference(
+    tmp_path: Path, arch: str, batch_invariant: bool
+) -> None:
     folder = make_tiny_checkpoint(tmp_path, arch=arch, num_layers=2, hidden=64, heads=4)
-    model = load_checkpoint(folder, dtype=torch.float64)[1]
+    model = load_checkpoint(folder, dtype=torch.float64, batch_invariant=batch_invariant)[1]
     ids = prompt(1, 40)
     cache = new_cache(model)
     table = [9, 3, 17]  # scattered on purpose
@@ -186,6 +201,53 @@ def test_recompute_from_scratch_equals_continuing(model: DecoderModel) -> None:
 
     assert rest == baseline[10:]
     assert torch.equal(torch.stack(rest_logits), torch.stack(baseline_logits[10:]))
+
+
+# -- the fast path -----------------------------------------------------------------------------
+
+# Float32 rounding between the two modes' summation orders, relative to the logits' spread.
+FAST_TOLERANCE = 1e-4
+
+
+def assert_near(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    spread = expected.std().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=FAST_TOLERANCE * spread)
+
+
+def test_the_fast_path_is_the_default(fast: DecoderModel) -> None:
+    assert not fast.batch_invariant
+    assert not DecoderModel(fast.config).batch_invariant
+
+
+def test_fast_path_matches_the_invariant_path(model: DecoderModel, fast: DecoderModel) -> None:
+    """A mixed batch (a chunk after a prefix, a fresh prefill, a decode) and greedy decoding."""
+    ids = prompt(6, 60)
+    table = [0, 1, 2, 3, 4, 5]
+    results = []
+    for m in (model, fast):
+        cache = new_cache(m)
+        prefill_in_chunks(m, cache, table, ids[:33], [20, 13])
+        prefill_in_chunks(m, cache, [10, 11], ids[:5], [5])
+        mixed = m.forward_step(cache, [
+            SequenceStep(table, 33, ids[33:]),
+            SequenceStep([20, 21], 0, ids[:19]),
+            SequenceStep([10, 11], 5, [ids[5]]),
+        ], all_positions=True)
+        tokens, logits = decode_greedy(m, cache, table, 60, int(mixed[26].argmax()), 20)
+        results.append((mixed, tokens, torch.stack(logits)))
+    (want_mixed, want_tokens, want_logits), (mixed, tokens, logits) = results
+    assert_near(mixed, want_mixed)
+    assert_near(logits, want_logits)
+    assert tokens == want_tokens
+    assert len(set(want_tokens)) > 3
+
+
+def test_fast_chunked_prefill_matches_one_shot_to_rounding(fast: DecoderModel) -> None:
+    ids = prompt(2, 75)
+    table = list(range(5))
+    one_shot = prefill_in_chunks(fast, new_cache(fast), table, ids, [75])
+    for sizes in ([13, 1, 30, 31], [1] * 10 + [65], [16, 16, 16, 16, 11]):
+        assert_near(prefill_in_chunks(fast, new_cache(fast), table, ids, sizes), one_shot)
 
 
 # -- validation -------------------------------------------------------------------------------

@@ -62,7 +62,31 @@ def test_low_temperature_sharpens() -> None:
     assert cold[0] / 500 > 0.9
 
 
-@pytest.mark.parametrize("bad", [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}])
+def test_top_k_keeps_the_k_most_likely_ties_included() -> None:
+    counts = Counter(draws(SamplingParams(temperature=1.0, top_k=2, seed=3), 400))
+    assert set(counts) == {0, 1}
+    tied = torch.tensor([1.0, 3.0, 3.0, 0.0])
+    kept = draws(SamplingParams(temperature=1.0, top_k=1, seed=4), 200, tied)
+    assert set(kept) == {1, 2}  # both share the k-th value
+    assert draws(SamplingParams(temperature=1.0, top_k=10, seed=3), 50) == draws(
+        SamplingParams(temperature=1.0, seed=3), 50)  # k past the vocabulary: no cut
+
+
+def test_banned_tokens_are_never_chosen() -> None:
+    assert sample(LOGITS, SamplingParams(), 0, banned=[0]).token_id == 1
+    assert 0 not in draws_banned(SamplingParams(temperature=1.0, seed=9), 300, [0])
+    token = sample(LOGITS, SamplingParams(logprobs=True), 0, banned=[0])
+    assert token.logprob == pytest.approx(float(LOGITS.double().log_softmax(-1)[1]))
+
+
+def draws_banned(params: SamplingParams, count: int, banned: list[int]) -> list[int]:
+    return [sample(LOGITS, params, i, banned=banned).token_id for i in range(count)]
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": -1.0}, {"temperature": float("nan")}, {"temperature": float("inf")},
+    {"top_p": 0.0}, {"top_p": 1.5}, {"top_p": float("nan")}, {"top_k": -1},
+])
 def test_invalid_params_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -10,12 +10,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.client import FastSwitchClient, Generation
+from common.client import FastSwitchClient, Generation, Sampling
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2
@@ -48,12 +49,12 @@ def scheduler(stack: LocalStack, request: pytest.FixtureRequest) -> Iterator[Chi
     assert stack.stop_child(child) == 0, "scheduler did not exit cleanly on SIGTERM"
 
 
-def prompts(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
+def prompts(n: int, seed: int = 0) -> list[tuple[list[int], Sampling]]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
         tokens = [rng.randrange(256) for _ in range(rng.randint(20, 90))]
-        sampling = {"temperature": 0.8, "top_p": 0.9, "seed": i} if i % 2 else {}
+        sampling = Sampling(temperature=0.8, top_p=0.9, seed=i) if i % 2 else Sampling()
         out.append((tokens, sampling))
     return out
 
@@ -66,7 +67,7 @@ async def run_requests(address: str, reqs, *, concurrent: bool, shuffle_prioriti
         async def one(i: int) -> list[int]:
             tokens, sampling = reqs[i]
             gen = client.generate(tokens, client_id=f"c{i % 3}", max_tokens=40,
-                                  priority=i % 4, request_id=f"r{i}", **sampling)
+                                  priority=i % 4, request_id=f"r{i}", sampling=sampling)
             await gen.collect()
             return [t.id for t in gen.tokens]
 
@@ -121,12 +122,31 @@ async def test_second_turn_reuses_the_host_prefix(scheduler: Child) -> None:
         first = await client.chat("conv-reuse", "tell me about block groups and swaps",
                                   client_id="a", max_tokens=24).collect()
         assert first.final.reused_prompt_tokens == 0
-        await asyncio.sleep(0.3)  # the finished turn's KV is copied to the host meanwhile
+        # Sent at once: the planner waits for the finished turn's copy to the host.
         second = await client.chat("conv-reuse", "and then?", client_id="a",
                                    max_tokens=8).collect()
         history = first.final.prompt_tokens + first.final.completion_tokens - 1
         assert second.final.reused_prompt_tokens == history // 16 * 16 > 0
         assert (await client.stats()).reuse_hit_tokens >= second.final.reused_prompt_tokens
+
+
+async def test_stop_token_ids_and_min_tokens(scheduler: Child) -> None:
+    prompt = list(range(40, 90))
+    async with FastSwitchClient(scheduler.address) as client:
+        await client.wait_ready()
+        free = [t.id for t in (await client.generate(prompt, client_id="a",
+                                                      max_tokens=12).collect()).tokens]
+        stop = free[3]
+        first = free.index(stop)
+        stopped = await client.generate(prompt, client_id="a", max_tokens=12,
+                                        sampling=Sampling(stop_token_ids=[stop])).collect()
+        assert [t.id for t in stopped.tokens] == free[: first + 1]
+        assert stopped.final.finish_reason == "stop"
+        held = await client.generate(prompt, client_id="a", max_tokens=12, sampling=Sampling(
+            stop_token_ids=[stop], min_tokens=first + 2)).collect()
+        ids = [t.id for t in held.tokens]
+        assert ids[:first] == free[:first]
+        assert stop not in ids[: first + 2] and len(ids) >= first + 2
 
 
 async def test_edited_history_reuses_only_the_common_prefix(scheduler: Child) -> None:
@@ -194,8 +214,18 @@ async def test_bad_input_gets_clear_status_codes(stack: LocalStack) -> None:
                 (dict(prompt="hi", client_id="a", max_tokens=0), "max_tokens"),
                 (dict(prompt="", client_id="a"), "empty"),
                 (dict(prompt="hi", client_id=""), "client_id"),
-                (dict(prompt="hi", client_id="a", temperature=-1), "temperature"),
-                (dict(prompt="hi", client_id="a", top_p=1.5), "top_p"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(temperature=-1)),
+                 "temperature"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(temperature=float("nan"))),
+                 "temperature"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(top_p=1.5)), "top_p"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(top_p=float("inf"))),
+                 "top_p"),
+                (dict(prompt="hi", client_id="a", max_tokens=4,
+                      sampling=Sampling(min_tokens=5)), "min_tokens"),
+                (dict(prompt="hi", client_id="a", sampling=Sampling(stop_token_ids=[10**6])),
+                 "stop_token_ids"),
+                (dict(prompt="", client_id="a", messages=[("robot", "hi")]), "role"),
                 (dict(prompt=[1, 99999], client_id="a"), "token_ids.ids[1]"),
                 (dict(prompt="x" * 5000, client_id="a"), "context"),
                 (dict(prompt="x" * 200, client_id="a", max_tokens=8), "KV blocks"),
@@ -404,3 +434,38 @@ async def test_fastswitch_up_restarts_a_dead_kvstore_and_the_scheduler_takes_it_
         finally:
             stopping.set()
             loop.join(30)
+
+
+def test_scheduler_refuses_a_tokenizer_that_is_not_the_executors(
+    stack: LocalStack, smollm2: Path
+) -> None:
+    d = stack.describe
+    assert d is not None and Path(d.checkpoint).is_dir()
+    assert d.tokenizer_sha256 == ""  # the tiny model has byte-level tokens
+    with pytest.raises(RuntimeError, match="scheduler exited with code 1"):
+        stack.start_scheduler(extra_args=["--tokenizer", str(smollm2)], timeout_s=60)
+    log = (Path(stack.config.log_dir) / "scheduler.log").read_text()
+    assert "the executor's checkpoint has byte-level" in log
+
+
+@pytest.mark.parametrize("service", ["scheduler", "executor", "kvstore"])
+async def test_undecodable_requests_get_invalid_argument(
+    stack: LocalStack, scheduler: Child, service: str
+) -> None:
+    """Invalid UTF-8 in a string field, and bytes that are no message at all."""
+    address, method = {
+        "scheduler": (scheduler.address, "/fastswitch.scheduler.v1.Scheduler/Cancel"),
+        "executor": (stack.executor_address, "/fastswitch.executor.v1.Executor/AttachHostArena"),
+        "kvstore": (stack.kvstore_address, "/fastswitch.kvstore.v1.KVStore/Release"),
+    }[service]
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(method, request_serializer=None,
+                                   response_deserializer=None)
+        for payload in (b"\x0a\x02\xff\xfe", b"\xff\xff\xff\xff"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(payload, timeout=10)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, payload
+            assert "does not parse" in err.value.details()
+    log = (Path(stack.config.log_dir) / f"{service}.log").read_text()
+    assert "request does not parse" in log
+    assert "Exception deserializing" not in log  # grpc's own traceback for it

@@ -1,4 +1,5 @@
-"""The swap-copy benchmark on a tiny geometry: its JSON, its copy counts, and its self-check."""
+"""The swap-copy benchmark on a tiny geometry (CPU backend): its JSON, its copy counts per way
+and direction, and its self-check."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.swap_copy import Method, measure
+from benchmarks.swap_copy import METHODS, Method, measure
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
 TOKENS, GROUP, REPEATS = 40, 4, 2  # 10 blocks in groups of 4, 4 and 2
 
 
-def test_the_script_writes_the_json_the_issue_names(tmp_path: Path) -> None:
+def test_the_script_writes_both_directions_four_ways(tmp_path: Path) -> None:
     out = tmp_path / "nested" / "swap.json"
     done = subprocess.run(
         [
@@ -36,25 +37,28 @@ def test_the_script_writes_the_json_the_issue_names(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
 
     blocks = TOKENS // BLOCK_SIZE
+    assert result["backend"] == "cpu"
     assert result["bytes"] == TOKENS * LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # fp16
-    assert {name: m["copies"] for name, m in result["methods"].items()} == {
-        "per_block": blocks * LAYERS * 2,
-        "group": 3,
-        "memcpy": 1,
-    }
-    for name in ("per_block", "group", "memcpy"):
-        method = result["methods"][name]
-        assert len(method["seconds"]) == REPEATS
-        assert result[f"{name}_gbps"] == pytest.approx(method["median_gbps"])
-        assert 0 < method["median_gbps"] <= method["best_gbps"]
-    assert result["group_over_per_block"] == pytest.approx(
-        result["group_gbps"] / result["per_block_gbps"]
-    )
-    assert result["group_over_memcpy"] == pytest.approx(
-        result["group_gbps"] / result["memcpy_gbps"]
-    )
+    assert set(result["directions"]) == {"out", "in"}
+    for direction in result["directions"].values():
+        assert {name: m["copies"] for name, m in direction["methods"].items()} == {
+            "per_block": blocks * LAYERS * 2,
+            "block_major": blocks,
+            "group": 3,
+            "memcpy": 1,
+        }
+        for name in METHODS:
+            method = direction["methods"][name]
+            assert len(method["seconds"]) == REPEATS
+            assert direction[f"{name}_gbps"] == pytest.approx(method["median_gbps"])
+            assert 0 < method["median_gbps"] <= method["best_gbps"]
+        for other in ("per_block", "block_major", "memcpy"):
+            assert direction[f"group_over_{other}"] == pytest.approx(
+                direction["group_gbps"] / direction[f"{other}_gbps"]
+            )
     assert f"repeat {REPEATS}/{REPEATS}" in done.stderr
-    assert "group/memcpy" in done.stdout
+    assert "swap-out" in done.stdout and "swap-in" in done.stdout
+    assert "group/block_major" in done.stdout
 
 
 def test_a_method_that_copies_wrong_bytes_fails_the_run() -> None:

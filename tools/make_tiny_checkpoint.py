@@ -13,13 +13,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from common.chat_template import TEMPLATE_FILE
+from common.tokenizer import ByteTokenizer
 from services.executor.model.checkpoint import SHARD_INDEX
 from services.executor.model.config import ModelConfig
 from services.executor.model.decoder import DecoderModel
-from services.executor.model.tokenizer import ByteTokenizer
 
 # Byte tokenizer ids, rounded up to a multiple of 8 as real vocabularies are.
 DEFAULT_VOCAB = -(-ByteTokenizer().vocab_size // 8) * 8
+# A plain chat template, so that the tiny model serves role messages as a real one does.
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
 
 
 def make_tiny_checkpoint(
@@ -68,6 +74,7 @@ def make_tiny_checkpoint(
         if not (config.tie_word_embeddings and name == "lm_head.weight")
     }
     (out / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
+    (out / TEMPLATE_FILE).write_text(BYTE_CHAT_TEMPLATE)
     _save(tensors, out, shards)
     return out
 

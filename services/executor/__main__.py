@@ -3,7 +3,9 @@
 Every flag also reads an environment variable, FASTSWITCH_EXECUTOR_<FLAG> (e.g.
 FASTSWITCH_EXECUTOR_NUM_GPU_BLOCKS), so containers configure it without a command line.
 Without --checkpoint it serves the tiny random Llama that tools/make_tiny_checkpoint writes,
-generated once into $FASTSWITCH_CACHE/tiny-llama (default ~/.cache/fastswitch).
+generated once into $FASTSWITCH_CACHE/tiny-llama-2 (default ~/.cache/fastswitch).
+Steps take the fast path unless --batch-invariant (FASTSWITCH_EXECUTOR_BATCH_INVARIANT=1)
+asks for bit-identical results whatever the batch, as bit-exact preemption tests need.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import grpc
 import torch
 import uvloop
 
-from common.grpc_serving import mark_serving, wait_for_stop_signal
+from common.grpc_serving import RefuseUndecodable, mark_serving, wait_for_stop_signal
 from common.metrics import serve_metrics
 from services.executor.engine import (
     BACKENDS,
@@ -34,8 +36,16 @@ from tools.make_tiny_checkpoint import make_tiny_checkpoint
 log = logging.getLogger("services.executor")
 
 ENV_PREFIX = "FASTSWITCH_EXECUTOR_"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# "auto": the dtype the checkpoint's config names (float32 if none).
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 SHUTDOWN_GRACE_S = 5.0
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,15 +59,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-gpu-blocks", type=int, default=int(env("num-gpu-blocks", "512")))
     parser.add_argument("--block-size", type=int, default=int(env("block-size", "16")))
     parser.add_argument("--backend", choices=BACKENDS, default=env("backend", "cpu"))
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env("dtype", "float32"))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env("dtype", "auto"),
+                        help="of weights and KV cache; auto: the checkpoint's (float32 if none)")
     parser.add_argument("--host-arena", default=env("host-arena", None),
                         help="name of the kvstore's shared-memory arena to attach at start")
     parser.add_argument("--listen", default=env("listen", "0.0.0.0"), help="bind address")
     parser.add_argument("--port", type=int, default=int(env("port", "50052")),
                         help="0 picks a free port; the chosen one is printed on stdout")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
+                        default=env("batch-invariant", None) or "false",
+                        help="bit-identical steps whatever the batch, at a cost in speed "
+                             "(default: the fast path)")
     parser.add_argument("--metrics-port", type=int, default=int(env("metrics-port", "0")),
                         help="port of the Prometheus /metrics endpoint (0: off)")
     args = parser.parse_args(argv)
+    if isinstance(args.batch_invariant, str):  # the env default, not the flag
+        if args.batch_invariant.lower() not in BOOLEANS:
+            parser.error(f"{ENV_PREFIX}BATCH_INVARIANT={args.batch_invariant!r} is not one of "
+                         f"{sorted(BOOLEANS)}")
+        args.batch_invariant = BOOLEANS[args.batch_invariant.lower()]
     for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES)):
         value = getattr(args, flag)
         if value not in allowed:  # argparse checks choices of flags, not of env defaults
@@ -68,11 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def tiny_checkpoint() -> Path:
     """The default model, written once; concurrent starters race to an atomic rename."""
     cache = Path(os.environ.get("FASTSWITCH_CACHE", Path.home() / ".cache" / "fastswitch"))
-    target = cache / "tiny-llama"
+    target = cache / "tiny-llama-2"  # -2: with a chat template
     if (target / "config.json").is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".tiny-llama-") as scratch:
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".tiny-llama-2-") as scratch:
         written = make_tiny_checkpoint(Path(scratch) / "ckpt")
         try:
             written.rename(target)
@@ -87,7 +107,7 @@ async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:
     metrics.watch(engine)
     completions = engine.subscribe()
     recording = asyncio.create_task(metrics.record_swaps(completions))
-    server = grpc.aio.server(interceptors=[metrics.rpc_errors])
+    server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()])
     service = ExecutorService(engine, metrics)
     health = add_to_server(service, server)
     serve_metrics(args.metrics_port, args.listen, metrics.registry)
@@ -116,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             block_size=args.block_size,
             backend=args.backend,
             dtype=DTYPES[args.dtype],
+            batch_invariant=args.batch_invariant,
         )
     except BackendUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -125,8 +146,10 @@ def main(argv: list[str] | None = None) -> None:
                 engine.attach_host_arena(args.host_arena)
             except (OSError, ValueError, PreconditionFailed) as exc:  # ValueError: InvalidInput
                 raise SystemExit(f"error: --host-arena {args.host_arena}: {exc}") from None
-        log.info("serving %s (%s, %d device blocks, fingerprint %s)", checkpoint, args.backend,
-                 args.num_gpu_blocks, engine.fingerprint[:16])
+        log.info("serving %s (%s, %d device blocks, %s, fingerprint %s)", checkpoint,
+                 args.backend, args.num_gpu_blocks,
+                 "batch-invariant" if args.batch_invariant else "fast path",
+                 engine.fingerprint[:16])
         uvloop.run(serve(args, engine))
     finally:
         engine.close()

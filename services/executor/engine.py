@@ -29,6 +29,7 @@ import torch
 from common.kv.arena import HostArena
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy, SwapOrder
+from common.tokenizer import tokenizer_fingerprint
 from services.executor.copy import CompletionStream, CopyEngine, CpuCopyEngine, Direction
 from services.executor.copy.completions import CompletionHub
 from services.executor.copy.engine import SwapCompletion
@@ -72,6 +73,7 @@ class StepSequence:
     token_ids: Sequence[int]
     sample: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    banned_token_ids: tuple[int, ...] = ()  # never sampled this step
 
     @property
     def end(self) -> int:
@@ -108,9 +110,13 @@ class Description:
     backend: Backend
     vocab_size: int
     max_model_len: int
-    eos_token_id: int
+    eos_token_id: int  # the first of eos_token_ids, 0 if none
+    eos_token_ids: tuple[int, ...]  # config.json's, then generation_config.json's
+    checkpoint: str  # the absolute folder served; empty if the engine was not loaded from one
     host_arenas: tuple[str, ...]  # in attach order, which is host block id order
     num_host_blocks: int  # over all arenas
+    batch_invariant: bool  # steps give bit-identical results whatever the batch
+    tokenizer_sha256: str = ""  # of the checkpoint's tokenizer.json; empty: byte-level tokens
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -151,9 +157,17 @@ class _HostSide:
         return self.first_block + self.arena.num_blocks
 
 
-def cache_fingerprint(model_fingerprint: str, kv_dtype: torch.dtype, block_size: int) -> str:
-    """Names the bytes a KV block holds: host blocks are reusable only between equal ones."""
+def cache_fingerprint(
+    model_fingerprint: str, kv_dtype: torch.dtype, block_size: int, *, batch_invariant: bool
+) -> str:
+    """Names the bytes a KV block holds: host blocks are reusable only between equal ones.
+
+    The mode counts: the fast path's KV differs from the invariant path's in the last bits,
+    and reusing it would break an invariant executor's bit-exactness.
+    """
     text = f"{model_fingerprint}|kv_dtype={kv_dtype}|block_size={block_size}"
+    if batch_invariant:
+        text += "|batch_invariant"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -181,14 +195,20 @@ class ExecutorEngine:
         *,
         backend: Backend,
         copy_engine: CopyEngineFactory,
+        checkpoint: Path | None = None,
     ) -> None:
         self.config = config
+        self.checkpoint = checkpoint  # its tokenizer and chat template live there too
+        self.tokenizer_sha256 = tokenizer_fingerprint(checkpoint) if checkpoint else ""
         self.model = model
         self.cache = cache
         self.geometry = KVCacheGeometry.of(cache)
         self.backend = backend
         self.fingerprint = cache_fingerprint(
-            model.fingerprint(), cache.dtype, self.geometry.block_size
+            model.fingerprint(),
+            cache.dtype,
+            self.geometry.block_size,
+            batch_invariant=model.batch_invariant,
         )
         self._make_copy_engine = copy_engine
         self._lock = threading.Lock()
@@ -206,13 +226,16 @@ class ExecutorEngine:
         num_gpu_blocks: int,
         block_size: int = 16,
         backend: Backend = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
+        batch_invariant: bool = False,
     ) -> ExecutorEngine:
+        """The checkpoint on the backend's device, in the fast or the batch-invariant mode;
+        dtype of weights and KV cache, or None: the checkpoint's (see `load_checkpoint`)."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
-        config, model = load_checkpoint(checkpoint, dtype=dtype)
+        config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant)
         geometry = KVCacheGeometry.for_model(
-            config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=dtype
+            config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=model.dtype
         )
         return cls(
             config,
@@ -220,6 +243,7 @@ class ExecutorEngine:
             geometry.allocate(device),
             backend=backend,
             copy_engine=factory,
+            checkpoint=Path(checkpoint).resolve(),
         )
 
     def describe(self) -> Description:
@@ -232,8 +256,12 @@ class ExecutorEngine:
             vocab_size=self.config.vocab_size,
             max_model_len=self.config.max_position_embeddings,
             eos_token_id=eos[0] if eos else 0,
+            eos_token_ids=eos,
+            checkpoint=str(self.checkpoint or ""),
             host_arenas=tuple(h.arena.name for h in hosts),
             num_host_blocks=hosts[-1].end if hosts else 0,
+            tokenizer_sha256=self.tokenizer_sha256,
+            batch_invariant=self.model.batch_invariant,
         )
 
     def attach_host_arena(self, name: str) -> AttachedArena:
@@ -339,7 +367,7 @@ class ExecutorEngine:
     def _sample(self, seq: StepSequence, logits: torch.Tensor) -> SampledToken:
         # The index of the token being sampled in the request's whole token list: the same
         # whether or not the request was preempted or its prompt chunked.
-        chosen = sample(logits, seq.sampling, output_index=seq.end)
+        chosen = sample(logits, seq.sampling, output_index=seq.end, banned=seq.banned_token_ids)
         return SampledToken(seq.request_id, chosen.token_id, chosen.logprob)
 
     def _finish_swap(self, swap_id: int, completion: SwapCompletion) -> None:
@@ -386,6 +414,7 @@ class ExecutorEngine:
                     f"{where}: start+len(token_ids)={seq.end} exceeds max_model_len {max_len}"
                 )
             _check_range(f"{where}.token_ids", seq.token_ids, vocab)
+            _check_range(f"{where}.banned_token_ids", seq.banned_token_ids, vocab)
             _check_range(f"{where}.block_table", seq.block_table, num_blocks)
             needed = -(-seq.end // block_size)
             if len(seq.block_table) < needed:

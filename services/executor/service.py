@@ -72,6 +72,10 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             num_host_blocks=d.num_host_blocks,
             eos_token_id=d.eos_token_id,
             host_arenas=d.host_arenas,
+            checkpoint=d.checkpoint,
+            eos_token_ids=d.eos_token_ids,
+            tokenizer_sha256=d.tokenizer_sha256,
+            batch_invariant=d.batch_invariant,
         )
 
     async def AttachHostArena(
@@ -202,6 +206,7 @@ def _sequence(index: int, seq: executor_pb2.SequenceInput) -> StepSequence:
             top_p=s.top_p or 1.0,  # proto3's default 0 means "no nucleus cut"
             seed=s.seed,
             logprobs=s.logprobs,
+            top_k=s.top_k,
         ),
     )
     return StepSequence(
@@ -211,6 +216,7 @@ def _sequence(index: int, seq: executor_pb2.SequenceInput) -> StepSequence:
         token_ids=list(seq.token_ids),
         sample=seq.sample,
         sampling=sampling,
+        banned_token_ids=tuple(seq.banned_token_ids),
     )
 
 

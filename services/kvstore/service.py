@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import grpc
 
-from common.grpc_serving import add_health_and_reflection, mark_serving
+from common.grpc_serving import RefuseUndecodable, add_health_and_reflection, mark_serving
 from common.kv.extent import runs
 from common.kv.reuse_index import (
     FingerprintMismatch,
@@ -172,7 +172,8 @@ class StoreServer:
         self._worker = ThreadPoolExecutor(1, "kvstore-index") if blocking else None
         self.servicer = KVStoreServicer(store, self._worker)
         self.metrics = metrics or StoreMetrics()
-        self.server = grpc.aio.server(interceptors=[self.metrics.rpc_errors])
+        self.server = grpc.aio.server(
+            interceptors=[self.metrics.rpc_errors, RefuseUndecodable()])
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self.servicer, self.server)
         self.health = add_health_and_reflection(self.server, SERVICE_NAME)
         self._reap_interval = reap_interval or max(0.05, min(5.0, store.lease_seconds / 4))

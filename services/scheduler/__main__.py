@@ -17,17 +17,22 @@ import grpc
 import uvloop
 from grpc_health.v1 import health_pb2
 
-from common.grpc_serving import add_health_and_reflection, mark_serving, wait_for_stop_signal
+from common.chat_template import ChatTemplate, ChatTemplateError, find_template
+from common.grpc_serving import (
+    RefuseUndecodable,
+    add_health_and_reflection,
+    mark_serving,
+    wait_for_stop_signal,
+)
 from common.kv.arena import HostArena
 from common.kv.reuse_index import ReuseIndex
 from common.metrics import serve_metrics
+from common.tokenizer import TokenizerMismatch, check_fits, load_tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2, scheduler_pb2_grpc
-from services.executor.model.config import ModelConfig
-from services.executor.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from services.scheduler.core.config import Mode, SchedulerConfig
 from services.scheduler.core.host import HostKV
 from services.scheduler.core.planner import Planner
@@ -35,6 +40,7 @@ from services.scheduler.core.policy import POLICIES
 from services.scheduler.engine import Engine, EngineLimits
 from services.scheduler.host_router import HostRouter, RoutedStore, StoreIdentity
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.prompts import Prompts
 from services.scheduler.remote_host import RemoteHostKV
 from services.scheduler.service import SchedulerService
 
@@ -72,7 +78,8 @@ FLAGS = [
     Flag("num-host-blocks", "FASTSWITCH_NUM_HOST_BLOCKS", "4096",
          "host blocks of the embedded arena"),
     Flag("tokenizer", "FASTSWITCH_TOKENIZER", "",
-         "checkpoint folder whose tokenizer.json to use (default: byte-level)"),
+         "checkpoint folder whose tokenizer.json and chat template to use (default: the "
+         "folder the executor serves, as its Describe names it); it must be the executor's"),
     Flag("connect-timeout", "FASTSWITCH_CONNECT_TIMEOUT_S", "60",
          "seconds to wait for the executor and the KV store at start"),
     Flag("outage-wait", "FASTSWITCH_OUTAGE_WAIT_S", "2",
@@ -108,10 +115,24 @@ async def wait_for(call: Awaitable[T], what: str) -> T:
         raise SystemExit(f"{what} not reachable: {e.code().name} {e.details()}") from e
 
 
-def tokenizer_for(folder: str) -> Tokenizer:
-    if not folder:
-        return ByteTokenizer()
-    return load_tokenizer(folder, ModelConfig.from_file(os.path.join(folder, "config.json")))
+def prompts_for(folder: str, desc: ex.DescribeResponse) -> Prompts:
+    """The served checkpoint's tokenizer and chat template, checked against the executor's
+    model; a scheduler that cannot read them refuses to start."""
+    folder = folder or desc.checkpoint
+    if not os.path.isdir(folder):
+        raise SystemExit(
+            f"the executor serves {desc.checkpoint!r}, which is not a folder here: pass "
+            "--tokenizer (FASTSWITCH_TOKENIZER) with a copy of that checkpoint's tokenizer files")
+    tokenizer = load_tokenizer(folder)
+    try:
+        check_fits(tokenizer, vocab_size=desc.vocab_size, fingerprint=desc.tokenizer_sha256)
+        source = find_template(folder)
+        template = None if source is None else ChatTemplate(source, tokenizer.special_tokens)
+    except (TokenizerMismatch, ChatTemplateError) as e:
+        raise SystemExit(f"tokenizer in {folder}: {e}") from e
+    if template is None:
+        log.warning("%s has no chat template: Chat and role messages are refused", folder)
+    return Prompts(tokenizer, template)
 
 
 async def connect_stores(
@@ -184,6 +205,7 @@ async def serve(args: argparse.Namespace) -> None:
         executor.Describe(ex.DescribeRequest(), timeout=timeout, wait_for_ready=True),
         "executor")
     geometry = desc.geometry
+    prompts = prompts_for(args.tokenizer, desc)
     arena: HostArena | None = None
     host: HostKV
     kv_channels: list[grpc.Channel] = []
@@ -214,7 +236,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     planner = Planner(config, POLICIES[args.policy](), host)
     metrics = SchedulerMetrics()
-    server = grpc.aio.server(interceptors=[metrics.rpc_errors])
+    server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()])
     health_servicer = add_health_and_reflection(server, SERVICE)
 
     async def on_health(ok: bool) -> None:
@@ -225,7 +247,7 @@ async def serve(args: argparse.Namespace) -> None:
         await health_servicer.set(SERVICE, status)
 
     engine = Engine(
-        planner, executor, tokenizer=tokenizer_for(args.tokenizer),
+        planner, executor, tokenizer=prompts.tokenizer,
         limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting),
                             outage_wait_s=float(args.outage_wait)),
         arena_names=arena_names, metrics=metrics, on_health=on_health,
@@ -235,7 +257,9 @@ async def serve(args: argparse.Namespace) -> None:
     prober = (asyncio.create_task(probe_stores(host, engine))
               if isinstance(host, HostRouter) else None)
 
-    service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size)
+    service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size,
+                               prompts=prompts,
+                               eos_token_ids=desc.eos_token_ids or [desc.eos_token_id])
     metrics.watch(service.snapshot)
     serve_metrics(int(args.metrics_port), "0.0.0.0", metrics.registry)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)

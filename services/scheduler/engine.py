@@ -28,9 +28,9 @@ import grpc
 
 from common.kv.extent import Extent
 from common.latency import LatencyWindow, gaps
+from common.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
-from services.executor.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.request import Request, RequestState
@@ -260,6 +260,8 @@ class Engine:
     async def _run_batch(self, plan: StepPlan) -> None:
         request = ex.StepRequest(iteration=plan.iteration)
         for seq in plan.batch:
+            tracked = self._tracked.get(seq.request_id)
+            early = tracked is not None and len(tracked.request.output) < tracked.request.min_tokens
             request.sequences.append(
                 ex.SequenceInput(
                     request_id=seq.request_id,
@@ -267,9 +269,9 @@ class Engine:
                     start=seq.start,
                     token_ids=seq.token_ids,
                     sample=seq.sample,
-                    sampling=self._tracked[seq.request_id].sampling
-                    if seq.request_id in self._tracked
-                    else None,
+                    sampling=tracked.sampling if tracked is not None else None,
+                    banned_token_ids=sorted(tracked.request.stop_token_ids)
+                    if seq.sample and early else (),
                 )
             )
         started = time.monotonic()

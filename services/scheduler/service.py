@@ -3,46 +3,54 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from common.chat_template import ChatTemplateError, Message, NoChatTemplate
 from common.latency import percentile
 from protos import executor_pb2 as ex
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
 from services.scheduler.core.request import Request, RequestState
 from services.scheduler.engine import AdmissionError, Engine
+from services.scheduler.prompts import Conversation, Prompts
 from services.scheduler.token_stream import Failed, Finished, TokenEvent
 
 S = RequestState
+Sampled = pb.GenerateRequest | pb.ChatRequest
 STATS_WAIT_S = 0.25  # how long Stats waits for the planner's thread
 
 
-@dataclass
-class _Conversation:
-    tokens: list[int] = field(default_factory=list)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
 class SchedulerService(pb_grpc.SchedulerServicer):
-    def __init__(self, engine: Engine, *, mode: str, vocab_size: int) -> None:
+    def __init__(
+        self, engine: Engine, *, mode: str, vocab_size: int, prompts: Prompts,
+        eos_token_ids: Sequence[int],
+    ) -> None:
         self.engine = engine
-        self.tokenizer = engine.tokenizer
+        self.prompts = prompts
         self.mode = mode
         self.vocab_size = vocab_size
-        self._conversations: dict[str, _Conversation] = {}
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._conversations: dict[str, Conversation] = {}
+        self._turns: dict[str, asyncio.Lock] = {}
         self._last_stats = pb.StatsResponse(mode=mode)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        if request.WhichOneof("prompt") == "text":
-            prompt = self.tokenizer.encode(request.text) if request.text else []
-        else:
-            prompt = list(request.token_ids.ids)
+        kind = request.WhichOneof("prompt")
+        try:
+            if kind == "messages":
+                prompt = self.prompts.chat(_messages(request.messages.messages, "messages"))
+            elif kind == "text":
+                prompt = self.prompts.text(request.text) if request.text else []
+            else:
+                prompt = list(request.token_ids.ids)
+        except ChatTemplateError as e:
+            await context.abort(_template_status(e), str(e))
         bad = [i for i, t in enumerate(prompt) if t >= self.vocab_size]
         if bad:
             await context.abort(
@@ -58,35 +66,50 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         if not request.conversation_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "conversation_id is required")
-        if not request.message:
+        if request.message and request.messages:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "set either message or messages, not both")
+        try:
+            new = (_messages(request.messages, "messages") if request.messages
+                   else [Message("user", request.message)] if request.message else [])
+        except ChatTemplateError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not new:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message is empty")
-        conv = self._conversations.setdefault(request.conversation_id, _Conversation())
-        if conv.lock.locked():
+        turn = self._turns.setdefault(request.conversation_id, asyncio.Lock())
+        if turn.locked():
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"conversation {request.conversation_id!r} already has a turn in flight",
             )
-        async with conv.lock:
-            turn = self.tokenizer.encode(
-                f"User: {request.message}\nAssistant:", add_bos=not conv.tokens
-            )
-            prompt = conv.tokens + turn
+        async with turn:
+            conv = self._conversations.get(request.conversation_id, Conversation())
+            try:
+                prompt = self.prompts.next_turn(conv, new)
+            except ChatTemplateError as e:
+                await context.abort(_template_status(e), str(e))
             output: list[int] = []
             async for event in self._run(request, prompt, context, output):
                 yield event
-            conv.tokens = prompt + output
+            # Only a turn that ran to its end becomes history (nothing else was kept).
+            self.prompts.record_turn(conv, new, prompt, output)
+            self._conversations[request.conversation_id] = conv
 
     async def _run(
         self,
-        request: pb.GenerateRequest | pb.ChatRequest,
+        request: Sampled,
         prompt: list[int],
         context: grpc.aio.ServicerContext,
         output: list[int] | None = None,
     ) -> AsyncIterator[pb.GenerateEvent]:
-        rid = getattr(request, "request_id", "") or uuid.uuid4().hex
-        err = _validate(request, prompt)
+        rid = request.request_id or uuid.uuid4().hex
+        err = _validate(request, prompt, self.vocab_size)
         if err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        options = request.options
+        stop_ids = set(options.stop_token_ids)
+        if not options.ignore_eos:
+            stop_ids |= self.eos_token_ids
         try:
             core_request = Request(
                 request_id=rid,
@@ -95,7 +118,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 max_tokens=request.max_tokens,
                 conversation_id=request.conversation_id or None,
                 priority=request.priority if request.HasField("priority") else 0,
-                stop_token_ids=frozenset(self.tokenizer.eos_ids),
+                stop_token_ids=frozenset(stop_ids),
+                min_tokens=options.min_tokens,
             )
             stream = await self.engine.submit(
                 core_request,
@@ -103,7 +127,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                     temperature=request.temperature,
                     top_p=request.top_p or 1.0,
                     seed=request.seed,
-                    logprobs=getattr(request, "logprobs", False),
+                    logprobs=request.logprobs,
+                    top_k=options.top_k,
                 ),
                 stop=list(request.stop),
             )
@@ -202,18 +227,37 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         )
 
 
-def _validate(request: pb.GenerateRequest | pb.ChatRequest, prompt: list[int]) -> str | None:
+def _validate(request: Sampled, prompt: list[int], vocab_size: int) -> str | None:
     if not request.client_id:
         return "client_id is required"
     if not prompt:
         return "the prompt is empty"
     if request.max_tokens <= 0:
         return f"max_tokens must be positive, got {request.max_tokens}"
-    if request.temperature < 0:
-        return f"temperature must be >= 0, got {request.temperature}"
-    if not 0 <= request.top_p <= 1:
+    if not math.isfinite(request.temperature) or request.temperature < 0:
+        return f"temperature must be a finite number >= 0, got {request.temperature}"
+    if not (math.isfinite(request.top_p) and 0 <= request.top_p <= 1):
         return f"top_p must be in [0, 1], got {request.top_p}"
+    options = request.options
+    if options.min_tokens > request.max_tokens:
+        return (f"options.min_tokens ({options.min_tokens}) exceeds max_tokens "
+                f"({request.max_tokens})")
+    bad = [t for t in options.stop_token_ids if t >= vocab_size]
+    if bad:
+        return f"options.stop_token_ids: {bad[0]} is not below the vocabulary size {vocab_size}"
     return None
+
+
+def _messages(messages: Sequence[pb.ChatMessage], field: str) -> list[Message]:
+    if not messages:
+        raise ChatTemplateError(f"{field} is empty")
+    return [Message(m.role, m.content) for m in messages]
+
+
+def _template_status(error: ChatTemplateError) -> grpc.StatusCode:
+    if isinstance(error, NoChatTemplate):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _final(item: Finished) -> pb.Final:
@@ -229,4 +273,5 @@ def _final(item: Finished) -> pb.Final:
         preemptions=item.preemptions,
         bytes_swapped=item.bytes_swapped,
         reused_prompt_tokens=item.reused_tokens,
+        trailing_text=item.trailing_text,
     )

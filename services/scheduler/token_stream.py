@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
-from services.executor.model.tokenizer import IncrementalDetokenizer
+from common.tokenizer import IncrementalDetokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,7 @@ class Finished:
     preemptions: int
     bytes_swapped: int
     reused_tokens: int
+    trailing_text: str = ""  # what the detokenizer held back past the last token
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,8 @@ class TokenStream:
         return self.stopped
 
     def finish(self, final: Finished) -> None:
-        self._queue.put_nowait(final)
+        """Ends the stream; the detokenizer's held-back text goes out with `final`."""
+        self._queue.put_nowait(replace(final, trailing_text=self._detok.flush()))
 
     def fail(self, code: grpc.StatusCode, message: str) -> None:
         self._queue.put_nowait(Failed(code, message))

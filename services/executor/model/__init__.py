@@ -7,7 +7,6 @@ Typical use by the executor service::
     cache = geometry.allocate()                           # one contiguous tensor
     logits = model.forward_step(cache, [SequenceStep(block_table, start_pos, token_ids), ...])
     token = sample(logits[i], SamplingParams(temperature=0.8, top_p=0.9, seed=7), output_index)
-    tokenizer = load_tokenizer(path, config)              # bytes unless tokenizer.json exists
 
 Guarantee: a sequence's logits (and so its tokens) are bit-identical however its prompt is
 chunked, whatever shares its batch and wherever its KV blocks sit, within one process.
@@ -21,29 +20,17 @@ from services.executor.model.config import ConfigError, ModelConfig
 from services.executor.model.decoder import ROWS_PER_TILE, DecoderModel
 from services.executor.model.kv_cache import KVCacheGeometry
 from services.executor.model.sampler import SampledToken, SamplingParams, sample
-from services.executor.model.tokenizer import (
-    ByteTokenizer,
-    HFTokenizer,
-    IncrementalDetokenizer,
-    Tokenizer,
-    load_tokenizer,
-)
 
 __all__ = [
     "ROWS_PER_TILE",
-    "ByteTokenizer",
     "CheckpointError",
     "ConfigError",
     "DecoderModel",
-    "HFTokenizer",
-    "IncrementalDetokenizer",
     "KVCacheGeometry",
     "ModelConfig",
     "SampledToken",
     "SamplingParams",
     "SequenceStep",
-    "Tokenizer",
     "load_checkpoint",
-    "load_tokenizer",
     "sample",
 ]

@@ -12,6 +12,7 @@ from services.executor.model.config import ModelConfig
 from services.executor.model.decoder import DecoderModel
 
 SHARD_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 # Buffers some older exports carry; the decoder recomputes them.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -21,16 +22,26 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(
-    path: str | Path, *, dtype: torch.dtype = torch.float32
+    path: str | Path, *, dtype: torch.dtype | None = None, batch_invariant: bool = False
 ) -> tuple[ModelConfig, DecoderModel]:
+    """The folder's config and model, in `dtype`, or None: the dtype its config names
+    (float32 when it names none), and in the fast or the batch-invariant mode (see
+    `decoder.py`). EOS ids are config.json's then generation_config.json's."""
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing")
-    config = ModelConfig.from_file(config_file)
-    model = DecoderModel(config, dtype)
+    generation_file = folder / GENERATION_CONFIG
+    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else None
+    config = ModelConfig.from_hf(json.loads(config_file.read_text()), generation)
+    model = DecoderModel(config, dtype or checkpoint_dtype(config), batch_invariant=batch_invariant)
     _assign(model, _read_tensors(folder))
     return config, model
+
+
+def checkpoint_dtype(config: ModelConfig) -> torch.dtype:
+    """The dtype the checkpoint's config names; float32 when it names none."""
+    return getattr(torch, config.dtype) if config.dtype else torch.float32
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.executor.model.config import ModelConfig
+from services.executor.model.rope import rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -24,16 +25,20 @@ class RMSNorm(nn.Module):
 class RotaryTable(nn.Module):
     """cos/sin for every position, computed once: a lookup is exact, a recomputation might not be.
 
-    Layout is HF's "rotate half": dims `[i, i + head_dim/2]` form a pair.
+    Layout is HF's "rotate half": dims `[i, i + head_dim/2]` form a pair. The table is HF's
+    `LlamaRotaryEmbedding` output for the config's RoPE type, `attention_scaling` included.
     """
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        max_positions = config.max_position_embeddings
+        inv_freq, scale = rope_frequencies(
+            config.head_dim, config.rope_theta, config.rope_scaling, max_positions
+        )
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos() * scale, persistent=False)
+        self.register_buffer("sin", angles.sin() * scale, persistent=False)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [rows, heads, head_dim]; positions: [rows]."""

