@@ -17,6 +17,7 @@ import torch
 
 from common.kv.arena import HostArena
 from common.kv.swap_plan import plan_copies
+from common.tokenizer import ByteTokenizer
 from services.executor.copy import CpuCopyEngine
 from services.executor.copy.engine import Swap
 from services.executor.engine import (
@@ -28,7 +29,7 @@ from services.executor.engine import (
     SwapOrder,
     copy_engine_factory,
 )
-from services.executor.model import ByteTokenizer, KVCacheGeometry, load_checkpoint
+from services.executor.model import KVCacheGeometry, load_checkpoint
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

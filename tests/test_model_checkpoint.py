@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.tokenizer import ByteTokenizer
 from services.executor.model import (
-    ByteTokenizer,
     CheckpointError,
     KVCacheGeometry,
     SequenceStep,
