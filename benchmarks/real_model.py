@@ -2,8 +2,9 @@
 
 HF first (alone on the machine), then the stack (LocalStack: fast path, fastswitch mode):
 greedy decoding of `--max-tokens` tokens, at batch 1 on both and with `--concurrency`
-requests at once on the stack. Prompts go to the scheduler as HF-tokenized ids. Generation
-may stop early at EOS, so every rate is generated tokens over wall time (prefill included).
+requests at once on the stack. Prompts go to the scheduler as HF-tokenized ids. Both sides
+generate exactly `--max-tokens` (HF's `min_new_tokens`, the stack's `ignore_eos`); every rate
+is generated tokens over wall time, prefill included.
 `--json FILE` records the raw rates and `stack_over_hf_batch1`, `stack8_over_hf_batch1`.
 Timings are real but noisy on a shared 2-core machine.
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.client import FastSwitchClient
+from common.client import FastSwitchClient, Sampling
 from services.launch import LocalStack, StackConfig
 from tools.smollm2_checkpoint import smollm2_checkpoint
 
@@ -51,7 +52,8 @@ def hf_batch1(folder: Path, prompts: list[list[int]], max_tokens: int) -> float:
         tokens, wall = 0, 0.0
         for ids in prompts:
             started = time.perf_counter()
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False)
             wall += time.perf_counter() - started
             tokens += out.shape[1] - len(ids)
             log(f"[hf] {tokens} tokens in {wall:.1f} s")
@@ -64,7 +66,8 @@ async def stack_rate(
     """All `prompts` at once on the stack: generated tokens per second, summed."""
     started = time.perf_counter()
     done = await asyncio.gather(*(
-        client.generate(ids, client_id=f"bench-{i}", max_tokens=max_tokens).collect()
+        client.generate(ids, client_id=f"bench-{i}", max_tokens=max_tokens,
+                        sampling=Sampling(ignore_eos=True)).collect()
         for i, ids in enumerate(prompts)
     ))
     wall = time.perf_counter() - started
