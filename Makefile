@@ -28,7 +28,7 @@ paper-sim: $(STAMP)
 	$(BIN)/python -m benchmarks.paper_sim --json out/paper_sim.json --plots out/plots
 
 test: $(STAMP) proto-check lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The compose stack for real: builds the image, brings docker-compose.yml up, checks it,
 # restarts each service in turn and checks again, then takes it down (tools/compose_test.py).

@@ -177,7 +177,7 @@ async def test_nothing_leaks_after_cancels_disconnects_and_preemptions(
     async with FastSwitchClient(scheduler.address) as client:
         await client.wait_ready()
         gens = [client.generate(t, client_id=f"c{i}", max_tokens=40, request_id=f"leak{i}",
-                                priority=i % 3, conversation_id=f"leak-conv{i}", **s)
+                                priority=i % 3, conversation_id=f"leak-conv{i}", sampling=s)
                 for i, (t, s) in enumerate(reqs)]
         tasks = [asyncio.create_task(g.collect()) for g in gens]
         await asyncio.sleep(0.3)
