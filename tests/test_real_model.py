@@ -21,6 +21,7 @@ import torch
 
 from common.client import FastSwitchClient, Generation, Sampling
 from services.launch import Child, LocalStack, StackConfig
+from tests.support.stacks import executor_and_stores
 
 MAX_TOKENS = 24
 TIE_MARGIN = 1e-4  # top-two logit gap below which greedy is arithmetic noise, not the model
@@ -77,20 +78,8 @@ def stack(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     config = StackConfig(checkpoint=str(smollm2), num_gpu_blocks=96, num_host_blocks=512,
                          dtype="float32", max_batched_tokens=64,
                          log_dir=str(tmp_path_factory.mktemp("logs")))
-    s = LocalStack(config)
-    try:
-        s.start(scheduler=False)
+    with executor_and_stores(config) as s:
         yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-def scheduler(stack: LocalStack, request: pytest.FixtureRequest) -> Iterator[Child]:
-    mode, extra = getattr(request, "param", ("fastswitch", ()))
-    child = stack.start_scheduler(mode=mode, extra_args=extra)
-    yield child
-    stack.stop_child(child)
 
 
 async def run_all(address: str, *, concurrent: bool) -> dict[str, Generation]:

@@ -21,6 +21,7 @@ from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2
 from services.launch import Child, LocalStack, StackConfig, free_port, supervise, wait_serving
+from tests.support.stacks import executor_and_stores
 
 DEVICE_BLOCKS = 128
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -32,21 +33,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     config = StackConfig(num_gpu_blocks=DEVICE_BLOCKS, num_host_blocks=1024,
                          log_dir=str(tmp_path_factory.mktemp("logs")))
-    s = LocalStack(config)
-    try:
-        s.start(scheduler=False)
+    with executor_and_stores(config) as s:
         yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-def scheduler(stack: LocalStack, request: pytest.FixtureRequest) -> Iterator[Child]:
-    """A scheduler per test; parametrize with (mode, extra args) through `indirect`."""
-    mode, extra = getattr(request, "param", ("fastswitch", ()))
-    child = stack.start_scheduler(mode=mode, extra_args=extra)
-    yield child
-    assert stack.stop_child(child) == 0, "scheduler did not exit cleanly on SIGTERM"
 
 
 def prompts(n: int, seed: int = 0) -> list[tuple[list[int], Sampling]]:
