@@ -138,10 +138,7 @@ class Engine:
     async def close(self, grace_s: float = 5.0) -> None:
         """Cancels what is still running, lets swaps in flight land (so the KV store is
         left with no pending reservation or pin), then stops."""
-        for request_id in list(self._tracked):
-            tracked = self._tracked.pop(request_id)
-            await self.core(self.planner.cancel, request_id)
-            tracked.stream.fail(grpc.StatusCode.UNAVAILABLE, "scheduler shutting down")
+        await self._fail_all("scheduler shutting down")
         self._wake.set()
         deadline = time.monotonic() + grace_s
         while self.executor_ok and time.monotonic() < deadline:
@@ -393,6 +390,7 @@ class Engine:
         self._wake.set()
 
     async def _fail_all(self, message: str) -> None:
+        """Cancels every request held and ends its stream with UNAVAILABLE."""
         for request_id in list(self._tracked):
             await self.core(self.planner.cancel, request_id)
             self._tracked.pop(request_id).stream.fail(grpc.StatusCode.UNAVAILABLE, message)
