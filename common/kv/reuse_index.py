@@ -185,19 +185,23 @@ class ReuseIndex:
         return IndexStats(**{f: getattr(s, f) for f in IndexStats.__slots__})
 
     def lookup(self, conv: str, tokens: Sequence[int], chain: Chain = None) -> Hit:
-        return self._match(conv, tokens, chain)[0]
+        return self._match(conv, self._chain(tokens, chain), len(tokens))
 
     def reserve(self, conv: str, tokens: Sequence[int], chain: Chain = None) -> Reservation:
-        if not tokens:
+        return self.reserve_chain(conv, self._chain(tokens, chain), len(tokens))
+
+    def reserve_chain(self, conv: str, chain: Sequence[bytes], num_tokens: int) -> Reservation:
+        """`reserve` by the tokens' chain alone (see `common.kv.host_ops`)."""
+        if not num_tokens:
             raise ValueError("cannot reserve an empty token list")
-        hit, chain = self._match(conv, tokens, chain)
+        hit = self._match(conv, chain, num_tokens)
         num_new = len(chain) - len(hit.blocks)
         self._make_room(num_new, keep=conv)
         self._pin_blocks(hit.blocks)
         reservation = Reservation(
             reservation_id=next(self._ids),
             conversation=conv,
-            num_tokens=len(tokens),
+            num_tokens=num_tokens,
             valid_tokens=hit.num_tokens,
             valid_blocks=hit.blocks,
             new_blocks=tuple(flatten(self._free.allocate(num_new))),
@@ -229,7 +233,13 @@ class ReuseIndex:
         self, conv: str, tokens: Sequence[int], chain: Chain = None
     ) -> tuple[Hit, PinHandle]:
         """The valid prefix of `tokens`, pinned until `unpin`: what a swap-in may read."""
-        hit, _ = self._match(conv, tokens, chain)
+        return self.pin_chain(conv, self._chain(tokens, chain), len(tokens))
+
+    def pin_chain(
+        self, conv: str, chain: Sequence[bytes], num_tokens: int
+    ) -> tuple[Hit, PinHandle]:
+        """`pin` by the tokens' chain alone (see `common.kv.host_ops`)."""
+        hit = self._match(conv, chain, num_tokens)
         handle = PinHandle(next(self._ids), hit.blocks)
         self._pin_blocks(hit.blocks)
         self._pin_handles[handle.pin_id] = hit.blocks
@@ -248,23 +258,24 @@ class ReuseIndex:
             self.storage.delete(conv)
             self._drop_blocks(record.blocks)
 
-    def _match(
-        self, conv: str, tokens: Sequence[int], chain: Chain
-    ) -> tuple[Hit, Sequence[bytes]]:
+    def _chain(self, tokens: Sequence[int], chain: Chain) -> Sequence[bytes]:
         if chain is None:
-            chain = block_hashes(tokens, self.block_size, self.fingerprint)
-        elif len(chain) != -(-len(tokens) // self.block_size):
-            raise ValueError(f"chain has {len(chain)} hashes for {len(tokens)} tokens")
+            return block_hashes(tokens, self.block_size, self.fingerprint)
+        return chain
+
+    def _match(self, conv: str, chain: Sequence[bytes], num_tokens: int) -> Hit:
+        if len(chain) != -(-num_tokens // self.block_size):
+            raise ValueError(f"chain has {len(chain)} hashes for {num_tokens} tokens")
         record = self.storage.get(conv)
         if record is None:
-            return Hit(0, ()), chain
+            return Hit(0, ())
         self.storage.touch(conv)
         n = 0
         for held, want in zip(record.hashes, chain, strict=False):
             if held != want:
                 break
             n += 1
-        return Hit(min(n * self.block_size, len(tokens)), record.blocks[:n]), chain
+        return Hit(min(n * self.block_size, num_tokens), record.blocks[:n])
 
     def _make_room(self, n: int, *, keep: str) -> None:
         short = n - self._free.total
