@@ -13,15 +13,15 @@ import argparse
 import random
 import sys
 
+from benchmarks.sim.checked_executor import CheckedExecutor
+from benchmarks.sim.virtual_driver import RunReport, UnitCost, VirtualDriver
 from common.kv.reuse_index import ReuseIndex
 from common.latency import percentile
-from services.scheduler.checked_executor import CheckedExecutor
 from services.scheduler.core.config import Mode, SchedulerConfig
 from services.scheduler.core.plan import StepPlan
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import PriorityPolicy, RandomPriorityUpdates
 from services.scheduler.core.request import Request
-from services.scheduler.virtual_driver import RunReport, UnitCost, VirtualDriver
 
 
 def scenario(args: argparse.Namespace, mode: Mode) -> tuple[RunReport, Planner, float]:
@@ -33,7 +33,7 @@ def scenario(args: argparse.Namespace, mode: Mode) -> tuple[RunReport, Planner, 
         max_batched_tokens=256,
     )
     host = ReuseIndex(fingerprint="demo-model", block_size=16, num_blocks=args.host_blocks)
-    planner = Planner(config, PriorityPolicy(), host)
+    planner = Planner(config, PriorityPolicy(), host.fingerprint)
     executor = CheckedExecutor(16, args.device_blocks, args.host_blocks, vocab=256)
     turns_left = {}
 
@@ -45,6 +45,7 @@ def scenario(args: argparse.Namespace, mode: Mode) -> tuple[RunReport, Planner, 
             client_id=f"client-{client}",
             conversation_id=conv,
             prompt=history + message,
+            history_tokens=len(history),
             max_tokens=rng.randint(48, 160),
         )
 
@@ -67,6 +68,7 @@ def scenario(args: argparse.Namespace, mode: Mode) -> tuple[RunReport, Planner, 
     driver = VirtualDriver(
         planner,
         UnitCost(),
+        host,
         executor=executor,
         priority_updates=RandomPriorityUpdates(every=args.update_every, seed=args.seed),
         follow_up=follow_up,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from benchmarks.sim.report import (
 )
 from benchmarks.sim.simulate import ConservationError, SimOptions, simulate
 from benchmarks.sim.trace import load_trace
+from benchmarks.sim.virtual_driver import HostCosts
 from benchmarks.sim.workload import TurnSpec, WorkloadConfig, generate
 from services.scheduler.core.config import Mode
 from services.scheduler.core.policy import POLICIES
@@ -78,8 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compute-efficiency", type=float, default=0.6)
     parser.add_argument("--memory-efficiency", type=float, default=0.85)
     parser.add_argument("--step-overhead-ms", type=float, default=4.0)
-    parser.add_argument("--no-turn-offload", action="store_true",
-                        help="ablation: fastswitch keeps no finished turn's KV for the next turn")
+    parser.add_argument("--switches", default="",
+                        help="ablation: changes to fastswitch's switches, e.g. -turn_offload "
+                             "or -host_reuse,-block_groups (see Switches.with_spec)")
+    parser.add_argument("--host-rtt-us", type=float, default=250.0,
+                        help="one batched KV store round trip per plan (local gRPC)")
+    parser.add_argument("--plan-us", type=float, default=150.0,
+                        help="the planner's own time per plan")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     parser.add_argument("--quick", action="store_true", help=f"preset: {QUICK}")
@@ -158,14 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                     memory_efficiency=args.memory_efficiency,
                     step_overhead_s=args.step_overhead_ms * 1e-3,
                     seed=args.seed,
-                    offload_finished=not args.no_turn_offload,
+                    host_costs=HostCosts(args.host_rtt_us * 1e-6, args.plan_us * 1e-6),
                 )
                 label = point_label(setting.name, rate, every)
                 results = {}
                 for mode in MODES:
                     run_start = time.perf_counter()
                     try:
-                        results[mode] = simulate(setting.deployment, mode, turns, options)
+                        switches = args.switches if mode is Mode.FASTSWITCH else ""
+                        results[mode] = simulate(setting.deployment, mode, turns,
+                                                 replace(options, switches=switches))
                     except (ConservationError, ValueError) as error:
                         print(f"error: {label} {mode.value}: {error}", file=sys.stderr)
                         return 1

@@ -87,7 +87,7 @@ def test_step_time_takes_context_from_start_and_new_tokens_from_token_ids() -> N
         ScheduledSeq("a", (0,), start=0, token_ids=tuple(range(300)), sample=True),
         ScheduledSeq("b", (1,), start=900, token_ids=(5,), sample=True),
     )
-    plan = StepPlan(0, batch, (), (), barrier=False)
+    plan = StepPlan(0, batch, (), (), (), barrier=False)
     model = step_model()
     cost = SimCost.for_mode(model, LinkModel(), Mode.FASTSWITCH)
     assert cost.step_seconds(plan) == model.step_time_s([(0, 300), (900, 1)])

@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.kv.reuse_index import ReuseIndex
-from services.scheduler.checked_executor import CheckedExecutor, next_token
-from services.scheduler.core.config import Mode, SchedulerConfig
+from benchmarks.sim.checked_executor import CheckedExecutor, next_token
+from benchmarks.sim.virtual_driver import HostCosts, UnitCost, VirtualDriver
+from common.kv.host_ops import MISS, NO_PIN, Pin, Pinned, apply
+from common.kv.reuse_index import PinHandle, ReuseIndex
+from services.scheduler.core.config import Mode, SchedulerConfig, Switches
 from services.scheduler.core.plan import Direction, PreemptBy, StepPlan, SwapOrder
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import (
@@ -21,9 +23,25 @@ from services.scheduler.core.policy import (
     VirtualTokenCounter,
 )
 from services.scheduler.core.request import Request, RequestState
-from services.scheduler.virtual_driver import UnitCost, VirtualDriver
 
 BS = 4
+
+
+class Answered:
+    """A planner whose host operations are answered as soon as each plan is made (one
+    round trip per plan, of no time); everything else is the planner's own."""
+
+    def __init__(self, planner: Planner, host: ReuseIndex) -> None:
+        self.planner = planner
+        self.host = host
+
+    def plan(self) -> StepPlan:
+        plan = self.planner.plan()
+        self.planner.host_replied(apply(self.host, plan.host_ops))
+        return plan
+
+    def __getattr__(self, name: str):
+        return getattr(self.planner, name)
 
 
 def make_planner(mode: Mode, *, device_blocks: int = 16, host_blocks: int = 256, policy=None,
@@ -31,7 +49,7 @@ def make_planner(mode: Mode, *, device_blocks: int = 16, host_blocks: int = 256,
     config = SchedulerConfig(mode=mode, block_size=BS, num_device_blocks=device_blocks,
                              max_num_seqs=max_seqs, max_batched_tokens=budget)
     host = ReuseIndex(fingerprint="test", block_size=BS, num_blocks=host_blocks)
-    return Planner(config, policy or PriorityPolicy(), host)
+    return Answered(Planner(config, policy or PriorityPolicy(), host.fingerprint), host)
 
 
 def req(rid: str, n_prompt: int, max_tokens: int, *, client: str = "c", priority: int = 0,
@@ -68,7 +86,9 @@ def test_high_priority_arrival_preempts_lowest_priority_runner(mode: Mode) -> No
     assert [(x.request_id, x.by) for x in plan.preemptions] == [("low", PreemptBy.SWAP)]
     assert state(p, "mid") is RequestState.RUNNING
     assert "mid" in {s.request_id for s in plan.batch}
-    out = [s for s in plan.swaps if s.direction is Direction.OUT]
+    assert not plan.swaps  # the host is asked for room first
+    run_step(p, plan)
+    out = [s for s in p.plan().swaps if s.direction is Direction.OUT]
     assert [s.request_id for s in out] == ["low"]
 
 
@@ -81,16 +101,20 @@ def test_fastswitch_keeps_others_running_while_one_swaps() -> None:
     plan = p.plan()
     assert not plan.barrier
     assert {s.request_id for s in plan.batch} == {"b"}  # a swaps out, b decodes meanwhile
-    run_step(p, plan)  # the swap of a is still in flight
+    run_step(p, plan)
     assert state(p, "a") is RequestState.SWAPPING_OUT
-    plan2 = p.plan()
+    plan2 = p.plan()  # the host made room: a's copy starts
+    assert [s.request_id for s in plan2.swaps] == ["a"] and not plan2.barrier
     assert "b" in {s.request_id for s in plan2.batch}
+    run_step(p, plan2)  # the swap of a is still in flight
+    plan3 = p.plan()
+    assert "b" in {s.request_id for s in plan3.batch}
     assert state(p, "c") is RequestState.WAITING  # a's blocks are still draining
     assert p.allocator.num_draining > 0
-    finish_swaps(p, plan)
-    run_step(p, plan2)
-    plan3 = p.plan()
-    assert {s.request_id for s in plan3.batch} == {"b", "c"}
+    finish_swaps(p, plan2)
+    run_step(p, plan3)
+    plan4 = p.plan()
+    assert {s.request_id for s in plan4.batch} == {"b", "c"}
     assert state(p, "a") is RequestState.SWAPPED
 
 
@@ -126,13 +150,20 @@ def test_baseline_plans_a_barrier_and_runs_swapped_in_requests_at_once() -> None
     p.add(req("b", 12, 18, priority=1))
     run_step(p, p.plan())
     p.add(req("c", 12, 18, priority=5))
+    run_step(p, p.plan())  # a waits for host room
     plan = p.plan()
     assert plan.barrier and plan.swaps
     assert all(len(s.copies) == s.num_blocks for s in plan.swaps)  # one copy per block
     finish_swaps(p, plan)
     run_step(p, plan)
-    p.set_priority(9, request_id="a")
-    plan = p.plan()
+    run_step(p, p.plan())  # a's swapped KV is pinned
+    p.set_priority(9, request_id="a")  # b makes room for it, by swap
+    for _ in range(6):
+        plan = p.plan()
+        if any(s.direction is Direction.IN for s in plan.swaps):
+            break
+        finish_swaps(p, plan)
+        run_step(p, plan)
     assert plan.barrier
     assert [s.request_id for s in plan.swaps if s.direction is Direction.IN] == ["a"]
     assert "a" in {s.request_id for s in plan.batch}  # runs right after the barrier
@@ -192,8 +223,11 @@ def test_recompute_when_host_is_full(mode: Mode) -> None:
     run_step(p, p.plan())
     p.add(req("c", 12, 18, priority=5))
     plan = p.plan()
-    assert [(x.request_id, x.by) for x in plan.preemptions] == [("a", PreemptBy.RECOMPUTE)]
+    assert [(x.request_id, x.by) for x in plan.preemptions] == [("a", PreemptBy.SWAP)]
+    # The host refused the reservation: a recomputes.
     assert state(p, "a") is RequestState.WAITING and p.requests["a"].num_computed == 0
+    assert p.stats.preempted_by_recompute == 1 and p.stats.preempted_by_swap == 0
+    assert p.allocator.num_blocks_of(p.requests["a"]) == 0
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -211,6 +245,8 @@ def test_cancel_in_every_state_frees_everything(mode: Mode) -> None:
     run_step(p, plan)
     assert p.cancel("c")
     assert p.swaps_in_flight() == 0
+    p.plan()  # the host operations the cancels left go out
+    assert not p.has_work()
     metrics = p.allocator.metrics()
     assert (metrics.used, metrics.draining, metrics.free) == (0, 0, 8)
     assert p.host.stats().used == 0 and p.host.stats().pinned == 0
@@ -222,11 +258,14 @@ def test_failed_swap_out_falls_back_to_recompute() -> None:
     p.add(req("b", 12, 18, priority=1))
     run_step(p, p.plan())
     p.add(req("c", 12, 18, priority=5))
+    run_step(p, p.plan())
     plan = p.plan()
     (out,) = [s for s in plan.swaps if s.direction is Direction.OUT]
     p.swap_done(out.swap_id, ok=False)
     assert state(p, "a") is RequestState.WAITING and p.requests["a"].num_computed == 0
-    assert p.host.stats().used == 0 and p.allocator.num_draining == 0
+    assert p.allocator.num_draining == 0
+    p.plan()  # its Abort goes out
+    assert p.host.stats().used == 0
 
 
 def test_next_turn_swaps_in_the_conversation_prefix() -> None:
@@ -237,11 +276,15 @@ def test_next_turn_swaps_in_the_conversation_prefix() -> None:
         plan = p.plan()
         run_step(p, plan)
         finish_swaps(p, plan)
-    offload = p.plan()  # the finished turn's KV goes to the host
+    assert not p.plan().swaps  # the finished turn asks the host for room
+    offload = p.plan()  # its KV goes to the host
     assert [s.direction for s in offload.swaps] == [Direction.OUT]
     finish_swaps(p, offload)
     second = Request("t2", "c", [*first.tokens, 7, 8, 9, 10, 11], 4, conversation_id="conv")
     p.add(second)
+    asking = p.plan()  # commits the offload, then asks for the prefix
+    assert [type(op).__name__ for op in asking.host_ops] == ["Commit", "Pin"]
+    assert not asking.swaps and not asking.batch
     plan = p.plan()
     (swap_in,) = plan.swaps
     assert swap_in.direction is Direction.IN and not plan.batch
@@ -269,7 +312,8 @@ def run_workload(mode: Mode, *, seed: int, device_blocks: int, n_requests: int,
                      host_blocks=4096, budget=48)
     executor = CheckedExecutor(BS, device_blocks, 4096, vocab=100)
     rng = random.Random(seed)
-    driver = VirtualDriver(p, JitteryCost(seed=seed), executor=executor,
+    driver = VirtualDriver(p.planner, JitteryCost(seed=seed), p.host, executor=executor,
+                           host_costs=HostCosts(round_trip_s=0.002 * (seed % 3)),
                            priority_updates=RandomPriorityUpdates(every=update_every, seed=seed))
     for i in range(n_requests):
         conv = f"conv{i % 3}" if i % 2 else None
@@ -293,7 +337,7 @@ def test_random_workloads_are_exact_and_leak_nothing(seed: int, mode: Mode, poli
     metrics = planner.allocator.metrics()
     assert (metrics.used, metrics.draining) == (0, 0)
     assert planner.host.stats().pinned == 0
-    assert not planner._chains and not planner.swaps_in_flight()
+    assert not planner._kv and not planner.swaps_in_flight() and not planner.has_work()
 
 
 def test_tight_memory_really_preempts() -> None:
@@ -308,6 +352,7 @@ def test_tight_memory_really_preempts() -> None:
 def test_stop_finishes_a_decoding_request_early() -> None:
     p = make_planner(Mode.FASTSWITCH)
     p.add(req("a", 6, 20, conv="c"))
+    run_step(p, p.plan())  # asks the host for the conversation's prefix
     run_step(p, p.plan())
     assert p.stop("a") and not p.stop("a")
     assert "a" not in p.requests and p.stats.finished == 1
@@ -340,28 +385,43 @@ def test_a_request_that_can_never_fit_is_refused() -> None:
     assert not p.requests
 
 
-def test_a_waiting_request_looks_up_the_host_once_until_the_host_changes() -> None:
+def test_a_waiting_turn_asks_the_host_once_and_waits_for_the_answer() -> None:
     p = make_planner(Mode.FASTSWITCH, device_blocks=8)
-    looked_up: list[str] = []
-    lookup = p.host.lookup
-    p.host.lookup = lambda conv, *a: looked_up.append(conv) or lookup(conv, *a)  # type: ignore[method-assign]
     p.add(req("a", 28, 4, priority=5))  # fills the device
     p.add(req("w", 12, 4, priority=0, conv="w-conv"))
+    asked = []
     for _ in range(3):
-        run_step(p, p.plan())
-    assert looked_up == ["w-conv"]
+        plan = p.plan()
+        asked += [op for op in plan.host_ops if isinstance(op, Pin)]
+        run_step(p, plan)
+    assert not asked  # no room for it yet: nothing pinned on its behalf
     while "w" in p.requests:
         plan = p.plan()
+        asked += [op for op in plan.host_ops if isinstance(op, Pin) and op.conv == "w-conv"]
+        assert not any(s.request_id == "w" for s in plan.batch) or asked
         run_step(p, plan)
         finish_swaps(p, plan)
-    assert len(looked_up) >= 2  # asked again once a's finish changed the host
+    assert len(asked) == 1
+
+
+def test_a_plan_never_runs_a_turn_before_the_host_answered() -> None:
+    planner = Planner(SchedulerConfig(block_size=BS, num_device_blocks=16), PriorityPolicy(),
+                      "test")
+    planner.add(req("t", 8, 2, conv="conv"))
+    first = planner.plan()
+    (pin,) = first.host_ops
+    assert isinstance(pin, Pin) and not first.batch
+    assert not planner.plan().batch  # still waiting for the reply
+    planner.host_replied([Pinned(pin.op_id, MISS, PinHandle(NO_PIN, ()))])
+    (seq,) = planner.plan().batch
+    assert seq.start == 0 and len(seq.token_ids) == 8
 
 
 def test_without_turn_offload_a_finished_turn_leaves_nothing_on_the_host() -> None:
     config = SchedulerConfig(mode=Mode.FASTSWITCH, block_size=BS, num_device_blocks=16,
-                             offload_finished=False)
-    p = Planner(config, PriorityPolicy(), ReuseIndex(fingerprint="t", block_size=BS,
-                                                     num_blocks=64))
+                             switches=Switches().with_spec("-turn_offload"))
+    host = ReuseIndex(fingerprint="t", block_size=BS, num_blocks=64)
+    p = Answered(Planner(config, PriorityPolicy(), host.fingerprint), host)
     p.add(req("t1", 20, 6, conv="conv"))
     while p.has_work():
         plan = p.plan()

@@ -69,6 +69,7 @@ class Replay:
             prompt=history + message,
             max_tokens=spec.output_tokens,
             conversation_id=f"conv-{spec.conversation_id}",
+            history_tokens=len(history),
         )
         self._spec_of[request.request_id] = spec
         return request

@@ -9,19 +9,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from benchmarks.sim.checked_executor import CheckedExecutor
 from benchmarks.sim.copy_engine import LinkModel
 from benchmarks.sim.cost_model import StepCostModel
 from benchmarks.sim.costs import SimCost
 from benchmarks.sim.hardware import Deployment
 from benchmarks.sim.replay import Replay, request_id
+from benchmarks.sim.virtual_driver import HostCosts, RunReport, VirtualDriver
 from benchmarks.sim.workload import TurnSpec
 from common.kv.reuse_index import ReuseIndex
-from services.scheduler.checked_executor import CheckedExecutor
 from services.scheduler.core.config import Mode, SchedulerConfig
 from services.scheduler.core.plan import Direction, StepPlan
 from services.scheduler.core.planner import Planner, PlannerStats
 from services.scheduler.core.policy import POLICIES, RandomPriorityUpdates
-from services.scheduler.virtual_driver import RunReport, VirtualDriver
 
 
 class ConservationError(AssertionError):
@@ -44,9 +44,11 @@ class SimOptions:
     step_overhead_s: float = 4e-3
     seed: int = 0
     vocab: int = 32000
-    offload_finished: bool = True
-    """fastswitch: copy a finished turn's KV to the host for the next turn. Off, the modes
-    differ only in groups, async swaps and swap-out reuse (an ablation)."""
+    switches: str = ""
+    """Changes to each mode's switches, e.g. "-turn_offload" (see `Switches.with_spec`):
+    an ablation."""
+    host_costs: HostCosts = field(default_factory=HostCosts)
+    """The scheduler's own costs: a KV store round trip per plan, and planning time."""
 
 
 @dataclass
@@ -102,12 +104,12 @@ def simulate(
         num_device_blocks=device_blocks,
         max_num_seqs=deployment.max_num_seqs,
         max_batched_tokens=deployment.max_batched_tokens,
-        offload_finished=options.offload_finished,
+        switches=mode.switches.with_spec(options.switches),
     )
     host = ReuseIndex(
         fingerprint=deployment.model.name, block_size=deployment.block_size, num_blocks=host_blocks
     )
-    planner = Planner(config, POLICIES[options.policy](), host)
+    planner = Planner(config, POLICIES[options.policy](), host.fingerprint)
     step_model = StepCostModel(
         deployment,
         compute_efficiency=options.compute_efficiency,
@@ -130,6 +132,8 @@ def simulate(
     driver = VirtualDriver(
         planner,
         cost,
+        host,
+        host_costs=options.host_costs,
         executor=executor,
         priority_updates=updates,
         follow_up=replay.follow_up,

@@ -34,10 +34,10 @@ from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core.config import Mode, SchedulerConfig
-from services.scheduler.core.host import HostKV
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import POLICIES
 from services.scheduler.engine import Engine, EngineLimits
+from services.scheduler.host_gateway import HostGateway, LocalHost
 from services.scheduler.host_router import HostRouter, RoutedStore, StoreIdentity
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.prompts import Prompts
@@ -69,6 +69,9 @@ FLAGS = [
          "KV store address, or several separated by commas (instances sharing one Redis "
          "index), or 'embedded' for a host arena owned by this process"),
     Flag("mode", "FASTSWITCH_MODE", "fastswitch", "fastswitch or baseline"),
+    Flag("switches", "FASTSWITCH_SWITCHES", "",
+         "ablation: changes to the mode's switches, e.g. -turn_offload or +async_swaps "
+         "(block_groups, async_swaps, host_reuse, turn_offload)"),
     Flag("policy", "FASTSWITCH_POLICY", "priority", "priority, vtc or fcfs"),
     Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
     Flag("max-batched-tokens", "FASTSWITCH_MAX_BATCHED_TOKENS", "256", "tokens per step"),
@@ -101,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.mode not in {m.value for m in Mode}:
         parser.error(f"--mode must be fastswitch or baseline, got {args.mode!r}")
+    try:
+        args.switches = Mode(args.mode).switches.with_spec(args.switches)
+    except ValueError as e:
+        parser.error(f"--switches: {e}")
     if args.policy not in POLICIES:
         parser.error(f"--policy must be one of {sorted(POLICIES)}, got {args.policy!r}")
     return args
@@ -193,7 +200,7 @@ async def probe_stores(router: HostRouter, engine: Engine) -> None:
             except grpc.aio.AioRpcError as e:
                 log.warning("cannot map %s yet: %s", identity.arena_name, e.details())
                 continue
-            await engine.core(router.rejoin, index, identity, attached.first_host_block)
+            router.rejoin(index, identity, attached.first_host_block)
             engine.arena_names = tuple(s.identity.arena_name for s in router.stores)
 
 
@@ -207,12 +214,12 @@ async def serve(args: argparse.Namespace) -> None:
     geometry = desc.geometry
     prompts = prompts_for(args.tokenizer, desc)
     arena: HostArena | None = None
-    host: HostKV
+    host: HostGateway
     kv_channels: list[grpc.Channel] = []
     if args.kvstore == "embedded":
         arena = HostArena.local(int(args.num_host_blocks), geometry.block_bytes)
-        host = ReuseIndex(fingerprint=desc.model_fingerprint, block_size=geometry.block_size,
-                          num_blocks=arena.num_blocks)
+        host = LocalHost(ReuseIndex(fingerprint=desc.model_fingerprint,
+                                    block_size=geometry.block_size, num_blocks=arena.num_blocks))
         arena_names = [arena.name]
         attached = await executor.AttachHostArena(ex.AttachHostArenaRequest(name=arena.name))
         if attached.first_host_block:  # the index's block ids would be off by that much
@@ -228,13 +235,14 @@ async def serve(args: argparse.Namespace) -> None:
         arena_names = [s.identity.arena_name for s in router.stores]
     config = SchedulerConfig(
         mode=Mode(args.mode),
+        switches=args.switches,
         block_size=geometry.block_size,
         num_device_blocks=min(int(args.kv_blocks) or desc.num_gpu_blocks,
                               desc.num_gpu_blocks),
         max_num_seqs=int(args.max_num_seqs),
         max_batched_tokens=int(args.max_batched_tokens),
     )
-    planner = Planner(config, POLICIES[args.policy](), host)
+    planner = Planner(config, POLICIES[args.policy](), desc.model_fingerprint)
     metrics = SchedulerMetrics()
     server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()])
     health_servicer = add_health_and_reflection(server, SERVICE)
@@ -247,7 +255,7 @@ async def serve(args: argparse.Namespace) -> None:
         await health_servicer.set(SERVICE, status)
 
     engine = Engine(
-        planner, executor, tokenizer=prompts.tokenizer,
+        planner, executor, host, tokenizer=prompts.tokenizer,
         limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting),
                             outage_wait_s=float(args.outage_wait)),
         arena_names=arena_names, metrics=metrics, on_health=on_health,
@@ -266,9 +274,9 @@ async def serve(args: argparse.Namespace) -> None:
     server.add_insecure_port(f"0.0.0.0:{args.port}")
     await server.start()
     await mark_serving(health_servicer, SERVICE)
-    log.info("scheduler serving on :%s (%s mode, %s policy, %d device blocks, arenas %s)",
-             args.port, args.mode, args.policy, config.num_device_blocks,
-             ", ".join(arena_names))
+    log.info("scheduler serving on :%s (%s mode %s, %s policy, %d device blocks, arenas %s)",
+             args.port, args.mode, args.switches.describe(), args.policy,
+             config.num_device_blocks, ", ".join(arena_names))
 
     await wait_for_stop_signal()
     log.info("shutting down")

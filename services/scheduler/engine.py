@@ -1,10 +1,12 @@
 """The scheduler's asyncio driver: the iteration loop around the sans-IO planner.
 
-Each iteration plans a step, starts its swaps on the executor, runs its batch, and feeds
-the sampled tokens back; swap completions stream in on their own task. All planner calls
-run on one dedicated thread, so the core stays single-threaded and blocking KV-store
-calls never stall the event loop. In fastswitch mode a step waits for nothing but its own
-batch; in baseline mode a plan's barrier makes the step wait for every swap in flight.
+Each iteration plans a step, hands its host operations to the host worker, starts its
+swaps on the executor, runs its batch, and feeds the sampled tokens back. Swap completions
+stream in on their own task, and host replies on the host worker's, which sends each
+plan's operations in one batch per store, in plan order, and never holds up a step. The
+planner makes no calls, so it runs on the event loop itself: no thread, no lock. In
+fastswitch mode a step waits for nothing but its own batch; in baseline mode a plan's
+barrier makes the step wait for every swap in flight.
 
 Executor outages: a failed executor call, or a failed probe (`EngineLimits.probe_s`) while
 idle, starts one. Requests on the device fail at once with UNAVAILABLE; new ones wait up to
@@ -20,13 +22,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import grpc
 
 from common.kv.extent import Extent
+from common.kv.host_ops import HostOp, unanswered
 from common.latency import LatencyWindow, gaps
 from common.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import executor_pb2 as ex
@@ -34,11 +35,11 @@ from protos import executor_pb2_grpc as ex_grpc
 from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.request import Request, RequestState
+from services.scheduler.host_gateway import HostGateway
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.token_stream import Finished, TokenStream
 
 log = logging.getLogger("fastswitch.scheduler")
-T = TypeVar("T")
 
 
 class AdmissionError(Exception):
@@ -71,6 +72,7 @@ class Engine:
         self,
         planner: Planner,
         executor: ex_grpc.ExecutorStub,
+        host: HostGateway,
         *,
         tokenizer: Tokenizer,
         limits: EngineLimits,
@@ -81,9 +83,10 @@ class Engine:
     ) -> None:
         self.planner = planner
         self.executor = executor
+        self.host = host
         self.tokenizer = tokenizer
         self.limits = limits
-        self._core = ThreadPoolExecutor(1, thread_name_prefix="planner")
+        self._host_ops: asyncio.Queue[tuple[HostOp, ...]] = asyncio.Queue()
         self._tracked: dict[str, _Tracked] = {}
         self._swaps: dict[int, asyncio.Future[None]] = {}
         self._swap_started: dict[int, float] = {}
@@ -101,8 +104,8 @@ class Engine:
         self._busy = asyncio.Lock()  # held by the loop's iterations and by a recovery
         self.on_health = on_health
         self.arena_names = tuple(arena_names)  # host arenas, in the executor's attach order
-        # Told the arenas' first host blocks after a re-attach (on the planner's thread);
-        # True if they moved, which fails every request held.
+        # Told the arenas' first host blocks after a re-attach; True if they moved, which
+        # fails every request held.
         self.on_arenas = on_arenas
         self.metrics = metrics or SchedulerMetrics()
         self.accepting = True
@@ -111,6 +114,7 @@ class Engine:
 
     async def start(self) -> None:
         await self._subscribe_swap_events()
+        self._tasks.append(asyncio.create_task(self._host_worker(), name="host-worker"))
         self._tasks.append(asyncio.create_task(self._loop(), name="iteration-loop"))
         self._tasks.append(asyncio.create_task(self._probe_executor(), name="executor-probe"))
 
@@ -142,19 +146,12 @@ class Engine:
         self._wake.set()
         deadline = time.monotonic() + grace_s
         while self.executor_ok and time.monotonic() < deadline:
-            if not await self.core(self.planner.has_work):
+            if not self.planner.has_work():
                 break
             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._core.shutdown(wait=True)
-
-    async def core(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Runs `fn` on the planner's thread."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._core, lambda: fn(*args, **kwargs)
-        )
 
     # ---- requests in -----------------------------------------------------------------
 
@@ -167,7 +164,7 @@ class Engine:
         tracked = _Tracked(stream, request, sampling, timings=[time.monotonic()])
         self._tracked[request.request_id] = tracked
         try:
-            await self.core(self._admit, request)
+            self._admit(request)
         except Exception:
             del self._tracked[request.request_id]
             raise
@@ -202,7 +199,7 @@ class Engine:
             )
 
     async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
-        cancelled = await self.core(self.planner.cancel, request_id)
+        cancelled = self.planner.cancel(request_id)
         tracked = self._tracked.pop(request_id, None)
         if tracked is not None:
             tracked.stream.finish(self._final(tracked, reason))
@@ -212,9 +209,7 @@ class Engine:
     async def set_priority(
         self, priority: int, *, request_id: str | None = None, client_id: str | None = None
     ) -> int:
-        n = await self.core(
-            self.planner.set_priority, priority, request_id=request_id, client_id=client_id
-        )
+        n = self.planner.set_priority(priority, request_id=request_id, client_id=client_id)
         self._wake.set()
         return n
 
@@ -225,12 +220,14 @@ class Engine:
             await self._wake.wait()
             self._wake.clear()
             async with self._busy:
-                while await self.core(self.planner.has_work):
+                while self.planner.has_work():
                     if not await self._iteration():
                         break  # nothing can run until a swap completes or a request arrives
 
     async def _iteration(self) -> bool:
-        plan = await self.core(self.planner.plan)
+        plan = self.planner.plan()
+        if plan.host_ops:
+            self._host_ops.put_nowait(plan.host_ops)
         try:
             if plan.swaps:
                 await self._submit_swaps(plan.swaps)
@@ -277,7 +274,7 @@ class Engine:
         self.step_overheads.append(time.monotonic() - started - response.duration_s)
         self.metrics.step.observe(time.monotonic() - started)
         sampled = {t.request_id: t.token_id for t in response.tokens}
-        finished = await self.core(self.planner.complete_step, sampled)
+        finished = self.planner.complete_step(sampled)
         now = time.monotonic()
         done = {r.request_id for r in finished}
         for token in response.tokens:
@@ -287,9 +284,7 @@ class Engine:
             tracked.timings.append(now)
             self.metrics.observe_token(tracked.timings)
             stopped = tracked.stream.push(token.token_id, token.logprob)
-            if stopped and token.request_id not in done and await self.core(
-                self.planner.stop, token.request_id
-            ):
+            if stopped and token.request_id not in done and self.planner.stop(token.request_id):
                 done.add(token.request_id)
         for request_id in done:
             tracked = self._tracked.pop(request_id, None)
@@ -300,6 +295,19 @@ class Engine:
                 final = self._final(tracked, reason)
                 self.latency.record(final.ttft_s, final.tbts)
                 tracked.stream.finish(final)
+
+    async def _host_worker(self) -> None:
+        """Carries out each plan's host operations, one plan after another (so that every
+        store sees them in plan order), and feeds the replies back to the planner."""
+        while True:
+            ops = await self._host_ops.get()
+            try:
+                replies = await self.host.execute(ops)
+            except Exception:  # a gateway must not raise; if one does, nothing was done
+                log.exception("host operations failed")
+                replies = unanswered(ops)
+            self.planner.host_replied(replies)
+            self._wake.set()
 
     async def _swap_events(self) -> None:
         """Feeds swap completions to the planner until the stream breaks."""
@@ -323,7 +331,7 @@ class Engine:
         self.metrics.observe_swap(direction, time.monotonic() - started, event.bytes)
         if event.error:
             log.warning("swap %d of %s failed: %s", event.ticket, event.request_id, event.error)
-        await self.core(self.planner.swap_done, event.ticket, ok=not event.error)
+        self.planner.swap_done(event.ticket, ok=not event.error)
         tracked = self._tracked.get(event.request_id)
         if tracked is not None:
             tracked.bytes_swapped += event.bytes
@@ -366,7 +374,7 @@ class Engine:
         self.executor_ok = False
         self._executor_back.clear()
         await self._set_health(False)
-        failed = await self.core(self.planner.reset_device)
+        failed = self.planner.reset_device()
         for future in self._swaps.values():
             future.cancel()
         self._swaps.clear()
@@ -381,7 +389,7 @@ class Engine:
             if self._tracked and time.monotonic() >= give_up:
                 await self._fail_all(message)
             await asyncio.sleep(0.5)
-        if self.on_arenas is not None and await self.core(self.on_arenas, firsts):
+        if self.on_arenas is not None and self.on_arenas(firsts):
             await self._fail_all("the executor mapped the host arenas at other block ids")
         log.warning("executor is back; %d request(s) failed, the rest continue", len(failed))
         self.executor_ok = True
@@ -392,7 +400,7 @@ class Engine:
     async def _fail_all(self, message: str) -> None:
         """Cancels every request held and ends its stream with UNAVAILABLE."""
         for request_id in list(self._tracked):
-            await self.core(self.planner.cancel, request_id)
+            self.planner.cancel(request_id)
             self._tracked.pop(request_id).stream.fail(grpc.StatusCode.UNAVAILABLE, message)
 
     async def _reconnect(self) -> list[int] | None:

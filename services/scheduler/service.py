@@ -21,7 +21,6 @@ from services.scheduler.token_stream import Failed, Finished, TokenEvent
 
 S = RequestState
 Sampled = pb.GenerateRequest | pb.ChatRequest
-STATS_WAIT_S = 0.25  # how long Stats waits for the planner's thread
 
 
 class SchedulerService(pb_grpc.SchedulerServicer):
@@ -36,7 +35,6 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.eos_token_ids = frozenset(eos_token_ids)
         self._conversations: dict[str, Conversation] = {}
         self._turns: dict[str, asyncio.Lock] = {}
-        self._last_stats = pb.StatsResponse(mode=mode)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -89,7 +87,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             except ChatTemplateError as e:
                 await context.abort(_template_status(e), str(e))
             output: list[int] = []
-            async for event in self._run(request, prompt, context, output):
+            async for event in self._run(request, prompt, context, output, len(conv.tokens)):
                 yield event
             # Only a turn that ran to its end becomes history (nothing else was kept).
             self.prompts.record_turn(conv, new, prompt, output)
@@ -101,6 +99,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         prompt: list[int],
         context: grpc.aio.ServicerContext,
         output: list[int] | None = None,
+        history_tokens: int | None = None,
     ) -> AsyncIterator[pb.GenerateEvent]:
         rid = request.request_id or uuid.uuid4().hex
         err = _validate(request, prompt, self.vocab_size)
@@ -120,6 +119,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 priority=request.priority if request.HasField("priority") else 0,
                 stop_token_ids=frozenset(stop_ids),
                 min_tokens=options.min_tokens,
+                history_tokens=history_tokens,
             )
             stream = await self.engine.submit(
                 core_request,
@@ -179,17 +179,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         return await self.snapshot()
 
     async def snapshot(self) -> pb.StatsResponse:
-        """What Stats answers; the metrics endpoint exports the same numbers. While the
-        planner's thread is held up (a stalled KV store call), the last numbers, with the
-        executor's and the store's state as of now."""
-        try:
-            self._last_stats = await asyncio.wait_for(
-                asyncio.shield(self.engine.core(self._stats)), STATS_WAIT_S)
-        except TimeoutError:
-            self._last_stats.executor_available = self.engine.executor_ok
-            self._last_stats.kvstore_degraded = getattr(
-                self.engine.planner.host, "degraded", False)
-        return self._last_stats
+        """What Stats answers; the metrics endpoint exports the same numbers. It never
+        waits: the planner makes no calls, and the store's state is the router's view."""
+        return self._stats()
 
     def _stats(self) -> pb.StatsResponse:
         planner = self.engine.planner
@@ -223,7 +215,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             step_overhead_mean_s=sum(overheads) / len(overheads) if overheads else 0.0,
             step_overhead_p99_s=percentile(overheads, 99),
             executor_available=self.engine.executor_ok,
-            kvstore_degraded=getattr(planner.host, "degraded", False),
+            kvstore_degraded=self.engine.host.degraded,
         )
 
 

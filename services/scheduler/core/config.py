@@ -1,8 +1,9 @@
-"""The two modes share every line of scheduling code and differ only in these switches."""
+"""The scheduler's settings. Modes share every line of scheduling code: a mode is only a
+named set of `Switches`, one per FastSwitch mechanism, so each can be ablated alone."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 
 from common.kv.allocator import BlockAllocator
@@ -10,9 +11,44 @@ from common.kv.group_allocator import BlockGroupAllocator, GroupSizing
 from common.kv.single_block_allocator import SingleBlockAllocator
 
 
+@dataclass(frozen=True)
+class Switches:
+    block_groups: bool = True  # contiguous block groups, and copies merged into runs
+    async_swaps: bool = True  # each request waits for its own copy, not a global barrier
+    host_reuse: bool = True  # host KV kept per conversation: copy only what the host lacks
+    turn_offload: bool = True  # a finished turn's KV goes to the host for the next turn
+
+    def __post_init__(self) -> None:
+        if self.turn_offload and not self.host_reuse:
+            raise ValueError("turn_offload needs host_reuse: nothing could reuse the KV")
+
+    def with_spec(self, spec: str) -> Switches:
+        """These switches changed by `spec`, e.g. "-turn_offload,+async_swaps"."""
+        names = {f.name for f in fields(self)}
+        changes: dict[str, bool] = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            on, name = item[0] != "-", item.lstrip("+-")
+            if name not in names:
+                raise ValueError(f"unknown switch {name!r}; switches are {sorted(names)}")
+            changes[name] = on
+        if not changes.get("host_reuse", True):
+            changes.setdefault("turn_offload", False)
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        return ",".join(("+" if getattr(self, f.name) else "-") + f.name for f in fields(self))
+
+
 class Mode(Enum):
-    FASTSWITCH = "fastswitch"  # block groups, async per-request swaps, host KV reuse
-    BASELINE = "baseline"  # vLLM: single blocks, swaps behind a global barrier, no reuse
+    FASTSWITCH = "fastswitch"  # every mechanism on
+    BASELINE = "baseline"  # vLLM 0.3: single blocks, swaps behind a global barrier, no reuse
+
+    @property
+    def switches(self) -> Switches:
+        if self is Mode.FASTSWITCH:
+            return Switches()
+        return Switches(block_groups=False, async_swaps=False, host_reuse=False,
+                        turn_offload=False)
 
 
 @dataclass(frozen=True)
@@ -23,27 +59,22 @@ class SchedulerConfig:
     max_num_seqs: int = 32
     max_batched_tokens: int = 512
     group_sizing: GroupSizing = field(default_factory=GroupSizing)
-    offload_finished: bool = True  # fastswitch: keep a finished turn's KV for the next turn
+    switches: Switches | None = None  # None: the mode's own
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_device_blocks", "max_num_seqs", "max_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.switches is None:
+            object.__setattr__(self, "switches", self.mode.switches)
 
     @property
-    def async_swaps(self) -> bool:
-        return self.mode is Mode.FASTSWITCH
-
-    @property
-    def reuse(self) -> bool:
-        return self.mode is Mode.FASTSWITCH
-
-    @property
-    def merge_copies(self) -> bool:
-        return self.mode is Mode.FASTSWITCH
+    def on(self) -> Switches:
+        assert self.switches is not None
+        return self.switches
 
     def make_allocator(self) -> BlockAllocator:
-        if self.mode is Mode.FASTSWITCH:
+        if self.on.block_groups:
             return BlockGroupAllocator(self.num_device_blocks, self.group_sizing)
         return SingleBlockAllocator(self.num_device_blocks)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from common.kv.host_ops import HostOp
 from common.kv.swap_plan import Direction, SwapOrder
 
 __all__ = ["Direction", "PreemptBy", "Preemption", "ScheduledSeq", "StepPlan", "SwapOrder"]
@@ -34,8 +35,10 @@ class Preemption:
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
-    """One iteration. Start `swaps` (swap-outs before swap-ins), run `batch`, then report
-    the sampled tokens with `Planner.complete_step`.
+    """One iteration. Send `host_ops` to the host KV (in order; feed the replies back with
+    `Planner.host_replied` whenever they come, see `common.kv.host_ops`), start `swaps`
+    (swap-outs before swap-ins), run `batch`, then report the sampled tokens with
+    `Planner.complete_step`. Nothing in a plan waits for the host.
 
     With `barrier` set (baseline mode) every swap in flight, these included, must complete
     and be reported before `batch` runs; the batch may then use blocks swapped in by this
@@ -46,12 +49,9 @@ class StepPlan:
     batch: tuple[ScheduledSeq, ...]
     swaps: tuple[SwapOrder, ...]
     preemptions: tuple[Preemption, ...]
+    host_ops: tuple[HostOp, ...]
     barrier: bool
 
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.batch)
-
-    @property
-    def is_idle(self) -> bool:
-        return not self.batch and not self.swaps

@@ -1,14 +1,17 @@
-"""The step planner: events in, `StepPlan`s out.
+"""The step planner: events in, `StepPlan`s out, and no calls to anything.
 
-Each `plan()` ranks the live requests by the fairness policy, keeps the best-ranked ones
-that fit in device KV memory, preempts the rest (swap, or recompute when the host has no
-room), swaps in or admits what now fits, and hands the driver a batch under the token
-budget. Swap completions (`swap_done`) and sampled tokens (`complete_step`) come back as
-events whenever the driver has them.
+Each `plan()` ranks the live requests by the fairness policy and makes one selection pass:
+the best-ranked ones that fit in device KV memory and the token budget stay or come in,
+each with the tokens it runs this step. The other residents are preempted: by swap once the
+host has reserved room for their KV, else by recompute. Then the plan swaps in or admits
+the chosen and hands the driver a batch, swap orders (`swaps.SwapManager`) and host
+operations (`common.kv.host_ops`).
 
-In fastswitch mode a request waits only for its own swap: swapped-out blocks drain until
-their copy ends, and a swapped-in request runs from the step after its copy ends. In
-baseline mode the plan carries a barrier, as vLLM's synchronous swap does.
+Events come back whenever the driver has them: sampled tokens (`complete_step`), finished
+copies (`swap_done`) and host replies (`host_replied`). A decision that needs a reply waits
+for a later plan: a preempted request keeps its device blocks until the host answers its
+`Reserve`; a new turn of a conversation asks the host for its prefix (`Pin`) and comes in,
+by swap-in or by prefill, in a plan after the answer.
 """
 
 from __future__ import annotations
@@ -19,10 +22,19 @@ from dataclasses import dataclass, field
 
 from common.kv.allocator import OutOfBlocks
 from common.kv.block_hash import TokenChain
-from common.kv.reuse_index import HostCapacityExhausted, PinHandle, StaleReservation
-from common.kv.swap_plan import plan_copies
+from common.kv.host_ops import (
+    Abort,
+    Commit,
+    HostOp,
+    HostReply,
+    Pin,
+    Release,
+    Reserve,
+    Reserved,
+    Unpin,
+)
+from common.kv.reuse_index import Hit, PinHandle, Reservation
 from services.scheduler.core.config import SchedulerConfig
-from services.scheduler.core.host import HostKV
 from services.scheduler.core.plan import (
     Direction,
     PreemptBy,
@@ -33,6 +45,8 @@ from services.scheduler.core.plan import (
 )
 from services.scheduler.core.policy import FairnessPolicy
 from services.scheduler.core.request import RESIDENT, Request, RequestState
+from services.scheduler.core.request_kv import RequestKV
+from services.scheduler.core.swaps import Swap, SwapManager
 
 S = RequestState
 
@@ -50,44 +64,29 @@ class PlannerStats:
     blocks_in: int = 0
     reuse_saved_blocks: int = 0  # swap-out blocks not copied: the host already held them
     prefix_hit_tokens: int = 0  # prompt tokens swapped in from the host instead of prefilled
+    host_ops: int = 0
     finished: int = 0
     cancelled: int = 0
-
-
-@dataclass(slots=True)
-class _Swap:
-    order: SwapOrder
-    request: Request
-    host_key: str
-    draining: tuple[int, ...] = ()  # device blocks to release when the copy ends
-    reservation_id: int | None = None
-    pin: PinHandle | None = None
-    offload_only: bool = False  # a finished turn's KV kept for the next turn
 
 
 @dataclass
 class Planner:
     config: SchedulerConfig
     policy: FairnessPolicy
-    host: HostKV
+    fingerprint: str  # the model's, which every host KV chain starts from
     requests: dict[str, Request] = field(default_factory=dict)
     stats: PlannerStats = field(default_factory=PlannerStats)
 
     def __post_init__(self) -> None:
-        if self.host.block_size != self.config.block_size:
-            raise ValueError("host and device block sizes differ")
+        on = self.config.on
         self.allocator = self.config.make_allocator()
-        self._swaps: dict[int, _Swap] = {}
-        self._swapped_kv: dict[str, tuple[int, PinHandle]] = {}  # request -> (tokens, pin)
-        self._host_keys: dict[str, str] = {}  # request -> where its swapped KV lives
-        self._chains: dict[str, TokenChain] = {}  # request -> its tokens' hash chain
-        # Host prefix a waiting request would get, valid while the host epoch is unchanged;
-        # the epoch moves whenever this planner changes what the host holds.
-        self._prefix_hits: dict[str, tuple[int, int]] = {}
-        self._host_epoch = 0
+        self.swaps = SwapManager(merge_copies=on.block_groups, async_swaps=on.async_swaps)
+        self._kv: dict[str, RequestKV] = {}
+        self._awaiting: dict[int, tuple[Request, RequestKV]] = {}  # host op id -> its asker
+        self._outbox: list[HostOp] = []  # host operations for the next plan
+        self._orders: list[SwapOrder] = []  # swap-outs decided between plans
         self._scheduled: tuple[ScheduledSeq, ...] = ()
-        self._offloads: list[SwapOrder] = []  # finished turns' swap-outs, for the next plan
-        self._ids = itertools.count(1)
+        self._op_ids = itertools.count(1)
         self._arrivals = itertools.count()
 
     # ---- events in -------------------------------------------------------------------
@@ -106,6 +105,12 @@ class Planner:
         request.arrival = next(self._arrivals)
         self.policy.on_arrival(request, self.requests.values())
         self.requests[request.request_id] = request
+        reuse = self.config.on.host_reuse
+        self._kv[request.request_id] = RequestKV(
+            host_key=request.kv_key if reuse else f"swap:{request.request_id}",
+            private=not reuse or request.conversation_id is None,
+            chain=TokenChain(self.config.block_size, self.fingerprint),
+        )
 
     def set_priority(
         self, priority: int, *, request_id: str | None = None, client_id: str | None = None
@@ -121,24 +126,27 @@ class Planner:
         return len(hits)
 
     def cancel(self, request_id: str) -> bool:
-        """Frees what the request holds; False when it is unknown or already over."""
+        """Frees what the request holds; False when it is unknown or already over. Its
+        device blocks under a copy, and its host side, go when the copy ends."""
         r = self.requests.pop(request_id, None)
         if r is None:
             return False
-        if r.state in RESIDENT:
-            self.allocator.release(request_id)
-        elif r.state is S.SWAPPED:
-            _, pin = self._swapped_kv.pop(request_id)
-            self.host.unpin(pin.pin_id)
-        elif r.state is S.SWAPPING_IN:  # the copy still writes these blocks
-            swap = next(s for s in self._swaps.values() if s.request is r)
-            swap.draining = self.allocator.table(request_id)
-            self.allocator.release(request_id, draining=swap.draining)
-        if r.state not in (S.SWAPPING_OUT, S.SWAPPING_IN):  # else when the copy ends
-            self._forget_private_kv(r)
-        self._chains.pop(request_id, None)
-        r.state = S.CANCELLED
+        kv = self._kv[request_id]
+        if kv.awaiting is not None:  # its reply will be undone
+            del self._awaiting[kv.awaiting]
+            kv.awaiting = None
+        was, r.state = r.state, S.CANCELLED
         self.stats.cancelled += 1
+        mine = {s.order.swap_id for s in self.swaps if s.request is r}
+        for order in [o for o in self._orders if o.swap_id in mine]:  # never sent: dropped
+            self._orders.remove(order)
+            self.swap_done(order.swap_id, ok=False)
+        if any(s.request is r for s in self.swaps):
+            if was is S.SWAPPING_IN:
+                self.swaps.cancel_in(self.allocator, r)
+            return True
+        self.allocator.release(r)
+        self._drop(r)
         return True
 
     def stop(self, request_id: str) -> bool:
@@ -152,34 +160,48 @@ class Planner:
     def reset_device(self) -> list[Request]:
         """The executor lost device memory (it restarted): requests whose KV was there, or
         in flight, fail; swaps in flight are dropped. Waiting and swapped requests stay."""
-        for swap in self._swaps.values():
-            if swap.reservation_id is not None:
-                self.host.abort(swap.reservation_id)
-            if swap.pin is not None:
-                self.host.unpin(swap.pin.pin_id)
-        self._swaps.clear()
-        self._offloads.clear()
+        dropped = self.swaps.reset()
+        self._outbox += [Abort(s.reservation_id) for s in dropped if s.reservation_id]
+        self._orders.clear()
         self._scheduled = ()
+        for op_id, (r, kv) in list(self._awaiting.items()):
+            if r.state is not S.WAITING:  # a reservation for device KV that is gone
+                del self._awaiting[op_id]
+                kv.awaiting = None
         busy = (*RESIDENT, S.SWAPPING_OUT, S.SWAPPING_IN)
         failed = [r for r in self.requests.values() if r.state in busy]
         for r in failed:
             del self.requests[r.request_id]
             r.state = S.FAILED
             r.error = "executor restarted"
-            self._forget_private_kv(r)
-            self._chains.pop(r.request_id, None)
+        for r in failed + [s.request for s in dropped if s.request.state is S.CANCELLED]:
+            self._drop(r)
         self.allocator = self.config.make_allocator()
         return failed
 
     def swap_done(self, swap_id: int, *, ok: bool = True) -> None:
-        swap = self._swaps.pop(swap_id)
-        r = swap.request
-        if swap.draining:
-            self.allocator.release_draining(swap.draining)
+        swap = self.swaps.done(self.allocator, swap_id)
         if swap.order.direction is Direction.OUT:
-            self._swap_out_done(swap, r, ok)
+            self._swap_out_done(swap, ok)
         else:
-            self._swap_in_done(swap, r, ok)
+            self._swap_in_done(swap, ok)
+
+    def host_replied(self, replies: Iterable[HostReply]) -> None:
+        """Feeds back the replies to the host operations of earlier plans. A reply that
+        nobody waits for any more (its request was cancelled or lost its KV) is undone."""
+        for reply in replies:
+            asker = self._awaiting.pop(reply.op_id, None)
+            if isinstance(reply, Reserved):
+                if asker is not None:
+                    asker[1].awaiting = None
+                    self._reserved(*asker, reply.reservation)
+                elif reply.reservation is not None:
+                    self._outbox.append(Abort(reply.reservation.reservation_id))
+            elif asker is not None:
+                asker[1].awaiting = None
+                self._pinned(*asker, reply.hit, reply.pin)
+            else:
+                self._outbox.append(Unpin(reply.pin.pin_id))
 
     def complete_step(self, sampled: Mapping[str, int]) -> list[Request]:
         """Applies the last plan's results; returns the requests that finished."""
@@ -209,34 +231,40 @@ class Planner:
     def plan(self) -> StepPlan:
         iteration = self.stats.iterations
         self.stats.iterations += 1
-        wanted = self._choose_resident()
-        keep = {r.request_id for r in wanted}
-        swaps, self._offloads = self._offloads, []
+        chosen = self._select()
+        keep = {r.request_id for r, _ in chosen}
         preemptions = [
-            self._preempt(r, swaps)
+            self._preempt(r)
             for r in list(self.requests.values())
             if r.state in RESIDENT and r.request_id not in keep
         ]
+        swaps, self._orders = self._orders, []
         batch: list[ScheduledSeq] = []
-        budget, admitting = self.config.max_batched_tokens, True
-        for r in wanted:
-            chunk = min(r.num_tokens - r.num_computed, budget)
+        admitting = True
+        for r, chunk in chosen:
             if r.state in RESIDENT:
                 if chunk and self._grow(r, self.config.blocks_for(r.num_computed + chunk)):
                     batch.append(self._seq(r, chunk))
-                    budget -= chunk
             elif admitting:
-                fed = self._bring_in(r, chunk, swaps, batch)
-                admitting = fed is not None
-                budget -= fed or 0
+                admitting = self._bring_in(r, chunk, swaps, batch)
         self._scheduled = tuple(batch)
-        barrier = not self.config.async_swaps and bool(self._swaps)
-        return StepPlan(iteration, tuple(batch), tuple(swaps), tuple(preemptions), barrier)
+        host_ops, self._outbox = tuple(self._outbox), []
+        self.stats.host_ops += len(host_ops)
+        return StepPlan(
+            iteration, tuple(batch), tuple(swaps), tuple(preemptions), host_ops,
+            self.swaps.barrier(),
+        )
 
-    def _choose_resident(self) -> list[Request]:
-        """The best-ranked requests whose KV fits on the device this step: residents are
-        kept while they fit; waiting and swapped ones are taken until the first misfit."""
-        live = [r for r in self.requests.values() if r.state in (*RESIDENT, S.WAITING, S.SWAPPED)]
+    def _select(self) -> list[tuple[Request, int]]:
+        """The one selection pass: the requests that run or come in this step, each with
+        the tokens it runs (0: it only swaps in, or asks the host first). Residents stay
+        while they fit; waiting and swapped ones come in until the first that does not."""
+        live = [
+            r
+            for r in self.requests.values()
+            if r.state in (*RESIDENT, S.WAITING, S.SWAPPED)
+            and self._kv[r.request_id].awaiting is None
+        ]
         rank = self.policy.rank
         if self.policy.preemptive:
             order = sorted(live, key=rank)
@@ -249,210 +277,221 @@ class Planner:
         room = (
             self.allocator.num_free
             + self.allocator.num_draining
-            + sum(self.allocator.num_blocks_of(r.request_id) for r in live if r.state in RESIDENT)
+            + sum(self.allocator.num_blocks_of(r) for r in live if r.state in RESIDENT)
         )
-        # A conversation's next turn waits while its last turn's KV is still being copied
-        # to the host: the copy is about to make that turn's whole prefix reusable.
-        offloading = {s.host_key for s in self._swaps.values() if s.offload_only}
-        budget, wanted, admitting = self.config.max_batched_tokens, [], True
+        # A conversation's next turn waits while its last turn's KV is on its way to the
+        # host: that copy is about to make the turn's whole prefix reusable.
+        offloading = self.swaps.offloading() | {
+            kv.host_key for r, kv in self._awaiting.values() if r.state is S.FINISHED
+        }
+        budget, chosen, admitting = self.config.max_batched_tokens, [], True
         for r in order:
-            if len(wanted) == self.config.max_num_seqs:
+            if len(chosen) == self.config.max_num_seqs:
                 break
-            if r.state not in RESIDENT and not admitting:
+            kv = self._kv[r.request_id]
+            resident = r.state in RESIDENT
+            if not resident and (not admitting or kv.host_key in offloading):
                 continue
-            if r.state is S.WAITING and r.kv_key in offloading:
-                continue
-            kv = self._kv_to_swap_in(r)
-            chunk = min(r.num_tokens - max(kv, r.num_computed), budget)
-            if kv and self.config.async_swaps:
-                chunk = 0  # runs once its own swap-in is done
-            elif not chunk and r.state not in RESIDENT:
+            host = kv.host_tokens if r.state is S.SWAPPED else 0
+            start = max(host, r.num_computed)
+            chunk = min(r.num_tokens - start, budget)
+            # It runs once the host has answered, or once its own swap-in is done.
+            later = self._asks_host(r, kv) or bool(host and self.config.on.async_swaps)
+            if not chunk and not resident and not later:
                 admitting = False  # no token budget left to start anything new
                 continue
             # Room for at least its next token, or a swap-in would be pushed straight out.
-            blocks = self.config.blocks_for(max(kv, r.num_computed) + max(chunk, 1))
+            blocks = self.config.blocks_for(start + max(chunk, 1))
             if blocks > room:
                 admitting = False
                 continue
+            if later:
+                chunk = 0
             room -= blocks
             budget -= chunk
-            wanted.append(r)
-        return wanted
+            chosen.append((r, chunk))
+        return chosen
 
-    def _kv_to_swap_in(self, r: Request) -> int:
-        """Tokens of KV the host would give `r` on admission (0 for residents)."""
-        if r.state is S.SWAPPED:
-            return self._swapped_kv[r.request_id][0]
-        if r.state is S.WAITING and self.config.reuse and r.conversation_id is not None:
-            epoch, usable = self._prefix_hits.get(r.request_id, (-1, 0))
-            if epoch != self._host_epoch:
-                tokens = r.tokens
-                hit = self.host.lookup(r.kv_key, tokens, self._chain(r, tokens))
-                usable = min(hit.num_tokens, r.num_tokens - 1)
-                usable = usable if usable >= self.config.block_size else 0
-                self._prefix_hits[r.request_id] = (self._host_epoch, usable)
-            return usable
-        return 0
-
-    def _preempt(self, r: Request, swaps: list[SwapOrder]) -> Preemption:
+    def _preempt(self, r: Request) -> Preemption:
         r.preemptions += 1
-        order = self._swap_out(r, offload_only=False) if r.num_computed else None
-        if order is None:
-            self.allocator.release(r.request_id)
-            r.num_computed = 0
-            r.move(S.WAITING)
-            self.stats.preempted_by_recompute += 1
+        if not r.num_computed:
+            self._recompute(r)
             return Preemption(r.request_id, PreemptBy.RECOMPUTE)
-        if order.copies:
-            swaps.append(order)
-        self.stats.preempted_by_swap += 1
+        kv = self._kv[r.request_id]
+        tokens = r.token_slice(0, r.num_computed)
+        self._ask(r, kv, Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens)))
+        r.move(S.SWAPPING_OUT)  # its device blocks stay until the host has made room
         return Preemption(r.request_id, PreemptBy.SWAP)
-
-    def _swap_out(self, r: Request, *, offload_only: bool) -> SwapOrder | None:
-        """Copies the KV the host lacks; None when the host has no room for it."""
-        key = self._host_key(r)
-        self._host_epoch += 1
-        try:
-            tokens = r.token_slice(0, r.num_computed)
-            res = self.host.reserve(key, tokens, self._chain(r, tokens))
-        except HostCapacityExhausted:
-            return None
-        table = self.allocator.table(r.request_id)
-        done = len(res.valid_blocks)
-        src = table[done : done + len(res.new_blocks)]
-        copies = plan_copies(src, res.new_blocks, merge=self.config.merge_copies)
-        self.allocator.release(r.request_id, draining=src)
-        order = SwapOrder(next(self._ids), r.request_id, Direction.OUT, tuple(copies))
-        swap = _Swap(order, r, key, src, res.reservation_id, offload_only=offload_only)
-        self.stats.reuse_saved_blocks += done
-        if not offload_only:
-            r.move(S.SWAPPING_OUT)
-        if copies:
-            self._swaps[order.swap_id] = swap
-            self.stats.swaps_out += 1
-            self.stats.copies_out += len(copies)
-            self.stats.blocks_out += len(src)
-        else:
-            self._swap_out_done(swap, r, ok=True)
-        return order
-
-    def _swap_out_done(self, swap: _Swap, r: Request, ok: bool) -> None:
-        assert swap.reservation_id is not None
-        self._host_epoch += 1
-        if not ok:
-            self.host.abort(swap.reservation_id)
-        else:
-            try:
-                self.host.commit(swap.reservation_id)
-            except StaleReservation:  # the conversation moved on meanwhile (commit aborted)
-                ok = False
-        if r.state is S.CANCELLED:
-            self._forget_private_kv(r)
-        elif r.state is S.SWAPPING_OUT and not ok:
-            r.num_computed = 0  # its device KV is gone: recompute
-            r.move(S.WAITING)
-        elif r.state is S.SWAPPING_OUT:
-            tokens = r.token_slice(0, r.num_computed)
-            hit, pin = self.host.pin(swap.host_key, tokens, self._chain(r, tokens))
-            self._swapped_kv[r.request_id] = (hit.num_tokens, pin)
-            r.move(S.SWAPPED)
 
     def _bring_in(
         self, r: Request, chunk: int, swaps: list[SwapOrder], batch: list[ScheduledSeq]
-    ) -> int | None:
-        """Swaps in or admits one request: the tokens it runs this step, or None when it
-        did not fit (admissions stop)."""
+    ) -> bool:
+        """Swaps in, asks the host about, or admits one request; False when it did not
+        fit (admissions stop)."""
+        kv = self._kv[r.request_id]
         if r.state is S.SWAPPED:
-            num_tokens, pin = self._swapped_kv[r.request_id]
-            return self._swap_in(r, num_tokens, pin, chunk, swaps, batch)
-        usable = self._kv_to_swap_in(r)
-        if usable:
-            tokens = r.token_slice(0, usable)
-            hit, pin = self.host.pin(r.kv_key, tokens, self._chain(r, tokens))
-            # The host may have evicted part of it since the lookup: use what is pinned.
-            fed = None
-            if hit.num_tokens >= self.config.block_size:
-                fed = self._swap_in(r, hit.num_tokens, pin, chunk, swaps, batch)
-            if fed is not None:
-                self.stats.prefix_hit_tokens += hit.num_tokens
-                r.reused_tokens += hit.num_tokens
-                return fed
-            self.host.unpin(pin.pin_id)
-            if hit.num_tokens >= self.config.block_size:
-                return None  # it did not fit
+            return self._swap_in(r, kv, chunk, swaps, batch)
+        if self._asks_host(r, kv):
+            tokens = r.tokens
+            self._ask(r, kv, Pin(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens)))
+            return True
         if not chunk or not self._grow(r, self.config.blocks_for(chunk)):
-            return None
+            return False
         r.move(S.PREFILLING)
         batch.append(self._seq(r, chunk))
-        return chunk
+        return True
 
     def _swap_in(
         self,
         r: Request,
-        num_tokens: int,
-        pin: PinHandle,
+        kv: RequestKV,
         chunk: int,
         swaps: list[SwapOrder],
         batch: list[ScheduledSeq],
-    ) -> int | None:
-        n = self.config.blocks_for(num_tokens)
-        chunk = 0 if self.config.async_swaps else min(chunk, r.num_tokens - num_tokens)
-        total = max(n, self.config.blocks_for(num_tokens + chunk))
+    ) -> bool:
+        n = self.config.blocks_for(kv.host_tokens)
+        total = max(n, self.config.blocks_for(kv.host_tokens + chunk))
         try:
-            device = self.allocator.allocate(r.request_id, total, expected=self._expected(r, total))
+            device = self.allocator.allocate(r, total, expected=self._expected(r, total))
         except OutOfBlocks:
-            return None
-        self._swapped_kv.pop(r.request_id, None)
-        copies = plan_copies(pin.blocks[:n], device[:n], merge=self.config.merge_copies)
-        order = SwapOrder(next(self._ids), r.request_id, Direction.IN, tuple(copies))
-        self._swaps[order.swap_id] = _Swap(order, r, self._host_key(r), pin=pin)
-        r.num_computed = num_tokens
+            return False
+        order = self.swaps.swap_in(r, kv, device[:n]).order
+        r.num_computed = kv.host_tokens
+        if kv.prefix_hit:
+            self.stats.prefix_hit_tokens += kv.host_tokens
+            r.reused_tokens += kv.host_tokens
         r.move(S.SWAPPING_IN)
         swaps.append(order)
         self.stats.swaps_in += 1
-        self.stats.copies_in += len(copies)
+        self.stats.copies_in += len(order.copies)
         self.stats.blocks_in += n
-        if chunk:
+        if chunk:  # synchronous swaps: the plan's barrier lets it run in this very step
             batch.append(self._seq(r, chunk))
-        return chunk
+        return True
 
-    def _swap_in_done(self, swap: _Swap, r: Request, ok: bool) -> None:
-        assert swap.pin is not None
-        self.host.unpin(swap.pin.pin_id)
+    # ---- host replies and finished copies --------------------------------------------
+
+    def _reserved(self, r: Request, kv: RequestKV, res: Reservation | None) -> None:
+        """Host room for a preempted request's KV, or a finished turn's (offload)."""
+        offload = r.state is S.FINISHED
+        if res is None:
+            self.allocator.release(r)
+            if not offload:
+                self._recompute(r)
+                self.stats.preempted_by_recompute += 1
+            return
+        swap = self.swaps.swap_out(
+            self.allocator, r, kv, skip=len(res.valid_blocks), host_blocks=res.new_blocks,
+            reservation_id=res.reservation_id, offload_only=offload,
+        )
+        self.stats.reuse_saved_blocks += len(res.valid_blocks)
+        self.stats.preempted_by_swap += not offload
+        if not swap.order.copies:
+            self._swap_out_done(swap, ok=True)
+            return
+        self._orders.append(swap.order)
+        self.stats.swaps_out += 1
+        self.stats.copies_out += len(swap.order.copies)
+        self.stats.blocks_out += len(swap.draining)
+
+    def _swap_out_done(self, swap: Swap, ok: bool) -> None:
+        r, kv = swap.request, swap.kv
+        assert swap.reservation_id is not None
+        self._outbox.append(Commit(swap.reservation_id) if ok else Abort(swap.reservation_id))
         if r.state is S.CANCELLED:
-            self._forget_private_kv(r)
+            self._drop(r)
+        elif r.state is S.SWAPPING_OUT and not ok:
+            self._recompute(r)  # its device KV is gone
+        elif r.state is S.SWAPPING_OUT:  # pin what the host now holds, for its swap-in
+            tokens = r.token_slice(0, r.num_computed)
+            self._ask(r, kv, Pin(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens)))
+
+    def _pinned(self, r: Request, kv: RequestKV, hit: Hit, pin: PinHandle) -> None:
+        """Host KV pinned for a swapped-out request, or a new turn's prefix."""
+        prefix = r.state is S.WAITING
+        usable = min(hit.num_tokens, r.num_tokens - 1) if prefix else hit.num_tokens
+        if usable < (self.config.block_size if prefix else 1):
+            self._outbox.append(Unpin(pin.pin_id))
+            if prefix:
+                kv.asked = True  # prefill it
+            else:
+                self._recompute(r)  # the commit was refused: recompute
             return
-        if not ok:
-            self.allocator.release(r.request_id)
-            r.num_computed = 0
-            r.move(S.WAITING)
-            return
-        if not self.config.reuse:
-            self._forget_private_kv(r)
-        decoding = bool(r.output) and r.num_computed == r.num_tokens - 1
-        r.move(S.RUNNING if decoding else S.PREFILLING)
+        kv.pin, kv.host_tokens, kv.prefix_hit = pin, usable, prefix
+        r.move(S.SWAPPED)
+
+    def _swap_in_done(self, swap: Swap, ok: bool) -> None:
+        r, kv = swap.request, swap.kv
+        if kv.pin is not None:
+            self._outbox.append(Unpin(kv.pin.pin_id))
+            kv.pin = None
+        kv.host_tokens, kv.prefix_hit = 0, False
+        if r.state is S.CANCELLED:
+            self._drop(r)
+        elif not ok:
+            self._recompute(r)
+        else:
+            if not self.config.on.host_reuse:  # the baseline drops its host copy
+                self._outbox.append(Release(kv.host_key))
+            decoding = bool(r.output) and r.num_computed == r.num_tokens - 1
+            r.move(S.RUNNING if decoding else S.PREFILLING)
 
     # ---- helpers ---------------------------------------------------------------------
 
     def _finish(self, r: Request) -> None:
+        """A finished turn of a conversation keeps its device blocks until the host has
+        made room for its KV (turn offload); otherwise they are freed now."""
         del self.requests[r.request_id]
         r.move(S.FINISHED)
         self.stats.finished += 1
-        keep = self.config.reuse and self.config.offload_finished and r.conversation_id
-        order = self._swap_out(r, offload_only=True) if keep else None
-        if order is None:
-            self.allocator.release(r.request_id)
-        elif order.copies:
-            self._offloads.append(order)
-        self._forget_private_kv(r)
-        self._chains.pop(r.request_id, None)
+        kv = self._kv[r.request_id]
+        if self.config.on.turn_offload and not kv.private:
+            tokens = r.token_slice(0, r.num_computed)
+            self._ask(r, kv, Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens),
+                                     len(tokens)))
+        else:
+            self.allocator.release(r)
+        self._drop(r)
+
+    def _drop(self, r: Request) -> None:
+        """The one place a request's KV state goes: its pin and private host copy too."""
+        kv = self._kv.pop(r.request_id, None)
+        if kv is None:
+            return
+        if kv.pin is not None:
+            self._outbox.append(Unpin(kv.pin.pin_id))
+            kv.pin = None
+        if kv.private:
+            self._outbox.append(Release(kv.host_key))
+
+    def _recompute(self, r: Request) -> None:
+        self.allocator.release(r)
+        r.num_computed = 0
+        self._kv[r.request_id].asked = False
+        r.move(S.WAITING)
+
+    def _asks_host(self, r: Request, kv: RequestKV) -> bool:
+        """A new turn asks the host for its conversation's prefix before it is admitted
+        (unless it has no history worth a block)."""
+        history = r.history_tokens
+        return (
+            r.state is S.WAITING
+            and self.config.on.host_reuse
+            and not (kv.private or kv.asked)
+            and (history is None or history >= self.config.block_size)
+        )
+
+    def _ask(self, r: Request, kv: RequestKV, op: Reserve | Pin) -> None:
+        kv.awaiting = op.op_id
+        self._awaiting[op.op_id] = (r, kv)
+        self._outbox.append(op)
 
     def _grow(self, r: Request, blocks: int) -> bool:
-        have = self.allocator.num_blocks_of(r.request_id)
+        have = self.allocator.num_blocks_of(r)
         if blocks <= have:
             return True
         try:
-            self.allocator.allocate(r.request_id, blocks - have, expected=self._expected(r, blocks))
+            self.allocator.allocate(r, blocks - have, expected=self._expected(r, blocks))
         except OutOfBlocks:
             return False
         return True
@@ -466,42 +505,23 @@ class Planner:
         end = start + chunk
         return ScheduledSeq(
             r.request_id,
-            self.allocator.table(r.request_id),
+            self.allocator.table(r),
             start,
             tuple(r.token_slice(start, end)),
             sample=end == r.num_tokens,
         )
 
-    def _host_key(self, r: Request) -> str:
-        """Reuse keys KV by conversation; the baseline keeps each swap private."""
-        if self.config.reuse:
-            return r.kv_key
-        return self._host_keys.setdefault(r.request_id, f"swap:{r.request_id}")
-
-    def _chain(self, r: Request, tokens: list[int]) -> list[bytes]:
-        chain = self._chains.get(r.request_id)
-        if chain is None:
-            chain = self._chains[r.request_id] = TokenChain(
-                self.config.block_size, self.host.fingerprint
-            )
-        return chain.hashes(tokens)
-
-    def _forget_private_kv(self, r: Request) -> None:
-        self._prefix_hits.pop(r.request_id, None)
-        if not self.config.reuse or r.conversation_id is None:
-            self._host_epoch += 1
-            self.host.release(self._host_keys.pop(r.request_id, r.kv_key))
-
     def live(self) -> Iterable[Request]:
         return self.requests.values()
 
     def swaps_in_flight(self) -> int:
-        return len(self._swaps)
+        return len(self.swaps)
 
     def swapped_blocks(self) -> int:
-        """Host blocks held for swapped-out requests."""
-        return sum(len(pin.blocks) for _, pin in self._swapped_kv.values())
+        """Host blocks pinned for swapped-out requests."""
+        return sum(len(kv.pin.blocks) for kv in self._kv.values() if kv.pin is not None)
 
     def has_work(self) -> bool:
-        """Live requests, swaps in flight, or swaps waiting for the next plan."""
-        return bool(self.requests or self._swaps or self._offloads)
+        """Live requests, swaps in flight, or swaps, host operations or replies pending."""
+        return bool(self.requests or len(self.swaps) or self._orders or self._outbox
+                    or self._awaiting)

@@ -11,7 +11,7 @@ class RequestState(Enum):
     PREFILLING = "prefilling"
     RUNNING = "running"  # decoding
     SWAPPING_OUT = "swapping_out"
-    SWAPPED = "swapped"
+    SWAPPED = "swapped"  # KV on the host, pinned: preempted, or a new turn's prefix
     SWAPPING_IN = "swapping_in"
     FINISHED = "finished"
     CANCELLED = "cancelled"
@@ -22,7 +22,7 @@ S = RequestState
 TERMINAL = frozenset({S.FINISHED, S.CANCELLED, S.FAILED})
 RESIDENT = frozenset({S.PREFILLING, S.RUNNING})  # KV on the device, schedulable
 _ALLOWED: dict[RequestState, frozenset[RequestState]] = {
-    S.WAITING: frozenset({S.PREFILLING, S.SWAPPING_IN}),
+    S.WAITING: frozenset({S.PREFILLING, S.SWAPPED}),  # SWAPPED: the host holds its prefix
     S.PREFILLING: frozenset({S.RUNNING, S.SWAPPING_OUT, S.WAITING}),
     S.RUNNING: frozenset({S.SWAPPING_OUT, S.WAITING, S.FINISHED}),
     S.SWAPPING_OUT: frozenset({S.SWAPPED, S.WAITING}),
@@ -45,6 +45,9 @@ class Request:
     priority: int = 0
     stop_token_ids: frozenset[int] = frozenset()
     min_tokens: int = 0  # stop tokens are not sampled before this many outputs
+    # Leading prompt tokens from the conversation's earlier turns, whose KV the host may
+    # hold (0: a first turn, which need not ask the host); None when unknown.
+    history_tokens: int | None = None
     arrival: int = 0  # admission order, set by the planner: a sequence number, not a time
     output: list[int] = field(default_factory=list)
     state: RequestState = RequestState.WAITING
@@ -80,10 +83,6 @@ class Request:
     def kv_key(self) -> str:
         """Host KV is kept per conversation; a one-shot request is its own conversation."""
         return self.conversation_id or f"request:{self.request_id}"
-
-    @property
-    def is_done(self) -> bool:
-        return self.state in TERMINAL
 
     def move(self, new: RequestState) -> None:
         if new in TERMINAL and self.state not in TERMINAL:

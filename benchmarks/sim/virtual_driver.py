@@ -1,9 +1,12 @@
-"""Drives a `Planner` on a virtual clock: the demo's and the simulator's executor.
+"""Drives a `Planner` on a virtual clock: the demo's and the simulator's executor and host.
 
 Step and copy durations come from a `CostModel`. Copies run on two FIFO copy queues
 (device-to-host and host-to-device) that overlap the steps; a barrier plan (baseline
 mode) makes the step wait for every copy in flight, which is the stall FastSwitch removes.
-The planner and policies are the real ones; only time is simulated.
+Each plan costs `HostCosts.plan_s` of scheduler time, and its host operations are carried
+out on an in-process index, answered one `HostCosts.round_trip_s` later, as the real
+driver's one store round trip per plan is. The planner and policies are the real ones;
+only time is simulated.
 """
 
 from __future__ import annotations
@@ -14,12 +17,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from benchmarks.sim.checked_executor import CheckedExecutor
+from common.kv.host_ops import HostIndex, HostReply, apply
 from common.latency import gaps
-from services.scheduler.checked_executor import CheckedExecutor
 from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import RandomPriorityUpdates
 from services.scheduler.core.request import Request
+
+
+@dataclass(frozen=True)
+class HostCosts:
+    """What the scheduler side costs: one store round trip per plan that has host
+    operations, and the planner's own time per plan (both default to free)."""
+
+    round_trip_s: float = 0.0
+    plan_s: float = 0.0
 
 
 class CostModel(Protocol):
@@ -93,7 +106,9 @@ class VirtualDriver:
         self,
         planner: Planner,
         cost: CostModel,
+        host: HostIndex,
         *,
+        host_costs: HostCosts = HostCosts(),
         executor: CheckedExecutor | None = None,
         priority_updates: RandomPriorityUpdates | None = None,
         follow_up: FollowUp | None = None,
@@ -101,6 +116,8 @@ class VirtualDriver:
     ) -> None:
         self.planner = planner
         self.cost = cost
+        self.host = host
+        self.host_costs = host_costs
         self.executor = executor
         self.priority_updates = priority_updates
         self.follow_up = follow_up
@@ -108,6 +125,7 @@ class VirtualDriver:
         self.now = 0.0
         self._arrivals: list[tuple[float, int, Request]] = []
         self._inflight: list[tuple[float, int, SwapOrder, float]] = []  # done, id, order, start
+        self._replies: list[tuple[float, int, list[HostReply]]] = []  # due, seq, replies
         self._queue_free = {Direction.OUT: 0.0, Direction.IN: 0.0}
         self._seq = itertools.count()
         self._times: dict[str, RequestTimes] = {}
@@ -123,10 +141,13 @@ class VirtualDriver:
         for _ in range(max_iterations):
             self._admit_arrivals()
             self._deliver_swaps(until=self.now)
+            self._deliver_replies(until=self.now)
             if not (self.planner.has_work() or self._arrivals):
                 break
             self._apply_priority_updates()
             plan = self.planner.plan()
+            self.now += self.host_costs.plan_s
+            self._send_host_ops(plan)
             self._start_swaps(plan.swaps)
             if plan.barrier and self._inflight:
                 done = max(t for t, *_ in self._inflight)
@@ -135,7 +156,8 @@ class VirtualDriver:
                 self._deliver_swaps(until=done)
             if plan.batch:
                 self._run_batch(plan)
-            elif not (plan.preemptions or self._idle_until_next_event()):
+            elif not (plan.preemptions or plan.swaps or plan.host_ops
+                      or self._idle_until_next_event()):
                 raise RuntimeError(f"scheduler stuck at iteration {plan.iteration}: {plan}")
             if self.on_iteration:
                 self.on_iteration(self, plan)
@@ -163,6 +185,17 @@ class VirtualDriver:
         updates = self.priority_updates.updates(self.planner.stats.iterations, self.planner.live())
         for request_id, priority in updates.items():
             self.planner.set_priority(priority, request_id=request_id)
+
+    def _send_host_ops(self, plan: StepPlan) -> None:
+        """Carries the plan's host operations out now; the replies arrive a round trip on."""
+        if plan.host_ops:
+            replies = apply(self.host, plan.host_ops)
+            due = self.now + self.host_costs.round_trip_s
+            heapq.heappush(self._replies, (due, next(self._seq), replies))
+
+    def _deliver_replies(self, *, until: float) -> None:
+        while self._replies and self._replies[0][0] <= until:
+            self.planner.host_replied(heapq.heappop(self._replies)[2])
 
     def _start_swaps(self, orders: Iterable[SwapOrder]) -> None:
         for order in orders:  # swap-outs come first in a plan
@@ -198,8 +231,9 @@ class VirtualDriver:
                 self.submit(at, nxt)
 
     def _idle_until_next_event(self) -> bool:
-        """Nothing ran: jump to the next swap completion or arrival. False if there is none."""
-        upcoming = [t for t, *_ in self._inflight[:1]] + [t for t, *_ in self._arrivals[:1]]
+        """Nothing ran: jump to the next swap completion, host reply or arrival. False if
+        there is none."""
+        upcoming = [t for t, *_ in (*self._inflight[:1], *self._arrivals[:1], *self._replies[:1])]
         if not upcoming:
             return False
         self.now = max(self.now, min(upcoming))

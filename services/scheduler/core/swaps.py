@@ -1,0 +1,107 @@
+"""The swap manager: every copy between device and host in flight, and when a batch may run.
+
+Contract (as vLLM's offload manager states its own):
+
+- A device block that a swap-out reads is *draining* from the plan that orders the copy
+  until the copy is reported done: it belongs to nobody, and the allocator hands it out
+  again only then. A request's other blocks are freed at once.
+- A device block that a swap-in writes belongs to its request from the start. With async
+  swaps the request is not scheduled until its own copy is reported done, and nothing else
+  waits. Without them (the baseline) every plan made while any swap is in flight carries a
+  barrier: the step waits for all of them, and may then use what they swapped in.
+- A swap-in cancelled mid-copy leaves its blocks draining until the copy ends.
+- Each swap is reported done exactly once, `ok` or not; `done` hands back what the swap
+  held, so that the planner can commit, abort or unpin its host side.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from common.kv.allocator import BlockAllocator
+from common.kv.swap_plan import Direction, SwapOrder, plan_copies
+from services.scheduler.core.request import Request
+from services.scheduler.core.request_kv import RequestKV
+
+
+@dataclass(slots=True, eq=False)
+class Swap:
+    order: SwapOrder
+    request: Request
+    kv: RequestKV
+    draining: tuple[int, ...] = ()  # device blocks to free when the copy ends
+    reservation_id: int | None = None  # swap-out: the host reservation it fills
+    offload_only: bool = False  # a finished turn's KV kept for the next turn
+
+
+class SwapManager:
+    def __init__(self, *, merge_copies: bool, async_swaps: bool) -> None:
+        self.merge_copies = merge_copies
+        self.async_swaps = async_swaps
+        self._swaps: dict[int, Swap] = {}
+        self._ids = itertools.count(1)
+
+    def swap_out(
+        self,
+        allocator: BlockAllocator,
+        r: Request,
+        kv: RequestKV,
+        *,
+        skip: int,
+        host_blocks: Sequence[int],
+        reservation_id: int,
+        offload_only: bool,
+    ) -> Swap:
+        """Copies the request's device blocks `skip:` (those the host lacks) into
+        `host_blocks` and frees all its device blocks, the copied ones once the copy ends.
+        The swap is in flight unless it copies nothing."""
+        src = allocator.table(r)[skip : skip + len(host_blocks)]
+        copies = plan_copies(src, host_blocks, merge=self.merge_copies)
+        allocator.release(r, draining=src)
+        order = SwapOrder(next(self._ids), r.request_id, Direction.OUT, tuple(copies))
+        swap = Swap(order, r, kv, src, reservation_id, offload_only)
+        if copies:
+            self._swaps[order.swap_id] = swap
+        return swap
+
+    def swap_in(self, r: Request, kv: RequestKV, device_blocks: Sequence[int]) -> Swap:
+        """Copies the host blocks `kv.pin` holds into the first of `device_blocks`."""
+        assert kv.pin is not None
+        n = len(device_blocks)
+        copies = plan_copies(kv.pin.blocks[:n], device_blocks, merge=self.merge_copies)
+        order = SwapOrder(next(self._ids), r.request_id, Direction.IN, tuple(copies))
+        swap = self._swaps[order.swap_id] = Swap(order, r, kv)
+        return swap
+
+    def cancel_in(self, allocator: BlockAllocator, r: Request) -> None:
+        """The request of a swap-in in flight is gone: its blocks drain until the copy ends."""
+        swap = next(s for s in self._swaps.values() if s.request is r)
+        swap.draining = allocator.table(r)
+        allocator.release(r, draining=swap.draining)
+
+    def done(self, allocator: BlockAllocator, swap_id: int) -> Swap:
+        swap = self._swaps.pop(swap_id)
+        if swap.draining:
+            allocator.release_draining(swap.draining)
+        return swap
+
+    def reset(self) -> list[Swap]:
+        """The device was lost: every swap in flight is dropped, unreported."""
+        dropped = list(self._swaps.values())
+        self._swaps.clear()
+        return dropped
+
+    def barrier(self) -> bool:
+        return not self.async_swaps and bool(self._swaps)
+
+    def offloading(self) -> set[str]:
+        """Host keys a finished turn's KV is being copied to."""
+        return {s.kv.host_key for s in self._swaps.values() if s.offload_only}
+
+    def __len__(self) -> int:
+        return len(self._swaps)
+
+    def __iter__(self) -> Iterator[Swap]:
+        return iter(self._swaps.values())

@@ -1,0 +1,124 @@
+"""The planner against a host that answers late, out of step with copies, or not at all:
+no interleaving leaks a device block, a host pin or a reservation, or serves stale KV (the
+token-checking executor verifies every step's KV against the tokens)."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.sim.checked_executor import CheckedExecutor
+from common.kv.host_ops import MISS, NO_PIN, HostReply, Pinned, Reserved, apply
+from common.kv.reuse_index import PinHandle, ReuseIndex
+from services.scheduler.core.config import Mode, SchedulerConfig
+from services.scheduler.core.plan import SwapOrder
+from services.scheduler.core.planner import Planner, PlannerStats
+from services.scheduler.core.policy import PriorityPolicy
+from services.scheduler.core.request import Request
+
+BS, DEVICE, HOST = 4, 14, 40
+
+
+def _faulty(host: ReuseIndex, replies: list[HostReply], rng: random.Random) -> list[HostReply]:
+    """Some answers are lost: the store undoes what it did for them (as a lease expiry
+    would), and the planner hears the failure."""
+    out: list[HostReply] = []
+    for reply in replies:
+        if rng.random() >= 0.2:
+            out.append(reply)
+            continue
+        if isinstance(reply, Reserved) and reply.reservation is not None:
+            host.abort(reply.reservation.reservation_id)
+        elif isinstance(reply, Pinned):
+            host.unpin(reply.pin.pin_id)
+        lost = Reserved(reply.op_id, None) if isinstance(reply, Reserved) else \
+            Pinned(reply.op_id, MISS, PinHandle(NO_PIN, ()))
+        out.append(lost)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 100_000), mode=st.sampled_from(list(Mode)),
+       faults=st.booleans())
+def test_late_lost_and_reordered_replies_leak_nothing(seed: int, mode: Mode, faults: bool) -> None:
+    run(seed, mode, faults)
+
+
+def test_such_runs_really_preempt_recompute_and_reuse() -> None:
+    stats = [run(seed, mode, faults) for seed in range(6) for mode in Mode
+             for faults in (False, True)]
+    assert sum(s.preempted_by_swap for s in stats) > 0
+    assert sum(s.preempted_by_recompute for s in stats) > 0
+    assert sum(s.reuse_saved_blocks + s.prefix_hit_tokens for s in stats) > 0
+
+
+def run(seed: int, mode: Mode, faults: bool) -> PlannerStats:
+    """One random run to its end; checks that nothing is left, and returns its stats."""
+    rng = random.Random(seed)
+    config = SchedulerConfig(mode=mode, block_size=BS, num_device_blocks=DEVICE,
+                             max_num_seqs=6, max_batched_tokens=24)
+    host = ReuseIndex(fingerprint="fp", block_size=BS, num_blocks=HOST)
+    planner = Planner(config, PriorityPolicy(), host.fingerprint)
+    executor = CheckedExecutor(BS, DEVICE, HOST, vocab=50)
+    replies: deque[list[HostReply]] = deque()
+    copies: list[SwapOrder] = []
+    outputs: dict[str, list[int]] = {}
+    histories: dict[str, list[int]] = {}
+    pending = [
+        Request(f"r{i}", "c", [rng.randrange(50) for _ in range(rng.randint(1, 20))],
+                rng.randint(1, 12), conversation_id=f"conv{i % 3}" if i % 2 else None,
+                priority=rng.randrange(4))
+        for i in range(8)
+    ]
+
+    def deliver_some() -> None:
+        for _ in range(rng.randint(0, len(replies))):
+            planner.host_replied(replies.popleft())
+
+    def finish_some(every: bool = False) -> None:
+        for order in [o for o in copies if every or rng.random() < 0.5]:
+            copies.remove(order)
+            ok = not faults or rng.random() >= 0.1
+            if ok:
+                executor.finish_swap(order)
+            planner.swap_done(order.swap_id, ok=ok)
+
+    for _ in range(3000):
+        if pending and rng.random() < 0.3:
+            planner.add(pending.pop())
+        if not (planner.has_work() or pending or replies or copies):
+            break
+        if rng.random() < 0.1:
+            planner.set_priority(rng.randrange(6), request_id=f"r{rng.randrange(8)}")
+        if faults and planner.requests and rng.random() < 0.03:
+            planner.cancel(rng.choice(list(planner.requests)))
+        plan = planner.plan()
+        answered = apply(host, plan.host_ops)
+        if answered:
+            replies.append(_faulty(host, answered, rng) if faults else answered)
+        copies.extend(plan.swaps)
+        if plan.barrier:
+            deliver_some()
+            finish_some(every=True)
+        if plan.batch:
+            truth = {s.request_id: planner.requests[s.request_id].tokens for s in plan.batch}
+            for r in planner.complete_step(executor.step(plan.batch, truth)):
+                outputs[r.request_id] = r.output
+                histories[r.request_id] = r.tokens
+        deliver_some()
+        finish_some()
+    else:
+        raise AssertionError("the run did not end")
+
+    assert not pending and not planner.requests and not planner.has_work()
+    if not faults:
+        assert len(outputs) == 8
+    metrics = planner.allocator.metrics()
+    assert (metrics.used, metrics.draining) == (0, 0)
+    stats = host.stats()
+    assert stats.pinned == 0 and not host._pending
+    assert not planner._kv
+    return planner.stats
