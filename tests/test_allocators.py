@@ -93,6 +93,17 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert self.alloc.release(owner, draining=drain) == table
         self.draining |= set(drain)
 
+    @precondition(lambda self: self.tables)
+    @rule(pick=PICKS, keep=st.integers(-1, 10))
+    def transfer(self, pick: int, keep: int) -> None:
+        src = self._owner(pick)
+        self.next_owner += 1
+        dst = f"r{self.next_owner}"
+        self.alloc.transfer(src, dst, keep)
+        kept = self.tables.pop(src)[: max(keep, 0)]
+        if kept:
+            self.tables[dst] = kept
+
     @precondition(lambda self: self.draining)
     @rule(bits=SUBSETS)
     def release_draining(self, bits: int) -> None:

@@ -25,6 +25,8 @@ from services.scheduler.core.policy import (
 from services.scheduler.core.request import Request, RequestState
 
 BS = 4
+DEVICE_ALL = 10**6  # evict(DEVICE_ALL) empties the device prefix cache
+SWAP_MODES = [Mode.FASTSWITCH, Mode.BASELINE]  # the modes that preempt by swap
 
 
 class Answered:
@@ -45,9 +47,10 @@ class Answered:
 
 
 def make_planner(mode: Mode, *, device_blocks: int = 16, host_blocks: int = 256, policy=None,
-                 max_seqs: int = 8, budget: int = 64) -> Planner:
+                 max_seqs: int = 8, budget: int = 64, switches: str = "") -> Planner:
     config = SchedulerConfig(mode=mode, block_size=BS, num_device_blocks=device_blocks,
-                             max_num_seqs=max_seqs, max_batched_tokens=budget)
+                             max_num_seqs=max_seqs, max_batched_tokens=budget,
+                             switches=mode.switches.with_spec(switches))
     host = ReuseIndex(fingerprint="test", block_size=BS, num_blocks=host_blocks)
     return Answered(Planner(config, policy or PriorityPolicy(), host.fingerprint), host)
 
@@ -74,7 +77,7 @@ def state(planner: Planner, rid: str) -> RequestState:
     return planner.requests[rid].state
 
 
-@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("mode", SWAP_MODES)
 def test_high_priority_arrival_preempts_lowest_priority_runner(mode: Mode) -> None:
     p = make_planner(mode, device_blocks=8)
     p.add(req("low", 12, 18, priority=0))
@@ -215,7 +218,7 @@ def test_random_priority_updates_are_periodic_and_seeded() -> None:
     assert first == u2.updates(3, live)
 
 
-@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("mode", SWAP_MODES)
 def test_recompute_when_host_is_full(mode: Mode) -> None:
     p = make_planner(mode, device_blocks=8, host_blocks=2)
     p.add(req("a", 12, 18, priority=0))
@@ -230,7 +233,7 @@ def test_recompute_when_host_is_full(mode: Mode) -> None:
     assert p.allocator.num_blocks_of(p.requests["a"]) == 0
 
 
-@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("mode", SWAP_MODES)
 def test_cancel_in_every_state_frees_everything(mode: Mode) -> None:
     p = make_planner(mode, device_blocks=8)
     for rid, prio in (("a", 0), ("b", 1)):
@@ -269,7 +272,7 @@ def test_failed_swap_out_falls_back_to_recompute() -> None:
 
 
 def test_next_turn_swaps_in_the_conversation_prefix() -> None:
-    p = make_planner(Mode.FASTSWITCH, device_blocks=32)
+    p = make_planner(Mode.FASTSWITCH, device_blocks=32, switches="-device_cache")
     first = req("t1", 20, 6, conv="conv")
     p.add(first)
     while "t1" in p.requests:
@@ -335,14 +338,16 @@ def test_random_workloads_are_exact_and_leak_nothing(seed: int, mode: Mode, poli
     assert tight == roomy  # bit-identical with and without preemption
     assert len(tight) == 8
     metrics = planner.allocator.metrics()
-    assert (metrics.used, metrics.draining) == (0, 0)
+    assert (metrics.used, metrics.draining) == (planner.cache.num_blocks, 0)
+    planner.cache.evict(DEVICE_ALL, planner.swaps.claim)
+    assert planner.allocator.metrics().used == 0
     assert planner.host.stats().pinned == 0
     assert not planner._kv and not planner.swaps_in_flight() and not planner.has_work()
 
 
 def test_tight_memory_really_preempts() -> None:
     outputs = {}
-    for mode in Mode:
+    for mode in SWAP_MODES:
         outputs[mode], planner = run_workload(mode, seed=3, device_blocks=14, n_requests=8,
                                               update_every=3)
         assert planner.stats.preempted_by_swap > 0
@@ -358,7 +363,7 @@ def test_stop_finishes_a_decoding_request_early() -> None:
     assert "a" not in p.requests and p.stats.finished == 1
 
 
-@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("mode", SWAP_MODES)
 def test_reset_device_fails_device_requests_and_keeps_the_rest(mode: Mode) -> None:
     p = make_planner(mode, device_blocks=8)
     p.add(req("a", 12, 18, priority=0))
@@ -427,4 +432,5 @@ def test_without_turn_offload_a_finished_turn_leaves_nothing_on_the_host() -> No
         plan = p.plan()
         assert not plan.swaps
         run_step(p, plan)
-    assert p.host.stats().used == 0 and p.allocator.metrics().used == 0
+    assert p.host.stats().used == 0
+    assert p.allocator.metrics().used == p.cache.num_blocks > 0  # the device cache keeps it

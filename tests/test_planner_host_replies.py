@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from dataclasses import fields
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from benchmarks.sim.checked_executor import CheckedExecutor
 from common.kv.host_ops import MISS, NO_PIN, HostReply, Pinned, Reserved, apply
 from common.kv.reuse_index import PinHandle, ReuseIndex
-from services.scheduler.core.config import Mode, SchedulerConfig
+from services.scheduler.core.config import Mode, SchedulerConfig, Switches
 from services.scheduler.core.plan import SwapOrder
 from services.scheduler.core.planner import Planner, PlannerStats
 from services.scheduler.core.policy import PriorityPolicy
@@ -47,6 +48,18 @@ def test_late_lost_and_reordered_replies_leak_nothing(seed: int, mode: Mode, fau
     run(seed, mode, faults)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 100_000), flips=st.sets(st.sampled_from(
+    [f.name for f in fields(Switches)])))
+def test_every_combination_of_switches_leaks_nothing(seed: int, flips: set[str]) -> None:
+    on = Switches()
+    try:
+        switches = on.with_spec(",".join(("-" if getattr(on, f) else "+") + f for f in flips))
+    except ValueError:
+        return  # not a valid combination (offload without reuse)
+    run(seed, Mode.FASTSWITCH, seed % 2 == 1, switches)
+
+
 def test_such_runs_really_preempt_recompute_and_reuse() -> None:
     stats = [run(seed, mode, faults) for seed in range(6) for mode in Mode
              for faults in (False, True)]
@@ -55,11 +68,11 @@ def test_such_runs_really_preempt_recompute_and_reuse() -> None:
     assert sum(s.reuse_saved_blocks + s.prefix_hit_tokens for s in stats) > 0
 
 
-def run(seed: int, mode: Mode, faults: bool) -> PlannerStats:
+def run(seed: int, mode: Mode, faults: bool, switches: Switches | None = None) -> PlannerStats:
     """One random run to its end; checks that nothing is left, and returns its stats."""
     rng = random.Random(seed)
     config = SchedulerConfig(mode=mode, block_size=BS, num_device_blocks=DEVICE,
-                             max_num_seqs=6, max_batched_tokens=24)
+                             max_num_seqs=6, max_batched_tokens=24, switches=switches)
     host = ReuseIndex(fingerprint="fp", block_size=BS, num_blocks=HOST)
     planner = Planner(config, PriorityPolicy(), host.fingerprint)
     executor = CheckedExecutor(BS, DEVICE, HOST, vocab=50)
@@ -103,6 +116,7 @@ def run(seed: int, mode: Mode, faults: bool) -> PlannerStats:
         if plan.barrier:
             deliver_some()
             finish_some(every=True)
+            plan = planner.runnable(plan)
         if plan.batch:
             truth = {s.request_id: planner.requests[s.request_id].tokens for s in plan.batch}
             for r in planner.complete_step(executor.step(plan.batch, truth)):
@@ -117,7 +131,9 @@ def run(seed: int, mode: Mode, faults: bool) -> PlannerStats:
     if not faults:
         assert len(outputs) == 8
     metrics = planner.allocator.metrics()
-    assert (metrics.used, metrics.draining) == (0, 0)
+    assert (metrics.used, metrics.draining) == (planner.cache.num_blocks, 0)
+    planner.cache.evict(DEVICE, planner.swaps.claim)
+    assert planner.allocator.metrics().used == 0
     stats = host.stats()
     assert stats.pinned == 0 and not host._pending
     assert not planner._kv

@@ -233,6 +233,7 @@ class Engine:
                 await self._submit_swaps(plan.swaps)
             if plan.barrier:
                 await asyncio.gather(*list(self._swaps.values()))
+                plan = self.planner.runnable(plan)
             if plan.batch:
                 await self._run_batch(plan)
                 return True

@@ -17,10 +17,14 @@ class Switches:
     async_swaps: bool = True  # each request waits for its own copy, not a global barrier
     host_reuse: bool = True  # host KV kept per conversation: copy only what the host lacks
     turn_offload: bool = True  # a finished turn's KV goes to the host for the next turn
+    swap_preemption: bool = True  # preempt by swapping out; off: recompute (vLLM v1)
+    device_cache: bool = True  # finished and recomputed KV stays on the device, evictable
+    eager_offload: bool = False  # vLLM v1's offload: each block to the host once it is full
 
     def __post_init__(self) -> None:
-        if self.turn_offload and not self.host_reuse:
-            raise ValueError("turn_offload needs host_reuse: nothing could reuse the KV")
+        for needs in ("turn_offload", "eager_offload"):
+            if getattr(self, needs) and not self.host_reuse:
+                raise ValueError(f"{needs} needs host_reuse: nothing could reuse the KV")
 
     def with_spec(self, spec: str) -> Switches:
         """These switches changed by `spec`, e.g. "-turn_offload,+async_swaps"."""
@@ -33,6 +37,7 @@ class Switches:
             changes[name] = on
         if not changes.get("host_reuse", True):
             changes.setdefault("turn_offload", False)
+            changes.setdefault("eager_offload", False)
         return replace(self, **changes)
 
     def describe(self) -> str:
@@ -40,15 +45,21 @@ class Switches:
 
 
 class Mode(Enum):
-    FASTSWITCH = "fastswitch"  # every mechanism on
+    FASTSWITCH = "fastswitch"  # every FastSwitch mechanism, and a device prefix cache
     BASELINE = "baseline"  # vLLM 0.3: single blocks, swaps behind a global barrier, no reuse
+    # vLLM v1 with prefix caching and the OffloadingConnector (see
+    # benchmarks/sim/VLLM_V1.md): recompute preemption, a device prefix cache, and each
+    # full block stored to the host as it fills, one copy per block, loaded on a prefix hit.
+    VLLM_V1 = "vllm-v1"
 
     @property
     def switches(self) -> Switches:
         if self is Mode.FASTSWITCH:
             return Switches()
+        if self is Mode.VLLM_V1:
+            return Switches(block_groups=False, swap_preemption=False, eager_offload=True)
         return Switches(block_groups=False, async_swaps=False, host_reuse=False,
-                        turn_offload=False)
+                        turn_offload=False, device_cache=False)
 
 
 @dataclass(frozen=True)

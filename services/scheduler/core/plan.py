@@ -41,8 +41,9 @@ class StepPlan:
     `Planner.complete_step`. Nothing in a plan waits for the host.
 
     With `barrier` set (baseline mode) every swap in flight, these included, must complete
-    and be reported before `batch` runs; the batch may then use blocks swapped in by this
-    very plan. Without it, the batch touches no block that an unfinished swap touches.
+    and be reported before the batch runs; the batch may then use blocks swapped in by this
+    very plan, and is `Planner.runnable(plan).batch` (a failed swap-in drops its request).
+    Without it, the batch touches no block that an unfinished swap touches.
     """
 
     iteration: int

@@ -11,14 +11,16 @@ Events come back whenever the driver has them: sampled tokens (`complete_step`),
 copies (`swap_done`) and host replies (`host_replied`). A decision that needs a reply waits
 for a later plan: a preempted request keeps its device blocks until the host answers its
 `Reserve`; a new turn of a conversation asks the host for its prefix (`Pin`) and comes in,
-by swap-in or by prefill, in a plan after the answer.
+by swap-in or by prefill, in a plan after the answer. A new turn whose conversation's KV is
+still in the device prefix cache (`device_cache.DeviceCache`) takes it at once instead.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
 
 from common.kv.allocator import OutOfBlocks
 from common.kv.block_hash import TokenChain
@@ -35,6 +37,7 @@ from common.kv.host_ops import (
 )
 from common.kv.reuse_index import Hit, PinHandle, Reservation
 from services.scheduler.core.config import SchedulerConfig
+from services.scheduler.core.device_cache import DeviceCache
 from services.scheduler.core.plan import (
     Direction,
     PreemptBy,
@@ -51,6 +54,15 @@ from services.scheduler.core.swaps import Swap, SwapManager
 S = RequestState
 
 
+class Ask(Enum):
+    """What a host reply decides."""
+
+    PREEMPT = "preempt"  # host room for a preempted request's KV
+    OFFLOAD = "offload"  # host room for a finished turn's KV
+    STORE = "store"  # host room for a running request's newly full blocks (eager offload)
+    PIN = "pin"  # host KV pinned: a swapped-out request's, or a new turn's prefix
+
+
 @dataclass(slots=True)
 class PlannerStats:
     iterations: int = 0
@@ -64,6 +76,8 @@ class PlannerStats:
     blocks_in: int = 0
     reuse_saved_blocks: int = 0  # swap-out blocks not copied: the host already held them
     prefix_hit_tokens: int = 0  # prompt tokens swapped in from the host instead of prefilled
+    device_hit_tokens: int = 0  # prompt tokens taken from the device prefix cache
+    blocks_stored: int = 0  # eager offload: blocks copied to the host while running
     host_ops: int = 0
     finished: int = 0
     cancelled: int = 0
@@ -81,8 +95,9 @@ class Planner:
         on = self.config.on
         self.allocator = self.config.make_allocator()
         self.swaps = SwapManager(merge_copies=on.block_groups, async_swaps=on.async_swaps)
+        self.cache = DeviceCache(lambda: self.allocator, self.config.block_size)
         self._kv: dict[str, RequestKV] = {}
-        self._awaiting: dict[int, tuple[Request, RequestKV]] = {}  # host op id -> its asker
+        self._awaiting: dict[int, tuple[Request, RequestKV, Ask]] = {}  # host op id -> asker
         self._outbox: list[HostOp] = []  # host operations for the next plan
         self._orders: list[SwapOrder] = []  # swap-outs decided between plans
         self._scheduled: tuple[ScheduledSeq, ...] = ()
@@ -141,11 +156,12 @@ class Planner:
         for order in [o for o in self._orders if o.swap_id in mine]:  # never sent: dropped
             self._orders.remove(order)
             self.swap_done(order.swap_id, ok=False)
-        if any(s.request is r for s in self.swaps):
-            if was is S.SWAPPING_IN:
-                self.swaps.cancel_in(self.allocator, r)
+        if any(s.request is r and s.order.direction is Direction.IN for s in self.swaps):
+            self.swaps.cancel_in(self.allocator, r)
             return True
-        self.allocator.release(r)
+        if was is S.SWAPPING_OUT and any(s.request is r for s in self.swaps):
+            return True  # the rest when its copy ends
+        self._release(r)
         self._drop(r)
         return True
 
@@ -164,7 +180,8 @@ class Planner:
         self._outbox += [Abort(s.reservation_id) for s in dropped if s.reservation_id]
         self._orders.clear()
         self._scheduled = ()
-        for op_id, (r, kv) in list(self._awaiting.items()):
+        self.cache.clear()
+        for op_id, (r, kv, _) in list(self._awaiting.items()):
             if r.state is not S.WAITING:  # a reservation for device KV that is gone
                 del self._awaiting[op_id]
                 kv.awaiting = None
@@ -191,15 +208,15 @@ class Planner:
         nobody waits for any more (its request was cancelled or lost its KV) is undone."""
         for reply in replies:
             asker = self._awaiting.pop(reply.op_id, None)
+            if asker is not None and asker[1].awaiting == reply.op_id:
+                asker[1].awaiting = None
             if isinstance(reply, Reserved):
                 if asker is not None:
-                    asker[1].awaiting = None
                     self._reserved(*asker, reply.reservation)
                 elif reply.reservation is not None:
                     self._outbox.append(Abort(reply.reservation.reservation_id))
             elif asker is not None:
-                asker[1].awaiting = None
-                self._pinned(*asker, reply.hit, reply.pin)
+                self._pinned(asker[0], asker[1], reply.hit, reply.pin)
             else:
                 self._outbox.append(Unpin(reply.pin.pin_id))
 
@@ -224,6 +241,11 @@ class Planner:
             if len(r.output) >= r.max_tokens or token in r.stop_token_ids:
                 self._finish(r)
                 finished.append(r)
+        if self.config.on.eager_offload:
+            for seq in scheduled:
+                r = self.requests.get(seq.request_id)
+                if r is not None and r.state in RESIDENT:
+                    self._store(r, self._kv[r.request_id])
         return finished
 
     # ---- the decision ----------------------------------------------------------------
@@ -255,6 +277,16 @@ class Planner:
             self.swaps.barrier(),
         )
 
+    def runnable(self, plan: StepPlan) -> StepPlan:
+        """The plan less the sequences whose requests left its batch while its barrier
+        waited (a swap-in that failed, a cancel): what the driver runs after a barrier."""
+        batch = tuple(
+            s for s in plan.batch
+            if (r := self.requests.get(s.request_id)) is not None and r.state in RESIDENT
+        )
+        self._scheduled = batch
+        return replace(plan, batch=batch)
+
     def _select(self) -> list[tuple[Request, int]]:
         """The one selection pass: the requests that run or come in this step, each with
         the tokens it runs (0: it only swaps in, or asks the host first). Residents stay
@@ -277,12 +309,13 @@ class Planner:
         room = (
             self.allocator.num_free
             + self.allocator.num_draining
+            + self.cache.num_blocks
             + sum(self.allocator.num_blocks_of(r) for r in live if r.state in RESIDENT)
         )
         # A conversation's next turn waits while its last turn's KV is on its way to the
         # host: that copy is about to make the turn's whole prefix reusable.
         offloading = self.swaps.offloading() | {
-            kv.host_key for r, kv in self._awaiting.values() if r.state is S.FINISHED
+            kv.host_key for _, kv, ask in self._awaiting.values() if ask is Ask.OFFLOAD
         }
         budget, chosen, admitting = self.config.max_batched_tokens, [], True
         for r in order:
@@ -290,13 +323,16 @@ class Planner:
                 break
             kv = self._kv[r.request_id]
             resident = r.state in RESIDENT
-            if not resident and (not admitting or kv.host_key in offloading):
+            cached = self._cached(r, kv)
+            if not resident and (not admitting or (kv.host_key in offloading and not cached)):
                 continue
             host = kv.host_tokens if r.state is S.SWAPPED else 0
-            start = max(host, r.num_computed)
+            start = max(host, r.num_computed, cached)
             chunk = min(r.num_tokens - start, budget)
             # It runs once the host has answered, or once its own swap-in is done.
-            later = self._asks_host(r, kv) or bool(host and self.config.on.async_swaps)
+            later = (not cached and self._asks_host(r, kv)) or bool(
+                host and self.config.on.async_swaps
+            )
             if not chunk and not resident and not later:
                 admitting = False  # no token budget left to start anything new
                 continue
@@ -314,12 +350,14 @@ class Planner:
 
     def _preempt(self, r: Request) -> Preemption:
         r.preemptions += 1
-        if not r.num_computed:
+        if not (r.num_computed and self.config.on.swap_preemption):
             self._recompute(r)
+            self.stats.preempted_by_recompute += 1
             return Preemption(r.request_id, PreemptBy.RECOMPUTE)
         kv = self._kv[r.request_id]
         tokens = r.token_slice(0, r.num_computed)
-        self._ask(r, kv, Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens)))
+        op = Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
+        self._ask(r, kv, op, Ask.PREEMPT)
         r.move(S.SWAPPING_OUT)  # its device blocks stay until the host has made room
         return Preemption(r.request_id, PreemptBy.SWAP)
 
@@ -331,12 +369,21 @@ class Planner:
         kv = self._kv[r.request_id]
         if r.state is S.SWAPPED:
             return self._swap_in(r, kv, chunk, swaps, batch)
-        if self._asks_host(r, kv):
+        cached = self._cached(r, kv)
+        if not cached and self._asks_host(r, kv):
             tokens = r.tokens
-            self._ask(r, kv, Pin(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens)))
+            op = Pin(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
+            self._ask(r, kv, op, Ask.PIN)
             return True
-        if not chunk or not self._grow(r, self.config.blocks_for(chunk)):
+        if cached:
+            r.num_computed = self.cache.take(kv.host_key, kv.hashes(r.tokens), r.num_tokens, r)
+        if not chunk or not self._grow(r, self.config.blocks_for(r.num_computed + chunk)):
+            if cached:
+                self._recompute(r)  # what it took goes back to the cache
             return False
+        if cached:
+            self.stats.device_hit_tokens += r.num_computed
+            r.reused_tokens += r.num_computed
         r.move(S.PREFILLING)
         batch.append(self._seq(r, chunk))
         return True
@@ -352,7 +399,7 @@ class Planner:
         n = self.config.blocks_for(kv.host_tokens)
         total = max(n, self.config.blocks_for(kv.host_tokens + chunk))
         try:
-            device = self.allocator.allocate(r, total, expected=self._expected(r, total))
+            device = self._allocate(r, total, expected=self._expected(r, total))
         except OutOfBlocks:
             return False
         order = self.swaps.swap_in(r, kv, device[:n]).order
@@ -371,40 +418,57 @@ class Planner:
 
     # ---- host replies and finished copies --------------------------------------------
 
-    def _reserved(self, r: Request, kv: RequestKV, res: Reservation | None) -> None:
-        """Host room for a preempted request's KV, or a finished turn's (offload)."""
-        offload = r.state is S.FINISHED
-        if res is None:
-            self.allocator.release(r)
-            if not offload:
+    def _reserved(self, r: Request, kv: RequestKV, ask: Ask, res: Reservation | None) -> None:
+        """Host room for a preempted request's KV, a finished turn's (offload), or a
+        running request's newly full blocks (store)."""
+        source: Hashable | None = r
+        if ask is Ask.STORE and r.state not in RESIDENT:
+            self._store_ended(r, kv, res, ok=False)  # it left meanwhile
+            return
+        if ask is Ask.OFFLOAD and self.config.on.device_cache:
+            source = self.cache.entry(kv.host_key, origin=r)  # None: evicted meanwhile
+        if res is None or source is None:
+            if res is not None:
+                self._outbox.append(Abort(res.reservation_id))
+            if ask is Ask.PREEMPT:
                 self._recompute(r)
                 self.stats.preempted_by_recompute += 1
+            elif ask is Ask.OFFLOAD and source is r:
+                self._release(r)
+            elif ask is Ask.STORE:
+                self._store_ended(r, kv, None, ok=False)
             return
         swap = self.swaps.swap_out(
-            self.allocator, r, kv, skip=len(res.valid_blocks), host_blocks=res.new_blocks,
-            reservation_id=res.reservation_id, offload_only=offload,
+            self.allocator, r, kv, source=source, skip=len(res.valid_blocks),
+            host_blocks=res.new_blocks, reservation_id=res.reservation_id,
+            offload_only=ask is Ask.OFFLOAD, keep=source is not r or ask is Ask.STORE,
         )
+        if ask is Ask.STORE:
+            kv.storing = res.num_tokens // self.config.block_size
         self.stats.reuse_saved_blocks += len(res.valid_blocks)
-        self.stats.preempted_by_swap += not offload
+        self.stats.preempted_by_swap += ask is Ask.PREEMPT
         if not swap.order.copies:
             self._swap_out_done(swap, ok=True)
             return
         self._orders.append(swap.order)
         self.stats.swaps_out += 1
         self.stats.copies_out += len(swap.order.copies)
-        self.stats.blocks_out += len(swap.draining)
+        self.stats.blocks_out += len(swap.reads)
 
     def _swap_out_done(self, swap: Swap, ok: bool) -> None:
         r, kv = swap.request, swap.kv
         assert swap.reservation_id is not None
         self._outbox.append(Commit(swap.reservation_id) if ok else Abort(swap.reservation_id))
-        if r.state is S.CANCELLED:
+        if swap.kept and not swap.offload_only:
+            self._store_ended(r, kv, None, ok)
+        elif r.state is S.CANCELLED:
             self._drop(r)
         elif r.state is S.SWAPPING_OUT and not ok:
-            self._recompute(r)  # its device KV is gone
+            self._recompute(r, keep_kv=False)  # its device KV is gone
         elif r.state is S.SWAPPING_OUT:  # pin what the host now holds, for its swap-in
             tokens = r.token_slice(0, r.num_computed)
-            self._ask(r, kv, Pin(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens)))
+            op = Pin(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
+            self._ask(r, kv, op, Ask.PIN)
 
     def _pinned(self, r: Request, kv: RequestKV, hit: Hit, pin: PinHandle) -> None:
         """Host KV pinned for a swapped-out request, or a new turn's prefix."""
@@ -418,6 +482,7 @@ class Planner:
                 self._recompute(r)  # the commit was refused: recompute
             return
         kv.pin, kv.host_tokens, kv.prefix_hit = pin, usable, prefix
+        self.cache.drop(kv.host_key, self.swaps.claim)  # older than what the host holds
         r.move(S.SWAPPED)
 
     def _swap_in_done(self, swap: Swap, ok: bool) -> None:
@@ -429,7 +494,7 @@ class Planner:
         if r.state is S.CANCELLED:
             self._drop(r)
         elif not ok:
-            self._recompute(r)
+            self._recompute(r, keep_kv=False)  # its blocks hold a failed copy
         else:
             if not self.config.on.host_reuse:  # the baseline drops its host copy
                 self._outbox.append(Release(kv.host_key))
@@ -445,13 +510,42 @@ class Planner:
         r.move(S.FINISHED)
         self.stats.finished += 1
         kv = self._kv[r.request_id]
-        if self.config.on.turn_offload and not kv.private:
-            tokens = r.token_slice(0, r.num_computed)
-            self._ask(r, kv, Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens),
-                                     len(tokens)))
+        tokens = r.token_slice(0, r.num_computed)
+        if self.config.on.device_cache and not kv.private:
+            self.cache.put(r, kv.host_key, kv.hashes(tokens), len(tokens), self.swaps.claim)
+        if not (self.config.on.turn_offload and not kv.private):
+            self._release(r)
+        elif kv.storing:  # after that store: the host then holds its prefix
+            kv.offload_after_store = True
         else:
-            self.allocator.release(r)
+            self._offload(r, kv)
         self._drop(r)
+
+    def _offload(self, r: Request, kv: RequestKV) -> None:
+        tokens = r.token_slice(0, r.num_computed)
+        op = Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
+        self._ask(r, kv, op, Ask.OFFLOAD)
+
+    def _store(self, r: Request, kv: RequestKV) -> None:
+        """Eager offload: a running request's newly full blocks go to the host."""
+        full = r.num_computed // self.config.block_size
+        if kv.storing or kv.private or full <= kv.stored_blocks:
+            return
+        tokens = r.token_slice(0, full * self.config.block_size)
+        kv.storing = full
+        op = Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
+        self._ask(r, kv, op, Ask.STORE)
+
+    def _store_ended(self, r: Request, kv: RequestKV, res: Reservation | None, ok: bool) -> None:
+        if res is not None:  # the request left before its store could start
+            self._outbox.append(Abort(res.reservation_id))
+        elif ok:
+            self.stats.blocks_stored += kv.storing - kv.stored_blocks
+            kv.stored_blocks = kv.storing
+        kv.storing = 0
+        if kv.offload_after_store:
+            kv.offload_after_store = False
+            self._offload(r, kv)
 
     def _drop(self, r: Request) -> None:
         """The one place a request's KV state goes: its pin and private host copy too."""
@@ -464,11 +558,35 @@ class Planner:
         if kv.private:
             self._outbox.append(Release(kv.host_key))
 
-    def _recompute(self, r: Request) -> None:
-        self.allocator.release(r)
+    def _recompute(self, r: Request, *, keep_kv: bool = True) -> None:
+        """Back to waiting, its KV gone, or (`keep_kv`: it is sound) left in the device
+        prefix cache."""
+        kv = self._kv[r.request_id]
+        if keep_kv and self.config.on.device_cache and r.num_computed >= self.config.block_size:
+            tokens = r.token_slice(0, r.num_computed)
+            self.cache.put(r, kv.host_key, kv.hashes(tokens), len(tokens), self.swaps.claim)
+        else:
+            self._release(r)
         r.num_computed = 0
-        self._kv[r.request_id].asked = False
-        r.move(S.WAITING)
+        kv.asked = False
+        if r.state is not S.WAITING:
+            r.move(S.WAITING)
+
+    def _release(self, owner: Hashable) -> None:
+        """Frees an owner's device blocks; those a copy still reads drain until it ends."""
+        self.allocator.release(owner, draining=self.swaps.claim(self.allocator.table(owner)))
+
+    def _cached(self, r: Request, kv: RequestKV) -> int:
+        """Tokens a waiting request would take from the device prefix cache."""
+        if r.state is not S.WAITING or kv.host_key not in self.cache:
+            return 0
+        return self.cache.peek(kv.host_key, kv.hashes(r.tokens), r.num_tokens)
+
+    def _allocate(self, r: Request, n: int, *, expected: int) -> list[int]:
+        """`allocate`, evicting from the device prefix cache as far as needed."""
+        if n > self.allocator.num_free:
+            self.cache.evict(n - self.allocator.num_free, self.swaps.claim)
+        return self.allocator.allocate(r, n, expected=expected)
 
     def _asks_host(self, r: Request, kv: RequestKV) -> bool:
         """A new turn asks the host for its conversation's prefix before it is admitted
@@ -481,9 +599,11 @@ class Planner:
             and (history is None or history >= self.config.block_size)
         )
 
-    def _ask(self, r: Request, kv: RequestKV, op: Reserve | Pin) -> None:
-        kv.awaiting = op.op_id
-        self._awaiting[op.op_id] = (r, kv)
+    def _ask(self, r: Request, kv: RequestKV, op: Reserve | Pin, ask: Ask) -> None:
+        """Sends `op`; its reply decides `ask`. Only a store lets the request run meanwhile."""
+        if ask is not Ask.STORE:
+            kv.awaiting = op.op_id
+        self._awaiting[op.op_id] = (r, kv, ask)
         self._outbox.append(op)
 
     def _grow(self, r: Request, blocks: int) -> bool:
@@ -491,7 +611,7 @@ class Planner:
         if blocks <= have:
             return True
         try:
-            self.allocator.allocate(r, blocks - have, expected=self._expected(r, blocks))
+            self._allocate(r, blocks - have, expected=self._expected(r, blocks))
         except OutOfBlocks:
             return False
         return True

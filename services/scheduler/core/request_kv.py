@@ -21,6 +21,9 @@ class RequestKV:
     awaiting: int | None = None  # the host op whose reply decides what this request does next
     asked: bool = False  # WAITING: the host was asked for a prefix and had none to give
     prefix_hit: bool = False  # the pin is a new turn's prefix, not this request's own KV
+    stored_blocks: int = 0  # eager offload: leading full blocks the host holds
+    storing: int = 0  # eager offload: full blocks that a store under way will make it hold
+    offload_after_store: bool = False  # finished while storing: offload once that ends
 
     def hashes(self, tokens: Sequence[int]) -> tuple[bytes, ...]:
         return tuple(self.chain.hashes(tokens))

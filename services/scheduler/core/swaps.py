@@ -5,6 +5,9 @@ Contract (as vLLM's offload manager states its own):
 - A device block that a swap-out reads is *draining* from the plan that orders the copy
   until the copy is reported done: it belongs to nobody, and the allocator hands it out
   again only then. A request's other blocks are freed at once.
+- A store (a copy that keeps its blocks: a turn offload from the device prefix cache, or
+  vLLM's eager offload of a running request) frees nothing; a block it reads that is freed
+  before it ends must be freed through `claim`, which makes it drain until then.
 - A device block that a swap-in writes belongs to its request from the start. With async
   swaps the request is not scheduled until its own copy is reported done, and nothing else
   waits. Without them (the baseline) every plan made while any swap is in flight carries a
@@ -17,8 +20,8 @@ Contract (as vLLM's offload manager states its own):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from common.kv.allocator import BlockAllocator
 from common.kv.swap_plan import Direction, SwapOrder, plan_copies
@@ -31,9 +34,11 @@ class Swap:
     order: SwapOrder
     request: Request
     kv: RequestKV
-    draining: tuple[int, ...] = ()  # device blocks to free when the copy ends
+    reads: tuple[int, ...] = ()  # swap-out: the device blocks the copy reads
+    draining: list[int] = field(default_factory=list)  # device blocks freed when it ends
     reservation_id: int | None = None  # swap-out: the host reservation it fills
     offload_only: bool = False  # a finished turn's KV kept for the next turn
+    kept: bool = False  # a store: the copy freed none of the blocks it reads
 
 
 class SwapManager:
@@ -49,22 +54,39 @@ class SwapManager:
         r: Request,
         kv: RequestKV,
         *,
+        source: Hashable,
         skip: int,
         host_blocks: Sequence[int],
         reservation_id: int,
-        offload_only: bool,
+        offload_only: bool = False,
+        keep: bool = False,
     ) -> Swap:
-        """Copies the request's device blocks `skip:` (those the host lacks) into
-        `host_blocks` and frees all its device blocks, the copied ones once the copy ends.
-        The swap is in flight unless it copies nothing."""
-        src = allocator.table(r)[skip : skip + len(host_blocks)]
+        """Copies `source`'s device blocks `skip:` (those the host lacks) into
+        `host_blocks`. Unless `keep` (a store), frees all of `source`'s device blocks, the
+        copied ones once the copy ends. The swap is in flight unless it copies nothing."""
+        src = allocator.table(source)[skip : skip + len(host_blocks)]
         copies = plan_copies(src, host_blocks, merge=self.merge_copies)
-        allocator.release(r, draining=src)
+        if not keep:
+            rest = self.claim([b for b in allocator.table(source) if b not in set(src)])
+            allocator.release(source, draining=[*src, *rest])
         order = SwapOrder(next(self._ids), r.request_id, Direction.OUT, tuple(copies))
-        swap = Swap(order, r, kv, src, reservation_id, offload_only)
+        swap = Swap(order, r, kv, src, [] if keep else list(src), reservation_id, offload_only,
+                    keep)
         if copies:
             self._swaps[order.swap_id] = swap
         return swap
+
+    def claim(self, blocks: Collection[int]) -> list[int]:
+        """Of `blocks`, about to be freed, those that copies in flight still read: they
+        are the copies' to free when they end (the caller releases them draining)."""
+        wanted = set(blocks)
+        claimed: list[int] = []
+        for swap in self._swaps.values():
+            if swap.order.direction is Direction.OUT:
+                mine = [b for b in swap.reads if b in wanted and b not in swap.draining]
+                swap.draining += mine
+                claimed += mine
+        return claimed
 
     def swap_in(self, r: Request, kv: RequestKV, device_blocks: Sequence[int]) -> Swap:
         """Copies the host blocks `kv.pin` holds into the first of `device_blocks`."""
@@ -78,13 +100,23 @@ class SwapManager:
     def cancel_in(self, allocator: BlockAllocator, r: Request) -> None:
         """The request of a swap-in in flight is gone: its blocks drain until the copy ends."""
         swap = next(s for s in self._swaps.values() if s.request is r)
-        swap.draining = allocator.table(r)
+        swap.draining = list(allocator.table(r))
         allocator.release(r, draining=swap.draining)
 
     def done(self, allocator: BlockAllocator, swap_id: int) -> Swap:
+        """Ends a swap: the blocks it drained are freed, unless another copy in flight
+        still reads them (that one frees them when it ends)."""
         swap = self._swaps.pop(swap_id)
-        if swap.draining:
-            allocator.release_draining(swap.draining)
+        free = []
+        for block in swap.draining:
+            other = next((s for s in self._swaps.values() if block in s.reads), None)
+            if other is not None:
+                if block not in other.draining:
+                    other.draining.append(block)
+            else:
+                free.append(block)
+        if free:
+            allocator.release_draining(free)
         return swap
 
     def reset(self) -> list[Swap]:
