@@ -15,6 +15,7 @@ from common.kv.extent import Extent, flatten
 from common.kv.reuse_index import (
     FingerprintMismatch,
     HostCapacityExhausted,
+    UnknownPin,
     UnknownReservation,
 )
 from services.kvstore.assemble import open_store
@@ -242,7 +243,7 @@ def test_expired_leases_return_blocks_of_a_dead_client(
     assert (stats.used_blocks, stats.pinned_blocks, stats.pending_reservations) == (2, 0, 0)
     with pytest.raises(UnknownReservation):
         store.commit(res.reservation_id)
-    with pytest.raises(InvalidRequest, match="no pin"):
+    with pytest.raises(UnknownPin, match="no pin"):
         store.unpin(pin.pin_id)
 
 
