@@ -1,0 +1,36 @@
+"""What the scheduler's driver carries a plan's host intents out through.
+
+`HostGateway.execute` follows `common.kv.host_ops`'s contract: the ops take effect in the
+order given, and exactly the Reserve and Pin ops are answered, in order, even when a store
+fails. `HostRouter` is the gateway to KV store services; `LocalHost` is the embedded store,
+an index in this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from common.kv import host_ops
+from common.kv.host_ops import HostOp, HostReply
+from common.kv.reuse_index import ReuseIndex
+
+
+class HostGateway(Protocol):
+    @property
+    def degraded(self) -> bool:
+        """Some store is down: its conversations recompute."""
+
+    async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]: ...
+
+
+class LocalHost:
+    """The embedded store: `host_ops.apply` on an in-process index; never degraded."""
+
+    degraded = False
+
+    def __init__(self, index: ReuseIndex) -> None:
+        self.index = index
+
+    async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]:
+        return host_ops.apply(self.index, ops)
