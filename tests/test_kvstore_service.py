@@ -33,7 +33,13 @@ from services.kvstore.batch_wire import ops_to_proto
 from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, to_proto, write_chunks
 from services.kvstore.config import StoreConfig
 from services.kvstore.service import SERVICE_NAME, StoreServer
-from services.scheduler.host_router import StoreAnswer, StoreIdentity
+from services.scheduler.host_router import (
+    HostRouter,
+    RoutedStore,
+    StoreAnswer,
+    StoreIdentity,
+    rendezvous_owner,
+)
 from services.scheduler.remote_host import RemoteHostKV
 from tests.redis_server import RedisServer
 
@@ -303,3 +309,33 @@ async def test_a_batch_pin_on_another_instance_names_the_holder(
         assert answer.answered_by.instance_id == b.server.store.instance_id
     finally:
         server.stop()
+
+
+async def test_a_router_over_two_stores_sends_one_batch_each(
+    start: Callable[..., object],
+) -> None:
+    stores = [await start(), await start()]
+    routed = []
+    for k, running in enumerate(stores):
+        desc = await running.stub.Describe(kvstore_pb2.DescribeRequest())
+        identity = StoreIdentity(desc.instance_id, desc.arena_name)
+        routed.append(RoutedStore(client_of(running), identity, k * NUM_BLOCKS))
+    router = HostRouter(routed, fingerprint=FP, block_size=BLOCK_SIZE)
+    ids = [r.identity.instance_id for r in routed]
+    convs = [next(c for c in (f"conv-{n}" for n in range(100))
+                  if rendezvous_owner(c, ids) == owner) for owner in ids]
+    tokens = list(range(8))
+    replies = await router.execute(
+        [Reserve(k, c, chain_of(tokens), 8) for k, c in enumerate(convs)])
+    for k, reply in enumerate(replies):
+        res = reply.reservation
+        assert all(k * NUM_BLOCKS <= b < (k + 1) * NUM_BLOCKS for b in res.new_blocks)
+        assert res.reservation_id % 2 == k
+    pins = await router.execute([
+        *(Commit(r.reservation.reservation_id) for r in replies),
+        *(Pin(10 + k, c, chain_of(tokens), 8) for k, c in enumerate(convs))])
+    assert [p.hit.blocks for p in pins] == [r.reservation.new_blocks for r in replies]
+    await router.execute([*(Unpin(p.pin.pin_id) for p in pins), *(Release(c) for c in convs)])
+    for running in stores:
+        stats = await running.stub.Stats(kvstore_pb2.StatsRequest())
+        assert (stats.used_blocks, stats.pinned_blocks) == (0, 0)
