@@ -21,15 +21,17 @@ from common.kv.host_ops import (
     Abort,
     Commit,
     Pin,
+    Pinned,
     Release,
     Reserve,
     Reserved,
     Unpin,
     unanswered,
 )
+from common.kv.reuse_index import PinHandle
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.assemble import open_store
-from services.kvstore.batch_wire import ops_to_proto
+from services.kvstore.batch_wire import ops_to_proto, replies_from_proto
 from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, to_proto, write_chunks
 from services.kvstore.config import StoreConfig
 from services.kvstore.service import SERVICE_NAME, StoreServer
@@ -339,3 +341,15 @@ async def test_a_router_over_two_stores_sends_one_batch_each(
     for running in stores:
         stats = await running.stub.Stats(kvstore_pb2.StatsRequest())
         assert (stats.used_blocks, stats.pinned_blocks) == (0, 0)
+
+
+def test_replies_that_do_not_answer_the_ops_are_refused() -> None:
+    ops = [Reserve(1, "c", chain_of([1]), 1), Release("c"), Pin(2, "c", chain_of([1]), 1)]
+    pinned = kvstore_pb2.BatchReply(pinned=kvstore_pb2.PinnedReply(op_id=2))
+    reserved = kvstore_pb2.BatchReply(reserved=kvstore_pb2.ReservedReply(op_id=1))
+    replies, holders = replies_from_proto([reserved, pinned], ops)
+    assert replies == [Reserved(1, None), Pinned(2, MISS, PinHandle(0, ()))]
+    assert holders == {2: ""}
+    for wrong in ([reserved], [pinned, reserved], [reserved, reserved]):
+        with pytest.raises(ValueError, match=r"replies to|does not answer"):
+            replies_from_proto(wrong, ops)
