@@ -100,6 +100,90 @@ class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ChainOp(_message.Message):
+    __slots__ = ("op_id", "conversation_id", "chain", "num_tokens")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    op_id: int
+    conversation_id: str
+    chain: _containers.RepeatedScalarFieldContainer[bytes]
+    num_tokens: int
+    def __init__(self, op_id: _Optional[int] = ..., conversation_id: _Optional[str] = ..., chain: _Optional[_Iterable[bytes]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class BatchOp(_message.Message):
+    __slots__ = ("reserve", "pin", "commit", "abort", "unpin", "release")
+    RESERVE_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    UNPIN_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    reserve: ChainOp
+    pin: ChainOp
+    commit: ReservationRef
+    abort: ReservationRef
+    unpin: PinRef
+    release: ReleaseRequest
+    def __init__(self, reserve: _Optional[_Union[ChainOp, _Mapping]] = ..., pin: _Optional[_Union[ChainOp, _Mapping]] = ..., commit: _Optional[_Union[ReservationRef, _Mapping]] = ..., abort: _Optional[_Union[ReservationRef, _Mapping]] = ..., unpin: _Optional[_Union[PinRef, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ...) -> None: ...
+
+class BatchRequest(_message.Message):
+    __slots__ = ("model_fingerprint", "ops")
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    model_fingerprint: str
+    ops: _containers.RepeatedCompositeFieldContainer[BatchOp]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ...) -> None: ...
+
+class ReservedReply(_message.Message):
+    __slots__ = ("op_id", "ok", "reservation_id", "valid_tokens", "valid_extents", "new_extents")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    VALID_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VALID_EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    NEW_EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    op_id: int
+    ok: bool
+    reservation_id: int
+    valid_tokens: int
+    valid_extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    new_extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    def __init__(self, op_id: _Optional[int] = ..., ok: _Optional[bool] = ..., reservation_id: _Optional[int] = ..., valid_tokens: _Optional[int] = ..., valid_extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., new_extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ...) -> None: ...
+
+class PinnedReply(_message.Message):
+    __slots__ = ("op_id", "pin_id", "valid_tokens", "extents", "holder_id")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    VALID_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_ID_FIELD_NUMBER: _ClassVar[int]
+    op_id: int
+    pin_id: int
+    valid_tokens: int
+    extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    holder_id: str
+    def __init__(self, op_id: _Optional[int] = ..., pin_id: _Optional[int] = ..., valid_tokens: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., holder_id: _Optional[str] = ...) -> None: ...
+
+class BatchReply(_message.Message):
+    __slots__ = ("reserved", "pinned")
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    reserved: ReservedReply
+    pinned: PinnedReply
+    def __init__(self, reserved: _Optional[_Union[ReservedReply, _Mapping]] = ..., pinned: _Optional[_Union[PinnedReply, _Mapping]] = ...) -> None: ...
+
+class BatchResponse(_message.Message):
+    __slots__ = ("replies", "instance_id", "arena_name")
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ARENA_NAME_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[BatchReply]
+    instance_id: str
+    arena_name: str
+    def __init__(self, replies: _Optional[_Iterable[_Union[BatchReply, _Mapping]]] = ..., instance_id: _Optional[str] = ..., arena_name: _Optional[str] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -74,6 +74,11 @@ class KVStoreStub:
                 request_serializer=protos_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=protos_dot_kvstore__pb2.Empty.FromString,
                 _registered_method=True)
+        self.Batch = channel.unary_unary(
+                '/fastswitch.kvstore.v1.KVStore/Batch',
+                request_serializer=protos_dot_kvstore__pb2.BatchRequest.SerializeToString,
+                response_deserializer=protos_dot_kvstore__pb2.BatchResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/fastswitch.kvstore.v1.KVStore/Stats',
                 request_serializer=protos_dot_kvstore__pb2.StatsRequest.SerializeToString,
@@ -147,6 +152,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Batch(self, request, context):
+        """A scheduler's host intents for one plan, by hash chain, carried out in order in one
+        go; Reserve and Pin ops are answered, in order. A malformed batch changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -209,6 +222,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=protos_dot_kvstore__pb2.ReleaseRequest.FromString,
                     response_serializer=protos_dot_kvstore__pb2.Empty.SerializeToString,
+            ),
+            'Batch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=protos_dot_kvstore__pb2.BatchRequest.FromString,
+                    response_serializer=protos_dot_kvstore__pb2.BatchResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -442,6 +460,33 @@ class KVStore:
             '/fastswitch.kvstore.v1.KVStore/Release',
             protos_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
             protos_dot_kvstore__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Batch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fastswitch.kvstore.v1.KVStore/Batch',
+            protos_dot_kvstore__pb2.BatchRequest.SerializeToString,
+            protos_dot_kvstore__pb2.BatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,8 @@
-"""HostRouter without processes: the placement rule, global ids, holders, and failover.
+"""HostRouter without processes: the placement rule, batches, global ids, holders, failover.
 
-Each fake store is an in-process `ReuseIndex`; a shared dict of them stands in for the Redis
-index through which a Lookup on one instance finds another instance's chain.
+Each fake store is an in-process `ReuseIndex` behind `host_ops.apply`; a shared dict of them
+stands in for the Redis index through which a Pin on one instance names another instance
+that holds more of the conversation.
 """
 
 from __future__ import annotations
@@ -11,18 +12,28 @@ from collections.abc import Sequence
 
 import pytest
 
-from common.kv.reuse_index import (
-    Hit,
-    HostCapacityExhausted,
-    PinHandle,
-    Reservation,
-    ReuseIndex,
-    StaleReservation,
-)
-from services.scheduler.host_router import (
+from common.kv import host_ops
+from common.kv.block_hash import block_hashes
+from common.kv.host_ops import (
+    MISS,
     NO_PIN,
+    Abort,
+    Commit,
+    HostOp,
+    Pin,
+    Pinned,
+    Release,
+    Reserve,
+    Reserved,
+    Unpin,
+    unanswered,
+)
+from common.kv.reuse_index import Hit, PinHandle, ReuseIndex
+from services.scheduler.host_gateway import HostGateway, LocalHost
+from services.scheduler.host_router import (
     HostRouter,
     RoutedStore,
+    StoreAnswer,
     StoreIdentity,
     rendezvous_owner,
 )
@@ -30,74 +41,65 @@ from services.scheduler.host_router import (
 FINGERPRINT = "fp"
 BLOCK_SIZE = 4
 TOKENS = list(range(10))  # three blocks, the last one partial
+LONGER = [*TOKENS, 10, 11, 12, 13]
+
+
+def chain(tokens: Sequence[int]) -> tuple[bytes, ...]:
+    return tuple(block_hashes(tokens, BLOCK_SIZE, FINGERPRINT))
+
+
+def reserve(op_id: int, conv: str, tokens: Sequence[int] = TOKENS) -> Reserve:
+    return Reserve(op_id, conv, chain(tokens), len(tokens))
+
+
+def pin(op_id: int, conv: str, tokens: Sequence[int] = TOKENS) -> Pin:
+    return Pin(op_id, conv, chain(tokens), len(tokens))
+
+
+def new_index(num_blocks: int = 10) -> ReuseIndex:
+    return ReuseIndex(fingerprint=FINGERPRINT, block_size=BLOCK_SIZE, num_blocks=num_blocks)
 
 
 class FakeStore:
     """A store that answers like RemoteHostKV; unreachable, it degrades the same way."""
 
     def __init__(self, instance_id: str, num_blocks: int, shared: dict[str, FakeStore]) -> None:
-        self.identity_now: StoreIdentity | None = StoreIdentity(instance_id, f"arena-{instance_id}")
-        self.index = ReuseIndex(fingerprint=FINGERPRINT, block_size=BLOCK_SIZE,
-                                num_blocks=num_blocks)
+        self.instance_id = instance_id
+        self.identity_now = StoreIdentity(instance_id, f"arena-{instance_id}")
+        self.index = new_index(num_blocks)
         self.shared = shared
         shared[instance_id] = self
         self.reachable = True
         self.on_unreachable = None
-        self.calls: list[str] = []
-
-    @property
-    def instance_id(self) -> str:
-        return next(i for i, s in self.shared.items() if s is self)
-
-    def _answers(self, method: str) -> bool:
-        self.calls.append(method)
-        if not self.reachable and self.on_unreachable is not None:
-            self.on_unreachable()
-        return self.reachable
+        self.batches: list[list[HostOp]] = []
 
     def hold(self, conv: str, tokens: Sequence[int]) -> None:
         """Puts a committed chain here directly, as an earlier scheduler would have."""
         self.index.commit(self.index.reserve(conv, tokens).reservation_id)
 
-    def identity(self) -> StoreIdentity | None:
+    async def identity(self) -> StoreIdentity | None:
         return self.identity_now if self.reachable else None
 
-    def lookup(self, conv: str, tokens: Sequence[int]) -> tuple[Hit, str]:
-        if not self._answers("lookup"):
-            return Hit(0, ()), ""
-        best, holder = self.index.lookup(conv, tokens), self.instance_id
-        for peer_id, peer in self.shared.items():
-            hit = peer.index.lookup(conv, tokens)
-            if hit.num_tokens > best.num_tokens:
-                best, holder = hit, peer_id
-        return best, holder
+    async def execute(self, ops: Sequence[HostOp]) -> StoreAnswer:
+        self.batches.append(list(ops))
+        if not self.reachable:
+            if self.on_unreachable is not None:
+                self.on_unreachable()
+            return StoreAnswer(unanswered(ops), {}, None)
+        replies = host_ops.apply(self.index, ops)
+        holders = {op.op_id: self._holder(op) for op in ops if isinstance(op, Pin)}
+        return StoreAnswer(replies, holders, self.identity_now)
 
-    def reserve(self, conv: str, tokens: Sequence[int]) -> Reservation:
-        if not self._answers("reserve"):
-            raise HostCapacityExhausted("unreachable")
-        return self.index.reserve(conv, tokens)
+    def _holder(self, op: Pin) -> str:
+        """The instance holding most of `op`'s prefix (this one on ties), as a store names
+        it through the shared index."""
+        def held(store: FakeStore) -> int:  # the chain stands for the tokens: only their count
+            return store.index.lookup(op.conv, range(op.num_tokens), op.chain).num_tokens
 
-    def commit(self, reservation_id: int) -> None:
-        if not self._answers("commit"):
-            raise StaleReservation("unreachable")
-        self.index.commit(reservation_id)
+        return max(self.shared.values(), key=lambda s: (held(s), s is self)).instance_id
 
-    def abort(self, reservation_id: int) -> None:
-        if self._answers("abort"):
-            self.index.abort(reservation_id)
-
-    def pin(self, conv: str, tokens: Sequence[int]) -> tuple[Hit, PinHandle]:
-        if not self._answers("pin"):
-            return Hit(0, ()), PinHandle(NO_PIN, ())
-        return self.index.pin(conv, tokens)
-
-    def unpin(self, pin_id: int) -> None:
-        if self._answers("unpin"):
-            self.index.unpin(pin_id)
-
-    def release(self, conv: str) -> None:
-        if self._answers("release"):
-            self.index.release(conv)
+    def sent(self) -> list[HostOp]:
+        return [op for batch in self.batches for op in batch]
 
 
 class Clock:
@@ -113,8 +115,7 @@ def make(ids: Sequence[str], blocks: int = 10, clock: Clock | None = None
     shared: dict[str, FakeStore] = {}
     stores = [FakeStore(i, blocks, shared) for i in ids]
     router = HostRouter(
-        [RoutedStore(s, s.identity_now, k * blocks)  # type: ignore[arg-type]
-         for k, s in enumerate(stores)],
+        [RoutedStore(s, s.identity_now, k * blocks) for k, s in enumerate(stores)],
         fingerprint=FINGERPRINT, block_size=BLOCK_SIZE, retry_s=5.0, clock=clock or Clock(),
     )
     return router, shared
@@ -123,6 +124,14 @@ def make(ids: Sequence[str], blocks: int = 10, clock: Clock | None = None
 def conv_owned_by(owner: str, ids: Sequence[str], prefix: str = "conv") -> str:
     return next(c for c in (f"{prefix}-{n}" for n in range(1000))
                 if rendezvous_owner(c, ids) == owner)
+
+
+async def put(router: HostRouter, conv: str, tokens: Sequence[int] = TOKENS) -> Reserved:
+    """Reserve, then commit: the conversation is held."""
+    [res] = await router.execute([reserve(1, conv, tokens)])
+    assert isinstance(res, Reserved) and res.reservation is not None
+    await router.execute([Commit(res.reservation.reservation_id)])
+    return res
 
 
 def test_the_rule_is_the_documented_rendezvous_hash() -> None:
@@ -144,133 +153,167 @@ def test_the_rule_spreads_evenly_and_moves_only_a_lost_instances_conversations()
     assert all(after[c] == owners[c] for c in convs if owners[c] != "kv-b")
 
 
-def test_one_store_keeps_its_own_ids() -> None:
+async def test_one_store_keeps_its_own_ids_and_answers_as_the_embedded_store() -> None:
     router, _ = make(["only"])
-    twin = ReuseIndex(fingerprint=FINGERPRINT, block_size=BLOCK_SIZE, num_blocks=10)
-    res, expected = router.reserve("c", TOKENS), twin.reserve("c", TOKENS)
-    assert res == expected
-    router.commit(res.reservation_id)
-    twin.commit(expected.reservation_id)
-    assert router.lookup("c", TOKENS) == twin.lookup("c", TOKENS)
-    assert router.pin("c", TOKENS) == twin.pin("c", TOKENS)
+    local: HostGateway = LocalHost(new_index())
+    gateways: list[HostGateway] = [router, local]
+    answers = []
+    for gateway in gateways:
+        [res] = await gateway.execute([reserve(1, "c")])
+        assert isinstance(res, Reserved) and res.reservation is not None
+        answers.append(res)
+        answers.extend(await gateway.execute(
+            [Commit(res.reservation.reservation_id), pin(2, "c"), reserve(3, "c", LONGER)]))
+    assert answers[:3] == answers[3:]
+    assert answers[1] == Pinned(2, Hit(10, (0, 1, 2)), PinHandle(2, (0, 1, 2)))
+    assert not router.degraded and not local.degraded
 
 
-def test_ids_are_global_and_calls_find_their_store() -> None:
+async def test_ids_and_blocks_are_global_and_ops_find_their_store() -> None:
     ids = ["kv-a", "kv-b"]
     router, shared = make(ids)
     conv = conv_owned_by("kv-b", ids)
-    res = router.reserve(conv, TOKENS)
+    res = (await put(router, conv)).reservation
     assert res.new_blocks and all(10 <= b < 20 for b in res.new_blocks)  # kv-b's arena
     assert res.reservation_id % 2 == 1  # the instance index is in the id
-    router.commit(res.reservation_id)
+    assert shared["kv-b"].sent()[1] == Commit(res.reservation_id // 2)  # its local id
     assert shared["kv-b"].index.lookup(conv, TOKENS).num_tokens == 10
     assert shared["kv-a"].index.lookup(conv, TOKENS).num_tokens == 0
-    hit = router.lookup(conv, TOKENS)
-    assert hit == Hit(10, res.new_blocks)
-    _, handle = router.pin(conv, TOKENS)
-    assert handle.blocks == hit.blocks and handle.pin_id % 2 == 1
+    [pinned] = await router.execute([pin(7, conv)])
+    assert pinned.hit == Hit(10, res.new_blocks) and pinned.pin.blocks == res.new_blocks
+    assert pinned.pin.pin_id % 2 == 1
     assert shared["kv-b"].index.stats().pinned == 3
-    router.unpin(handle.pin_id)
+    assert await router.execute([Unpin(pinned.pin.pin_id), Unpin(NO_PIN)]) == []
     assert shared["kv-b"].index.stats().pinned == 0
-    router.unpin(NO_PIN)  # a pin that was never made: nothing to call
-    assert "unpin" not in shared["kv-a"].calls
+    assert shared["kv-b"].sent()[-1] == Unpin(pinned.pin.pin_id // 2)
+    assert shared["kv-a"].batches == []  # a pin never made: nothing to send
 
 
-def test_a_held_conversation_is_served_by_its_holder() -> None:
+async def test_one_batch_per_store_in_order_and_replies_in_the_order_of_the_ops() -> None:
+    ids = ["kv-a", "kv-b"]
+    router, shared = make(ids, blocks=20)
+    on_a = [conv_owned_by("kv-a", ids, p) for p in ("x", "y")]
+    on_b = [conv_owned_by("kv-b", ids, p) for p in ("x", "y")]
+    held = (await put(router, on_b[0])).reservation
+    for store in shared.values():
+        store.batches.clear()
+    ops: list[HostOp] = [
+        reserve(1, on_a[0]), pin(2, on_b[0]), Release(on_a[1]), reserve(3, on_b[1]),
+        Abort(held.reservation_id + 2), pin(4, on_a[0]), Release(on_b[0]),
+    ]
+    replies = await router.execute(ops)
+    assert [r.op_id for r in replies] == [1, 2, 3, 4]
+    assert [len(s.batches) for s in shared.values()] == [1, 1]
+    assert shared["kv-a"].batches[0] == [ops[0], ops[2], ops[5]]
+    assert shared["kv-b"].batches[0] == [ops[1], ops[3], Abort(held.reservation_id // 2 + 1),
+                                         ops[6]]
+    assert replies[1].hit.blocks == held.new_blocks  # pinned before b's release took it
+    assert replies[3].hit == MISS  # a's reservation is pending, not committed
+    assert shared["kv-b"].index.lookup(on_b[0], TOKENS).num_tokens == 0
+
+
+async def test_a_held_conversation_is_served_by_its_holder() -> None:
     ids = ["kv-a", "kv-b"]
     router, shared = make(ids)
     conv = conv_owned_by("kv-a", ids)
     shared["kv-b"].hold(conv, TOKENS)  # placed on b while a was down, say
-    held = shared["kv-b"].index.lookup(conv, TOKENS)
-    hit = router.lookup(conv, TOKENS)  # asks a, whose shared index names b
-    assert hit == Hit(10, tuple(10 + b for b in held.blocks))
-    assert router.pin(conv, TOKENS)[0] == hit
-    longer = router.reserve(conv, [*TOKENS, 10, 11, 12, 13])
-    assert longer.valid_blocks == hit.blocks[:2]  # on b, reusing its whole blocks
-    assert "pin" not in shared["kv-a"].calls and "reserve" not in shared["kv-a"].calls
+    held = tuple(10 + b for b in shared["kv-b"].index.lookup(conv, TOKENS).blocks)
+    [first] = await router.execute([pin(1, conv)])  # asks a, whose shared index names b
+    assert first.hit == MISS
+    await router.execute([Unpin(first.pin.pin_id)])
+    [second] = await router.execute([pin(2, conv)])
+    assert second.hit == Hit(10, held)
+    [longer] = await router.execute([Unpin(second.pin.pin_id), reserve(3, conv, LONGER)])
+    assert longer.reservation.valid_blocks == held[:2]  # on b, reusing its whole blocks
+    assert [type(op) for op in shared["kv-a"].sent()] == [Pin, Unpin]
 
 
-def test_a_chain_in_a_store_the_router_does_not_know_is_a_miss() -> None:
+async def test_a_chain_in_a_store_the_router_does_not_know_is_a_miss() -> None:
     router, shared = make(["kv-a"])
     FakeStore("stranger", 10, shared).hold("c", TOKENS)
-    assert router.lookup("c", TOKENS) == Hit(0, ())
+    for op_id in (1, 2):
+        [pinned] = await router.execute([pin(op_id, "c")])
+        assert pinned.hit == MISS
+    assert [type(op) for op in shared["kv-a"].sent()] == [Pin, Pin]  # never redirected
 
 
-def test_a_store_that_fails_is_left_out_then_probed_back() -> None:
+async def test_a_store_that_fails_is_left_out_then_probed_back() -> None:
     ids = ["kv-a", "kv-b"]
     clock = Clock()
     router, shared = make(ids, clock=clock)
     conv = conv_owned_by("kv-b", ids)
-    router.commit(router.reserve(conv, TOKENS).reservation_id)
-    pending = router.reserve(conv_owned_by("kv-b", ids, "pending"), TOKENS)
+    await put(router, conv)
+    [pending] = await router.execute([reserve(1, conv_owned_by("kv-b", ids, "pending"))])
     shared["kv-b"].reachable = False
-    assert router.lookup(conv, TOKENS) == Hit(0, ())  # b is asked, fails: marked down
+    ops = [pin(2, conv), reserve(3, conv_owned_by("kv-a", ids))]
+    replies = await router.execute(ops)  # b is asked, fails: marked down
+    assert replies[0] == unanswered(ops[:1])[0] and replies[1].reservation is not None
     assert router.degraded
-    calls = len(shared["kv-b"].calls)
-    fresh = router.reserve(conv_owned_by("kv-b", ids, "fresh"), TOKENS)
-    assert all(b < 10 for b in fresh.new_blocks)  # b's new conversations go to a
-    assert router.lookup(conv, TOKENS) == Hit(0, ())  # its old ones recompute
-    with pytest.raises(StaleReservation):
-        router.commit(pending.reservation_id)
-    assert len(shared["kv-b"].calls) == calls  # nothing more was sent to the down store
+    sent = len(shared["kv-b"].sent())
+    [fresh] = await router.execute([reserve(4, conv_owned_by("kv-b", ids, "fresh"))])
+    assert all(b < 10 for b in fresh.reservation.new_blocks)  # b's new conversations go to a
+    [again] = await router.execute([pin(5, conv), Commit(pending.reservation.reservation_id)])
+    assert again.hit == MISS and again.pin.pin_id % 2 == 0  # its old ones recompute, on a
+    assert len(shared["kv-b"].sent()) == sent  # nothing more was sent to the down store
     shared["kv-b"].reachable = True
     clock.now += 4.9
-    router.probe_down()
-    assert router.lookup(conv, TOKENS) == Hit(0, ())  # not probed before retry_s
+    assert await router.probe_down() == []
+    assert router.degraded  # not probed before retry_s
     clock.now += 0.2
-    router.probe_down()
-    assert router.reserve(conv_owned_by("kv-b", ids, "later"), TOKENS).reservation_id % 2 == 1
+    assert await router.probe_down() == []
     assert not router.degraded
-    assert router.lookup(conv, TOKENS).num_tokens == 10  # its chains were never lost
+    [later] = await router.execute([reserve(6, conv_owned_by("kv-b", ids, "later"))])
+    assert later.reservation.reservation_id % 2 == 1
+    [back] = await router.execute([pin(7, conv)])
+    assert back.hit.num_tokens == 10  # its chains were never lost
 
 
-def test_a_store_back_with_another_arena_stays_out() -> None:
+async def test_a_store_back_with_another_arena_stays_out_until_it_rejoins() -> None:
     ids = ["kv-a", "kv-b"]
     clock = Clock()
     router, shared = make(ids, clock=clock)
     shared["kv-b"].reachable = False
-    router.lookup(conv_owned_by("kv-b", ids), TOKENS)
+    await router.execute([pin(1, conv_owned_by("kv-b", ids))])
     shared["kv-b"].reachable = True
     shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
     clock.now += 10
-    assert router.probe_down() == [(1, shared["kv-b"].identity_now)]  # to be mapped
-    assert all(b < 10 for b in router.reserve(conv_owned_by("kv-b", ids), TOKENS).new_blocks)
-    assert router.degraded
-
-
-def test_a_store_back_with_another_arena_rejoins_where_the_executor_maps_it() -> None:
-    ids = ["kv-a", "kv-b"]
-    clock = Clock()
-    router, shared = make(ids, clock=clock)
-    shared["kv-b"].reachable = False
-    router.lookup(conv_owned_by("kv-b", ids), TOKENS)
-    shared["kv-b"].reachable = True
-    shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
-    clock.now += 10
-    [(index, identity)] = router.probe_down()
+    [(index, identity)] = await router.probe_down()  # to be mapped
+    assert identity == shared["kv-b"].identity_now
+    [res] = await router.execute([reserve(2, conv_owned_by("kv-b", ids))])
+    assert all(b < 10 for b in res.reservation.new_blocks) and router.degraded
     router.rejoin(index, identity, 20)  # appended after a's and b's old arena
     assert not router.degraded
     assert router.stores[1].identity == identity
-    conv = conv_owned_by("kv-b", ids, "new")
-    assert all(20 <= b < 30 for b in router.reserve(conv, TOKENS).new_blocks)
+    [res] = await router.execute([reserve(3, conv_owned_by("kv-b", ids, "new"))])
+    assert all(20 <= b < 30 for b in res.reservation.new_blocks)
     assert not router.rebase([0, 20])  # an executor restart that mapped them as before
     assert router.rebase([0, 10])  # one that mapped them without the old arena between
-    newer = router.reserve(conv_owned_by("kv-b", ids, "newer"), TOKENS)
-    assert all(10 <= b < 20 for b in newer.new_blocks)
+    [res] = await router.execute([reserve(4, conv_owned_by("kv-b", ids, "newer"))])
+    assert all(10 <= b < 20 for b in res.reservation.new_blocks)
 
 
-def test_no_live_store_means_recompute() -> None:
+async def test_replies_from_an_arena_the_executor_did_not_map_are_dropped() -> None:
+    ids = ["kv-a", "kv-b"]
+    router, shared = make(ids)
+    conv = conv_owned_by("kv-b", ids)
+    shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
+    ops = [reserve(1, conv), pin(2, conv)]
+    assert await router.execute(ops) == unanswered(ops)
+    assert router.degraded
+
+
+async def test_no_live_store_means_recompute() -> None:
     router, shared = make(["kv-a"])
     shared["kv-a"].reachable = False
-    router.lookup("c", TOKENS)
-    with pytest.raises(HostCapacityExhausted):
-        router.reserve("c", TOKENS)
-    assert router.pin("c", TOKENS) == (Hit(0, ()), PinHandle(NO_PIN, ()))
+    ops = [reserve(1, "c"), Release("c"), pin(2, "c")]
+    assert await router.execute(ops) == unanswered(ops)
+    assert await router.execute(ops) == unanswered(ops)
+    assert len(shared["kv-a"].batches) == 1  # the first call found it down
 
 
 def test_instance_ids_must_be_distinct() -> None:
     shared: dict[str, FakeStore] = {}
     store = FakeStore("kv-a", 10, shared)
-    same = RoutedStore(store, StoreIdentity("kv-a", "x"), 0)  # type: ignore[arg-type]
+    same = RoutedStore(store, StoreIdentity("kv-a", "x"), 0)
     with pytest.raises(ValueError, match="repeat"):
         HostRouter([same, same], fingerprint=FINGERPRINT, block_size=BLOCK_SIZE)

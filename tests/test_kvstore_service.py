@@ -1,4 +1,5 @@
-"""The KV store over real gRPC: status codes, the bulk byte API, leases, health, reflection."""
+"""The KV store over real gRPC: status codes, the bulk byte API, leases, health, reflection,
+and the Batch RPC through the scheduler's client (`RemoteHostKV`)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,34 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.kv.arena import SHM_DIR
+from common.kv.block_hash import block_hashes
+from common.kv.host_ops import (
+    MISS,
+    Abort,
+    Commit,
+    Pin,
+    Pinned,
+    Release,
+    Reserve,
+    Reserved,
+    Unpin,
+    unanswered,
+)
+from common.kv.reuse_index import PinHandle
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.assemble import open_store
-from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, write_chunks
+from services.kvstore.batch_wire import ops_to_proto, replies_from_proto
+from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, to_proto, write_chunks
 from services.kvstore.config import StoreConfig
 from services.kvstore.service import SERVICE_NAME, StoreServer
+from services.scheduler.host_router import (
+    HostRouter,
+    RoutedStore,
+    StoreAnswer,
+    StoreIdentity,
+    rendezvous_owner,
+)
+from services.scheduler.remote_host import RemoteHostKV
 from tests.redis_server import RedisServer
 
 FP = "model-a"
@@ -187,3 +211,145 @@ async def test_redis_outage_is_unavailable_and_the_store_recovers(
         assert hit.valid_tokens == 8
     finally:
         server.stop()
+
+
+# --- Batch: a scheduler's host intents, by hash chain -----------------------------------
+
+
+def chain_of(tokens: list[int]) -> tuple[bytes, ...]:
+    return tuple(block_hashes(tokens, BLOCK_SIZE, FP))
+
+
+def client_of(running: Running) -> RemoteHostKV:
+    return RemoteHostKV(running.channel, fingerprint=FP, timeout_s=5.0)
+
+
+async def test_a_batch_is_one_round_trip_answered_in_order(start: Callable[..., object]) -> None:
+    running = await start()
+    client, stub = client_of(running), running.stub
+    desc = await stub.Describe(kvstore_pb2.DescribeRequest())
+    tokens = list(range(10))
+    first = await client.execute([Reserve(1, "c", chain_of(tokens), 10),
+                                  Pin(2, "d", chain_of([5]), 1)])
+    assert first.answered_by == StoreIdentity(desc.instance_id, desc.arena_name)
+    [reserved, missed] = first.replies
+    res = reserved.reservation
+    assert (res.conversation, res.num_tokens, res.valid_tokens) == ("c", 10, 0)
+    assert len(res.new_blocks) == 3 and missed.hit == MISS
+    data = np.random.default_rng(1).integers(0, 256, 3 * BLOCK_BYTES, np.uint8).tobytes()
+    await stub.WriteBlocks(iter(list(write_chunks(res.reservation_id, res.new_extents, data))))
+    second = await client.execute([Commit(res.reservation_id), Pin(3, "c", chain_of(tokens), 10)])
+    [pinned] = second.replies
+    assert pinned.hit.num_tokens == 10 and pinned.hit.blocks == res.new_blocks
+    assert second.holders == {3: desc.instance_id}
+    read = stub.ReadBlocks(kvstore_pb2.ReadBlocksRequest(extents=to_proto(res.new_extents)))
+    assert b"".join([c.data async for c in read]) == data
+    third = await client.execute([Unpin(pinned.pin.pin_id), Unpin(pinned.pin.pin_id),
+                                  Unpin(missed.pin.pin_id), Abort(999), Release("c")])
+    assert third.replies == [] and third.answered_by is not None
+    stats = await stub.Stats(kvstore_pb2.StatsRequest())
+    assert (stats.used_blocks, stats.pinned_blocks, stats.pending_reservations) == (0, 0, 0)
+
+
+async def test_a_bad_batch_is_invalid_argument_and_changes_nothing(
+    start: Callable[..., object],
+) -> None:
+    stub = (await start()).stub
+    good = Reserve(1, "c", chain_of(list(range(8))), 8)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    for bad, match in [
+        (Pin(2, "c", chain_of([1, 2, 3, 4, 5]), 4), "2 hashes for 4 tokens"),
+        (Reserve(2, "c", (b"short",), 3), "16 bytes"),
+        (Pin(2, "", chain_of([1]), 1), "empty conversation"),
+        (Pin(1, "d", chain_of([1]), 1), "op id 1 repeats"),
+        (Abort(0), "start at 1"),
+    ]:
+        request = kvstore_pb2.BatchRequest(model_fingerprint=FP, ops=ops_to_proto([good, bad]))
+        await expect_status(invalid, stub.Batch(request), match)
+    other = kvstore_pb2.BatchRequest(model_fingerprint="other", ops=ops_to_proto([good]))
+    await expect_status(invalid, stub.Batch(other), "other")
+    unset = kvstore_pb2.BatchRequest(model_fingerprint=FP, ops=[*ops_to_proto([good]),
+                                                                kvstore_pb2.BatchOp()])
+    await expect_status(invalid, stub.Batch(unset), "names no operation")
+    stats = await stub.Stats(kvstore_pb2.StatsRequest())
+    assert (stats.used_blocks, stats.pending_reservations, stats.miss_tokens) == (0, 0, 0)
+
+
+async def test_a_full_store_answers_no_room_and_a_dead_one_unanswered(
+    start: Callable[..., object], caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start()
+    client = client_of(running)
+    many = list(range(BLOCK_SIZE * NUM_BLOCKS + 1))
+    answer = await client.execute([Reserve(1, "c", chain_of(many), len(many))])
+    assert answer.replies == [Reserved(1, None)] and answer.answered_by is not None
+    unreachable: list[bool] = []
+    async with grpc.aio.insecure_channel("127.0.0.1:1") as nowhere:  # nothing listens
+        dead = RemoteHostKV(nowhere, fingerprint=FP, timeout_s=5.0)
+        dead.on_unreachable = lambda: unreachable.append(True)
+        ops = [Pin(2, "c", chain_of([1]), 1), Release("c"), Reserve(3, "d", chain_of([1]), 1)]
+        for _ in range(2):
+            assert await dead.execute(ops) == StoreAnswer(unanswered(ops), {}, None)
+        assert unreachable == [True, True]
+        assert len([r for r in caplog.records if "Batch failed" in r.message]) == 1
+        assert await dead.identity() is None
+
+
+async def test_a_batch_pin_on_another_instance_names_the_holder(
+    start: Callable[..., object], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path).start()
+    try:
+        a, b = await start(redis_url=server.url), await start(redis_url=server.url)
+        tokens = list(range(8))
+        [reserved] = (await client_of(a).execute([Reserve(1, "c", chain_of(tokens), 8)])).replies
+        await client_of(a).execute([Commit(reserved.reservation.reservation_id)])
+        answer = await client_of(b).execute([Pin(2, "c", chain_of(tokens), 8)])
+        [pinned] = answer.replies
+        assert pinned.hit == MISS  # b holds none of it itself
+        assert answer.holders == {2: a.server.store.instance_id}
+        assert answer.answered_by.instance_id == b.server.store.instance_id
+    finally:
+        server.stop()
+
+
+async def test_a_router_over_two_stores_sends_one_batch_each(
+    start: Callable[..., object],
+) -> None:
+    stores = [await start(), await start()]
+    routed = []
+    for k, running in enumerate(stores):
+        desc = await running.stub.Describe(kvstore_pb2.DescribeRequest())
+        identity = StoreIdentity(desc.instance_id, desc.arena_name)
+        routed.append(RoutedStore(client_of(running), identity, k * NUM_BLOCKS))
+    router = HostRouter(routed, fingerprint=FP, block_size=BLOCK_SIZE)
+    ids = [r.identity.instance_id for r in routed]
+    convs = [next(c for c in (f"conv-{n}" for n in range(100))
+                  if rendezvous_owner(c, ids) == owner) for owner in ids]
+    tokens = list(range(8))
+    replies = await router.execute(
+        [Reserve(k, c, chain_of(tokens), 8) for k, c in enumerate(convs)])
+    for k, reply in enumerate(replies):
+        res = reply.reservation
+        assert all(k * NUM_BLOCKS <= b < (k + 1) * NUM_BLOCKS for b in res.new_blocks)
+        assert res.reservation_id % 2 == k
+    pins = await router.execute([
+        *(Commit(r.reservation.reservation_id) for r in replies),
+        *(Pin(10 + k, c, chain_of(tokens), 8) for k, c in enumerate(convs))])
+    assert [p.hit.blocks for p in pins] == [r.reservation.new_blocks for r in replies]
+    await router.execute([*(Unpin(p.pin.pin_id) for p in pins), *(Release(c) for c in convs)])
+    for running in stores:
+        stats = await running.stub.Stats(kvstore_pb2.StatsRequest())
+        assert (stats.used_blocks, stats.pinned_blocks) == (0, 0)
+
+
+def test_replies_that_do_not_answer_the_ops_are_refused() -> None:
+    ops = [Reserve(1, "c", chain_of([1]), 1), Release("c"), Pin(2, "c", chain_of([1]), 1)]
+    pinned = kvstore_pb2.BatchReply(pinned=kvstore_pb2.PinnedReply(op_id=2))
+    reserved = kvstore_pb2.BatchReply(reserved=kvstore_pb2.ReservedReply(op_id=1))
+    replies, holders = replies_from_proto([reserved, pinned], ops)
+    assert replies == [Reserved(1, None), Pinned(2, MISS, PinHandle(0, ()))]
+    assert holders == {2: ""}
+    for wrong in ([reserved], [pinned, reserved], [reserved, reserved]):
+        with pytest.raises(ValueError, match=r"replies to|does not answer"):
+            replies_from_proto(wrong, ops)

@@ -11,10 +11,25 @@ import pytest
 import redis
 
 from common.kv.arena import SHM_DIR
-from common.kv.extent import Extent, flatten
+from common.kv.block_hash import block_hashes
+from common.kv.extent import Extent, flatten, runs
+from common.kv.host_ops import (
+    MISS,
+    NO_PIN,
+    Abort,
+    Commit,
+    HostOp,
+    Pin,
+    Release,
+    Reserve,
+    Reserved,
+    Unpin,
+)
 from common.kv.reuse_index import (
     FingerprintMismatch,
+    Hit,
     HostCapacityExhausted,
+    UnknownPin,
     UnknownReservation,
 )
 from services.kvstore.assemble import open_store
@@ -22,7 +37,7 @@ from services.kvstore.bulk import checksum
 from services.kvstore.config import StoreConfig
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
 from services.kvstore.redis_storage import Namespace, RedisIndexStorage
-from services.kvstore.store import KVStore
+from services.kvstore.store import KVStore, PinResult
 from tests.redis_server import RedisServer
 
 FP = "model-a"
@@ -242,7 +257,7 @@ def test_expired_leases_return_blocks_of_a_dead_client(
     assert (stats.used_blocks, stats.pinned_blocks, stats.pending_reservations) == (2, 0, 0)
     with pytest.raises(UnknownReservation):
         store.commit(res.reservation_id)
-    with pytest.raises(InvalidRequest, match="no pin"):
+    with pytest.raises(UnknownPin, match="no pin"):
         store.unpin(pin.pin_id)
 
 
@@ -272,6 +287,73 @@ def test_release_frees_the_conversation(make_store: StoreFactory) -> None:
     store.release("c")
     assert store.lookup(FP, "c", list(range(8))).valid_tokens == 0
     assert store.stats().used_blocks == 0
+
+
+def chain_of(tokens: list[int]) -> tuple[bytes, ...]:
+    return tuple(block_hashes(tokens, BLOCK_SIZE, FP))
+
+
+def test_chain_calls_are_the_token_calls(make_store: StoreFactory) -> None:
+    by_tokens, by_chain = make_store("a"), make_store("b")
+    tokens = list(range(10))
+    put(by_tokens, "c", tokens, seed=1)
+    res = by_chain.reserve_chain("c", chain_of(tokens), len(tokens))
+    by_chain.commit(res.reservation_id)
+    longer = [*tokens[:8], 50, 51, 52, 53]
+    assert by_tokens.pin(FP, "c", longer) == PinResult(
+        res.reservation_id + 1, 8, list(runs(res.new_blocks[:2])))
+    hit, handle = by_chain.pin_chain("c", chain_of(longer), len(longer))
+    assert (hit.num_tokens, handle.blocks) == (8, res.new_blocks[:2])
+    assert by_tokens.stats() == by_chain.stats()
+    by_chain.unpin(handle.pin_id)
+    with pytest.raises(UnknownPin):
+        by_chain.unpin(handle.pin_id)
+
+
+def test_a_batch_runs_in_order_and_its_pins_are_leases(
+    make_store: StoreFactory, clock: FakeClock
+) -> None:
+    store = make_store()
+    first = store.execute(FP, [Reserve(1, "c", chain_of(list(range(8))), 8),
+                               Pin(2, "d", chain_of([7]), 1)])
+    [reserved, missed] = first.replies
+    assert isinstance(reserved, Reserved) and reserved.reservation.new_blocks
+    assert missed.hit == MISS and first.holders == {2: store.instance_id}
+    rid = reserved.reservation.reservation_id
+    second = store.execute(FP, [Commit(rid), Pin(3, "c", chain_of(list(range(8))), 8),
+                                Commit(rid), Abort(999), Unpin(12345), Unpin(NO_PIN)])
+    [pinned] = second.replies  # the double commit and the unknown ids are skipped
+    assert pinned.hit == Hit(8, reserved.reservation.new_blocks)
+    assert store.stats().pinned_blocks == 2
+    clock.now += 11
+    assert store.expire_leases() == 2  # both pins
+    assert store.stats().pinned_blocks == 0
+    assert store.execute(FP, [Release("c")]).replies == []
+    assert store.stats().used_blocks == 0
+
+
+@pytest.mark.parametrize(("bad", "error", "match"), [
+    (Reserve(9, "c", chain_of([1, 2, 3, 4, 5]), 4), InvalidRequest, "2 hashes for 4 tokens"),
+    (Pin(9, "c", (b"x" * 15,), 4), InvalidRequest, "16 bytes"),
+    (Pin(9, "", chain_of([1]), 1), InvalidRequest, "empty conversation"),
+    (Reserve(9, "c", (), 0), InvalidRequest, "empty token list"),
+    (Pin(1, "d", chain_of([1]), 1), InvalidRequest, "op id 1 repeats"),
+    (Commit(0), InvalidRequest, "start at 1"),
+    (Release(""), InvalidRequest, "empty conversation"),
+])
+def test_a_bad_batch_changes_nothing(
+    make_store: StoreFactory, bad: HostOp, error: type[Exception], match: str
+) -> None:
+    store = make_store()
+    put(store, "c", list(range(8)), seed=1)
+    before = store.stats()
+    ops = [Reserve(1, "e", chain_of(list(range(4))), 4), Release("c"), bad]
+    with pytest.raises(error, match=match):
+        store.execute(FP, ops)
+    with pytest.raises(FingerprintMismatch):
+        store.execute("other-model", ops[:2])
+    assert store.stats() == before
+    assert store.lookup(FP, "c", list(range(8))).valid_tokens == 8
 
 
 # --- Redis only -----------------------------------------------------------------------
@@ -331,6 +413,16 @@ def test_a_lookup_on_another_instance_is_attributed_to_the_holder(
     assert (hit.valid_tokens, hit.instance_id) == (8, a.instance_id)
     assert hit.extents == a.lookup(FP, "c", list(range(8))).extents
     assert b.lookup(FP, "c", list(range(4))).instance_id == b.instance_id
+
+
+def test_a_batch_pin_names_the_peer_that_holds_more(make_redis_store: StoreFactory) -> None:
+    a, b = make_redis_store("a"), make_redis_store("b")
+    put(a, "c", list(range(8)), seed=1)
+    put(b, "c", list(range(4)), seed=2)  # b holds less of it
+    result = b.execute(FP, [Pin(1, "c", chain_of(list(range(8))), 8),
+                            Pin(2, "c", chain_of(list(range(4))), 4)])
+    assert [r.hit.num_tokens for r in result.replies] == [4, 4]  # pinned here, on b
+    assert result.holders == {1: a.instance_id, 2: b.instance_id}
 
 
 def test_redis_outage_fails_calls_then_resyncs(tmp_path: Path, arena_base: str) -> None:

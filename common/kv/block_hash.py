@@ -12,9 +12,12 @@ import hashlib
 from collections.abc import Sequence
 from struct import pack
 
+HASH_BYTES = 16  # each block hash
+
 
 def root_hash(fingerprint: str) -> bytes:
-    return hashlib.blake2b(b"fastswitch/kv/v1:" + fingerprint.encode(), digest_size=16).digest()
+    seed = b"fastswitch/kv/v1:" + fingerprint.encode()
+    return hashlib.blake2b(seed, digest_size=HASH_BYTES).digest()
 
 
 def block_hashes(tokens: Sequence[int], block_size: int, fingerprint: str) -> list[bytes]:
@@ -47,7 +50,7 @@ class TokenChain:
 
 
 def _hash_block(parent: bytes, block: Sequence[int]) -> bytes:
-    h = hashlib.blake2b(parent, digest_size=16)
+    h = hashlib.blake2b(parent, digest_size=HASH_BYTES)
     h.update(pack(f"<I{len(block)}q", len(block), *block))
     return h.digest()
 

@@ -30,6 +30,7 @@ from common.kv.reuse_index import (
     PinHandle,
     Reservation,
     StaleReservation,
+    UnknownPin,
     UnknownReservation,
 )
 
@@ -137,7 +138,7 @@ def apply(index: HostIndex, ops: Iterable[HostOp]) -> list[HostReply]:
                     index.abort(op.reservation_id)
             case Unpin():
                 if op.pin_id != NO_PIN:
-                    with suppress(KeyError):
+                    with suppress(UnknownPin):
                         index.unpin(op.pin_id)
             case Release():
                 index.release(op.conv)

@@ -47,6 +47,10 @@ class UnknownReservation(KeyError):
     """Not a pending reservation: never made, or already committed or aborted."""
 
 
+class UnknownPin(KeyError):
+    """Not a held pin: never made, or already unpinned."""
+
+
 class StaleReservation(Exception):
     """The conversation's prefix changed under a reservation; it was aborted."""
 
@@ -248,7 +252,7 @@ class ReuseIndex:
     def unpin(self, pin_id: int) -> None:
         blocks = self._pin_handles.pop(pin_id, None)
         if blocks is None:
-            raise KeyError(f"unknown pin {pin_id}")
+            raise UnknownPin(f"unknown pin {pin_id}")
         self._unpin_blocks(blocks)
 
     def release(self, conv: str) -> None:

@@ -6,5 +6,6 @@
 - `arena_setup`: each start creates `<arena-name>.<epoch>` and inherits a crashed run's
   bytes only if the Redis index still points at that exact segment;
 - `service`: grpc.aio servicer, health, reflection; `bulk`: chunks and checksums;
+  `batch_wire`: host intents (`common.kv.host_ops`) as Batch messages, for both ends;
 - `config`, `assemble`, `__main__`: `python -m services.kvstore --help`.
 """

@@ -22,9 +22,11 @@ from common.kv.reuse_index import (
     FingerprintMismatch,
     HostCapacityExhausted,
     StaleReservation,
+    UnknownPin,
     UnknownReservation,
 )
 from protos import kvstore_pb2, kvstore_pb2_grpc
+from services.kvstore.batch_wire import ops_from_proto, replies_to_proto
 from services.kvstore.bulk import checksum, from_proto, to_proto
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
 from services.kvstore.metrics import StoreMetrics
@@ -43,6 +45,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     ),
     (StaleReservation, grpc.StatusCode.ABORTED, ""),
     (UnknownReservation, grpc.StatusCode.INVALID_ARGUMENT, ""),
+    (UnknownPin, grpc.StatusCode.INVALID_ARGUMENT, ""),
     (FingerprintMismatch, grpc.StatusCode.INVALID_ARGUMENT, ""),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, ""),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT, ""),
@@ -121,6 +124,18 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     async def Release(self, request, context):
         await self._call(context, self.store.release, request.conversation_id)
         return kvstore_pb2.Empty()
+
+    async def Batch(self, request, context):
+        try:
+            ops = ops_from_proto(request.ops)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        result = await self._call(context, self.store.execute, request.model_fingerprint, ops)
+        return kvstore_pb2.BatchResponse(
+            replies=replies_to_proto(result.replies, result.holders),
+            instance_id=self.store.instance_id,
+            arena_name=self.store.arena.name,
+        )
 
     async def Stats(self, request, context):
         s = await self._call(context, self.store.stats)

@@ -3,8 +3,11 @@
 Contract (the service maps each error to a gRPC status):
 
 - Every call is validated before anything changes, so a rejected call leaves the index and
-  the arena as they were. Bad input raises `InvalidRequest`, `FingerprintMismatch`,
-  `UnknownReservation` (also on a second commit) or `ValueError`.
+  the arena as they were; `execute` validates a whole batch before its first op. Bad input
+  raises `InvalidRequest`, `FingerprintMismatch`, `UnknownReservation` (also on a second
+  commit), `UnknownPin` or `ValueError`.
+- The `*_chain` calls take the chain the caller hashed (`common.kv.host_ops`); the token
+  calls hash the tokens and delegate to them.
 - `reserve` raises `HostCapacityExhausted` when even eviction cannot make room; `commit`
   raises `StaleReservation` when the conversation's prefix changed under the reservation.
 - Reservations and pins are leases: a client that dies leaves them to `expire_leases`,
@@ -22,13 +25,22 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from common.kv import host_ops
 from common.kv.arena import HostArena
-from common.kv.block_hash import block_hashes, tokens_in_blocks
+from common.kv.block_hash import HASH_BYTES, block_hashes, tokens_in_blocks
 from common.kv.extent import Extent, flatten, runs
-from common.kv.reuse_index import Reservation, ReuseIndex, UnknownReservation
+from common.kv.host_ops import Abort, Commit, HostOp, HostReply, Pin, Pinned, Release, Reserve
+from common.kv.reuse_index import (
+    Hit,
+    PinHandle,
+    Reservation,
+    ReuseIndex,
+    UnknownPin,
+    UnknownReservation,
+)
 from services.kvstore.backend import IndexBackend
 from services.kvstore.bulk import CHUNK_BYTES, checksum, chunk_spans
-from services.kvstore.errors import InvalidRequest
+from services.kvstore.errors import IndexUnavailable, InvalidRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +66,12 @@ class PinResult:
     pin_id: int
     valid_tokens: int
     extents: list[Extent]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    replies: list[HostReply]  # as `host_ops.apply` answers
+    holders: dict[int, str]  # a Pin's op id -> the instance holding most of its prefix
 
 
 @dataclass(slots=True)
@@ -125,23 +143,24 @@ class KVStore:
         chain = self._validated_chain(fingerprint, conv, tokens)
         with self._synced():
             hit = self.index.lookup(conv, tokens, chain)
-            best = LookupResult(hit.num_tokens, list(runs(hit.blocks)), self.instance_id)
-            if best.valid_tokens < len(tokens):
-                for peer, record in self.backend.peer_records(conv):
-                    n = _common_prefix(record.hashes, chain)
-                    valid = tokens_in_blocks(n, len(tokens), self.block_size)
-                    if valid > best.valid_tokens:
-                        best = LookupResult(valid, list(runs(record.blocks[:n])), peer)
+            best = self._best_holder(
+                conv, chain, len(tokens),
+                LookupResult(hit.num_tokens, list(runs(hit.blocks)), self.instance_id))
         self._count(best.valid_tokens, len(tokens))
         return best
 
     def reserve(self, fingerprint: str, conv: str, tokens: Sequence[int]) -> Reservation:
         chain = self._validated_chain(fingerprint, conv, tokens)
+        return self.reserve_chain(conv, chain, len(tokens))
+
+    def reserve_chain(self, conv: str, chain: Sequence[bytes], num_tokens: int) -> Reservation:
+        """`reserve` by the tokens' chain; the caller checked the fingerprint."""
+        self._check_chain(conv, chain, num_tokens)
         with self._synced():
-            res = self.index.reserve(conv, tokens, chain)
+            res = self.index.reserve_chain(conv, chain, num_tokens)
         self._reservations[res.reservation_id] = res
         self._reservation_deadlines[res.reservation_id] = self._clock() + self.lease_seconds
-        self._count(res.valid_tokens, len(tokens))
+        self._count(res.valid_tokens, num_tokens)
         self._bytes_saved += len(res.valid_blocks) * self.arena.block_bytes
         return res
 
@@ -157,14 +176,43 @@ class KVStore:
 
     def pin(self, fingerprint: str, conv: str, tokens: Sequence[int]) -> PinResult:
         chain = self._validated_chain(fingerprint, conv, tokens)
-        with self._synced():
-            hit, handle = self.index.pin(conv, tokens, chain)
-        self._pin_deadlines[handle.pin_id] = self._clock() + self.lease_seconds
+        hit, handle = self.pin_chain(conv, chain, len(tokens))
         return PinResult(handle.pin_id, hit.num_tokens, list(runs(hit.blocks)))
+
+    def pin_chain(
+        self, conv: str, chain: Sequence[bytes], num_tokens: int
+    ) -> tuple[Hit, PinHandle]:
+        """`pin` by the tokens' chain; the caller checked the fingerprint."""
+        self._check_chain(conv, chain, num_tokens)
+        with self._synced():
+            hit, handle = self.index.pin_chain(conv, chain, num_tokens)
+        self._pin_deadlines[handle.pin_id] = self._clock() + self.lease_seconds
+        return hit, handle
+
+    def execute(self, fingerprint: str, ops: Sequence[HostOp]) -> BatchResult:
+        """One scheduler batch: validated whole first, so that a bad op changes nothing,
+        then carried out in order by `host_ops.apply`. Each Pin also names its holder, as
+        `lookup` does. A Redis outage mid-batch raises `IndexUnavailable`; what the batch
+        had done by then is undone by lease expiry."""
+        self.index.check_fingerprint(fingerprint)
+        self._check_ops(ops)
+        replies = host_ops.apply(self, ops)
+        pins = {op.op_id: op for op in ops if isinstance(op, Pin)}
+        holders: dict[int, str] = {}
+        for reply in replies:
+            if isinstance(reply, Pinned):
+                op = pins[reply.op_id]
+                here = LookupResult(reply.hit.num_tokens, [], self.instance_id)
+                try:
+                    best = self._best_holder(op.conv, op.chain, op.num_tokens, here)
+                except IndexUnavailable:
+                    best = here  # the pin stands; peers are only a hint
+                holders[reply.op_id] = best.instance_id
+        return BatchResult(replies, holders)
 
     def unpin(self, pin_id: int) -> None:
         if self._pin_deadlines.pop(pin_id, None) is None:
-            raise InvalidRequest(f"no pin {pin_id} (never made, unpinned, or its lease expired)")
+            raise UnknownPin(f"no pin {pin_id} (never made, unpinned, or its lease expired)")
         self.index.unpin(pin_id)
 
     def release(self, conv: str) -> None:
@@ -263,11 +311,49 @@ class KVStore:
         self, fingerprint: str, conv: str, tokens: Sequence[int]
     ) -> list[bytes]:
         self.index.check_fingerprint(fingerprint)
+        chain = block_hashes(tokens, self.block_size, self.fingerprint)
+        self._check_chain(conv, chain, len(tokens))
+        return chain
+
+    def _check_chain(self, conv: str, chain: Sequence[bytes], num_tokens: int) -> None:
         if not conv:
             raise InvalidRequest("empty conversation id")
-        if not tokens:
+        if num_tokens <= 0:
             raise InvalidRequest("empty token list")
-        return block_hashes(tokens, self.block_size, self.fingerprint)
+        if len(chain) != -(-num_tokens // self.block_size):
+            raise InvalidRequest(
+                f"conversation {conv!r}: {len(chain)} hashes for {num_tokens} tokens in "
+                f"blocks of {self.block_size}")
+        if any(len(h) != HASH_BYTES for h in chain):
+            raise InvalidRequest(f"conversation {conv!r}: block hashes are {HASH_BYTES} bytes")
+
+    def _check_ops(self, ops: Sequence[HostOp]) -> None:
+        answered: set[int] = set()
+        for op in ops:
+            match op:
+                case Reserve() | Pin():
+                    self._check_chain(op.conv, op.chain, op.num_tokens)
+                    if op.op_id in answered:
+                        raise InvalidRequest(f"op id {op.op_id} repeats in the batch")
+                    answered.add(op.op_id)
+                case Commit() | Abort():
+                    if op.reservation_id <= 0:
+                        raise InvalidRequest("reservation ids start at 1")
+                case Release():
+                    if not op.conv:
+                        raise InvalidRequest("empty conversation id")
+
+    def _best_holder(
+        self, conv: str, chain: Sequence[bytes], num_tokens: int, best: LookupResult
+    ) -> LookupResult:
+        """`best`, or a peer's longer valid prefix of the chain (Redis index only)."""
+        if best.valid_tokens < num_tokens:
+            for peer, record in self.backend.peer_records(conv):
+                n = _common_prefix(record.hashes, chain)
+                valid = tokens_in_blocks(n, num_tokens, self.block_size)
+                if valid > best.valid_tokens:
+                    best = LookupResult(valid, list(runs(record.blocks[:n])), peer)
+        return best
 
     def _check_in_arena(self, extents: Sequence[Extent]) -> None:
         if not extents:

@@ -1,19 +1,22 @@
-"""What the scheduler's driver carries host intents out through (`common.kv.host_ops`):
-one or more KV stores (`HostRouter`), or an index in this process (`LocalHost`)."""
+"""What the scheduler's driver carries a plan's host intents out through.
+
+`HostGateway.execute` follows `common.kv.host_ops`'s contract: the ops take effect in the
+order given, and exactly the Reserve and Pin ops are answered, in order, even when a store
+fails. `HostRouter` is the gateway to KV store services; `LocalHost` is the embedded store,
+an index in this process.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol
 
-from common.kv.host_ops import HostOp, HostReply, apply
+from common.kv import host_ops
+from common.kv.host_ops import HostOp, HostReply
 from common.kv.reuse_index import ReuseIndex
 
 
 class HostGateway(Protocol):
-    """Carries out one plan's host operations and answers them, as `host_ops` requires:
-    never raises, and a store that fails answers `unanswered`."""
-
     @property
     def degraded(self) -> bool:
         """Some store is down: its conversations recompute."""
@@ -22,7 +25,7 @@ class HostGateway(Protocol):
 
 
 class LocalHost:
-    """The embedded store: an index in the scheduler's own process."""
+    """The embedded store: `host_ops.apply` on an in-process index; never degraded."""
 
     degraded = False
 
@@ -30,4 +33,4 @@ class LocalHost:
         self.index = index
 
     async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]:
-        return apply(self.index, ops)
+        return host_ops.apply(self.index, ops)

@@ -1,49 +1,59 @@
-"""One host KV space over one or more KV store instances: the planner's `HostKV`.
+"""One host KV space over one or more KV store instances: the scheduler's `HostGateway`.
+
+`execute` carries a plan's host intents (`common.kv.host_ops`) out: it routes each op to
+its store, sends one Batch per store, to all stores at once, and answers every Reserve and
+Pin in the order of the ops, as the contract there requires.
 
 Ids. The executor maps the stores' arenas one after another, in attach order, so block `b`
 of store `i` is global block `first_block[i] + b`. Reservation and pin ids become global as
 `local * n + i` for n stores (0, "no pin", stays 0), so a commit or an unpin finds its
 store. With one store mapped first, every id is the store's own.
 
-Placement. A conversation that an instance holds is looked up, reserved, pinned and
-released on that instance: with a shared Redis index a Lookup on any instance names the
-holder, and the router remembers it. A conversation nobody holds goes to the live instance
-with the highest rendezvous weight, `blake2b(instance_id + NUL + conversation_id)`: each
+Placement. A conversation that an instance holds is reserved, pinned and released on that
+instance: with a shared Redis index a Pin on any instance names the holder of the longest
+valid prefix, and the router remembers it for the ops that follow (the Pin itself is
+answered by the instance asked). A conversation nobody holds goes to the live instance with
+the highest rendezvous weight, `blake2b(instance_id + NUL + conversation_id)`: each
 instance gets an even share, and when one goes down only its own conversations move.
 
-Failure. A store that cannot be reached is marked down. Calls that need it degrade as with
-one store (lookups miss, reservations and commits fail, so preemption recomputes), and it
-is probed again every `retry_s` by `probe_down`, which the scheduler calls off the planner's
-thread, so that a stalled store never holds the planner up for more than one call's
-deadline. A store that answers with the arena it had is back at once; one that restarted
-with a new arena is named by `probe_down`, and is back once the scheduler has had the
-executor map that arena and called `rejoin` (the chains it held before are gone, unless it
-inherited them through Redis). `rebase` follows a restarted executor that mapped the
-arenas at other first blocks.
+Failure. A store that cannot be reached is marked down, and so is one that answers from an
+arena other than the one the executor mapped. Ops for it get `unanswered` replies (no room,
+nothing pinned, so preemption recomputes; commits, aborts and unpins are dropped and its
+leases undo them), and it is probed again every `retry_s` by `probe_down`. A store that
+answers with the arena it had is back at once; one that restarted with a new arena is
+named by `probe_down`, and is back once the scheduler has had the executor map that arena
+and called `rejoin` (the chains it held before are gone, unless it inherited them through
+Redis). `rebase` follows a restarted executor that mapped the arenas at other first blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from common.kv.reuse_index import (
-    Hit,
-    HostCapacityExhausted,
-    PinHandle,
-    Reservation,
-    StaleReservation,
+from common.kv.host_ops import (
+    NO_PIN,
+    Abort,
+    Commit,
+    HostOp,
+    HostReply,
+    Pin,
+    Pinned,
+    Release,
+    Reserve,
+    Reserved,
+    Unpin,
+    unanswered,
 )
+from common.kv.reuse_index import Hit, PinHandle
 
 log = logging.getLogger("fastswitch.scheduler.kvstore")
-
-NO_PIN = 0  # the pin id of a pin that could not be made: it holds nothing
-_MISS = Hit(0, ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,28 +64,24 @@ class StoreIdentity:
     arena_name: str
 
 
+@dataclass(frozen=True, slots=True)
+class StoreAnswer:
+    """One store's answer to one batch, in its own ids and blocks."""
+
+    replies: list[HostReply]
+    holders: Mapping[int, str]  # a Pin's op id -> the instance holding most of its prefix
+    answered_by: StoreIdentity | None  # None: not reached, and the replies are `unanswered`
+
+
 class StoreClient(Protocol):
-    """One store. Failures degrade as `RemoteHostKV` documents; an unreachable store also
-    calls `on_unreachable`."""
+    """One store: `RemoteHostKV`. A store that cannot be reached answers `unanswered` and,
+    if it is unavailable or too slow, also calls `on_unreachable`."""
 
     on_unreachable: Callable[[], None] | None
 
-    def lookup(self, conv: str, tokens: Sequence[int]) -> tuple[Hit, str]:
-        """The hit, and the instance id of the store whose blocks it names."""
+    async def execute(self, ops: Sequence[HostOp]) -> StoreAnswer: ...
 
-    def reserve(self, conv: str, tokens: Sequence[int]) -> Reservation: ...
-
-    def commit(self, reservation_id: int) -> None: ...
-
-    def abort(self, reservation_id: int) -> None: ...
-
-    def pin(self, conv: str, tokens: Sequence[int]) -> tuple[Hit, PinHandle]: ...
-
-    def unpin(self, pin_id: int) -> None: ...
-
-    def release(self, conv: str) -> None: ...
-
-    def identity(self) -> StoreIdentity | None:
+    async def identity(self) -> StoreIdentity | None:
         """None when the store does not answer."""
 
 
@@ -138,9 +144,10 @@ class HostRouter:
         self._instances = [_Instance(i, s) for i, s in enumerate(stores)]
         self._by_id = {inst.instance_id: inst for inst in self._instances}
         for inst in self._instances:
-            inst.store.client.on_unreachable = lambda inst=inst: self._mark_down(inst)
+            inst.store.client.on_unreachable = (
+                lambda inst=inst: self._mark_down(inst, "is unreachable"))
         # conversation -> its holder, most recently used last; bounded, because a forgotten
-        # holder only costs a Lookup's redirect (or, without Redis, one cold turn).
+        # holder only costs a Pin's redirect (or, without Redis, one cold turn).
         self._holders: OrderedDict[str, _Instance] = OrderedDict()
         self._max_holders = max_holders
 
@@ -149,68 +156,89 @@ class HostRouter:
         """Some store is down: its conversations recompute."""
         return any(inst.retry_at is not None for inst in self._instances)
 
-    def lookup(self, conv: str, tokens: Sequence[int], chain: Sequence[bytes] = ()) -> Hit:
-        asked = self._route(conv)
-        if asked is None:
-            return _MISS
-        hit, holder_id = asked.store.client.lookup(conv, tokens)
-        holder = self._by_id.get(holder_id)
-        if not hit.num_tokens or holder is None or holder.retry_at is not None:
-            return _MISS  # nothing held, or held where this scheduler cannot read it
-        self._remember(conv, holder)
-        return Hit(hit.num_tokens, holder.to_global(hit.blocks))
+    async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]:
+        """Carries `ops` out, one Batch per store, all stores at once; the replies to the
+        Reserve and Pin ops, in their order, in global ids and blocks."""
+        batches: dict[_Instance, list[HostOp]] = {}
+        slots: dict[_Instance, list[int]] = {}  # each store's answered ops: reply positions
+        replies: list[HostReply | None] = []
+        for op in ops:
+            inst, local = self._localize(op)
+            if isinstance(op, Reserve | Pin):
+                if inst is None:
+                    replies.extend(unanswered([op]))
+                    continue
+                slots.setdefault(inst, []).append(len(replies))
+                replies.append(None)
+            if inst is not None:
+                batches.setdefault(inst, []).append(local)
+        answers = await asyncio.gather(
+            *(inst.store.client.execute(batch) for inst, batch in batches.items()))
+        for (inst, batch), answer in zip(batches.items(), answers, strict=True):
+            for at, reply in zip(slots.get(inst, ()), self._globalize(inst, batch, answer),
+                                 strict=True):
+                replies[at] = reply
+        return [r for r in replies if r is not None]
 
-    def reserve(
-        self, conv: str, tokens: Sequence[int], chain: Sequence[bytes] = ()
-    ) -> Reservation:
-        inst = self._route(conv)
-        if inst is None:
-            raise HostCapacityExhausted("no KV store instance is up")
-        res = inst.store.client.reserve(conv, tokens)
-        self._remember(conv, inst)
-        return replace(
-            res,
-            reservation_id=self._global_id(inst, res.reservation_id),
-            valid_blocks=inst.to_global(res.valid_blocks),
-            new_blocks=inst.to_global(res.new_blocks),
-        )
+    def _localize(self, op: HostOp) -> tuple[_Instance | None, HostOp]:
+        """The store `op` goes to (None: none is up, or nothing to send) and the op in that
+        store's ids."""
+        match op:
+            case Reserve() | Pin():
+                return self._route(op.conv), op
+            case Commit() | Abort():
+                inst, local = self._decode(op.reservation_id)
+                return self._if_up(inst), replace(op, reservation_id=local)
+            case Unpin():
+                if op.pin_id == NO_PIN:
+                    return None, op
+                inst, local = self._decode(op.pin_id)
+                return self._if_up(inst), Unpin(local)
+            case Release():
+                inst = self._route(op.conv)
+                self._holders.pop(op.conv, None)
+                return inst, op
+        raise TypeError(f"not a host op: {op!r}")
 
-    def commit(self, reservation_id: int) -> None:
-        inst, local = self._decode(reservation_id)
-        if inst.retry_at is not None:
-            raise StaleReservation(f"KV store {inst.instance_id} is down")
-        inst.store.client.commit(local)
+    def _globalize(
+        self, inst: _Instance, batch: Sequence[HostOp], answer: StoreAnswer
+    ) -> list[HostReply]:
+        """The store's replies in global ids and blocks; remembers who holds what."""
+        if answer.answered_by is None:
+            return answer.replies
+        if answer.answered_by != inst.store.identity:
+            self._mark_down(inst, f"answered from arena {answer.answered_by.arena_name}, not "
+                                  f"the mapped {inst.store.identity.arena_name}")
+            return unanswered(batch)
+        convs = {op.op_id: op.conv for op in batch if isinstance(op, Reserve | Pin)}
+        out: list[HostReply] = []
+        for reply in answer.replies:
+            conv = convs[reply.op_id]
+            match reply:
+                case Reserved(_, None):
+                    out.append(reply)
+                case Reserved(op_id, res):
+                    self._remember(conv, inst)
+                    out.append(Reserved(op_id, replace(
+                        res,
+                        reservation_id=self._global_id(inst, res.reservation_id),
+                        valid_blocks=inst.to_global(res.valid_blocks),
+                        new_blocks=inst.to_global(res.new_blocks),
+                    )))
+                case Pinned(op_id, hit, pin):
+                    holder = self._by_id.get(answer.holders.get(op_id, ""))
+                    if holder is not None and holder.retry_at is None and (
+                            hit.num_tokens or holder is not inst):
+                        self._remember(conv, holder)
+                    out.append(Pinned(
+                        op_id,
+                        Hit(hit.num_tokens, inst.to_global(hit.blocks)),
+                        PinHandle(self._global_id(inst, pin.pin_id), inst.to_global(pin.blocks)),
+                    ))
+        return out
 
-    def abort(self, reservation_id: int) -> None:
-        inst, local = self._decode(reservation_id)
-        if inst.retry_at is None:  # a down store drops it when the lease runs out
-            inst.store.client.abort(local)
-
-    def pin(
-        self, conv: str, tokens: Sequence[int], chain: Sequence[bytes] = ()
-    ) -> tuple[Hit, PinHandle]:
-        inst = self._route(conv)
-        if inst is None:
-            return _MISS, PinHandle(NO_PIN, ())
-        hit, handle = inst.store.client.pin(conv, tokens)
-        blocks = inst.to_global(handle.blocks)
-        return (
-            Hit(hit.num_tokens, inst.to_global(hit.blocks)),
-            PinHandle(self._global_id(inst, handle.pin_id), blocks),
-        )
-
-    def unpin(self, pin_id: int) -> None:
-        if pin_id == NO_PIN:
-            return
-        inst, local = self._decode(pin_id)
-        if inst.retry_at is None:
-            inst.store.client.unpin(local)
-
-    def release(self, conv: str) -> None:
-        inst = self._route(conv)
-        self._holders.pop(conv, None)
-        if inst is not None:
-            inst.store.client.release(conv)
+    def _if_up(self, inst: _Instance) -> _Instance | None:
+        return inst if inst.retry_at is None else None  # a down store's leases drop it
 
     def _route(self, conv: str) -> _Instance | None:
         """The conversation's holder if it is up, else its rendezvous owner among the live."""
@@ -224,17 +252,17 @@ class HostRouter:
         owner = rendezvous_owner(conv, [inst.instance_id for inst in live])
         return self._by_id[owner]
 
-    def probe_down(self) -> list[tuple[int, StoreIdentity]]:
-        """Probes each down store whose retry time has come; blocking, and safe to call off
-        the planner's thread (it only clears or moves an instance's `retry_at`). Returns
-        (index, identity) of those that answer with a new arena, for `rejoin`."""
+    async def probe_down(self) -> list[tuple[int, StoreIdentity]]:
+        """Probes, all at once, each down store whose retry time has come. Returns (index,
+        identity) of those that answer with a new arena, for `rejoin`."""
         now = self._clock()
+        due = [inst for inst in self._instances
+               if inst.retry_at is not None and inst.retry_at <= now]
+        identities = await asyncio.gather(*(inst.store.client.identity() for inst in due))
         moved = []
-        for inst in self._instances:
-            if inst.retry_at is not None and inst.retry_at <= now:
-                identity = self._probe(inst)
-                if identity is not None and identity.instance_id == inst.instance_id:
-                    moved.append((inst.index, identity))
+        for inst, identity in zip(due, identities, strict=True):
+            if self._probed(inst, identity):
+                moved.append((inst.index, identity))
         return moved
 
     def rejoin(self, index: int, identity: StoreIdentity, first_block: int) -> None:
@@ -262,26 +290,27 @@ class HostRouter:
     def _live(self) -> list[_Instance]:
         return [inst for inst in self._instances if inst.retry_at is None]
 
-    def _probe(self, inst: _Instance) -> StoreIdentity | None:
-        """Back if it answers with its arena; the identity it answers with if another."""
-        identity = inst.store.client.identity()
+    def _probed(self, inst: _Instance, identity: StoreIdentity | None) -> bool:
+        """Back if it answered with its arena; True if it answered with another."""
         if identity == inst.store.identity:
             inst.retry_at = None
             log.info("KV store %s answers again; new conversations may go to it",
                      inst.instance_id)
-            return None
+            return False
         inst.retry_at = self._clock() + self.retry_s
-        if identity is not None and not inst.moved_warned:
+        if identity is None:
+            return False
+        if not inst.moved_warned:
             inst.moved_warned = True
             log.warning("KV store %s restarted with arena %s instead of %s; it stays out "
                         "until the executor maps the new one", inst.instance_id,
                         identity.arena_name, inst.store.identity.arena_name)
-        return identity
+        return identity.instance_id == inst.instance_id
 
-    def _mark_down(self, inst: _Instance) -> None:
+    def _mark_down(self, inst: _Instance, why: str) -> None:
         if inst.retry_at is None:
-            log.warning("KV store %s is unreachable: its conversations recompute; probing it "
-                        "every %.0f s", inst.instance_id, self.retry_s)
+            log.warning("KV store %s %s: its conversations recompute; probing it every "
+                        "%.0f s", inst.instance_id, why, self.retry_s)
         inst.retry_at = self._clock() + self.retry_s
 
     def _remember(self, conv: str, inst: _Instance) -> None:
