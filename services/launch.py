@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
+from services.scheduler.core.config import Mode
 
 
 def free_port() -> int:
@@ -36,6 +37,7 @@ def free_port() -> int:
 @dataclass
 class StackConfig:
     mode: str = "fastswitch"
+    switches: str = ""  # changes to the mode's switches, e.g. "-device_cache" (an ablation)
     policy: str = "priority"
     num_gpu_blocks: int = 256
     num_host_blocks: int = 4096
@@ -141,7 +143,7 @@ class LocalStack:
         c = self.config
         return self.spawn("scheduler", [
             "--executor", self.executor_address, "--kvstore", ",".join(self.kvstore_addresses),
-            "--mode", mode or c.mode, "--policy", c.policy,
+            "--mode", mode or c.mode, f"--switches={c.switches}", "--policy", c.policy,
             "--max-num-seqs", str(c.max_num_seqs),
             "--max-batched-tokens", str(c.max_batched_tokens),
             *extra_args,
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastswitch up", description=__doc__)
     d = StackConfig()
     parser.add_argument("--mode", default=os.environ.get("FASTSWITCH_MODE", d.mode),
-                        choices=["fastswitch", "baseline"])
+                        choices=[m.value for m in Mode])
+    parser.add_argument("--switches", default=os.environ.get("FASTSWITCH_SWITCHES", ""),
+                        help="ablation: changes to the mode's switches, e.g. -device_cache")
     parser.add_argument("--policy", default=d.policy, choices=["priority", "vtc", "fcfs"])
     parser.add_argument("--num-gpu-blocks", type=int, default=d.num_gpu_blocks)
     parser.add_argument("--num-host-blocks", type=int, default=d.num_host_blocks)
@@ -239,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("FASTSWITCH_SCHEDULER_PORT", "50051")))
     args = parser.parse_args(argv)
     config = StackConfig(
-        mode=args.mode, policy=args.policy, num_gpu_blocks=args.num_gpu_blocks,
+        mode=args.mode, switches=args.switches, policy=args.policy,
+        num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
         backend=args.backend, dtype=args.dtype, batch_invariant=args.batch_invariant,
         redis_url=args.redis_url, num_kvstores=args.num_kvstores, scheduler_port=args.port,

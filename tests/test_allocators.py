@@ -94,13 +94,16 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.draining |= set(drain)
 
     @precondition(lambda self: self.tables)
-    @rule(pick=PICKS, keep=st.integers(-1, 10))
-    def transfer(self, pick: int, keep: int) -> None:
+    @rule(pick=PICKS, keep=st.integers(-1, 10), bits=SUBSETS)
+    def transfer(self, pick: int, keep: int, bits: int) -> None:
         src = self._owner(pick)
         self.next_owner += 1
         dst = f"r{self.next_owner}"
-        self.alloc.transfer(src, dst, keep)
-        kept = self.tables.pop(src)[: max(keep, 0)]
+        table = self.tables.pop(src)
+        kept, rest = table[: max(keep, 0)], table[max(keep, 0) :]
+        drain = _subset(rest, bits)
+        self.alloc.transfer(src, dst, keep, draining=drain)
+        self.draining |= set(drain)
         if kept:
             self.tables[dst] = kept
 

@@ -97,6 +97,8 @@ def run(seed: int, mode: Mode, faults: bool, switches: Switches | None = None) -
             ok = not faults or rng.random() >= 0.1
             if ok:
                 executor.finish_swap(order)
+            else:
+                executor.drop_swap(order)
             planner.swap_done(order.swap_id, ok=ok)
 
     for _ in range(3000):
@@ -113,6 +115,8 @@ def run(seed: int, mode: Mode, faults: bool, switches: Switches | None = None) -
         if answered:
             replies.append(_faulty(host, answered, rng) if faults else answered)
         copies.extend(plan.swaps)
+        for order in plan.swaps:
+            executor.start_swap(order)
         if plan.barrier:
             deliver_some()
             finish_some(every=True)

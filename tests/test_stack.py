@@ -89,6 +89,7 @@ async def test_tokens_are_bit_exact_with_and_without_preemption(stack: LocalStac
         ("alone", "fastswitch", 0, False),
         ("fastswitch", "fastswitch", 24, True),
         ("baseline", "baseline", 24, True),
+        ("vllm-v1", "vllm-v1", 24, True),
     ]:
         child = stack.start_scheduler(mode=mode, extra_args=["--kv-blocks", str(budget)])
         try:
@@ -99,8 +100,10 @@ async def test_tokens_are_bit_exact_with_and_without_preemption(stack: LocalStac
             stack.stop_child(child)
     assert preemptions["alone"] == 0
     assert preemptions["fastswitch"] > 0 and preemptions["baseline"] > 0
+    assert preemptions["vllm-v1"] > 0
     assert outputs["fastswitch"] == outputs["alone"]
     assert outputs["baseline"] == outputs["alone"]
+    assert outputs["vllm-v1"] == outputs["alone"]
     assert all(len(o) > 0 for o in outputs["alone"])
 
 
@@ -110,12 +113,30 @@ async def test_second_turn_reuses_the_host_prefix(scheduler: Child) -> None:
         first = await client.chat("conv-reuse", "tell me about block groups and swaps",
                                   client_id="a", max_tokens=24).collect()
         assert first.final.reused_prompt_tokens == 0
-        # Sent at once: the planner waits for the finished turn's copy to the host.
+        # Sent at once: it takes the finished turn's KV from the device prefix cache.
         second = await client.chat("conv-reuse", "and then?", client_id="a",
                                    max_tokens=8).collect()
         history = first.final.prompt_tokens + first.final.completion_tokens - 1
         assert second.final.reused_prompt_tokens == history // 16 * 16 > 0
         assert (await client.stats()).reuse_hit_tokens >= second.final.reused_prompt_tokens
+
+
+async def test_without_the_device_cache_the_next_turn_swaps_in_its_host_prefix(
+    stack: LocalStack,
+) -> None:
+    child = stack.start_scheduler(extra_args=["--switches=-device_cache"])
+    try:
+        async with FastSwitchClient(child.address) as client:
+            first = await client.chat("conv-host", "tell me about block groups and swaps",
+                                      client_id="a", max_tokens=24).collect()
+            # Sent at once: it waits for the finished turn's copy to the host.
+            second = await client.chat("conv-host", "and then?", client_id="a",
+                                       max_tokens=8).collect()
+            history = first.final.prompt_tokens + first.final.completion_tokens - 1
+            assert second.final.reused_prompt_tokens == history // 16 * 16 > 0
+            assert second.final.bytes_swapped > 0  # it came back from the host
+    finally:
+        stack.stop_child(child)
 
 
 async def test_stop_token_ids_and_min_tokens(scheduler: Child) -> None:

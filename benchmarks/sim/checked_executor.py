@@ -3,7 +3,9 @@
 Each device or host block slot stores the token whose KV it would hold. Every step checks
 that each sequence's block table holds exactly its prefix, and copies move slots only when
 a swap completes, so a block reused while a copy still reads it, or read before its
-swap-in ends, shows up as a mismatch. The sampled token is a pure function of the prefix
+swap-in ends, shows up as a mismatch. As the real executor does, a step may not write a
+block that a swap-out in flight reads, nor touch one that a swap-in in flight writes
+(`start_swap` to `finish_swap` or `drop_swap`). The sampled token is a pure function of the prefix
 (and so identical with or without preemption), which makes the planner testable on its
 own and keeps the simulator honest.
 """
@@ -36,6 +38,7 @@ class CheckedExecutor:
     vocab: int = 1000
     device: list[list[int]] = field(init=False)
     host: list[list[int]] = field(init=False)
+    in_flight: dict[int, SwapOrder] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.device = [[EMPTY] * self.block_size for _ in range(self.num_device_blocks)]
@@ -45,6 +48,7 @@ class CheckedExecutor:
         """Runs one step; `tokens_of` gives each request's full token list (the truth)."""
         sampled: dict[str, int] = {}
         for seq in batch:
+            self._check_fences(seq)
             truth = tokens_of[seq.request_id]
             for pos in range(seq.start):
                 held = self._slot(seq.block_table, pos)
@@ -61,7 +65,15 @@ class CheckedExecutor:
                                                      self.vocab)
         return sampled
 
+    def start_swap(self, order: SwapOrder) -> None:
+        self.in_flight[order.swap_id] = order
+
+    def drop_swap(self, order: SwapOrder) -> None:
+        """The copy failed: nothing moved."""
+        self.in_flight.pop(order.swap_id, None)
+
     def finish_swap(self, order: SwapOrder) -> None:
+        self.in_flight.pop(order.swap_id, None)
         src, dst = (
             (self.device, self.host) if order.direction is Direction.OUT
             else (self.host, self.device)
@@ -69,6 +81,23 @@ class CheckedExecutor:
         for copy in order.copies:
             for s, d in zip(copy.src.blocks(), copy.dst.blocks(), strict=True):
                 dst[d] = list(src[s])
+
+    def _check_fences(self, seq: ScheduledSeq) -> None:
+        end = seq.start + len(seq.token_ids)
+        bs = self.block_size
+        reads = set(seq.block_table[: -(-end // bs)])
+        writes = {seq.block_table[p // bs] for p in range(seq.start, end)}
+        for order in self.in_flight.values():
+            device = {
+                b for c in order.copies
+                for b in (c.src if order.direction is Direction.OUT else c.dst).blocks()
+            }
+            touched = writes if order.direction is Direction.OUT else reads
+            if device & touched:
+                raise KVMismatch(
+                    f"{seq.request_id} touches blocks {sorted(device & touched)} of swap "
+                    f"{order.swap_id} ({order.direction.value}, {order.request_id}) in flight"
+                )
 
     def _slot(self, table: tuple[int, ...], pos: int) -> int:
         return self.device[table[pos // self.block_size]][pos % self.block_size]

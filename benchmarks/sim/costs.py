@@ -4,7 +4,7 @@ A step costs what `StepCostModel` says for its batch, each scheduled sequence co
 (context = `start`, new tokens = `len(token_ids)`). A swap costs its copies back to back on
 the link, and the mode decides what a copy is: the baseline's layer-major cache turns every
 block into `2 * layers` small copies, FastSwitch's block-major cache moves one extent in one
-copy. Queueing and overlap are the `VirtualDriver`'s business, not this module's.
+copy, and vLLM v1's block-major offload moves one block per copy. Queueing and overlap are the `VirtualDriver`'s business, not this module's.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from services.scheduler.core.plan import StepPlan, SwapOrder
 LAYOUT_OF: dict[Mode, KvLayout] = {
     Mode.BASELINE: KvLayout.LAYER_MAJOR,
     Mode.FASTSWITCH: KvLayout.BLOCK_MAJOR,
+    # vLLM v1's CPU offload copies each block contiguous across layers (PR #27743), one
+    # copy per block: block-major, without FastSwitch's runs of blocks.
+    Mode.VLLM_V1: KvLayout.BLOCK_MAJOR,
 }
 
 # A sweep prices millions of copies of a few distinct lengths.

@@ -203,6 +203,8 @@ class VirtualDriver:
             done = start + self.cost.swap_seconds(order)
             self._queue_free[order.direction] = done
             heapq.heappush(self._inflight, (done, order.swap_id, order, self.now))
+            if self.executor is not None:
+                self.executor.start_swap(order)
 
     def _deliver_swaps(self, *, until: float) -> None:
         while self._inflight and self._inflight[0][0] <= until:

@@ -102,18 +102,26 @@ class BlockAllocator(ABC):
         self._give_back([b for b in table if b not in drain])
         return table
 
-    def transfer(self, src: Hashable, dst: Hashable, keep: int) -> None:
+    def transfer(
+        self, src: Hashable, dst: Hashable, keep: int, *, draining: Collection[int] = ()
+    ) -> None:
         """Hands the first `keep` blocks of `src`'s table to `dst`, which owns none, and
-        frees the rest: KV that changes owner without a copy (a device prefix cache)."""
+        frees the rest (those in `draining` wait for `release_draining`): KV that changes
+        owner without a copy (a device prefix cache)."""
         if self._tables.get(dst):
             raise ValueError(f"{dst!r} already owns blocks")
-        table = self._tables.pop(src, [])
-        self._forget(src)
+        table = self._tables.get(src, [])
         kept, rest = table[: max(keep, 0)], table[max(keep, 0) :]
+        drain = set(draining)
+        if not drain.issubset(rest):
+            raise ValueError(f"draining blocks {sorted(drain - set(rest))} are not freed")
+        self._tables.pop(src, None)
+        self._forget(src)
         if kept:
             self._tables[dst] = kept
         self._num_used -= len(rest)
-        self._give_back(rest)
+        self._draining |= drain
+        self._give_back([b for b in rest if b not in drain])
 
     def release_draining(self, blocks: Iterable[int]) -> None:
         """The copy reading `blocks` finished: they may be handed out again."""

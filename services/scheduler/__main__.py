@@ -68,7 +68,7 @@ FLAGS = [
     Flag("kvstore", "FASTSWITCH_KVSTORE_ADDR", "127.0.0.1:50053",
          "KV store address, or several separated by commas (instances sharing one Redis "
          "index), or 'embedded' for a host arena owned by this process"),
-    Flag("mode", "FASTSWITCH_MODE", "fastswitch", "fastswitch or baseline"),
+    Flag("mode", "FASTSWITCH_MODE", "fastswitch", "fastswitch, vllm-v1 or baseline"),
     Flag("switches", "FASTSWITCH_SWITCHES", "",
          "ablation: changes to the mode's switches, e.g. -turn_offload or +async_swaps "
          "(block_groups, async_swaps, host_reuse, turn_offload)"),
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             help=f"{f.help} [env {f.env}, default {f.default!r}]")
     args = parser.parse_args(argv)
     if args.mode not in {m.value for m in Mode}:
-        parser.error(f"--mode must be fastswitch or baseline, got {args.mode!r}")
+        parser.error(f"--mode must be one of {[m.value for m in Mode]}, got {args.mode!r}")
     try:
         args.switches = Mode(args.mode).switches.with_spec(args.switches)
     except ValueError as e:
@@ -145,20 +145,19 @@ def prompts_for(folder: str, desc: ex.DescribeResponse) -> Prompts:
 async def connect_stores(
     addresses: list[str], executor: ex_grpc.ExecutorStub, desc: ex.DescribeResponse,
     timeout_s: float, call_timeout_s: float,
-) -> tuple[HostRouter, list[grpc.Channel]]:
+) -> tuple[HostRouter, list[grpc.aio.Channel]]:
     """Checks each store against the executor's blocks and model, and has the executor map
     the stores' arenas in the order given: global host block ids follow that order."""
     geometry = desc.geometry
-    channels: list[grpc.Channel] = []
+    channels: list[grpc.aio.Channel] = []
     stores: list[RoutedStore] = []
     backends: set[str] = set()
     for address in addresses:
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         channels.append(channel)
         stub = kv_grpc.KVStoreStub(channel)
         store: kv.DescribeResponse = await wait_for(
-            asyncio.to_thread(stub.Describe, kv.DescribeRequest(), timeout=timeout_s,
-                              wait_for_ready=True),
+            stub.Describe(kv.DescribeRequest(), timeout=timeout_s, wait_for_ready=True),
             f"kvstore {address}")
         if store.block_bytes != geometry.block_bytes or store.block_size != geometry.block_size:
             raise SystemExit(
@@ -172,7 +171,7 @@ async def connect_stores(
         attached = await executor.AttachHostArena(
             ex.AttachHostArenaRequest(name=store.arena_name))
         client = RemoteHostKV(channel, fingerprint=desc.model_fingerprint,
-                              block_size=geometry.block_size, timeout_s=call_timeout_s)
+                              timeout_s=call_timeout_s)
         identity = StoreIdentity(store.instance_id, store.arena_name)
         stores.append(RoutedStore(client, identity, attached.first_host_block))
         backends.add(store.index_backend)
@@ -188,12 +187,12 @@ async def connect_stores(
 
 
 async def probe_stores(router: HostRouter, engine: Engine) -> None:
-    """Probes stores that stopped answering, on a thread of their own, so that one which
-    answers again is used (and Stats' kvstore_degraded clears) with no request's help; one
-    that restarted with a new arena is used again once the executor maps that arena."""
+    """Probes stores that stopped answering, so that one which answers again is used (and
+    Stats' kvstore_degraded clears) with no request's help; one that restarted with a new
+    arena is used again once the executor maps that arena."""
     while True:
         await asyncio.sleep(router.retry_s / 5)
-        for index, identity in await asyncio.to_thread(router.probe_down):
+        for index, identity in await router.probe_down():
             try:
                 attached = await engine.executor.AttachHostArena(
                     ex.AttachHostArenaRequest(name=identity.arena_name), timeout=10)
@@ -215,7 +214,7 @@ async def serve(args: argparse.Namespace) -> None:
     prompts = prompts_for(args.tokenizer, desc)
     arena: HostArena | None = None
     host: HostGateway
-    kv_channels: list[grpc.Channel] = []
+    kv_channels: list[grpc.aio.Channel] = []
     if args.kvstore == "embedded":
         arena = HostArena.local(int(args.num_host_blocks), geometry.block_bytes)
         host = LocalHost(ReuseIndex(fingerprint=desc.model_fingerprint,
@@ -289,7 +288,7 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop(grace=1)  # the streams have ended; let their last messages out
     await executor_channel.close()
     for channel in kv_channels:
-        channel.close()
+        await channel.close()
     if arena is not None:
         arena.close()
         arena.unlink()

@@ -200,7 +200,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             free_blocks=metrics.free,
             swaps_in_flight=planner.swaps_in_flight(),
             preemptions=planner.stats.preempted_by_swap + planner.stats.preempted_by_recompute,
-            reuse_hit_tokens=planner.stats.prefix_hit_tokens
+            reuse_hit_tokens=planner.stats.prefix_hit_tokens + planner.stats.device_hit_tokens
             + planner.stats.reuse_saved_blocks * planner.config.block_size,
             ttft_p50_s=percentile(latency.ttfts, 50),
             ttft_p95_s=percentile(latency.ttfts, 95),

@@ -57,7 +57,7 @@ class DeviceCache:
         replacing the key's older entry."""
         self.drop(key, claim)
         entry = Cached(key, owner, tuple(hashes[: self._blocks(num_tokens)]), num_tokens)
-        self._allocator().transfer(owner, entry, self._blocks(num_tokens))
+        self._hand_over(owner, entry, self._blocks(num_tokens), claim)
         if self._allocator().num_blocks_of(entry):
             self._entries[key] = entry
 
@@ -69,12 +69,18 @@ class DeviceCache:
         usable = min(self._matched(entry, chain), num_tokens - 1)
         return usable if usable >= self.block_size else 0
 
-    def take(self, key: str, chain: Sequence[bytes], num_tokens: int, owner: Hashable) -> int:
+    def take(
+        self,
+        key: str,
+        chain: Sequence[bytes],
+        num_tokens: int,
+        owner: Hashable,
+        claim: Callable[[Collection[int]], Collection[int]],
+    ) -> int:
         """Hands `owner` the matching prefix; the tokens it got (0: nothing, entry kept)."""
         usable = self.peek(key, chain, num_tokens)
         if usable:
-            entry = self._entries.pop(key)
-            self._allocator().transfer(entry, owner, self._blocks(usable))
+            self._hand_over(self._entries.pop(key), owner, self._blocks(usable), claim)
         return usable
 
     def evict(self, n: int, claim: Callable[[Collection[int]], Collection[int]]) -> int:
@@ -102,6 +108,16 @@ class DeviceCache:
     def clear(self) -> None:
         """The device was lost: every entry goes (its allocator goes with it)."""
         self._entries.clear()
+
+    def _hand_over(
+        self,
+        src: Hashable,
+        dst: Hashable,
+        keep: int,
+        claim: Callable[[Collection[int]], Collection[int]],
+    ) -> None:
+        alloc = self._allocator()
+        alloc.transfer(src, dst, keep, draining=claim(alloc.table(src)[keep:]))
 
     def _free(self, entry: Cached, claim: Callable[[Collection[int]], Collection[int]]) -> int:
         alloc = self._allocator()

@@ -376,7 +376,9 @@ class Planner:
             self._ask(r, kv, op, Ask.PIN)
             return True
         if cached:
-            r.num_computed = self.cache.take(kv.host_key, kv.hashes(r.tokens), r.num_tokens, r)
+            r.num_computed = self.cache.take(
+                kv.host_key, kv.hashes(r.tokens), r.num_tokens, r, self.swaps.claim
+            )
         if not chunk or not self._grow(r, self.config.blocks_for(r.num_computed + chunk)):
             if cached:
                 self._recompute(r)  # what it took goes back to the cache
