@@ -4,7 +4,8 @@ A step costs what `StepCostModel` says for its batch, each scheduled sequence co
 (context = `start`, new tokens = `len(token_ids)`). A swap costs its copies back to back on
 the link, and the mode decides what a copy is: the baseline's layer-major cache turns every
 block into `2 * layers` small copies, FastSwitch's block-major cache moves one extent in one
-copy, and vLLM v1's block-major offload moves one block per copy. Queueing and overlap are the `VirtualDriver`'s business, not this module's.
+copy, and vLLM v1's block-major offload moves one block per copy. Queueing and overlap are
+the `VirtualDriver`'s business, not this module's.
 """
 
 from __future__ import annotations
