@@ -33,7 +33,9 @@ MAX_TOKENS = 8
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     redis_server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     try:
+        # Without the device prefix cache, every next turn's reuse comes from the stores.
         config = StackConfig(num_gpu_blocks=128, num_host_blocks=256, num_kvstores=2,
+                             switches="-device_cache",
                              redis_url=redis_server.url,
                              log_dir=str(tmp_path_factory.mktemp("scaling-logs")))
         with LocalStack(config) as s:

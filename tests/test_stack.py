@@ -347,7 +347,8 @@ async def test_a_stopped_kvstore_does_not_hold_up_stats_or_requests(
 ) -> None:
     """SIGSTOP the store: Stats answers at once, requests still run (recomputing), and once
     the store is continued kvstore_degraded clears without any request's help."""
-    config = StackConfig(num_gpu_blocks=64, num_host_blocks=256,
+    # Without the device prefix cache, so that the next turn asks the store.
+    config = StackConfig(num_gpu_blocks=64, num_host_blocks=256, switches="-device_cache",
                          log_dir=str(tmp_path_factory.mktemp("stop-logs")))
     with LocalStack(config) as stack:
         store = stack._child("kvstore")

@@ -229,7 +229,10 @@ class Planner:
             if r is None or r.state not in RESIDENT:
                 continue  # cancelled while the step ran
             r.num_computed = seq.start + len(seq.token_ids)
-            new_prompt = max(0, min(r.num_computed, len(r.prompt)) - seq.start)
+            # A recomputed prompt token is served again but charged once.
+            prefilled = min(r.num_computed, len(r.prompt))
+            new_prompt = max(0, prefilled - max(seq.start, r.prompt_charged))
+            r.prompt_charged = max(r.prompt_charged, prefilled)
             if not seq.sample:
                 self.policy.on_served(r, new_prompt, 0)
                 continue

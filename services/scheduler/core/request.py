@@ -54,6 +54,7 @@ class Request:
     num_computed: int = 0  # leading tokens whose KV exists (on the device, or on the host)
     preemptions: int = 0
     reused_tokens: int = 0  # prompt tokens whose KV came from the host instead of prefill
+    prompt_charged: int = 0  # leading prompt tokens the policy was told were served
     error: str | None = None
 
     def __post_init__(self) -> None:
