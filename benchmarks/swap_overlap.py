@@ -21,8 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.kv.arena import HostArena
 from common.kv.swap_plan import SwapOrder, plan_copies
+from common.shm.arena import HostArena
 from services.executor.__main__ import DTYPES, tiny_checkpoint
 from services.executor.copy import Direction
 from services.executor.engine import ExecutorEngine, StepSequence, SwapDone

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.kv import arena as arena_module
-from common.kv.arena import SHM_DIR, HostArena, cleanup_stale
+from common.shm import arena as arena_module
+from common.shm.arena import SHM_DIR, HostArena, cleanup_stale
+from common.shm.tensor import arena_tensor
 
 NUM_BLOCKS = 4
 BLOCK_BYTES = 3 * 4096 + 64  # not a page multiple: offsets must not assume one
@@ -41,7 +42,7 @@ def prefix() -> Iterator[str]:
 
 def _write_blocks(name: str, blocks: list[int]) -> None:
     arena = HostArena.attach(name)
-    view = arena.as_tensor()
+    view = arena_tensor(arena)
     for block in blocks:
         view[block] = _pattern(block)
     del view
@@ -61,7 +62,7 @@ def test_blocks_written_by_another_process_read_back_bit_identical(prefix: str) 
         child.join(60)
         assert child.exitcode == 0
 
-        view = arena.as_tensor()
+        view = arena_tensor(arena)
         assert torch.equal(view[1], _pattern(1))
         assert torch.equal(view[3], _pattern(3))
         assert not view[0].any() and not view[2].any()
@@ -75,10 +76,10 @@ def test_attach_recovers_geometry_and_shares_memory(prefix: str) -> None:
         with HostArena.attach(owner.name) as attached:
             assert (attached.num_blocks, attached.block_bytes) == (NUM_BLOCKS, 128)
             assert not attached.created
-            typed = attached.as_tensor(torch.float16, (2, 4, 8))
+            typed = arena_tensor(attached, torch.float16, (2, 4, 8))
             assert typed.shape == (NUM_BLOCKS, 2, 4, 8)
             typed[2, 1] = 1.5
-            raw = owner.as_tensor()
+            raw = arena_tensor(owner)
             assert torch.equal(raw[2].view(torch.float16).view(2, 4, 8)[1], typed[2, 1])
             assert not raw[[0, 1, 3]].any()
             del typed, raw
@@ -86,24 +87,24 @@ def test_attach_recovers_geometry_and_shares_memory(prefix: str) -> None:
     assert _segments(prefix) == []
 
 
-def test_as_tensor_rejects_a_block_shape_of_other_size(prefix: str) -> None:
+def test_arena_tensor_rejects_a_block_shape_of_other_size(prefix: str) -> None:
     with (
         HostArena.local(NUM_BLOCKS, 128, prefix=prefix) as arena,
         pytest.raises(ValueError, match="not 128 bytes"),
     ):
-        arena.as_tensor(torch.float32, (2, 4, 8))
+        arena_tensor(arena, torch.float32, (2, 4, 8))
 
 
 def test_close_refuses_while_a_view_is_alive(prefix: str) -> None:
     arena = HostArena.local(NUM_BLOCKS, BLOCK_BYTES, prefix=prefix)
-    row = arena.as_tensor()[1]
+    row = arena_tensor(arena)[1]
     with pytest.raises(BufferError):
         arena.close()
     del row
     arena.close()
     arena.unlink()
     with pytest.raises(ValueError, match="closed"):
-        arena.as_tensor()
+        arena_tensor(arena)
     assert _segments(prefix) == []
 
 
@@ -187,6 +188,6 @@ def test_a_full_tmpfs_is_refused_with_the_free_space(
         assert raised.value.errno == errno.ENOSPC
         assert list(tmp_path.iterdir()) == []
         with HostArena.create(f"{prefix}small", 4, 64 * 1024) as small:
-            small.as_tensor()[:] = 1  # allocated: writing it cannot fault
+            arena_tensor(small)[:] = 1  # allocated: writing it cannot fault
     finally:
         subprocess.run(["umount", str(tmp_path)], check=True)

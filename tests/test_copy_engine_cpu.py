@@ -10,9 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.kv.arena import HostArena
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy, plan_copies
+from common.shm.arena import HostArena
+from common.shm.tensor import arena_tensor
 from services.executor.copy import CpuCopyEngine, SwapCompletion
 
 BLOCK_SHAPE = (2, 2, 4, 2, 8)  # layers, K/V, block_size, kv_heads, head_dim
@@ -57,7 +58,7 @@ def test_round_trip_through_the_arena_is_bit_identical() -> None:
     device = _random_cache(DEVICE_BLOCKS, seed=7)
     original = device.clone()
     with HostArena.local(HOST_BLOCKS, BLOCK_BYTES) as arena:
-        host = arena.as_tensor(torch.float16, BLOCK_SHAPE)
+        host = arena_tensor(arena, torch.float16, BLOCK_SHAPE)
         with CpuCopyEngine(device, host) as engine:
             out_plan = plan_copies([2, 3, 4, 9, 10], [0, 1, 2, 5, 6])
             assert len(out_plan) == 2  # one copy per block group

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 import torch
 
-from common.kv.arena import HostArena
 from common.kv.swap_plan import plan_copies
+from common.shm.arena import HostArena
+from common.shm.tensor import arena_tensor
 
 cupy = pytest.importorskip("cupy", reason="cupy is not installed (the [gpu] extra)")
 
@@ -39,7 +40,7 @@ async def test_round_trip_through_pinned_arena_is_bit_identical() -> None:
                            device="cuda", generator=generator).view(torch.float16)
     original = device.clone()
     with HostArena.local(8, BLOCK_BYTES) as arena:
-        host = arena.as_tensor(torch.float16, BLOCK_SHAPE)
+        host = arena_tensor(arena, torch.float16, BLOCK_SHAPE)
         with CupyCopyEngine(device, host) as engine:
             device.add_(0)  # a "step" on torch's stream that the swap-out must follow
             out = engine.submit("out", "r1", plan_copies([1, 2, 3, 7], [0, 1, 2, 3]),
@@ -58,7 +59,7 @@ async def test_round_trip_through_pinned_arena_is_bit_identical() -> None:
 def test_invalid_swap_is_rejected_before_any_copy() -> None:
     device = torch.ones(4, *BLOCK_SHAPE, dtype=torch.float16, device="cuda")
     with HostArena.local(4, BLOCK_BYTES) as arena:
-        host = arena.as_tensor(torch.float16, BLOCK_SHAPE)
+        host = arena_tensor(arena, torch.float16, BLOCK_SHAPE)
         with CupyCopyEngine(device, host) as engine:
             with pytest.raises(ValueError, match="outside the 4 host blocks"):
                 engine.submit("out", "r1", plan_copies([0, 1], [2, 4]))

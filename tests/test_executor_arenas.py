@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.kv.arena import HostArena
 from common.kv.swap_plan import plan_copies
+from common.shm.arena import HostArena
+from common.shm.tensor import arena_tensor
 from services.executor.copy import CpuCopyEngine
 from services.executor.engine import (
     AttachedArena,
@@ -82,8 +83,8 @@ async def test_a_swap_lands_in_its_arena_at_the_local_block(
                              order(2, "b", "out", [5], [0])])
         done: list[SwapDone] = [await anext(completions), await anext(completions)]  # type: ignore[list-item]
         assert all(d.error is None for d in done)
-        second = arenas[1].as_tensor(engine.cache.dtype, shape)
-        first = arenas[0].as_tensor(engine.cache.dtype, shape)
+        second = arena_tensor(arenas[1], engine.cache.dtype, shape)
+        first = arena_tensor(arenas[0], engine.cache.dtype, shape)
         assert torch.equal(second[1:3], original[3:5])
         assert torch.equal(first[0], original[5])
         assert not torch.equal(second[0], original[3])  # nothing at the global id as a local one

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.kv.arena import HostArena
 from common.kv.swap_plan import plan_copies
+from common.shm.arena import HostArena
 from common.tokenizer import ByteTokenizer
 from services.executor.copy import CpuCopyEngine
 from services.executor.copy.engine import Swap

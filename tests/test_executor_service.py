@@ -18,9 +18,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.kv.arena import HostArena
 from common.kv.extent import runs
 from common.kv.swap_plan import plan_copies
+from common.shm.arena import HostArena
+from common.shm.tensor import arena_tensor
 from protos import executor_pb2 as pb
 from protos import executor_pb2_grpc
 from services.executor.__main__ import parse_args
@@ -57,7 +58,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     (checkpoint / "generation_config.json").write_text(json.dumps(generation))
     geometry = KVCacheGeometry.for_model(config, num_blocks=NUM_GPU_BLOCKS, block_size=16)
     with HostArena.local(HOST_BLOCKS, geometry.block_bytes) as arena:
-        view = arena.as_tensor()
+        view = arena_tensor(arena)
         view.copy_(torch.randint(0, 256, view.shape, dtype=torch.uint8))  # garbage to start
         del view
         stderr = (tmp / "stderr.log").open("w")

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.client import FastSwitchClient, Generation
-from common.kv.arena import SHM_DIR
+from common.shm.arena import SHM_DIR
 from services.launch import Child, LocalStack, StackConfig
 
 

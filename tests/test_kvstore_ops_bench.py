@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.kvstore_ops import OPS, main
-from common.kv.arena import SHM_DIR
+from common.shm.arena import SHM_DIR
 from tests.redis_server import redis_binary
 
 

@@ -16,8 +16,9 @@ import grpc
 import pytest
 import torch
 
-from common.kv.arena import SHM_DIR, HostArena
 from common.kv.extent import Extent, flatten
+from common.shm.arena import SHM_DIR, HostArena
+from common.shm.tensor import arena_tensor
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from tests.redis_server import RedisServer
 
@@ -49,7 +50,7 @@ def executor_writes(port: int) -> None:
         arena = HostArena.attach(stub.Describe(kvstore_pb2.DescribeRequest()).arena_name)
         res = stub.Reserve(_request())
         assert res.valid_tokens == 0
-        view = arena.as_tensor()
+        view = arena_tensor(arena)
         for i, block in enumerate(_blocks(res.new_extents)):
             view[block] = pattern(i)
         del view
@@ -63,7 +64,7 @@ def executor_reads(port: int) -> None:
         stub = kvstore_pb2_grpc.KVStoreStub(channel)
         arena = HostArena.attach(stub.Describe(kvstore_pb2.DescribeRequest()).arena_name)
         pin = stub.Pin(_request())
-        view = arena.as_tensor()
+        view = arena_tensor(arena)
         same = pin.valid_tokens == len(TOKENS) and all(
             torch.equal(view[block], pattern(i)) for i, block in enumerate(_blocks(pin.extents))
         )

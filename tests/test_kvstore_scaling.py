@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from common.client import FastSwitchClient, Generation
-from common.kv.arena import SHM_DIR
+from common.shm.arena import SHM_DIR
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from services.launch import LocalStack, StackConfig

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from common.kv.arena import SHM_DIR
+from common.shm.arena import SHM_DIR
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.assemble import open_store
 from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, write_chunks

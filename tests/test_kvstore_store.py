@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import redis
 
-from common.kv.arena import SHM_DIR
 from common.kv.extent import Extent, flatten
 from common.kv.reuse_index import (
     FingerprintMismatch,
     HostCapacityExhausted,
     UnknownReservation,
 )
+from common.shm.arena import SHM_DIR
 from services.kvstore.assemble import open_store
 from services.kvstore.bulk import checksum
 from services.kvstore.config import StoreConfig

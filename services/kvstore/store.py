@@ -22,10 +22,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from common.kv.arena import HostArena
+import numpy as np
+
 from common.kv.block_hash import block_hashes, tokens_in_blocks
 from common.kv.extent import Extent, flatten, runs
 from common.kv.reuse_index import Reservation, ReuseIndex, UnknownReservation
+from common.shm.arena import HostArena
 from services.kvstore.backend import IndexBackend
 from services.kvstore.bulk import CHUNK_BYTES, checksum, chunk_spans
 from services.kvstore.errors import InvalidRequest
@@ -94,7 +96,7 @@ class KVStore:
             storage=backend.storage,
         )
         self._clock = clock
-        self._bytes = arena.as_tensor().view(-1).numpy()  # the arena's bytes, shared
+        self._bytes = np.frombuffer(arena.view(), dtype=np.uint8)  # the arena's bytes, shared
         self._reservations: dict[int, Reservation] = {}
         self._reservation_deadlines: dict[int, float] = {}
         self._pin_deadlines: dict[int, float] = {}

@@ -12,7 +12,6 @@ a segment, and `cleanup_stale` removes those whose creator died without calling 
 from __future__ import annotations
 
 import errno
-import math
 import mmap
 import os
 import shutil
@@ -21,8 +20,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-
-import torch
 
 SHM_DIR = Path("/dev/shm")
 ARENA_PREFIX = "fastswitch-"
@@ -118,35 +115,17 @@ class HostArena:
     def nbytes(self) -> int:
         return self.num_blocks * self.block_bytes
 
-    def as_tensor(
-        self, dtype: torch.dtype = torch.uint8, block_shape: tuple[int, ...] | None = None
-    ) -> torch.Tensor:
-        """A zero-copy view `[num_blocks, *block_shape]`; default: the raw bytes of each block.
+    def view(self) -> memoryview:
+        """The blocks' bytes, flat and zero-copy (block i at `i * block_bytes`).
 
-        Views keep the mapping alive: `close()` refuses while any exists, so no tensor can
-        outlive the memory under it.
+        A view, and anything built over it (a numpy array, a tensor), keeps the mapping
+        alive: `close()` refuses while any exists, so none can outlive the memory under it.
         """
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if block_shape is None:
-            if self.block_bytes % itemsize:
-                raise ValueError(f"block of {self.block_bytes} bytes is not a whole {dtype}")
-            block_shape = (self.block_bytes // itemsize,)
-        elif math.prod(block_shape) * itemsize != self.block_bytes:
-            raise ValueError(
-                f"block shape {block_shape} of {dtype} is not {self.block_bytes} bytes"
-            )
-        # Through a memoryview: torch holds it for the storage's lifetime, which pins the
-        # mmap export (a bare mmap is released at once and could be unmapped under a tensor).
-        flat = torch.frombuffer(
-            memoryview(self._mapping()),
-            dtype=dtype,
-            count=self.nbytes // itemsize,
-            offset=_DATA_OFFSET,
-        )
-        return flat.view(self.num_blocks, *block_shape)
+        data = memoryview(self._mapping())
+        return data[_DATA_OFFSET : _DATA_OFFSET + self.nbytes]
 
     def close(self) -> None:
-        """Unmap; raises BufferError while tensor views from `as_tensor` are still alive."""
+        """Unmap; raises BufferError while views from `view` are still alive."""
         if self._mmap is None:
             return
         self._mmap.close()
