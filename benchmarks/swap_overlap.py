@@ -23,9 +23,10 @@ from pathlib import Path
 
 from common.kv.swap_plan import SwapOrder, plan_copies
 from common.shm.arena import HostArena
-from services.executor.__main__ import DTYPES, tiny_checkpoint
+from services.executor.__main__ import DTYPES
 from services.executor.copy import Direction
 from services.executor.engine import ExecutorEngine, StepSequence, SwapDone
+from services.executor.model.tiny_checkpoint import tiny_checkpoint
 
 BLOCK_SIZE = 16
 WARMUP_STEPS = 3

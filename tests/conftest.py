@@ -11,8 +11,8 @@ from types import ModuleType
 
 import pytest
 
+from services.executor.model.smollm2 import smollm2_checkpoint
 from services.launch import Child, LocalStack
-from tools.smollm2_checkpoint import smollm2_checkpoint
 
 
 @pytest.fixture(scope="module")

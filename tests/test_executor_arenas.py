@@ -23,7 +23,7 @@ from services.executor.engine import (
     SwapOrder,
 )
 from services.executor.model import KVCacheGeometry, load_checkpoint
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 DEVICE_BLOCKS = 16
 ARENA_BLOCKS = (6, 4)  # global host ids: [0, 6) in the first arena, [6, 10) in the second

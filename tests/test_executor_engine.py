@@ -30,7 +30,7 @@ from services.executor.engine import (
     copy_engine_factory,
 )
 from services.executor.model import KVCacheGeometry, load_checkpoint
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK_SIZE = 4

@@ -27,7 +27,7 @@ from protos import executor_pb2_grpc
 from services.executor.__main__ import parse_args
 from services.executor.engine import cache_fingerprint
 from services.executor.model import KVCacheGeometry, ModelConfig, load_checkpoint
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_GPU_BLOCKS = 256

@@ -19,7 +19,7 @@ from services.executor.model import (
     SequenceStep,
     load_checkpoint,
 )
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 SMALL = {"num_layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2}
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from services.executor.model import (
     SequenceStep,
     load_checkpoint,
 )
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 BLOCK = 16
 

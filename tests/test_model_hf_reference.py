@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from services.executor.model import load_checkpoint
+from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 from tests.support.hf_reference import hf_greedy, our_greedy
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DECODE_STEPS = 64

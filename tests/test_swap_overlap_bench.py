@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.swap_overlap import main
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 
 def test_both_phases_run_and_the_busy_one_moves_bytes(tmp_path: Path) -> None:

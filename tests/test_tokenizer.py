@@ -20,7 +20,7 @@ from common.tokenizer import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 TEXT = "héllo, 世界 🎉!"
 
