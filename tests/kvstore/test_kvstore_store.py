@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from services.kvstore.config import StoreConfig
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
 from services.kvstore.redis_storage import Namespace, RedisIndexStorage
 from services.kvstore.store import KVStore
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 FP = "model-a"
 BLOCK_SIZE = 4
@@ -61,13 +60,6 @@ def put(store: KVStore, conv: str, tokens: list[int], seed: int) -> bytes:
         write_all(store, res.reservation_id, res.new_extents, data)
     store.commit(res.reservation_id)
     return data
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -333,8 +325,10 @@ def test_a_lookup_on_another_instance_is_attributed_to_the_holder(
     assert b.lookup(FP, "c", list(range(4))).instance_id == b.instance_id
 
 
-def test_redis_outage_fails_calls_then_resyncs(tmp_path: Path, arena_base: str) -> None:
-    server = RedisServer(tmp_path).start()
+def test_redis_outage_fails_calls_then_resyncs(
+    redis_server: RedisServer, arena_base: str
+) -> None:
+    server = redis_server
     try:
         factory = _factory(server.url, arena_base, FakeClock())
         store = next(factory)("a")
@@ -354,4 +348,4 @@ def test_redis_outage_fails_calls_then_resyncs(tmp_path: Path, arena_base: str) 
         assert sorted(mirror.lru()) == ["c", "d"]
         next(factory, None)  # closes the store
     finally:
-        server.stop()
+        server.start()  # back for the module's other tests

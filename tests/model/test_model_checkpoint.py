@@ -22,7 +22,7 @@ from services.executor.model import (
 from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 SMALL = {"num_layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def stored_tensors(folder: Path) -> dict[str, torch.Tensor]:

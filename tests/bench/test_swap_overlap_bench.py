@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.swap_overlap import main
-from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 
-def test_both_phases_run_and_the_busy_one_moves_bytes(tmp_path: Path) -> None:
-    checkpoint = make_tiny_checkpoint(tmp_path / "tiny", num_layers=2, hidden=64, heads=4,
-                                      kv_heads=2)
+def test_both_phases_run_and_the_busy_one_moves_bytes(tmp_path: Path, checkpoint: Path) -> None:
     out = tmp_path / "overlap.json"
     assert main(["--checkpoint", str(checkpoint), "--batch", "2", "--prompt", "8",
                  "--steps", "4", "--swap-blocks", "2", "--json", str(out)]) == 0

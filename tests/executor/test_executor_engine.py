@@ -30,9 +30,8 @@ from services.executor.engine import (
     copy_engine_factory,
 )
 from services.executor.model import KVCacheGeometry, load_checkpoint
-from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 4
 EOS = ByteTokenizer.EOS  # the tiny checkpoint's
 
@@ -43,12 +42,6 @@ class GatedCopyEngine(CpuCopyEngine):
     def _run(self, swap: Swap[object]) -> float:  # type: ignore[override]
         assert self.gate.wait(timeout=30), "test never opened the copy gate"
         return super()._run(swap)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("engine") / "tiny", num_layers=2,
-                                hidden=64, heads=4, kv_heads=2)
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from services.kvstore.config import StoreConfig
 from services.kvstore.service import StoreServer
 from services.launch import LocalStack, StackConfig, free_port
 
+pytestmark = pytest.mark.process
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 

@@ -20,13 +20,15 @@ from common.kv.extent import Extent, flatten
 from common.shm.arena import SHM_DIR, HostArena
 from common.shm.tensor import arena_tensor
 from protos import kvstore_pb2, kvstore_pb2_grpc
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.process
 
 FP = "model-a"
 BLOCK_SIZE = 4
 BLOCK_BYTES = 2 * 4096 + 128
 TOKENS = list(range(1000, 1014))  # 4 blocks, the last partial
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def pattern(i: int) -> torch.Tensor:
@@ -118,8 +120,7 @@ def arena_base() -> Iterator[str]:
         path.unlink()
 
 
-def test_store_process_lifecycle(tmp_path: Path, arena_base: str) -> None:
-    redis_server = RedisServer(tmp_path).start()
+def test_store_process_lifecycle(redis_server: RedisServer, arena_base: str) -> None:
     store = None
     try:
         store = StoreProcess(redis_server.url, arena_base)
@@ -147,4 +148,3 @@ def test_store_process_lifecycle(tmp_path: Path, arena_base: str) -> None:
     finally:
         if store is not None:
             store.stop(signal.SIGKILL)
-        redis_server.stop()

@@ -23,23 +23,23 @@ from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from services.launch import LocalStack, StackConfig
 from services.scheduler.host_router import rendezvous_owner
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.process
 
 PROMPT_TOKENS = 40
 MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    redis_server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
-        config = StackConfig(num_gpu_blocks=128, num_host_blocks=256, num_kvstores=2,
-                             redis_url=redis_server.url,
-                             log_dir=str(tmp_path_factory.mktemp("scaling-logs")))
-        with LocalStack(config) as s:
-            yield s
-    finally:
-        redis_server.stop()
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+) -> Iterator[LocalStack]:
+    config = StackConfig(num_gpu_blocks=128, num_host_blocks=256, num_kvstores=2,
+                         redis_url=redis_server.url,
+                         log_dir=str(tmp_path_factory.mktemp("scaling-logs")))
+    with LocalStack(config) as s:
+        yield s
 
 
 class Stores:

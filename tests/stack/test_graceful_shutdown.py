@@ -16,6 +16,8 @@ from common.client import FastSwitchClient, Generation
 from common.shm.arena import SHM_DIR
 from services.launch import Child, LocalStack, StackConfig
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def arena_base() -> str:

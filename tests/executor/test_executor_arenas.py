@@ -23,16 +23,9 @@ from services.executor.engine import (
     SwapOrder,
 )
 from services.executor.model import KVCacheGeometry, load_checkpoint
-from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 DEVICE_BLOCKS = 16
 ARENA_BLOCKS = (6, 4)  # global host ids: [0, 6) in the first arena, [6, 10) in the second
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("arenas") / "tiny", num_layers=2,
-                                hidden=64, heads=4, kv_heads=2)
 
 
 @pytest.fixture

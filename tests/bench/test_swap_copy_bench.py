@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.swap_copy import METHODS, Method, measure
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
 TOKENS, GROUP, REPEATS = 40, 4, 2  # 10 blocks in groups of 4, 4 and 2
 

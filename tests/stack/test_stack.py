@@ -23,6 +23,8 @@ from protos import scheduler_pb2
 from services.launch import Child, LocalStack, StackConfig, free_port, supervise, wait_serving
 from tests.support.stacks import executor_and_stores
 
+pytestmark = pytest.mark.process
+
 DEVICE_BLOCKS = 128
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -10,7 +10,9 @@ import pytest
 
 from benchmarks.kvstore_ops import OPS, main
 from common.shm.arena import SHM_DIR
-from tests.redis_server import redis_binary
+from tests.support.redis_server import redis_binary
+
+pytestmark = pytest.mark.process
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])

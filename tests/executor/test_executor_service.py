@@ -29,7 +29,9 @@ from services.executor.engine import cache_fingerprint
 from services.executor.model import KVCacheGeometry, ModelConfig, load_checkpoint
 from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.process
+
+REPO = Path(__file__).resolve().parents[2]
 NUM_GPU_BLOCKS = 256
 HOST_BLOCKS = 32
 PROMPT = [1, *b"The executor keeps no scheduling state."]  # 40 tokens

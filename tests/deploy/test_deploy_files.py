@@ -23,7 +23,7 @@ import yaml
 
 from services.kvstore.config import ExecutorGeometry, parse_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 # ${NAME:-default} and ${NAME-default}: compose's interpolation with a default.

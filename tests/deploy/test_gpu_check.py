@@ -26,7 +26,7 @@ from tools.gpu_check import (
     wheels_to_install,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 WHEELS_LIST = REPO / "tools" / "gpu_wheels.txt"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,7 +18,7 @@ from services.kvstore.assemble import open_store
 from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, write_chunks
 from services.kvstore.config import StoreConfig
 from services.kvstore.service import SERVICE_NAME, StoreServer
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 FP = "model-a"
 BLOCK_SIZE = 4
@@ -171,9 +170,9 @@ async def test_health_reflection_and_describe(start: Callable[..., object]) -> N
 
 
 async def test_redis_outage_is_unavailable_and_the_store_recovers(
-    start: Callable[..., object], tmp_path: Path
+    start: Callable[..., object], redis_server: RedisServer
 ) -> None:
-    server = RedisServer(tmp_path).start()
+    server = redis_server
     try:
         stub = (await start(redis_url=server.url)).stub
         res = await stub.Reserve(tokens_request("c", list(range(8))))
@@ -186,4 +185,4 @@ async def test_redis_outage_is_unavailable_and_the_store_recovers(
         hit = await stub.Lookup(tokens_request("c", list(range(8))))
         assert hit.valid_tokens == 8
     finally:
-        server.stop()
+        server.start()  # back for the module's other tests
