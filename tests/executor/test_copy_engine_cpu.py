@@ -15,6 +15,7 @@ from common.kv.swap_plan import Copy, plan_copies
 from common.shm.arena import HostArena
 from common.shm.tensor import arena_tensor
 from services.executor.copy import CpuCopyEngine, SwapCompletion
+from services.executor.copy.completions import CompletionHub
 
 BLOCK_SHAPE = (2, 2, 4, 2, 8)  # layers, K/V, block_size, kv_heads, head_dim
 BLOCK_BYTES = 2 * 2 * 4 * 2 * 8 * 2  # float16
@@ -62,9 +63,9 @@ def test_round_trip_through_the_arena_is_bit_identical() -> None:
         with CpuCopyEngine(device, host) as engine:
             out_plan = plan_copies([2, 3, 4, 9, 10], [0, 1, 2, 5, 6])
             assert len(out_plan) == 2  # one copy per block group
-            swap_out = engine.wait(engine.submit("out", "r1", out_plan))
-            swap_in = engine.wait(engine.submit("in", "r1", plan_copies([0, 1, 2, 5, 6],
-                                                                        [11, 12, 13, 14, 15])))
+            swap_out = engine.submit("out", "r1", out_plan).future.result()
+            swap_in = engine.submit("in", "r1", plan_copies([0, 1, 2, 5, 6],
+                                                            [11, 12, 13, 14, 15])).future.result()
         for completion in (swap_out, swap_in):
             assert completion.error is None
             assert completion.bytes == 5 * BLOCK_BYTES
@@ -113,28 +114,31 @@ def test_invalid_submissions_raise_and_copy_nothing(
     assert torch.equal(host.view(torch.int16), before[1].view(torch.int16))
 
 
-async def test_completions_are_delivered_into_the_asyncio_loop(engine: CpuCopyEngine) -> None:
-    with engine.subscribe() as stream:
-        out = engine.submit("out", "r1", plan_copies([0, 1, 2], [3, 4, 5]))
-        swap_in = engine.submit("in", "r2", plan_copies([9], [15]))
-        async with asyncio.timeout(10):
-            received = [await anext(stream), await anext(stream)]
-            awaited = await engine.wait_async(out)
-    by_ticket = {completion.ticket: completion for completion in received}
-    assert set(by_ticket) == {out, swap_in}
-    assert by_ticket[out] == awaited
-    assert (awaited.request_id, awaited.direction, awaited.bytes, awaited.error) == (
-        "r1", "out", 3 * BLOCK_BYTES, None)
-    assert by_ticket[swap_in].direction == "in" and by_ticket[swap_in].bytes == BLOCK_BYTES
-
-
-async def test_closing_a_stream_ends_its_iteration(engine: CpuCopyEngine) -> None:
-    stream = engine.subscribe()
-    engine.wait(engine.submit("out", "r1", plan_copies([0], [0])))
-    stream.close()
+async def test_tickets_resolve_to_their_completions_in_the_asyncio_loop(
+    engine: CpuCopyEngine,
+) -> None:
+    out = engine.submit("out", "r1", plan_copies([0, 1, 2], [3, 4, 5]))
+    swap_in = engine.submit("in", "r2", plan_copies([9], [15]))
     async with asyncio.timeout(10):
-        seen = [completion async for completion in stream]
-    assert [completion.request_id for completion in seen] == ["r1"]
+        done_out = await asyncio.wrap_future(out.future)
+        done_in = await asyncio.wrap_future(swap_in.future)
+    assert (done_out.ticket, done_in.ticket) == (out, swap_in)
+    assert (done_out.request_id, done_out.direction, done_out.bytes, done_out.error) == (
+        "r1", "out", 3 * BLOCK_BYTES, None)
+    assert done_in.direction == "in" and done_in.bytes == BLOCK_BYTES
+
+
+async def test_a_hub_delivers_from_other_threads_and_closing_ends_the_iteration() -> None:
+    hub: CompletionHub[str] = CompletionHub()
+    stream = hub.subscribe()
+    publisher = threading.Thread(target=lambda: [hub.publish(x) for x in ("a", "b")])
+    publisher.start()
+    publisher.join()
+    stream.close()
+    hub.publish("after close")
+    async with asyncio.timeout(10):
+        seen = [item async for item in stream]
+    assert seen == ["a", "b"]
 
 
 def test_wait_all_is_a_barrier_over_every_outstanding_swap(
@@ -165,13 +169,13 @@ def test_swap_in_of_a_request_waits_for_its_swap_out(
     other_in = engine.submit("in", "r2", plan_copies([6], [13]))
 
     # The held swap-out stalls its own request only: the in-worker is free for other work.
-    assert engine.wait(other_in, timeout=10).error is None
+    assert other_in.future.result(10).error is None
     done, _ = wait([back_in.future], timeout=0.2)
     assert not done and not out.done()
     assert torch.equal(_bytes(device, [8, 9, 10, 11]), _bytes(original, [8, 9, 10, 11]))
 
     step.set_result(None)
-    assert engine.wait(back_in, timeout=10).error is None
+    assert back_in.future.result(10).error is None
     assert out.done()
     assert torch.equal(_bytes(device, [8, 9, 10, 11]), _bytes(original, [0, 1, 2, 3]))
 
@@ -185,7 +189,7 @@ def test_a_failed_step_fails_its_swap_out_and_the_swap_in_behind_it(
     back_in = engine.submit("in", "r1", plan_copies([0, 1], [8, 9]))
     step.set_exception(RuntimeError("forward pass blew up"))
 
-    out_done, in_done = engine.wait(out, timeout=10), engine.wait(back_in, timeout=10)
+    out_done, in_done = out.future.result(10), back_in.future.result(10)
 
     assert out_done.error is not None and "forward pass blew up" in out_done.error
     assert in_done.error is not None and f"failed ticket {out.id}" in in_done.error
@@ -244,7 +248,7 @@ def test_random_swaps_copy_exactly_the_planned_blocks(swap: tuple[str, list[Copy
             expected_dst[d] = src[s]
 
     with CpuCopyEngine(device, host) as engine:
-        completion = engine.wait(engine.submit(direction, "r", copies), timeout=10)  # type: ignore[arg-type]
+        completion = engine.submit(direction, "r", copies).future.result(10)  # type: ignore[arg-type]
 
     assert completion.error is None
     assert completion.bytes == sum(copy.num_blocks for copy in copies) * BLOCK_BYTES

@@ -47,7 +47,8 @@ async def test_round_trip_through_pinned_arena_is_bit_identical() -> None:
                                 after=engine.step_fence())
             back_in = engine.submit("in", "r1", plan_copies([0, 1, 2, 3], [12, 13, 14, 15]))
             async with asyncio.timeout(30):
-                done_out, done_in = await engine.wait_async(out), await engine.wait_async(back_in)
+                done_out = await asyncio.wrap_future(out.future)
+                done_in = await asyncio.wrap_future(back_in.future)
         assert done_out.error is None and done_in.error is None
         assert done_out.bytes == 4 * BLOCK_BYTES and done_out.duration_s > 0
         assert torch.equal(_bytes(host, [0, 1, 2, 3]), _bytes(original, [1, 2, 3, 7]))
