@@ -1,4 +1,9 @@
-"""The KV store's state machine: reuse index, host arena, leases and stats, without I/O.
+"""The KV store's state machine: reuse index, host arena, leases and stats.
+
+It opens no socket itself; its only I/O is through its index backend. With the in-memory
+backend a call touches nothing outside the process; with Redis (`RedisBackend`) a call
+reads and writes the shared index there synchronously, on the caller's thread, before it
+returns.
 
 Contract (the service maps each error to a gRPC status):
 

@@ -5,13 +5,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.sim.copy_engine import (
-    CopyEngineModel,
-    Direction,
     KvLayout,
     LinkModel,
     Transfer,
     extent_transfer,
-    plan_transfers,
 )
 from benchmarks.sim.cost_model import StepCostModel
 from benchmarks.sim.hardware import (
@@ -22,7 +19,6 @@ from benchmarks.sim.hardware import (
     Deployment,
     DoesNotFit,
 )
-from common.kv.swap_plan import plan_copies
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -134,32 +130,6 @@ def test_baseline_issues_a_copy_per_block_layer_and_kv() -> None:
     assert baseline.total_bytes == fastswitch.total_bytes
     link = LinkModel()
     assert link.transfer_time_s(baseline) > link.transfer_time_s(fastswitch)
-
-
-def test_plan_transfers_follow_the_swap_plan() -> None:
-    src, dst = [3, 4, 5, 9], [0, 1, 2, 7]
-    merged = plan_transfers(LLAMA3_8B, 16, KvLayout.BLOCK_MAJOR, plan_copies(src, dst))
-    assert [t.num_copies for t in merged] == [1, 1]
-    assert [t.bytes_per_copy // LLAMA3_8B.kv_bytes_per_block(16) for t in merged] == [3, 1]
-    per_block = plan_copies(src, dst, merge=False)
-    baseline = plan_transfers(LLAMA3_8B, 16, KvLayout.LAYER_MAJOR, per_block)
-    assert sum(t.num_copies for t in baseline) == 4 * 32 * 2
-
-
-def test_copy_engine_is_fifo_per_direction_and_directions_are_independent() -> None:
-    link = LinkModel(per_copy_overhead_s=1e-6, bandwidth_bytes_per_s=1e9)
-    engine = CopyEngineModel(link)
-    one_ms = Transfer(1, 999_000)  # 1 us overhead + 999 us of bytes
-    first = engine.submit(Direction.D2H, 0.0, [one_ms, one_ms])
-    assert first == pytest.approx([1e-3, 2e-3])
-    queued = engine.submit(Direction.D2H, 0.5e-3, [one_ms])
-    assert queued == pytest.approx([3e-3])
-    other_way = engine.submit(Direction.H2D, 0.5e-3, [one_ms])
-    assert other_way == pytest.approx([1.5e-3])
-    idle_then = engine.submit(Direction.D2H, 10e-3, [one_ms])
-    assert idle_then == pytest.approx([11e-3])
-    assert engine.free_at(Direction.D2H) == pytest.approx(11e-3)
-    assert engine.free_at(Direction.H2D) == pytest.approx(1.5e-3)
 
 
 def test_link_and_transfer_reject_nonsense() -> None:
