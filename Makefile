@@ -27,8 +27,11 @@ core-demo: $(STAMP)
 paper-sim: $(STAMP)
 	$(BIN)/python -m benchmarks.paper_sim --json out/paper_sim.json --plots out/plots
 
+# Two workers, each module on one of them (its module fixtures, stacks included, start once).
+# TEST_WORKERS=0 runs in one process; `pytest tests/core` alone runs in seconds.
+TEST_WORKERS ?= 2
 test: $(STAMP) proto-check lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The compose stack for real: builds the image, brings docker-compose.yml up, checks it,
 # restarts each service in turn and checks again, then takes it down (tools/compose_test.py).
