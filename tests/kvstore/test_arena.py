@@ -1,8 +1,12 @@
+"""The host arena: shared between processes by name, unlinked only by its owner or as
+stale, allocated up front, and never unmapped under a live view."""
+
 from __future__ import annotations
 
 import errno
 import multiprocessing as mp
 import os
+import random
 import resource
 import shutil
 import signal
@@ -13,19 +17,20 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
-import torch
 
 from common.shm import arena as arena_module
 from common.shm.arena import SHM_DIR, HostArena, cleanup_stale
-from common.shm.tensor import arena_tensor
 
 NUM_BLOCKS = 4
 BLOCK_BYTES = 3 * 4096 + 64  # not a page multiple: offsets must not assume one
 
 
-def _pattern(block: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(block)
-    return torch.randint(0, 256, (BLOCK_BYTES,), dtype=torch.uint8, generator=generator)
+def _pattern(block: int) -> bytes:
+    return random.Random(block).randbytes(BLOCK_BYTES)
+
+
+def _span(block: int) -> slice:
+    return slice(block * BLOCK_BYTES, (block + 1) * BLOCK_BYTES)
 
 
 def _segments(prefix: str) -> list[str]:
@@ -42,10 +47,9 @@ def prefix() -> Iterator[str]:
 
 def _write_blocks(name: str, blocks: list[int]) -> None:
     arena = HostArena.attach(name)
-    view = arena_tensor(arena)
-    for block in blocks:
-        view[block] = _pattern(block)
-    del view
+    with arena.view() as view:
+        for block in blocks:
+            view[_span(block)] = _pattern(block)
     arena.close()
 
 
@@ -62,13 +66,12 @@ def test_blocks_written_by_another_process_read_back_bit_identical(prefix: str) 
         child.join(60)
         assert child.exitcode == 0
 
-        view = arena_tensor(arena)
-        assert torch.equal(view[1], _pattern(1))
-        assert torch.equal(view[3], _pattern(3))
-        assert not view[0].any() and not view[2].any()
+        with arena.view() as view:
+            assert view[_span(1)] == _pattern(1)
+            assert view[_span(3)] == _pattern(3)
+            assert view[_span(0)] == view[_span(2)] == bytes(BLOCK_BYTES)
         # The attacher exiting must not have unlinked the creator's segment.
         assert _segments(prefix) == [arena.name]
-        del view
 
 
 def test_attach_recovers_geometry_and_shares_memory(prefix: str) -> None:
@@ -76,35 +79,25 @@ def test_attach_recovers_geometry_and_shares_memory(prefix: str) -> None:
         with HostArena.attach(owner.name) as attached:
             assert (attached.num_blocks, attached.block_bytes) == (NUM_BLOCKS, 128)
             assert not attached.created
-            typed = arena_tensor(attached, torch.float16, (2, 4, 8))
-            assert typed.shape == (NUM_BLOCKS, 2, 4, 8)
-            typed[2, 1] = 1.5
-            raw = arena_tensor(owner)
-            assert torch.equal(raw[2].view(torch.float16).view(2, 4, 8)[1], typed[2, 1])
-            assert not raw[[0, 1, 3]].any()
-            del typed, raw
+            with attached.view() as theirs, owner.view() as ours:
+                assert len(theirs) == len(ours) == NUM_BLOCKS * 128
+                theirs[2 * 128 + 5] = 7
+                assert ours[2 * 128 + 5] == 7
+                assert sum(ours) == 7  # nothing else written
         assert _segments(prefix) == [owner.name]  # an attacher's exit leaves the segment
     assert _segments(prefix) == []
 
 
-def test_arena_tensor_rejects_a_block_shape_of_other_size(prefix: str) -> None:
-    with (
-        HostArena.local(NUM_BLOCKS, 128, prefix=prefix) as arena,
-        pytest.raises(ValueError, match="not 128 bytes"),
-    ):
-        arena_tensor(arena, torch.float32, (2, 4, 8))
-
-
 def test_close_refuses_while_a_view_is_alive(prefix: str) -> None:
     arena = HostArena.local(NUM_BLOCKS, BLOCK_BYTES, prefix=prefix)
-    row = arena_tensor(arena)[1]
+    row = arena.view()[_span(1)]
     with pytest.raises(BufferError):
         arena.close()
-    del row
+    row.release()
     arena.close()
     arena.unlink()
     with pytest.raises(ValueError, match="closed"):
-        arena_tensor(arena)
+        arena.view()
     assert _segments(prefix) == []
 
 
@@ -187,7 +180,7 @@ def test_a_full_tmpfs_is_refused_with_the_free_space(
             HostArena.create(f"{prefix}big", 64, 64 * 1024)
         assert raised.value.errno == errno.ENOSPC
         assert list(tmp_path.iterdir()) == []
-        with HostArena.create(f"{prefix}small", 4, 64 * 1024) as small:
-            arena_tensor(small)[:] = 1  # allocated: writing it cannot fault
+        with HostArena.create(f"{prefix}small", 4, 64 * 1024) as small, small.view() as view:
+            view[:] = b"\1" * len(view)  # allocated: writing it cannot fault
     finally:
         subprocess.run(["umount", str(tmp_path)], check=True)

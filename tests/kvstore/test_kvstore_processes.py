@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,11 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from common.kv.extent import Extent, flatten
 from common.shm.arena import SHM_DIR, HostArena
-from common.shm.tensor import arena_tensor
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from tests.support.redis_server import RedisServer
 
@@ -31,10 +30,13 @@ TOKENS = list(range(1000, 1014))  # 4 blocks, the last partial
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pattern(i: int) -> torch.Tensor:
+def pattern(i: int) -> bytes:
     """What the i-th block of the conversation holds."""
-    generator = torch.Generator().manual_seed(i)
-    return torch.randint(0, 256, (BLOCK_BYTES,), dtype=torch.uint8, generator=generator)
+    return random.Random(i).randbytes(BLOCK_BYTES)
+
+
+def span(block: int) -> slice:
+    return slice(block * BLOCK_BYTES, (block + 1) * BLOCK_BYTES)
 
 
 def _request() -> kvstore_pb2.TokensRequest:
@@ -52,10 +54,9 @@ def executor_writes(port: int) -> None:
         arena = HostArena.attach(stub.Describe(kvstore_pb2.DescribeRequest()).arena_name)
         res = stub.Reserve(_request())
         assert res.valid_tokens == 0
-        view = arena_tensor(arena)
-        for i, block in enumerate(_blocks(res.new_extents)):
-            view[block] = pattern(i)
-        del view
+        with arena.view() as view:
+            for i, block in enumerate(_blocks(res.new_extents)):
+                view[span(block)] = pattern(i)
         arena.close()
         stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
 
@@ -66,11 +67,10 @@ def executor_reads(port: int) -> None:
         stub = kvstore_pb2_grpc.KVStoreStub(channel)
         arena = HostArena.attach(stub.Describe(kvstore_pb2.DescribeRequest()).arena_name)
         pin = stub.Pin(_request())
-        view = arena_tensor(arena)
-        same = pin.valid_tokens == len(TOKENS) and all(
-            torch.equal(view[block], pattern(i)) for i, block in enumerate(_blocks(pin.extents))
-        )
-        del view
+        with arena.view() as view:
+            same = pin.valid_tokens == len(TOKENS) and all(
+                view[span(block)] == pattern(i) for i, block in enumerate(_blocks(pin.extents))
+            )
         arena.close()
         stub.Unpin(kvstore_pb2.PinRef(pin_id=pin.pin_id))
     if not same:
