@@ -118,7 +118,7 @@ def test_default_tiny_model_does_not_degenerate(tmp_path: Path, seed: int) -> No
 def test_cli_writes_a_loadable_sharded_qwen2_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
     subprocess.run(
-        [sys.executable, str(REPO / "tools/make_tiny_checkpoint.py"), str(out), "--arch", "qwen2",
+        [sys.executable, "-m", "tools.make_tiny_checkpoint", str(out), "--arch", "qwen2",
          "--shards", "2", "--layers", "1", "--hidden", "64", "--heads", "4"],
         check=True,
         cwd=REPO,

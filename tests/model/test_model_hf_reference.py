@@ -7,6 +7,7 @@ checkpoints are published for (`tests/support/hf_reference.py` drives both sides
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -15,7 +16,9 @@ import torch
 
 from services.executor.model import load_checkpoint
 from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
-from tests.support.hf_reference import hf_greedy, our_greedy
+from tests.support.hf_reference import Greedy, hf_greedy, our_greedy
+
+pytestmark = pytest.mark.slow
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DECODE_STEPS = 64
@@ -32,28 +35,49 @@ RELATIVE_TOLERANCE = 1e-4
 # proves nothing; at a tenth of the scale the continuation follows the context.
 
 
-@pytest.mark.parametrize(("arch", "seed"), [("llama", 11), ("qwen2", 12)])
-@pytest.mark.parametrize("batch_invariant", [False, True])
-def test_logits_and_greedy_tokens_match_hf_transformers(
-    tmp_path: Path, transformers: ModuleType, arch: str, seed: int, batch_invariant: bool
-) -> None:
-    folder = make_tiny_checkpoint(tmp_path, seed=seed, arch=arch)
+@dataclass(frozen=True)
+class Reference:
+    """One tiny checkpoint and what HF transformers generates from its prompts."""
+
+    arch: str
+    seed: int
+    folder: Path
+    prompts: list[list[int]]
+    expected: list[Greedy]
+
+
+@pytest.fixture(scope="module", params=[("llama", 11), ("qwen2", 12)], ids=["llama", "qwen2"])
+def reference(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+    transformers: ModuleType,
+) -> Reference:
+    """Built once per architecture: both decoder modes are checked against the same run."""
+    arch, seed = request.param
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), seed=seed, arch=arch)
     hf_model = getattr(transformers, HF_CLASSES[arch]).from_pretrained(
         folder, torch_dtype=torch.float32
     )
     hf_model.eval()
-    config, ours = load_checkpoint(folder, batch_invariant=batch_invariant)
-    assert config.tie_word_embeddings == config.attention_bias == (arch == "qwen2")
     generator = torch.Generator().manual_seed(seed)
+    vocab = hf_model.config.vocab_size
     prompts = [
-        torch.randint(0, config.vocab_size, (sum(chunks),), generator=generator).tolist()
+        torch.randint(0, vocab, (sum(chunks),), generator=generator).tolist()
         for chunks in PROMPT_CHUNKS
     ]
-
     expected = [hf_greedy(hf_model, prompt, DECODE_STEPS) for prompt in prompts]
-    actual = our_greedy(ours, prompts, PROMPT_CHUNKS, decode_steps=DECODE_STEPS, seed=seed)
+    return Reference(arch, seed, folder, prompts, expected)
 
-    for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_logits_and_greedy_tokens_match_hf_transformers(
+    reference: Reference, batch_invariant: bool
+) -> None:
+    config, ours = load_checkpoint(reference.folder, batch_invariant=batch_invariant)
+    assert config.tie_word_embeddings == config.attention_bias == (reference.arch == "qwen2")
+    actual = our_greedy(ours, reference.prompts, PROMPT_CHUNKS, decode_steps=DECODE_STEPS,
+                        seed=reference.seed)
+
+    for index, (want, got) in enumerate(zip(reference.expected, actual, strict=True)):
         torch.testing.assert_close(
             got.logits,
             want.logits,

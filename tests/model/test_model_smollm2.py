@@ -14,6 +14,8 @@ import torch
 from services.executor.model import DecoderModel, load_checkpoint
 from tests.support.hf_reference import our_greedy
 
+pytestmark = pytest.mark.slow
+
 NEW_TOKENS = 24
 # Float32 summation-order noise over 30 layers, relative to the logits' spread.
 RELATIVE_TOLERANCE = 1e-4

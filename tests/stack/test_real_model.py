@@ -23,7 +23,7 @@ from common.client import FastSwitchClient, Generation, Sampling
 from services.launch import Child, LocalStack, StackConfig
 from tests.support.stacks import executor_and_stores
 
-pytestmark = pytest.mark.process
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 MAX_TOKENS = 24
 TIE_MARGIN = 1e-4  # top-two logit gap below which greedy is arithmetic noise, not the model
