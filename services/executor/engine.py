@@ -29,8 +29,8 @@ import torch
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy, SwapOrder
 from common.shm.arena import HostArena
-from common.shm.tensor import arena_tensor
 from common.tokenizer import tokenizer_fingerprint
+from services.executor.arena_view import arena_tensor
 from services.executor.copy import CompletionStream, CopyEngine, CpuCopyEngine, Direction
 from services.executor.copy.completions import CompletionHub
 from services.executor.copy.engine import SwapCompletion

@@ -1,5 +1,5 @@
-"""The layering rules: the scheduler and the KV store import without torch, no production
-module imports `tools/`, and no production modules import each other in a cycle."""
+"""The layering rules: `common/`, the scheduler and the KV store import without torch, no
+production module imports `tools/`, and no production modules import each other in a cycle."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ REPO = Path(__file__).resolve().parents[2]
 PRODUCTION = ("services", "common", "benchmarks")
 
 
-def _modules(packages: tuple[str, ...]) -> dict[str, Path]:
+def _modules(folders: tuple[str, ...]) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for package in packages:
-        for path in sorted((REPO / package).rglob("*.py")):
+    for folder in folders:
+        for path in sorted((REPO / folder).rglob("*.py")):
             parts = path.relative_to(REPO).with_suffix("").parts
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
@@ -43,6 +43,15 @@ def test_service_imports_without_torch(module: str) -> None:
                           text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"{module} imports torch"
+
+
+def test_no_torch_in_common_the_scheduler_or_the_kv_store() -> None:
+    torch_free = _modules(("common", "services/scheduler", "services/kvstore"))
+    offenders = {
+        name: sorted(i for i in _imports(path) if i == "torch" or i.startswith("torch."))
+        for name, path in torch_free.items()
+    }
+    assert {name: found for name, found in offenders.items() if found} == {}
 
 
 def test_no_production_module_imports_tools() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.shm.arena import SHM_DIR, HostArena
-from common.shm.tensor import arena_tensor
+from services.executor.arena_view import arena_tensor
 
 NUM_BLOCKS = 4
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy, plan_copies
 from common.shm.arena import HostArena
-from common.shm.tensor import arena_tensor
+from services.executor.arena_view import arena_tensor
 from services.executor.copy import CpuCopyEngine, SwapCompletion
 from services.executor.copy.completions import CompletionHub
 

@@ -9,7 +9,7 @@ import torch
 
 from common.kv.swap_plan import plan_copies
 from common.shm.arena import HostArena
-from common.shm.tensor import arena_tensor
+from services.executor.arena_view import arena_tensor
 
 cupy = pytest.importorskip("cupy", reason="cupy is not installed (the [gpu] extra)")
 

@@ -12,7 +12,7 @@ import torch
 
 from common.kv.swap_plan import plan_copies
 from common.shm.arena import HostArena
-from common.shm.tensor import arena_tensor
+from services.executor.arena_view import arena_tensor
 from services.executor.copy import CpuCopyEngine
 from services.executor.engine import (
     AttachedArena,

@@ -21,10 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.kv.extent import runs
 from common.kv.swap_plan import plan_copies
 from common.shm.arena import HostArena
-from common.shm.tensor import arena_tensor
 from protos import executor_pb2 as pb
 from protos import executor_pb2_grpc
 from services.executor.__main__ import parse_args
+from services.executor.arena_view import arena_tensor
 from services.executor.engine import cache_fingerprint
 from services.executor.model import KVCacheGeometry, ModelConfig, load_checkpoint
 from services.executor.model.tiny_checkpoint import make_tiny_checkpoint

@@ -1,4 +1,4 @@
-"""Torch views of a host arena, for the processes that copy KV with torch (the executor)."""
+"""Torch views of a host arena (common/shm/arena.py), through which the executor copies KV."""
 
 from __future__ import annotations
 
