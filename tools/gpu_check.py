@@ -221,7 +221,8 @@ def plan(out: Path, smollm2: Path | None) -> list[Step]:
     steps = [
         Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                        f"--junitxml={out / 'tests.xml'}",
-                       "tests/test_copy_engine_cupy.py", "tests/test_executor_engine.py"], 150),
+                       "tests/executor/test_copy_engine_cupy.py",
+                       "tests/executor/test_executor_engine.py"], 150),
         Step("swap_copy", [py, "benchmarks/swap_copy.py", "--backend", "cupy", *LLAMA3_8B,
                            "--tokens", "2048", "--group", "16", "--repeats", "11",
                            "--direction", "both", "--json", str(out / "swap_copy.json")],

@@ -1,24 +1,17 @@
-"""Host<->device KV copies: what one copy costs, how many a swap needs, and when they finish.
+"""Host<->device KV copies: what one copy costs, and how many a swap needs.
 
 A copy costs `per_copy_overhead_s + bytes / bandwidth`; the overhead is the driver's
 per-`cudaMemcpyAsync` submission cost, which is what makes vLLM's many small copies slow and
-FastSwitch's few large ones fast. The copy engine has one FIFO queue per direction, and the
-two run independently of each other and of compute. Calibration sources: COST_MODEL.md.
+FastSwitch's few large ones fast. When copies finish is the virtual driver's business (one
+FIFO queue per direction). Calibration sources: COST_MODEL.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from benchmarks.sim.hardware import ModelSpec
-from common.kv.swap_plan import Copy
-
-
-class Direction(StrEnum):
-    H2D = "h2d"  # swap-in
-    D2H = "d2h"  # swap-out
 
 
 class KvLayout(StrEnum):
@@ -73,36 +66,3 @@ def extent_transfer(
         per_layer_kv = block_size * model.num_kv_heads * model.head_dim * model.dtype_bytes
         return Transfer(num_blocks * model.num_layers * 2, per_layer_kv)
     return Transfer(1, num_blocks * model.kv_bytes_per_block(block_size))
-
-
-def plan_transfers(
-    model: ModelSpec, block_size: int, layout: KvLayout, plan: Iterable[Copy]
-) -> list[Transfer]:
-    """One transfer per copy of a swap plan (`common.kv.swap_plan.plan_copies`)."""
-    return [extent_transfer(model, block_size, layout, copy.num_blocks) for copy in plan]
-
-
-@dataclass
-class CopyEngineModel:
-    """A FIFO copy queue per direction; the caller passes submit times, nothing reads a clock."""
-
-    link: LinkModel
-    _free_at: dict[Direction, float] = field(
-        default_factory=lambda: dict.fromkeys(Direction, 0.0), init=False, repr=False
-    )
-
-    def free_at(self, direction: Direction) -> float:
-        """When the queue finishes everything submitted to it so far."""
-        return self._free_at[direction]
-
-    def submit(
-        self, direction: Direction, submit_s: float, transfers: Sequence[Transfer]
-    ) -> list[float]:
-        """Queue `transfers` behind earlier work in `direction`; return each one's completion."""
-        done = max(submit_s, self._free_at[direction])
-        completions: list[float] = []
-        for transfer in transfers:
-            done += self.link.transfer_time_s(transfer)
-            completions.append(done)
-        self._free_at[direction] = done
-        return completions

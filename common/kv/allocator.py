@@ -67,9 +67,6 @@ class BlockAllocator(ABC):
     def num_draining(self) -> int:
         return len(self._draining)
 
-    def owners(self) -> Iterable[Hashable]:
-        return self._tables.keys()
-
     def table(self, owner: Hashable) -> tuple[int, ...]:
         return tuple(self._tables.get(owner, ()))
 

@@ -2,7 +2,7 @@
 
 Every flag also reads an environment variable, FASTSWITCH_EXECUTOR_<FLAG> (e.g.
 FASTSWITCH_EXECUTOR_NUM_GPU_BLOCKS), so containers configure it without a command line.
-Without --checkpoint it serves the tiny random Llama that tools/make_tiny_checkpoint writes,
+Without --checkpoint it serves the tiny random Llama (services/executor/model/tiny_checkpoint.py),
 generated once into $FASTSWITCH_CACHE/tiny-llama-2 (default ~/.cache/fastswitch).
 Steps take the fast path unless --batch-invariant (FASTSWITCH_EXECUTOR_BATCH_INVARIANT=1)
 asks for bit-identical results whatever the batch, as bit-exact preemption tests need.
@@ -20,7 +20,6 @@ import grpc
 import torch
 import uvloop
 
-from common.checkpoint_cache import build_once, default_cache
 from common.grpc_serving import RefuseUndecodable, mark_serving, wait_for_stop_signal
 from common.metrics import serve_metrics
 from services.executor.engine import (
@@ -30,8 +29,8 @@ from services.executor.engine import (
     PreconditionFailed,
 )
 from services.executor.metrics import ExecutorMetrics
+from services.executor.model.tiny_checkpoint import tiny_checkpoint
 from services.executor.service import SERVICE_NAME, ExecutorService, add_to_server
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
 log = logging.getLogger("services.executor")
 
@@ -83,11 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value not in allowed:  # argparse checks choices of flags, not of env defaults
             parser.error(f"{ENV_PREFIX}{flag.upper()}={value!r} is not one of {sorted(allowed)}")
     return args
-
-
-def tiny_checkpoint() -> Path:
-    """The default model, written once into the cache."""
-    return build_once(default_cache() / "tiny-llama-2", make_tiny_checkpoint)  # -2: chat template
 
 
 async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:

@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 import torch
 
-from common.kv.arena import HostArena
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy, SwapOrder
+from common.shm.arena import HostArena
 from common.tokenizer import tokenizer_fingerprint
+from services.executor.arena_view import arena_tensor
 from services.executor.copy import CompletionStream, CopyEngine, CpuCopyEngine, Direction
 from services.executor.copy.completions import CompletionHub
 from services.executor.copy.engine import SwapCompletion
@@ -284,7 +285,7 @@ class ExecutorEngine:
                     f"name: arena {name} has {arena.block_bytes}-byte blocks, the KV cache "
                     f"needs {self.geometry.block_bytes}"
                 )
-            host_view = arena.as_tensor(self.cache.dtype, self.geometry.block_shape)
+            host_view = arena_tensor(arena, self.cache.dtype, self.geometry.block_shape)
             side = _HostSide(
                 arena,
                 self._make_copy_engine(self.cache, host_view),

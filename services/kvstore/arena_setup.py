@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from common.kv.arena import ARENA_PREFIX, SHM_DIR, HostArena, cleanup_stale
+from common.shm.arena import ARENA_PREFIX, SHM_DIR, HostArena, cleanup_stale
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _EPOCH_CHARS = 12
@@ -55,9 +55,8 @@ def _copy_into(arena: HostArena, name: str) -> bool:
     try:
         if (old.num_blocks, old.block_bytes) != (arena.num_blocks, arena.block_bytes):
             return False
-        dst, src = arena.as_tensor(), old.as_tensor()
-        dst.copy_(src)
-        del dst, src
+        with arena.view() as dst, old.view() as src:
+            dst[:] = src
         return True
     finally:
         old.close()

@@ -11,8 +11,8 @@ from typing import Protocol
 
 import redis
 
-from common.kv.arena import HostArena
 from common.kv.reuse_index import ChainRecord, IndexStorage, MemoryIndexStorage
+from common.shm.arena import HostArena
 from services.kvstore.arena_setup import open_arena
 from services.kvstore.errors import IndexUnavailable
 from services.kvstore.redis_storage import Namespace, RedisIndexStorage

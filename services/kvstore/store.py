@@ -1,4 +1,9 @@
-"""The KV store's state machine: reuse index, host arena, leases and stats, without I/O.
+"""The KV store's state machine: reuse index, host arena, leases and stats.
+
+It opens no socket itself; its only I/O is through its index backend. With the in-memory
+backend a call touches nothing outside the process; with Redis (`RedisBackend`) a call
+reads and writes the shared index there synchronously, on the caller's thread, before it
+returns.
 
 Contract (the service maps each error to a gRPC status):
 
@@ -25,8 +30,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+
 from common.kv import host_ops
-from common.kv.arena import HostArena
 from common.kv.block_hash import HASH_BYTES, block_hashes, tokens_in_blocks
 from common.kv.extent import Extent, flatten, runs
 from common.kv.host_ops import Abort, Commit, HostOp, HostReply, Pin, Pinned, Release, Reserve
@@ -38,6 +44,7 @@ from common.kv.reuse_index import (
     UnknownPin,
     UnknownReservation,
 )
+from common.shm.arena import HostArena
 from services.kvstore.backend import IndexBackend
 from services.kvstore.bulk import CHUNK_BYTES, checksum, chunk_spans
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
@@ -112,7 +119,7 @@ class KVStore:
             storage=backend.storage,
         )
         self._clock = clock
-        self._bytes = arena.as_tensor().view(-1).numpy()  # the arena's bytes, shared
+        self._bytes = np.frombuffer(arena.view(), dtype=np.uint8)  # the arena's bytes, shared
         self._reservations: dict[int, Reservation] = {}
         self._reservation_deadlines: dict[int, float] = {}
         self._pin_deadlines: dict[int, float] = {}

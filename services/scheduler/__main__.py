@@ -24,9 +24,9 @@ from common.grpc_serving import (
     mark_serving,
     wait_for_stop_signal,
 )
-from common.kv.arena import HostArena
 from common.kv.reuse_index import ReuseIndex
 from common.metrics import serve_metrics
+from common.shm.arena import HostArena
 from common.tokenizer import TokenizerMismatch, check_fits, load_tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc

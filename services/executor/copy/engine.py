@@ -8,7 +8,6 @@ is carried to its end (`_run`, on the direction's worker: "copy-out" or "copy-in
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 from abc import ABC, abstractmethod
@@ -21,7 +20,6 @@ from typing import Any, Generic, Self, TypeVar
 import torch
 
 from common.kv.swap_plan import Copy
-from services.executor.copy.completions import CompletionHub, CompletionStream
 from services.executor.copy.layout import DIRECTIONS, BlockLayout, ByteRange, Direction
 
 FenceT = TypeVar("FenceT")
@@ -29,7 +27,8 @@ FenceT = TypeVar("FenceT")
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Ticket:
-    """One accepted swap; `future` resolves to its SwapCompletion (it never raises)."""
+    """One accepted swap; `future` resolves to its SwapCompletion (it never raises): wait
+    on it with `future.result(timeout)`, or in a loop with `asyncio.wrap_future`."""
 
     id: int
     request_id: str
@@ -80,7 +79,6 @@ class CopyEngine(ABC, Generic[FenceT]):
 
     def __init__(self, device: torch.Tensor, host: torch.Tensor) -> None:
         self.layout = BlockLayout.of(device, host)
-        self._hub = CompletionHub()
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._outstanding: dict[int, Ticket] = {}
@@ -136,25 +134,15 @@ class CopyEngine(ABC, Generic[FenceT]):
                 _when_done(self._host_dependencies(swap), lambda: worker.submit(self._finish, swap))
         return ticket
 
-    def wait(self, ticket: Ticket, timeout: float | None = None) -> SwapCompletion:
-        return ticket.future.result(timeout)
-
     def wait_all(self, timeout: float | None = None) -> list[SwapCompletion]:
         """The baseline's global barrier: waits for every swap still running, and returns
-        their completions in ticket order (those finished earlier were already reported)."""
+        their completions in ticket order (those that finished earlier are not included)."""
         with self._lock:
             tickets = sorted(self._outstanding.values(), key=lambda t: t.id)
         _, pending = wait([t.future for t in tickets], timeout)
         if pending:
             raise TimeoutError(f"{len(pending)} swaps still running after {timeout}s")
         return [t.future.result() for t in tickets]
-
-    async def wait_async(self, ticket: Ticket) -> SwapCompletion:
-        return await asyncio.wrap_future(ticket.future)
-
-    def subscribe(self) -> CompletionStream:
-        """Every completion from now on, delivered into the running asyncio loop."""
-        return self._hub.subscribe()
 
     def close(self) -> None:
         """Refuse new swaps and let the submitted ones finish."""
@@ -197,7 +185,6 @@ class CopyEngine(ABC, Generic[FenceT]):
             if self._last_of_request.get(ticket.request_id) is ticket:
                 del self._last_of_request[ticket.request_id]
         ticket.future.set_result(completion)
-        self._hub.publish(completion)
 
 
 def _when_done(futures: list[Future[Any]], then: Callable[[], object]) -> None:

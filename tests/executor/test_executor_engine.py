@@ -1,0 +1,187 @@
+"""The executor engine in process: how steps and swaps that share device blocks are kept apart.
+
+Copies are held at a gate, so "in flight" is a state the test controls rather than a race.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.kv.swap_plan import plan_copies
+from common.shm.arena import HostArena
+from common.tokenizer import ByteTokenizer
+from services.executor.copy import CpuCopyEngine
+from services.executor.copy.engine import Swap
+from services.executor.engine import (
+    BackendUnavailable,
+    ExecutorEngine,
+    PreconditionFailed,
+    StepSequence,
+    SwapDone,
+    SwapOrder,
+    copy_engine_factory,
+)
+from services.executor.model import KVCacheGeometry, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+BLOCK_SIZE = 4
+EOS = ByteTokenizer.EOS  # the tiny checkpoint's
+
+
+class GatedCopyEngine(CpuCopyEngine):
+    gate = threading.Event()
+
+    def _run(self, swap: Swap[object]) -> float:  # type: ignore[override]
+        assert self.gate.wait(timeout=30), "test never opened the copy gate"
+        return super()._run(swap)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def engine(checkpoint: Path) -> Iterator[ExecutorEngine]:
+    config, model = load_checkpoint(checkpoint)
+    cache = KVCacheGeometry.for_model(config, num_blocks=16, block_size=BLOCK_SIZE).allocate()
+    engine = ExecutorEngine(config, model, cache, backend="cpu", copy_engine=GatedCopyEngine)
+    GatedCopyEngine.gate.set()
+    with HostArena.local(8, engine.geometry.block_bytes) as arena:
+        engine.attach_host_arena(arena.name)
+        yield engine
+        GatedCopyEngine.gate.set()
+        engine.close()
+
+
+def step(engine: ExecutorEngine, *sequences: StepSequence) -> None:
+    engine.run_step(engine.begin_step(sequences))
+
+
+def seq(request_id: str, table: list[int], start: int, count: int) -> StepSequence:
+    return StepSequence(request_id, table, start, [5 + i for i in range(count)])
+
+
+def order(swap_id: int, request_id: str, direction: str, src: list[int],
+          dst: list[int]) -> SwapOrder:
+    return SwapOrder(swap_id, request_id, direction, plan_copies(src, dst))  # type: ignore[arg-type]
+
+
+async def test_a_draining_block_is_never_written_but_may_be_read(engine: ExecutorEngine) -> None:
+    step(engine, seq("a", [0, 1, 2], 0, 8))
+    with engine.subscribe() as completions:
+        GatedCopyEngine.gate.clear()
+        engine.submit_swaps([order(1, "a", "out", [0, 1], [0, 1])])
+        with pytest.raises(PreconditionFailed,
+                           match=r"sequences\[0\]\.block_table\[0\]=1 is in flight in swap 1 "
+                                 r"\(out of 'a'\)"):
+            engine.begin_step([seq("b", [1], 0, 2)])
+        step(engine, seq("c", [0, 1, 3], 8, 1))  # reads the draining blocks, writes block 3
+        GatedCopyEngine.gate.set()
+        done: SwapDone = await anext(completions)  # type: ignore[assignment]
+    assert (done.swap_id, done.error, done.bytes) == (1, None, 2 * engine.geometry.block_bytes)
+    step(engine, seq("b", [1], 0, 2))  # drained: the block may be reused
+
+
+async def test_a_block_being_swapped_in_is_neither_read_nor_shared(
+    engine: ExecutorEngine,
+) -> None:
+    with engine.subscribe() as completions:
+        GatedCopyEngine.gate.clear()
+        engine.submit_swaps([order(1, "a", "in", [0], [5])])
+        with pytest.raises(PreconditionFailed, match=r"block_table\[1\]=5 is in flight"):
+            engine.begin_step([seq("a", [4, 5], 4, 1)])
+        with pytest.raises(PreconditionFailed, match=r"swaps\[0\]: device block 5 is also in "
+                                                     r"swap 1 \(in of 'a'\)"):
+            engine.submit_swaps([order(2, "b", "out", [5], [3])])
+        GatedCopyEngine.gate.set()
+        await anext(completions)
+    engine.submit_swaps([order(2, "b", "out", [5], [3])])
+
+
+async def test_swaps_proceed_during_a_step_except_on_its_blocks(engine: ExecutorEngine) -> None:
+    before = engine.cache.clone()
+    claim = engine.begin_step([seq("a", [6, 7], 0, 6)])
+    with pytest.raises(PreconditionFailed, match=r"device block 7 is used by the running step "
+                                                 r"\(sequences\[0\]\.block_table\[1\]\)"):
+        engine.submit_swaps([order(1, "a", "out", [7], [0])])
+    with pytest.raises(PreconditionFailed, match="used by the running step"):
+        engine.submit_swaps([order(2, "b", "in", [0], [6])])
+    with engine.subscribe() as completions:
+        engine.submit_swaps([order(3, "b", "out", [2], [4])])
+        done: SwapDone = await anext(completions)  # type: ignore[assignment]
+    assert (done.swap_id, done.error) == (3, None)
+    assert torch.equal(engine.cache, before)  # the claimed step has not run yet
+    engine.run_step(claim)
+    engine.submit_swaps([order(1, "a", "out", [7], [0])])
+
+
+def test_swaps_need_an_attached_arena(checkpoint: Path) -> None:
+    config, model = load_checkpoint(checkpoint)
+    cache = KVCacheGeometry.for_model(config, num_blocks=4, block_size=BLOCK_SIZE).allocate()
+    bare = ExecutorEngine(config, model, cache, backend="cpu", copy_engine=CpuCopyEngine)
+    with pytest.raises(PreconditionFailed, match="no host arena attached"):
+        bare.submit_swaps([order(1, "a", "out", [0], [0])])
+
+
+def test_load_takes_the_checkpoints_dtype_and_describes_the_folder(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    config_file = tmp_path / "config.json"
+    config_file.write_text(
+        json.dumps(json.loads((checkpoint / "config.json").read_text()) | {"dtype": "bfloat16"})
+    )
+    for weights in checkpoint.glob("*.safetensors"):
+        (tmp_path / weights.name).symlink_to(weights)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3]}))
+    auto = ExecutorEngine.load(tmp_path, num_gpu_blocks=4, block_size=BLOCK_SIZE)
+    assert (auto.model.dtype, auto.cache.dtype) == (torch.bfloat16, torch.bfloat16)
+    described = auto.describe()
+    auto.close()
+    assert described.checkpoint == str(tmp_path.resolve())
+    assert (described.eos_token_id, described.eos_token_ids) == (EOS, (EOS, 3))
+    forced = ExecutorEngine.load(tmp_path, num_gpu_blocks=4, dtype=torch.float32)
+    forced.close()
+    assert (forced.model.dtype, forced.cache.dtype) == (torch.float32, torch.float32)
+
+
+def _cuda_ready() -> bool:
+    try:
+        copy_engine_factory("cupy")
+    except BackendUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_cuda_ready(), reason="CuPy and a CUDA device are present here")
+def test_cupy_backend_fails_fast_without_cuda() -> None:
+    with pytest.raises(BackendUnavailable, match="--backend cupy needs"):
+        copy_engine_factory("cupy")
+    run = subprocess.run(
+        [sys.executable, "-m", "services.executor", "--backend", "cupy", "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode != 0
+    assert "error: --backend cupy needs" in run.stderr
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="needs CuPy and a CUDA device (none here)")
+async def test_cupy_swap_round_trip_into_other_blocks(checkpoint: Path) -> None:
+    engine = ExecutorEngine.load(checkpoint, num_gpu_blocks=16, block_size=BLOCK_SIZE,
+                                 backend="cupy")
+    engine.cache.copy_(torch.randn_like(engine.cache))
+    original = engine.cache.clone()
+    with HostArena.local(8, engine.geometry.block_bytes) as arena:
+        engine.attach_host_arena(arena.name)
+        with engine.subscribe() as completions:
+            engine.submit_swaps([order(1, "a", "out", [2, 3, 7], [0, 1, 2])])
+            assert (await anext(completions)).error is None  # type: ignore[attr-defined]
+            engine.submit_swaps([order(2, "a", "in", [0, 1, 2], [10, 11, 12])])
+            assert (await anext(completions)).error is None  # type: ignore[attr-defined]
+        engine.close()
+    assert torch.equal(engine.cache[[10, 11, 12]], original[[2, 3, 7]])
+    untouched = [b for b in range(16) if b not in (10, 11, 12)]
+    assert torch.equal(engine.cache[untouched], original[untouched])

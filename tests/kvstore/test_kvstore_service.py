@@ -1,0 +1,350 @@
+"""The KV store over real gRPC: status codes, the bulk byte API, leases, health, reflection,
+and the Batch RPC through the scheduler's client (`RemoteHostKV`)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from common.kv.block_hash import block_hashes
+from common.kv.host_ops import (
+    MISS,
+    Abort,
+    Commit,
+    Pin,
+    Pinned,
+    Release,
+    Reserve,
+    Reserved,
+    Unpin,
+    unanswered,
+)
+from common.kv.reuse_index import PinHandle
+from common.shm.arena import SHM_DIR
+from protos import kvstore_pb2, kvstore_pb2_grpc
+from services.kvstore.assemble import open_store
+from services.kvstore.batch_wire import ops_to_proto, replies_from_proto
+from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, to_proto, write_chunks
+from services.kvstore.config import StoreConfig
+from services.kvstore.service import SERVICE_NAME, StoreServer
+from services.scheduler.host_router import (
+    HostRouter,
+    RoutedStore,
+    StoreAnswer,
+    StoreIdentity,
+    rendezvous_owner,
+)
+from services.scheduler.remote_host import RemoteHostKV
+from tests.support.redis_server import RedisServer
+
+FP = "model-a"
+BLOCK_SIZE = 4
+BLOCK_BYTES = 384 * 1024  # three blocks span more than one 1 MiB chunk
+NUM_BLOCKS = 6
+
+
+
+def tokens_request(conv: str, tokens: list[int], fp: str = FP) -> kvstore_pb2.TokensRequest:
+    return kvstore_pb2.TokensRequest(conversation_id=conv, token_ids=tokens, model_fingerprint=fp)
+
+
+async def expect_status(code: grpc.StatusCode, call: object, match: str = "") -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    assert match in info.value.details()
+    return info.value.details()
+
+
+class Running:
+    def __init__(self, server: StoreServer, channel: grpc.aio.Channel) -> None:
+        self.server = server
+        self.channel = channel
+        self.stub = kvstore_pb2_grpc.KVStoreStub(channel)
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Callable[..., object]]:
+    started: list[Running] = []
+    base = f"fastswitch-kvtest-{uuid.uuid4().hex[:8]}"
+
+    async def run(redis_url: str | None = None, lease_seconds: float = 30.0) -> Running:
+        config = StoreConfig(
+            host="127.0.0.1", port=0, redis_url=redis_url, num_blocks=NUM_BLOCKS,
+            block_bytes=BLOCK_BYTES, block_size=BLOCK_SIZE, fingerprint=FP,
+            arena_name=f"{base}-{len(started)}", instance_id=f"{base}-{len(started)}",
+            lease_seconds=lease_seconds,
+        )
+        server = StoreServer(open_store(config), reap_interval=0.05)
+        port = await server.start("127.0.0.1:0")
+        running = Running(server, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        started.append(running)
+        return running
+
+    yield run
+    for running in started:
+        await running.channel.close()
+        await running.server.stop(grace=0)
+    assert not list(SHM_DIR.glob(f"{base}*")), "a stopped store left its arena behind"
+
+
+async def test_error_codes(start: Callable[..., object]) -> None:
+    stub = (await start()).stub
+    res = await stub.Reserve(tokens_request("c", list(range(8))))
+    await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    await expect_status(invalid, stub.Commit(kvstore_pb2.ReservationRef(
+        reservation_id=res.reservation_id)), "no pending reservation")  # double commit
+    await expect_status(invalid, stub.Abort(kvstore_pb2.ReservationRef(reservation_id=999)))
+    await expect_status(invalid, stub.Lookup(tokens_request("c", [1], fp="other")), "other")
+    await expect_status(invalid, stub.Reserve(tokens_request("c", [])), "empty token list")
+    far = kvstore_pb2.ReadBlocksRequest(extents=[kvstore_pb2.Extent(start=5, length=2)])
+    await expect_status(invalid, stub.ReadBlocks(far).read(), "exceeds")
+    empty = kvstore_pb2.ReadBlocksRequest(extents=[kvstore_pb2.Extent(start=0, length=0)])
+    await expect_status(invalid, stub.ReadBlocks(empty).read(), "bad extent")
+    await expect_status(invalid, stub.Unpin(kvstore_pb2.PinRef(pin_id=5)), "no pin")
+    # The arena holds 6 blocks: 2 committed and pinned, 4 in a pending reservation.
+    await stub.Pin(tokens_request("c", list(range(8))))
+    await stub.Reserve(tokens_request("d", list(range(100, 116))))
+    details = await expect_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, stub.Reserve(tokens_request("e", [1]))
+    )
+    assert "recompute instead" in details and "0 evictable" in details
+    stats = await stub.Stats(kvstore_pb2.StatsRequest())
+    assert (stats.used_blocks, stats.pinned_blocks, stats.pending_reservations) == (6, 2, 1)
+
+
+async def test_bulk_write_then_read_is_bit_identical(start: Callable[..., object]) -> None:
+    stub = (await start()).stub
+    res = await stub.Reserve(tokens_request("c", list(range(12))))
+    extents = from_proto(res.new_extents)
+    data = np.random.default_rng(0).integers(0, 256, 3 * BLOCK_BYTES, np.uint8).tobytes()
+    chunks = list(write_chunks(res.reservation_id, extents, data))
+    assert len(chunks) == 2 and all(len(c.data) <= CHUNK_BYTES for c in chunks)
+    written = await stub.WriteBlocks(iter(chunks))
+    assert written.bytes_written == len(data)
+    await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+    hit = await stub.Lookup(tokens_request("c", list(range(12))))
+    read = b""
+    async for chunk in stub.ReadBlocks(kvstore_pb2.ReadBlocksRequest(extents=hit.extents)):
+        assert chunk.offset == len(read) and chunk.crc32c == checksum(chunk.data)
+        read += chunk.data
+    assert read == data
+
+
+async def test_writes_land_only_in_a_pending_reservations_new_blocks(
+    start: Callable[..., object],
+) -> None:
+    stub = (await start()).stub
+    res = await stub.Reserve(tokens_request("c", list(range(4))))
+    await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+    committed = from_proto(res.new_extents)
+    junk = b"\x01" * BLOCK_BYTES
+    await expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.WriteBlocks(iter(list(write_chunks(res.reservation_id, committed, junk)))),
+        "no pending reservation",
+    )
+    other = await stub.Reserve(tokens_request("d", list(range(50, 54))))
+    await expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.WriteBlocks(iter(list(write_chunks(other.reservation_id, committed, junk)))),
+        "not distinct new blocks",
+    )
+    read = stub.ReadBlocks(kvstore_pb2.ReadBlocksRequest(extents=res.new_extents))
+    assert b"".join([c.data async for c in read]) == bytes(BLOCK_BYTES)
+
+
+async def test_a_dead_clients_reservation_times_out(start: Callable[..., object]) -> None:
+    stub = (await start(lease_seconds=0.2)).stub
+    res = await stub.Reserve(tokens_request("c", list(range(16))))
+    for _ in range(100):  # the reaper runs every 50 ms
+        if (await stub.Stats(kvstore_pb2.StatsRequest())).used_blocks == 0:
+            break
+        await asyncio.sleep(0.05)
+    stats = await stub.Stats(kvstore_pb2.StatsRequest())
+    assert (stats.used_blocks, stats.pending_reservations) == (0, 0)
+    await expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id)),
+    )
+
+
+async def test_health_reflection_and_describe(start: Callable[..., object]) -> None:
+    running = await start()
+    health = health_pb2_grpc.HealthStub(running.channel)
+    for service in ("", SERVICE_NAME):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+    call = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")]))
+    names = [s.name async for r in call for s in r.list_services_response.service]
+    assert SERVICE_NAME in names
+    desc = await running.stub.Describe(kvstore_pb2.DescribeRequest())
+    assert (desc.num_blocks, desc.block_bytes, desc.block_size) == (NUM_BLOCKS, BLOCK_BYTES, 4)
+    assert desc.index_backend == "memory" and (SHM_DIR / desc.arena_name).exists()
+
+
+async def test_redis_outage_is_unavailable_and_the_store_recovers(
+    start: Callable[..., object], redis_server: RedisServer
+) -> None:
+    server = redis_server
+    try:
+        stub = (await start(redis_url=server.url)).stub
+        res = await stub.Reserve(tokens_request("c", list(range(8))))
+        await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+        server.stop()
+        await expect_status(
+            grpc.StatusCode.UNAVAILABLE, stub.Lookup(tokens_request("c", list(range(8))))
+        )
+        server.start()
+        hit = await stub.Lookup(tokens_request("c", list(range(8))))
+        assert hit.valid_tokens == 8
+    finally:
+        server.start()  # back for the module's other tests
+
+
+# --- Batch: a scheduler's host intents, by hash chain -----------------------------------
+
+
+def chain_of(tokens: list[int]) -> tuple[bytes, ...]:
+    return tuple(block_hashes(tokens, BLOCK_SIZE, FP))
+
+
+def client_of(running: Running) -> RemoteHostKV:
+    return RemoteHostKV(running.channel, fingerprint=FP, timeout_s=5.0)
+
+
+async def test_a_batch_is_one_round_trip_answered_in_order(start: Callable[..., object]) -> None:
+    running = await start()
+    client, stub = client_of(running), running.stub
+    desc = await stub.Describe(kvstore_pb2.DescribeRequest())
+    tokens = list(range(10))
+    first = await client.execute([Reserve(1, "c", chain_of(tokens), 10),
+                                  Pin(2, "d", chain_of([5]), 1)])
+    assert first.answered_by == StoreIdentity(desc.instance_id, desc.arena_name)
+    [reserved, missed] = first.replies
+    res = reserved.reservation
+    assert (res.conversation, res.num_tokens, res.valid_tokens) == ("c", 10, 0)
+    assert len(res.new_blocks) == 3 and missed.hit == MISS
+    data = np.random.default_rng(1).integers(0, 256, 3 * BLOCK_BYTES, np.uint8).tobytes()
+    await stub.WriteBlocks(iter(list(write_chunks(res.reservation_id, res.new_extents, data))))
+    second = await client.execute([Commit(res.reservation_id), Pin(3, "c", chain_of(tokens), 10)])
+    [pinned] = second.replies
+    assert pinned.hit.num_tokens == 10 and pinned.hit.blocks == res.new_blocks
+    assert second.holders == {3: desc.instance_id}
+    read = stub.ReadBlocks(kvstore_pb2.ReadBlocksRequest(extents=to_proto(res.new_extents)))
+    assert b"".join([c.data async for c in read]) == data
+    third = await client.execute([Unpin(pinned.pin.pin_id), Unpin(pinned.pin.pin_id),
+                                  Unpin(missed.pin.pin_id), Abort(999), Release("c")])
+    assert third.replies == [] and third.answered_by is not None
+    stats = await stub.Stats(kvstore_pb2.StatsRequest())
+    assert (stats.used_blocks, stats.pinned_blocks, stats.pending_reservations) == (0, 0, 0)
+
+
+async def test_a_bad_batch_is_invalid_argument_and_changes_nothing(
+    start: Callable[..., object],
+) -> None:
+    stub = (await start()).stub
+    good = Reserve(1, "c", chain_of(list(range(8))), 8)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    for bad, match in [
+        (Pin(2, "c", chain_of([1, 2, 3, 4, 5]), 4), "2 hashes for 4 tokens"),
+        (Reserve(2, "c", (b"short",), 3), "16 bytes"),
+        (Pin(2, "", chain_of([1]), 1), "empty conversation"),
+        (Pin(1, "d", chain_of([1]), 1), "op id 1 repeats"),
+        (Abort(0), "start at 1"),
+    ]:
+        request = kvstore_pb2.BatchRequest(model_fingerprint=FP, ops=ops_to_proto([good, bad]))
+        await expect_status(invalid, stub.Batch(request), match)
+    other = kvstore_pb2.BatchRequest(model_fingerprint="other", ops=ops_to_proto([good]))
+    await expect_status(invalid, stub.Batch(other), "other")
+    unset = kvstore_pb2.BatchRequest(model_fingerprint=FP, ops=[*ops_to_proto([good]),
+                                                                kvstore_pb2.BatchOp()])
+    await expect_status(invalid, stub.Batch(unset), "names no operation")
+    stats = await stub.Stats(kvstore_pb2.StatsRequest())
+    assert (stats.used_blocks, stats.pending_reservations, stats.miss_tokens) == (0, 0, 0)
+
+
+async def test_a_full_store_answers_no_room_and_a_dead_one_unanswered(
+    start: Callable[..., object], caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start()
+    client = client_of(running)
+    many = list(range(BLOCK_SIZE * NUM_BLOCKS + 1))
+    answer = await client.execute([Reserve(1, "c", chain_of(many), len(many))])
+    assert answer.replies == [Reserved(1, None)] and answer.answered_by is not None
+    unreachable: list[bool] = []
+    async with grpc.aio.insecure_channel("127.0.0.1:1") as nowhere:  # nothing listens
+        dead = RemoteHostKV(nowhere, fingerprint=FP, timeout_s=5.0)
+        dead.on_unreachable = lambda: unreachable.append(True)
+        ops = [Pin(2, "c", chain_of([1]), 1), Release("c"), Reserve(3, "d", chain_of([1]), 1)]
+        for _ in range(2):
+            assert await dead.execute(ops) == StoreAnswer(unanswered(ops), {}, None)
+        assert unreachable == [True, True]
+        assert len([r for r in caplog.records if "Batch failed" in r.message]) == 1
+        assert await dead.identity() is None
+
+
+async def test_a_batch_pin_on_another_instance_names_the_holder(
+    start: Callable[..., object], redis_server: RedisServer
+) -> None:
+    a, b = await start(redis_url=redis_server.url), await start(redis_url=redis_server.url)
+    tokens = list(range(8))
+    [reserved] = (await client_of(a).execute([Reserve(1, "c", chain_of(tokens), 8)])).replies
+    await client_of(a).execute([Commit(reserved.reservation.reservation_id)])
+    answer = await client_of(b).execute([Pin(2, "c", chain_of(tokens), 8)])
+    [pinned] = answer.replies
+    assert pinned.hit == MISS  # b holds none of it itself
+    assert answer.holders == {2: a.server.store.instance_id}
+    assert answer.answered_by.instance_id == b.server.store.instance_id
+
+
+async def test_a_router_over_two_stores_sends_one_batch_each(
+    start: Callable[..., object],
+) -> None:
+    stores = [await start(), await start()]
+    routed = []
+    for k, running in enumerate(stores):
+        desc = await running.stub.Describe(kvstore_pb2.DescribeRequest())
+        identity = StoreIdentity(desc.instance_id, desc.arena_name)
+        routed.append(RoutedStore(client_of(running), identity, k * NUM_BLOCKS))
+    router = HostRouter(routed, fingerprint=FP, block_size=BLOCK_SIZE)
+    ids = [r.identity.instance_id for r in routed]
+    convs = [next(c for c in (f"conv-{n}" for n in range(100))
+                  if rendezvous_owner(c, ids) == owner) for owner in ids]
+    tokens = list(range(8))
+    replies = await router.execute(
+        [Reserve(k, c, chain_of(tokens), 8) for k, c in enumerate(convs)])
+    for k, reply in enumerate(replies):
+        res = reply.reservation
+        assert all(k * NUM_BLOCKS <= b < (k + 1) * NUM_BLOCKS for b in res.new_blocks)
+        assert res.reservation_id % 2 == k
+    pins = await router.execute([
+        *(Commit(r.reservation.reservation_id) for r in replies),
+        *(Pin(10 + k, c, chain_of(tokens), 8) for k, c in enumerate(convs))])
+    assert [p.hit.blocks for p in pins] == [r.reservation.new_blocks for r in replies]
+    await router.execute([*(Unpin(p.pin.pin_id) for p in pins), *(Release(c) for c in convs)])
+    for running in stores:
+        stats = await running.stub.Stats(kvstore_pb2.StatsRequest())
+        assert (stats.used_blocks, stats.pinned_blocks) == (0, 0)
+
+
+def test_replies_that_do_not_answer_the_ops_are_refused() -> None:
+    ops = [Reserve(1, "c", chain_of([1]), 1), Release("c"), Pin(2, "c", chain_of([1]), 1)]
+    pinned = kvstore_pb2.BatchReply(pinned=kvstore_pb2.PinnedReply(op_id=2))
+    reserved = kvstore_pb2.BatchReply(reserved=kvstore_pb2.ReservedReply(op_id=1))
+    replies, holders = replies_from_proto([reserved, pinned], ops)
+    assert replies == [Reserved(1, None), Pinned(2, MISS, PinHandle(0, ()))]
+    assert holders == {2: ""}
+    for wrong in ([reserved], [pinned, reserved], [reserved, reserved]):
+        with pytest.raises(ValueError, match=r"replies to|does not answer"):
+            replies_from_proto(wrong, ops)
