@@ -11,6 +11,9 @@ idle, starts one. Requests on the device fail at once with UNAVAILABLE; new ones
 `EngineLimits.outage_wait_s` for the executor and then get UNAVAILABLE, and so does every
 request still held once the outage has lasted that long. `on_health(False)` is called when
 an outage starts and `on_health(True)` once the executor is back with the arenas attached.
+Only UNAVAILABLE and DEADLINE_EXCEEDED mean an outage: any other error is a refusal, which
+fails the request it names (or, naming none, those of the refused call) with INTERNAL,
+and the rest go on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import grpc
 
 from common.kv.extent import Extent
 from common.latency import LatencyWindow, gaps
+from common.refusal import EXECUTOR_LOST, refused_request
 from common.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
@@ -232,8 +236,8 @@ class Engine:
     async def _iteration(self) -> bool:
         plan = await self.core(self.planner.plan)
         try:
-            if plan.swaps:
-                await self._submit_swaps(plan.swaps)
+            if plan.swaps and not await self._submit_swaps(plan.swaps):
+                return True  # re-planned without the refused request
             if plan.barrier:
                 await asyncio.gather(*list(self._swaps.values()))
             if plan.batch:
@@ -244,15 +248,26 @@ class Engine:
             return False
         return bool(plan.preemptions)
 
-    async def _submit_swaps(self, orders: Sequence[SwapOrder]) -> None:
+    async def _submit_swaps(self, orders: Sequence[SwapOrder]) -> bool:
+        """Starts the swaps; False if the executor refused them (then none started)."""
         loop = asyncio.get_running_loop()
         for order in orders:
             self._swaps[order.swap_id] = loop.create_future()
             self._swap_started[order.swap_id] = time.monotonic()
             self.copies += len(order.copies)
-        await self.executor.SubmitSwaps(
-            ex.SubmitSwapsRequest(swaps=[_swap_message(o) for o in orders])
-        )
+        try:
+            await self.executor.SubmitSwaps(
+                ex.SubmitSwapsRequest(swaps=[_swap_message(o) for o in orders])
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() in EXECUTOR_LOST:
+                raise
+            for order in orders:  # as failed copies: their requests fall back to recompute
+                del self._swaps[order.swap_id], self._swap_started[order.swap_id]
+                await self.core(self.planner.swap_done, order.swap_id, ok=False)
+            await self._fail_refused(e, [o.request_id for o in orders])
+            return False
+        return True
 
     async def _run_batch(self, plan: StepPlan) -> None:
         request = ex.StepRequest(iteration=plan.iteration)
@@ -272,7 +287,14 @@ class Engine:
                 )
             )
         started = time.monotonic()
-        response = await self.executor.Step(request)
+        try:
+            response = await self.executor.Step(request)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in EXECUTOR_LOST:
+                raise
+            # Nothing ran: the others' plan is simply made again next iteration.
+            await self._fail_refused(e, [seq.request_id for seq in plan.batch])
+            return
         self.steps += 1
         self.step_overheads.append(time.monotonic() - started - response.duration_s)
         self.metrics.step.observe(time.monotonic() - started)
@@ -394,6 +416,21 @@ class Engine:
         for request_id in list(self._tracked):
             await self.core(self.planner.cancel, request_id)
             self._tracked.pop(request_id).stream.fail(grpc.StatusCode.UNAVAILABLE, message)
+
+    async def _fail_refused(self, error: grpc.aio.AioRpcError, called: Sequence[str]) -> None:
+        """Fails the request a refused call names, or every request of the call (`called`)
+        if it names none, with INTERNAL: the executor refused what this scheduler sent."""
+        named = refused_request(error)
+        victims = [named] if named else list(dict.fromkeys(called))
+        log.error("executor refused %s (%s): %s", ", ".join(victims), error.code().name,
+                  error.details())
+        message = f"the executor refused this request: {error.code().name} {error.details()}"
+        for request_id in victims:
+            await self.core(self.planner.cancel, request_id)
+            tracked = self._tracked.pop(request_id, None)
+            if tracked is not None:
+                tracked.stream.fail(grpc.StatusCode.INTERNAL, message)
+        self._wake.set()
 
     async def _reconnect(self) -> list[int] | None:
         """Re-attaches the host arenas and the swap event stream: the arenas' first host
