@@ -207,6 +207,7 @@ async def test_executor_restart_after_an_unnoticed_store_restart(
         async with FastSwitchClient(address) as client:
             await client.wait_ready()
             clean = await two_turns(client, "clean")
+            await asyncio.sleep(1)  # the last turn's copy to the host has landed
             store, executor = stack._child("kvstore"), stack._child("executor")
             kill(stack, store)
             await asyncio.to_thread(stack.restart, store)

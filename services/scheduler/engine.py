@@ -81,7 +81,7 @@ class Engine:
         arena_names: Sequence[str],
         metrics: SchedulerMetrics | None = None,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
-        on_arenas: Callable[[list[int]], bool] | None = None,
+        on_arenas: Callable[[list[int | None]], bool] | None = None,
     ) -> None:
         self.planner = planner
         self.executor = executor
@@ -105,8 +105,9 @@ class Engine:
         self._busy = asyncio.Lock()  # held by the loop's iterations and by a recovery
         self.on_health = on_health
         self.arena_names = tuple(arena_names)  # host arenas, in the executor's attach order
-        # Told the arenas' first host blocks after a re-attach (on the planner's thread);
-        # True if they moved, which fails every request held.
+        # Told the arenas' first host blocks after a re-attach (on the planner's thread; None
+        # for an arena gone with its store's restart); True if they moved, which fails every
+        # request held.
         self.on_arenas = on_arenas
         self.metrics = metrics or SchedulerMetrics()
         self.accepting = True
@@ -432,20 +433,29 @@ class Engine:
                 tracked.stream.fail(grpc.StatusCode.INTERNAL, message)
         self._wake.set()
 
-    async def _reconnect(self) -> list[int] | None:
+    async def _reconnect(self) -> list[int | None] | None:
         """Re-attaches the host arenas and the swap event stream: the arenas' first host
         blocks, or None if it can't yet."""
         try:
             await self.executor.Describe(ex.DescribeRequest(), timeout=2)
-            firsts = [
-                (await self.executor.AttachHostArena(
-                    ex.AttachHostArenaRequest(name=name), timeout=10)).first_host_block
-                for name in self.arena_names
-            ]
+            firsts = [await self._reattach(name) for name in self.arena_names]
             await asyncio.wait_for(self._subscribe_swap_events(), timeout=10)
         except (grpc.aio.AioRpcError, TimeoutError):
             return None
         return firsts
+
+    async def _reattach(self, name: str) -> int | None:
+        """The arena's first host block; None if it is gone (its KV store restarted with a
+        new arena, which `on_arenas` hears of, so that the store rejoins with that one)."""
+        try:
+            attached = await self.executor.AttachHostArena(
+                ex.AttachHostArenaRequest(name=name), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            if e.code() is not grpc.StatusCode.NOT_FOUND:
+                raise
+            log.warning("host arena %s is gone: its KV store restarted", name)
+            return None
+        return attached.first_host_block
 
     def _final(self, tracked: _Tracked, reason: str) -> Finished:
         times = tracked.timings  # arrival, then one entry per token
