@@ -6,8 +6,7 @@ from __future__ import annotations
 import grpc
 
 REFUSED_REQUEST_KEY = "fastswitch-refused-request-id-bin"
-# What an executor that is gone or stuck answers with; any other error is a refusal.
-EXECUTOR_LOST = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_GONE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 def refusal_metadata(request_id: str) -> tuple[tuple[str, bytes], ...]:
@@ -21,3 +20,13 @@ def refused_request(error: grpc.aio.AioRpcError) -> str | None:
         if key == REFUSED_REQUEST_KEY:
             return value.decode() if isinstance(value, bytes) else value
     return None
+
+
+def executor_lost(error: grpc.aio.AioRpcError) -> bool:
+    """True if the error means the executor is gone or stuck (UNAVAILABLE, DEADLINE_EXCEEDED),
+    or that its state is not what the caller assumed (FAILED_PRECONDITION naming no request,
+    such as no arena attached: it restarted); any other error is a refusal of the call."""
+    code = error.code()
+    return code in _GONE or (
+        code is grpc.StatusCode.FAILED_PRECONDITION and refused_request(error) is None
+    )

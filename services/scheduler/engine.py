@@ -11,9 +11,10 @@ idle, starts one. Requests on the device fail at once with UNAVAILABLE; new ones
 `EngineLimits.outage_wait_s` for the executor and then get UNAVAILABLE, and so does every
 request still held once the outage has lasted that long. `on_health(False)` is called when
 an outage starts and `on_health(True)` once the executor is back with the arenas attached.
-Only UNAVAILABLE and DEADLINE_EXCEEDED mean an outage: any other error is a refusal, which
-fails the request it names (or, naming none, those of the refused call) with INTERNAL,
-and the rest go on.
+Only UNAVAILABLE, DEADLINE_EXCEEDED and an executor whose state is not the one assumed
+(`common.refusal.executor_lost`) mean an outage: any other error is a refusal, which fails
+the request it names (or, naming none, those of the refused call) with INTERNAL, and the
+rest go on.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import grpc
 
 from common.kv.extent import Extent
 from common.latency import LatencyWindow, gaps
-from common.refusal import EXECUTOR_LOST, refused_request
+from common.refusal import executor_lost, refused_request
 from common.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
@@ -261,7 +262,7 @@ class Engine:
                 ex.SubmitSwapsRequest(swaps=[_swap_message(o) for o in orders])
             )
         except grpc.aio.AioRpcError as e:
-            if e.code() in EXECUTOR_LOST:
+            if executor_lost(e):
                 raise
             for order in orders:  # as failed copies: their requests fall back to recompute
                 del self._swaps[order.swap_id], self._swap_started[order.swap_id]
@@ -291,7 +292,7 @@ class Engine:
         try:
             response = await self.executor.Step(request)
         except grpc.aio.AioRpcError as e:
-            if e.code() in EXECUTOR_LOST:
+            if executor_lost(e):
                 raise
             # Nothing ran: the others' plan is simply made again next iteration.
             await self._fail_refused(e, [seq.request_id for seq in plan.batch])
