@@ -259,6 +259,20 @@ def test_a_store_back_with_another_arena_rejoins_where_the_executor_maps_it() ->
     assert all(10 <= b < 20 for b in newer.new_blocks)
 
 
+def test_an_arena_gone_at_an_executor_restart_takes_its_store_out_until_it_rejoins() -> None:
+    """The store restarted unnoticed: the restarted executor cannot map its old arena."""
+    ids = ["kv-a", "kv-b"]
+    clock = Clock()
+    router, shared = make(ids, clock=clock)
+    shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
+    assert router.rebase([0, None])  # its host block ids are stale
+    assert router.degraded
+    assert all(b < 10 for b in router.reserve(conv_owned_by("kv-b", ids), TOKENS).new_blocks)
+    [(index, identity)] = router.probe_down()  # probed at once, not after retry_s
+    router.rejoin(index, identity, 10)
+    assert not router.degraded
+
+
 def test_no_live_store_means_recompute() -> None:
     router, shared = make(["kv-a"])
     shared["kv-a"].reachable = False
