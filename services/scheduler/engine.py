@@ -14,7 +14,8 @@ an outage starts and `on_health(True)` once the executor is back with the arenas
 Only UNAVAILABLE, DEADLINE_EXCEEDED and an executor whose state is not the one assumed
 (`common.refusal.executor_lost`) mean an outage: any other error is a refusal, which fails
 the request it names (or, naming none, those of the refused call) with INTERNAL, and the
-rest go on.
+rest go on. Refused swaps count as failed copies (their requests recompute); a
+FAILED_PRECONDITION on them (a detached arena, a clash with a copy in flight) fails no one.
 """
 
 from __future__ import annotations
@@ -267,7 +268,11 @@ class Engine:
             for order in orders:  # as failed copies: their requests fall back to recompute
                 del self._swaps[order.swap_id], self._swap_started[order.swap_id]
                 await self.core(self.planner.swap_done, order.swap_id, ok=False)
-            await self._fail_refused(e, [o.request_id for o in orders])
+            if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                # A detached arena, or a clash with a copy in flight: not the request's fault.
+                log.warning("swaps refused; their requests recompute: %s", e.details())
+            else:
+                await self._fail_refused(e, [o.request_id for o in orders])
             return False
         return True
 
