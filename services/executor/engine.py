@@ -168,7 +168,7 @@ class _InFlight:
     arena: int  # index of the host side it copies to or from
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # one per attach: compared by identity
 class _HostSide:
     arena: HostArena
     copy: CopyEngine[Any]
@@ -236,6 +236,7 @@ class ExecutorEngine:
         )
         self._make_copy_engine = copy_engine
         self._lock = threading.Lock()
+        self._swap_finished = threading.Condition(self._lock)
         self._attach_lock = threading.Lock()  # attaches one at a time, so offsets are unique
         self._hosts: list[_HostSide] = []  # in attach order; only ever appended to
         self._running: StepClaim | None = None
@@ -329,8 +330,13 @@ class ExecutorEngine:
             side = self._attached(name)
             if side is None:
                 raise FileNotFoundError(name)
+            index = self._hosts.index(side)
             with self._lock:
                 side.detached = True
+                # Including those validated but not yet handed to its copy engine.
+                self._swap_finished.wait_for(
+                    lambda: all(s.arena != index for s in self._inflight.values())
+                )
             _release(side)
         return _attached(side)
 
@@ -419,6 +425,7 @@ class ExecutorEngine:
         # of the completion.
         with self._lock:
             del self._inflight[swap_id]
+            self._swap_finished.notify_all()
         self._hub.publish(
             SwapDone(  # type: ignore[arg-type]  # the hub relays any completion record
                 swap_id,
