@@ -82,6 +82,20 @@ class AttachHostArenaResponse(_message.Message):
     first_host_block: int
     def __init__(self, num_host_blocks: _Optional[int] = ..., first_host_block: _Optional[int] = ...) -> None: ...
 
+class DetachHostArenaRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DetachHostArenaResponse(_message.Message):
+    __slots__ = ("num_host_blocks", "first_host_block")
+    NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_HOST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    num_host_blocks: int
+    first_host_block: int
+    def __init__(self, num_host_blocks: _Optional[int] = ..., first_host_block: _Optional[int] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "seed", "logprobs", "top_k")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]

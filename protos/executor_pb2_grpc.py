@@ -44,6 +44,11 @@ class ExecutorStub:
                 request_serializer=protos_dot_executor__pb2.AttachHostArenaRequest.SerializeToString,
                 response_deserializer=protos_dot_executor__pb2.AttachHostArenaResponse.FromString,
                 _registered_method=True)
+        self.DetachHostArena = channel.unary_unary(
+                '/fastswitch.executor.v1.Executor/DetachHostArena',
+                request_serializer=protos_dot_executor__pb2.DetachHostArenaRequest.SerializeToString,
+                response_deserializer=protos_dot_executor__pb2.DetachHostArenaResponse.FromString,
+                _registered_method=True)
         self.Step = channel.unary_unary(
                 '/fastswitch.executor.v1.Executor/Step',
                 request_serializer=protos_dot_executor__pb2.StepRequest.SerializeToString,
@@ -74,7 +79,17 @@ class ExecutorServicer:
     def AttachHostArena(self, request, context):
         """Maps a KV store's shared-memory arena (same host) as host memory for swaps. Arenas
         are appended: host block ids run through them in attach order (global id = the
-        arena's first_host_block + its local id). Attaching a name again changes nothing.
+        arena's first_host_block + its local id). Attaching an attached name again changes
+        nothing; a detached one is attached anew, after the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetachHostArena(self, request, context):
+        """Unmaps an arena (its store restarted with a new one) once its swaps in flight are done;
+        later swaps into its host block ids are refused (FAILED_PRECONDITION), and those ids
+        are never given to another arena. NOT_FOUND if no arena of that name is attached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +128,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.AttachHostArena,
                     request_deserializer=protos_dot_executor__pb2.AttachHostArenaRequest.FromString,
                     response_serializer=protos_dot_executor__pb2.AttachHostArenaResponse.SerializeToString,
+            ),
+            'DetachHostArena': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachHostArena,
+                    request_deserializer=protos_dot_executor__pb2.DetachHostArenaRequest.FromString,
+                    response_serializer=protos_dot_executor__pb2.DetachHostArenaResponse.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
@@ -184,6 +204,33 @@ class Executor:
             '/fastswitch.executor.v1.Executor/AttachHostArena',
             protos_dot_executor__pb2.AttachHostArenaRequest.SerializeToString,
             protos_dot_executor__pb2.AttachHostArenaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachHostArena(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fastswitch.executor.v1.Executor/DetachHostArena',
+            protos_dot_executor__pb2.DetachHostArenaRequest.SerializeToString,
+            protos_dot_executor__pb2.DetachHostArenaResponse.FromString,
             options,
             channel_credentials,
             insecure,

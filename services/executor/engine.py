@@ -1,11 +1,15 @@
 """The executor's device side: model, KV cache, host arenas and copy engines, behind plain calls.
 
 No gRPC here: the service turns messages into these types and errors into status codes.
-Every call validates all of its input before it acts, so a refused call changes nothing.
+Every call validates all of its input before it acts, so a refused call changes nothing;
+the refusal names the request it is about (`Refused.request_id`), so that only that request
+need fail.
 
 Host memory is one or more arenas (one per KV store instance), attached in order; host block
 ids run through them end to end. Each arena has its own copy engine: one store's
-reservation or pin never spans two arenas, so neither does a swap.
+reservation or pin never spans two arenas, so neither does a swap. A detached arena (its
+store restarted with a new one) keeps its range of ids, never reused, and swaps into it
+are refused.
 
 Threads: `step` runs on one worker thread (steps are serialized there); the other calls run
 on the event loop's thread. One lock guards what they share: the step in progress and the
@@ -19,7 +23,8 @@ import hashlib
 import importlib.util
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,13 +56,31 @@ CopyEngineFactory = Callable[[torch.Tensor, torch.Tensor], CopyEngine[Any]]
 _SIDES: dict[str, tuple[str, str]] = {"out": ("device", "host"), "in": ("host", "device")}
 
 
-class InvalidInput(ValueError):
+class Refused(Exception):
+    """A refused call: nothing of it ran. `request_id` names the request whose sequence or
+    swap order was refused; empty when the refusal is about the call as a whole."""
+
+    request_id: str = ""
+
+
+class InvalidInput(Refused, ValueError):
     """The request itself is wrong; the message names the offending field."""
 
 
-class PreconditionFailed(RuntimeError):
+class PreconditionFailed(Refused, RuntimeError):
     """The request is well formed but conflicts with the executor's state (busy blocks,
-    no arena attached); it may succeed later."""
+    no arena attached, a detached arena); it may succeed later."""
+
+
+@contextmanager
+def blame(request_id: str) -> Iterator[None]:
+    """Names `request_id` in a refusal raised inside, unless it names one already."""
+    try:
+        yield
+    except Refused as exc:
+        if not exc.request_id:
+            exc.request_id = request_id
+        raise
 
 
 class BackendUnavailable(RuntimeError):
@@ -146,12 +169,13 @@ class _InFlight:
     arena: int  # index of the host side it copies to or from
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # one per attach: compared by identity
 class _HostSide:
     arena: HostArena
     copy: CopyEngine[Any]
     first_block: int
     fence: object | None = None  # of the last finished step, on this side's copy engine
+    detached: bool = False  # its range of host block ids stays taken, and refuses swaps
 
     @property
     def end(self) -> int:
@@ -213,6 +237,7 @@ class ExecutorEngine:
         )
         self._make_copy_engine = copy_engine
         self._lock = threading.Lock()
+        self._swap_finished = threading.Condition(self._lock)
         self._attach_lock = threading.Lock()  # attaches one at a time, so offsets are unique
         self._hosts: list[_HostSide] = []  # in attach order; only ever appended to
         self._running: StepClaim | None = None
@@ -248,7 +273,7 @@ class ExecutorEngine:
         )
 
     def describe(self) -> Description:
-        hosts = list(self._hosts)
+        hosts = [h for h in self._hosts if not h.detached]
         eos = self.config.eos_token_ids
         return Description(
             fingerprint=self.fingerprint,
@@ -260,7 +285,7 @@ class ExecutorEngine:
             eos_token_ids=eos,
             checkpoint=str(self.checkpoint or ""),
             host_arenas=tuple(h.arena.name for h in hosts),
-            num_host_blocks=hosts[-1].end if hosts else 0,
+            num_host_blocks=sum(h.arena.num_blocks for h in hosts),
             tokenizer_sha256=self.tokenizer_sha256,
             batch_invariant=self.model.batch_invariant,
         )
@@ -268,14 +293,14 @@ class ExecutorEngine:
     def attach_host_arena(self, name: str) -> AttachedArena:
         """Maps the arena after those attached before; its blocks take the next global ids.
 
-        Attaching a name again changes nothing and answers as the first time did; arenas
-        are never detached while the executor runs, so swaps in flight are unaffected.
-        Raises FileNotFoundError if there is no such arena.
+        Attaching an attached name again changes nothing and answers as the first time did;
+        one detached before is attached anew, after the others. Raises FileNotFoundError if
+        there is no such arena.
         """
         if not name:
             raise InvalidInput("name is empty")
         with self._attach_lock:
-            known = next((h for h in self._hosts if h.arena.name == name), None)
+            known = self._attached(name)
             if known is not None:
                 return _attached(known)
             arena = HostArena.attach(name)
@@ -295,6 +320,29 @@ class ExecutorEngine:
             with self._lock:
                 self._hosts.append(side)
         return _attached(side)
+
+    def detach_host_arena(self, name: str) -> AttachedArena:
+        """Refuses swaps into the arena from now on, lets those in flight finish, and
+        unmaps it; its host block ids are never given to another arena. Blocking: call it
+        off the event loop. Raises FileNotFoundError if no such arena is attached."""
+        if not name:
+            raise InvalidInput("name is empty")
+        with self._attach_lock:
+            side = self._attached(name)
+            if side is None:
+                raise FileNotFoundError(name)
+            index = self._hosts.index(side)
+            with self._lock:
+                side.detached = True
+                # Including those validated but not yet handed to its copy engine.
+                self._swap_finished.wait_for(
+                    lambda: all(s.arena != index for s in self._inflight.values())
+                )
+            _release(side)
+        return _attached(side)
+
+    def _attached(self, name: str) -> _HostSide | None:
+        return next((h for h in self._hosts if h.arena.name == name and not h.detached), None)
 
     def begin_step(self, sequences: Sequence[StepSequence]) -> StepClaim:
         """Validates a step and claims its blocks: from now until `run_step` returns, swaps
@@ -325,7 +373,8 @@ class ExecutorEngine:
             with self._lock:
                 self._running = None
                 for side in self._hosts:
-                    side.fence = side.copy.step_fence()
+                    if not side.detached:
+                        side.fence = side.copy.step_fence()
         return StepResult(tokens, time.perf_counter() - started)
 
     def submit_swaps(self, orders: Sequence[SwapOrder]) -> list[int]:
@@ -336,7 +385,7 @@ class ExecutorEngine:
         step is still writing; completions of every arena reach `subscribe()` streams.
         """
         with self._lock:
-            if not self._hosts:
+            if not any(not h.detached for h in self._hosts):
                 raise PreconditionFailed("no host arena attached: call AttachHostArena first")
             planned = self._validate_swaps(orders)
             starts = []
@@ -363,7 +412,8 @@ class ExecutorEngine:
         with self._lock:
             hosts, self._hosts = self._hosts, []
         for host in hosts:
-            _release(host)
+            if not host.detached:
+                _release(host)
 
     def _sample(self, seq: StepSequence, logits: torch.Tensor) -> SampledToken:
         # The index of the token being sampled in the request's whole token list: the same
@@ -376,6 +426,7 @@ class ExecutorEngine:
         # of the completion.
         with self._lock:
             del self._inflight[swap_id]
+            self._swap_finished.notify_all()
         self._hub.publish(
             SwapDone(  # type: ignore[arg-type]  # the hub relays any completion record
                 swap_id,
@@ -390,61 +441,75 @@ class ExecutorEngine:
     def _validate_step(self, sequences: Sequence[StepSequence]) -> StepClaim:
         if not sequences:
             raise InvalidInput("sequences is empty: a step needs at least one sequence")
-        block_size, num_blocks = self.geometry.block_size, self.geometry.num_blocks
-        vocab, max_len = self.config.vocab_size, self.config.max_position_embeddings
         first_of_request: dict[str, int] = {}
         slot_writer: dict[tuple[int, int], int] = {}
         reads: dict[int, str] = {}
         writes: dict[int, str] = {}
         for i, seq in enumerate(sequences):
-            where = f"sequences[{i}]"
-            if not seq.request_id:
-                raise InvalidInput(f"{where}.request_id is empty")
-            if seq.request_id in first_of_request:
+            with blame(seq.request_id):
+                self._validate_sequence(i, seq, first_of_request, slot_writer, reads, writes)
+        return StepClaim(tuple(sequences), reads, writes)
+
+    def _validate_sequence(
+        self,
+        i: int,
+        seq: StepSequence,
+        first_of_request: dict[str, int],
+        slot_writer: dict[tuple[int, int], int],
+        reads: dict[int, str],
+        writes: dict[int, str],
+    ) -> None:
+        """Checks one entry against the geometry, the entries before it and the swaps in
+        flight, and adds the blocks it reads and writes."""
+        block_size, num_blocks = self.geometry.block_size, self.geometry.num_blocks
+        vocab, max_len = self.config.vocab_size, self.config.max_position_embeddings
+        where = f"sequences[{i}]"
+        if not seq.request_id:
+            raise InvalidInput(f"{where}.request_id is empty")
+        if seq.request_id in first_of_request:
+            raise InvalidInput(
+                f"{where}.request_id={seq.request_id!r} repeats "
+                f"sequences[{first_of_request[seq.request_id]}]"
+            )
+        first_of_request[seq.request_id] = i
+        if not seq.token_ids:
+            raise InvalidInput(f"{where}.token_ids is empty: an entry feeds at least one token")
+        if seq.start < 0:
+            raise InvalidInput(f"{where}.start={seq.start} is negative")
+        if seq.end > max_len:
+            raise InvalidInput(
+                f"{where}: start+len(token_ids)={seq.end} exceeds max_model_len {max_len}"
+            )
+        _check_range(f"{where}.token_ids", seq.token_ids, vocab)
+        _check_range(f"{where}.banned_token_ids", seq.banned_token_ids, vocab)
+        _check_range(f"{where}.block_table", seq.block_table, num_blocks)
+        needed = -(-seq.end // block_size)
+        if len(seq.block_table) < needed:
+            raise InvalidInput(
+                f"{where}.block_table has {len(seq.block_table)} blocks; "
+                f"start+len(token_ids)={seq.end} tokens need {needed}"
+            )
+        for j in range(needed):
+            reads.setdefault(seq.block_table[j], f"{where}.block_table[{j}]")
+        for pos in range(seq.start, seq.end):
+            j = pos // block_size
+            slot = (seq.block_table[j], pos % block_size)
+            if slot in slot_writer:
                 raise InvalidInput(
-                    f"{where}.request_id={seq.request_id!r} repeats "
-                    f"sequences[{first_of_request[seq.request_id]}]"
+                    f"{where}.block_table[{j}]={slot[0]}: sequences[{slot_writer[slot]}] "
+                    f"writes the same slot {slot[1]}"
                 )
-            first_of_request[seq.request_id] = i
-            if not seq.token_ids:
-                raise InvalidInput(f"{where}.token_ids is empty: an entry feeds at least one token")
-            if seq.start < 0:
-                raise InvalidInput(f"{where}.start={seq.start} is negative")
-            if seq.end > max_len:
-                raise InvalidInput(
-                    f"{where}: start+len(token_ids)={seq.end} exceeds max_model_len {max_len}"
-                )
-            _check_range(f"{where}.token_ids", seq.token_ids, vocab)
-            _check_range(f"{where}.banned_token_ids", seq.banned_token_ids, vocab)
-            _check_range(f"{where}.block_table", seq.block_table, num_blocks)
-            needed = -(-seq.end // block_size)
-            if len(seq.block_table) < needed:
-                raise InvalidInput(
-                    f"{where}.block_table has {len(seq.block_table)} blocks; "
-                    f"start+len(token_ids)={seq.end} tokens need {needed}"
-                )
-            for j in range(needed):
-                reads.setdefault(seq.block_table[j], f"{where}.block_table[{j}]")
-            for pos in range(seq.start, seq.end):
-                j = pos // block_size
-                slot = (seq.block_table[j], pos % block_size)
-                if slot in slot_writer:
-                    raise InvalidInput(
-                        f"{where}.block_table[{j}]={slot[0]}: sequences[{slot_writer[slot]}] "
-                        f"writes the same slot {slot[1]}"
-                    )
-                slot_writer[slot] = i
-                writes.setdefault(slot[0], f"{where}.block_table[{j}]")
-        claim = StepClaim(tuple(sequences), reads, writes)
+            slot_writer[slot] = i
+            writes.setdefault(slot[0], f"{where}.block_table[{j}]")
         for swap in self._inflight.values():
             # A swap-out only reads its blocks: a step may read them too, never write them.
-            touched = claim.writes if swap.direction == "out" else claim.reads
+            touched = writes if swap.direction == "out" else reads
             for block in sorted(swap.device_blocks & touched.keys()):
-                raise PreconditionFailed(
-                    f"{touched[block]}={block} is in flight in swap {swap.swap_id} "
-                    f"({swap.direction} of {swap.request_id!r}); wait for its SwapEvent"
-                )
-        return claim
+                if touched[block].startswith(f"{where}."):
+                    raise PreconditionFailed(
+                        f"{touched[block]}={block} is in flight in swap {swap.swap_id} "
+                        f"({swap.direction} of {swap.request_id!r}); wait for its SwapEvent"
+                    )
 
     def _validate_swaps(
         self, orders: Sequence[SwapOrder]
@@ -456,46 +521,59 @@ class ExecutorEngine:
         dst_writer: dict[tuple[str, int], str] = {}
         planned: list[tuple[_InFlight, list[Copy]]] = []
         for i, order in enumerate(orders):
-            where = f"swaps[{i}]"
-            if order.swap_id in self._inflight or any(
-                p.swap_id == order.swap_id for p, _ in planned
-            ):
-                raise InvalidInput(f"{where}.swap_id={order.swap_id} is already in use")
-            if not order.request_id:
-                raise InvalidInput(f"{where}.request_id is empty")
-            if order.direction not in _SIDES:
-                raise InvalidInput(f"{where}.direction={order.direction!r} is not 'out' or 'in'")
-            if not order.copies:
-                raise InvalidInput(f"{where}.copies is empty")
-            src_side, dst_side = _SIDES[order.direction]
-            for j, c in enumerate(order.copies):
-                for role, extent, side in (("src", c.src, src_side), ("dst", c.dst, dst_side)):
-                    if extent.end > sides[side]:
-                        raise InvalidInput(
-                            f"{where}.copies[{j}].{role}=[{extent.start}, {extent.end}) out of "
-                            f"range [0, {sides[side]}) {side} blocks"
-                        )
-                for block in c.dst.blocks():
-                    if (dst_side, block) in dst_writer:
-                        raise InvalidInput(
-                            f"{where}.copies[{j}].dst: {dst_side} block {block} is also "
-                            f"written by {dst_writer[dst_side, block]}"
-                        )
-                    dst_writer[dst_side, block] = f"{where}.copies[{j}]"
-            arena, copies = self._localize(where, order)
-            device_extents = [c.src if order.direction == "out" else c.dst for c in order.copies]
-            inflight = _InFlight(
-                order.swap_id,
-                order.request_id,
-                order.direction,
-                frozenset(b for e in device_extents for b in e.blocks()),
-                arena,
-            )
-            self._check_same_arena(where, inflight, [p for p, _ in planned])
-            planned.append((inflight, copies))
+            with blame(order.request_id):
+                planned.append(self._validate_order(i, order, sides, dst_writer, planned))
         for i, (swap, _) in enumerate(planned):
-            self._check_device_conflicts(f"swaps[{i}]", swap, [p for p, _ in planned[:i]])
+            with blame(swap.request_id):
+                self._check_device_conflicts(f"swaps[{i}]", swap, [p for p, _ in planned[:i]])
         return planned
+
+    def _validate_order(
+        self,
+        i: int,
+        order: SwapOrder,
+        sides: dict[str, int],
+        dst_writer: dict[tuple[str, int], str],
+        planned: Sequence[tuple[_InFlight, list[Copy]]],
+    ) -> tuple[_InFlight, list[Copy]]:
+        """Checks one order against the geometry, the arenas and the orders before it."""
+        where = f"swaps[{i}]"
+        if order.swap_id in self._inflight or any(
+            p.swap_id == order.swap_id for p, _ in planned
+        ):
+            raise InvalidInput(f"{where}.swap_id={order.swap_id} is already in use")
+        if not order.request_id:
+            raise InvalidInput(f"{where}.request_id is empty")
+        if order.direction not in _SIDES:
+            raise InvalidInput(f"{where}.direction={order.direction!r} is not 'out' or 'in'")
+        if not order.copies:
+            raise InvalidInput(f"{where}.copies is empty")
+        src_side, dst_side = _SIDES[order.direction]
+        for j, c in enumerate(order.copies):
+            for role, extent, side in (("src", c.src, src_side), ("dst", c.dst, dst_side)):
+                if extent.end > sides[side]:
+                    raise InvalidInput(
+                        f"{where}.copies[{j}].{role}=[{extent.start}, {extent.end}) out of "
+                        f"range [0, {sides[side]}) {side} blocks"
+                    )
+            for block in c.dst.blocks():
+                if (dst_side, block) in dst_writer:
+                    raise InvalidInput(
+                        f"{where}.copies[{j}].dst: {dst_side} block {block} is also "
+                        f"written by {dst_writer[dst_side, block]}"
+                    )
+                dst_writer[dst_side, block] = f"{where}.copies[{j}]"
+        arena, copies = self._localize(where, order)
+        device_extents = [c.src if order.direction == "out" else c.dst for c in order.copies]
+        inflight = _InFlight(
+            order.swap_id,
+            order.request_id,
+            order.direction,
+            frozenset(b for e in device_extents for b in e.blocks()),
+            arena,
+        )
+        self._check_same_arena(where, inflight, [p for p, _ in planned])
+        return inflight, copies
 
     def _localize(self, where: str, order: SwapOrder) -> tuple[int, list[Copy]]:
         """The one arena the order's host extents lie in, and its copies in that arena's
@@ -512,6 +590,11 @@ class ExecutorEngine:
                 raise InvalidInput(
                     f"{field_name} crosses the end of host arena {side.arena.name} "
                     f"[{side.first_block}, {side.end}): an order's host blocks lie in one arena"
+                )
+            if side.detached:
+                raise PreconditionFailed(
+                    f"{field_name} is in host arena {side.arena.name}, which is detached "
+                    "(its KV store restarted with a new one)"
                 )
             if arena is not None and k != arena:
                 first = self._hosts[arena]

@@ -18,16 +18,19 @@ from grpc_health.v1.health import aio as health_aio
 from common.grpc_serving import add_health_and_reflection
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy
+from common.refusal import refusal_metadata
 from protos import executor_pb2, executor_pb2_grpc
 from services.executor.copy import CompletionStream, Direction
 from services.executor.engine import (
     ExecutorEngine,
     InvalidInput,
     PreconditionFailed,
+    Refused,
     StepClaim,
     StepSequence,
     SwapDone,
     SwapOrder,
+    blame,
 )
 from services.executor.metrics import ExecutorMetrics
 from services.executor.model import SamplingParams
@@ -91,12 +94,29 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             num_host_blocks=attached.num_blocks, first_host_block=attached.first_block
         )
 
+    async def DetachHostArena(
+        self, request: executor_pb2.DetachHostArenaRequest, context: grpc.aio.ServicerContext
+    ) -> executor_pb2.DetachHostArenaResponse:
+        try:  # waits for the arena's swaps in flight: off the event loop
+            detached = await asyncio.to_thread(self._engine.detach_host_arena, request.name)
+        except FileNotFoundError:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"name: no attached arena {request.name!r}"
+            )
+        except InvalidInput as exc:
+            await _abort(context, exc)
+        log.info("detached host arena %s (host blocks [%d, %d))", detached.name,
+                 detached.first_block, detached.first_block + detached.num_blocks)
+        return executor_pb2.DetachHostArenaResponse(
+            num_host_blocks=detached.num_blocks, first_host_block=detached.first_block
+        )
+
     async def Step(
         self, request: executor_pb2.StepRequest, context: grpc.aio.ServicerContext
     ) -> executor_pb2.StepResponse:
         try:
             sequences = [_sequence(i, s) for i, s in enumerate(request.sequences)]
-        except InvalidInput as exc:
+        except Refused as exc:
             await _abort(context, exc)
         await self._step_lock.acquire()  # held until the step's thread is done
         try:
@@ -137,7 +157,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             )
         try:
             return self._engine.begin_step(sequences)
-        except (InvalidInput, PreconditionFailed) as exc:
+        except Refused as exc:
             await _abort(context, exc)
 
     async def SubmitSwaps(
@@ -146,7 +166,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         try:
             orders = [_order(i, s) for i, s in enumerate(request.swaps)]
             tickets = self._engine.submit_swaps(orders)
-        except (InvalidInput, PreconditionFailed) as exc:
+        except Refused as exc:
             await _abort(context, exc)
         self._metrics.swaps_in_flight.inc(len(tickets))
         return executor_pb2.SubmitSwapsResponse(tickets=tickets)
@@ -180,13 +200,14 @@ def add_to_server(service: ExecutorService, server: grpc.aio.Server) -> health_a
     return add_health_and_reflection(server, SERVICE_NAME)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext, exc: Refused) -> NoReturn:
+    """The refusal's status, with the request it names in the trailing metadata."""
     code = (
         grpc.StatusCode.FAILED_PRECONDITION
         if isinstance(exc, PreconditionFailed)
         else grpc.StatusCode.INVALID_ARGUMENT
     )
-    await context.abort(code, str(exc))
+    await context.abort(code, str(exc), trailing_metadata=refusal_metadata(exc.request_id))
 
 
 def _field(where: str, build: Callable[[], T]) -> T:
@@ -199,16 +220,17 @@ def _field(where: str, build: Callable[[], T]) -> T:
 
 def _sequence(index: int, seq: executor_pb2.SequenceInput) -> StepSequence:
     s = seq.sampling
-    sampling = _field(
-        f"sequences[{index}].sampling",
-        lambda: SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p or 1.0,  # proto3's default 0 means "no nucleus cut"
-            seed=s.seed,
-            logprobs=s.logprobs,
-            top_k=s.top_k,
-        ),
-    )
+    with blame(seq.request_id):
+        sampling = _field(
+            f"sequences[{index}].sampling",
+            lambda: SamplingParams(
+                temperature=s.temperature,
+                top_p=s.top_p or 1.0,  # proto3's default 0 means "no nucleus cut"
+                seed=s.seed,
+                logprobs=s.logprobs,
+                top_k=s.top_k,
+            ),
+        )
     return StepSequence(
         request_id=seq.request_id,
         block_table=list(seq.block_table),
@@ -221,7 +243,11 @@ def _sequence(index: int, seq: executor_pb2.SequenceInput) -> StepSequence:
 
 
 def _order(index: int, order: executor_pb2.SwapOrder) -> SwapOrder:
-    where = f"swaps[{index}]"
+    with blame(order.request_id):
+        return _parse_order(f"swaps[{index}]", order)
+
+
+def _parse_order(where: str, order: executor_pb2.SwapOrder) -> SwapOrder:
     if order.direction not in _DIRECTIONS:
         raise InvalidInput(
             f"{where}.direction={order.direction} is not DIRECTION_OUT or DIRECTION_IN"

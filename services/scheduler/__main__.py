@@ -189,11 +189,14 @@ async def connect_stores(
 async def probe_stores(router: HostRouter, engine: Engine) -> None:
     """Probes stores that stopped answering, so that one which answers again is used (and
     Stats' kvstore_degraded clears) with no request's help; one that restarted with a new
-    arena is used again once the executor maps that arena."""
+    arena is used again once the executor has detached the old arena and mapped the new
+    one."""
     while True:
         await asyncio.sleep(router.retry_s / 5)
         for index, identity in await router.probe_down():
+            old = router.stores[index].identity.arena_name
             try:
+                await detach(engine.executor, old)
                 attached = await engine.executor.AttachHostArena(
                     ex.AttachHostArenaRequest(name=identity.arena_name), timeout=10)
             except grpc.aio.AioRpcError as e:
@@ -201,6 +204,16 @@ async def probe_stores(router: HostRouter, engine: Engine) -> None:
                 continue
             router.rejoin(index, identity, attached.first_host_block)
             engine.arena_names = tuple(s.identity.arena_name for s in router.stores)
+
+
+async def detach(executor: ex_grpc.ExecutorStub, name: str) -> None:
+    """Has the executor unmap a dead store's arena; one it does not map (it restarted
+    since) is already gone."""
+    try:
+        await executor.DetachHostArena(ex.DetachHostArenaRequest(name=name), timeout=10)
+    except grpc.aio.AioRpcError as e:
+        if e.code() is not grpc.StatusCode.NOT_FOUND:
+            raise
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -13,6 +13,11 @@ idle, starts one. Requests on the device fail at once with UNAVAILABLE; new ones
 `EngineLimits.outage_wait_s` for the executor and then get UNAVAILABLE, and so does every
 request still held once the outage has lasted that long. `on_health(False)` is called when
 an outage starts and `on_health(True)` once the executor is back with the arenas attached.
+Only UNAVAILABLE, DEADLINE_EXCEEDED and an executor whose state is not the one assumed
+(`common.refusal.executor_lost`) mean an outage: any other error is a refusal, which fails
+the request it names (or, naming none, those of the refused call) with INTERNAL, and the
+rest go on. Refused swaps count as failed copies (their requests recompute); a
+FAILED_PRECONDITION on them (a detached arena, a clash with a copy in flight) fails no one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import grpc
 from common.kv.extent import Extent
 from common.kv.host_ops import HostOp, unanswered
 from common.latency import LatencyWindow, gaps
+from common.refusal import executor_lost, refused_request
 from common.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
@@ -79,7 +85,7 @@ class Engine:
         arena_names: Sequence[str],
         metrics: SchedulerMetrics | None = None,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
-        on_arenas: Callable[[list[int]], bool] | None = None,
+        on_arenas: Callable[[list[int | None]], bool] | None = None,
     ) -> None:
         self.planner = planner
         self.executor = executor
@@ -104,8 +110,8 @@ class Engine:
         self._busy = asyncio.Lock()  # held by the loop's iterations and by a recovery
         self.on_health = on_health
         self.arena_names = tuple(arena_names)  # host arenas, in the executor's attach order
-        # Told the arenas' first host blocks after a re-attach; True if they moved, which
-        # fails every request held.
+        # Told the arenas' first host blocks after a re-attach (None for an arena gone with
+        # its store's restart); True if they moved, which fails every request held.
         self.on_arenas = on_arenas
         self.metrics = metrics or SchedulerMetrics()
         self.accepting = True
@@ -229,8 +235,8 @@ class Engine:
         if plan.host_ops:
             self._host_ops.put_nowait(plan.host_ops)
         try:
-            if plan.swaps:
-                await self._submit_swaps(plan.swaps)
+            if plan.swaps and not await self._submit_swaps(plan.swaps):
+                return True  # re-planned without the refused request
             if plan.barrier:
                 await asyncio.gather(*list(self._swaps.values()))
                 plan = self.planner.runnable(plan)
@@ -242,15 +248,30 @@ class Engine:
             return False
         return bool(plan.preemptions)
 
-    async def _submit_swaps(self, orders: Sequence[SwapOrder]) -> None:
+    async def _submit_swaps(self, orders: Sequence[SwapOrder]) -> bool:
+        """Starts the swaps; False if the executor refused them (then none started)."""
         loop = asyncio.get_running_loop()
         for order in orders:
             self._swaps[order.swap_id] = loop.create_future()
             self._swap_started[order.swap_id] = time.monotonic()
             self.copies += len(order.copies)
-        await self.executor.SubmitSwaps(
-            ex.SubmitSwapsRequest(swaps=[_swap_message(o) for o in orders])
-        )
+        try:
+            await self.executor.SubmitSwaps(
+                ex.SubmitSwapsRequest(swaps=[_swap_message(o) for o in orders])
+            )
+        except grpc.aio.AioRpcError as e:
+            if executor_lost(e):
+                raise
+            for order in orders:  # as failed copies: their requests fall back to recompute
+                del self._swaps[order.swap_id], self._swap_started[order.swap_id]
+                self.planner.swap_done(order.swap_id, ok=False)
+            if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                # A detached arena, or a clash with a copy in flight: not the request's fault.
+                log.warning("swaps refused; their requests recompute: %s", e.details())
+            else:
+                await self._fail_refused(e, [o.request_id for o in orders])
+            return False
+        return True
 
     async def _run_batch(self, plan: StepPlan) -> None:
         request = ex.StepRequest(iteration=plan.iteration)
@@ -270,7 +291,14 @@ class Engine:
                 )
             )
         started = time.monotonic()
-        response = await self.executor.Step(request)
+        try:
+            response = await self.executor.Step(request)
+        except grpc.aio.AioRpcError as e:
+            if executor_lost(e):
+                raise
+            # Nothing ran: the others' plan is simply made again next iteration.
+            await self._fail_refused(e, [seq.request_id for seq in plan.batch])
+            return
         self.steps += 1
         self.step_overheads.append(time.monotonic() - started - response.duration_s)
         self.metrics.step.observe(time.monotonic() - started)
@@ -404,20 +432,44 @@ class Engine:
             self.planner.cancel(request_id)
             self._tracked.pop(request_id).stream.fail(grpc.StatusCode.UNAVAILABLE, message)
 
-    async def _reconnect(self) -> list[int] | None:
+    async def _fail_refused(self, error: grpc.aio.AioRpcError, called: Sequence[str]) -> None:
+        """Fails the request a refused call names, or every request of the call (`called`)
+        if it names none, with INTERNAL: the executor refused what this scheduler sent."""
+        named = refused_request(error)
+        victims = [named] if named else list(dict.fromkeys(called))
+        log.error("executor refused %s (%s): %s", ", ".join(victims), error.code().name,
+                  error.details())
+        message = f"the executor refused this request: {error.code().name} {error.details()}"
+        for request_id in victims:
+            self.planner.cancel(request_id)
+            tracked = self._tracked.pop(request_id, None)
+            if tracked is not None:
+                tracked.stream.fail(grpc.StatusCode.INTERNAL, message)
+        self._wake.set()
+
+    async def _reconnect(self) -> list[int | None] | None:
         """Re-attaches the host arenas and the swap event stream: the arenas' first host
         blocks, or None if it can't yet."""
         try:
             await self.executor.Describe(ex.DescribeRequest(), timeout=2)
-            firsts = [
-                (await self.executor.AttachHostArena(
-                    ex.AttachHostArenaRequest(name=name), timeout=10)).first_host_block
-                for name in self.arena_names
-            ]
+            firsts = [await self._reattach(name) for name in self.arena_names]
             await asyncio.wait_for(self._subscribe_swap_events(), timeout=10)
         except (grpc.aio.AioRpcError, TimeoutError):
             return None
         return firsts
+
+    async def _reattach(self, name: str) -> int | None:
+        """The arena's first host block; None if it is gone (its KV store restarted with a
+        new arena, which `on_arenas` hears of, so that the store rejoins with that one)."""
+        try:
+            attached = await self.executor.AttachHostArena(
+                ex.AttachHostArenaRequest(name=name), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            if e.code() is not grpc.StatusCode.NOT_FOUND:
+                raise
+            log.warning("host arena %s is gone: its KV store restarted", name)
+            return None
+        return attached.first_host_block
 
     def _final(self, tracked: _Tracked, reason: str) -> Finished:
         times = tracked.timings  # arrival, then one entry per token

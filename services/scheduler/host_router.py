@@ -276,12 +276,17 @@ class HostRouter:
         log.info("KV store %s is back with arena %s (host blocks from %d)",
                  inst.instance_id, identity.arena_name, first_block)
 
-    def rebase(self, first_blocks: Sequence[int]) -> bool:
+    def rebase(self, first_blocks: Sequence[int | None]) -> bool:
         """Follows a restarted executor that mapped the stores' arenas (in order) at these
-        first blocks; True if any moved, which makes every host block id held stale."""
+        first blocks; True if any moved, which makes every host block id held stale. None:
+        the store's arena is gone (it restarted), so it is down, and probed at once, until
+        it `rejoin`s with its new one."""
         moved = False
         for inst, first in zip(self._instances, first_blocks, strict=True):
-            if first != inst.store.first_block:
+            if first is None:
+                inst.retry_at = self._clock()
+                moved = True
+            elif first != inst.store.first_block:
                 inst.store = replace(inst.store, first_block=first)
                 moved = True
         self.stores = tuple(i.store for i in self._instances)

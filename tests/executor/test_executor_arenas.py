@@ -110,3 +110,42 @@ def test_one_requests_swaps_in_flight_share_an_arena(
     attach_all(engine, arenas)
     with pytest.raises(PreconditionFailed, match=r"swaps\[1\]: swap 1 of 'a' is in flight"):
         engine.submit_swaps([order(1, "a", "out", [0], [0]), order(2, "a", "out", [1], [6])])
+
+
+def test_a_detached_arena_refuses_swaps_and_its_ids_are_never_reused(
+    setup: tuple[ExecutorEngine, list[HostArena]],
+) -> None:
+    engine, arenas = setup
+    attach_all(engine, arenas)
+    assert engine.detach_host_arena(arenas[0].name) == AttachedArena(arenas[0].name, 0, 6)
+    assert engine.describe().host_arenas == (arenas[1].name,)
+    assert engine.describe().num_host_blocks == 4
+    with pytest.raises(PreconditionFailed, match=r"swaps\[0\]\.copies\[0\]\.dst=\[0, 1\) is "
+                                                 r"in host arena .* which is detached") as refused:
+        engine.submit_swaps([order(1, "a", "out", [0], [0])])
+    assert refused.value.request_id == "a"
+    engine.submit_swaps([order(2, "b", "out", [1], [7])])  # the other arena still serves
+    with HostArena.local(3, engine.geometry.block_bytes) as third:
+        assert engine.attach_host_arena(third.name).first_block == 10  # after the detached
+        again = engine.attach_host_arena(arenas[0].name)  # attached anew, after the others
+        assert (again.first_block, again.num_blocks) == (13, 6)
+        assert engine.describe().host_arenas == (arenas[1].name, third.name, arenas[0].name)
+        with pytest.raises(FileNotFoundError):
+            engine.detach_host_arena("no-such-arena")
+        engine.detach_host_arena(third.name)  # unmapped now, so the segment can go
+
+
+def test_a_refusal_names_the_request_of_the_offending_entry(
+    setup: tuple[ExecutorEngine, list[HostArena]],
+) -> None:
+    engine, arenas = setup
+    attach_all(engine, arenas)
+    with pytest.raises(InvalidInput, match=r"swaps\[1\]\.copies\[0\]\.src") as swap:
+        engine.submit_swaps([order(1, "good", "out", [0], [0]),
+                             order(2, "bad", "out", [DEVICE_BLOCKS], [1])])
+    assert swap.value.request_id == "bad"
+    with pytest.raises(PreconditionFailed, match="no host arena attached") as whole:
+        for arena in arenas:
+            engine.detach_host_arena(arena.name)
+        engine.submit_swaps([order(3, "good", "out", [0], [0])])
+    assert whole.value.request_id == ""  # about the call, not about one request

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.kv.extent import runs
 from common.kv.swap_plan import plan_copies
+from common.refusal import refused_request
 from common.shm.arena import HostArena
 from protos import executor_pb2 as pb
 from protos import executor_pb2_grpc
@@ -366,6 +367,9 @@ async def test_invalid_input_names_the_field_and_touches_nothing(
             await call(request)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
         assert re.search(message, refused.value.details()), refused.value.details()
+        entries = getattr(request, "sequences", None) or getattr(request, "swaps", None)
+        # The entry at fault is always the second, so the scheduler fails its request alone.
+        assert refused_request(refused.value) == (entries[1].request_id if entries else None)
     assert await victim.run(stub, GENERATED) == expected
     # The control: the poison on its own does change what the victim generates.
     control = Generation("control", [*VICTIM_BLOCKS, 84], GREEDY)
@@ -402,3 +406,12 @@ async def test_swap_events_stream_while_a_step_runs(
     await assert_step_running(203)
     await step
     events.cancel()
+
+
+async def test_detaching_an_arena_that_is_not_attached_is_not_found(
+    stub: executor_pb2_grpc.ExecutorStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.DetachHostArena(pb.DetachHostArenaRequest(name="fastswitch-no-such-arena"))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no attached arena 'fastswitch-no-such-arena'" in refused.value.details()

@@ -292,6 +292,21 @@ async def test_a_store_back_with_another_arena_stays_out_until_it_rejoins() -> N
     assert all(10 <= b < 20 for b in res.reservation.new_blocks)
 
 
+async def test_an_arena_gone_at_an_executor_restart_takes_its_store_out_until_it_rejoins(
+) -> None:
+    """The store restarted unnoticed: the restarted executor cannot map its old arena."""
+    ids = ["kv-a", "kv-b"]
+    router, shared = make(ids, clock=Clock())
+    shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
+    assert router.rebase([0, None])  # its host block ids are stale
+    assert router.degraded
+    [res] = await router.execute([reserve(1, conv_owned_by("kv-b", ids))])
+    assert all(b < 10 for b in res.reservation.new_blocks)
+    [(index, identity)] = await router.probe_down()  # probed at once, not after retry_s
+    router.rejoin(index, identity, 10)
+    assert not router.degraded
+
+
 async def test_replies_from_an_arena_the_executor_did_not_map_are_dropped() -> None:
     ids = ["kv-a", "kv-b"]
     router, shared = make(ids)
