@@ -16,6 +16,8 @@ from common.metrics import serve_metrics
 from services.http.app import Frontend, Settings
 from services.http.protocol import Defaults
 
+log = logging.getLogger("fastswitch.http")
+
 FLAGS = [  # (flag, env var, default, help)
     ("port", "FASTSWITCH_HTTP_PORT", "8000", "port of the HTTP API"),
     ("host", "FASTSWITCH_HTTP_HOST", "127.0.0.1", "address to bind"),
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
                           max_tokens=int(args.default_max_tokens)),
     ))
     serve_metrics(int(args.metrics_port), "0.0.0.0", frontend.metrics.registry)
+    log.info("OpenAI-compatible API on http://%s:%s/v1 over the scheduler at %s",
+             args.host, args.port, args.scheduler)
     uvicorn.run(frontend.app(), host=args.host, port=int(args.port), log_level="warning",
                 timeout_graceful_shutdown=float(args.shutdown_grace))
 

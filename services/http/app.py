@@ -152,8 +152,8 @@ class Frontend:
 
     async def chat(self, request: Request) -> Response:
         md = metadata(request)
-        authorization = md[0][1] if md else ""
-        parsed = parse_chat(await _json(request), self.settings.defaults, authorization)
+        parsed = parse_chat(await _json(request), self.settings.defaults,
+                            request.headers.get("authorization", ""))
         return await self._generate(parsed, md, CHAT)
 
     async def completions(self, request: Request) -> Response:
@@ -252,19 +252,19 @@ class Answer(Response):
     def __init__(self, call: grpc.aio.UnaryStreamCall, reply: Reply) -> None:
         self.call = call
         self.reply = reply
-        self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         work = asyncio.ensure_future(self._respond(send))
         gone = asyncio.ensure_future(_disconnect(receive))
         try:
-            done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-            if work in done:
-                work.result()
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            work.cancel()
+            work.cancel()  # a no-op once it is done
             gone.cancel()
             self.call.cancel()
+            await asyncio.gather(work, gone, return_exceptions=True)
+        if not work.cancelled():
+            work.result()  # the answer's own failure, if any, for the server to log
 
     async def _respond(self, send: Send) -> None:
         gen = Generation(self.call)

@@ -93,8 +93,9 @@ def parse_chat(data: object, defaults: Defaults, authorization: str) -> Parsed:
                           "logprob is returned (top_logprobs 0)", "top_logprobs")
     body.refuse("tools", ([],), "no tool calling")
     logprobs = body.get("logprobs", bool, False)
+    newer = body.count("max_completion_tokens")  # OpenAI's name for it since o1
     request = _request(body, defaults, logprobs,
-                       max_tokens=body.count("max_completion_tokens") or body.count("max_tokens"))
+                       max_tokens=body.count("max_tokens") if newer is None else newer)
     request.messages.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
     request.conversation_id = conversation_key(messages, client_id=request.client_id,
                                                authorization=authorization)
