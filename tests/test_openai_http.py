@@ -143,6 +143,9 @@ async def test_errors_are_openai_error_objects(api: openai.AsyncOpenAI,
         raw_post, stack.http_address, "/v1/completions",
         json.dumps({"prompt": "hi", "temperature": "hot"}).encode())
     assert (status, body["error"]["param"]) == (400, "temperature")
+    status, body = await asyncio.to_thread(raw_post, stack.http_address, "/v1/embeddings",
+                                           b"{}")
+    assert status == 404 and "Not Found" in body["error"]["message"]
 
 
 def read_sse(address: str, body: dict) -> list[str]:

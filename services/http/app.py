@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -117,7 +118,9 @@ class Frontend:
             Route("/v1/chat/completions", self._api(self.chat), methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
         ]
-        return self.metrics.middleware(Starlette(routes=routes, lifespan=lifespan))
+        return self.metrics.middleware(Starlette(
+            routes=routes, lifespan=lifespan,
+            exception_handlers={HTTPException: _http_error}))
 
     @staticmethod
     def _api(handler: Callable[[Request], Awaitable[Response]]
@@ -188,6 +191,13 @@ async def _json(request: Request) -> object:
         return json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not JSON: {e}") from None
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, a wrong method) as error objects too."""
+    assert isinstance(exc, HTTPException)
+    return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
+                                   f"{exc.detail}", type="invalid_request_error"))
 
 
 def error_response(error: ApiError) -> JSONResponse:
