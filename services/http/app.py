@@ -288,7 +288,8 @@ class Answer(Response):
             return
         if not self.reply.parsed.stream:
             try:
-                await gen.collect()
+                async for _ in tokens:  # the rest; `gen` keeps them all
+                    pass
                 answer: Response = JSONResponse(self.reply.whole(gen))
             except grpc.aio.AioRpcError as e:
                 answer = error_response(from_rpc(e))
