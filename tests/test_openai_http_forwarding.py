@@ -17,6 +17,8 @@ from common.grpc_serving import add_health_and_reflection, mark_serving
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
 from services.http.app import SCHEDULER
+from services.http.errors import ApiError
+from services.http.protocol import Defaults, parse_chat, parse_completion
 from services.http.reuse_key import conversation_key
 from services.launch import Child, free_port, wait_serving
 
@@ -137,14 +139,24 @@ async def test_grpc_statuses_become_http_statuses_and_error_objects(
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content"),
     ({"messages": MESSAGES, "ignore_eos": 1}, "ignore_eos"),
+    ({"messages": MESSAGES, "top_k": 2**40}, "top_k"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
 ])
 def test_bad_chat_bodies_are_refused_before_any_call(body: dict, param: str) -> None:
-    from services.http.errors import ApiError
-    from services.http.protocol import Defaults, parse_chat
-
     with pytest.raises(ApiError) as err:
         parse_chat(body, Defaults(client_id="c", max_tokens=8), "")
     assert (err.value.status, err.value.param) == (400, param)
+
+
+def test_bad_completion_prompts_are_refused() -> None:
+    defaults = Defaults(client_id="c", max_tokens=8)
+    for prompt in ([2**32], ["a", "b"], 5, None, [True]):
+        with pytest.raises(ApiError) as err:
+            parse_completion({"prompt": prompt}, defaults)
+        assert (err.value.status, err.value.param) == (400, "prompt"), prompt
+    parsed = parse_completion({"prompt": [[1, 2]], "logprobs": 0}, defaults)
+    assert list(parsed.request.token_ids.ids) == [1, 2] and parsed.logprobs
+    assert parsed.request.max_tokens == 8 and parsed.request.client_id == "c"
 
 
 def test_a_resent_history_keeps_its_conversation_key() -> None:

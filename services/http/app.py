@@ -94,9 +94,9 @@ class Frontend:
 
     ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health")
 
-    def __init__(self, settings: Settings, metrics: HttpMetrics | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = metrics or HttpMetrics(self.ROUTES)
+        self.metrics = HttpMetrics(self.ROUTES)
         self.started = int(time.time())
         self._model = settings.served_model_name
         self._channel: grpc.aio.Channel | None = None

@@ -16,9 +16,8 @@ CLIENT_CLOSED = "499"  # the client went away before an answer started (nginx's 
 class HttpMetrics:
     """Counts HTTP requests by route and status; `middleware` does the counting."""
 
-    def __init__(self, routes: Collection[str], registry: CollectorRegistry | None = None
-                 ) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(self, routes: Collection[str]) -> None:
+        self.registry = CollectorRegistry()
         self.routes = frozenset(routes)
         self.requests = Counter(
             "requests", "HTTP requests by route and status (499: the client closed first)",

@@ -22,6 +22,7 @@ from services.http.errors import bad_request
 from services.http.reuse_key import conversation_key
 
 ROLES = ("system", "user", "assistant")
+ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
 INT_MAX = 2**31 - 1
 
 
@@ -118,7 +119,7 @@ def parse_completion(data: object, defaults: Defaults) -> Parsed:
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
         request.token_ids.ids.extend(prompt)
     else:
         raise bad_request("'prompt' must be a string, an array of token ids, or an array of "
@@ -131,10 +132,11 @@ def _messages(raw: list[Any] | None) -> list[tuple[str, str]]:
         raise bad_request("'messages' must be a non-empty array", "messages")
     out = []
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        role = ALIASES.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
+        if role not in ROLES:
             raise bad_request(f"messages[{i}] must be an object with a role among "
-                              f"{', '.join(ROLES)}", f"messages[{i}].role")
-        out.append((m["role"], _content(m.get("content"), i)))
+                              f"{', '.join([*ROLES, *ALIASES])}", f"messages[{i}].role")
+        out.append((role, _content(m.get("content"), i)))
     return out
 
 
@@ -167,6 +169,8 @@ def _request(body: Body, defaults: Defaults, logprobs: bool, *, max_tokens: int 
     if seed is None:
         seed = secrets.randbits(63)  # unseeded sampling differs from request to request
     top_k = body.get("top_k", int, 0)
+    if not -1 <= top_k <= INT_MAX:
+        raise bad_request("'top_k' must be -1 or 0 (no cut) or a positive integer", "top_k")
     request = pb.GenerateRequest(
         client_id=body.get("user", str, "") or defaults.client_id,
         max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
