@@ -2,7 +2,8 @@
 
 Starts the executor (tiny checkpoint, CPU backend, fast path unless told otherwise), then
 the KV store (or several, sharing one Redis index) with the executor's block geometry and
-model fingerprint, then the scheduler; waits for each to report SERVING; restarts one that
+model fingerprint, then the scheduler, then (with --http-port) the OpenAI-compatible HTTP
+front door; waits for each to report SERVING; restarts one that
 dies, on its port and with its arguments, after a backoff that doubles from 1 s to 30 s
 while restarts keep failing; and on Ctrl-C or SIGTERM stops them in reverse order.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.health_probe import check_http
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
 from services.scheduler.core.config import Mode
@@ -53,6 +55,7 @@ class StackConfig:
     max_num_seqs: int = 32
     max_batched_tokens: int = 256
     scheduler_port: int = 0  # 0: a free port
+    http_port: int | None = None  # the HTTP front door's; None: none, 0: a free port
     log_dir: str = ""  # empty: children inherit stderr
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -90,6 +93,10 @@ class LocalStack:
     @property
     def executor_address(self) -> str:
         return self._child("executor").address
+
+    @property
+    def http_address(self) -> str:
+        return self._child("http").address
 
     @property
     def kvstore_address(self) -> str:
@@ -135,6 +142,8 @@ class LocalStack:
             ], timeout_s)
         if scheduler:
             self.start_scheduler(timeout_s=timeout_s)
+            if c.http_port is not None:
+                self.start_http(timeout_s=timeout_s)
 
     def start_scheduler(
         self, *, mode: str = "", extra_args: Sequence[str] = (), timeout_s: float = 120.0
@@ -148,6 +157,11 @@ class LocalStack:
             "--max-batched-tokens", str(c.max_batched_tokens),
             *extra_args,
         ], timeout_s, port=c.scheduler_port or None)
+
+    def start_http(self, *, extra_args: Sequence[str] = (), timeout_s: float = 120.0) -> Child:
+        """Starts the HTTP front door over this stack's scheduler."""
+        return self.spawn("http", ["--scheduler", self.scheduler_address, *extra_args],
+                          timeout_s, port=self.config.http_port or None)
 
     def stop_child(self, child: Child, grace_s: float = 10.0) -> int:
         """SIGTERM, then SIGKILL after `grace_s`; returns the exit code."""
@@ -198,7 +212,16 @@ class LocalStack:
 
 
 def wait_serving(child: Child, timeout_s: float) -> None:
+    """Until the child's health check passes: gRPC health, or the front door's /health."""
     deadline = time.monotonic() + timeout_s
+    if child.name == "http":
+        while (problem := check_http(child.address, timeout_s=1)) is not None:
+            if child.process.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} not serving after {timeout_s:.0f} s: {problem}")
+            time.sleep(0.2)
+        return
     with grpc.insecure_channel(child.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -241,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="KV store instances; more than one needs --redis-url")
     parser.add_argument("--port", type=int, default=int(
         os.environ.get("FASTSWITCH_SCHEDULER_PORT", "50051")))
+    http_port = os.environ.get("FASTSWITCH_HTTP_PORT")
+    parser.add_argument("--http-port", type=int, default=int(http_port) if http_port else None,
+                        help="serve the OpenAI-compatible HTTP API on this port, bound to "
+                             "127.0.0.1 [env FASTSWITCH_HTTP_PORT; default: off]")
     args = parser.parse_args(argv)
     config = StackConfig(
         mode=args.mode, switches=args.switches, policy=args.policy,
@@ -248,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
         backend=args.backend, dtype=args.dtype, batch_invariant=args.batch_invariant,
         redis_url=args.redis_url, num_kvstores=args.num_kvstores, scheduler_port=args.port,
-        log_dir=args.log_dir,
+        http_port=args.http_port, log_dir=args.log_dir,
     )
-    logs = [str(Path(args.log_dir) / f"{n}.log") for n in ("executor", "kvstore", "scheduler")]
+    names = ["executor", "kvstore", "scheduler", *(["http"] if args.http_port is not None else [])]
+    logs = [str(Path(args.log_dir) / f"{n}.log") for n in names]
     print(f"starting FastSwitch; the services log to {', '.join(logs)}", flush=True)
     stopping = False
 
@@ -263,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     with LocalStack(config) as stack:
         print(f"FastSwitch is up ({config.mode} mode): scheduler {stack.scheduler_address}, "
               f"executor {stack.executor_address}, "
-              f"kvstore {', '.join(stack.kvstore_addresses)}. "
-              "Ctrl-C stops it.", flush=True)
+              f"kvstore {', '.join(stack.kvstore_addresses)}"
+              + (f", OpenAI API http://{stack.http_address}/v1" if args.http_port is not None
+                 else "")
+              + ". Ctrl-C stops it.", flush=True)
         supervise(stack, lambda: stopping)
     return 0
 

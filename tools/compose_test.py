@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCHEDULER = "fastswitch.scheduler.v1.Scheduler"
 SERVICES = ("executor", "kvstore", "scheduler", "redis")
 PROMPT = "the quick brown fox jumps over the lazy dog"
-HOST_PORTS = [f"FASTSWITCH_HOST_PORT_{s}{m}" for s in ("SCHEDULER", "EXECUTOR", "KVSTORE")
+HOST_PORTS = [f"FASTSWITCH_HOST_PORT_{s}{m}" for s in ("SCHEDULER", "EXECUTOR", "KVSTORE", "HTTP")
               for m in ("", "_METRICS")]
 _started = time.monotonic()
 

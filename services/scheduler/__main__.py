@@ -279,7 +279,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size,
                                prompts=prompts,
-                               eos_token_ids=desc.eos_token_ids or [desc.eos_token_id])
+                               eos_token_ids=desc.eos_token_ids or [desc.eos_token_id],
+                               model=os.path.basename(os.path.normpath(desc.checkpoint)))
     metrics.watch(service.snapshot)
     serve_metrics(int(args.metrics_port), "0.0.0.0", metrics.registry)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)

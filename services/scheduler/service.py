@@ -26,9 +26,10 @@ Sampled = pb.GenerateRequest | pb.ChatRequest
 class SchedulerService(pb_grpc.SchedulerServicer):
     def __init__(
         self, engine: Engine, *, mode: str, vocab_size: int, prompts: Prompts,
-        eos_token_ids: Sequence[int],
+        eos_token_ids: Sequence[int], model: str,
     ) -> None:
         self.engine = engine
+        self.model = model
         self.prompts = prompts
         self.mode = mode
         self.vocab_size = vocab_size
@@ -191,6 +192,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         overheads = list(self.engine.step_overheads)
         return pb.StatsResponse(
             mode=self.mode,
+            model=self.model,
             waiting=states.count(S.WAITING),
             running=sum(s in (S.RUNNING, S.PREFILLING) for s in states),
             swapped=sum(s in (S.SWAPPED, S.SWAPPING_OUT, S.SWAPPING_IN) for s in states),

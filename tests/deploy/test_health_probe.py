@@ -1,11 +1,13 @@
 """`python -m common.health_probe`: the container health check's exit code follows
-grpc.health.v1, for the whole server and for one service."""
+grpc.health.v1, for the whole server and for one service, or HTTP /health with --http."""
 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 
 import grpc
@@ -64,3 +66,29 @@ async def test_runs_as_a_module(server: tuple[str, health_aio.HealthServicer]) -
     )
     _, err = await process.communicate()
     assert process.returncode == 0, err.decode()
+
+
+def test_http_mode_follows_the_status_of_health(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--http`: GET /health, 200 healthy, anything else (or nothing listening) not."""
+    status = {"code": 503}
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status["code"] if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main([address, "--http"]) == 1
+        assert "HTTP 503" in capsys.readouterr().err
+        status["code"] = 200
+        assert main([address, "--http"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert main([address, "--http", "--timeout", "0.5"]) == 1
