@@ -16,6 +16,8 @@ import pytest
 from common.client import FastSwitchClient, Sampling
 from services.launch import LocalStack, StackConfig, free_port
 
+pytestmark = pytest.mark.process
+
 KEY = "sk-test"
 HISTORY = [{"role": "system", "content": "You are a terse assistant for FastSwitch."},
            {"role": "user", "content": "Tell me about block groups, swaps and host KV reuse."}]
