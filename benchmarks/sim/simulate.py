@@ -94,9 +94,11 @@ def simulate(
     *,
     check_tokens: bool = False,
     policy: FairnessPolicy | None = None,
+    cost: SimCost | None = None,
 ) -> ModeResult:
     """`check_tokens` runs the token-checking executor too: exact, and much slower. `policy`
-    replaces a fresh `options.policy` (to observe what it is told)."""
+    replaces a fresh `options.policy` (to observe what it is told); `cost` replaces the
+    roofline and link models (e.g. a calibrated CPU one)."""
     device_blocks = options.device_blocks or deployment.num_gpu_blocks
     host_blocks = max(1, int(options.host_kv_multiple * device_blocks))
     _check_fits(deployment, device_blocks, turns)
@@ -118,7 +120,7 @@ def simulate(
         memory_efficiency=options.memory_efficiency,
         step_overhead_s=options.step_overhead_s,
     )
-    cost = SimCost.for_mode(step_model, options.link, mode)
+    cost = cost or SimCost.for_mode(step_model, options.link, mode)
     tally = SwapTally()
     replay = Replay(turns, options.seed, options.vocab)
     updates = (
