@@ -36,7 +36,7 @@ from services.scheduler.core.policy import POLICIES
 DEFAULT_SETTINGS = "a10:llama-3-8b,a100:qwen-2.5-32b,a100:llama-3-8b"
 # Small enough for about a minute on two cores; explicit flags still override it.
 QUICK = {"settings": "a10:llama-3-8b", "rates": "0.5,2", "update_every": "20"}
-MODES = (Mode.FASTSWITCH, Mode.BASELINE)
+MODES = tuple(Mode)  # every mode, side by side
 
 
 @dataclass(frozen=True)
