@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.sim.copy_engine import LinkModel
-from benchmarks.sim.hardware import GPUS, MODELS, Deployment, DoesNotFit
+from benchmarks.sim.hardware import GPUS, MODELS, Deployment, DoesNotFit, GpuSpec
 from benchmarks.sim.report import (
     Point,
     paper_table,
@@ -36,7 +36,7 @@ from services.scheduler.core.policy import POLICIES
 DEFAULT_SETTINGS = "a10:llama-3-8b,a100:qwen-2.5-32b,a100:llama-3-8b"
 # Small enough for about a minute on two cores; explicit flags still override it.
 QUICK = {"settings": "a10:llama-3-8b", "rates": "0.5,2", "update_every": "20"}
-MODES = (Mode.FASTSWITCH, Mode.BASELINE)
+MODES = tuple(Mode)  # every mode, side by side
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="host KV blocks as a multiple of the device KV blocks")
     parser.add_argument("--device-blocks", type=int,
                         help="override every deployment's device KV blocks (forces pressure)")
-    parser.add_argument("--link-overhead-us", type=float, default=5.0,
-                        help="driver cost of one cudaMemcpyAsync")
-    parser.add_argument("--link-bandwidth-gbs", type=float, default=25.0,
-                        help="pinned PCIe 4.0 x16 throughput, GB/s")
+    parser.add_argument("--link-overhead-us", type=float,
+                        help="driver cost of one cudaMemcpyAsync (default: the GPU's, 4-5)")
+    parser.add_argument("--link-bandwidth-gbs", type=float,
+                        help="pinned one-way host link throughput, GB/s (default: the GPU's: "
+                        "25 on PCIe 4.0, 50 on PCIe 5.0)")
     parser.add_argument("--compute-efficiency", type=float, default=0.6)
     parser.add_argument("--memory-efficiency", type=float, default=0.85)
     parser.add_argument("--step-overhead-ms", type=float, default=4.0)
@@ -107,6 +108,15 @@ def parse_settings(text: str) -> list[Setting]:
     if not settings:
         raise ValueError("no settings given")
     return settings
+
+
+def host_link(gpu: GpuSpec, args: argparse.Namespace) -> LinkModel:
+    """The GPU's host link, with any of its two numbers overridden by flags."""
+    overhead_us, gbs = args.link_overhead_us, args.link_bandwidth_gbs
+    return LinkModel(
+        gpu.copy_overhead_s if overhead_us is None else overhead_us * 1e-6,
+        gpu.host_link_bytes_per_s if gbs is None else gbs * 1e9,
+    )
 
 
 def workloads(args: argparse.Namespace) -> dict[float | None, list[TurnSpec]]:
@@ -146,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         [int(e) for e in args.update_every.split(",")] if args.policy == "priority" else [None]
     )
     loads = workloads(args)
-    link = LinkModel(args.link_overhead_us * 1e-6, args.link_bandwidth_gbs * 1e9)
     total = len(settings) * len(loads) * len(everys) * len(MODES)
     started, done = time.perf_counter(), 0
     points: list[Point] = []
     for setting in settings:
+        link = host_link(setting.deployment.gpu, args)
         for rate, turns in loads.items():
             for every in everys:
                 options = SimOptions(

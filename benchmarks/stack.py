@@ -1,12 +1,14 @@
-"""`make demo`: the real stack, once in fastswitch mode and once in baseline mode.
+"""`make demo`: the real stack, once per scheduler mode (`--modes`, default all of them).
 
 Each run starts the three services as local processes (by default the tiny checkpoint and
 the CPU backend; `--backend cupy`, `--checkpoint DIR` and `--dtype` choose others; the
 embedded index), drives them with the load generator (multi-turn conversations and random
 priority updates, with device KV memory small enough to force preemption), and reads the
-scheduler's counters. The table compares the modes side by side, and `--json FILE` records
-both modes' metrics and the ratios. With greedy sampling both modes must return the same
-tokens; the run fails if they do not. Timings are real but noisy on a shared 2-core
+scheduler's counters. `--trace FILE` replays a simulator trace instead (stack_trace.py),
+`--limit` conversations of it at `--time-scale` times its pace. `--switches` ablates
+fastswitch's mechanisms. The table compares the modes side by side, and `--json FILE` records
+every mode's metrics and the ratios to fastswitch. With greedy sampling all modes must return
+the same tokens; the run fails if they do not. Timings are real but noisy on a shared 2-core
 machine: read the ratios, not the digits.
 """
 
@@ -20,10 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.sim.trace import load_trace
+from benchmarks.stack_trace import check_fits, first_conversations, replay_trace
 from common.client import FastSwitchClient
 from common.latency import percentile
 from common.loadgen import LoadReport, LoadSpec, run_load
 from services.launch import LocalStack, StackConfig
+from services.scheduler.core.config import Mode
+
+FASTSWITCH = Mode.FASTSWITCH.value
 
 # key: (label, scale for the table, True if higher is better)
 METRICS = {
@@ -33,6 +40,7 @@ METRICS = {
     "p99_tbt_s": ("P99 TBT (ms)", 1e3, False),
     "p999_tbt_s": ("P99.9 TBT (ms)", 1e3, False),
     "throughput_tok_s": ("tokens/s", 1, True),
+    "output_tokens": ("output tokens", 1, True),
     "preemptions": ("preemptions", 1, False),
     "swap_out_bytes": ("swap-out MiB", 2**-20, False),
     "copies": ("copies issued", 1, False),
@@ -52,6 +60,7 @@ def metrics(report: LoadReport, stats) -> dict[str, float]:
         "p99_tbt_s": percentile(tbts, 99),
         "p999_tbt_s": percentile(tbts, 99.9),
         "throughput_tok_s": report.output_tokens / report.wall_s,
+        "output_tokens": report.output_tokens,
         "preemptions": stats.preemptions,
         "swap_out_bytes": stats.swap_out_bytes,
         "copies": stats.copies,
@@ -64,61 +73,92 @@ def metrics(report: LoadReport, stats) -> dict[str, float]:
 
 
 async def one_mode(mode: str, args: argparse.Namespace, log_dir: str):
+    switches = args.switches if mode == FASTSWITCH else ""
     config = StackConfig(mode=mode, batch_invariant=True, num_gpu_blocks=args.gpu_blocks,
                          num_host_blocks=args.host_blocks, log_dir=log_dir,
-                         backend=args.backend, checkpoint=args.checkpoint, dtype=args.dtype)
+                         backend=args.backend, checkpoint=args.checkpoint, dtype=args.dtype,
+                         policy=args.policy, extra_env={"FASTSWITCH_SWITCHES": switches})
     t0 = time.monotonic()
     print(f"[{mode}] starting executor, kvstore and scheduler (logs in {log_dir}) ...",
           file=sys.stderr, flush=True)
     with LocalStack(config) as stack:
         print(f"[{mode}] stack up in {time.monotonic() - t0:.1f}s; running load ...",
               file=sys.stderr, flush=True)
-        spec = LoadSpec(clients=args.clients, turns=args.turns, seed=args.seed)
-        report = await run_load(
-            stack.scheduler_address, spec,
-            progress=lambda line: print(f"[{mode}] {line}", file=sys.stderr, flush=True),
-        )
+
+        def progress(line: str) -> None:
+            print(f"[{mode}] {line}", file=sys.stderr, flush=True)
+        if args.trace_turns is None:
+            spec = LoadSpec(clients=args.clients, turns=args.turns, seed=args.seed)
+            report = await run_load(stack.scheduler_address, spec, progress=progress)
+        else:
+            assert stack.describe is not None
+            check_fits(args.trace_turns, stack.describe.max_model_len)
+            report = await replay_trace(
+                stack.scheduler_address, args.trace_turns, seed=args.seed,
+                vocab=stack.describe.vocab_size, time_scale=args.time_scale, progress=progress,
+            )
         async with FastSwitchClient(stack.scheduler_address) as client:
             stats = await client.stats()
     return metrics(report, stats), [(t.conversation_id, t.turn, t.token_ids)
                                     for t in report.turns]
 
 
+def gain(mode_value: float, fastswitch_value: float, higher_is_better: bool) -> float | None:
+    """How many times better fastswitch is than a mode (above 1 favours fastswitch)."""
+    if not mode_value or not fastswitch_value:
+        return None
+    return fastswitch_value / mode_value if higher_is_better else mode_value / fastswitch_value
+
+
 def print_table(rows: dict[str, dict[str, float]]) -> None:
     width = max(len(label) for label, _, _ in METRICS.values())
-    print(f"\n{'':{width}}  {'fastswitch':>12}  {'baseline':>12}  {'gain':>7}")
+    others = [m for m in rows if m != FASTSWITCH and FASTSWITCH in rows]
+    head = "".join(f"  {m:>12}" for m in rows) + "".join(f"  {'vs ' + m:>12}" for m in others)
+    print(f"\n{'':{width}}{head}")
     for key, (label, scale, higher) in METRICS.items():
-        fs, base = rows["fastswitch"][key], rows["baseline"][key]
-        gain = (fs / base if higher else base / fs) if fs and base else None
-        gain_text = f"{gain:6.2f}x" if gain is not None else "      -"
-        print(f"{label:{width}}  {fs * scale:>12.2f}  {base * scale:>12.2f}  {gain_text}")
-    print("(gain: how many times better fastswitch is; above 1 favours fastswitch)")
+        cells = "".join(f"  {row[key] * scale:>12.2f}" for row in rows.values())
+        for m in others:
+            g = gain(rows[m][key], rows[FASTSWITCH][key], higher)
+            cells += f"  {g:11.2f}x" if g is not None else f"  {'-':>12}"
+        print(f"{label:{width}}{cells}")
+    if others:
+        print("(vs MODE: how many times better fastswitch is; above 1 favours fastswitch)")
 
 
 async def main_async(args: argparse.Namespace) -> int:
     rows, outputs = {}, {}
     with tempfile.TemporaryDirectory(prefix="fastswitch-stack-") as log_dir:
-        for mode in ("fastswitch", "baseline"):
+        for mode in args.modes:
             rows[mode], outputs[mode] = await one_mode(mode, args, f"{log_dir}/{mode}")
     print_table(rows)
-    same = outputs["fastswitch"] == outputs["baseline"]
+    first = outputs[args.modes[0]]
+    same = all(out == first for out in outputs.values())
     if args.json:
-        ratios = {
-            key: (rows["baseline"][key] / rows["fastswitch"][key]
-                  if rows["fastswitch"][key] else None)
-            for key in rows["fastswitch"]
-        }
+        doc = {"workload": {k: v for k, v in vars(args).items() if k != "trace_turns"},
+               "modes": rows, "identical_tokens": same}
+        fs = rows.get(FASTSWITCH, {})
+        for mode in (m for m in rows if fs and m != FASTSWITCH):
+            doc[f"{mode}_over_fastswitch"] = {
+                key: rows[mode][key] / fs[key] if fs[key] else None for key in fs
+            }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(
-            {"workload": vars(args), "modes": rows, "baseline_over_fastswitch": ratios,
-             "identical_tokens": same}, indent=2))
+        Path(args.json).write_text(json.dumps(doc, indent=2, default=str))
         print(f"wrote {args.json}")
     if not same:
-        print("ERROR: the two modes returned different tokens", file=sys.stderr)
+        print("ERROR: the modes returned different tokens", file=sys.stderr)
         return 1
-    n = len(outputs["fastswitch"])
-    print(f"Both modes returned identical tokens for all {n} turns, preemptions included.")
+    print(f"All {len(rows)} modes returned identical tokens for all {len(first)} turns, "
+          "preemptions included.")
     return 0
+
+
+def parse_modes(text: str) -> list[str]:
+    known = [m.value for m in Mode]
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in known]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"modes are a comma list of {known}, got {text!r}")
+    return modes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="",
                         choices=["", "auto", "float32", "float16", "bfloat16"],
                         help="the executor's model and KV dtype (default: the checkpoint's)")
-    parser.add_argument("--json", default="", help="write both modes' metrics and ratios here")
-    return asyncio.run(main_async(parser.parse_args(argv)))
+    parser.add_argument("--modes", type=parse_modes, default=[m.value for m in Mode],
+                        help="comma list of scheduler modes (default: all)")
+    parser.add_argument("--switches", default="",
+                        help="ablation: changes to fastswitch's switches, "
+                        "e.g. --switches=-turn_offload")
+    parser.add_argument("--policy", choices=["priority", "vtc", "fcfs"], default="priority")
+    parser.add_argument("--trace", type=Path, help="replay this JSONL trace (benchmarks/sim)")
+    parser.add_argument("--limit", type=int, help="with --trace: its first N conversations")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="with --trace: multiplies arrival and think times (0: no waits)")
+    parser.add_argument("--json", default="", help="write every mode's metrics and ratios here")
+    args = parser.parse_args(argv)
+    args.trace_turns = None
+    if args.trace is not None:
+        try:
+            args.trace_turns = first_conversations(load_trace(args.trace), args.limit)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
+    elif args.limit is not None:
+        parser.error("--limit needs --trace")
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

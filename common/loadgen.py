@@ -45,6 +45,7 @@ class TurnResult:
     preemptions: int
     bytes_swapped: int
     reused_prompt_tokens: int
+    finished_s: float = 0.0  # since the load started
 
 
 @dataclass

@@ -16,10 +16,14 @@ class DoesNotFit(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class GpuSpec:
+    """One GPU and its host link: measured one-way pinned throughput and cost per copy."""
+
     name: str
     memory_bytes: int
     hbm_bytes_per_s: float
     fp16_tensor_flops: float
+    host_link_bytes_per_s: float = 25e9  # PCIe 4.0 x16, measured
+    copy_overhead_s: float = 5e-6  # one cudaMemcpyAsync
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,15 @@ A10 = GpuSpec("A10 24GB", memory_bytes=24 * GIB, hbm_bytes_per_s=600e9, fp16_ten
 A100_80GB = GpuSpec(
     "A100 80GB PCIe", memory_bytes=80 * GIB, hbm_bytes_per_s=1935e9, fp16_tensor_flops=312e12
 )
+# Hopper SXM5 boards: PCIe 5.0 x16 to the host, about 50 GB/s one way measured.
+H100_SXM = GpuSpec(
+    "H100 80GB SXM", memory_bytes=80 * GIB, hbm_bytes_per_s=3350e9, fp16_tensor_flops=989e12,
+    host_link_bytes_per_s=50e9, copy_overhead_s=4e-6,
+)
+H200_SXM = GpuSpec(
+    "H200 141GB SXM", memory_bytes=141 * GIB, hbm_bytes_per_s=4800e9, fp16_tensor_flops=989e12,
+    host_link_bytes_per_s=50e9, copy_overhead_s=4e-6,
+)
 
 LLAMA3_8B = ModelSpec(
     "LLaMA-3-8B",
@@ -100,7 +113,7 @@ QWEN25_32B = ModelSpec(
     qkv_bias=True,
 )
 
-GPUS: dict[str, GpuSpec] = {"a10": A10, "a100": A100_80GB}
+GPUS: dict[str, GpuSpec] = {"a10": A10, "a100": A100_80GB, "h100": H100_SXM, "h200": H200_SXM}
 MODELS: dict[str, ModelSpec] = {"llama-3-8b": LLAMA3_8B, "qwen-2.5-32b": QWEN25_32B}
 
 # cuBLAS workspaces, CUDA graph pools and allocator slack that profiling a forward pass misses.

@@ -21,7 +21,7 @@ from common.kv.reuse_index import ReuseIndex
 from services.scheduler.core.config import Mode, SchedulerConfig
 from services.scheduler.core.plan import Direction, StepPlan
 from services.scheduler.core.planner import Planner, PlannerStats
-from services.scheduler.core.policy import POLICIES, RandomPriorityUpdates
+from services.scheduler.core.policy import POLICIES, FairnessPolicy, RandomPriorityUpdates
 
 
 class ConservationError(AssertionError):
@@ -93,8 +93,12 @@ def simulate(
     options: SimOptions,
     *,
     check_tokens: bool = False,
+    policy: FairnessPolicy | None = None,
+    cost: SimCost | None = None,
 ) -> ModeResult:
-    """`check_tokens` runs the token-checking executor too: exact, and much slower."""
+    """`check_tokens` runs the token-checking executor too: exact, and much slower. `policy`
+    replaces a fresh `options.policy` (to observe what it is told); `cost` replaces the
+    roofline and link models (e.g. a calibrated CPU one)."""
     device_blocks = options.device_blocks or deployment.num_gpu_blocks
     host_blocks = max(1, int(options.host_kv_multiple * device_blocks))
     _check_fits(deployment, device_blocks, turns)
@@ -109,14 +113,14 @@ def simulate(
     host = ReuseIndex(
         fingerprint=deployment.model.name, block_size=deployment.block_size, num_blocks=host_blocks
     )
-    planner = Planner(config, POLICIES[options.policy](), host.fingerprint)
+    planner = Planner(config, policy or POLICIES[options.policy](), host.fingerprint)
     step_model = StepCostModel(
         deployment,
         compute_efficiency=options.compute_efficiency,
         memory_efficiency=options.memory_efficiency,
         step_overhead_s=options.step_overhead_s,
     )
-    cost = SimCost.for_mode(step_model, options.link, mode)
+    cost = cost or SimCost.for_mode(step_model, options.link, mode)
     tally = SwapTally()
     replay = Replay(turns, options.seed, options.vocab)
     updates = (

@@ -13,7 +13,7 @@ from benchmarks import paper_sim
 from benchmarks.sim.copy_engine import KvLayout, LinkModel
 from benchmarks.sim.cost_model import StepCostModel
 from benchmarks.sim.costs import SimCost
-from benchmarks.sim.hardware import A10, LLAMA3_8B, Deployment
+from benchmarks.sim.hardware import A10, GPUS, LLAMA3_8B, Deployment
 from benchmarks.sim.replay import Replay, message_tokens
 from benchmarks.sim.report import PAPER_CLAIMS, Point, ratio
 from benchmarks.sim.simulate import ConservationError, SimOptions, check_conservation, simulate
@@ -260,12 +260,12 @@ def test_main_writes_json_for_every_setting_and_mode_deterministically(
     assert paper_sim.main([*TINY_ARGS, "--json", str(tmp_path / "a.json")]) == 0
     out = capsys.readouterr()
     assert "P95 TTFT speedup" in out.out and "4.3-5.8x" in out.out
-    assert "[  8/8]" in out.err
+    assert f"[{4 * len(Mode):>3}/{4 * len(Mode)}]" in out.err
     doc = json.loads((tmp_path / "a.json").read_text())
     seen = {(p["setting"], p["arrival_rate"]) for p in doc["points"]}
     assert seen == {(s, r) for s in ("a10/llama-3-8b", "a100/llama-3-8b") for r in (10.0, 40.0)}
     for point in doc["points"]:
-        assert set(point["modes"]) == {"fastswitch", "baseline"}
+        assert set(point["modes"]) == {m.value for m in Mode}
         for metrics in point["modes"].values():
             assert metrics.keys() >= REQUIRED_METRICS
         assert point["ratios"].keys() >= REQUIRED_METRICS
@@ -283,6 +283,14 @@ def test_main_replays_a_trace(tmp_path: Path) -> None:
     [point] = json.loads((tmp_path / "t.json").read_text())["points"]
     assert (point["arrival_rate"], point["update_every"]) == (None, None)
     assert point["modes"]["baseline"]["turns_finished"] == len(load_trace(tmp_path / "t.jsonl"))
+
+
+def test_the_host_link_is_the_gpus_unless_a_flag_overrides_it() -> None:
+    defaults = paper_sim.parse_args([])
+    assert paper_sim.host_link(GPUS["a100"], defaults) == LinkModel(5e-6, 25e9)
+    assert paper_sim.host_link(GPUS["h200"], defaults) == LinkModel(4e-6, 50e9)
+    narrow = paper_sim.parse_args(["--link-bandwidth-gbs", "12"])
+    assert paper_sim.host_link(GPUS["h100"], narrow) == LinkModel(4e-6, 12e9)
 
 
 def test_main_rejects_a_model_that_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:

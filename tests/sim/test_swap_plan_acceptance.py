@@ -148,21 +148,13 @@ def _copies(swap_outs: list[_SwapOut], *, merge: bool, fresh_host: bool = False)
     )
 
 
-SATURATED = pytest.mark.xfail(
-    strict=True,
-    reason="when admission is memory-bound (97% of blocks used) admissions land in fragmented "
-    "free space and reclaimed slack (about 12 groups per admitted table): measured 6.5x "
-    "(5.1-9.3x over seeds); see the note of issue 2",
-)
-
-
 @pytest.mark.parametrize(
     ("max_running", "sizing", "hint_cap"),
     [
         # batch-bound, about 72% of blocks used; the planner's hint (up to max_tokens)
         pytest.param(40, GroupSizing(), None, id="headroom"),
-        # memory-bound, about 97% used: the same allocator and hint
-        pytest.param(64, GroupSizing(), None, id="saturated", marks=SATURATED),
+        # memory-bound, about 97% used: the same allocator and hint (9.9x; 9.9-12.5x over seeds)
+        pytest.param(64, GroupSizing(), None, id="saturated"),
         # memory-bound, with short slack: a hint of at most 2 blocks and 2-block groups
         pytest.param(64, GroupSizing(min_blocks=2), 2, id="saturated-short-slack"),
     ],
