@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common.kv.arena import HostArena
 
 from benchmarks.sim.copy_engine import KvLayout, LinkModel
 from benchmarks.sim.cost_model import SequenceWork, StepCostModel
@@ -41,7 +42,6 @@ from benchmarks.sim.simulate import SimOptions, simulate
 from benchmarks.sim.virtual_driver import HostCosts
 from benchmarks.sim.workload import TurnSpec, WorkloadConfig, generate
 from benchmarks.stack_trace import replay_trace
-from common.kv.arena import HostArena
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy, Direction, SwapOrder
 from common.latency import percentile

@@ -70,12 +70,13 @@ class SchedulerMetrics:
 def stats_families(s: pb.StatsResponse) -> Iterator[Metric]:
     blocks = GaugeMetricFamily(
         PREFIX + "blocks",
-        "KV blocks by state: free, used and draining device blocks, and the host blocks "
-        "that swapped-out requests hold",
+        "KV blocks by state: free, used, cached (the device prefix cache, evictable) and "
+        "draining device blocks, and the host blocks that swapped-out requests hold",
         labels=["state"],
     )
     for state, value in (("free", s.free_blocks), ("used", s.running_blocks),
-                         ("draining", s.draining_blocks), ("swapped", s.swapped_blocks)):
+                         ("cached", s.cached_blocks), ("draining", s.draining_blocks),
+                         ("swapped", s.swapped_blocks)):
         blocks.add_metric([state], value)
     requests = GaugeMetricFamily(PREFIX + "requests", "Requests by queue", labels=["queue"])
     for queue, value in (("waiting", s.waiting), ("running", s.running),

@@ -64,7 +64,8 @@ async def poisoned(stack: LocalStack) -> AsyncIterator[Child]:
     async with executor_proxy(stack.executor_address,
                               lambda r: poison(r, victim_blocks)) as address:
         child = await asyncio.to_thread(stack.spawn, "scheduler", [
-            "--executor", address, "--kvstore", stack.kvstore_address])
+            "--executor", address, "--kvstore", stack.kvstore_address,
+            "--switches=-device_cache"])  # the second turn swaps in, and is poisoned
         yield child
         assert await asyncio.to_thread(stack.stop_child, child) == 0
 
