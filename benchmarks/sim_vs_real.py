@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common.kv.arena import HostArena
 
 from benchmarks.sim.copy_engine import KvLayout, LinkModel
 from benchmarks.sim.cost_model import SequenceWork, StepCostModel
@@ -45,6 +44,7 @@ from benchmarks.stack_trace import replay_trace
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy, Direction, SwapOrder
 from common.latency import percentile
+from common.shm.arena import HostArena
 from services.executor.__main__ import tiny_checkpoint
 from services.executor.engine import ExecutorEngine, StepSequence
 from services.launch import LocalStack, StackConfig

@@ -272,7 +272,7 @@ def test_failed_swap_out_falls_back_to_recompute() -> None:
 
 
 def test_next_turn_swaps_in_the_conversation_prefix() -> None:
-    p = make_planner(Mode.FASTSWITCH, device_blocks=32, switches="-device_cache")
+    p = make_planner(Mode.FASTSWITCH, device_blocks=32, switches="-device_cache,-eager_offload")
     first = req("t1", 20, 6, conv="conv")
     p.add(first)
     while "t1" in p.requests:
@@ -424,7 +424,7 @@ def test_a_plan_never_runs_a_turn_before_the_host_answered() -> None:
 
 def test_without_turn_offload_a_finished_turn_leaves_nothing_on_the_host() -> None:
     config = SchedulerConfig(mode=Mode.FASTSWITCH, block_size=BS, num_device_blocks=16,
-                             switches=Switches().with_spec("-turn_offload"))
+                             switches=Switches().with_spec("-turn_offload,-eager_offload"))
     host = ReuseIndex(fingerprint="t", block_size=BS, num_blocks=64)
     p = Answered(Planner(config, PriorityPolicy(), host.fingerprint), host)
     p.add(req("t1", 20, 6, conv="conv"))
