@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -145,14 +146,17 @@ def test_the_rule_spreads_evenly_and_moves_only_a_lost_instances_conversations()
 
 
 def test_one_store_keeps_its_own_ids() -> None:
-    router, _ = make(["only"])
+    router, shared = make(["only"])
+    store = shared["only"].index
     twin = ReuseIndex(fingerprint=FINGERPRINT, block_size=BLOCK_SIZE, num_blocks=10)
     res, expected = router.reserve("c", TOKENS), twin.reserve("c", TOKENS)
-    assert res == expected
-    router.commit(res.reservation_id)
+    assert res == replace(expected, reservation_id=res.reservation_id)  # ids are random
+    store.commit(res.reservation_id)  # the router's id is the store's own
     twin.commit(expected.reservation_id)
     assert router.lookup("c", TOKENS) == twin.lookup("c", TOKENS)
-    assert router.pin("c", TOKENS) == twin.pin("c", TOKENS)
+    (hit, handle), (twin_hit, twin_handle) = router.pin("c", TOKENS), twin.pin("c", TOKENS)
+    assert hit == twin_hit and handle.blocks == twin_handle.blocks
+    store.unpin(handle.pin_id)
 
 
 def test_ids_are_global_and_calls_find_their_store() -> None:

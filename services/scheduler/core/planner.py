@@ -141,6 +141,18 @@ class Planner:
         self.stats.cancelled += 1
         return True
 
+    def forget_conversation(self, conversation_id: str) -> bool:
+        """Releases the host KV kept for a conversation that is over (its blocks are freed
+        once no swap pins them); False, releasing nothing, while a live request or a copy
+        in flight still uses it (the store's own eviction reclaims it later)."""
+        if self._offloads or any(r.conversation_id == conversation_id
+                                 for r in self.requests.values()) or any(
+                s.host_key == conversation_id for s in self._swaps.values()):
+            return False
+        self._host_epoch += 1
+        self.host.release(conversation_id)
+        return True
+
     def stop(self, request_id: str) -> bool:
         """Finishes a decoding request early (a stop string matched); False if it is not."""
         r = self.requests.get(request_id)
