@@ -6,6 +6,13 @@
             print(token.text, end="")
         print(gen.final.ttft_s)
 
+With API keys on the scheduler, pass yours: `FastSwitchClient(address, api_key=KEY)` sends
+it as `authorization: Bearer KEY` on every call. Your tenant is then your client_id (leave
+`client_id` empty or name your tenant), and your request and conversation ids are your
+tenant's own. A missing or unknown key gets UNAUTHENTICATED, a forbidden action
+PERMISSION_DENIED. A scheduler serving TLS takes `tls_ca=` (the CA bundle its certificate
+chains to) and, when the address is not the name in its certificate, `tls_server_name=`.
+
 Errors arrive as `grpc.aio.AioRpcError` with the server's status code and message;
 `timeout_s` on a call is its gRPC deadline (DEADLINE_EXCEEDED when it passes). A scheduler
 that is shutting down refuses new requests with UNAVAILABLE: retry them elsewhere.
@@ -20,6 +27,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.auth import bearer_metadata
+from common.tls import ClientTls, aio_channel
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
 
@@ -118,9 +127,12 @@ class Generation:
 
 
 class FastSwitchClient:
-    def __init__(self, address: str, *, channel: grpc.aio.Channel | None = None) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, *, api_key: str = "", tls_ca: str = "",
+                 tls_server_name: str = "", channel: grpc.aio.Channel | None = None) -> None:
+        self._channel = channel or aio_channel(
+            address, ClientTls(tls_ca, server_name=tls_server_name))
         self._stub = pb_grpc.SchedulerStub(self._channel)
+        self._metadata = bearer_metadata(api_key) or None
 
     async def __aenter__(self) -> FastSwitchClient:
         return self
@@ -148,7 +160,7 @@ class FastSwitchClient:
         self,
         prompt: str | Sequence[int],
         *,
-        client_id: str,
+        client_id: str = "",
         max_tokens: int = 64,
         messages: Messages = (),
         conversation_id: str = "",
@@ -169,14 +181,15 @@ class FastSwitchClient:
             request.text = prompt
         else:
             request.token_ids.ids.extend(prompt)
-        return Generation(self._stub.Generate(request, timeout=timeout_s))
+        return Generation(self._stub.Generate(request, timeout=timeout_s,
+                                              metadata=self._metadata))
 
     def chat(
         self,
         conversation_id: str,
         message: str | Messages,
         *,
-        client_id: str,
+        client_id: str = "",
         max_tokens: int = 64,
         sampling: Sampling | None = None,
         priority: int | None = None,
@@ -192,7 +205,7 @@ class FastSwitchClient:
             request.message = message
         else:
             request.messages.extend(_messages(message))
-        return Generation(self._stub.Chat(request, timeout=timeout_s))
+        return Generation(self._stub.Chat(request, timeout=timeout_s, metadata=self._metadata))
 
     async def set_priority(
         self, priority: int, *, request_id: str = "", client_id: str = ""
@@ -202,10 +215,12 @@ class FastSwitchClient:
             request.request_id = request_id
         elif client_id:
             request.client_id = client_id
-        return (await self._stub.SetPriority(request)).updated
+        return (await self._stub.SetPriority(request, metadata=self._metadata)).updated
 
     async def cancel(self, request_id: str) -> bool:
-        return (await self._stub.Cancel(pb.CancelRequest(request_id=request_id))).cancelled
+        return (await self._stub.Cancel(pb.CancelRequest(request_id=request_id),
+                                        metadata=self._metadata)).cancelled
 
     async def stats(self) -> pb.StatsResponse:
-        return await self._stub.Stats(pb.StatsRequest())
+        """With keys: an admin sees the whole service, a user only its tenant's requests."""
+        return await self._stub.Stats(pb.StatsRequest(), metadata=self._metadata)

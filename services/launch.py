@@ -6,12 +6,17 @@ model fingerprint, then the scheduler, then (with --http-port) the OpenAI-compat
 front door; waits for each to report SERVING; restarts one that
 dies, on its port and with its arguments, after a backoff that doubles from 1 s to 30 s
 while restarts keep failing; and on Ctrl-C or SIGTERM stops them in reverse order.
+
+Every service listens on 127.0.0.1. `fastswitch up` makes a random internal token per run
+and gives it to the three through FASTSWITCH_INTERNAL_TOKEN, so that the executor and the
+KV store serve only this run's scheduler; `--api-keys FILE` turns on tenants.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -24,7 +29,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.auth import bearer_metadata
 from common.health_probe import check_http
+from common.tls import ClientTls, sync_channel
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
 from services.scheduler.core.config import Mode
@@ -58,6 +65,17 @@ class StackConfig:
     http_port: int | None = None  # the HTTP front door's; None: none, 0: a free port
     log_dir: str = ""  # empty: children inherit stderr
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Required by the executor and the KV store of every call, sent by the scheduler;
+    # empty: none (`fastswitch up` makes one per run).
+    internal_token: str = ""
+    api_keys_file: str = ""  # the scheduler's --api-keys; empty: no tenants, open API
+    scheduler_host: str = ""  # the scheduler's --host; empty: its default, 127.0.0.1
+    # TLS on every listener with this certificate and key; clients check it against tls_ca.
+    # tls_mutual: the executor and the KV store also require it as the client certificate.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_mutual: bool = False
 
     def __post_init__(self) -> None:
         if self.num_kvstores < 1:
@@ -85,6 +103,24 @@ class LocalStack:
         self.config = config
         self.children: list[Child] = []
         self.describe: ex.DescribeResponse | None = None
+
+    @property
+    def client_tls(self) -> ClientTls | None:
+        """How to reach the children (None: plaintext); with mutual TLS, as the scheduler."""
+        c = self.config
+        if not c.tls_ca:
+            return None
+        mine = (c.tls_cert, c.tls_key) if c.tls_mutual else ("", "")
+        return ClientTls(c.tls_ca, *mine)
+
+    def channel(self, address: str) -> grpc.Channel:
+        """A synchronous channel to a child, over TLS when the stack serves it."""
+        return sync_channel(address, self.client_tls)
+
+    @property
+    def internal_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What a call to the executor or a KV store must carry (nothing without a token)."""
+        return bearer_metadata(self.config.internal_token)
 
     @property
     def scheduler_address(self) -> str:
@@ -130,8 +166,9 @@ class LocalStack:
             *(["--dtype", c.dtype] if c.dtype else []),
             "--batch-invariant" if c.batch_invariant else "--no-batch-invariant",
         ], timeout_s)
-        with grpc.insecure_channel(executor.address) as channel:
-            self.describe = ex_grpc.ExecutorStub(channel).Describe(ex.DescribeRequest())
+        with self.channel(executor.address) as channel:
+            self.describe = ex_grpc.ExecutorStub(channel).Describe(
+                ex.DescribeRequest(), metadata=self.internal_metadata)
         geometry = self.describe.geometry
         for _ in range(c.num_kvstores):
             self.spawn("kvstore", [
@@ -155,6 +192,8 @@ class LocalStack:
             "--mode", mode or c.mode, f"--switches={c.switches}", "--policy", c.policy,
             "--max-num-seqs", str(c.max_num_seqs),
             "--max-batched-tokens", str(c.max_batched_tokens),
+            *(["--api-keys", c.api_keys_file] if c.api_keys_file else []),
+            *(["--host", c.scheduler_host] if c.scheduler_host else []),
             *extra_args,
         ], timeout_s, port=c.scheduler_port or None)
 
@@ -188,17 +227,31 @@ class LocalStack:
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}", "--port", str(port), *args],
             stdout=log or None, stderr=subprocess.STDOUT if log else None,
-            env={**os.environ, **self.config.extra_env},
+            env={**os.environ, **self._child_env(name), **self.config.extra_env},
         )
         child = Child(name, f"127.0.0.1:{port}", process, tuple(args))
         try:
-            wait_serving(child, timeout_s)
+            wait_serving(child, timeout_s, self.client_tls)
         except BaseException:
             process.kill()
             process.wait()
             raise
         self.children.append(child)
         return child
+
+    def _child_env(self, name: str) -> dict[str, str]:
+        c = self.config
+        env = {"FASTSWITCH_INTERNAL_TOKEN": c.internal_token,
+               "FASTSWITCH_INTERNAL_TOKEN_FILE": ""} if c.internal_token else {}
+        if c.tls_cert:
+            env |= {"FASTSWITCH_TLS_CERT": c.tls_cert, "FASTSWITCH_TLS_KEY": c.tls_key,
+                    "FASTSWITCH_TLS_CA": c.tls_ca}
+            if c.tls_mutual:
+                env |= {"FASTSWITCH_TLS_CLIENT_CERT": c.tls_cert,
+                        "FASTSWITCH_TLS_CLIENT_KEY": c.tls_key}
+                if name != "scheduler":  # its public API authenticates by API key
+                    env["FASTSWITCH_TLS_CLIENT_CA"] = c.tls_ca
+        return env
 
     def restart(self, child: Child, timeout_s: float = 120.0) -> Child:
         """Starts a dead child again, on its port, with its arguments."""
@@ -211,7 +264,7 @@ class LocalStack:
             self.stop_child(child, grace_s)
 
 
-def wait_serving(child: Child, timeout_s: float) -> None:
+def wait_serving(child: Child, timeout_s: float, tls: ClientTls | None = None) -> None:
     """Until the child's health check passes: gRPC health, or the front door's /health."""
     deadline = time.monotonic() + timeout_s
     if child.name == "http":
@@ -222,7 +275,7 @@ def wait_serving(child: Child, timeout_s: float) -> None:
                 raise TimeoutError(f"{child.name} not serving after {timeout_s:.0f} s: {problem}")
             time.sleep(0.2)
         return
-    with grpc.insecure_channel(child.address) as channel:
+    with sync_channel(child.address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if child.process.poll() is not None:
@@ -268,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=int(http_port) if http_port else None,
                         help="serve the OpenAI-compatible HTTP API on this port, bound to "
                              "127.0.0.1 [env FASTSWITCH_HTTP_PORT; default: off]")
+    parser.add_argument("--host", default=os.environ.get("FASTSWITCH_SCHEDULER_HOST", ""),
+                        help="the scheduler's bind address [default 127.0.0.1]; beyond "
+                             "loopback it needs --api-keys or FASTSWITCH_INSECURE=1")
+    parser.add_argument("--api-keys", default=os.environ.get("FASTSWITCH_API_KEYS_FILE", ""),
+                        help="API key file ('KEY TENANT [user|admin]' a line): tenants on "
+                             "[env FASTSWITCH_API_KEYS_FILE]")
     args = parser.parse_args(argv)
     config = StackConfig(
         mode=args.mode, switches=args.switches, policy=args.policy,
@@ -275,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
         backend=args.backend, dtype=args.dtype, batch_invariant=args.batch_invariant,
         redis_url=args.redis_url, num_kvstores=args.num_kvstores, scheduler_port=args.port,
-        http_port=args.http_port, log_dir=args.log_dir,
+        http_port=args.http_port, log_dir=args.log_dir, internal_token=secrets.token_urlsafe(32),
+        api_keys_file=args.api_keys, scheduler_host=args.host,
     )
     names = ["executor", "kvstore", "scheduler", *(["http"] if args.http_port is not None else [])]
     logs = [str(Path(args.log_dir) / f"{n}.log") for n in names]

@@ -4,10 +4,12 @@ Steps, each printed as it goes:
   1. `docker build` of docker/Dockerfile (classic builder, host network) with the build
      args PYTHON_IMAGE and TORCH_INDEX_CPU taken from the environment when set;
   2. `docker-compose up` of redis, executor, kvstore and scheduler under a project name of
-     its own, on ephemeral host ports, and a wait until the scheduler is healthy;
-  3. the checks: a greedy Generate (its tokens are the reference for later rounds), a
-     two-turn Chat whose second turn reuses host KV (reused_prompt_tokens > 0), and
-     concurrent Generates;
+     its own, on ephemeral host ports, with API keys (a key file written to a folder of its
+     own, mounted as the secrets folder, and FASTSWITCH_INSECURE=0), and a wait until the
+     scheduler is healthy;
+  3. the checks: a call without a key is refused (UNAUTHENTICATED), a greedy Generate (its
+     tokens are the reference for later rounds), a two-turn Chat whose second turn reuses
+     host KV (reused_prompt_tokens > 0), and concurrent Generates of three tenants;
   4. for executor, kvstore, scheduler and redis in turn: `docker restart`, then the checks
      again, which must pass within --bound seconds of the restart;
   5. `docker-compose down -v`, and a check that no container, volume or network of the
@@ -21,8 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +44,8 @@ PROMPT = "the quick brown fox jumps over the lazy dog"
 HOST_PORTS = [f"FASTSWITCH_HOST_PORT_{s}{m}" for s in ("SCHEDULER", "EXECUTOR", "KVSTORE", "HTTP")
               for m in ("", "_METRICS")]
 _started = time.monotonic()
+TENANTS = ("ct", "ct-0", "ct-1", "ct-2")
+KEYS = {tenant: secrets.token_hex(16) for tenant in TENANTS}
 
 
 def say(message: str) -> None:
@@ -48,7 +55,7 @@ def say(message: str) -> None:
 class Compose:
     """docker-compose for one project, on ephemeral host ports."""
 
-    def __init__(self, project: str, image: str) -> None:
+    def __init__(self, project: str, image: str, secrets_dir: str) -> None:
         self.project = project
         self.env = {
             **os.environ,
@@ -56,6 +63,9 @@ class Compose:
             "FASTSWITCH_NUM_HOST_BLOCKS": os.environ.get("FASTSWITCH_NUM_HOST_BLOCKS", "1024"),
             "FASTSWITCH_SHM_SIZE": os.environ.get("FASTSWITCH_SHM_SIZE", "256m"),
             **{name: "" for name in HOST_PORTS},
+            "FASTSWITCH_SECRETS_DIR": secrets_dir,
+            "FASTSWITCH_API_KEYS_FILE": "/secrets/api-keys",
+            "FASTSWITCH_INSECURE": "0",
         }
 
     def run(self, *args: str, capture: bool = False) -> str:
@@ -104,21 +114,32 @@ def ready(address: str) -> bool:
 async def checks(address: str, reference: Sequence[int] | None, tag: str) -> list[int]:
     """Generate (the same tokens as `reference`), a Chat reusing host KV on its second
     turn, and concurrent requests; returns the Generate's tokens."""
-    async with FastSwitchClient(address) as client:
-        one = await client.generate(PROMPT, client_id="ct", max_tokens=16).collect()
+    async with FastSwitchClient(address) as anonymous:
+        try:
+            await anonymous.stats()
+            raise AssertionError("a call without an API key was served")
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+    tenants = [FastSwitchClient(address, api_key=KEYS[t]) for t in TENANTS[1:]]
+    async with FastSwitchClient(address, api_key=KEYS["ct"]) as client:
+        one = await client.generate(PROMPT, max_tokens=16).collect()
         tokens = [t.id for t in one.tokens]
         assert one.final is not None and one.final.completion_tokens > 0, "empty Generate"
         assert reference is None or tokens == list(reference), "Generate's tokens changed"
         conv = f"conv-{tag}"
-        await client.chat(conv, "tell me about block groups and swaps " * 3, client_id="ct",
+        await client.chat(conv, "tell me about block groups and swaps " * 3,
                           max_tokens=24).collect()
         await asyncio.sleep(0.5)  # the finished turn's KV is copied to the host meanwhile
-        second = await client.chat(conv, "and then?", client_id="ct", max_tokens=8).collect()
+        second = await client.chat(conv, "and then?", max_tokens=8).collect()
         assert second.final is not None and second.final.reused_prompt_tokens > 0, \
             "the second Chat turn reused no host KV"
-        many = await asyncio.gather(*[
-            client.generate(f"{PROMPT} {i}", client_id=f"ct-{i % 3}", max_tokens=12).collect()
-            for i in range(8)])
+        try:
+            many = await asyncio.gather(*[
+                tenants[i % 3].generate(f"{PROMPT} {i}", max_tokens=12).collect()
+                for i in range(8)])
+        finally:
+            for tenant in tenants:
+                await tenant.close()
         assert all(g.final is not None and g.final.completion_tokens > 0 for g in many)
         stats = await client.stats()
         assert stats.executor_available and not stats.kvstore_degraded, stats
@@ -177,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_build:
         say(f"building {args.image}")
         build(args.image)
-    compose = Compose(args.project, args.image)
+    secrets_dir = tempfile.mkdtemp(prefix="fastswitch-ct-secrets-")
+    keys = Path(secrets_dir) / "api-keys"
+    keys.write_text("".join(f"{key} {tenant} user\n" for tenant, key in KEYS.items()))
+    # The container's user (uid 10001) reads them through the bind mount.
+    os.chmod(secrets_dir, 0o755)
+    keys.chmod(0o644)
+    compose = Compose(args.project, args.image, secrets_dir)
     try:
         recovered = asyncio.run(scenario(compose, args.bound, args.start_timeout))
     except BaseException:
@@ -188,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         say("docker-compose down -v")
         compose.run("down", "-v", "--remove-orphans")
+        shutil.rmtree(secrets_dir, ignore_errors=True)
         left = compose.leftovers()
         if left:
             raise SystemExit(f"left behind after down -v: {', '.join(left)}")

@@ -18,11 +18,15 @@ e.g. from a `TokenChain`), which saves rehashing a long history on every call.
 
 Chains are kept by an `IndexStorage` (in memory here; Redis in the KV store), so the logic
 is shared and the storage can outlive this process. Pins and reservations are local.
+
+Reservation and pin ids are random, nonzero and below 2**ID_BITS: unguessable by another
+caller of a store, and small enough that the scheduler's HostRouter, which numbers them
+`local * n + i` over n stores, stays within uint64 for up to 2**(64 - ID_BITS) stores.
 """
 
 from __future__ import annotations
 
-import itertools
+import secrets
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ from common.kv.extent import Extent, flatten, runs
 from common.kv.free_extents import FreeExtents
 
 Chain = Sequence[bytes] | None
+ID_BITS = 48
 
 
 class FingerprintMismatch(ValueError):
@@ -173,8 +178,13 @@ class ReuseIndex:
         self._pin_handles: dict[int, tuple[int, ...]] = {}
         self._dead: set[int] = set()  # dropped while pinned
         self._pending: dict[int, _Pending] = {}
-        self._ids = itertools.count(1)
         self._stats = IndexStats(capacity=num_blocks)
+
+    def _new_id(self) -> int:
+        while True:
+            candidate = secrets.randbits(ID_BITS)
+            if candidate and candidate not in self._pending and candidate not in self._pin_handles:
+                return candidate
 
     def check_fingerprint(self, fingerprint: str) -> None:
         if fingerprint != self.fingerprint:
@@ -203,7 +213,7 @@ class ReuseIndex:
         self._make_room(num_new, keep=conv)
         self._pin_blocks(hit.blocks)
         reservation = Reservation(
-            reservation_id=next(self._ids),
+            reservation_id=self._new_id(),
             conversation=conv,
             num_tokens=num_tokens,
             valid_tokens=hit.num_tokens,
@@ -244,7 +254,7 @@ class ReuseIndex:
     ) -> tuple[Hit, PinHandle]:
         """`pin` by the tokens' chain alone (see `common.kv.host_ops`)."""
         hit = self._match(conv, chain, num_tokens)
-        handle = PinHandle(next(self._ids), hit.blocks)
+        handle = PinHandle(self._new_id(), hit.blocks)
         self._pin_blocks(hit.blocks)
         self._pin_handles[handle.pin_id] = hit.blocks
         return hit, handle

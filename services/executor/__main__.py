@@ -6,6 +6,11 @@ Without --checkpoint it serves the tiny random Llama (services/executor/model/ti
 generated once into $FASTSWITCH_CACHE/tiny-llama-2 (default ~/.cache/fastswitch).
 Steps take the fast path unless --batch-invariant (FASTSWITCH_EXECUTOR_BATCH_INVARIANT=1)
 asks for bit-identical results whatever the batch, as bit-exact preemption tests need.
+
+It serves only the scheduler: it listens on 127.0.0.1 unless --listen says otherwise, and
+with an internal token (FASTSWITCH_INTERNAL_TOKEN or FASTSWITCH_INTERNAL_TOKEN_FILE, shared
+by every service) refuses calls that do not carry it. A non-loopback --listen without a
+token is refused at start unless --insecure (FASTSWITCH_INSECURE=1).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import grpc
 import torch
 import uvloop
 
+from common.auth import check_bind, env_flag, internal_token, token_interceptors
 from common.grpc_serving import RefuseUndecodable, mark_serving, wait_for_stop_signal
 from common.metrics import serve_metrics
+from common.tls import ServerTls, add_server_flags, listen, server_tls
 from services.executor.engine import (
     BACKENDS,
     BackendUnavailable,
@@ -62,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="of weights and KV cache; auto: the checkpoint's (float32 if none)")
     parser.add_argument("--host-arena", default=env("host-arena", None),
                         help="name of the kvstore's shared-memory arena to attach at start")
-    parser.add_argument("--listen", default=env("listen", "0.0.0.0"), help="bind address")
+    parser.add_argument("--listen", default=env("listen", "127.0.0.1"),
+                        help="bind address; beyond loopback it needs an internal token or "
+                             "--insecure")
     parser.add_argument("--port", type=int, default=int(env("port", "50052")),
                         help="0 picks a free port; the chosen one is printed on stdout")
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
@@ -71,6 +80,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: the fast path)")
     parser.add_argument("--metrics-port", type=int, default=int(env("metrics-port", "0")),
                         help="port of the Prometheus /metrics endpoint (0: off)")
+    parser.add_argument("--internal-token",
+                        default=os.environ.get("FASTSWITCH_INTERNAL_TOKEN", ""),
+                        help="refuse calls without 'authorization: Bearer <token>' "
+                             "[env FASTSWITCH_INTERNAL_TOKEN]")
+    parser.add_argument("--internal-token-file",
+                        default=os.environ.get("FASTSWITCH_INTERNAL_TOKEN_FILE", ""),
+                        help="file holding the token, created with a random one if absent "
+                             "[env FASTSWITCH_INTERNAL_TOKEN_FILE]")
+    parser.add_argument("--insecure", action="store_true",
+                        default=env_flag(os.environ, "FASTSWITCH_INSECURE"),
+                        help="serve a non-loopback --listen without a token "
+                             "[env FASTSWITCH_INSECURE=1]")
+    add_server_flags(parser, os.environ)
     args = parser.parse_args(argv)
     if isinstance(args.batch_invariant, str):  # the env default, not the flag
         if args.batch_invariant.lower() not in BOOLEANS:
@@ -84,16 +106,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:
+async def serve(args: argparse.Namespace, engine: ExecutorEngine, token: str = "",
+                tls: ServerTls | None = None) -> None:
     metrics = ExecutorMetrics()
     metrics.watch(engine)
     completions = engine.subscribe()
     recording = asyncio.create_task(metrics.record_swaps(completions))
-    server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()])
+    server = grpc.aio.server(interceptors=[metrics.rpc_errors, *token_interceptors(token),
+                                           RefuseUndecodable()])
     service = ExecutorService(engine, metrics)
     health = add_to_server(service, server)
     serve_metrics(args.metrics_port, args.listen, metrics.registry)
-    port = server.add_insecure_port(f"{args.listen}:{args.port}")
+    port = listen(server, f"{args.listen}:{args.port}", tls)
     await server.start()
     await mark_serving(health, SERVICE_NAME)
     print(f"executor listening on {args.listen}:{port}", flush=True)
@@ -110,6 +134,12 @@ async def serve(args: argparse.Namespace, engine: ExecutorEngine) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    token = internal_token(args.internal_token, args.internal_token_file)
+    tls = server_tls(args)
+    check_bind(args.listen, service="executor", credentials=bool(token) or tls.mutual,
+               insecure=args.insecure,
+               what="an internal token (FASTSWITCH_INTERNAL_TOKEN or "
+                    "FASTSWITCH_INTERNAL_TOKEN_FILE) or mutual TLS")
     checkpoint = args.checkpoint or tiny_checkpoint()
     try:
         engine = ExecutorEngine.load(
@@ -132,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                  args.backend, args.num_gpu_blocks,
                  "batch-invariant" if args.batch_invariant else "fast path",
                  engine.fingerprint[:16])
-        uvloop.run(serve(args, engine))
+        uvloop.run(serve(args, engine, token, tls))
     finally:
         engine.close()
 

@@ -10,6 +10,7 @@ import sys
 
 import uvloop
 
+from common.auth import check_bind
 from common.grpc_serving import wait_for_stop_signal
 from common.metrics import serve_metrics
 from services.kvstore.assemble import open_store
@@ -20,8 +21,13 @@ log = logging.getLogger("fastswitch.kvstore")
 
 
 async def serve(config: StoreConfig) -> None:
+    token = config.token()
+    check_bind(config.host, service="kvstore", credentials=bool(token) or config.tls.mutual,
+               insecure=config.insecure,
+               what="an internal token (FASTSWITCH_INTERNAL_TOKEN or "
+                    "FASTSWITCH_INTERNAL_TOKEN_FILE) or mutual TLS")
     store = open_store(config)
-    server = StoreServer(store)
+    server = StoreServer(store, token=token, tls=config.tls)
     try:
         port = await server.start(f"{config.host}:{config.port}")
     except BaseException:

@@ -3,11 +3,19 @@
 The block geometry and model fingerprint must be the executor's. They are given either as
 flags, or by `--from-executor HOST:PORT`, which asks the executor's Describe at start (what
 docker-compose does: the store starts once the executor is healthy).
+
+It listens on 127.0.0.1 unless --host says otherwise. With an internal token
+(FASTSWITCH_INTERNAL_TOKEN, or FASTSWITCH_INTERNAL_TOKEN_FILE, shared by every service) it
+refuses calls without it, and sends it to the --from-executor executor; a non-loopback
+--host without a token is refused at start unless --insecure (FASTSWITCH_INSECURE=1).
+TLS (common/tls.py): --tls-cert/--tls-key (and --tls-client-ca for mutual TLS) for its own
+listener, --tls-ca (and --tls-client-cert/-key) towards the --from-executor executor.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -15,9 +23,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.auth import BOOLEANS, bearer_metadata, internal_token
+from common.tls import ClientTls, ServerTls, add_client_flags, add_server_flags, sync_channel
 from protos import executor_pb2, executor_pb2_grpc
 from services.kvstore.arena_setup import default_arena_base
 
+NO_TLS = ServerTls()
 DEFAULT_PORT = 50053
 DEFAULT_BLOCK_SIZE = 16
 # Reconnect quickly while the executor comes up, rather than backing off to minutes.
@@ -40,6 +51,14 @@ class StoreConfig:
     instance_id: str
     lease_seconds: float
     metrics_port: int = 0  # 0: no /metrics endpoint
+    internal_token: str = ""  # given as a value; `token()` also reads the file
+    internal_token_file: str = ""
+    insecure: bool = False  # a non-loopback host without a token is allowed
+    tls: ServerTls = NO_TLS  # of its own listener
+
+    def token(self) -> str:
+        """The internal token callers must send (empty: none required)."""
+        return internal_token(self.internal_token, self.internal_token_file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +72,15 @@ class ExecutorUnreachable(RuntimeError):
     """--from-executor named an executor that did not answer Describe in time."""
 
 
-def describe_executor(address: str, timeout_s: float) -> ExecutorGeometry:
-    """The executor's block geometry and fingerprint, waiting up to `timeout_s` for it."""
-    with grpc.insecure_channel(address, options=_WAIT_OPTIONS) as channel:
+def describe_executor(address: str, timeout_s: float, token: str = "",
+                      tls: ClientTls | None = None) -> ExecutorGeometry:
+    """The executor's block geometry and fingerprint, waiting up to `timeout_s` for it;
+    `token` is the internal token, sent when set."""
+    with sync_channel(address, tls, options=_WAIT_OPTIONS) as channel:
         try:
             d = executor_pb2_grpc.ExecutorStub(channel).Describe(
-                executor_pb2.DescribeRequest(), timeout=timeout_s, wait_for_ready=True
+                executor_pb2.DescribeRequest(), timeout=timeout_s, wait_for_ready=True,
+                metadata=bearer_metadata(token),
             )
         except grpc.RpcError as e:
             raise ExecutorUnreachable(
@@ -70,8 +92,10 @@ def describe_executor(address: str, timeout_s: float) -> ExecutorGeometry:
 def parse_config(
     argv: Sequence[str] | None = None,
     env: Mapping[str, str] = os.environ,
-    describe: Callable[[str, float], ExecutorGeometry] = describe_executor,
+    describe: Callable[[str, float], ExecutorGeometry] | None = None,
 ) -> StoreConfig:
+    """`describe` asks an executor for its geometry (default: `describe_executor`, with
+    the internal token)."""
     def env_default(name: str, fallback: str | None = None) -> str | None:
         return env.get(f"FASTSWITCH_{name}", fallback)
 
@@ -79,7 +103,8 @@ def parse_config(
         prog="python -m services.kvstore",
         description="FastSwitch host KV store. Geometry must match the executor's cache.",
     )
-    p.add_argument("--host", default=env_default("KVSTORE_HOST", "0.0.0.0"))
+    p.add_argument("--host", default=env_default("KVSTORE_HOST", "127.0.0.1"),
+                   help="bind address; beyond loopback it needs an internal token or --insecure")
     p.add_argument("--port", type=int, default=int(env_default("KVSTORE_PORT", str(DEFAULT_PORT))),
                    help="0 picks a free port (printed on the ready line)")
     p.add_argument("--redis-url", default=env_default("REDIS_URL"),
@@ -109,12 +134,29 @@ def parse_config(
                    help="reservations and pins not finished within this are dropped")
     p.add_argument("--metrics-port", type=int, default=env_default("KVSTORE_METRICS_PORT", "0"),
                    help="port of the Prometheus /metrics endpoint (0: off)")
+    p.add_argument("--internal-token", default=env_default("INTERNAL_TOKEN", ""),
+                   help="refuse calls without 'authorization: Bearer <token>' "
+                        "[env FASTSWITCH_INTERNAL_TOKEN]")
+    p.add_argument("--internal-token-file", default=env_default("INTERNAL_TOKEN_FILE", ""),
+                   help="file holding the token, created with a random one if absent "
+                        "[env FASTSWITCH_INTERNAL_TOKEN_FILE]")
+    insecure = (env_default("INSECURE", "") or "").strip().lower()
+    if insecure not in BOOLEANS:
+        p.error(f"FASTSWITCH_INSECURE={insecure!r} is not a boolean")
+    p.add_argument("--insecure", action="store_true", default=BOOLEANS[insecure],
+                   help="serve a non-loopback --host without a token [env FASTSWITCH_INSECURE=1]")
+    add_server_flags(p, env)
+    add_client_flags(p, env, "the --from-executor executor")
     a = p.parse_args(argv)
     given = [f"--{f.replace('_', '-')}" for f in ("block_bytes", "block_size", "fingerprint")
              if getattr(a, f) is not None]
     if a.from_executor:
         if given:
             p.error(f"--from-executor takes the geometry from the executor; drop {given}")
+        if describe is None:
+            describe = functools.partial(
+                describe_executor, token=internal_token(a.internal_token, a.internal_token_file),
+                tls=ClientTls(a.tls_ca, a.tls_client_cert, a.tls_client_key, a.tls_server_name))
         try:
             geometry = describe(a.from_executor, a.connect_timeout)
         except ExecutorUnreachable as e:
@@ -141,4 +183,8 @@ def parse_config(
         instance_id=instance_id,
         lease_seconds=a.lease_seconds,
         metrics_port=a.metrics_port,
+        internal_token=a.internal_token,
+        internal_token_file=a.internal_token_file,
+        insecure=a.insecure,
+        tls=ServerTls(a.tls_cert, a.tls_key, a.tls_client_ca),
     )

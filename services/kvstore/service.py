@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import grpc
 
+from common.auth import token_interceptors
 from common.grpc_serving import RefuseUndecodable, add_health_and_reflection, mark_serving
 from common.kv.extent import runs
 from common.kv.reuse_index import (
@@ -25,6 +26,7 @@ from common.kv.reuse_index import (
     UnknownPin,
     UnknownReservation,
 )
+from common.tls import ServerTls, listen
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.batch_wire import ops_from_proto, replies_to_proto
 from services.kvstore.bulk import checksum, from_proto, to_proto
@@ -181,14 +183,20 @@ class StoreServer:
         *,
         reap_interval: float | None = None,
         metrics: StoreMetrics | None = None,
+        token: str = "",
+        tls: ServerTls | None = None,
     ) -> None:
+        """`token`: the internal token that every call but health and reflection must
+        carry (none required when empty)."""
         self.store = store
+        self.tls = tls
         blocking = store.backend.name != "memory"
         self._worker = ThreadPoolExecutor(1, "kvstore-index") if blocking else None
         self.servicer = KVStoreServicer(store, self._worker)
         self.metrics = metrics or StoreMetrics()
         self.server = grpc.aio.server(
-            interceptors=[self.metrics.rpc_errors, RefuseUndecodable()])
+            interceptors=[self.metrics.rpc_errors, *token_interceptors(token),
+                          RefuseUndecodable()])
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self.servicer, self.server)
         self.health = add_health_and_reflection(self.server, SERVICE_NAME)
         self._reap_interval = reap_interval or max(0.05, min(5.0, store.lease_seconds / 4))
@@ -196,7 +204,7 @@ class StoreServer:
 
     async def start(self, address: str) -> int:
         """Serves on `address` ("host:port", port 0 picks one); returns the bound port."""
-        port = self.server.add_insecure_port(address)
+        port = listen(self.server, address, self.tls)
         await self.server.start()
         await mark_serving(self.health, SERVICE_NAME)
         self.metrics.watch(lambda: self.servicer.run(self.store.stats))

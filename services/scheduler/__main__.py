@@ -1,6 +1,14 @@
 """`python -m services.scheduler`: the public Generate API over an executor and KV stores.
 
 Every flag also reads an environment variable (shown in --help); flags win.
+
+Security (see common/auth.py and the README): it listens on 127.0.0.1 unless --host says
+otherwise, and a non-loopback --host needs API keys (--api-keys) or --insecure. With keys,
+every call carries `authorization: Bearer <key>` and is its tenant's. The internal token
+(--internal-token or --internal-token-file), when set, goes with every call to the
+executor and the KV stores, which refuse calls without it. TLS (common/tls.py): --tls-cert
+and --tls-key for the public API, --tls-ca (and --tls-client-cert/-key for mutual TLS)
+towards the executor and the stores.
 """
 
 from __future__ import annotations
@@ -17,6 +25,14 @@ import grpc
 import uvloop
 from grpc_health.v1 import health_pb2
 
+from common.auth import (
+    ApiKeys,
+    KeyFileError,
+    bearer_interceptors,
+    check_bind,
+    env_flag,
+    internal_token,
+)
 from common.chat_template import ChatTemplate, ChatTemplateError, find_template
 from common.grpc_serving import (
     RefuseUndecodable,
@@ -27,12 +43,22 @@ from common.grpc_serving import (
 from common.kv.reuse_index import ReuseIndex
 from common.metrics import serve_metrics
 from common.shm.arena import HostArena
+from common.tls import (
+    ClientTls,
+    add_client_flags,
+    add_server_flags,
+    aio_channel,
+    client_tls,
+    listen,
+    server_tls,
+)
 from common.tokenizer import TokenizerMismatch, check_fits, load_tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.conversations import ConversationLimits
 from services.scheduler.core.config import Mode, SchedulerConfig
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import POLICIES
@@ -64,6 +90,21 @@ class Flag:
 
 FLAGS = [
     Flag("port", "FASTSWITCH_SCHEDULER_PORT", "50051", "port of the public API"),
+    Flag("host", "FASTSWITCH_SCHEDULER_HOST", "127.0.0.1",
+         "address the public API and /metrics listen on; beyond loopback it needs "
+         "--api-keys or --insecure"),
+    Flag("api-keys", "FASTSWITCH_API_KEYS_FILE", "",
+         "API key file: 'KEY TENANT [user|admin]' a line (empty: no keys, every caller may "
+         "do everything)"),
+    Flag("internal-token", "FASTSWITCH_INTERNAL_TOKEN", "",
+         "token sent to the executor and the KV stores"),
+    Flag("internal-token-file", "FASTSWITCH_INTERNAL_TOKEN_FILE", "",
+         "file holding the internal token, created with a random one if absent"),
+    Flag("conversation-ttl", "FASTSWITCH_CONVERSATION_TTL_S", "3600",
+         "seconds a Chat conversation is kept idle before it is forgotten (0: forever)"),
+    Flag("max-conversations", "FASTSWITCH_MAX_CONVERSATIONS", "1000",
+         "Chat conversations kept per tenant (all together without keys); the least "
+         "recently used idle one is forgotten for a new one (0: no cap)"),
     Flag("executor", "FASTSWITCH_EXECUTOR_ADDR", "127.0.0.1:50052", "executor address"),
     Flag("kvstore", "FASTSWITCH_KVSTORE_ADDR", "127.0.0.1:50053",
          "KV store address, or several separated by commas (instances sharing one Redis "
@@ -101,6 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for f in FLAGS:
         parser.add_argument(f"--{f.name}", default=os.environ.get(f.env, f.default),
                             help=f"{f.help} [env {f.env}, default {f.default!r}]")
+    parser.add_argument("--insecure", action="store_true",
+                        default=env_flag(os.environ, "FASTSWITCH_INSECURE"),
+                        help="serve a non-loopback --host without API keys [env "
+                             "FASTSWITCH_INSECURE=1]")
+    add_server_flags(parser, os.environ)
+    add_client_flags(parser, os.environ, "the executor and the KV stores")
     args = parser.parse_args(argv)
     if args.mode not in {m.value for m in Mode}:
         parser.error(f"--mode must be one of {[m.value for m in Mode]}, got {args.mode!r}")
@@ -110,6 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--switches: {e}")
     if args.policy not in POLICIES:
         parser.error(f"--policy must be one of {sorted(POLICIES)}, got {args.policy!r}")
+    try:
+        ConversationLimits(float(args.conversation_ttl), int(args.max_conversations))
+    except ValueError as e:
+        parser.error(f"--conversation-ttl / --max-conversations: {e}")
     return args
 
 
@@ -144,7 +195,7 @@ def prompts_for(folder: str, desc: ex.DescribeResponse) -> Prompts:
 
 async def connect_stores(
     addresses: list[str], executor: ex_grpc.ExecutorStub, desc: ex.DescribeResponse,
-    timeout_s: float, call_timeout_s: float,
+    timeout_s: float, call_timeout_s: float, token: str = "", tls: ClientTls | None = None,
 ) -> tuple[HostRouter, list[grpc.aio.Channel]]:
     """Checks each store against the executor's blocks and model, and has the executor map
     the stores' arenas in the order given: global host block ids follow that order."""
@@ -153,7 +204,9 @@ async def connect_stores(
     stores: list[RoutedStore] = []
     backends: set[str] = set()
     for address in addresses:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # Every call carries the internal token.
+        channel = aio_channel(address, tls, options=CHANNEL_OPTIONS,
+                              interceptors=bearer_interceptors(token))
         channels.append(channel)
         stub = kv_grpc.KVStoreStub(channel)
         store: kv.DescribeResponse = await wait_for(
@@ -214,11 +267,37 @@ async def detach(executor: ex_grpc.ExecutorStub, name: str) -> None:
     except grpc.aio.AioRpcError as e:
         if e.code() is not grpc.StatusCode.NOT_FOUND:
             raise
+async def expire_conversations(service: SchedulerService, ttl_s: float) -> None:
+    """Forgets idle conversations (and frees their host KV) with no request's help."""
+    while True:
+        await asyncio.sleep(min(max(ttl_s / 4, 0.05), 60.0))
+        try:
+            await service.expire_conversations()
+        except Exception:
+            log.exception("expiring conversations failed; trying again later")
+
+
+def load_keys(args: argparse.Namespace) -> ApiKeys | None:
+    if not args.api_keys:
+        return None
+    try:
+        keys = ApiKeys.load(args.api_keys)
+    except KeyFileError as e:
+        raise SystemExit(f"--api-keys: {e}") from e
+    log.info("API keys: %d keys of %d tenants from %s", len(keys), len(keys.tenants),
+             args.api_keys)
+    return keys
 
 
 async def serve(args: argparse.Namespace) -> None:
     timeout = float(args.connect_timeout)
-    executor_channel = grpc.aio.insecure_channel(args.executor, options=CHANNEL_OPTIONS)
+    keys = load_keys(args)
+    check_bind(args.host, service="scheduler", credentials=keys is not None,
+               insecure=args.insecure, what="API keys (--api-keys, FASTSWITCH_API_KEYS_FILE)")
+    token = internal_token(args.internal_token, args.internal_token_file)
+    tls, internal_tls = server_tls(args), client_tls(args)
+    executor_channel = aio_channel(args.executor, internal_tls, options=CHANNEL_OPTIONS,
+                                   interceptors=bearer_interceptors(token))
     executor = ex_grpc.ExecutorStub(executor_channel)
     desc: ex.DescribeResponse = await wait_for(
         executor.Describe(ex.DescribeRequest(), timeout=timeout, wait_for_ready=True),
@@ -242,7 +321,8 @@ async def serve(args: argparse.Namespace) -> None:
     else:
         addresses = [a.strip() for a in args.kvstore.split(",") if a.strip()]
         router, kv_channels = await connect_stores(addresses, executor, desc, timeout,
-                                                   float(args.kvstore_timeout))
+                                                   float(args.kvstore_timeout), token,
+                                                   internal_tls)
         host = router
         arena_names = [s.identity.arena_name for s in router.stores]
     config = SchedulerConfig(
@@ -280,16 +360,23 @@ async def serve(args: argparse.Namespace) -> None:
     service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size,
                                prompts=prompts,
                                eos_token_ids=desc.eos_token_ids or [desc.eos_token_id],
-                               model=os.path.basename(os.path.normpath(desc.checkpoint)))
+                               model=os.path.basename(os.path.normpath(desc.checkpoint)),
+                               keys=keys,
+                               conversations=ConversationLimits(float(args.conversation_ttl),
+                                                                int(args.max_conversations)))
+    expirer = (asyncio.create_task(expire_conversations(service, float(args.conversation_ttl)))
+               if float(args.conversation_ttl) else None)
     metrics.watch(service.snapshot)
-    serve_metrics(int(args.metrics_port), "0.0.0.0", metrics.registry)
+    serve_metrics(int(args.metrics_port), args.host, metrics.registry)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
-    server.add_insecure_port(f"0.0.0.0:{args.port}")
+    listen(server, f"{args.host}:{args.port}", tls)
     await server.start()
     await mark_serving(health_servicer, SERVICE)
-    log.info("scheduler serving on :%s (%s mode %s, %s policy, %d device blocks, arenas %s)",
-             args.port, args.mode, args.switches.describe(), args.policy,
-             config.num_device_blocks, ", ".join(arena_names))
+    log.info("scheduler serving on %s:%s (%s mode %s, %s policy, %d device blocks, arenas "
+             "%s, %s)", args.host, args.port, args.mode, args.switches.describe(), args.policy,
+             config.num_device_blocks, ", ".join(arena_names),
+             ("API keys" if keys else "no API keys: open to all callers")
+             + (", TLS" if tls.enabled else ""))
 
     await wait_for_stop_signal()
     log.info("shutting down")
@@ -297,8 +384,9 @@ async def serve(args: argparse.Namespace) -> None:
     if not await engine.drain(float(args.shutdown_grace)):
         log.warning("grace period over: cancelling the requests still in flight")
     await engine.close()  # fails what is left with UNAVAILABLE, lets swaps land
-    if prober is not None:
-        prober.cancel()
+    for task in (prober, expirer):
+        if task is not None:
+            task.cancel()
     await server.stop(grace=1)  # the streams have ended; let their last messages out
     await executor_channel.close()
     for channel in kv_channels:

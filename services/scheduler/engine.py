@@ -204,6 +204,10 @@ class Engine:
                 f"exceeds the model context of {self.limits.max_model_len} tokens",
             )
 
+    def wake(self) -> None:
+        """Has the loop plan again: the planner has something to send (host operations)."""
+        self._wake.set()
+
     async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
         cancelled = self.planner.cancel(request_id)
         tracked = self._tracked.pop(request_id, None)

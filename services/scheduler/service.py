@@ -1,22 +1,33 @@
-"""The public gRPC API: Generate, Chat, SetPriority, Cancel and Stats over the engine."""
+"""The public gRPC API: Generate, Chat, SetPriority, Cancel and Stats over the engine.
+
+With API keys (`common.auth`) every call names its tenant, and the ids it uses are that
+tenant's own: request and conversation ids are kept internally as `tenant/id`, and never
+shown with the prefix. Without keys (a loopback development stack) the caller is `OPEN`:
+ids are global, client_id names the fairness principal, and every action is allowed.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from common.auth import ApiKeys, AuthError, Principal, authenticate
 from common.chat_template import ChatTemplateError, Message, NoChatTemplate
 from common.latency import percentile
 from protos import executor_pb2 as ex
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
+from services.scheduler.conversations import (
+    ConversationLimits,
+    Conversations,
+    TooManyConversations,
+)
 from services.scheduler.core.request import Request, RequestState
 from services.scheduler.engine import AdmissionError, Engine
-from services.scheduler.prompts import Conversation, Prompts
+from services.scheduler.prompts import Prompts
 from services.scheduler.token_stream import Failed, Finished, TokenEvent
 
 S = RequestState
@@ -26,7 +37,8 @@ Sampled = pb.GenerateRequest | pb.ChatRequest
 class SchedulerService(pb_grpc.SchedulerServicer):
     def __init__(
         self, engine: Engine, *, mode: str, vocab_size: int, prompts: Prompts,
-        eos_token_ids: Sequence[int], model: str,
+        eos_token_ids: Sequence[int], model: str = "", keys: ApiKeys | None = None,
+        conversations: ConversationLimits | None = None,
     ) -> None:
         self.engine = engine
         self.model = model
@@ -34,12 +46,16 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.mode = mode
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self._conversations: dict[str, Conversation] = {}
-        self._turns: dict[str, asyncio.Lock] = {}
+        self.keys = keys
+        self.conversations = Conversations(conversations or ConversationLimits())
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Principal:
+        return await authenticate(self.keys, context)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
+        caller = await self._caller(context)
         kind = request.WhichOneof("prompt")
         try:
             if kind == "messages":
@@ -57,12 +73,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 f"token_ids.ids[{bad[0]}]={prompt[bad[0]]} is not below the vocabulary size "
                 f"{self.vocab_size}",
             )
-        async for event in self._run(request, prompt, context):
+        async for event in self._run(caller, request, prompt, context):
             yield event
 
     async def Chat(
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
+        caller = await self._caller(context)
         if not request.conversation_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "conversation_id is required")
         if request.message and request.messages:
@@ -75,27 +92,54 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not new:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message is empty")
-        turn = self._turns.setdefault(request.conversation_id, asyncio.Lock())
-        if turn.locked():
+        try:
+            caller.fairness_id(request.client_id)  # refused before anything is kept
+        except AuthError as e:
+            await e.abort(context)
+        await self.expire_conversations()
+        key = caller.scope(request.conversation_id)
+        try:  # one bucket per tenant; one for all when there are no keys
+            entry, evicted = self.conversations.open(caller.tenant, key)
+        except TooManyConversations as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        await self._release(evicted)
+        if entry.turn.locked():
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"conversation {request.conversation_id!r} already has a turn in flight",
             )
-        async with turn:
-            conv = self._conversations.get(request.conversation_id, Conversation())
+        async with entry.turn:
+            conv = entry.conversation
             try:
-                prompt = self.prompts.next_turn(conv, new)
-            except ChatTemplateError as e:
-                await context.abort(_template_status(e), str(e))
-            output: list[int] = []
-            async for event in self._run(request, prompt, context, output, len(conv.tokens)):
-                yield event
-            # Only a turn that ran to its end becomes history (nothing else was kept).
-            self.prompts.record_turn(conv, new, prompt, output)
-            self._conversations[request.conversation_id] = conv
+                try:
+                    prompt = self.prompts.next_turn(conv, new)
+                except ChatTemplateError as e:
+                    await context.abort(_template_status(e), str(e))
+                output: list[int] = []
+                async for event in self._run(caller, request, prompt, context, output,
+                                             len(conv.tokens)):
+                    yield event
+                # Only a turn that ran to its end becomes history (nothing else was kept).
+                self.prompts.record_turn(conv, new, prompt, output)
+            finally:
+                if conv.tokens:
+                    self.conversations.touch(entry)
+                else:  # no turn ever finished: nothing to remember
+                    self.conversations.forget(entry)
+
+    async def expire_conversations(self) -> None:
+        """Forgets the conversations idle past their TTL, and releases their host KV."""
+        await self._release(self.conversations.expire())
+
+    async def _release(self, keys: list[str]) -> None:
+        if keys:
+            for key in keys:
+                self.engine.planner.forget_conversation(key)
+            self.engine.wake()
 
     async def _run(
         self,
+        caller: Principal,
         request: Sampled,
         prompt: list[int],
         context: grpc.aio.ServicerContext,
@@ -103,20 +147,33 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         history_tokens: int | None = None,
     ) -> AsyncIterator[pb.GenerateEvent]:
         rid = request.request_id or uuid.uuid4().hex
-        err = _validate(request, prompt, self.vocab_size)
+        try:
+            client_id = caller.fairness_id(request.client_id)
+        except AuthError as e:
+            await e.abort(context)
+        err = _validate(request, client_id, prompt, self.vocab_size)
         if err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        scoped = caller.scope(rid)
+        conversation = caller.scope(request.conversation_id) if request.conversation_id \
+            else None
+
+        def public(message: str) -> str:
+            """A message about the request, with the ids the caller knows."""
+            message = message.replace(scoped, rid)
+            return message.replace(conversation, request.conversation_id) if conversation \
+                else message
         options = request.options
         stop_ids = set(options.stop_token_ids)
         if not options.ignore_eos:
             stop_ids |= self.eos_token_ids
         try:
             core_request = Request(
-                request_id=rid,
-                client_id=request.client_id,
+                request_id=scoped,
+                client_id=client_id,
                 prompt=prompt,
                 max_tokens=request.max_tokens,
-                conversation_id=request.conversation_id or None,
+                conversation_id=conversation,
                 priority=request.priority if request.HasField("priority") else 0,
                 stop_token_ids=frozenset(stop_ids),
                 min_tokens=options.min_tokens,
@@ -134,7 +191,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 stop=list(request.stop),
             )
         except AdmissionError as e:
-            await context.abort(e.code, str(e))
+            await context.abort(e.code, public(str(e)))
         done = False
         try:
             async for item in stream:
@@ -149,35 +206,67 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 else:
                     assert isinstance(item, Failed)
                     done = True
-                    await context.abort(item.code, item.message)
+                    await context.abort(item.code, public(item.message))
         finally:
             if not done:  # the client went away, or the call was cancelled
-                await self.engine.cancel(rid)
+                await self.engine.cancel(scoped)
 
     async def SetPriority(
         self, request: pb.SetPriorityRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetPriorityResponse:
+        caller = await self._caller(context)
         target = request.WhichOneof("target")
         if target is None:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "set either request_id or client_id"
             )
-        updated = await self.engine.set_priority(
-            request.priority, **{target: getattr(request, target)}
-        )
+        if target == "request_id":  # only the caller's own requests are found
+            updated = await self.engine.set_priority(
+                request.priority, request_id=caller.scope(request.request_id))
+        else:
+            client_id = request.client_id or caller.tenant  # empty: the caller's own
+            if not caller.may_act_for(client_id):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"only an admin sets the priority of another tenant ({client_id!r})")
+            updated = await self.engine.set_priority(request.priority, client_id=client_id)
         return pb.SetPriorityResponse(updated=updated)
 
     async def Cancel(
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelResponse:
+        caller = await self._caller(context)
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
-        return pb.CancelResponse(cancelled=await self.engine.cancel(request.request_id))
+        # Scoped: another tenant's request of the same id is not found, hence not cancelled.
+        cancelled = await self.engine.cancel(caller.scope(request.request_id))
+        return pb.CancelResponse(cancelled=cancelled)
 
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatsResponse:
-        return await self.snapshot()
+        caller = await self._caller(context)
+        if caller.admin:
+            return await self.snapshot()
+        return self.tenant_snapshot(caller.tenant)
+
+    def tenant_snapshot(self, tenant: str) -> pb.StatsResponse:
+        """What a user sees: its own tenant's requests, and whether the service is whole;
+        nothing of other tenants' load (the service-wide numbers are left at zero)."""
+        planner = self.engine.planner
+        mine = [r for r in planner.requests.values() if r.client_id == tenant]
+        states = [r.state for r in mine]
+        return pb.StatsResponse(
+            mode=self.mode,
+            waiting=states.count(S.WAITING),
+            running=sum(s in (S.RUNNING, S.PREFILLING) for s in states),
+            swapped=sum(s in (S.SWAPPED, S.SWAPPING_OUT, S.SWAPPING_IN) for s in states),
+            running_blocks=sum(planner.allocator.num_blocks_of(r) for r in mine
+                               if r.state in (S.RUNNING, S.PREFILLING)),
+            executor_available=self.engine.executor_ok,
+            kvstore_degraded=self.engine.host.degraded,
+            model=self.model,
+        )
 
     async def snapshot(self) -> pb.StatsResponse:
         """What Stats answers; the metrics endpoint exports the same numbers. It never
@@ -222,8 +311,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         )
 
 
-def _validate(request: Sampled, prompt: list[int], vocab_size: int) -> str | None:
-    if not request.client_id:
+def _validate(request: Sampled, client_id: str, prompt: list[int], vocab_size: int
+              ) -> str | None:
+    if not client_id:
         return "client_id is required"
     if not prompt:
         return "the prompt is empty"

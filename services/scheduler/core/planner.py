@@ -165,6 +165,22 @@ class Planner:
         self._drop(r)
         return True
 
+    def forget_conversation(self, conversation_id: str) -> bool:
+        """Releases the KV kept for a conversation that is over: its device prefix cache
+        entry, and its host copy (freed once no swap pins it). False, releasing nothing,
+        while a live request, a host reply or a copy in flight still uses it (the store's
+        own eviction reclaims it later)."""
+        busy = (
+            any(r.conversation_id == conversation_id for r in self.requests.values())
+            or any(s.kv.host_key == conversation_id for s in self.swaps)
+            or any(kv.host_key == conversation_id for _, kv, _ in self._awaiting.values())
+        )
+        if busy:
+            return False
+        self.cache.drop(conversation_id, self.swaps.claim)
+        self._outbox.append(Release(conversation_id))
+        return True
+
     def stop(self, request_id: str) -> bool:
         """Finishes a decoding request early (a stop string matched); False if it is not."""
         r = self.requests.get(request_id)

@@ -1,0 +1,432 @@
+"""Tenants and internal credentials on a real stack: API keys, tenant-scoped ids, Stats by
+role, the executor and KV store closed to all but the scheduler, TLS, bind rules, and
+bounded conversations. One executor and KV store serve the module, with an internal token
+and mutual TLS (a CA and certificate that the module makes with openssl); its schedulers
+run with API keys and serve TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.client import FastSwitchClient, Generation, Sampling
+from common.tls import ClientTls, aio_channel, sync_channel
+from protos import executor_pb2 as ex
+from protos import executor_pb2_grpc as ex_grpc
+from protos import kvstore_pb2 as kv
+from protos import kvstore_pb2_grpc as kv_grpc
+from protos import scheduler_pb2 as pb
+from protos import scheduler_pb2_grpc as pb_grpc
+from services.launch import LocalStack, StackConfig
+from tests.support.stacks import executor_and_stores
+
+REPO = Path(__file__).resolve().parent.parent
+ALICE, BOB, ADMIN = (f"{name}-{secrets.token_hex(12)}" for name in ("alice", "bob", "admin"))
+KEYS = f"""# test keys
+{ALICE} tenant-a
+{BOB}   tenant-b user
+{ADMIN} ops      admin
+"""
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
+LONG = Sampling(ignore_eos=True)  # generates exactly max_tokens
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate it signs for 127.0.0.1 (server and client use): the CA's
+    file, the certificate's and its key's."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=fastswitch test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=localhost")
+    (folder / "node.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n")
+    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "node.pem", "-days", "2", "-extfile", "node.ext")
+    return folder / "ca.pem", folder / "node.pem", folder / "node.key"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    folder = tmp_path_factory.mktemp("tenants")
+    keys = folder / "api-keys"
+    keys.write_text(KEYS)
+    keys.chmod(0o600)
+    ca, cert, key = make_certificates(folder)
+    config = StackConfig(num_gpu_blocks=128, num_host_blocks=1024, log_dir=str(folder / "logs"),
+                         internal_token=secrets.token_urlsafe(32), api_keys_file=str(keys),
+                         tls_cert=str(cert), tls_key=str(key), tls_ca=str(ca),
+                         tls_mutual=True)
+    with executor_and_stores(config) as s:
+        yield s
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    address: str
+    ca: str
+
+    def client(self, key: str = "") -> FastSwitchClient:
+        return FastSwitchClient(self.address, api_key=key, tls_ca=self.ca)
+
+
+@pytest.fixture(scope="module")
+def keyed(stack: LocalStack) -> Iterator[Scheduler]:
+    """One scheduler with API keys, serving TLS, shared by the module's tests."""
+    child = stack.start_scheduler()
+    yield Scheduler(child.address, stack.config.tls_ca)
+    assert stack.stop_child(child) == 0
+
+
+async def refused(call, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        result = call()
+        if isinstance(result, Generation):
+            await result.collect()
+        else:
+            await result
+    assert info.value.code() == code, info.value.details()
+    return info.value.details() or ""
+
+
+async def first_token(gen: Generation) -> asyncio.Task[Generation]:
+    """Runs `gen` in the background, returning once its first token is in."""
+    task = asyncio.create_task(gen.collect())
+    while not gen.tokens:
+        if task.done():
+            task.result()  # raises what ended it
+            raise AssertionError("the generation ended without a token")
+        await asyncio.sleep(0.01)
+    return task
+
+
+# ---- keys ------------------------------------------------------------------------------
+
+async def test_missing_or_unknown_keys_are_unauthenticated(keyed: Scheduler) -> None:
+    for key in ("", "not-a-key-of-this-stack"):
+        async with keyed.client(key) as c:
+            assert "key" in await refused(lambda c=c: c.generate("hi", max_tokens=2),
+                                          UNAUTHENTICATED)
+            await refused(lambda c=c: c.chat("conv", "hi", max_tokens=2), UNAUTHENTICATED)
+            await refused(lambda c=c: c.stats(), UNAUTHENTICATED)
+            await refused(lambda c=c: c.cancel("r"), UNAUTHENTICATED)
+            await refused(lambda c=c: c.set_priority(1, request_id="r"), UNAUTHENTICATED)
+    # Not a bearer credential at all, by hand.
+    async with aio_channel(keyed.address, ClientTls(keyed.ca)) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.SchedulerStub(channel).Stats(
+                pb.StatsRequest(), metadata=(("authorization", f"Basic {ALICE}"),))
+        assert info.value.code() == UNAUTHENTICATED
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # health stays open
+
+
+async def test_the_tenant_is_the_fairness_principal(keyed: Scheduler) -> None:
+    async with keyed.client(ALICE) as alice:
+        details = await refused(lambda: alice.generate("hi", client_id="tenant-b", max_tokens=2),
+                                PERMISSION_DENIED)
+        assert "tenant-a" in details
+        await refused(lambda: alice.chat("c-principal", "hi", client_id="tenant-b",
+                                         max_tokens=2), PERMISSION_DENIED)
+        for client_id in ("", "tenant-a"):
+            gen = await alice.generate("hi", client_id=client_id, max_tokens=2).collect()
+            assert gen.final is not None and gen.final.completion_tokens == 2
+
+
+# ---- ids are the tenant's own ----------------------------------------------------------
+
+async def test_two_tenants_use_the_same_request_id(keyed: Scheduler) -> None:
+    async with keyed.client(ALICE) as alice, keyed.client(BOB) as bob:
+        a = alice.generate("one prompt", max_tokens=200, request_id="same", sampling=LONG)
+        running = await first_token(a)
+        b = await bob.generate("another prompt", max_tokens=4, request_id="same").collect()
+        # The same id twice within a tenant is still one too many; the message shows the
+        # caller's id, not the internal one.
+        details = await refused(
+            lambda: alice.generate("x", max_tokens=2, request_id="same"),
+            grpc.StatusCode.ALREADY_EXISTS)
+        assert "'same'" in details and "tenant-a" not in details
+        assert await alice.cancel("same") is True
+        a = await running
+    assert a.request_id == b.request_id == "same"  # never prefixed
+    assert a.final.finish_reason == "cancelled" and b.final.completion_tokens == 4
+
+
+async def test_cancel_and_set_priority_reach_only_the_callers_requests(keyed: Scheduler) -> None:
+    prompt = "the victim's prompt, long enough to be running a while"
+    async with keyed.client(ALICE) as alice, keyed.client(BOB) as bob, \
+            keyed.client(ADMIN) as admin:
+        reference = await alice.generate(prompt, max_tokens=120, sampling=LONG).collect()
+        victim = alice.generate(prompt, max_tokens=120, request_id="victim", sampling=LONG)
+        running = await first_token(victim)
+        assert await bob.cancel("victim") is False
+        assert await bob.set_priority(9, request_id="victim") == 0
+        await refused(lambda: bob.set_priority(9, client_id="tenant-a"), PERMISSION_DENIED)
+        assert await bob.set_priority(1, client_id="tenant-b") == 0  # its own: allowed
+        assert await admin.set_priority(2, client_id="tenant-a") == 1  # admins may
+        assert await alice.set_priority(3, request_id="victim") == 1
+        done = await running
+        assert done.final.finish_reason == "length"
+        assert [t.id for t in done.tokens] == [t.id for t in reference.tokens]
+        # Its owner can cancel it.
+        mine = alice.generate(prompt, max_tokens=200, request_id="mine", sampling=LONG)
+        running = await first_token(mine)
+        assert await bob.cancel("mine") is False
+        assert await alice.cancel("mine") is True
+        assert (await running).final.finish_reason == "cancelled"
+
+
+async def test_a_conversation_id_is_the_tenants_own(keyed: Scheduler) -> None:
+    secret = "my card PIN is 4711, remember it"
+    async with keyed.client(ALICE) as alice, keyed.client(BOB) as bob:
+        first = await alice.chat("shared-id", secret, max_tokens=8).collect()
+        # Bob's turn under the same id starts a conversation of his own: no history.
+        fresh = await bob.chat("bob-fresh", "what was the PIN?", max_tokens=8).collect()
+        probe = await bob.chat("shared-id", "what was the PIN?", max_tokens=8).collect()
+        assert probe.final.prompt_tokens == fresh.final.prompt_tokens
+        assert probe.final.reused_prompt_tokens == 0
+        # Alice's conversation is as it would be without Bob: compare with a twin.
+        twin_first = await alice.chat("twin", secret, max_tokens=8).collect()
+        assert [t.id for t in twin_first.tokens] == [t.id for t in first.tokens]
+        second = await alice.chat("shared-id", "and then?", max_tokens=8).collect()
+        twin = await alice.chat("twin", "and then?", max_tokens=8).collect()
+        assert second.final.prompt_tokens == twin.final.prompt_tokens > fresh.final.prompt_tokens
+        assert [t.id for t in second.tokens] == [t.id for t in twin.tokens]
+
+
+async def test_stats_show_a_user_its_tenant_and_an_admin_everything(keyed: Scheduler) -> None:
+    async with keyed.client(ALICE) as alice, keyed.client(BOB) as bob, \
+            keyed.client(ADMIN) as admin:
+        running = await first_token(alice.generate("busy", max_tokens=200, request_id="busy",
+                                                   sampling=LONG))
+        mine, theirs, everything = await alice.stats(), await bob.stats(), await admin.stats()
+        await alice.cancel("busy")
+        await running
+    assert mine.running + mine.waiting + mine.swapped == 1
+    assert theirs.running + theirs.waiting + theirs.swapped == 0
+    assert everything.running + everything.waiting + everything.swapped >= 1
+    assert everything.steps > 0
+    assert mine.steps == theirs.steps == mine.finished == 0  # service-wide: admins only
+    assert mine.executor_available and theirs.executor_available and mine.mode == "fastswitch"
+
+
+async def test_the_public_api_serves_tls_only(keyed: Scheduler) -> None:
+    async with FastSwitchClient(keyed.address, api_key=ALICE) as plaintext:
+        await refused(lambda: plaintext.stats(), grpc.StatusCode.UNAVAILABLE)
+    async with keyed.client(ALICE) as alice:
+        gen = await alice.generate("over TLS", max_tokens=3).collect()
+    assert gen.final.completion_tokens == 3
+
+
+# ---- the executor and the KV store serve only the scheduler ----------------------------
+
+def _code(call) -> grpc.StatusCode:
+    try:
+        result = call()
+        if hasattr(result, "__iter__") and not hasattr(result, "ListFields"):
+            list(result)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_executor_and_kvstore_refuse_calls_without_the_internal_token(
+        stack: LocalStack) -> None:
+    good = stack.internal_metadata
+    bad = (("authorization", "Bearer not-the-token"),)
+    # Mutual TLS: without a client certificate (or without TLS) nothing gets through.
+    for tls in (None, ClientTls(stack.config.tls_ca)):
+        for address in (stack.executor_address, stack.kvstore_address):
+            with sync_channel(address, tls) as channel:
+                call = ex_grpc.ExecutorStub(channel).Describe if address == \
+                    stack.executor_address else kv_grpc.KVStoreStub(channel).Describe
+                request = ex.DescribeRequest() if address == stack.executor_address \
+                    else kv.DescribeRequest()
+                assert _code(lambda c=call, r=request: c(r, metadata=good, timeout=5)) == \
+                    grpc.StatusCode.UNAVAILABLE, (address, tls)
+    with stack.channel(stack.executor_address) as channel:
+        executor = ex_grpc.ExecutorStub(channel)
+        calls = {
+            "Describe": lambda m: executor.Describe(ex.DescribeRequest(), metadata=m),
+            "Step": lambda m: executor.Step(ex.StepRequest(iteration=1), metadata=m),
+            "SubmitSwaps": lambda m: executor.SubmitSwaps(ex.SubmitSwapsRequest(), metadata=m),
+            "AttachHostArena": lambda m: executor.AttachHostArena(
+                ex.AttachHostArenaRequest(name="nope"), metadata=m),
+            "SwapEvents": lambda m: executor.SwapEvents(ex.SwapEventsRequest(), metadata=m,
+                                                       timeout=0.5),
+        }
+        for name, call in calls.items():
+            for metadata in ((), bad):
+                assert _code(lambda c=call, m=metadata: c(m)) == UNAUTHENTICATED, name
+        assert _code(lambda: calls["Describe"](good)) == grpc.StatusCode.OK
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status \
+            == health_pb2.HealthCheckResponse.SERVING
+    fingerprint = stack.describe.model_fingerprint
+    tokens = kv.TokensRequest(conversation_id="tenant-a/shared-id", token_ids=list(range(40)),
+                              model_fingerprint=fingerprint)
+    with stack.channel(stack.kvstore_address) as channel:
+        store = kv_grpc.KVStoreStub(channel)
+        calls = {
+            "Describe": lambda m: store.Describe(kv.DescribeRequest(), metadata=m),
+            "Stats": lambda m: store.Stats(kv.StatsRequest(), metadata=m),
+            "Lookup": lambda m: store.Lookup(tokens, metadata=m),
+            "Reserve": lambda m: store.Reserve(tokens, metadata=m),
+            "Pin": lambda m: store.Pin(tokens, metadata=m),
+            "Release": lambda m: store.Release(kv.ReleaseRequest(conversation_id="x"),
+                                               metadata=m),
+            "Abort": lambda m: store.Abort(kv.ReservationRef(reservation_id=1), metadata=m),
+            "ReadBlocks": lambda m: store.ReadBlocks(
+                kv.ReadBlocksRequest(extents=[kv.Extent(start=0, length=4)]), metadata=m),
+            "WriteBlocks": lambda m: store.WriteBlocks(
+                iter([kv.WriteBlocksChunk(reservation_id=1)]), metadata=m),
+        }
+        before = store.Stats(kv.StatsRequest(), metadata=good)
+        for name, call in calls.items():
+            for metadata in ((), bad):
+                assert _code(lambda c=call, m=metadata: c(m)) == UNAUTHENTICATED, name
+        after = store.Stats(kv.StatsRequest(), metadata=good)
+        assert after.pending_reservations == before.pending_reservations  # nothing reserved
+        assert after.pinned_blocks == before.pinned_blocks
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status \
+            == health_pb2.HealthCheckResponse.SERVING
+        # Reservation ids are random, not a count another caller could walk.
+        ids = []
+        for i in range(3):
+            request = kv.TokensRequest(conversation_id=f"ids-{i}", token_ids=list(range(20)),
+                                       model_fingerprint=fingerprint)
+            ids.append(store.Reserve(request, metadata=good).reservation_id)
+        for reservation_id in ids:
+            store.Abort(kv.ReservationRef(reservation_id=reservation_id), metadata=good)
+    assert len(set(ids)) == 3 and all(0 < i < 2**48 for i in ids)
+    assert max(ids) - min(ids) > 1000
+
+
+# ---- binding ---------------------------------------------------------------------------
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FASTSWITCH_INTERNAL_TOKEN", "FASTSWITCH_INTERNAL_TOKEN_FILE",
+                        "FASTSWITCH_INSECURE", "FASTSWITCH_API_KEYS_FILE")
+           and not k.startswith("FASTSWITCH_TLS_")}
+    return {**env, **extra}
+
+
+def _serve_all(runs: list[tuple[list[str], dict[str, str]]]) -> None:
+    """Starts each `python -m ARGS` at once, waits for each one's ready line, stops them."""
+    processes = [subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for args, env in runs]
+    try:
+        for process in processes:
+            line = process.stdout.readline()
+            assert line.startswith("kvstore ready"), process.stderr.read()
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+
+
+async def test_a_public_bind_needs_credentials_or_insecure(
+        stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each service's own entry point, in this process, refuses before it binds (or loads
+    a model); the KV store, as a process, serves 0.0.0.0 with a token or --insecure."""
+    from services.executor.__main__ import main as executor_main
+    from services.kvstore.__main__ import serve as kvstore_serve
+    from services.kvstore.config import parse_config
+    from services.scheduler.__main__ import parse_args as scheduler_args
+    from services.scheduler.__main__ import serve as scheduler_serve
+
+    for name in [k for k in os.environ if k not in _env()]:
+        monkeypatch.delenv(name)
+    store = ["--host", "0.0.0.0", "--port", "0", "--num-blocks", "8", "--block-bytes", "4096",
+             "--fingerprint", "fp"]
+    refusal = r"refusing to listen on 0\.0\.0\.0 without"
+    with pytest.raises(SystemExit, match=f"{refusal} an internal token"):
+        await kvstore_serve(parse_config(store, {}))
+    with pytest.raises(SystemExit, match=f"{refusal} an internal token"):
+        executor_main(["--listen", "0.0.0.0", "--port", "0"])
+    # The scheduler needs keys: an internal token is not what protects its public API.
+    with pytest.raises(SystemExit, match=f"{refusal} API keys"):
+        await scheduler_serve(scheduler_args(["--host", "0.0.0.0", "--internal-token", "t" * 20,
+                                              "--executor", stack.executor_address]))
+    _serve_all([(["services.kvstore", *store], _env(FASTSWITCH_INTERNAL_TOKEN="its-own-token")),
+                (["services.kvstore", *store, "--insecure"], _env())])
+
+
+# ---- conversations are bounded ---------------------------------------------------------
+
+async def _turns(scheduler: Scheduler, key: str, conv: str) -> int:
+    """A first turn and a second, returning the second's prompt tokens."""
+    async with scheduler.client(key) as c:
+        await c.chat(conv, "tell me about block groups and swaps", max_tokens=8).collect()
+        return (await c.chat(conv, "and then?", max_tokens=4).collect()).final.prompt_tokens
+
+
+async def _again(scheduler: Scheduler, key: str, conv: str) -> int:
+    async with scheduler.client(key) as c:
+        return (await c.chat(conv, "and then?", max_tokens=4).collect()).final.prompt_tokens
+
+
+@pytest.fixture
+def limited(stack: LocalStack, request: pytest.FixtureRequest) -> Iterator[Scheduler]:
+    child = stack.start_scheduler(extra_args=request.param)
+    yield Scheduler(child.address, stack.config.tls_ca)
+    assert stack.stop_child(child) == 0
+
+
+@pytest.mark.parametrize("limited", [["--max-conversations", "2"]], indirect=True)
+async def test_a_tenant_keeps_at_most_its_cap_of_conversations(limited: Scheduler) -> None:
+    async with limited.client(ALICE) as alice:
+        fresh = (await alice.chat("fresh", "and then?", max_tokens=4).collect()).final
+    # "fresh" is Alice's first conversation; two more push it and then c1 out.
+    bob_kept = await _turns(limited, BOB, "b1")
+    with_history = await _turns(limited, ALICE, "c1")
+    assert with_history > fresh.prompt_tokens
+    await _turns(limited, ALICE, "c2")
+    assert await _again(limited, ALICE, "c2") > with_history  # kept, and growing
+    await _turns(limited, ALICE, "c3")  # evicts c1, the least recently used
+    assert await _again(limited, ALICE, "c1") == fresh.prompt_tokens  # forgotten
+    assert await _again(limited, BOB, "b1") > bob_kept  # another tenant's: untouched
+
+
+@pytest.mark.parametrize("limited", [["--conversation-ttl", "1"]], indirect=True)
+async def test_an_idle_conversation_expires_and_its_host_kv_is_released(
+        limited: Scheduler, stack: LocalStack) -> None:
+    with stack.channel(stack.kvstore_address) as channel:
+        store = kv_grpc.KVStoreStub(channel)
+
+        def used() -> int:
+            return store.Stats(kv.StatsRequest(), metadata=stack.internal_metadata).used_blocks
+
+        before = used()
+        async with limited.client(ALICE) as alice:
+            long = "tell me everything about block groups and swaps " * 8
+            await alice.chat("idle", long, max_tokens=8).collect()
+            deadline = time.monotonic() + 5
+            while used() <= before:  # the finished turn's KV reaches the host
+                assert time.monotonic() < deadline, "the turn's KV never reached the host"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(2.5)  # past the TTL: the scheduler's sweep forgets it
+            assert used() <= before, "the expired conversation's host KV was not released"
+            fresh = (await alice.chat("fresh-ttl", "and then?", max_tokens=4).collect()).final
+            again = (await alice.chat("idle", "and then?", max_tokens=4).collect()).final
+            assert again.prompt_tokens == fresh.prompt_tokens  # its history is gone too
