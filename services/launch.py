@@ -198,8 +198,10 @@ class LocalStack:
         ], timeout_s, port=c.scheduler_port or None)
 
     def start_http(self, *, extra_args: Sequence[str] = (), timeout_s: float = 120.0) -> Child:
-        """Starts the HTTP front door over this stack's scheduler."""
-        return self.spawn("http", ["--scheduler", self.scheduler_address, *extra_args],
+        """Starts the HTTP front door over this stack's scheduler. With API keys its
+        requests name no client id unless they say `user`: the key's tenant is theirs."""
+        keyed = ["--client-id="] if self.config.api_keys_file else []
+        return self.spawn("http", ["--scheduler", self.scheduler_address, *keyed, *extra_args],
                           timeout_s, port=self.config.http_port or None)
 
     def stop_child(self, child: Child, grace_s: float = 10.0) -> int:

@@ -25,7 +25,8 @@ FLAGS = [  # (flag, env var, default, help)
     ("served-model-name", "FASTSWITCH_SERVED_MODEL_NAME", "",
      "the model name clients use (empty: the one the scheduler reports)"),
     ("client-id", "FASTSWITCH_HTTP_CLIENT_ID", "http",
-     "the fairness principal of a request without `user`"),
+     "the fairness principal of a request without `user`; empty where the scheduler has API "
+     "keys (the key's tenant is the principal)"),
     ("default-max-tokens", "FASTSWITCH_HTTP_DEFAULT_MAX_TOKENS", "256",
      "max_tokens of a request that sets neither max_tokens nor max_completion_tokens"),
     ("shutdown-grace", "FASTSWITCH_HTTP_SHUTDOWN_GRACE_S", "5",

@@ -165,8 +165,6 @@ class Frontend:
                                                      self.settings.defaults), md, COMPLETION)
 
     async def _generate(self, parsed: Parsed, md: Metadata, shape: Shape) -> Response:
-        if md and parsed.request.client_id == self.settings.defaults.client_id:
-            parsed.request.client_id = ""  # with a key the principal is its tenant
         name = await self.model(md)
         if parsed.model and parsed.model != name:
             raise ApiError(404, f"The model '{parsed.model}' does not exist; this server "

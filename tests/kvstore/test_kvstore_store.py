@@ -36,7 +36,7 @@ from services.kvstore.bulk import checksum
 from services.kvstore.config import StoreConfig
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
 from services.kvstore.redis_storage import Namespace, RedisIndexStorage
-from services.kvstore.store import KVStore, PinResult
+from services.kvstore.store import KVStore
 from tests.support.redis_server import RedisServer
 
 FP = "model-a"
@@ -292,8 +292,8 @@ def test_chain_calls_are_the_token_calls(make_store: StoreFactory) -> None:
     res = by_chain.reserve_chain("c", chain_of(tokens), len(tokens))
     by_chain.commit(res.reservation_id)
     longer = [*tokens[:8], 50, 51, 52, 53]
-    assert by_tokens.pin(FP, "c", longer) == PinResult(
-        res.reservation_id + 1, 8, list(runs(res.new_blocks[:2])))
+    pinned = by_tokens.pin(FP, "c", longer)
+    assert (pinned.valid_tokens, pinned.extents) == (8, list(runs(res.new_blocks[:2])))
     hit, handle = by_chain.pin_chain("c", chain_of(longer), len(longer))
     assert (hit.num_tokens, handle.blocks) == (8, res.new_blocks[:2])
     assert by_tokens.stats() == by_chain.stats()

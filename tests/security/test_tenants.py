@@ -32,7 +32,8 @@ from protos import scheduler_pb2_grpc as pb_grpc
 from services.launch import LocalStack, StackConfig
 from tests.support.stacks import executor_and_stores
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.process
 ALICE, BOB, ADMIN = (f"{name}-{secrets.token_hex(12)}" for name in ("alice", "bob", "admin"))
 KEYS = f"""# test keys
 {ALICE} tenant-a
