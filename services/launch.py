@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.auth import bearer_metadata
 from common.health_probe import check_http
+from common.shm.arena import cleanup_stale
 from common.tls import ClientTls, sync_channel
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
@@ -342,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     names = ["executor", "kvstore", "scheduler", *(["http"] if args.http_port is not None else [])]
     logs = [str(Path(args.log_dir) / f"{n}.log") for n in names]
     print(f"starting FastSwitch; the services log to {', '.join(logs)}", flush=True)
+    for name in cleanup_stale():  # arenas of stores that died with no restart to inherit them
+        print(f"removed the stale arena {name}", flush=True)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:

@@ -4,8 +4,10 @@ Each start creates a new segment named `<base>.<epoch>` (a random epoch), owned 
 process. If the shared index names a segment this instance left behind when it crashed,
 and it still exists with the same geometry, its bytes are copied into the new segment, so
 that the chains recorded for it stay valid. Every other segment of this base (an earlier
-epoch: only one store runs per instance id) is then removed, as are arenas of dead
-creators; a pid says nothing in a container restarted with the same pid 1. The
+epoch: only one store runs per instance id) is then removed. Other instances' segments are
+left alone, even when their creator looks dead: that instance may be restarting to inherit
+its own, and a pid says nothing in a container restarted with the same pid 1 (`fastswitch
+up`, which owns every store on its host, sweeps dead creators' arenas when it starts). The
 copy, rather than adopting the old segment in place, keeps the owner pid in every header
 live, so no other process's `cleanup_stale` can unlink the segment under a running store.
 The epoch makes a segment name unique per creation: a name recorded in the index denotes
@@ -17,7 +19,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from common.shm.arena import ARENA_PREFIX, SHM_DIR, HostArena, cleanup_stale
+from common.shm.arena import ARENA_PREFIX, SHM_DIR, HostArena
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _EPOCH_CHARS = 12
@@ -39,7 +41,6 @@ def open_arena(
         for old in SHM_DIR.glob(f"{base}.*"):
             if old.name != arena.name and epoch.fullmatch(old.name):
                 old.unlink(missing_ok=True)  # mappings of it (an executor's) stay valid
-        cleanup_stale()  # any other arena of a crashed run
     except BaseException:
         arena.unlink()
         arena.close()
