@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli import parse_modes
 from benchmarks.sim.hardware import A10, LLAMA3_8B, Deployment
 from benchmarks.sim.simulate import SimOptions, simulate
 from benchmarks.sim.workload import TurnSpec
@@ -264,14 +265,6 @@ def print_table(doc: dict[str, Any]) -> None:
         print(f"{mode:<12} {p['vtc']['max_gap']:>9.0f} {p['vtc']['bound_2u']:>9.0f} "
               f"{p['vtc']['jain_index'] or 0:>6.3f} {p['fcfs_contrast']['jain_index'] or 0:>9.3f} "
               f"{p['priority']['inversions']:>10} {twice:>13}")
-
-
-def parse_modes(text: str) -> list[Mode]:
-    try:
-        return [Mode(m.strip()) for m in text.split(",") if m.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{error}; modes are {[m.value for m in Mode]}") \
-            from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.cli import parse_modes
 from benchmarks.sim.copy_engine import KvLayout, LinkModel
 from benchmarks.sim.cost_model import SequenceWork, StepCostModel
 from benchmarks.sim.costs import SimCost
@@ -211,14 +212,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {"config": {k: v if k != "modes" else [m.value for m in v]
                        for k, v in vars(args).items() if k != "json"},
             "calibration": calibration, "goal_abs_error_at_most": GOAL, "modes": modes}
-
-
-def parse_modes(text: str) -> list[Mode]:
-    try:
-        return [Mode(m.strip()) for m in text.split(",") if m.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{error}; modes are {[m.value for m in Mode]}") \
-            from None
 
 
 def main(argv: list[str] | None = None) -> int:

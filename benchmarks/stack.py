@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.cli import parse_modes
 from benchmarks.sim.trace import load_trace
 from benchmarks.stack_trace import check_fits, first_conversations, replay_trace
 from common.client import FastSwitchClient
@@ -152,15 +153,6 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_modes(text: str) -> list[str]:
-    known = [m.value for m in Mode]
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in known]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"modes are a comma list of {known}, got {text!r}")
-    return modes
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=6)
@@ -174,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="",
                         choices=["", "auto", "float32", "float16", "bfloat16"],
                         help="the executor's model and KV dtype (default: the checkpoint's)")
-    parser.add_argument("--modes", type=parse_modes, default=[m.value for m in Mode],
+    parser.add_argument("--modes", type=lambda text: [m.value for m in parse_modes(text)],
+                        default=[m.value for m in Mode],
                         help="comma list of scheduler modes (default: all)")
     parser.add_argument("--switches", default="",
                         help="ablation: changes to fastswitch's switches, "

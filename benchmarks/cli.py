@@ -1,0 +1,19 @@
+"""What the benchmarks' command lines share."""
+
+from __future__ import annotations
+
+import argparse
+
+from services.scheduler.core.config import Mode
+
+
+def parse_modes(text: str) -> list[Mode]:
+    """`--modes`: a comma list of scheduler modes."""
+    try:
+        modes = [Mode(m.strip()) for m in text.split(",") if m.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{error}; modes are a comma list of {[m.value for m in Mode]}") from None
+    if not modes:
+        raise argparse.ArgumentTypeError(f"no modes in {text!r}")
+    return modes
