@@ -149,7 +149,9 @@ class Frontend:
         return self._model
 
     async def models(self, request: Request) -> Response:
-        name = await self.model(metadata(request))
+        md = metadata(request)
+        await self.stub.Stats(pb.StatsRequest(), metadata=md)  # the caller's key, every time
+        name = await self.model(md)
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": self.started, "owned_by": "fastswitch"}]})
 

@@ -146,15 +146,22 @@ class Engine:
         return not self._tracked
 
     async def close(self, grace_s: float = 5.0) -> None:
-        """Cancels what is still running, lets swaps in flight land (so the KV store is
-        left with no pending reservation or pin), then stops."""
+        """Cancels what is still running, lets swaps in flight and the host operations
+        that follow land (so the KV store is left with no pending reservation or pin),
+        then stops."""
         await self._fail_all("scheduler shutting down")
         self._wake.set()
         deadline = time.monotonic() + grace_s
         while self.executor_ok and time.monotonic() < deadline:
+            if self.planner.has_work():
+                await asyncio.sleep(0.02)
+                continue
+            try:  # the last plans' host operations (aborts, unpins) must reach the store
+                await asyncio.wait_for(self._host_ops.join(), deadline - time.monotonic())
+            except TimeoutError:
+                break
             if not self.planner.has_work():
                 break
-            await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -340,6 +347,7 @@ class Engine:
                 log.exception("host operations failed")
                 replies = unanswered(ops)
             self.planner.host_replied(replies)
+            self._host_ops.task_done()
             self._wake.set()
 
     async def _swap_events(self) -> None:
