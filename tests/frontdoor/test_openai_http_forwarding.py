@@ -48,6 +48,10 @@ class FakeScheduler(pb_grpc.SchedulerServicer):
             finish_reason="length", prompt_tokens=3, completion_tokens=1,
             reused_prompt_tokens=2))
 
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
+                    ) -> pb.StatsResponse:
+        return pb.StatsResponse(model="not-the-flags")  # /v1/models authenticates by it
+
 
 @pytest.fixture
 async def fake() -> AsyncIterator[tuple[FakeScheduler, str]]:
@@ -119,7 +123,7 @@ async def test_grpc_statuses_become_http_statuses_and_error_objects(
                 assert f"{code.lower()} says the fake" in err.value.body["message"]
                 assert "Traceback" not in err.value.body["message"]
     assert err.value.status_code == 500
-    async with api(url, "code-UNAVAILABLE") as client:  # the flag names it: no Stats call
+    async with api(url, "code-UNAVAILABLE") as client:  # the flag names it, not Stats
         assert [m.id for m in (await client.models.list()).data] == ["fake-model"]
     async with api(url, "late-UNAVAILABLE") as client:  # the stream has begun: an event
         with pytest.raises(openai.APIError, match="late failure"):
