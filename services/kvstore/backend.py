@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-import redis
-
 from common.kv.reuse_index import ChainRecord, IndexStorage, MemoryIndexStorage
 from common.shm.arena import HostArena
 from services.kvstore.arena_setup import open_arena
 from services.kvstore.errors import IndexUnavailable
-from services.kvstore.redis_storage import Namespace, RedisIndexStorage
+from services.kvstore.redis_storage import (
+    AsyncRedisClient,
+    Namespace,
+    RedisClient,
+    RedisIndexStorage,
+)
 from services.kvstore.registry import InstanceEntry, InstanceRegistry
 
 
@@ -24,7 +27,8 @@ class IndexBackend(Protocol):
     storage: IndexStorage
 
     def sync(self) -> None:
-        """Raises IndexUnavailable when the shared index cannot be brought up to date."""
+        """Sends the call's index writes (unless a `GroupCommit` does); raises
+        IndexUnavailable when the shared index cannot be brought up to date."""
 
     def peer_records(self, conv: str) -> list[tuple[str, ChainRecord]]:
         """Chains other instances hold for `conv`, by instance id."""
@@ -52,8 +56,12 @@ class MemoryBackend:
 class RedisBackend:
     name = "redis"
 
-    def __init__(self, client: redis.Redis, namespace: Namespace) -> None:
+    def __init__(
+        self, client: RedisClient, namespace: Namespace, async_client: AsyncRedisClient
+    ) -> None:
+        """`async_client` is for a `GroupCommit`; whoever makes one closes it."""
         self.client = client
+        self.async_client = async_client
         self.storage = RedisIndexStorage(client, namespace)
         self.registry = InstanceRegistry(client, namespace)
 

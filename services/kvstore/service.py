@@ -1,8 +1,10 @@
 """The KV store's gRPC face: a grpc.aio servicer over `KVStore`, health and reflection.
 
-Errors become status codes, never response fields. Store calls are serialized; with the
-Redis backend they run on one worker thread so that Redis round trips never block the
-event loop (the in-memory backend runs inline: its calls are microseconds).
+Errors become status codes, never response fields. Store calls run inline on the event
+loop (they are microseconds), one at a time. With the Redis backend each call's index
+writes are then landed by a `GroupCommit` round (redis.asyncio) before the call answers,
+so concurrent calls share round trips and none blocks the event loop. (A lookup that asks
+the registry for peers still reads Redis inline; closing runs on a thread.)
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import TypeVar
 
 import grpc
@@ -26,9 +27,11 @@ from common.kv.reuse_index import (
     UnknownReservation,
 )
 from protos import kvstore_pb2, kvstore_pb2_grpc
+from services.kvstore.backend import RedisBackend
 from services.kvstore.batch_wire import ops_from_proto, replies_to_proto
 from services.kvstore.bulk import checksum, from_proto, to_proto
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
+from services.kvstore.group_commit import GroupCommit
 from services.kvstore.metrics import StoreMetrics
 from services.kvstore.store import BlockWrite, KVStore
 
@@ -54,15 +57,21 @@ _MAPPED = tuple(error for error, _, _ in _STATUS)
 
 
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
-    def __init__(self, store: KVStore, worker: ThreadPoolExecutor | None) -> None:
+    def __init__(self, store: KVStore, commit: GroupCommit | None) -> None:
         self.store = store
-        self._worker = worker
+        self._commit = commit
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Runs a store call where store calls run (inline, or on the worker thread)."""
-        if self._worker is None:
+        """Runs a store call, then lands its index writes (Redis); an index that lags after
+        a failed round is rewritten first, or the call raises IndexUnavailable."""
+        if self._commit is None:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._worker, partial(fn, *args))
+        if self._commit.storage.dirty:
+            await self._commit.flush()
+        try:
+            return fn(*args)
+        finally:
+            await self._commit.flush()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., T],
                     *args: object) -> T:
@@ -183,9 +192,12 @@ class StoreServer:
         metrics: StoreMetrics | None = None,
     ) -> None:
         self.store = store
-        blocking = store.backend.name != "memory"
-        self._worker = ThreadPoolExecutor(1, "kvstore-index") if blocking else None
-        self.servicer = KVStoreServicer(store, self._worker)
+        self._worker: ThreadPoolExecutor | None = None
+        self._commit: GroupCommit | None = None
+        if isinstance(store.backend, RedisBackend):
+            self._worker = ThreadPoolExecutor(1, "kvstore-close")
+            self._commit = GroupCommit(store.backend.storage, store.backend.async_client)
+        self.servicer = KVStoreServicer(store, self._commit)
         self.metrics = metrics or StoreMetrics()
         self.server = grpc.aio.server(
             interceptors=[self.metrics.rpc_errors, RefuseUndecodable()])
@@ -212,7 +224,12 @@ class StoreServer:
                 await self._reaper
         await self.server.stop(grace)
         try:
-            await self.servicer.run(self.store.close)
+            if self._commit is None:
+                self.store.close()
+            else:
+                with contextlib.suppress(IndexUnavailable):
+                    await self._commit.close()  # what does not land is withdrawn by close
+                await asyncio.get_running_loop().run_in_executor(self._worker, self.store.close)
         finally:
             if self._worker is not None:
                 self._worker.shutdown()

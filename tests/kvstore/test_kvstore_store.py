@@ -389,9 +389,10 @@ def test_clean_close_withdraws_the_chains(
     put(store, "c", list(range(8)), seed=1)
     ns = Namespace(FP, store.instance_id)
     client = redis.Redis(port=redis_server.port)
-    assert client.hexists(ns.chains, "c") and client.hexists(ns.registry, store.instance_id)
+    assert client.exists(ns.chain("c")) and client.hexists(ns.registry, store.instance_id)
     store.close()
-    assert not client.exists(ns.chains) and not client.hexists(ns.registry, store.instance_id)
+    assert not client.exists(ns.chain("c"))
+    assert not client.hexists(ns.registry, store.instance_id)
     assert not list(SHM_DIR.glob(f"{store.arena.name}*"))
 
 
