@@ -22,6 +22,7 @@ class RedisProcess:
     binary: str
     workdir: Path
     port: int = field(default_factory=free_port)
+    extra_args: tuple[str, ...] = ()  # more redis-server options, e.g. cluster mode
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -34,7 +35,7 @@ class RedisProcess:
             return self
         self._process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.extra_args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -1,4 +1,5 @@
-"""Behaviour of the KV store object, run against both index backends (memory and Redis)."""
+"""Behaviour of the KV store object, run against every index backend: memory, one Redis,
+and a 3-master Redis Cluster (ids `redis-cluster`)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from common.kv.reuse_index import (
     UnknownReservation,
 )
 from common.shm.arena import SHM_DIR
-from services.kvstore.assemble import open_store
+from services.kvstore.assemble import open_store, redis_clients
 from services.kvstore.bulk import checksum
 from services.kvstore.config import StoreConfig
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
@@ -113,19 +114,28 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "redis"])
+def _index_url(request: pytest.FixtureRequest, backend: str) -> str | None:
+    fixture = {"redis": "redis_server", "redis-cluster": "redis_cluster"}.get(backend)
+    return request.getfixturevalue(fixture).url if fixture else None
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def make_store(
     request: pytest.FixtureRequest, arena_base: str, clock: FakeClock
 ) -> Iterator[StoreFactory]:
-    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
-    yield from _factory(url, arena_base, clock)
+    yield from _factory(_index_url(request, request.param), arena_base, clock)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    url = _index_url(request, request.param)
+    assert url is not None
+    return url
 
 
 @pytest.fixture
-def make_redis_store(
-    redis_server: RedisServer, arena_base: str, clock: FakeClock
-) -> Iterator[StoreFactory]:
-    yield from _factory(redis_server.url, arena_base, clock)
+def make_redis_store(redis_url: str, arena_base: str, clock: FakeClock) -> Iterator[StoreFactory]:
+    yield from _factory(redis_url, arena_base, clock)
 
 
 # --- behaviour suite: both backends ---------------------------------------------------
@@ -382,13 +392,11 @@ def test_restart_drops_chains_whose_memory_is_gone(make_redis_store: StoreFactor
     assert restarted.stats().used_blocks == 0
 
 
-def test_clean_close_withdraws_the_chains(
-    make_redis_store: StoreFactory, redis_server: RedisServer
-) -> None:
+def test_clean_close_withdraws_the_chains(make_redis_store: StoreFactory, redis_url: str) -> None:
     store = make_redis_store("a")
     put(store, "c", list(range(8)), seed=1)
     ns = Namespace(FP, store.instance_id)
-    client = redis.Redis(port=redis_server.port)
+    client, _ = redis_clients(redis_url)
     assert client.exists(ns.chain("c")) and client.hexists(ns.registry, store.instance_id)
     store.close()
     assert not client.exists(ns.chain("c"))
