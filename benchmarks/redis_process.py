@@ -39,13 +39,15 @@ class RedisProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, socket_timeout=1.0)
         try:
             for _ in range(200):
+                if self._process.poll() is not None:
+                    break
                 try:
                     client.ping()
                     return self
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.TimeoutError):
                     time.sleep(0.02)
         finally:
             client.close()

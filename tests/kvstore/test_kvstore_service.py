@@ -294,10 +294,12 @@ async def test_a_full_store_answers_no_room_and_a_dead_one_unanswered(
         assert await dead.identity() is None
 
 
+@pytest.mark.parametrize("index", ["redis_server", "redis_cluster"])
 async def test_a_batch_pin_on_another_instance_names_the_holder(
-    start: Callable[..., object], redis_server: RedisServer
+    start: Callable[..., object], index: str, request: pytest.FixtureRequest
 ) -> None:
-    a, b = await start(redis_url=redis_server.url), await start(redis_url=redis_server.url)
+    url = request.getfixturevalue(index).url
+    a, b = await start(redis_url=url), await start(redis_url=url)
     tokens = list(range(8))
     [reserved] = (await client_of(a).execute([Reserve(1, "c", chain_of(tokens), 8)])).replies
     await client_of(a).execute([Commit(reserved.reservation.reservation_id)])

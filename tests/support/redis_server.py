@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,8 +19,33 @@ import pytest
 import redis
 
 from benchmarks.redis_process import RedisProcess
+from services.launch import free_port
 
 CLUSTER_NODE_TIMEOUT_MS = 1000
+CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on port + 10000
+
+
+def cluster_ports(n: int) -> list[int]:
+    """`n` ports free together with their cluster bus ports, none another's bus port."""
+    taken: set[int] = set()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        bus = port + CLUSTER_BUS_OFFSET
+        if bus > 65535 or {port, bus} & taken or not _bindable(bus):
+            continue
+        taken |= {port, bus}
+        ports.append(port)
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def redis_binary(name: str = "redis-server") -> str:
@@ -47,10 +73,10 @@ class RedisClusterServer:
         binary = redis_binary()
         self._cli = redis_binary("redis-cli")
         self.nodes: list[RedisProcess] = []
-        for i in range(masters):
+        for i, port in enumerate(cluster_ports(masters)):
             node_dir = workdir / f"node{i}"
             node_dir.mkdir(parents=True, exist_ok=True)
-            self.nodes.append(RedisProcess(binary, node_dir, extra_args=(
+            self.nodes.append(RedisProcess(binary, node_dir, port, extra_args=(
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
                 "--cluster-require-full-coverage", "no")))
