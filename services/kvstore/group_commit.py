@@ -4,7 +4,8 @@ Store calls run on the event loop against the storage's mirror and leave their w
 buffered; each then awaits `flush`, which returns once a round that started after the
 call's writes has landed (or raises IndexUnavailable if it failed). One round is in flight
 at a time, on an asyncio Redis client, so writes land in order; at N concurrent clients a
-round carries up to N calls' writes. A call that wrote nothing does not wait.
+round carries up to N calls' writes. (The service calls `flush` only after a call that
+wrote, or to rewrite an index that lags.)
 """
 
 from __future__ import annotations

@@ -132,6 +132,7 @@ class RedisIndexStorage:
         self._use: dict[str, int] = {}
         self._pending: dict[str, bytes | None] = {}
         self._dirty = False
+        self.staged = 0  # writes buffered so far: a call that left it unchanged wrote nothing
         try:
             keys = list(client.scan_iter(match=namespace.own_chains, count=SCAN_COUNT))
             with client.pipeline(transaction=False) as pipe:
@@ -176,6 +177,7 @@ class RedisIndexStorage:
         self._local.delete(conv)
         self._use.pop(conv, None)
         self._pending[self.namespace.chain(conv)] = None
+        self.staged += 1
 
     def touch(self, conv: str) -> None:
         record = self._local.get(conv)
@@ -250,3 +252,4 @@ class RedisIndexStorage:
     def _stage(self, conv: str, record: ChainRecord) -> None:
         self._pending[self.namespace.chain(conv)] = _USE.pack(self._use[conv]) + encode_record(
             record)
+        self.staged += 1

@@ -66,12 +66,15 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         a failed round is rewritten first, or the call raises IndexUnavailable."""
         if self._commit is None:
             return fn(*args)
-        if self._commit.storage.dirty:
+        storage = self._commit.storage
+        if storage.dirty:
             await self._commit.flush()
+        staged = storage.staged
         try:
             return fn(*args)
         finally:
-            await self._commit.flush()
+            if storage.staged != staged:
+                await self._commit.flush()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., T],
                     *args: object) -> T:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import numpy as np
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -210,6 +211,30 @@ async def test_redis_outage_is_unavailable_and_the_store_recovers(
         assert hit.valid_tokens == 8
     finally:
         server.start()  # back for the module's other tests
+
+
+def round_trips(server: RedisServer) -> int:
+    """MULTI/EXEC transactions the server has run so far."""
+    stats = redis.Redis(port=server.port).info("commandstats")
+    return stats.get("cmdstat_exec", {}).get("calls", 0)
+
+
+async def test_concurrent_calls_share_redis_round_trips(
+    start: Callable[..., object], redis_server: RedisServer
+) -> None:
+    stub = (await start(redis_url=redis_server.url)).stub
+    convs = [f"c{i}" for i in range(NUM_BLOCKS)]  # a block each
+    reserved = await asyncio.gather(
+        *(stub.Reserve(tokens_request(c, list(range(4)))) for c in convs))
+    before = round_trips(redis_server)
+    await asyncio.gather(*(
+        stub.Commit(kvstore_pb2.ReservationRef(reservation_id=r.reservation_id))
+        for r in reserved))
+    assert round_trips(redis_server) - before < len(convs)  # group-committed
+    hits = await asyncio.gather(*(stub.Lookup(tokens_request(c, list(range(4)))) for c in convs))
+    assert all(h.valid_tokens == 4 for h in hits)
+    keys = redis.Redis(port=redis_server.port).keys(f"fastswitch:kv:{{{FP}:c*")
+    assert len(keys) == len(convs)  # every commit landed before it answered
 
 
 # --- Batch: a scheduler's host intents, by hash chain -----------------------------------

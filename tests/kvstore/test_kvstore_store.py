@@ -404,6 +404,29 @@ def test_clean_close_withdraws_the_chains(make_redis_store: StoreFactory, redis_
     assert not list(SHM_DIR.glob(f"{store.arena.name}*"))
 
 
+def test_each_call_is_one_redis_round_trip(
+    redis_server: RedisServer, arena_base: str, clock: FakeClock
+) -> None:
+    """Counted as MULTI/EXEC transactions on one Redis (a cluster pipelines per node)."""
+    factory = _factory(redis_server.url, arena_base, clock)
+    store = next(factory)("a")
+    client = redis.Redis(port=redis_server.port)
+
+    def round_trips() -> int:
+        return client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0)
+
+    tokens = list(range(12))
+    counts = []
+    for call in (lambda: put(store, "c", tokens, seed=1),  # reserve + commit
+                 lambda: store.lookup(FP, "c", tokens),
+                 lambda: store.release("c")):
+        before = round_trips()
+        call()
+        counts.append(round_trips() - before)
+    assert counts == [1, 1, 1]  # a put (reserve writes nothing), a lookup (a touch), a release
+    next(factory, None)  # closes the store
+
+
 def test_a_lookup_on_another_instance_is_attributed_to_the_holder(
     make_redis_store: StoreFactory,
 ) -> None:
