@@ -7,6 +7,8 @@ that other processes cannot see as unavailable, instead of silently diverging fr
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import replace
 from typing import Protocol
 
 from common.kv.reuse_index import ChainRecord, IndexStorage, MemoryIndexStorage
@@ -64,6 +66,7 @@ class RedisBackend:
         self.async_client = async_client
         self.storage = RedisIndexStorage(client, namespace)
         self.registry = InstanceRegistry(client, namespace)
+        self.entry: InstanceEntry | None = None  # set by open_arena
 
     def open_arena(
         self, base: str, num_blocks: int, block_bytes: int, block_size: int
@@ -77,21 +80,28 @@ class RedisBackend:
         try:
             if not inherited or own is None or own.block_size != block_size:
                 self.storage.clear()
-            self.registry.register(
-                InstanceEntry(
-                    instance_id=self.registry.namespace.instance_id,
-                    arena_name=arena.name,
-                    host=os.uname().nodename,
-                    num_blocks=num_blocks,
-                    block_bytes=block_bytes,
-                    block_size=block_size,
-                )
+            self.entry = InstanceEntry(
+                instance_id=self.registry.namespace.instance_id,
+                arena_name=arena.name,
+                host=os.uname().nodename,
+                num_blocks=num_blocks,
+                block_bytes=block_bytes,
+                block_size=block_size,
             )
+            self.registry.register(self.entry)
         except BaseException:
             arena.unlink()
             arena.close()
             raise
         return arena
+
+    def heartbeat(self, address: str, lease_s: float) -> None:
+        """Renews this instance's entry: serving at `address` for `lease_s` more seconds.
+        Raises IndexUnavailable."""
+        if self.entry is None:
+            raise RuntimeError("heartbeat before open_arena registered the instance")
+        self.entry = replace(self.entry, address=address, lease_until=time.time() + lease_s)
+        self.registry.register(self.entry)
 
     def sync(self) -> None:
         self.storage.ensure_synced()

@@ -4,8 +4,10 @@ Each instance registers the arena segment that backs its chains. A restarted ins
 compares that name with the segment it could inherit: a mismatch means the memory behind
 its chains is gone, and the chains must be dropped rather than served.
 
-Peer lookups read the list of peers at most every `peer_ttl_s` seconds: a peer that joined
-since is missed for that long (a missed hint costs a recompute, never wrong KV).
+A serving instance heartbeats its entry, with its address and a lease
+(`RedisBackend.heartbeat`). Peer lookups read the list of live peers at most every
+`peer_ttl_s` seconds: a peer that joined since is missed for that long (a missed hint
+costs a recompute, never wrong KV).
 """
 
 from __future__ import annotations
@@ -33,12 +35,19 @@ class InstanceEntry:
     num_blocks: int
     block_bytes: int
     block_size: int
+    address: str = ""  # host:port it serves on, once serving
+    lease_until: float = 0.0  # unix time its heartbeat last promised; 0: no lease
+
+    def live(self, now: float) -> bool:
+        return self.lease_until == 0.0 or self.lease_until > now
 
 
 class InstanceRegistry:
+    """`clock` is wall time: leases are compared across hosts."""
+
     def __init__(
         self, client: RedisClient, namespace: Namespace, peer_ttl_s: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -71,10 +80,12 @@ class InstanceRegistry:
         return [(p, decode_value(r)[1]) for p, r in zip(peers, raws, strict=True) if r]
 
     def peers(self) -> list[str]:
-        """The other registered instances, as read at most `peer_ttl_s` ago."""
+        """The other registered instances whose lease holds, as read at most `peer_ttl_s`
+        ago: a crashed peer's chains stop being hints once its lease runs out."""
         now = self._clock()
         if self._peers_read_at is None or now - self._peers_read_at >= self.peer_ttl_s:
-            self._peers = [i for i in self.entries() if i != self.namespace.instance_id]
+            self._peers = [i for i, e in self.entries().items()
+                           if i != self.namespace.instance_id and e.live(now)]
             self._peers_read_at = now
         return self._peers
 

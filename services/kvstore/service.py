@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -36,6 +38,9 @@ from services.kvstore.metrics import StoreMetrics
 from services.kvstore.store import BlockWrite, KVStore
 
 T = TypeVar("T")
+log = logging.getLogger("fastswitch.kvstore")
+HEARTBEAT_S = 2.0
+LEASE_BEATS = 3  # a registry entry outlives this many missed heartbeats
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 # First match wins: subclasses before their bases.
@@ -198,7 +203,7 @@ class StoreServer:
         self._worker: ThreadPoolExecutor | None = None
         self._commit: GroupCommit | None = None
         if isinstance(store.backend, RedisBackend):
-            self._worker = ThreadPoolExecutor(1, "kvstore-close")
+            self._worker = ThreadPoolExecutor(1, "kvstore-registry")
             self._commit = GroupCommit(store.backend.storage, store.backend.async_client)
         self.servicer = KVStoreServicer(store, self._commit)
         self.metrics = metrics or StoreMetrics()
@@ -208,6 +213,7 @@ class StoreServer:
         self.health = add_health_and_reflection(self.server, SERVICE_NAME)
         self._reap_interval = reap_interval or max(0.05, min(5.0, store.lease_seconds / 4))
         self._reaper: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self, address: str) -> int:
         """Serves on `address` ("host:port", port 0 picks one); returns the bound port."""
@@ -216,15 +222,22 @@ class StoreServer:
         await mark_serving(self.health, SERVICE_NAME)
         self.metrics.watch(lambda: self.servicer.run(self.store.stats))
         self._reaper = asyncio.create_task(self._reap())
+        if isinstance(self.store.backend, RedisBackend):
+            host = address.rsplit(":", 1)[0]
+            if host in ("", "0.0.0.0", "[::]"):
+                host = socket.gethostname()
+            self._heartbeat = asyncio.create_task(
+                self._beat(self.store.backend, f"{host}:{port}"))
         return port
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stops serving, then closes the store (which unlinks the arena)."""
         await self.health.enter_graceful_shutdown()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.server.stop(grace)
         try:
             if self._commit is None:
@@ -236,6 +249,17 @@ class StoreServer:
         finally:
             if self._worker is not None:
                 self._worker.shutdown()
+
+    async def _beat(self, backend: RedisBackend, address: str) -> None:
+        """Renews the registry entry every HEARTBEAT_S, with a lease of LEASE_BEATS beats."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(
+                    self._worker, backend.heartbeat, address, HEARTBEAT_S * LEASE_BEATS)
+            except IndexUnavailable as e:
+                log.warning("registry heartbeat failed (retried in %.0f s): %s", HEARTBEAT_S, e)
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def _reap(self) -> None:
         while True:

@@ -4,6 +4,7 @@ and the Batch RPC through the scheduler's client (`RemoteHostKV`)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -34,7 +35,7 @@ from services.kvstore.assemble import open_store
 from services.kvstore.batch_wire import ops_to_proto, replies_from_proto
 from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, to_proto, write_chunks
 from services.kvstore.config import StoreConfig
-from services.kvstore.service import SERVICE_NAME, StoreServer
+from services.kvstore.service import HEARTBEAT_S, LEASE_BEATS, SERVICE_NAME, StoreServer
 from services.scheduler.host_router import (
     HostRouter,
     RoutedStore,
@@ -235,6 +236,25 @@ async def test_concurrent_calls_share_redis_round_trips(
     assert all(h.valid_tokens == 4 for h in hits)
     keys = redis.Redis(port=redis_server.port).keys(f"fastswitch:kv:{{{FP}:c*")
     assert len(keys) == len(convs)  # every commit landed before it answered
+
+
+@pytest.mark.parametrize("index", ["redis_server", "redis_cluster"])
+async def test_a_serving_store_registers_its_address_under_a_lease(
+    start: Callable[..., object], index: str, request: pytest.FixtureRequest
+) -> None:
+    running = await start(redis_url=request.getfixturevalue(index).url)
+    store = running.server.store
+    registry = store.backend.registry
+    for _ in range(100):
+        entry = registry.own()
+        if entry is not None and entry.address:
+            break
+        await asyncio.sleep(0.02)
+    assert entry is not None and entry.arena_name == store.arena.name
+    async with grpc.aio.insecure_channel(entry.address) as channel:  # the address serves it
+        desc = await kvstore_pb2_grpc.KVStoreStub(channel).Describe(kvstore_pb2.DescribeRequest())
+    assert desc.instance_id == store.instance_id
+    assert time.time() < entry.lease_until <= time.time() + HEARTBEAT_S * LEASE_BEATS
 
 
 # --- Batch: a scheduler's host intents, by hash chain -----------------------------------

@@ -439,6 +439,16 @@ def test_a_lookup_on_another_instance_is_attributed_to_the_holder(
     assert b.lookup(FP, "c", list(range(4))).instance_id == b.instance_id
 
 
+def test_a_peer_whose_lease_ran_out_is_no_holder(make_redis_store: StoreFactory) -> None:
+    a, b = make_redis_store("a"), make_redis_store("b")
+    put(a, "c", list(range(8)), seed=1)
+    a.backend.heartbeat("a:1", lease_s=-1.0)  # a crashed: its last lease is over
+    assert b.lookup(FP, "c", list(range(8))).instance_id == b.instance_id
+    a.backend.heartbeat("a:1", lease_s=60.0)
+    b.backend.registry.peer_ttl_s = 0.0  # read the registry again now
+    assert b.lookup(FP, "c", list(range(8))).instance_id == a.instance_id
+
+
 def test_a_batch_pin_names_the_peer_that_holds_more(make_redis_store: StoreFactory) -> None:
     a, b = make_redis_store("a"), make_redis_store("b")
     put(a, "c", list(range(8)), seed=1)
