@@ -22,6 +22,7 @@ class RedisProcess:
     binary: str
     workdir: Path
     port: int = field(default_factory=free_port)
+    extra_args: tuple[str, ...] = ()  # more redis-server options, e.g. cluster mode
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -34,17 +35,19 @@ class RedisProcess:
             return self
         self._process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.extra_args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, socket_timeout=1.0)
         try:
             for _ in range(200):
+                if self._process.poll() is not None:
+                    break
                 try:
                     client.ping()
                     return self
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.TimeoutError):
                     time.sleep(0.02)
         finally:
             client.close()

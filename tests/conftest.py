@@ -15,7 +15,7 @@ import pytest
 from services.executor.model.smollm2 import smollm2_checkpoint
 from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 from services.launch import Child, LocalStack
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisClusterServer, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +67,12 @@ def hf_tokenizer(smollm2: Path):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(smollm2)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    """A 3-master Redis Cluster of the module's own (see tests/support/redis_server.py); a
+    test that stops a node starts it again before it ends."""
+    cluster = RedisClusterServer(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()

@@ -1,17 +1,20 @@
 """The KV store's gRPC face: a grpc.aio servicer over `KVStore`, health and reflection.
 
-Errors become status codes, never response fields. Store calls are serialized; with the
-Redis backend they run on one worker thread so that Redis round trips never block the
-event loop (the in-memory backend runs inline: its calls are microseconds).
+Errors become status codes, never response fields. Store calls run inline on the event
+loop (they are microseconds), one at a time. With the Redis backend each call's index
+writes are then landed by a `GroupCommit` round (redis.asyncio) before the call answers,
+so concurrent calls share round trips and none blocks the event loop. (A lookup that asks
+the registry for peers still reads Redis inline; closing runs on a thread.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import TypeVar
 
 import grpc
@@ -28,13 +31,18 @@ from common.kv.reuse_index import (
 )
 from common.tls import ServerTls, listen
 from protos import kvstore_pb2, kvstore_pb2_grpc
+from services.kvstore.backend import RedisBackend
 from services.kvstore.batch_wire import ops_from_proto, replies_to_proto
 from services.kvstore.bulk import checksum, from_proto, to_proto
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
+from services.kvstore.group_commit import GroupCommit
 from services.kvstore.metrics import StoreMetrics
 from services.kvstore.store import BlockWrite, KVStore
 
 T = TypeVar("T")
+log = logging.getLogger("fastswitch.kvstore")
+HEARTBEAT_S = 2.0
+LEASE_BEATS = 3  # a registry entry outlives this many missed heartbeats
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 # First match wins: subclasses before their bases.
@@ -56,15 +64,24 @@ _MAPPED = tuple(error for error, _, _ in _STATUS)
 
 
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
-    def __init__(self, store: KVStore, worker: ThreadPoolExecutor | None) -> None:
+    def __init__(self, store: KVStore, commit: GroupCommit | None) -> None:
         self.store = store
-        self._worker = worker
+        self._commit = commit
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Runs a store call where store calls run (inline, or on the worker thread)."""
-        if self._worker is None:
+        """Runs a store call, then lands its index writes (Redis); an index that lags after
+        a failed round is rewritten first, or the call raises IndexUnavailable."""
+        if self._commit is None:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._worker, partial(fn, *args))
+        storage = self._commit.storage
+        if storage.dirty:
+            await self._commit.flush()
+        staged = storage.staged
+        try:
+            return fn(*args)
+        finally:
+            if storage.staged != staged:
+                await self._commit.flush()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., T],
                     *args: object) -> T:
@@ -190,9 +207,12 @@ class StoreServer:
         carry (none required when empty)."""
         self.store = store
         self.tls = tls
-        blocking = store.backend.name != "memory"
-        self._worker = ThreadPoolExecutor(1, "kvstore-index") if blocking else None
-        self.servicer = KVStoreServicer(store, self._worker)
+        self._worker: ThreadPoolExecutor | None = None
+        self._commit: GroupCommit | None = None
+        if isinstance(store.backend, RedisBackend):
+            self._worker = ThreadPoolExecutor(1, "kvstore-registry")
+            self._commit = GroupCommit(store.backend.storage, store.backend.async_client)
+        self.servicer = KVStoreServicer(store, self._commit)
         self.metrics = metrics or StoreMetrics()
         self.server = grpc.aio.server(
             interceptors=[self.metrics.rpc_errors, *token_interceptors(token),
@@ -201,6 +221,7 @@ class StoreServer:
         self.health = add_health_and_reflection(self.server, SERVICE_NAME)
         self._reap_interval = reap_interval or max(0.05, min(5.0, store.lease_seconds / 4))
         self._reaper: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self, address: str) -> int:
         """Serves on `address` ("host:port", port 0 picks one); returns the bound port."""
@@ -209,21 +230,44 @@ class StoreServer:
         await mark_serving(self.health, SERVICE_NAME)
         self.metrics.watch(lambda: self.servicer.run(self.store.stats))
         self._reaper = asyncio.create_task(self._reap())
+        if isinstance(self.store.backend, RedisBackend):
+            host = address.rsplit(":", 1)[0]
+            if host in ("", "0.0.0.0", "[::]"):
+                host = socket.gethostname()
+            self._heartbeat = asyncio.create_task(
+                self._beat(self.store.backend, f"{host}:{port}"))
         return port
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stops serving, then closes the store (which unlinks the arena)."""
         await self.health.enter_graceful_shutdown()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.server.stop(grace)
         try:
-            await self.servicer.run(self.store.close)
+            if self._commit is None:
+                self.store.close()
+            else:
+                with contextlib.suppress(IndexUnavailable):
+                    await self._commit.close()  # what does not land is withdrawn by close
+                await asyncio.get_running_loop().run_in_executor(self._worker, self.store.close)
         finally:
             if self._worker is not None:
                 self._worker.shutdown()
+
+    async def _beat(self, backend: RedisBackend, address: str) -> None:
+        """Renews the registry entry every HEARTBEAT_S, with a lease of LEASE_BEATS beats."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(
+                    self._worker, backend.heartbeat, address, HEARTBEAT_S * LEASE_BEATS)
+            except IndexUnavailable as e:
+                log.warning("registry heartbeat failed (retried in %.0f s): %s", HEARTBEAT_S, e)
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def _reap(self) -> None:
         while True:

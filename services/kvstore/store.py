@@ -2,8 +2,8 @@
 
 It opens no socket itself; its only I/O is through its index backend. With the in-memory
 backend a call touches nothing outside the process; with Redis (`RedisBackend`) a call
-reads and writes the shared index there synchronously, on the caller's thread, before it
-returns.
+sends its index writes in one round trip before it returns, or, when the service defers
+them to a `GroupCommit`, leaves them for the service to land before it answers.
 
 Contract (the service maps each error to a gRPC status):
 

@@ -47,3 +47,18 @@ def test_benchmark_reports_each_op_per_cell(
     assert not (SHM_DIR / segment).exists()
     table = capsys.readouterr().out
     assert all(f"{backend} " in table and op in table for op in OPS)
+    assert report["redis_over_memory_64"] is None  # one backend, and no 64-client cell
+
+
+def test_the_report_divides_redis_by_memory_at_64_clients(tmp_path: Path) -> None:
+    redis_binary()
+    out = tmp_path / "kvstore_ops.json"
+
+    main(["--json", str(out), "--seconds", "0.3", "--clients", "64"])
+
+    report = json.loads(out.read_text())
+    rate = {c["backend"]: sum(s["count"] for s in c["ops"].values()) / c["seconds"]
+            for c in report["cells"]}
+    assert set(rate) == {"memory", "redis"}
+    assert report["redis_over_memory_64"] == pytest.approx(rate["redis"] / rate["memory"])
+    assert report["redis_over_memory_64"] > 0

@@ -4,12 +4,14 @@ and the Batch RPC through the scheduler's client (`RemoteHostKV`)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -33,7 +35,7 @@ from services.kvstore.assemble import open_store
 from services.kvstore.batch_wire import ops_to_proto, replies_from_proto
 from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, to_proto, write_chunks
 from services.kvstore.config import StoreConfig
-from services.kvstore.service import SERVICE_NAME, StoreServer
+from services.kvstore.service import HEARTBEAT_S, LEASE_BEATS, SERVICE_NAME, StoreServer
 from services.scheduler.host_router import (
     HostRouter,
     RoutedStore,
@@ -212,6 +214,49 @@ async def test_redis_outage_is_unavailable_and_the_store_recovers(
         server.start()  # back for the module's other tests
 
 
+def round_trips(server: RedisServer) -> int:
+    """MULTI/EXEC transactions the server has run so far."""
+    stats = redis.Redis(port=server.port).info("commandstats")
+    return stats.get("cmdstat_exec", {}).get("calls", 0)
+
+
+async def test_concurrent_calls_share_redis_round_trips(
+    start: Callable[..., object], redis_server: RedisServer
+) -> None:
+    stub = (await start(redis_url=redis_server.url)).stub
+    convs = [f"c{i}" for i in range(NUM_BLOCKS)]  # a block each
+    reserved = await asyncio.gather(
+        *(stub.Reserve(tokens_request(c, list(range(4)))) for c in convs))
+    before = round_trips(redis_server)
+    await asyncio.gather(*(
+        stub.Commit(kvstore_pb2.ReservationRef(reservation_id=r.reservation_id))
+        for r in reserved))
+    assert round_trips(redis_server) - before < len(convs)  # group-committed
+    hits = await asyncio.gather(*(stub.Lookup(tokens_request(c, list(range(4)))) for c in convs))
+    assert all(h.valid_tokens == 4 for h in hits)
+    keys = redis.Redis(port=redis_server.port).keys(f"fastswitch:kv:{{{FP}:c*")
+    assert len(keys) == len(convs)  # every commit landed before it answered
+
+
+@pytest.mark.parametrize("index", ["redis_server", "redis_cluster"])
+async def test_a_serving_store_registers_its_address_under_a_lease(
+    start: Callable[..., object], index: str, request: pytest.FixtureRequest
+) -> None:
+    running = await start(redis_url=request.getfixturevalue(index).url)
+    store = running.server.store
+    registry = store.backend.registry
+    for _ in range(100):
+        entry = registry.own()
+        if entry is not None and entry.address:
+            break
+        await asyncio.sleep(0.02)
+    assert entry is not None and entry.arena_name == store.arena.name
+    async with grpc.aio.insecure_channel(entry.address) as channel:  # the address serves it
+        desc = await kvstore_pb2_grpc.KVStoreStub(channel).Describe(kvstore_pb2.DescribeRequest())
+    assert desc.instance_id == store.instance_id
+    assert time.time() < entry.lease_until <= time.time() + HEARTBEAT_S * LEASE_BEATS
+
+
 # --- Batch: a scheduler's host intents, by hash chain -----------------------------------
 
 
@@ -294,10 +339,12 @@ async def test_a_full_store_answers_no_room_and_a_dead_one_unanswered(
         assert await dead.identity() is None
 
 
+@pytest.mark.parametrize("index", ["redis_server", "redis_cluster"])
 async def test_a_batch_pin_on_another_instance_names_the_holder(
-    start: Callable[..., object], redis_server: RedisServer
+    start: Callable[..., object], index: str, request: pytest.FixtureRequest
 ) -> None:
-    a, b = await start(redis_url=redis_server.url), await start(redis_url=redis_server.url)
+    url = request.getfixturevalue(index).url
+    a, b = await start(redis_url=url), await start(redis_url=url)
     tokens = list(range(8))
     [reserved] = (await client_of(a).execute([Reserve(1, "c", chain_of(tokens), 8)])).replies
     await client_of(a).execute([Commit(reserved.reservation.reservation_id)])

@@ -1,4 +1,5 @@
-"""Behaviour of the KV store object, run against both index backends (memory and Redis)."""
+"""Behaviour of the KV store object, run against every index backend: memory, one Redis,
+and a 3-master Redis Cluster (ids `redis-cluster`)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from common.kv.reuse_index import (
     UnknownReservation,
 )
 from common.shm.arena import SHM_DIR
-from services.kvstore.assemble import open_store
+from services.kvstore.assemble import open_store, redis_clients
 from services.kvstore.bulk import checksum
 from services.kvstore.config import StoreConfig
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
@@ -113,19 +114,28 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "redis"])
+def _index_url(request: pytest.FixtureRequest, backend: str) -> str | None:
+    fixture = {"redis": "redis_server", "redis-cluster": "redis_cluster"}.get(backend)
+    return request.getfixturevalue(fixture).url if fixture else None
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def make_store(
     request: pytest.FixtureRequest, arena_base: str, clock: FakeClock
 ) -> Iterator[StoreFactory]:
-    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
-    yield from _factory(url, arena_base, clock)
+    yield from _factory(_index_url(request, request.param), arena_base, clock)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    url = _index_url(request, request.param)
+    assert url is not None
+    return url
 
 
 @pytest.fixture
-def make_redis_store(
-    redis_server: RedisServer, arena_base: str, clock: FakeClock
-) -> Iterator[StoreFactory]:
-    yield from _factory(redis_server.url, arena_base, clock)
+def make_redis_store(redis_url: str, arena_base: str, clock: FakeClock) -> Iterator[StoreFactory]:
+    yield from _factory(redis_url, arena_base, clock)
 
 
 # --- behaviour suite: both backends ---------------------------------------------------
@@ -382,17 +392,39 @@ def test_restart_drops_chains_whose_memory_is_gone(make_redis_store: StoreFactor
     assert restarted.stats().used_blocks == 0
 
 
-def test_clean_close_withdraws_the_chains(
-    make_redis_store: StoreFactory, redis_server: RedisServer
-) -> None:
+def test_clean_close_withdraws_the_chains(make_redis_store: StoreFactory, redis_url: str) -> None:
     store = make_redis_store("a")
     put(store, "c", list(range(8)), seed=1)
     ns = Namespace(FP, store.instance_id)
-    client = redis.Redis(port=redis_server.port)
-    assert client.hexists(ns.chains, "c") and client.hexists(ns.registry, store.instance_id)
+    client, _ = redis_clients(redis_url)
+    assert client.exists(ns.chain("c")) and client.hexists(ns.registry, store.instance_id)
     store.close()
-    assert not client.exists(ns.chains) and not client.hexists(ns.registry, store.instance_id)
+    assert not client.exists(ns.chain("c"))
+    assert not client.hexists(ns.registry, store.instance_id)
     assert not list(SHM_DIR.glob(f"{store.arena.name}*"))
+
+
+def test_each_call_is_one_redis_round_trip(
+    redis_server: RedisServer, arena_base: str, clock: FakeClock
+) -> None:
+    """Counted as MULTI/EXEC transactions on one Redis (a cluster pipelines per node)."""
+    factory = _factory(redis_server.url, arena_base, clock)
+    store = next(factory)("a")
+    client = redis.Redis(port=redis_server.port)
+
+    def round_trips() -> int:
+        return client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0)
+
+    tokens = list(range(12))
+    counts = []
+    for call in (lambda: put(store, "c", tokens, seed=1),  # reserve + commit
+                 lambda: store.lookup(FP, "c", tokens),
+                 lambda: store.release("c")):
+        before = round_trips()
+        call()
+        counts.append(round_trips() - before)
+    assert counts == [1, 1, 1]  # a put (reserve writes nothing), a lookup (a touch), a release
+    next(factory, None)  # closes the store
 
 
 def test_a_lookup_on_another_instance_is_attributed_to_the_holder(
@@ -405,6 +437,16 @@ def test_a_lookup_on_another_instance_is_attributed_to_the_holder(
     assert (hit.valid_tokens, hit.instance_id) == (8, a.instance_id)
     assert hit.extents == a.lookup(FP, "c", list(range(8))).extents
     assert b.lookup(FP, "c", list(range(4))).instance_id == b.instance_id
+
+
+def test_a_peer_whose_lease_ran_out_is_no_holder(make_redis_store: StoreFactory) -> None:
+    a, b = make_redis_store("a"), make_redis_store("b")
+    put(a, "c", list(range(8)), seed=1)
+    a.backend.heartbeat("a:1", lease_s=-1.0)  # a crashed: its last lease is over
+    assert b.lookup(FP, "c", list(range(8))).instance_id == b.instance_id
+    a.backend.heartbeat("a:1", lease_s=60.0)
+    b.backend.registry.peer_ttl_s = 0.0  # read the registry again now
+    assert b.lookup(FP, "c", list(range(8))).instance_id == a.instance_id
 
 
 def test_a_batch_pin_names_the_peer_that_holds_more(make_redis_store: StoreFactory) -> None:

@@ -1,0 +1,82 @@
+"""Group commit of a Redis index's writes: one round trip carries every call made meanwhile.
+
+Store calls run on the event loop against the storage's mirror and leave their writes
+buffered; each then awaits `flush`, which returns once a round that started after the
+call's writes has landed (or raises IndexUnavailable if it failed). One round is in flight
+at a time, on an asyncio Redis client, so writes land in order; at N concurrent clients a
+round carries up to N calls' writes. (The service calls `flush` only after a call that
+wrote, or to rewrite an index that lags.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from services.kvstore.errors import IndexUnavailable
+from services.kvstore.redis_storage import (
+    SCAN_COUNT,
+    AsyncRedisClient,
+    RedisIndexStorage,
+    Writes,
+    is_cluster,
+    queue,
+)
+
+
+class GroupCommit:
+    def __init__(self, storage: RedisIndexStorage, client: AsyncRedisClient) -> None:
+        self.storage = storage
+        self.client = client
+        self._next: asyncio.Future[None] | None = None  # the round now gathering writes
+        self._rounds: asyncio.Task[None] | None = None
+        storage.deferred = True
+
+    async def flush(self) -> None:
+        """Returns once the writes buffered so far are in Redis."""
+        if self._next is None:
+            if not self.storage.has_writes:
+                return
+            self._next = asyncio.get_running_loop().create_future()
+            if self._rounds is None:
+                self._rounds = asyncio.create_task(self._run())
+        await asyncio.shield(self._next)
+
+    async def close(self) -> None:
+        """Lands what is buffered, then hands flushing back to the storage's callers."""
+        try:
+            await self.flush()
+        finally:
+            self.storage.deferred = False
+            await self.client.aclose()
+
+    async def _run(self) -> None:
+        try:
+            while self._next is not None:
+                done, self._next = self._next, None
+                writes = self.storage.take_writes()
+                if writes is None:
+                    done.set_result(None)
+                    continue
+                try:
+                    await self._send(writes)
+                except redis.RedisError as e:
+                    self.storage.settle(writes, landed=False)
+                    done.set_exception(IndexUnavailable(f"Redis index unreachable: {e}"))
+                    done.exception()  # retrieved: a round nobody awaits any more is no error
+                else:
+                    self.storage.settle(writes, landed=True)
+                    done.set_result(None)
+        finally:
+            self._rounds = None
+
+    async def _send(self, writes: Writes) -> None:
+        """`RedisIndexStorage.send`, on the asyncio client."""
+        held = []
+        if writes.rewrite:
+            match = self.storage.namespace.own_chains
+            held = [key async for key in self.client.scan_iter(match=match, count=SCAN_COUNT)]
+        async with self.client.pipeline(transaction=not is_cluster(self.client)) as pipe:
+            queue(pipe, writes.with_deletions(held))
+            await pipe.execute()

@@ -1,0 +1,116 @@
+"""The Redis index on a 3-master Redis Cluster: one slot per conversation, and a master
+that dies costs recomputes, never stale KV. (The behaviour suite in test_kvstore_store.py
+also runs on the cluster.)"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from services.kvstore.assemble import redis_clients
+from services.kvstore.errors import IndexUnavailable
+from services.kvstore.redis_storage import Namespace, RedisIndexStorage
+from tests.kvstore import test_kvstore_store
+from tests.kvstore.test_kvstore_store import (
+    FP,
+    FakeClock,
+    StoreFactory,
+    _factory,
+    put,
+    read_all,
+)
+from tests.support.redis_server import RedisClusterServer
+
+arena_base = test_kvstore_store.arena_base  # the fixture, shared
+
+CONVERSATIONS = [f"conv-{i}" for i in range(12)]
+
+
+@pytest.fixture
+def make_cluster_store(
+    redis_cluster: RedisClusterServer, arena_base: str
+) -> Iterator[StoreFactory]:
+    yield from _factory(redis_cluster.url, arena_base, FakeClock())
+
+
+def test_cluster_keeps_a_conversation_in_one_slot_and_spreads_conversations(
+    make_cluster_store: StoreFactory, redis_cluster: RedisClusterServer
+) -> None:
+    a, b = make_cluster_store("a", num_blocks=64), make_cluster_store("b", num_blocks=64)
+    for conv in CONVERSATIONS:
+        put(a, conv, list(range(8)), seed=1)
+        put(b, conv, list(range(4)), seed=2)
+    client, _ = redis_clients(redis_cluster.url)
+    slot = lambda key: client.keyslot(key)  # noqa: E731
+    for conv in CONVERSATIONS:
+        keys = [Namespace(FP, s.instance_id).chain(conv) for s in (a, b)]
+        assert client.exists(*keys) == 2
+        assert slot(keys[0]) == slot(keys[1])  # a peer lookup reads one node
+    masters = {redis_cluster.master_of(Namespace(FP, a.instance_id).chain(c)).port
+               for c in CONVERSATIONS}
+    assert len(masters) > 1
+
+
+def test_cluster_master_dying_costs_recomputes_never_stale_kv(
+    make_cluster_store: StoreFactory, redis_cluster: RedisClusterServer
+) -> None:
+    a, b = make_cluster_store("a", num_blocks=64), make_cluster_store("b", num_blocks=64)
+    tokens = list(range(8))
+    data = {conv: put(a, conv, tokens, seed=i) for i, conv in enumerate(CONVERSATIONS)}
+    ns = Namespace(FP, a.instance_id)
+    victim = redis_cluster.master_of(ns.chain(CONVERSATIONS[0]))
+    on_victim = [c for c in CONVERSATIONS if redis_cluster.master_of(ns.chain(c)) is victim]
+    victim.stop()
+    try:
+        outcomes = set()
+        for conv in CONVERSATIONS:
+            for store in (a, b):  # b finds a's chains through the index, or degrades
+                try:
+                    hit = store.lookup(FP, conv, tokens)
+                except IndexUnavailable:
+                    outcomes.add("unavailable")
+                    continue
+                outcomes.add("served")
+                if hit.instance_id == a.instance_id and hit.valid_tokens:
+                    assert hit.valid_tokens == 8
+                    assert read_all(a, hit.extents) == data[conv]  # never another's bytes
+        assert "unavailable" in outcomes  # the dead slots were noticed, not papered over
+        # Writes go on in the mirror; conversations move on, and old blocks are reused.
+        for conv in on_victim:
+            with contextlib.suppress(IndexUnavailable):
+                a.release(conv)
+    finally:
+        victim.start()
+        redis_cluster.wait_ok()
+    # Back: the first call rewrites a's keys, after which Redis holds exactly its mirror.
+    for _ in range(50):
+        try:
+            put(a, "after", list(range(4)), seed=99)
+            break
+        except IndexUnavailable:
+            redis_cluster.wait_ok()
+    else:
+        pytest.fail("the store did not resync after the master came back")
+    client, _ = redis_clients(redis_cluster.url)
+    try:
+        mirror = RedisIndexStorage(client, ns)
+    finally:
+        client.close()
+    assert dict(mirror.items()) == dict(a.index.storage.items())
+    for conv in CONVERSATIONS:
+        hit = b.lookup(FP, conv, tokens)
+        if hit.instance_id == a.instance_id and hit.valid_tokens:
+            assert read_all(a, hit.extents) == data[conv]
+
+
+def test_cluster_url_names_any_node(redis_cluster: RedisClusterServer) -> None:
+    node = redis_cluster.nodes[-1]
+    client, _ = redis_clients(f"redis+cluster://127.0.0.1:{node.port}")
+    try:
+        assert len(client.get_primaries()) == len(redis_cluster.nodes)
+        assert isinstance(redis_clients(f"redis://127.0.0.1:{node.port}")[0], redis.Redis)
+    finally:
+        client.close()
