@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -90,7 +91,11 @@ class HostArena:
 
     @classmethod
     def attach(cls, name: str) -> HostArena:
-        fd = os.open(_segment_path(name), os.O_RDWR)
+        """Maps an existing arena; FileNotFoundError if `name` is no regular file there."""
+        path = _segment_path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no shared-memory segment {name!r}")
+        fd = os.open(path, os.O_RDWR)
         try:
             mapping = mmap.mmap(fd, 0)
         finally:
@@ -202,7 +207,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_SEGMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
+
+
 def _segment_path(name: str) -> Path:
-    if not name or "/" in name or name in {".", ".."}:
-        raise ValueError(f"bad shared-memory name {name!r}")
+    if not _SEGMENT_NAME.fullmatch(name):
+        raise ValueError(f"bad shared-memory name {name[:64]!r}: 1 to 255 letters, digits, "
+                         "'_', '.' or '-', not starting with '.' or '-'")
     return SHM_DIR / name

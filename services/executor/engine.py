@@ -33,7 +33,7 @@ import torch
 
 from common.kv.extent import Extent
 from common.kv.swap_plan import Copy, SwapOrder
-from common.shm.arena import HostArena
+from common.shm.arena import ARENA_PREFIX, HostArena
 from common.tokenizer import tokenizer_fingerprint
 from services.executor.arena_view import arena_tensor
 from services.executor.copy import CompletionStream, CopyEngine, CpuCopyEngine, Direction
@@ -297,13 +297,19 @@ class ExecutorEngine:
         one detached before is attached anew, after the others. Raises FileNotFoundError if
         there is no such arena.
         """
-        if not name:
-            raise InvalidInput("name is empty")
+        if not name.startswith(ARENA_PREFIX):
+            raise InvalidInput(f"name: {name[:64]!r} is not a FastSwitch arena (their names "
+                               f"start with {ARENA_PREFIX!r})")
         with self._attach_lock:
             known = self._attached(name)
             if known is not None:
                 return _attached(known)
-            arena = HostArena.attach(name)
+            try:
+                arena = HostArena.attach(name)
+            except FileNotFoundError:
+                raise
+            except (OSError, ValueError) as exc:  # a bad name, or a segment that is no arena
+                raise InvalidInput(f"name: {exc}") from exc
             if arena.block_bytes != self.geometry.block_bytes:
                 arena.close()
                 raise InvalidInput(

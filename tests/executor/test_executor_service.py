@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.kv.extent import runs
 from common.kv.swap_plan import plan_copies
 from common.refusal import refused_request
-from common.shm.arena import HostArena
+from common.shm.arena import SHM_DIR, HostArena
 from protos import executor_pb2 as pb
 from protos import executor_pb2_grpc
 from services.executor.__main__ import parse_args
@@ -222,6 +223,33 @@ async def test_attach_host_arena(server: Server, stub: executor_pb2_grpc.Executo
     assert "name: arena" in mismatch.value.details()
     described = await stub.Describe(pb.DescribeRequest())
     assert described.host_arena == server.arena.name
+
+
+async def test_attach_host_arena_refuses_what_is_no_fastswitch_arena(
+    server: Server, stub: executor_pb2_grpc.ExecutorStub
+) -> None:
+    folder = SHM_DIR / f"fastswitch-a-folder-{uuid.uuid4().hex[:8]}"
+    garbage = SHM_DIR / f"fastswitch-garbage-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    garbage.write_bytes(b"not an arena" * 100)
+    try:
+        for name, code in [
+            (folder.name, grpc.StatusCode.NOT_FOUND),  # a directory is no segment
+            (garbage.name, grpc.StatusCode.INVALID_ARGUMENT),  # a file without a header
+            ("fastswitch-" + "x" * 300, grpc.StatusCode.INVALID_ARGUMENT),  # too long a name
+            ("fastswitch-../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
+            ("other-" + server.arena.name, grpc.StatusCode.INVALID_ARGUMENT),  # not ours
+            ("", grpc.StatusCode.INVALID_ARGUMENT),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.AttachHostArena(pb.AttachHostArenaRequest(name=name))
+            assert refused.value.code() == code, name
+            assert "Traceback" not in (refused.value.details() or "")
+    finally:
+        folder.rmdir()
+        garbage.unlink()
+    described = await stub.Describe(pb.DescribeRequest())
+    assert described.host_arena == server.arena.name  # nothing else was attached
 
 
 @pytest.fixture(scope="module")
