@@ -6,7 +6,6 @@ from __future__ import annotations
 import grpc
 
 REFUSED_REQUEST_KEY = "fastswitch-refused-request-id-bin"
-_GONE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 def refusal_metadata(request_id: str) -> tuple[tuple[str, bytes], ...]:
@@ -23,10 +22,11 @@ def refused_request(error: grpc.aio.AioRpcError) -> str | None:
 
 
 def executor_lost(error: grpc.aio.AioRpcError) -> bool:
-    """True if the error means the executor is gone or stuck (UNAVAILABLE, DEADLINE_EXCEEDED),
-    or that its state is not what the caller assumed (FAILED_PRECONDITION naming no request,
-    such as no arena attached: it restarted); any other error is a refusal of the call."""
-    code = error.code()
-    return code in _GONE or (
-        code is grpc.StatusCode.FAILED_PRECONDITION and refused_request(error) is None
-    )
+    """False only for a refusal of the call itself: one that names its request, or an
+    INVALID_ARGUMENT (a malformed call). Anything else means the executor is gone, stuck or
+    not in the state the caller assumed: UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED by a
+    server that is stopping, UNKNOWN or INTERNAL from a dying process, or FAILED_PRECONDITION
+    naming no request (no arena attached: it restarted)."""
+    if refused_request(error) is not None:
+        return False
+    return error.code() is not grpc.StatusCode.INVALID_ARGUMENT
