@@ -55,6 +55,17 @@ def _hash_block(parent: bytes, block: Sequence[int]) -> bytes:
     return h.digest()
 
 
+def matching_blocks(held: Sequence[bytes], wanted: Sequence[bytes]) -> int:
+    """How many leading blocks two chains share: the prefix whose KV the one holds for
+    the other."""
+    n = 0
+    for a, b in zip(held, wanted, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def tokens_in_blocks(num_blocks: int, num_tokens: int, block_size: int) -> int:
     """Tokens covered by the first `num_blocks` blocks of a `num_tokens`-token chain."""
     return min(num_blocks * block_size, num_tokens)

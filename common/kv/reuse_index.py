@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from common.kv.block_hash import block_hashes
+from common.kv.block_hash import block_hashes, matching_blocks, tokens_in_blocks
 from common.kv.extent import Extent, flatten, runs
 from common.kv.free_extents import FreeExtents
 
@@ -284,12 +284,8 @@ class ReuseIndex:
         if record is None:
             return Hit(0, ())
         self.storage.touch(conv)
-        n = 0
-        for held, want in zip(record.hashes, chain, strict=False):
-            if held != want:
-                break
-            n += 1
-        return Hit(min(n * self.block_size, num_tokens), record.blocks[:n])
+        n = matching_blocks(record.hashes, chain)
+        return Hit(tokens_in_blocks(n, num_tokens, self.block_size), record.blocks[:n])
 
     def _make_room(self, n: int, *, keep: str) -> None:
         short = n - self._free.total

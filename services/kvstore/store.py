@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.kv import host_ops
-from common.kv.block_hash import HASH_BYTES, block_hashes, tokens_in_blocks
+from common.kv.block_hash import HASH_BYTES, block_hashes, matching_blocks, tokens_in_blocks
 from common.kv.extent import Extent, flatten, runs
 from common.kv.host_ops import Abort, Commit, HostOp, HostReply, Pin, Pinned, Release, Reserve
 from common.kv.reuse_index import (
@@ -356,7 +356,7 @@ class KVStore:
         """`best`, or a peer's longer valid prefix of the chain (Redis index only)."""
         if best.valid_tokens < num_tokens:
             for peer, record in self.backend.peer_records(conv):
-                n = _common_prefix(record.hashes, chain)
+                n = matching_blocks(record.hashes, chain)
                 valid = tokens_in_blocks(n, num_tokens, self.block_size)
                 if valid > best.valid_tokens:
                     best = LookupResult(valid, list(runs(record.blocks[:n])), peer)
@@ -421,13 +421,4 @@ class BlockWrite:
         if self.written != self.total:
             raise InvalidRequest(f"wrote {self.written} of the extents' {self.total} bytes")
         return self.written
-
-
-def _common_prefix(held: Sequence[bytes], wanted: Sequence[bytes]) -> int:
-    n = 0
-    for a, b in zip(held, wanted, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TypeVar
 
 import grpc
@@ -59,7 +59,7 @@ from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.conversations import ConversationLimits
-from services.scheduler.core.config import Mode, SchedulerConfig
+from services.scheduler.core.config import Mode, SchedulerConfig, Switches
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import POLICIES
 from services.scheduler.engine import Engine, EngineLimits
@@ -112,7 +112,7 @@ FLAGS = [
     Flag("mode", "FASTSWITCH_MODE", "fastswitch", "fastswitch, vllm-v1 or baseline"),
     Flag("switches", "FASTSWITCH_SWITCHES", "",
          "ablation: changes to the mode's switches, e.g. -turn_offload or +async_swaps "
-         "(block_groups, async_swaps, host_reuse, turn_offload)"),
+         f"({', '.join(f.name for f in fields(Switches))})"),
     Flag("policy", "FASTSWITCH_POLICY", "priority", "priority, vtc or fcfs"),
     Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
     Flag("max-batched-tokens", "FASTSWITCH_MAX_BATCHED_TOKENS", "256", "tokens per step"),

@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 from common.kv.allocator import BlockAllocator
+from common.kv.block_hash import matching_blocks, tokens_in_blocks
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -126,12 +127,8 @@ class DeviceCache:
         return len(table)
 
     def _matched(self, entry: Cached, chain: Sequence[bytes]) -> int:
-        n = 0
-        for held, want in zip(entry.hashes, chain, strict=False):
-            if held != want:
-                break
-            n += 1
-        return min(n * self.block_size, entry.num_tokens)
+        n = matching_blocks(entry.hashes, chain)
+        return tokens_in_blocks(n, entry.num_tokens, self.block_size)
 
     def _blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -373,10 +373,7 @@ class Planner:
             self._recompute(r)
             self.stats.preempted_by_recompute += 1
             return Preemption(r.request_id, PreemptBy.RECOMPUTE)
-        kv = self._kv[r.request_id]
-        tokens = r.token_slice(0, r.num_computed)
-        op = Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
-        self._ask(r, kv, op, Ask.PREEMPT)
+        self._ask(r, self._kv[r.request_id], Ask.PREEMPT, r.num_computed)
         r.move(S.SWAPPING_OUT)  # its device blocks stay until the host has made room
         return Preemption(r.request_id, PreemptBy.SWAP)
 
@@ -390,9 +387,7 @@ class Planner:
             return self._swap_in(r, kv, chunk, swaps, batch)
         cached = self._cached(r, kv)
         if not cached and self._asks_host(r, kv):
-            tokens = r.tokens
-            op = Pin(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
-            self._ask(r, kv, op, Ask.PIN)
+            self._ask(r, kv, Ask.PIN, r.num_tokens)
             return True
         if cached:
             r.num_computed = self.cache.take(
@@ -487,9 +482,7 @@ class Planner:
         elif r.state is S.SWAPPING_OUT and not ok:
             self._recompute(r, keep_kv=False)  # its device KV is gone
         elif r.state is S.SWAPPING_OUT:  # pin what the host now holds, for its swap-in
-            tokens = r.token_slice(0, r.num_computed)
-            op = Pin(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
-            self._ask(r, kv, op, Ask.PIN)
+            self._ask(r, kv, Ask.PIN, r.num_computed)
 
     def _pinned(self, r: Request, kv: RequestKV, hit: Hit, pin: PinHandle) -> None:
         """Host KV pinned for a swapped-out request, or a new turn's prefix."""
@@ -539,23 +532,16 @@ class Planner:
         elif kv.storing:  # after that store: the host then holds its prefix
             kv.offload_after_store = True
         else:
-            self._offload(r, kv)
+            self._ask(r, kv, Ask.OFFLOAD, r.num_computed)
         self._drop(r)
-
-    def _offload(self, r: Request, kv: RequestKV) -> None:
-        tokens = r.token_slice(0, r.num_computed)
-        op = Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
-        self._ask(r, kv, op, Ask.OFFLOAD)
 
     def _store(self, r: Request, kv: RequestKV) -> None:
         """Eager offload: a running request's newly full blocks go to the host."""
         full = r.num_computed // self.config.block_size
         if kv.storing or kv.private or full <= kv.stored_blocks:
             return
-        tokens = r.token_slice(0, full * self.config.block_size)
         kv.storing = full
-        op = Reserve(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
-        self._ask(r, kv, op, Ask.STORE)
+        self._ask(r, kv, Ask.STORE, full * self.config.block_size)
 
     def _store_ended(self, r: Request, kv: RequestKV, res: Reservation | None, ok: bool) -> None:
         if res is not None:  # the request left before its store could start
@@ -566,7 +552,7 @@ class Planner:
         kv.storing = 0
         if kv.offload_after_store:
             kv.offload_after_store = False
-            self._offload(r, kv)
+            self._ask(r, kv, Ask.OFFLOAD, r.num_computed)
 
     def _drop(self, r: Request) -> None:
         """The one place a request's KV state goes: its pin and private host copy too."""
@@ -620,8 +606,13 @@ class Planner:
             and (history is None or history >= self.config.block_size)
         )
 
-    def _ask(self, r: Request, kv: RequestKV, op: Reserve | Pin, ask: Ask) -> None:
-        """Sends `op`; its reply decides `ask`. Only a store lets the request run meanwhile."""
+    def _ask(self, r: Request, kv: RequestKV, ask: Ask, num_tokens: int) -> None:
+        """Asks the host to pin (`Ask.PIN`) or reserve (the others) the KV of the request's
+        first `num_tokens` tokens; the reply decides `ask`. Only a store lets the request
+        run meanwhile."""
+        tokens = r.token_slice(0, num_tokens)
+        kind = Pin if ask is Ask.PIN else Reserve
+        op = kind(next(self._op_ids), kv.host_key, kv.hashes(tokens), len(tokens))
         if ask is not Ask.STORE:
             kv.awaiting = op.op_id
         self._awaiting[op.op_id] = (r, kv, ask)
