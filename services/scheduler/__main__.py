@@ -256,7 +256,7 @@ async def probe_stores(router: HostRouter, engine: Engine) -> None:
                 log.warning("cannot map %s yet: %s", identity.arena_name, e.details())
                 continue
             router.rejoin(index, identity, attached.first_host_block)
-            engine.arena_names = tuple(s.identity.arena_name for s in router.stores)
+            engine.arena_names = tuple(s.arena for s in router.stores)
 
 
 async def detach(executor: ex_grpc.ExecutorStub, name: str) -> None:
@@ -324,7 +324,7 @@ async def serve(args: argparse.Namespace) -> None:
                                                    float(args.kvstore_timeout), token,
                                                    internal_tls)
         host = router
-        arena_names = [s.identity.arena_name for s in router.stores]
+        arena_names = [s.arena for s in router.stores]
     config = SchedulerConfig(
         mode=Mode(args.mode),
         switches=args.switches,

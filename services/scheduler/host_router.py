@@ -87,11 +87,18 @@ class StoreClient(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RoutedStore:
-    """A store and where the executor mapped its arena."""
+    """A store and where the executor mapped the arena that holds its blocks: the store's
+    own, or, for a store on another host, a local mirror (`mapped_arena`)."""
 
     client: StoreClient
     identity: StoreIdentity
     first_block: int
+    mapped_arena: str = ""  # empty: the executor maps the store's own arena
+
+    @property
+    def arena(self) -> str:
+        """The arena the executor maps for this store."""
+        return self.mapped_arena or self.identity.arena_name
 
 
 def rendezvous_weight(conv: str, instance_id: str) -> int:
