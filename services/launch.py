@@ -333,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=os.environ.get("FASTSWITCH_REDIS_URL", ""))
     parser.add_argument("--num-kvstores", type=int, default=d.num_kvstores,
                         help="KV store instances; more than one needs --redis-url")
+    parser.add_argument("--discover-kvstores", action="store_true",
+                        default=os.environ.get("FASTSWITCH_DISCOVER_KVSTORES", "") == "1",
+                        help="the scheduler follows the stores registered in --redis-url, "
+                             "so stores started later are used [env "
+                             "FASTSWITCH_DISCOVER_KVSTORES=1]")
     parser.add_argument("--port", type=int, default=int(
         os.environ.get("FASTSWITCH_SCHEDULER_PORT", "50051")))
     http_port = os.environ.get("FASTSWITCH_HTTP_PORT")
@@ -351,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
         backend=args.backend, dtype=args.dtype, batch_invariant=args.batch_invariant,
-        redis_url=args.redis_url, num_kvstores=args.num_kvstores, scheduler_port=args.port,
+        redis_url=args.redis_url, num_kvstores=args.num_kvstores,
+        discover_kvstores=args.discover_kvstores, scheduler_port=args.port,
         http_port=args.http_port, log_dir=args.log_dir, internal_token=secrets.token_urlsafe(32),
         api_keys_file=args.api_keys, scheduler_host=args.host,
     )

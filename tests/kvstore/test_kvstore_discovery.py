@@ -25,19 +25,22 @@ from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from services.launch import Child, LocalStack, StackConfig
 from services.scheduler.host_router import rendezvous_owner
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisClusterServer, RedisServer
 
 pytestmark = pytest.mark.process
 
 LEASE_S = 6.0  # services/kvstore/service.py: HEARTBEAT_S * LEASE_BEATS
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["redis_server", "redis_cluster"],
+                ids=["redis", "redis-cluster"])
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[LocalStack]:
+    """The registry in one Redis, or in a 3-master Redis Cluster."""
+    index: RedisServer | RedisClusterServer = request.getfixturevalue(request.param)
     config = StackConfig(num_gpu_blocks=128, num_host_blocks=256, switches="-device_cache",
-                         redis_url=redis_server.url, discover_kvstores=True,
+                         redis_url=index.url, discover_kvstores=True,
                          log_dir=str(tmp_path_factory.mktemp("discovery-logs")))
     with LocalStack(config) as s:
         yield s
