@@ -68,6 +68,7 @@ from services.scheduler.host_router import HostRouter, RoutedStore, StoreIdentit
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.prompts import Prompts
 from services.scheduler.remote_host import RemoteHostKV
+from services.scheduler.remote_tier import MappedStore, Transport, map_store
 from services.scheduler.service import SchedulerService
 
 log = logging.getLogger("fastswitch.scheduler")
@@ -128,6 +129,9 @@ FLAGS = [
          "seconds to wait for the executor and the KV store at start"),
     Flag("outage-wait", "FASTSWITCH_OUTAGE_WAIT_S", "2",
          "seconds a request waits for an unavailable executor before it gets UNAVAILABLE"),
+    Flag("kvstore-transport", "FASTSWITCH_KVSTORE_TRANSPORT", "auto",
+         "how the executor reaches a store's blocks: auto (map its arena; over the gRPC bulk "
+         "path through a local mirror if it is on another host) or bulk (always the bulk path)"),
     Flag("kvstore-timeout", "FASTSWITCH_KVSTORE_TIMEOUT_S", "1",
          "deadline of each KV store call; a store that misses it is probed in the background"),
     Flag("shutdown-grace", "FASTSWITCH_SHUTDOWN_GRACE_S", "5",
@@ -155,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.switches = Mode(args.mode).switches.with_spec(args.switches)
     except ValueError as e:
         parser.error(f"--switches: {e}")
+    if args.kvstore_transport not in {t.value for t in Transport}:
+        parser.error(f"--kvstore-transport must be one of {[t.value for t in Transport]}, "
+                     f"got {args.kvstore_transport!r}")
     if args.policy not in POLICIES:
         parser.error(f"--policy must be one of {sorted(POLICIES)}, got {args.policy!r}")
     try:
@@ -196,12 +203,15 @@ def prompts_for(folder: str, desc: ex.DescribeResponse) -> Prompts:
 async def connect_stores(
     addresses: list[str], executor: ex_grpc.ExecutorStub, desc: ex.DescribeResponse,
     timeout_s: float, call_timeout_s: float, token: str = "", tls: ClientTls | None = None,
-) -> tuple[HostRouter, list[grpc.aio.Channel]]:
+    transport: Transport = Transport.AUTO,
+) -> tuple[HostRouter, list[grpc.aio.Channel], list[MappedStore]]:
     """Checks each store against the executor's blocks and model, and has the executor map
-    the stores' arenas in the order given: global host block ids follow that order."""
+    the stores' arenas (or their mirrors, see remote_tier) in the order given: global host
+    block ids follow that order."""
     geometry = desc.geometry
     channels: list[grpc.aio.Channel] = []
     stores: list[RoutedStore] = []
+    mapped: list[MappedStore] = []
     backends: set[str] = set()
     for address in addresses:
         # Every call carries the internal token.
@@ -221,12 +231,13 @@ async def connect_stores(
             raise SystemExit(
                 f"kvstore {address} holds KV of model {store.model_fingerprint[:16]}, the "
                 f"executor runs {desc.model_fingerprint[:16]}")
-        attached = await executor.AttachHostArena(
-            ex.AttachHostArenaRequest(name=store.arena_name))
         client = RemoteHostKV(channel, fingerprint=desc.model_fingerprint,
                               timeout_s=call_timeout_s)
+        mapped.append(await map_store(executor, channel, store, client, transport=transport,
+                                      timeout_s=call_timeout_s))
         identity = StoreIdentity(store.instance_id, store.arena_name)
-        stores.append(RoutedStore(client, identity, attached.first_host_block))
+        stores.append(RoutedStore(mapped[-1].client, identity, mapped[-1].first_block,
+                                  mapped[-1].mapped_arena))
         backends.add(store.index_backend)
     if len(stores) > 1 and backends != {"redis"}:
         log.warning("KV stores without a shared Redis index cannot see each other's chains: "
@@ -236,17 +247,21 @@ async def connect_stores(
                             block_size=geometry.block_size)
     except ValueError as e:
         raise SystemExit(f"--kvstore {','.join(addresses)}: {e}") from e
-    return router, channels
+    return router, channels, mapped
 
 
 async def probe_stores(router: HostRouter, engine: Engine) -> None:
     """Probes stores that stopped answering, so that one which answers again is used (and
     Stats' kvstore_degraded clears) with no request's help; one that restarted with a new
     arena is used again once the executor has detached the old arena and mapped the new
-    one."""
+    one (a store served through a mirror is used again at once: the mirror's bytes are
+    pulled afresh on every pin)."""
     while True:
         await asyncio.sleep(router.retry_s / 5)
         for index, identity in await router.probe_down():
+            if router.stores[index].mapped_arena:  # its mirror stays mapped where it was
+                router.rejoin(index, identity, router.stores[index].first_block)
+                continue
             old = router.stores[index].identity.arena_name
             try:
                 await detach(engine.executor, old)
@@ -307,6 +322,7 @@ async def serve(args: argparse.Namespace) -> None:
     arena: HostArena | None = None
     host: HostGateway
     kv_channels: list[grpc.aio.Channel] = []
+    mapped: list[MappedStore] = []
     if args.kvstore == "embedded":
         arena = HostArena.local(int(args.num_host_blocks), geometry.block_bytes)
         host = LocalHost(ReuseIndex(fingerprint=desc.model_fingerprint,
@@ -320,9 +336,9 @@ async def serve(args: argparse.Namespace) -> None:
                              "must be its first: restart the executor")
     else:
         addresses = [a.strip() for a in args.kvstore.split(",") if a.strip()]
-        router, kv_channels = await connect_stores(addresses, executor, desc, timeout,
-                                                   float(args.kvstore_timeout), token,
-                                                   internal_tls)
+        router, kv_channels, mapped = await connect_stores(
+            addresses, executor, desc, timeout, float(args.kvstore_timeout), token,
+            internal_tls, Transport(args.kvstore_transport))
         host = router
         arena_names = [s.arena for s in router.stores]
     config = SchedulerConfig(
@@ -391,6 +407,8 @@ async def serve(args: argparse.Namespace) -> None:
     await executor_channel.close()
     for channel in kv_channels:
         await channel.close()
+    for store in mapped:
+        store.close()
     if arena is not None:
         arena.close()
         arena.unlink()
