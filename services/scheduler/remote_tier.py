@@ -141,7 +141,11 @@ class MirroredStore:
         except grpc.aio.AioRpcError as e:
             self._failed(f"WriteBlocks {e.code().name}: {e.details()}")
             return False
-        return reply.bytes_written == len(blocks) * bb
+        if reply.bytes_written != len(payload):
+            self._failed(f"WriteBlocks wrote {reply.bytes_written} of {len(payload)} bytes")
+            return False
+        self._failing = False
+        return True
 
     async def _pull_pins(self, replies: list[HostReply]) -> list[HostReply]:
         """The replies, each pin whose blocks could not be pulled into the mirror undone on
@@ -165,12 +169,13 @@ class MirroredStore:
         total = len(blocks) * bb
         request = kv.ReadBlocksRequest(extents=to_proto(list(runs(blocks))))
         expected = 0
+        call = self._stub.ReadBlocks(request, timeout=self._deadline(total))
         try:
             with self.mirror.view() as view:
-                async for chunk in self._stub.ReadBlocks(request,
-                                                         timeout=self._deadline(total)):
+                async for chunk in call:
                     if (chunk.offset != expected or expected + len(chunk.data) > total
                             or checksum(chunk.data) != chunk.crc32c):
+                        call.cancel()
                         self._failed(f"ReadBlocks sent a bad chunk at offset {chunk.offset}")
                         return False
                     _scatter(view, blocks, bb, chunk.offset, chunk.data)

@@ -11,12 +11,14 @@ same path for a store on this host.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -48,31 +50,55 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield s
 
 
+@dataclass
+class RemoteStore:
+    """A KV store process in a namespace of its own, listening on the veth link."""
+
+    stack: LocalStack
+    host: OtherHost
+    argv: list[str]
+    child: Child | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.child is not None
+        return self.child.address
+
+    def start(self) -> None:
+        log = open(Path(self.stack.config.log_dir) / "remote-kvstore.log", "ab")  # noqa: SIM115
+        with log:
+            process = subprocess.Popen(
+                self.host.command(self.argv), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "FASTSWITCH_INTERNAL_TOKEN": self.stack.config.internal_token,
+                     "FASTSWITCH_INTERNAL_TOKEN_FILE": ""})
+        port = self.argv[self.argv.index("--port") + 1]
+        self.child = Child("kvstore", f"{self.host.address}:{port}", process, tuple(self.argv))
+        wait_serving(self.child, 60)
+
+    def stop(self) -> None:
+        assert self.child is not None
+        assert self.stack.stop_child(self.child) == 0, "the remote store did not stop cleanly"
+
+
 @pytest.fixture(scope="module")
-def remote_store(stack: LocalStack) -> Iterator[Child]:
-    """A KV store of the executor's geometry in a namespace of its own, on the veth link."""
+def remote_store(stack: LocalStack) -> Iterator[RemoteStore]:
+    """A KV store of the executor's geometry on "another host"."""
     assert os.geteuid() == 0, "the netns test needs root (ip netns, mount)"
     assert stack.describe is not None
     geometry = stack.describe.geometry
     with OtherHost.create() as host:
-        port = free_port()
         argv = [sys.executable, "-m", "services.kvstore", "--host", host.address,
-                "--port", str(port), "--num-blocks", "256",
+                "--port", str(free_port()), "--num-blocks", "256",
                 "--block-bytes", str(geometry.block_bytes),
                 "--block-size", str(geometry.block_size),
                 "--fingerprint", stack.describe.model_fingerprint]
-        log = open(Path(stack.config.log_dir) / "remote-kvstore.log", "ab")  # noqa: SIM115
-        process = subprocess.Popen(
-            host.command(argv), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "FASTSWITCH_INTERNAL_TOKEN": stack.config.internal_token,
-                 "FASTSWITCH_INTERNAL_TOKEN_FILE": ""})
-        child = Child("kvstore", f"{host.address}:{port}", process, tuple(argv))
+        store = RemoteStore(stack, host, argv)
         try:
-            wait_serving(child, 60)
-            yield child
+            store.start()
+            yield store
         finally:
-            assert stack.stop_child(child) == 0, "the remote store did not stop cleanly"
-            log.close()
+            if store.child is not None:
+                store.stop()
 
 
 def store_stats(stack: LocalStack, address: str) -> kv.StatsResponse:
@@ -96,13 +122,14 @@ async def turn(address: str, conv: str, tokens: list[int]) -> Generation:
                                      max_tokens=8).collect()
 
 
-def test_the_executor_cannot_map_the_remote_arena(stack: LocalStack,
-                                                  remote_store: Child) -> None:
+def test_the_executor_cannot_map_the_remote_arena(
+    stack: LocalStack, remote_store: RemoteStore,
+) -> None:
     with grpc.insecure_channel(remote_store.address) as channel:
         arena = kv_grpc.KVStoreStub(channel).Describe(
             kv.DescribeRequest(), metadata=stack.internal_metadata).arena_name
     assert not (Path("/dev/shm") / arena).exists()  # it lives in the namespace's /dev/shm
-    with grpc.insecure_channel(f"127.0.0.1:{remote_store.port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{remote_store.address.rsplit(':')[1]}") as channel:
         with pytest.raises(grpc.RpcError) as info:  # the store is not on our loopback
             kv_grpc.KVStoreStub(channel).Describe(kv.DescribeRequest(), timeout=2,
                                                   metadata=stack.internal_metadata)
@@ -111,7 +138,7 @@ def test_the_executor_cannot_map_the_remote_arena(stack: LocalStack,
 
 
 async def test_a_next_turn_comes_back_over_the_link_and_matches_a_cold_run(
-    stack: LocalStack, remote_store: Child,
+    stack: LocalStack, remote_store: RemoteStore,
 ) -> None:
     args = ["--kvstore", remote_store.address]
     tokens = [random.Random(7).randrange(256) for _ in range(40)]
@@ -138,7 +165,7 @@ async def test_a_next_turn_comes_back_over_the_link_and_matches_a_cold_run(
 
 
 async def test_requests_preempted_to_the_remote_store_match_a_run_alone(
-    stack: LocalStack, remote_store: Child,
+    stack: LocalStack, remote_store: RemoteStore,
 ) -> None:
     reqs = prompts(8)
     outputs, stats = {}, {}
@@ -156,6 +183,34 @@ async def test_requests_preempted_to_the_remote_store_match_a_run_alone(
     assert not stats["preempted"].kvstore_degraded
     assert store_stats(stack, remote_store.address).hit_tokens > 0  # swapped back in
     assert outputs["preempted"] == outputs["alone"]
+
+
+async def test_a_remote_store_that_restarts_is_used_again_through_its_mirror(
+    stack: LocalStack, remote_store: RemoteStore,
+) -> None:
+    child = stack.start_scheduler(extra_args=["--kvstore", remote_store.address])
+    try:
+        async with FastSwitchClient(child.address) as client:
+            await client.wait_ready()
+            remote_store.stop()
+            remote_store.start()  # a new arena, in a new private /dev/shm
+            tokens = [random.Random(9).randrange(256) for _ in range(40)]
+            await turn(child.address, "during", tokens)  # finds the old store gone
+            assert (await client.stats()).kvstore_degraded
+            for _ in range(300):  # the store is probed every few seconds
+                if not (await client.stats()).kvstore_degraded:
+                    break
+                await asyncio.sleep(0.1)
+            assert not (await client.stats()).kvstore_degraded
+        gen = await turn(child.address, "after", tokens)
+        history = tokens + ids_of(gen) + [3, 4]
+        warm = await turn(child.address, "after", history)
+        cold = await turn(child.address, "cold-after", history)
+    finally:
+        assert stack.stop_child(child) == 0
+    assert "is back with arena" in scheduler_log(stack)
+    assert warm.final.reused_prompt_tokens >= 32 and warm.final.bytes_swapped > 0
+    assert ids_of(warm) == ids_of(cold)
 
 
 async def test_the_bulk_transport_serves_a_store_on_this_host_too(stack: LocalStack) -> None:
