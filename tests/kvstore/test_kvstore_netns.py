@@ -5,8 +5,9 @@ an executor and schedulers here through mirror arenas and the gRPC bulk path.
 The executor cannot map that store's arena, so the scheduler falls back to a mirror; a
 conversation's next turn, asked of a scheduler started after the one that saved it (so its
 mirror began empty and every byte came back over the link), and requests preempted to the
-store and back both match a run that reuses nothing. `--kvstore-transport bulk` takes the
-same path for a store on this host.
+store and back both match a run that reuses nothing. A remote store that restarts (a new
+arena) is used again through the same mirror. `--kvstore-transport bulk` takes the same
+path for a store on this host.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import pytest
 from benchmarks.netns import OtherHost
 from common.auth import bearer_metadata
 from common.client import FastSwitchClient, Generation
+from protos import executor_pb2 as ex
+from protos import executor_pb2_grpc as ex_grpc
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from services.launch import Child, LocalStack, StackConfig, free_port, wait_serving
@@ -36,7 +39,7 @@ from tests.support.stacks import executor_and_stores
 pytestmark = pytest.mark.process
 
 REPO = Path(__file__).resolve().parents[2]
-BULK_LOG = "served over the gRPC bulk path via mirror"  # then the mirror, then the transport
+BULK_LOG = "served over the gRPC bulk path via mirror"  # what the scheduler logs, per store
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +132,11 @@ def test_the_executor_cannot_map_the_remote_arena(
         arena = kv_grpc.KVStoreStub(channel).Describe(
             kv.DescribeRequest(), metadata=stack.internal_metadata).arena_name
     assert not (Path("/dev/shm") / arena).exists()  # it lives in the namespace's /dev/shm
+    with grpc.insecure_channel(stack.executor_address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            ex_grpc.ExecutorStub(channel).AttachHostArena(
+                ex.AttachHostArenaRequest(name=arena), metadata=stack.internal_metadata)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
     with grpc.insecure_channel(f"127.0.0.1:{remote_store.address.rsplit(':')[1]}") as channel:
         with pytest.raises(grpc.RpcError) as info:  # the store is not on our loopback
             kv_grpc.KVStoreStub(channel).Describe(kv.DescribeRequest(), timeout=2,
