@@ -66,6 +66,7 @@ from services.scheduler.host_gateway import HostGateway, LocalHost
 from services.scheduler.host_router import HostRouter
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.prompts import Prompts
+from services.scheduler.remote_tier import Transport
 from services.scheduler.service import SchedulerService
 from services.scheduler.store_membership import StoreMembership, StoreRefused
 
@@ -129,6 +130,9 @@ FLAGS = [
          "seconds to wait for the executor and the KV store at start"),
     Flag("outage-wait", "FASTSWITCH_OUTAGE_WAIT_S", "2",
          "seconds a request waits for an unavailable executor before it gets UNAVAILABLE"),
+    Flag("kvstore-transport", "FASTSWITCH_KVSTORE_TRANSPORT", "auto",
+         "how the executor reaches a store's blocks: auto (map its arena; over the gRPC bulk "
+         "path through a local mirror if it is on another host) or bulk (always the bulk path)"),
     Flag("kvstore-timeout", "FASTSWITCH_KVSTORE_TIMEOUT_S", "1",
          "deadline of each KV store call; a store that misses it is probed in the background"),
     Flag("shutdown-grace", "FASTSWITCH_SHUTDOWN_GRACE_S", "5",
@@ -156,6 +160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.switches = Mode(args.mode).switches.with_spec(args.switches)
     except ValueError as e:
         parser.error(f"--switches: {e}")
+    if args.kvstore_transport not in {t.value for t in Transport}:
+        parser.error(f"--kvstore-transport must be one of {[t.value for t in Transport]}, "
+                     f"got {args.kvstore_transport!r}")
     if args.policy not in POLICIES:
         parser.error(f"--policy must be one of {sorted(POLICIES)}, got {args.policy!r}")
     try:
@@ -205,7 +212,8 @@ async def connect_stores(
         router, executor, desc,
         lambda address: aio_channel(address, tls, options=CHANNEL_OPTIONS,
                                     interceptors=bearer_interceptors(token)),
-        call_timeout_s=float(args.kvstore_timeout))
+        call_timeout_s=float(args.kvstore_timeout),
+        transport=Transport(args.kvstore_transport))
     tasks = [asyncio.create_task(membership.probe())]
     if is_redis_url(source):
         registry = async_redis_client(source)

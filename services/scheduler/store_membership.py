@@ -1,11 +1,12 @@
 """Which KV stores the scheduler uses, and the executor's arenas for them.
 
 The driver side of `HostRouter`'s membership. `join` connects to a store, checks its blocks
-and model against the executor's, has the executor map its arena and adds it to the
-router; `leave` removes a store and has the executor unmap its arena (swaps in flight
-finish first; later ones into it are refused, and their requests recompute); `restarted`
-replaces a store that came back with a new arena (leave, then join at the same address).
-Changes run one at a time.
+and model against the executor's, has the executor map its arena (or, for a store on
+another host, a local mirror of it: `remote_tier`) and adds it to the router; `leave`
+removes a store and has the executor unmap its arena (swaps in flight finish first; later
+ones into it are refused, and their requests recompute); `restarted` replaces a store that
+came back with a new arena (leave, then join at the same address). Changes run one at a
+time.
 
 Stores come from a fixed address list (`--kvstore a,b`), joined at start and kept: a store
 that stops is down and probed (`probe`), never removed. Or from the Redis registry the
@@ -34,6 +35,7 @@ from services.kvstore.redis_storage import AsyncRedisClient, Namespace
 from services.kvstore.registry import InstanceEntry, parse_entries
 from services.scheduler.host_router import HostRouter, RoutedStore, StoreIdentity
 from services.scheduler.remote_host import RemoteHostKV
+from services.scheduler.remote_tier import MappedStore, Transport, map_store
 
 log = logging.getLogger("fastswitch.scheduler.kvstore")
 
@@ -47,6 +49,7 @@ class _Link:
     address: str
     channel: grpc.aio.Channel
     index_backend: str  # "memory" or "redis"
+    mapped: MappedStore
 
 
 class StoreMembership:
@@ -58,14 +61,17 @@ class StoreMembership:
         channel: Callable[[str], grpc.aio.Channel],
         *,
         call_timeout_s: float = 1.0,
+        transport: Transport = Transport.AUTO,
     ) -> None:
         """`channel` opens a channel to a store's address (with the internal token and
-        TLS); `call_timeout_s` is the deadline of each host-op batch."""
+        TLS); `call_timeout_s` is the deadline of each host-op batch; `transport` how the
+        executor reaches a store's blocks."""
         self.router = router
         self.executor = executor
         self.desc = desc
         self._channel = channel
         self._call_timeout_s = call_timeout_s
+        self._transport = transport
         self._links: dict[str, _Link] = {}  # by instance id
         self._lock = asyncio.Lock()
         self._failing: dict[str, str] = {}  # address -> why it last failed to join
@@ -145,6 +151,7 @@ class StoreMembership:
 
     async def close(self) -> None:
         for link in self._links.values():
+            link.mapped.close()
             await link.channel.close()
         self._links.clear()
 
@@ -171,20 +178,20 @@ class StoreMembership:
                 kv.DescribeRequest(), timeout=wait_s or self._call_timeout_s,
                 wait_for_ready=wait_s > 0)
             self._check(address, store)
-            attached = await self.executor.AttachHostArena(
-                ex.AttachHostArenaRequest(name=store.arena_name), timeout=10)
-            identity = StoreIdentity(store.instance_id, store.arena_name)
             client = RemoteHostKV(channel, fingerprint=self.desc.model_fingerprint,
                                   timeout_s=self._call_timeout_s)
-            self.router.add(RoutedStore(client, identity, attached.first_host_block))
+            mapped = await map_store(self.executor, channel, store, client,
+                                     transport=self._transport, timeout_s=self._call_timeout_s)
         except BaseException:
             await channel.close()
             raise
-        self._links[identity.instance_id] = _Link(address, channel, store.index_backend)
+        identity = StoreIdentity(store.instance_id, store.arena_name)
+        routed = RoutedStore(mapped.client, identity, mapped.first_block, mapped.mapped_arena)
+        self.router.add(routed)  # cannot fail: _check refused a taken id, slots last for ages
+        self._links[identity.instance_id] = _Link(address, channel, store.index_backend, mapped)
         log.info("KV store %s at %s joined: arena %s, host blocks %d..%d (%s index)",
-                 identity.instance_id, address, identity.arena_name,
-                 attached.first_host_block, attached.first_host_block + store.num_blocks - 1,
-                 store.index_backend)
+                 identity.instance_id, address, routed.arena, mapped.first_block,
+                 mapped.first_block + store.num_blocks - 1, store.index_backend)
         return identity
 
     def _check(self, address: str, store: kv.DescribeResponse) -> None:
@@ -214,4 +221,5 @@ class StoreMembership:
             # unavailable, and a restarted one will not map it either.
             if e.code() is not grpc.StatusCode.NOT_FOUND:
                 log.warning("could not unmap arena %s: %s", routed.arena, e.details())
+        link.mapped.close()
         await link.channel.close()
