@@ -5,7 +5,8 @@ Steps, each printed as it goes:
      args PYTHON_IMAGE and TORCH_INDEX_CPU taken from the environment when set;
   2. `docker-compose up` of redis, executor, kvstore and scheduler under a project name of
      its own, on ephemeral host ports, with API keys (a key file written to a folder of its
-     own, mounted as the secrets folder, and FASTSWITCH_INSECURE=0), and a wait until the
+     own, mounted as the secrets folder, and FASTSWITCH_INSECURE=0), without the scheduler's
+     device prefix cache (so that a Chat turn's reuse is a store's), and a wait until the
      scheduler is healthy;
   3. the checks: a call without a key is refused (UNAUTHENTICATED), a greedy Generate (its
      tokens are the reference for later rounds), a two-turn Chat whose second turn reuses
@@ -17,7 +18,8 @@ Steps, each printed as it goes:
      least two replicas (their chain keys in Redis name the instance), `docker stop` of the
      replica holding most of them, a check that the scheduler drops it (kvstore_degraded
      clears) and that every conversation's next turn gives the tokens of a twin
-     conversation run before the stop; then a scale back to one store and the checks again;
+     conversation run before the stop, recomputed on the stopped store's, reusing KV on the
+     others'; then a scale back to one store and the checks again;
   6. `docker-compose down -v`, and a check that no container, volume or network of the
      project is left.
 Exits 0 when all of it passed. Needs Docker and docker-compose (v1); on machines without
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -77,6 +80,8 @@ class Compose:
             "FASTSWITCH_SECRETS_DIR": secrets_dir,
             "FASTSWITCH_API_KEYS_FILE": "/secrets/api-keys",
             "FASTSWITCH_INSECURE": "0",
+            # Without the device prefix cache, a Chat turn's reuse comes from a store.
+            "FASTSWITCH_SWITCHES": "-device_cache",
         }
 
     def run(self, *args: str, capture: bool = False) -> str:
@@ -250,18 +255,24 @@ async def until(what: str, done: Callable[[], Awaitable[bool]], bound_s: float) 
     return time.monotonic() - started
 
 
-async def turn(client: FastSwitchClient, conv: str, message: str) -> list[int]:
+@dataclass(frozen=True, slots=True)
+class Turn:
+    tokens: list[int]
+    reused: int  # prompt tokens whose KV came from a store
+
+
+async def turn(client: FastSwitchClient, conv: str, message: str) -> Turn:
     reply = await client.chat(conv, message, max_tokens=12).collect()
     assert reply.final is not None and reply.final.completion_tokens > 0, f"{conv}: empty turn"
-    return [t.id for t in reply.tokens]
+    return Turn([t.id for t in reply.tokens], reply.final.reused_prompt_tokens)
 
 
 async def turns(client: FastSwitchClient, convs: Sequence[str], message: str
-                ) -> dict[str, list[int]]:
+                ) -> dict[str, Turn]:
     """One turn of every conversation, concurrently; `message` may name {i}, its index."""
-    tokens = await asyncio.gather(*[turn(client, c, message.format(i=c.rsplit("-", 1)[1]))
-                                    for c in convs])
-    return dict(zip(convs, tokens, strict=True))
+    replies = await asyncio.gather(*[turn(client, c, message.format(i=c.rsplit("-", 1)[1]))
+                                     for c in convs])
+    return dict(zip(convs, replies, strict=True))
 
 
 async def scale_case(compose: Compose, reference: Sequence[int], bound_s: float
@@ -292,7 +303,8 @@ async def scale_case(compose: Compose, reference: Sequence[int], bound_s: float
         for message in (first, second):
             before = await turns(client, [*convs, *twins], message)
             for conv, twin in zip(convs, twins, strict=True):
-                assert before[conv] == before[twin], f"{conv} and its twin answered apart"
+                assert before[conv].tokens == before[twin].tokens, \
+                    f"{conv} and its twin answered apart"
         expected = await turns(client, twins, third)
         every = [*convs, *twins]
         await until("every conversation's chain is in Redis",
@@ -320,9 +332,14 @@ async def scale_case(compose: Compose, reference: Sequence[int], bound_s: float
             "the stop")
         after = await turns(client, convs, third)
         for conv, twin in zip(convs, twins, strict=True):
-            assert after[conv] == expected[twin], \
+            assert after[conv].tokens == expected[twin].tokens, \
                 f"{conv}: its turn after the stop differs from its twin's"
-        say(f"every conversation answered as its twin did, {len(moved)} of them recomputed")
+            if conv in moved:
+                assert after[conv].reused == 0, f"{conv} reused KV its stopped store held"
+            else:
+                assert after[conv].reused > 0, f"{conv} lost the KV of a store still running"
+        say(f"every conversation answered as its twin did: the {len(moved)} on the stopped "
+            "store recomputed, the others reused their KV")
     say("docker-compose up --scale kvstore=1")
     compose.run("up", "-d", "--no-build", "--no-recreate", "--no-deps", "--scale",
                 "kvstore=1", "kvstore")
