@@ -60,6 +60,9 @@ class StackConfig:
     batch_invariant: bool = True
     redis_url: str = ""
     num_kvstores: int = 1  # more than one shares the index through redis_url
+    # The scheduler finds the stores in redis_url's registry (and follows those that join
+    # and leave) rather than being given their addresses.
+    discover_kvstores: bool = False
     max_num_seqs: int = 32
     max_batched_tokens: int = 256
     scheduler_port: int = 0  # 0: a free port
@@ -83,6 +86,8 @@ class StackConfig:
             raise ValueError(f"num_kvstores must be at least 1, got {self.num_kvstores}")
         if self.num_kvstores > 1 and not self.redis_url:
             raise ValueError("num_kvstores > 1 needs redis_url: instances share one index")
+        if self.discover_kvstores and not self.redis_url:
+            raise ValueError("discover_kvstores needs redis_url: the registry is there")
 
 
 @dataclass
@@ -170,26 +175,36 @@ class LocalStack:
         with self.channel(executor.address) as channel:
             self.describe = ex_grpc.ExecutorStub(channel).Describe(
                 ex.DescribeRequest(), metadata=self.internal_metadata)
-        geometry = self.describe.geometry
         for _ in range(c.num_kvstores):
-            self.spawn("kvstore", [
-                "--num-blocks", str(c.num_host_blocks), "--block-bytes", str(geometry.block_bytes),
-                "--block-size", str(geometry.block_size),
-                "--fingerprint", self.describe.model_fingerprint,
-                *(["--redis-url", c.redis_url] if c.redis_url else []),
-            ], timeout_s)
+            self.start_kvstore(timeout_s=timeout_s)
         if scheduler:
             self.start_scheduler(timeout_s=timeout_s)
             if c.http_port is not None:
                 self.start_http(timeout_s=timeout_s)
 
+    def start_kvstore(self, *, extra_args: Sequence[str] = (), timeout_s: float = 120.0
+                      ) -> Child:
+        """Starts one more KV store for the executor's blocks and model."""
+        c = self.config
+        if self.describe is None:
+            raise RuntimeError("start the executor first: stores take its blocks and model")
+        geometry = self.describe.geometry
+        return self.spawn("kvstore", [
+            "--num-blocks", str(c.num_host_blocks), "--block-bytes", str(geometry.block_bytes),
+            "--block-size", str(geometry.block_size),
+            "--fingerprint", self.describe.model_fingerprint,
+            *(["--redis-url", c.redis_url] if c.redis_url else []), *extra_args,
+        ], timeout_s)
+
     def start_scheduler(
         self, *, mode: str = "", extra_args: Sequence[str] = (), timeout_s: float = 120.0
     ) -> Child:
-        """Starts a scheduler against this stack's executor and running KV stores."""
+        """Starts a scheduler against this stack's executor and its KV stores: those running
+        now, or those registered in redis_url as they come and go (discover_kvstores)."""
         c = self.config
+        stores = c.redis_url if c.discover_kvstores else ",".join(self.kvstore_addresses)
         return self.spawn("scheduler", [
-            "--executor", self.executor_address, "--kvstore", ",".join(self.kvstore_addresses),
+            "--executor", self.executor_address, "--kvstore", stores,
             "--mode", mode or c.mode, f"--switches={c.switches}", "--policy", c.policy,
             "--max-num-seqs", str(c.max_num_seqs),
             "--max-batched-tokens", str(c.max_batched_tokens),
@@ -318,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=os.environ.get("FASTSWITCH_REDIS_URL", ""))
     parser.add_argument("--num-kvstores", type=int, default=d.num_kvstores,
                         help="KV store instances; more than one needs --redis-url")
+    parser.add_argument("--discover-kvstores", action="store_true",
+                        default=os.environ.get("FASTSWITCH_DISCOVER_KVSTORES", "") == "1",
+                        help="the scheduler follows the stores registered in --redis-url, "
+                             "so stores started later are used [env "
+                             "FASTSWITCH_DISCOVER_KVSTORES=1]")
     parser.add_argument("--port", type=int, default=int(
         os.environ.get("FASTSWITCH_SCHEDULER_PORT", "50051")))
     http_port = os.environ.get("FASTSWITCH_HTTP_PORT")
@@ -336,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
         backend=args.backend, dtype=args.dtype, batch_invariant=args.batch_invariant,
-        redis_url=args.redis_url, num_kvstores=args.num_kvstores, scheduler_port=args.port,
+        redis_url=args.redis_url, num_kvstores=args.num_kvstores,
+        discover_kvstores=args.discover_kvstores, scheduler_port=args.port,
         http_port=args.http_port, log_dir=args.log_dir, internal_token=secrets.token_urlsafe(32),
         api_keys_file=args.api_keys, scheduler_host=args.host,
     )

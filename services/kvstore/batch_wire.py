@@ -22,7 +22,7 @@ from common.kv.host_ops import (
     Reserved,
     Unpin,
 )
-from common.kv.reuse_index import Hit, PinHandle, Reservation
+from common.kv.reuse_index import ID_BITS, Hit, PinHandle, Reservation
 from protos import kvstore_pb2 as kv
 
 
@@ -92,7 +92,7 @@ def replies_from_proto(
     replies: Sequence[kv.BatchReply], ops: Sequence[HostOp]
 ) -> tuple[list[HostReply], dict[int, str]]:
     """The replies to `ops`, and each Pin's holder by op id. Raises ValueError when they do
-    not answer exactly the Reserve and Pin ops, in order."""
+    not answer exactly the Reserve and Pin ops, in order, or carry ids over ID_BITS bits."""
     asked = [op for op in ops if isinstance(op, Reserve | Pin)]
     if len(replies) != len(asked):
         raise ValueError(f"{len(replies)} replies to {len(asked)} reserves and pins")
@@ -109,6 +109,9 @@ def replies_from_proto(
             holders[op.op_id] = p.holder_id
         else:
             raise ValueError(f"reply {len(out)} ({kind}) does not answer op {op.op_id}")
+        if (reply.reserved.reservation_id if kind == "reserved" else reply.pinned.pin_id) \
+                >> ID_BITS:
+            raise ValueError(f"reply {len(out) - 1} carries an id over {ID_BITS} bits")
     return out, holders
 
 

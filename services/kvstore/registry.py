@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -41,6 +41,15 @@ class InstanceEntry:
     def live(self, now: float) -> bool:
         return self.lease_until == 0.0 or self.lease_until > now
 
+    def serving(self, now: float) -> bool:
+        """Serving at its address, under a lease that holds: one a scheduler may use."""
+        return bool(self.address) and self.lease_until > now
+
+
+def parse_entries(raw: Mapping[bytes, bytes]) -> dict[str, InstanceEntry]:
+    """The registry hash's entries by instance id."""
+    return {k.decode(): InstanceEntry(**json.loads(v)) for k, v in raw.items()}
+
 
 class InstanceRegistry:
     """`clock` is wall time: leases are compared across hosts."""
@@ -57,8 +66,7 @@ class InstanceRegistry:
         self._peers_read_at: float | None = None
 
     def entries(self) -> dict[str, InstanceEntry]:
-        raw = self._call(lambda: self.client.hgetall(self.namespace.registry))
-        return {k.decode(): InstanceEntry(**json.loads(v)) for k, v in raw.items()}
+        return parse_entries(self._call(lambda: self.client.hgetall(self.namespace.registry)))
 
     def own(self) -> InstanceEntry | None:
         return self.entries().get(self.namespace.instance_id)

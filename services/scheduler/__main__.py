@@ -55,20 +55,19 @@ from common.tls import (
 from common.tokenizer import TokenizerMismatch, check_fits, load_tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
-from protos import kvstore_pb2 as kv
-from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.kvstore.redis_connect import async_redis_client, is_redis_url
 from services.scheduler.conversations import ConversationLimits
 from services.scheduler.core.config import Mode, SchedulerConfig, Switches
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import POLICIES
 from services.scheduler.engine import Engine, EngineLimits
 from services.scheduler.host_gateway import HostGateway, LocalHost
-from services.scheduler.host_router import HostRouter, RoutedStore, StoreIdentity
+from services.scheduler.host_router import HostRouter
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.prompts import Prompts
-from services.scheduler.remote_host import RemoteHostKV
 from services.scheduler.service import SchedulerService
+from services.scheduler.store_membership import StoreMembership, StoreRefused
 
 log = logging.getLogger("fastswitch.scheduler")
 T = TypeVar("T")
@@ -108,7 +107,9 @@ FLAGS = [
     Flag("executor", "FASTSWITCH_EXECUTOR_ADDR", "127.0.0.1:50052", "executor address"),
     Flag("kvstore", "FASTSWITCH_KVSTORE_ADDR", "127.0.0.1:50053",
          "KV store address, or several separated by commas (instances sharing one Redis "
-         "index), or 'embedded' for a host arena owned by this process"),
+         "index); or the stores' Redis index (redis://... or redis+cluster://...), whose "
+         "registry is watched for stores that join and leave; or 'embedded' for a host "
+         "arena owned by this process"),
     Flag("mode", "FASTSWITCH_MODE", "fastswitch", "fastswitch, vllm-v1 or baseline"),
     Flag("switches", "FASTSWITCH_SWITCHES", "",
          "ablation: changes to the mode's switches, e.g. -turn_offload or +async_swaps "
@@ -194,79 +195,41 @@ def prompts_for(folder: str, desc: ex.DescribeResponse) -> Prompts:
 
 
 async def connect_stores(
-    addresses: list[str], executor: ex_grpc.ExecutorStub, desc: ex.DescribeResponse,
-    timeout_s: float, call_timeout_s: float, token: str = "", tls: ClientTls | None = None,
-) -> tuple[HostRouter, list[grpc.aio.Channel]]:
-    """Checks each store against the executor's blocks and model, and has the executor map
-    the stores' arenas in the order given: global host block ids follow that order."""
-    geometry = desc.geometry
-    channels: list[grpc.aio.Channel] = []
-    stores: list[RoutedStore] = []
-    backends: set[str] = set()
+    source: str, executor: ex_grpc.ExecutorStub, desc: ex.DescribeResponse,
+    args: argparse.Namespace, token: str, tls: ClientTls | None,
+) -> tuple[StoreMembership, list[asyncio.Task[None]]]:
+    """The router over the stores `source` names (an address list, or a Redis registry to
+    watch), and the tasks that keep its membership (see store_membership)."""
+    router = HostRouter(fingerprint=desc.model_fingerprint, block_size=desc.geometry.block_size)
+    membership = StoreMembership(
+        router, executor, desc,
+        lambda address: aio_channel(address, tls, options=CHANNEL_OPTIONS,
+                                    interceptors=bearer_interceptors(token)),
+        call_timeout_s=float(args.kvstore_timeout))
+    tasks = [asyncio.create_task(membership.probe())]
+    if is_redis_url(source):
+        registry = async_redis_client(source)
+        await membership.watch_once(registry)
+        if not router.stores:
+            log.warning("no KV store is registered in %s yet: preemption recomputes until "
+                        "one is", source)
+        tasks.append(asyncio.create_task(membership.watch(registry)))
+        return membership, tasks
+    addresses = [a.strip() for a in source.split(",") if a.strip()]
     for address in addresses:
-        # Every call carries the internal token.
-        channel = aio_channel(address, tls, options=CHANNEL_OPTIONS,
-                              interceptors=bearer_interceptors(token))
-        channels.append(channel)
-        stub = kv_grpc.KVStoreStub(channel)
-        store: kv.DescribeResponse = await wait_for(
-            stub.Describe(kv.DescribeRequest(), timeout=timeout_s, wait_for_ready=True),
-            f"kvstore {address}")
-        if store.block_bytes != geometry.block_bytes or store.block_size != geometry.block_size:
-            raise SystemExit(
-                f"kvstore {address} blocks ({store.block_size} tokens, {store.block_bytes} B) "
-                f"differ from the executor's ({geometry.block_size} tokens, "
-                f"{geometry.block_bytes} B)")
-        if store.model_fingerprint != desc.model_fingerprint:
-            raise SystemExit(
-                f"kvstore {address} holds KV of model {store.model_fingerprint[:16]}, the "
-                f"executor runs {desc.model_fingerprint[:16]}")
-        attached = await executor.AttachHostArena(
-            ex.AttachHostArenaRequest(name=store.arena_name))
-        client = RemoteHostKV(channel, fingerprint=desc.model_fingerprint,
-                              timeout_s=call_timeout_s)
-        identity = StoreIdentity(store.instance_id, store.arena_name)
-        stores.append(RoutedStore(client, identity, attached.first_host_block))
-        backends.add(store.index_backend)
-    if len(stores) > 1 and backends != {"redis"}:
+        try:
+            await membership.join(address, float(args.connect_timeout))
+        except StoreRefused as e:
+            raise SystemExit(str(e)) from e
+        except grpc.aio.AioRpcError as e:
+            raise SystemExit(f"kvstore {address} not reachable: {e.code().name} "
+                             f"{e.details()}") from e
+    if len(addresses) > 1 and membership.backends != {"redis"}:
         log.warning("KV stores without a shared Redis index cannot see each other's chains: "
                     "a conversation is found again only while this scheduler remembers it")
-    try:
-        router = HostRouter(stores, fingerprint=desc.model_fingerprint,
-                            block_size=geometry.block_size)
-    except ValueError as e:
-        raise SystemExit(f"--kvstore {','.join(addresses)}: {e}") from e
-    return router, channels
+    return membership, tasks
 
 
-async def probe_stores(router: HostRouter, engine: Engine) -> None:
-    """Probes stores that stopped answering, so that one which answers again is used (and
-    Stats' kvstore_degraded clears) with no request's help; one that restarted with a new
-    arena is used again once the executor has detached the old arena and mapped the new
-    one."""
-    while True:
-        await asyncio.sleep(router.retry_s / 5)
-        for index, identity in await router.probe_down():
-            old = router.stores[index].identity.arena_name
-            try:
-                await detach(engine.executor, old)
-                attached = await engine.executor.AttachHostArena(
-                    ex.AttachHostArenaRequest(name=identity.arena_name), timeout=10)
-            except grpc.aio.AioRpcError as e:
-                log.warning("cannot map %s yet: %s", identity.arena_name, e.details())
-                continue
-            router.rejoin(index, identity, attached.first_host_block)
-            engine.arena_names = tuple(s.arena for s in router.stores)
-
-
-async def detach(executor: ex_grpc.ExecutorStub, name: str) -> None:
-    """Has the executor unmap a dead store's arena; one it does not map (it restarted
-    since) is already gone."""
-    try:
-        await executor.DetachHostArena(ex.DetachHostArenaRequest(name=name), timeout=10)
-    except grpc.aio.AioRpcError as e:
-        if e.code() is not grpc.StatusCode.NOT_FOUND:
-            raise
 async def expire_conversations(service: SchedulerService, ttl_s: float) -> None:
     """Forgets idle conversations (and frees their host KV) with no request's help."""
     while True:
@@ -306,12 +269,13 @@ async def serve(args: argparse.Namespace) -> None:
     prompts = prompts_for(args.tokenizer, desc)
     arena: HostArena | None = None
     host: HostGateway
-    kv_channels: list[grpc.aio.Channel] = []
+    membership: StoreMembership | None = None
+    keepers: list[asyncio.Task[None]] = []
     if args.kvstore == "embedded":
         arena = HostArena.local(int(args.num_host_blocks), geometry.block_bytes)
         host = LocalHost(ReuseIndex(fingerprint=desc.model_fingerprint,
-                                    block_size=geometry.block_size, num_blocks=arena.num_blocks))
-        arena_names = [arena.name]
+                                    block_size=geometry.block_size, num_blocks=arena.num_blocks),
+                         arena.name)
         attached = await executor.AttachHostArena(ex.AttachHostArenaRequest(name=arena.name))
         if attached.first_host_block:  # the index's block ids would be off by that much
             arena.close()
@@ -319,12 +283,9 @@ async def serve(args: argparse.Namespace) -> None:
             raise SystemExit("the executor already maps other host arenas; the embedded one "
                              "must be its first: restart the executor")
     else:
-        addresses = [a.strip() for a in args.kvstore.split(",") if a.strip()]
-        router, kv_channels = await connect_stores(addresses, executor, desc, timeout,
-                                                   float(args.kvstore_timeout), token,
+        membership, keepers = await connect_stores(args.kvstore, executor, desc, args, token,
                                                    internal_tls)
-        host = router
-        arena_names = [s.arena for s in router.stores]
+        host = membership.router
     config = SchedulerConfig(
         mode=Mode(args.mode),
         switches=args.switches,
@@ -350,12 +311,9 @@ async def serve(args: argparse.Namespace) -> None:
         planner, executor, host, tokenizer=prompts.tokenizer,
         limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting),
                             outage_wait_s=float(args.outage_wait)),
-        arena_names=arena_names, metrics=metrics, on_health=on_health,
-        on_arenas=host.rebase if isinstance(host, HostRouter) else None,
+        metrics=metrics, on_health=on_health,
     )
     await engine.start()
-    prober = (asyncio.create_task(probe_stores(host, engine))
-              if isinstance(host, HostRouter) else None)
 
     service = SchedulerService(engine, mode=args.mode, vocab_size=desc.vocab_size,
                                prompts=prompts,
@@ -374,7 +332,7 @@ async def serve(args: argparse.Namespace) -> None:
     await mark_serving(health_servicer, SERVICE)
     log.info("scheduler serving on %s:%s (%s mode %s, %s policy, %d device blocks, arenas "
              "%s, %s)", args.host, args.port, args.mode, args.switches.describe(), args.policy,
-             config.num_device_blocks, ", ".join(arena_names),
+             config.num_device_blocks, ", ".join(host.arenas) or "none yet",
              ("API keys" if keys else "no API keys: open to all callers")
              + (", TLS" if tls.enabled else ""))
 
@@ -384,13 +342,13 @@ async def serve(args: argparse.Namespace) -> None:
     if not await engine.drain(float(args.shutdown_grace)):
         log.warning("grace period over: cancelling the requests still in flight")
     await engine.close()  # fails what is left with UNAVAILABLE, lets swaps land
-    for task in (prober, expirer):
+    for task in (*keepers, expirer):
         if task is not None:
             task.cancel()
     await server.stop(grace=1)  # the streams have ended; let their last messages out
     await executor_channel.close()
-    for channel in kv_channels:
-        await channel.close()
+    if membership is not None:
+        await membership.close()
     if arena is not None:
         arena.close()
         arena.unlink()

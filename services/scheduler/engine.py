@@ -82,10 +82,8 @@ class Engine:
         *,
         tokenizer: Tokenizer,
         limits: EngineLimits,
-        arena_names: Sequence[str],
         metrics: SchedulerMetrics | None = None,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
-        on_arenas: Callable[[list[int | None]], bool] | None = None,
     ) -> None:
         self.planner = planner
         self.executor = executor
@@ -109,10 +107,6 @@ class Engine:
         self._executor_back.set()
         self._busy = asyncio.Lock()  # held by the loop's iterations and by a recovery
         self.on_health = on_health
-        self.arena_names = tuple(arena_names)  # host arenas, in the executor's attach order
-        # Told the arenas' first host blocks after a re-attach (None for an arena gone with
-        # its store's restart); True if they moved, which fails every request held.
-        self.on_arenas = on_arenas
         self.metrics = metrics or SchedulerMetrics()
         self.accepting = True
 
@@ -430,7 +424,7 @@ class Engine:
             if self._tracked and time.monotonic() >= give_up:
                 await self._fail_all(message)
             await asyncio.sleep(0.5)
-        if self.on_arenas is not None and self.on_arenas(firsts):
+        if self.host.rebase(firsts):
             await self._fail_all("the executor mapped the host arenas at other block ids")
         log.warning("executor is back; %d request(s) failed, the rest continue", len(failed))
         self.executor_ok = True
@@ -459,12 +453,12 @@ class Engine:
                 tracked.stream.fail(grpc.StatusCode.INTERNAL, message)
         self._wake.set()
 
-    async def _reconnect(self) -> list[int | None] | None:
+    async def _reconnect(self) -> dict[str, int | None] | None:
         """Re-attaches the host arenas and the swap event stream: the arenas' first host
         blocks, or None if it can't yet."""
         try:
             await self.executor.Describe(ex.DescribeRequest(), timeout=2)
-            firsts = [await self._reattach(name) for name in self.arena_names]
+            firsts = {name: await self._reattach(name) for name in self.host.arenas}
             await asyncio.wait_for(self._subscribe_swap_events(), timeout=10)
         except (grpc.aio.AioRpcError, TimeoutError):
             return None
@@ -472,7 +466,7 @@ class Engine:
 
     async def _reattach(self, name: str) -> int | None:
         """The arena's first host block; None if it is gone (its KV store restarted with a
-        new arena, which `on_arenas` hears of, so that the store rejoins with that one)."""
+        new arena, which `host.rebase` hears of, so that the store is replaced)."""
         try:
             attached = await self.executor.AttachHostArena(
                 ex.AttachHostArenaRequest(name=name), timeout=10)

@@ -8,7 +8,7 @@ an index in this process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from common.kv import host_ops
@@ -21,16 +21,29 @@ class HostGateway(Protocol):
     def degraded(self) -> bool:
         """Some store is down: its conversations recompute."""
 
+    @property
+    def arenas(self) -> Sequence[str]:
+        """The host arenas the executor maps for this gateway, in attach order."""
+
+    def rebase(self, first_blocks: Mapping[str, int | None]) -> bool:
+        """Follows a restarted executor that mapped the arenas (by name) at these first
+        blocks (None: gone); True if any moved, which makes every host block id held stale."""
+
     async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]: ...
 
 
 class LocalHost:
-    """The embedded store: `host_ops.apply` on an in-process index; never degraded."""
+    """The embedded store: `host_ops.apply` on an in-process index over one arena, which
+    must be the executor's first; never degraded."""
 
     degraded = False
 
-    def __init__(self, index: ReuseIndex) -> None:
+    def __init__(self, index: ReuseIndex, arena: str) -> None:
         self.index = index
+        self.arenas = (arena,)
+
+    def rebase(self, first_blocks: Mapping[str, int | None]) -> bool:
+        return any(first != 0 for first in first_blocks.values())
 
     async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]:
         return host_ops.apply(self.index, ops)

@@ -5,25 +5,30 @@ its store, sends one Batch per store, to all stores at once, and answers every R
 Pin in the order of the ops, as the contract there requires.
 
 Ids. The executor maps the stores' arenas one after another, in attach order, so block `b`
-of store `i` is global block `first_block[i] + b`. Reservation and pin ids become global as
-`local * n + i` for n stores (0, "no pin", stays 0), so a commit or an unpin finds its
-store. With one store mapped first, every id is the store's own.
+of a store whose arena starts at `first_block` is global block `first_block + b`.
+Stores join and leave (`add`, `remove`); each one that joins takes the next of 2**16 slots,
+never reused while the router lives, and its reservation and pin ids become global as
+`slot << 48 | local` (store ids are 48-bit; 0, "no pin", stays 0), so a commit or an unpin
+finds its store, and one for a store that left is dropped. The first store's ids are its
+own.
 
 Placement. A conversation that an instance holds is reserved, pinned and released on that
 instance: with a shared Redis index a Pin on any instance names the holder of the longest
 valid prefix, and the router remembers it for the ops that follow (the Pin itself is
 answered by the instance asked). A conversation nobody holds goes to the live instance with
 the highest rendezvous weight, `blake2b(instance_id + NUL + conversation_id)`: each
-instance gets an even share, and when one goes down only its own conversations move.
+instance gets an even share, and when one goes down or leaves only its own conversations
+move.
 
 Failure. A store that cannot be reached is marked down, and so is one that answers from an
 arena other than the one the executor mapped. Ops for it get `unanswered` replies (no room,
 nothing pinned, so preemption recomputes; commits, aborts and unpins are dropped and its
 leases undo them), and it is probed again every `retry_s` by `probe_down`. A store that
 answers with the arena it had is back at once; one that restarted with a new arena is
-named by `probe_down`, and is back once the scheduler has had the executor map that arena
-and called `rejoin` (the chains it held before are gone, unless it inherited them through
+named by `probe_down`, and its driver replaces it (`remove`, then `add` with the arena
+the executor mapped: the chains it held before are gone, unless it inherited them through
 Redis). `rebase` follows a restarted executor that mapped the arenas at other first blocks.
+With no store at all, every op is `unanswered`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -51,9 +56,12 @@ from common.kv.host_ops import (
     Unpin,
     unanswered,
 )
-from common.kv.reuse_index import Hit, PinHandle
+from common.kv.reuse_index import ID_BITS, Hit, PinHandle
 
 log = logging.getLogger("fastswitch.scheduler.kvstore")
+
+SLOTS = 1 << 16  # stores that may join one router over its life
+LOCAL_MASK = (1 << ID_BITS) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +121,7 @@ def rendezvous_owner(conv: str, instance_ids: Sequence[str]) -> str:
 
 @dataclass(slots=True, eq=False)
 class _Instance:
-    index: int
+    slot: int
     store: RoutedStore
     retry_at: float | None = None  # set while the store is down
     moved_warned: bool = False
@@ -130,7 +138,7 @@ class _Instance:
 class HostRouter:
     def __init__(
         self,
-        stores: Sequence[RoutedStore],
+        stores: Sequence[RoutedStore] = (),
         *,
         fingerprint: str,
         block_size: int,
@@ -138,30 +146,63 @@ class HostRouter:
         max_holders: int = 1 << 16,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not stores:
-            raise ValueError("a router needs at least one store")
-        ids = [s.identity.instance_id for s in stores]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"store instance ids repeat: {ids}")
         self.fingerprint = fingerprint
         self.block_size = block_size
-        self.stores = tuple(stores)  # in the executor's attach order
         self.retry_s = retry_s
         self._clock = clock
-        self._instances = [_Instance(i, s) for i, s in enumerate(stores)]
-        self._by_id = {inst.instance_id: inst for inst in self._instances}
-        for inst in self._instances:
-            inst.store.client.on_unreachable = (
-                lambda inst=inst: self._mark_down(inst, "is unreachable"))
+        self._by_slot: dict[int, _Instance] = {}  # in the executor's attach order
+        self._by_id: dict[str, _Instance] = {}
+        self._next_slot = 0
         # conversation -> its holder, most recently used last; bounded, because a forgotten
         # holder only costs a Pin's redirect (or, without Redis, one cold turn).
         self._holders: OrderedDict[str, _Instance] = OrderedDict()
         self._max_holders = max_holders
+        for store in stores:
+            self.add(store)
+
+    @property
+    def stores(self) -> tuple[RoutedStore, ...]:
+        """The stores, in the order they joined."""
+        return tuple(inst.store for inst in self._by_slot.values())
+
+    @property
+    def arenas(self) -> tuple[str, ...]:
+        """The arenas the executor maps for the stores, in the order they joined."""
+        return tuple(inst.store.arena for inst in self._by_slot.values())
+
+    def add(self, store: RoutedStore) -> None:
+        """Takes a store in, up, with the arena the executor mapped for it. Raises
+        ValueError if its instance id is taken, RuntimeError when the slots are spent."""
+        instance_id = store.identity.instance_id
+        if instance_id in self._by_id:
+            raise ValueError(f"store instance ids repeat: {instance_id!r} is in already")
+        if self._next_slot >= SLOTS:
+            raise RuntimeError(f"{SLOTS} stores joined this router: restart the scheduler")
+        inst = _Instance(self._next_slot, store)
+        self._next_slot += 1
+        store.client.on_unreachable = lambda: self._mark_down(inst, "is unreachable")
+        self._by_slot[inst.slot] = self._by_id[instance_id] = inst
+
+    def remove(self, instance_id: str) -> RoutedStore:
+        """Lets a store go: its conversations move to the others (they recompute), and ops
+        in its ids are dropped from now on. Raises KeyError if it is not in."""
+        inst = self._by_id.pop(instance_id)
+        del self._by_slot[inst.slot]
+        inst.store.client.on_unreachable = None
+        for conv in [c for c, holder in self._holders.items() if holder is inst]:
+            del self._holders[conv]
+        log.info("KV store %s left (arena %s): its conversations move to the others",
+                 instance_id, inst.store.arena)
+        return inst.store
 
     @property
     def degraded(self) -> bool:
-        """Some store is down: its conversations recompute."""
-        return any(inst.retry_at is not None for inst in self._instances)
+        """Some store is down, or there is none: their conversations recompute."""
+        return not self._by_slot or any(inst.retry_at is not None for inst in self._instances)
+
+    @property
+    def _instances(self) -> Iterable[_Instance]:
+        return self._by_slot.values()
 
     async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]:
         """Carries `ops` out, one Batch per store, all stores at once; the replies to the
@@ -244,8 +285,10 @@ class HostRouter:
                     ))
         return out
 
-    def _if_up(self, inst: _Instance) -> _Instance | None:
-        return inst if inst.retry_at is None else None  # a down store's leases drop it
+    @staticmethod
+    def _if_up(inst: _Instance | None) -> _Instance | None:
+        """None for a store that left or is down: its leases drop what is not sent."""
+        return inst if inst is not None and inst.retry_at is None else None
 
     def _route(self, conv: str) -> _Instance | None:
         """The conversation's holder if it is up, else its rendezvous owner among the live."""
@@ -259,44 +302,32 @@ class HostRouter:
         owner = rendezvous_owner(conv, [inst.instance_id for inst in live])
         return self._by_id[owner]
 
-    async def probe_down(self) -> list[tuple[int, StoreIdentity]]:
-        """Probes, all at once, each down store whose retry time has come. Returns (index,
-        identity) of those that answer with a new arena, for `rejoin`."""
+    async def probe_down(self) -> list[StoreIdentity]:
+        """Probes, all at once, each down store whose retry time has come. Returns the new
+        identities of those that answer with a new arena: their driver replaces them."""
         now = self._clock()
         due = [inst for inst in self._instances
                if inst.retry_at is not None and inst.retry_at <= now]
         identities = await asyncio.gather(*(inst.store.client.identity() for inst in due))
-        moved = []
-        for inst, identity in zip(due, identities, strict=True):
-            if self._probed(inst, identity):
-                moved.append((inst.index, identity))
-        return moved
+        return [identity for inst, identity in zip(due, identities, strict=True)
+                if self._probed(inst, identity) and identity is not None]
 
-    def rejoin(self, index: int, identity: StoreIdentity, first_block: int) -> None:
-        """Takes store `index` back with its new arena, which the executor maps at
-        `first_block`."""
-        inst = self._instances[index]
-        inst.store = replace(inst.store, identity=identity, first_block=first_block)
-        self.stores = tuple(i.store for i in self._instances)
-        inst.retry_at = None
-        inst.moved_warned = False
-        log.info("KV store %s is back with arena %s (host blocks from %d)",
-                 inst.instance_id, identity.arena_name, first_block)
-
-    def rebase(self, first_blocks: Sequence[int | None]) -> bool:
-        """Follows a restarted executor that mapped the stores' arenas (in order) at these
+    def rebase(self, first_blocks: Mapping[str, int | None]) -> bool:
+        """Follows a restarted executor that mapped the stores' arenas (by name) at these
         first blocks; True if any moved, which makes every host block id held stale. None:
-        the store's arena is gone (it restarted), so it is down, and probed at once, until
-        it `rejoin`s with its new one."""
+        the arena is gone (its store restarted), so its store is down, and probed at once,
+        until its driver replaces it. Stores whose arena is not named are left as they are."""
         moved = False
-        for inst, first in zip(self._instances, first_blocks, strict=True):
+        for inst in self._instances:
+            if inst.store.arena not in first_blocks:
+                continue
+            first = first_blocks[inst.store.arena]
             if first is None:
                 inst.retry_at = self._clock()
                 moved = True
             elif first != inst.store.first_block:
                 inst.store = replace(inst.store, first_block=first)
                 moved = True
-        self.stores = tuple(i.store for i in self._instances)
         return moved
 
     def _live(self) -> list[_Instance]:
@@ -331,9 +362,9 @@ class HostRouter:
         if len(self._holders) > self._max_holders:
             self._holders.popitem(last=False)
 
-    def _global_id(self, inst: _Instance, local: int) -> int:
-        return NO_PIN if local == NO_PIN else local * len(self._instances) + inst.index
+    @staticmethod
+    def _global_id(inst: _Instance, local: int) -> int:
+        return NO_PIN if local == NO_PIN else inst.slot << ID_BITS | local
 
-    def _decode(self, global_id: int) -> tuple[_Instance, int]:
-        n = len(self._instances)
-        return self._instances[global_id % n], global_id // n
+    def _decode(self, global_id: int) -> tuple[_Instance | None, int]:
+        return self._by_slot.get(global_id >> ID_BITS), global_id & LOCAL_MASK

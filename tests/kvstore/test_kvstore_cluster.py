@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from services.kvstore.assemble import redis_clients
 from services.kvstore.errors import IndexUnavailable
+from services.kvstore.redis_connect import redis_client
 from services.kvstore.redis_storage import Namespace, RedisIndexStorage
 from tests.kvstore import test_kvstore_store
 from tests.kvstore.test_kvstore_store import (
@@ -43,7 +43,7 @@ def test_cluster_keeps_a_conversation_in_one_slot_and_spreads_conversations(
     for conv in CONVERSATIONS:
         put(a, conv, list(range(8)), seed=1)
         put(b, conv, list(range(4)), seed=2)
-    client, _ = redis_clients(redis_cluster.url)
+    client = redis_client(redis_cluster.url)
     slot = lambda key: client.keyslot(key)  # noqa: E731
     for conv in CONVERSATIONS:
         keys = [Namespace(FP, s.instance_id).chain(conv) for s in (a, b)]
@@ -94,7 +94,7 @@ def test_cluster_master_dying_costs_recomputes_never_stale_kv(
             redis_cluster.wait_ok()
     else:
         pytest.fail("the store did not resync after the master came back")
-    client, _ = redis_clients(redis_cluster.url)
+    client = redis_client(redis_cluster.url)
     try:
         mirror = RedisIndexStorage(client, ns)
     finally:
@@ -108,9 +108,9 @@ def test_cluster_master_dying_costs_recomputes_never_stale_kv(
 
 def test_cluster_url_names_any_node(redis_cluster: RedisClusterServer) -> None:
     node = redis_cluster.nodes[-1]
-    client, _ = redis_clients(f"redis+cluster://127.0.0.1:{node.port}")
+    client = redis_client(f"redis+cluster://127.0.0.1:{node.port}")
     try:
         assert len(client.get_primaries()) == len(redis_cluster.nodes)
-        assert isinstance(redis_clients(f"redis://127.0.0.1:{node.port}")[0], redis.Redis)
+        assert isinstance(redis_client(f"redis://127.0.0.1:{node.port}"), redis.Redis)
     finally:
         client.close()

@@ -28,7 +28,7 @@ from common.kv.host_ops import (
     Unpin,
     unanswered,
 )
-from common.kv.reuse_index import PinHandle
+from common.kv.reuse_index import ID_BITS, PinHandle
 from common.shm.arena import SHM_DIR
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.assemble import open_store
@@ -374,7 +374,7 @@ async def test_a_router_over_two_stores_sends_one_batch_each(
     for k, reply in enumerate(replies):
         res = reply.reservation
         assert all(k * NUM_BLOCKS <= b < (k + 1) * NUM_BLOCKS for b in res.new_blocks)
-        assert res.reservation_id % 2 == k
+        assert res.reservation_id >> ID_BITS == k  # the store's slot
     pins = await router.execute([
         *(Commit(r.reservation.reservation_id) for r in replies),
         *(Pin(10 + k, c, chain_of(tokens), 8) for k, c in enumerate(convs))])
@@ -395,3 +395,18 @@ def test_replies_that_do_not_answer_the_ops_are_refused() -> None:
     for wrong in ([reserved], [pinned, reserved], [reserved, reserved]):
         with pytest.raises(ValueError, match=r"replies to|does not answer"):
             replies_from_proto(wrong, ops)
+
+
+def test_replies_with_ids_over_48_bits_are_refused() -> None:
+    """The router puts a store's slot above bit 48 of every id it hands the planner."""
+    ops = [Reserve(1, "c", chain_of([1]), 1), Pin(2, "c", chain_of([1]), 1)]
+    fits = [kvstore_pb2.BatchReply(reserved=kvstore_pb2.ReservedReply(
+                op_id=1, ok=True, reservation_id=(1 << ID_BITS) - 1)),
+            kvstore_pb2.BatchReply(pinned=kvstore_pb2.PinnedReply(op_id=2))]
+    replies_from_proto(fits, ops)
+    wide_reservation = kvstore_pb2.BatchReply(reserved=kvstore_pb2.ReservedReply(
+        op_id=1, ok=True, reservation_id=1 << ID_BITS))
+    wide_pin = kvstore_pb2.BatchReply(pinned=kvstore_pb2.PinnedReply(op_id=2, pin_id=1 << 60))
+    for replies in ([wide_reservation, fits[1]], [fits[0], wide_pin]):
+        with pytest.raises(ValueError, match="over 48 bits"):
+            replies_from_proto(replies, ops)

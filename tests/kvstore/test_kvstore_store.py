@@ -32,10 +32,11 @@ from common.kv.reuse_index import (
     UnknownReservation,
 )
 from common.shm.arena import SHM_DIR
-from services.kvstore.assemble import open_store, redis_clients
+from services.kvstore.assemble import open_store
 from services.kvstore.bulk import checksum
 from services.kvstore.config import StoreConfig
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
+from services.kvstore.redis_connect import redis_client
 from services.kvstore.redis_storage import Namespace, RedisIndexStorage
 from services.kvstore.store import KVStore
 from tests.support.redis_server import RedisServer
@@ -396,7 +397,7 @@ def test_clean_close_withdraws_the_chains(make_redis_store: StoreFactory, redis_
     store = make_redis_store("a")
     put(store, "c", list(range(8)), seed=1)
     ns = Namespace(FP, store.instance_id)
-    client, _ = redis_clients(redis_url)
+    client = redis_client(redis_url)
     assert client.exists(ns.chain("c")) and client.hexists(ns.registry, store.instance_id)
     store.close()
     assert not client.exists(ns.chain("c"))

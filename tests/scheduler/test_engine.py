@@ -127,7 +127,9 @@ class HeldHost:
 
     def __init__(self) -> None:
         self.index = ReuseIndex(fingerprint=FINGERPRINT, block_size=BS, num_blocks=256)
-        self.local = LocalHost(self.index)
+        self.local = LocalHost(self.index, ARENA)
+        self.arenas = self.local.arenas
+        self.rebase = self.local.rebase
         self.calls: list[tuple[HostOp, ...]] = []
         self.gate = asyncio.Event()
         self.gate.set()
@@ -180,7 +182,7 @@ async def rig() -> AsyncIterator[Rig]:
     executor, host = FakeExecutor(), HeldHost()
     engine = Engine(planner, executor, host, tokenizer=ByteTokenizer(),  # type: ignore[arg-type]
                     limits=EngineLimits(max_model_len=256, probe_s=3600),
-                    arena_names=[ARENA], on_health=on_health)
+                    on_health=on_health)
     await engine.start()
     yield Rig(engine, executor, host, plans, health, healthy)
     await engine.close(grace_s=1)

@@ -7,10 +7,20 @@ that holds more of the conversation.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from common.kv import host_ops
 from common.kv.block_hash import block_hashes
@@ -28,9 +38,10 @@ from common.kv.host_ops import (
     Unpin,
     unanswered,
 )
-from common.kv.reuse_index import Hit, ReuseIndex
+from common.kv.reuse_index import ID_BITS, Hit, ReuseIndex
 from services.scheduler.host_gateway import HostGateway, LocalHost
 from services.scheduler.host_router import (
+    LOCAL_MASK,
     HostRouter,
     RoutedStore,
     StoreAnswer,
@@ -155,7 +166,7 @@ def test_the_rule_spreads_evenly_and_moves_only_a_lost_instances_conversations()
 
 async def test_one_store_keeps_its_own_ids_and_answers_as_the_embedded_store() -> None:
     router, shared = make(["only"])
-    local: HostGateway = LocalHost(new_index())
+    local: HostGateway = LocalHost(new_index(), "arena-local")
     gateways: list[HostGateway] = [router, local]
     answers = []
     for gateway in gateways:
@@ -183,17 +194,17 @@ async def test_ids_and_blocks_are_global_and_ops_find_their_store() -> None:
     conv = conv_owned_by("kv-b", ids)
     res = (await put(router, conv)).reservation
     assert res.new_blocks and all(10 <= b < 20 for b in res.new_blocks)  # kv-b's arena
-    assert res.reservation_id % 2 == 1  # the instance index is in the id
-    assert shared["kv-b"].sent()[1] == Commit(res.reservation_id // 2)  # its local id
+    assert res.reservation_id >> ID_BITS == 1  # the store's slot is in the id
+    assert shared["kv-b"].sent()[1] == Commit(res.reservation_id & LOCAL_MASK)  # its own
     assert shared["kv-b"].index.lookup(conv, TOKENS).num_tokens == 10
     assert shared["kv-a"].index.lookup(conv, TOKENS).num_tokens == 0
     [pinned] = await router.execute([pin(7, conv)])
     assert pinned.hit == Hit(10, res.new_blocks) and pinned.pin.blocks == res.new_blocks
-    assert pinned.pin.pin_id % 2 == 1
+    assert pinned.pin.pin_id >> ID_BITS == 1
     assert shared["kv-b"].index.stats().pinned == 3
     assert await router.execute([Unpin(pinned.pin.pin_id), Unpin(NO_PIN)]) == []
     assert shared["kv-b"].index.stats().pinned == 0
-    assert shared["kv-b"].sent()[-1] == Unpin(pinned.pin.pin_id // 2)
+    assert shared["kv-b"].sent()[-1] == Unpin(pinned.pin.pin_id & LOCAL_MASK)
     assert shared["kv-a"].batches == []  # a pin never made: nothing to send
 
 
@@ -207,14 +218,14 @@ async def test_one_batch_per_store_in_order_and_replies_in_the_order_of_the_ops(
         store.batches.clear()
     ops: list[HostOp] = [
         reserve(1, on_a[0]), pin(2, on_b[0]), Release(on_a[1]), reserve(3, on_b[1]),
-        Abort(held.reservation_id + 2), pin(4, on_a[0]), Release(on_b[0]),
+        Abort(held.reservation_id + 1), pin(4, on_a[0]), Release(on_b[0]),
     ]
     replies = await router.execute(ops)
     assert [r.op_id for r in replies] == [1, 2, 3, 4]
     assert [len(s.batches) for s in shared.values()] == [1, 1]
     assert shared["kv-a"].batches[0] == [ops[0], ops[2], ops[5]]
-    assert shared["kv-b"].batches[0] == [ops[1], ops[3], Abort(held.reservation_id // 2 + 1),
-                                         ops[6]]
+    assert shared["kv-b"].batches[0] == [
+        ops[1], ops[3], Abort((held.reservation_id & LOCAL_MASK) + 1), ops[6]]
     assert replies[1].hit.blocks == held.new_blocks  # pinned before b's release took it
     assert replies[3].hit == MISS  # a's reservation is pending, not committed
     assert shared["kv-b"].index.lookup(on_b[0], TOKENS).num_tokens == 0
@@ -261,7 +272,7 @@ async def test_a_store_that_fails_is_left_out_then_probed_back() -> None:
     [fresh] = await router.execute([reserve(4, conv_owned_by("kv-b", ids, "fresh"))])
     assert all(b < 10 for b in fresh.reservation.new_blocks)  # b's new conversations go to a
     [again] = await router.execute([pin(5, conv), Commit(pending.reservation.reservation_id)])
-    assert again.hit == MISS and again.pin.pin_id % 2 == 0  # its old ones recompute, on a
+    assert again.hit == MISS and again.pin.pin_id >> ID_BITS == 0  # old ones recompute, on a
     assert len(shared["kv-b"].sent()) == sent  # nothing more was sent to the down store
     shared["kv-b"].reachable = True
     clock.now += 4.9
@@ -271,47 +282,57 @@ async def test_a_store_that_fails_is_left_out_then_probed_back() -> None:
     assert await router.probe_down() == []
     assert not router.degraded
     [later] = await router.execute([reserve(6, conv_owned_by("kv-b", ids, "later"))])
-    assert later.reservation.reservation_id % 2 == 1
+    assert later.reservation.reservation_id >> ID_BITS == 1
     [back] = await router.execute([pin(7, conv)])
     assert back.hit.num_tokens == 10  # its chains were never lost
 
 
-async def test_a_store_back_with_another_arena_stays_out_until_it_rejoins() -> None:
+async def test_a_store_back_with_another_arena_stays_out_until_it_is_replaced() -> None:
     ids = ["kv-a", "kv-b"]
     clock = Clock()
     router, shared = make(ids, clock=clock)
+    conv = conv_owned_by("kv-b", ids)
+    old = (await put(router, conv)).reservation
     shared["kv-b"].reachable = False
-    await router.execute([pin(1, conv_owned_by("kv-b", ids))])
+    await router.execute([pin(1, conv)])
     shared["kv-b"].reachable = True
     shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
     clock.now += 10
-    [(index, identity)] = await router.probe_down()  # to be mapped
+    [identity] = await router.probe_down()  # to be mapped
     assert identity == shared["kv-b"].identity_now
     [res] = await router.execute([reserve(2, conv_owned_by("kv-b", ids))])
     assert all(b < 10 for b in res.reservation.new_blocks) and router.degraded
-    router.rejoin(index, identity, 20)  # appended after a's and b's old arena
+    router.remove("kv-b")
+    router.add(RoutedStore(shared["kv-b"], identity, 20))  # after a's and b's old arena
     assert not router.degraded
     assert router.stores[1].identity == identity
+    assert router.arenas == ("arena-kv-a", "arena-kv-b-restarted")
     [res] = await router.execute([reserve(3, conv_owned_by("kv-b", ids, "new"))])
     assert all(20 <= b < 30 for b in res.reservation.new_blocks)
-    assert not router.rebase([0, 20])  # an executor restart that mapped them as before
-    assert router.rebase([0, 10])  # one that mapped them without the old arena between
+    assert res.reservation.reservation_id >> ID_BITS == 2  # a new slot
+    sent = len(shared["kv-b"].sent())
+    await router.execute([Commit(old.reservation_id)])  # the old arena's: dropped
+    assert len(shared["kv-b"].sent()) == sent
+    # An executor restart that mapped them as before, then one without the old arena.
+    assert not router.rebase({"arena-kv-a": 0, "arena-kv-b-restarted": 20})
+    assert router.rebase({"arena-kv-a": 0, "arena-kv-b-restarted": 10})
     [res] = await router.execute([reserve(4, conv_owned_by("kv-b", ids, "newer"))])
     assert all(10 <= b < 20 for b in res.reservation.new_blocks)
 
 
-async def test_an_arena_gone_at_an_executor_restart_takes_its_store_out_until_it_rejoins(
+async def test_an_arena_gone_at_an_executor_restart_takes_its_store_out_until_replaced(
 ) -> None:
     """The store restarted unnoticed: the restarted executor cannot map its old arena."""
     ids = ["kv-a", "kv-b"]
     router, shared = make(ids, clock=Clock())
     shared["kv-b"].identity_now = StoreIdentity("kv-b", "arena-kv-b-restarted")
-    assert router.rebase([0, None])  # its host block ids are stale
+    assert router.rebase({"arena-kv-a": 0, "arena-kv-b": None})  # its host ids are stale
     assert router.degraded
     [res] = await router.execute([reserve(1, conv_owned_by("kv-b", ids))])
     assert all(b < 10 for b in res.reservation.new_blocks)
-    [(index, identity)] = await router.probe_down()  # probed at once, not after retry_s
-    router.rejoin(index, identity, 10)
+    [identity] = await router.probe_down()  # probed at once, not after retry_s
+    router.remove("kv-b")
+    router.add(RoutedStore(shared["kv-b"], identity, 10))
     assert not router.degraded
 
 
@@ -340,3 +361,116 @@ def test_instance_ids_must_be_distinct() -> None:
     same = RoutedStore(store, StoreIdentity("kv-a", "x"), 0)
     with pytest.raises(ValueError, match="repeat"):
         HostRouter([same, same], fingerprint=FINGERPRINT, block_size=BLOCK_SIZE)
+
+
+async def test_a_store_that_joins_takes_its_share_and_one_that_leaves_is_forgotten() -> None:
+    router, shared = make(["kv-a"])
+    assert router.arenas == ("arena-kv-a",)
+    b = FakeStore("kv-b", 10, shared)
+    router.add(RoutedStore(b, b.identity_now, 10))
+    ids = ["kv-a", "kv-b"]
+    conv = conv_owned_by("kv-b", ids)
+    res = (await put(router, conv)).reservation
+    assert all(10 <= x < 20 for x in res.new_blocks) and res.reservation_id >> ID_BITS == 1
+    [pending] = await router.execute([reserve(2, conv_owned_by("kv-b", ids, "pending"))])
+    [pinned] = await router.execute([pin(3, conv)])
+    assert pinned.hit.num_tokens == 10
+    assert router.remove("kv-b").identity == b.identity_now
+    assert router.arenas == ("arena-kv-a",) and not router.degraded
+    sent = len(b.sent())
+    # Its ids are dropped; its conversations go to the others, and recompute there.
+    assert await router.execute([Unpin(pinned.pin.pin_id),
+                                 Commit(pending.reservation.reservation_id)]) == []
+    [again] = await router.execute([pin(4, conv)])
+    assert again.hit == MISS and again.pin.pin_id >> ID_BITS == 0
+    assert len(b.sent()) == sent
+    with pytest.raises(KeyError):
+        router.remove("kv-b")
+    c = FakeStore("kv-c", 10, shared)
+    router.add(RoutedStore(c, c.identity_now, 20))
+    [res] = await router.execute([reserve(5, conv_owned_by("kv-c", ["kv-a", "kv-c"]))])
+    assert res.reservation.reservation_id >> ID_BITS == 2  # slot 1 is never used again
+
+
+async def test_a_router_with_no_store_is_degraded_and_answers_nothing() -> None:
+    router = HostRouter(fingerprint=FINGERPRINT, block_size=BLOCK_SIZE)
+    assert router.degraded and router.arenas == ()
+    ops = [reserve(1, "c"), pin(2, "c"), Release("c")]
+    assert await router.execute(ops) == unanswered(ops)
+
+
+class MembershipMachine(RuleBasedStateMachine):
+    """Stores join and leave while conversations are put and pinned. Whatever the order,
+    a conversation held by a store that is in is found there, in that store's range of
+    global blocks, and ids carry their store's slot; one whose store left is a miss."""
+
+    STORE_BLOCKS = 400  # room for every conversation a run puts: nothing is evicted
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared: dict[str, FakeStore] = {}
+        self.router = HostRouter(fingerprint=FINGERPRINT, block_size=BLOCK_SIZE)
+        self.first: dict[str, int] = {}  # instance id -> first global block, while in
+        self.held: dict[str, str] = {}  # conversation -> the instance that committed it
+        self.slot: dict[str, int] = {}  # instance id -> its slot, in join order
+        self.next_block = 0
+
+    def _run(self, ops: list[HostOp]) -> list:
+        return asyncio.run(self.router.execute(ops))
+
+    @rule()
+    def join(self) -> None:
+        store = FakeStore(f"kv-{len(self.slot)}", self.STORE_BLOCKS, self.shared)
+        self.slot[store.instance_id] = len(self.slot)
+        self.router.add(RoutedStore(store, store.identity_now, self.next_block))
+        self.first[store.instance_id] = self.next_block
+        self.next_block += self.STORE_BLOCKS
+
+    @precondition(lambda self: self.first)
+    @rule(data=st.data())
+    def leave(self, data: st.DataObject) -> None:
+        instance_id = data.draw(st.sampled_from(sorted(self.first)))
+        self.router.remove(instance_id)
+        del self.first[instance_id]
+
+    @rule()
+    def put(self) -> None:
+        conv = f"conv-{len(self.held)}"
+        [res] = self._run([reserve(1, conv)])
+        if not self.first:
+            assert res.reservation is None
+            return
+        owner = rendezvous_owner(conv, sorted(self.first))
+        first = self.first[owner]
+        assert all(first <= b < first + self.STORE_BLOCKS for b in res.reservation.new_blocks)
+        self._run([Commit(res.reservation.reservation_id)])
+        self.held[conv] = owner
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def pin_and_unpin(self, data: st.DataObject) -> None:
+        conv = data.draw(st.sampled_from(sorted(self.held)))
+        holder = self.held[conv]
+        [pinned] = self._run([pin(1, conv)])
+        if holder in self.first:
+            first = self.first[holder]
+            assert pinned.hit.num_tokens == len(TOKENS)
+            assert pinned.pin.pin_id >> ID_BITS == self.slot[holder]
+            assert all(first <= b < first + self.STORE_BLOCKS for b in pinned.hit.blocks)
+        else:
+            assert pinned.hit == MISS
+        self._run([Unpin(pinned.pin.pin_id)])
+
+    @invariant()
+    def nothing_stays_pinned_and_the_arenas_are_those_in(self) -> None:
+        for instance_id in self.first:
+            assert self.shared[instance_id].index.stats().pinned == 0
+        assert self.router.arenas == tuple(f"arena-{i}" for i in self.first)
+        assert self.router.degraded == (not self.first)
+
+
+def test_membership_changes_keep_conversations_where_they_are() -> None:
+    run_state_machine_as_test(
+        MembershipMachine,
+        settings=settings(max_examples=60, stateful_step_count=40, deadline=None),
+    )
