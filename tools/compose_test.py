@@ -32,13 +32,14 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,12 +238,15 @@ def holders(compose: Compose, convs: Sequence[str]) -> dict[str, str]:
     return found
 
 
-def scheduler_attached(compose: Compose, stores: Iterable[str]) -> bool:
-    """Whether the scheduler's log tells that each of `stores` (instance ids) joined."""
+def scheduler_stores(compose: Compose) -> dict[str, str]:
+    """Each store the scheduler's log names, by instance id: "joined" or "left", whichever
+    it told last (services/scheduler/store_membership.py logs both)."""
     log = subprocess.run(["docker", "logs", compose.container("scheduler")], check=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
-    joined = [line for line in log.splitlines() if " joined" in line]
-    return all(any(f"KV store {store} " in line for line in joined) for store in stores)
+    last = {}
+    for match in re.finditer(r"KV store (\S+) at \S+ (joined|left)", log):
+        last[match[1]] = match[2]
+    return last
 
 
 async def until(what: str, done: Callable[[], Awaitable[bool]], bound_s: float) -> float:
@@ -287,8 +291,12 @@ async def scale_case(compose: Compose, reference: Sequence[int], bound_s: float
                 lambda: asyncio.to_thread(lambda: len(live_stores(compose)) == REPLICAS),
                 bound_s)
     stores = live_stores(compose)
-    await until("the scheduler attached every store",
-                lambda: asyncio.to_thread(scheduler_attached, compose, stores), bound_s)
+    def attached() -> bool:
+        joined = scheduler_stores(compose)
+        return all(joined.get(store) == "joined" for store in stores)
+
+    await until("the scheduler attached every store", lambda: asyncio.to_thread(attached),
+                bound_s)
     timings["scale up"] = time.monotonic() - started
     say(f"{REPLICAS} stores registered and attached {timings['scale up']:.1f} s later: "
         + ", ".join(f"{i} at {e['address']}" for i, e in sorted(stores.items()))
@@ -323,6 +331,8 @@ async def scale_case(compose: Compose, reference: Sequence[int], bound_s: float
 
         async def dropped() -> bool:
             if victim in await asyncio.to_thread(live_stores, compose):
+                return False
+            if (await asyncio.to_thread(scheduler_stores, compose)).get(victim) != "left":
                 return False
             return not (await client.stats()).kvstore_degraded
 

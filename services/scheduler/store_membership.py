@@ -215,3 +215,4 @@ class StoreMembership:
             if e.code() is not grpc.StatusCode.NOT_FOUND:
                 log.warning("could not unmap arena %s: %s", routed.arena, e.details())
         await link.channel.close()
+        log.info("KV store %s at %s left: arena %s", instance_id, link.address, routed.arena)
