@@ -1,11 +1,12 @@
 """Group commit of a Redis index's writes: one round trip carries every call made meanwhile.
 
 Store calls run on the event loop against the storage's mirror and leave their writes
-buffered; each then awaits `flush`, which returns once a round that started after the
-call's writes has landed (or raises IndexUnavailable if it failed). One round is in flight
-at a time, on an asyncio Redis client, so writes land in order; at N concurrent clients a
-round carries up to N calls' writes. (The service calls `flush` only after a call that
-wrote, or to rewrite an index that lags.)
+buffered. `flush` returns once every write buffered so far has landed, the round in flight
+included (or raises IndexUnavailable if one failed); `kick` starts a round and returns at
+once (a failed round leaves the index dirty, so the next call rewrites it first). One
+round is in flight at a time, on an asyncio Redis client, so writes land in order; at N
+concurrent clients a round carries up to N calls' writes. (The service flushes before a
+reply that hands out blocks, and kicks after any other call that wrote.)
 """
 
 from __future__ import annotations
@@ -30,18 +31,32 @@ class GroupCommit:
         self.storage = storage
         self.client = client
         self._next: asyncio.Future[None] | None = None  # the round now gathering writes
+        self._sending: asyncio.Future[None] | None = None  # the round in flight
         self._rounds: asyncio.Task[None] | None = None
         storage.deferred = True
 
     async def flush(self) -> None:
-        """Returns once the writes buffered so far are in Redis."""
+        """Returns once the writes buffered so far, and the round in flight, are in Redis.
+        Raises IndexUnavailable if they are not: Redis lags the mirror."""
+        round_ = self._start() or self._sending
+        if round_ is not None:
+            await asyncio.shield(round_)
+        if self.storage.dirty:
+            raise IndexUnavailable("Redis index unreachable; it is rewritten on recovery")
+
+    def kick(self) -> None:
+        """Starts landing the writes buffered so far, without waiting for them."""
+        self._start()
+
+    def _start(self) -> asyncio.Future[None] | None:
+        """The round that will carry the buffered writes; None if there are none."""
         if self._next is None:
             if not self.storage.has_writes:
-                return
+                return None
             self._next = asyncio.get_running_loop().create_future()
             if self._rounds is None:
                 self._rounds = asyncio.create_task(self._run())
-        await asyncio.shield(self._next)
+        return self._next
 
     async def close(self) -> None:
         """Lands what is buffered, then hands flushing back to the storage's callers."""
@@ -54,7 +69,8 @@ class GroupCommit:
     async def _run(self) -> None:
         try:
             while self._next is not None:
-                done, self._next = self._next, None
+                done = self._sending = self._next
+                self._next = None
                 writes = self.storage.take_writes()
                 if writes is None:
                     done.set_result(None)
@@ -69,7 +85,7 @@ class GroupCommit:
                     self.storage.settle(writes, landed=True)
                     done.set_result(None)
         finally:
-            self._rounds = None
+            self._rounds = self._sending = None
 
     async def _send(self, writes: Writes) -> None:
         """`RedisIndexStorage.send`, on the asyncio client."""

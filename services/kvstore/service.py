@@ -22,6 +22,7 @@ import grpc
 from common.auth import token_interceptors
 from common.grpc_serving import RefuseUndecodable, add_health_and_reflection, mark_serving
 from common.kv.extent import runs
+from common.kv.host_ops import Reserve
 from common.kv.reuse_index import (
     FingerprintMismatch,
     HostCapacityExhausted,
@@ -68,9 +69,15 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         self.store = store
         self._commit = commit
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Runs a store call, then lands its index writes (Redis); an index that lags after
-        a failed round is rewritten first, or the call raises IndexUnavailable."""
+    async def run(self, fn: Callable[..., T], *args: object, hands_out: bool = False) -> T:
+        """Runs a store call against a Redis index: an index that lags after a failed round
+        is rewritten first, or the call raises IndexUnavailable.
+
+        A reply that hands out blocks (`hands_out`: a Reserve) waits until every index
+        write staged before it has landed: the deletions among them are what stop a
+        restarted store from serving the blocks' old chains over their new bytes. Any
+        other call's writes land with the next round, unawaited: a chain or an LRU touch
+        that has not landed yet is only a miss for a peer or a restart."""
         if self._commit is None:
             return fn(*args)
         storage = self._commit.storage
@@ -80,13 +87,15 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         try:
             return fn(*args)
         finally:
-            if storage.staged != staged:
+            if hands_out:
                 await self._commit.flush()
+            elif storage.staged != staged:
+                self._commit.kick()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., T],
-                    *args: object) -> T:
+                    *args: object, hands_out: bool = False) -> T:
         try:
-            return await self.run(fn, *args)
+            return await self.run(fn, *args, hands_out=hands_out)
         except _MAPPED as e:
             code, prefix = next((c, p) for t, c, p in _STATUS if isinstance(e, t))
             message = e.args[0] if e.args else type(e).__name__
@@ -114,7 +123,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         )
 
     async def Reserve(self, request, context):
-        res = await self._call(context, self.store.reserve, *_tokens_args(request))
+        res = await self._call(context, self.store.reserve, *_tokens_args(request),
+                               hands_out=True)
         return kvstore_pb2.ReserveResponse(
             reservation_id=res.reservation_id,
             valid_tokens=res.valid_tokens,
@@ -149,7 +159,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             ops = ops_from_proto(request.ops)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        result = await self._call(context, self.store.execute, request.model_fingerprint, ops)
+        result = await self._call(context, self.store.execute, request.model_fingerprint, ops,
+                                  hands_out=any(isinstance(op, Reserve) for op in ops))
         return kvstore_pb2.BatchResponse(
             replies=replies_to_proto(result.replies, result.holders),
             instance_id=self.store.instance_id,

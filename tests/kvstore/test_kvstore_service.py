@@ -204,6 +204,11 @@ async def test_redis_outage_is_unavailable_and_the_store_recovers(
         res = await stub.Reserve(tokens_request("c", list(range(8))))
         await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
         server.stop()
+        # A reply that hands out blocks waits for the index; its failed round leaves the
+        # index behind, so every call fails until Redis is back.
+        await expect_status(
+            grpc.StatusCode.UNAVAILABLE, stub.Reserve(tokens_request("d", list(range(4))))
+        )
         await expect_status(
             grpc.StatusCode.UNAVAILABLE, stub.Lookup(tokens_request("c", list(range(8))))
         )
@@ -212,6 +217,28 @@ async def test_redis_outage_is_unavailable_and_the_store_recovers(
         assert hit.valid_tokens == 8
     finally:
         server.start()  # back for the module's other tests
+
+
+async def test_blocks_are_handed_out_only_once_their_old_chain_is_gone_from_redis(
+    start: Callable[..., object], redis_server: RedisServer
+) -> None:
+    """A release's write is not awaited, but the next Reserve waits for it: were it to
+    answer first, a store restarted before the write landed would serve the released
+    chain over the new reservation's bytes."""
+    stub = (await start(redis_url=redis_server.url)).stub
+    convs = [f"full-{i}" for i in range(NUM_BLOCKS - 1)]  # a block each
+    for conv in convs:
+        res = await stub.Reserve(tokens_request(conv, list(range(4))))
+        await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+    await stub.Reserve(tokens_request("flush", list(range(4))))  # the last block: lands them
+    index = redis.Redis(port=redis_server.port)
+    released = f"fastswitch:kv:{{{FP}:{convs[0]}}}"
+    assert index.keys(f"{released}*")
+    index.client_pause(300, all=False)  # writes stall for 0.3 s
+    await stub.Release(kvstore_pb2.ReleaseRequest(conversation_id=convs[0]))
+    res = await stub.Reserve(tokens_request("taker", list(range(4))))  # takes its block
+    assert res.new_extents
+    assert not index.keys(f"{released}*")
 
 
 def round_trips(server: RedisServer) -> int:
@@ -234,8 +261,10 @@ async def test_concurrent_calls_share_redis_round_trips(
     assert round_trips(redis_server) - before < len(convs)  # group-committed
     hits = await asyncio.gather(*(stub.Lookup(tokens_request(c, list(range(4)))) for c in convs))
     assert all(h.valid_tokens == 4 for h in hits)
+    await stub.Release(kvstore_pb2.ReleaseRequest(conversation_id=convs[0]))
+    await stub.Reserve(tokens_request("next", list(range(4))))  # waits for what came before
     keys = redis.Redis(port=redis_server.port).keys(f"fastswitch:kv:{{{FP}:c*")
-    assert len(keys) == len(convs)  # every commit landed before it answered
+    assert len(keys) == len(convs) - 1  # every commit, and the release, landed before it
 
 
 @pytest.mark.parametrize("index", ["redis_server", "redis_cluster"])
@@ -347,7 +376,10 @@ async def test_a_batch_pin_on_another_instance_names_the_holder(
     a, b = await start(redis_url=url), await start(redis_url=url)
     tokens = list(range(8))
     [reserved] = (await client_of(a).execute([Reserve(1, "c", chain_of(tokens), 8)])).replies
-    await client_of(a).execute([Commit(reserved.reservation.reservation_id)])
+    # The commit's write lands with a's next round, which a reply handing out blocks
+    # waits for.
+    await client_of(a).execute([Commit(reserved.reservation.reservation_id),
+                                Reserve(3, "d", chain_of(tokens), 8)])
     answer = await client_of(b).execute([Pin(2, "c", chain_of(tokens), 8)])
     [pinned] = answer.replies
     assert pinned.hit == MISS  # b holds none of it itself
