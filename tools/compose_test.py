@@ -5,14 +5,22 @@ Steps, each printed as it goes:
      args PYTHON_IMAGE and TORCH_INDEX_CPU taken from the environment when set;
   2. `docker-compose up` of redis, executor, kvstore and scheduler under a project name of
      its own, on ephemeral host ports, with API keys (a key file written to a folder of its
-     own, mounted as the secrets folder, and FASTSWITCH_INSECURE=0), and a wait until the
+     own, mounted as the secrets folder, and FASTSWITCH_INSECURE=0), without the scheduler's
+     device prefix cache (so that a Chat turn's reuse is a store's), and a wait until the
      scheduler is healthy;
   3. the checks: a call without a key is refused (UNAUTHENTICATED), a greedy Generate (its
      tokens are the reference for later rounds), a two-turn Chat whose second turn reuses
      host KV (reused_prompt_tokens > 0), and concurrent Generates of three tenants;
   4. for executor, kvstore, scheduler and redis in turn: `docker restart`, then the checks
      again, which must pass within --bound seconds of the restart;
-  5. `docker-compose down -v`, and a check that no container, volume or network of the
+  5. the scale case: `up --scale kvstore=3`, a wait until Redis's registry lists three live
+     stores and the scheduler has attached them, multi-turn Chats that must spread over at
+     least two replicas (their chain keys in Redis name the instance), `docker stop` of the
+     replica holding most of them, a check that the scheduler drops it (kvstore_degraded
+     clears) and that every conversation's next turn gives the tokens of a twin
+     conversation run before the stop, recomputed on the stopped store's, reusing KV on the
+     others'; then a scale back to one store and the checks again;
+  6. `docker-compose down -v`, and a check that no container, volume or network of the
      project is left.
 Exits 0 when all of it passed. Needs Docker and docker-compose (v1); on machines without
 a registry, run ../shared/tools/docker-sandbox.sh first and export what it prints.
@@ -22,19 +30,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.auth import SCOPE
 from common.client import FastSwitchClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +55,9 @@ SERVICES = ("executor", "kvstore", "scheduler", "redis")
 PROMPT = "the quick brown fox jumps over the lazy dog"
 HOST_PORTS = [f"FASTSWITCH_HOST_PORT_{s}{m}" for s in ("SCHEDULER", "EXECUTOR", "KVSTORE", "HTTP")
               for m in ("", "_METRICS")]
+REPLICAS = 3  # of the KV store, in the scale case
+SCALE_CONVS = 6  # conversations of the scale case, each with a twin run before the stop
+KEY_ROOT = "fastswitch:kv"  # services/kvstore/redis_storage.py's layout
 _started = time.monotonic()
 TENANTS = ("ct", "ct-0", "ct-1", "ct-2")
 KEYS = {tenant: secrets.token_hex(16) for tenant in TENANTS}
@@ -66,6 +81,8 @@ class Compose:
             "FASTSWITCH_SECRETS_DIR": secrets_dir,
             "FASTSWITCH_API_KEYS_FILE": "/secrets/api-keys",
             "FASTSWITCH_INSECURE": "0",
+            # Without the device prefix cache, a Chat turn's reuse comes from a store.
+            "FASTSWITCH_SWITCHES": "-device_cache",
         }
 
     def run(self, *args: str, capture: bool = False) -> str:
@@ -76,6 +93,15 @@ class Compose:
 
     def container(self, service: str) -> str:
         return self.run("ps", "-q", service, capture=True)
+
+    def containers(self, service: str) -> list[str]:
+        """The running containers' full ids."""
+        return self.container(service).split()
+
+    def redis(self, *args: str) -> list[str]:
+        """redis-cli in the redis container, its raw output by line."""
+        return self.run("exec", "-T", "redis", "redis-cli", "--raw", *args,
+                        capture=True).splitlines()
 
     def scheduler_address(self) -> str:
         port = self.run("port", "scheduler", "50051", capture=True).rsplit(":", 1)[1]
@@ -165,7 +191,9 @@ async def recover(compose: Compose, reference: Sequence[int], tag: str, bound_s:
                      f"({problem})")
 
 
-async def scenario(compose: Compose, bound_s: float, start_s: float) -> dict[str, float]:
+async def scenario(compose: Compose, bound_s: float, start_s: float
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """The restart round's recovery times, and the scale case's timings."""
     compose.run("up", "-d", "--no-build")
     say("stack started; waiting for the scheduler to be ready")
     deadline = time.monotonic() + start_s
@@ -182,7 +210,152 @@ async def scenario(compose: Compose, bound_s: float, start_s: float) -> dict[str
         subprocess.run(["docker", "restart", container], check=True, capture_output=True)
         recovered[service] = await recover(compose, reference, f"after-{service}", bound_s)
         say(f"{service} restarted: serving correctly again {recovered[service]:.1f} s later")
-    return recovered
+    return recovered, await scale_case(compose, reference, bound_s)
+
+
+def live_stores(compose: Compose) -> dict[str, dict[str, object]]:
+    """The registry's serving entries (an address, a lease that holds), by instance id."""
+    now = time.time()
+    live = {}
+    for key in compose.redis("--scan", "--pattern", f"{KEY_ROOT}:{{*}}:instances"):
+        flat = compose.redis("HGETALL", key)
+        for instance, value in zip(flat[::2], flat[1::2], strict=True):
+            entry = json.loads(value)
+            if entry["address"] and entry["lease_until"] > now:
+                live[instance] = entry
+    return live
+
+
+def holders(compose: Compose, convs: Sequence[str]) -> dict[str, str]:
+    """The instance whose chain key holds each of `convs`, for those that have one."""
+    found = {}
+    for key in compose.redis("--scan", "--pattern", f"{KEY_ROOT}:{{*}}:*"):
+        head, sep, instance = key.rpartition("}:")
+        scoped = head.removeprefix(f"{KEY_ROOT}:{{").partition(":")[2]  # after the fingerprint
+        name = scoped.rpartition(SCOPE)[2]
+        if sep and name in convs:
+            found[name] = instance
+    return found
+
+
+def scheduler_stores(compose: Compose) -> dict[str, str]:
+    """Each store the scheduler's log names, by instance id: "joined" or "left", whichever
+    it told last (services/scheduler/store_membership.py logs both)."""
+    log = subprocess.run(["docker", "logs", compose.container("scheduler")], check=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+    last = {}
+    for match in re.finditer(r"KV store (\S+) at \S+ (joined|left)", log):
+        last[match[1]] = match[2]
+    return last
+
+
+async def until(what: str, done: Callable[[], Awaitable[bool]], bound_s: float) -> float:
+    """Seconds until `done()` holds; fails past `bound_s`."""
+    started = time.monotonic()
+    while not await done():
+        if time.monotonic() - started > bound_s:
+            raise SystemExit(f"scale case: {what}, not within {bound_s:.0f} s")
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    tokens: list[int]
+    reused: int  # prompt tokens whose KV came from a store
+
+
+async def turn(client: FastSwitchClient, conv: str, message: str) -> Turn:
+    reply = await client.chat(conv, message, max_tokens=12).collect()
+    assert reply.final is not None and reply.final.completion_tokens > 0, f"{conv}: empty turn"
+    return Turn([t.id for t in reply.tokens], reply.final.reused_prompt_tokens)
+
+
+async def turns(client: FastSwitchClient, convs: Sequence[str], message: str
+                ) -> dict[str, Turn]:
+    """One turn of every conversation, concurrently; `message` may name {i}, its index."""
+    replies = await asyncio.gather(*[turn(client, c, message.format(i=c.rsplit("-", 1)[1]))
+                                     for c in convs])
+    return dict(zip(convs, replies, strict=True))
+
+
+async def scale_case(compose: Compose, reference: Sequence[int], bound_s: float
+                     ) -> dict[str, float]:
+    """Conversations spread over REPLICAS stores and survive one of them stopping."""
+    timings: dict[str, float] = {}
+    say(f"docker-compose up --scale kvstore={REPLICAS}")
+    started = time.monotonic()
+    compose.run("up", "-d", "--no-build", "--no-recreate", "--no-deps", "--scale",
+                f"kvstore={REPLICAS}", "kvstore")
+    await until(f"{REPLICAS} live stores in the registry",
+                lambda: asyncio.to_thread(lambda: len(live_stores(compose)) == REPLICAS),
+                bound_s)
+    stores = live_stores(compose)
+    def attached() -> bool:
+        joined = scheduler_stores(compose)
+        return all(joined.get(store) == "joined" for store in stores)
+
+    await until("the scheduler attached every store", lambda: asyncio.to_thread(attached),
+                bound_s)
+    timings["scale up"] = time.monotonic() - started
+    say(f"{REPLICAS} stores registered and attached {timings['scale up']:.1f} s later: "
+        + ", ".join(f"{i} at {e['address']}" for i, e in sorted(stores.items()))
+        + f" ({next(iter(stores.values()))['block_bytes']} B blocks)")
+    convs = [f"scale-a-{i}" for i in range(SCALE_CONVS)]
+    twins = [f"scale-b-{i}" for i in range(SCALE_CONVS)]
+    first, second, third = ("tell me about block groups and swaps, part {i}. " * 3,
+                            "and then?", "why is that, {i}?")
+    address = compose.scheduler_address()
+    async with FastSwitchClient(address, api_key=KEYS["ct"]) as client:
+        before = {}
+        for message in (first, second):
+            before = await turns(client, [*convs, *twins], message)
+            for conv, twin in zip(convs, twins, strict=True):
+                assert before[conv].tokens == before[twin].tokens, \
+                    f"{conv} and its twin answered apart"
+        expected = await turns(client, twins, third)
+        every = [*convs, *twins]
+        await until("every conversation's chain is in Redis",
+                    lambda: asyncio.to_thread(lambda: len(holders(compose, every)) == len(every)),
+                    bound_s)
+        held = holders(compose, every)
+        spread = {i: sorted(c for c, h in held.items() if h == i) for i in set(held.values())}
+        say("conversations per store: " + ", ".join(f"{i} {len(c)}" for i, c in spread.items()))
+        assert len(spread) >= 2, f"every conversation is on one store: {spread}"
+        victim = max(spread, key=lambda i: sum(c in convs for c in spread[i]))
+        moved = [c for c in convs if held[c] == victim]
+        container = next(c for c in compose.containers("kvstore") if victim.startswith(c[:12]))
+        say(f"docker stop {victim} (holds {len(moved)} of the {len(convs)} conversations)")
+        started = time.monotonic()
+        subprocess.run(["docker", "stop", container], check=True, capture_output=True)
+
+        async def dropped() -> bool:
+            if victim in await asyncio.to_thread(live_stores, compose):
+                return False
+            if (await asyncio.to_thread(scheduler_stores, compose)).get(victim) != "left":
+                return False
+            return not (await client.stats()).kvstore_degraded
+
+        await until(f"the scheduler dropped {victim}", dropped, bound_s)
+        timings["stop"] = time.monotonic() - started
+        say(f"{victim} left the registry and the scheduler, {timings['stop']:.1f} s after "
+            "the stop")
+        after = await turns(client, convs, third)
+        for conv, twin in zip(convs, twins, strict=True):
+            assert after[conv].tokens == expected[twin].tokens, \
+                f"{conv}: its turn after the stop differs from its twin's"
+            if conv in moved:
+                assert after[conv].reused == 0, f"{conv} reused KV its stopped store held"
+            else:
+                assert after[conv].reused > 0, f"{conv} lost the KV of a store still running"
+        say(f"every conversation answered as its twin did: the {len(moved)} on the stopped "
+            "store recomputed, the others reused their KV")
+    say("docker-compose up --scale kvstore=1")
+    compose.run("up", "-d", "--no-build", "--no-recreate", "--no-deps", "--scale",
+                "kvstore=1", "kvstore")
+    timings["scale down"] = await recover(compose, reference, "after-scale-down", bound_s)
+    say(f"back to one store: serving correctly again {timings['scale down']:.1f} s later")
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     keys.chmod(0o644)
     compose = Compose(args.project, args.image, secrets_dir)
     try:
-        recovered = asyncio.run(scenario(compose, args.bound, args.start_timeout))
+        recovered, scaled = asyncio.run(scenario(compose, args.bound, args.start_timeout))
     except BaseException:
         say("failed; the services' last log lines:")
         subprocess.run(["docker-compose", "-p", compose.project, "logs", "--tail", "30"],
@@ -220,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             raise SystemExit(f"left behind after down -v: {', '.join(left)}")
     summary = ", ".join(f"{s} {t:.1f} s" for s, t in recovered.items())
-    say(f"passed; recovery after restart: {summary} (bound {args.bound:.0f} s)")
+    say(f"passed; recovery after restart: {summary} (bound {args.bound:.0f} s); scale case: "
+        + ", ".join(f"{step} {t:.1f} s" for step, t in scaled.items()))
     return 0
 
 

@@ -191,8 +191,6 @@ class HostRouter:
         inst.store.client.on_unreachable = None
         for conv in [c for c, holder in self._holders.items() if holder is inst]:
             del self._holders[conv]
-        log.info("KV store %s left (arena %s): its conversations move to the others",
-                 instance_id, inst.store.arena)
         return inst.store
 
     @property

@@ -223,3 +223,5 @@ class StoreMembership:
                 log.warning("could not unmap arena %s: %s", routed.arena, e.details())
         link.mapped.close()
         await link.channel.close()
+        log.info("KV store %s at %s left: arena %s unmapped; its conversations move to the "
+                 "others", instance_id, link.address, routed.arena)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ def health_target(service: dict[str, Any]) -> tuple[str, int]:
 
 
 APP_NAMES = [name for name, _ in app_services()]
+KVSTORES = [n for n in APP_NAMES if module_of(SERVICES[n]) == "services.kvstore"]
 
 
 def test_compose_has_the_four_services_and_a_gpu_profile() -> None:
@@ -169,7 +171,12 @@ def test_addresses_name_compose_services_on_their_ports(
     addresses = [(k, m) for k, v in settings.items() if isinstance(v, str)
                  for part in v.split(",") if (m := ADDRESS.match(part))]  # lists: a,b
     reached = {match["host"] for _, match in addresses}
-    assert reached == set(SERVICES[name].get("depends_on", {})), "waits for what it calls"
+    depends = set(SERVICES[name].get("depends_on", {}))
+    # The stores a service finds in a Redis registry it watches (--kvstore redis://...).
+    registries = {v for v in settings.values() if isinstance(v, str) and v.startswith("redis")}
+    discovered = {d for d in depends - reached if d in KVSTORES
+                  and parse_flags(d, monkeypatch)[0]["redis_url"] in registries}
+    assert reached | discovered == depends, "waits for what it calls"
     for key, match in addresses:
         target = match["host"]
         assert target in SERVICES, f"{name}.{key} names no service: {match.string}"
@@ -187,7 +194,6 @@ def test_dependencies_wait_for_health(name: str) -> None:
             SERVICES[name].get("profiles", [])), f"{name} needs {dependency} in its profiles"
 
 
-KVSTORES = [n for n in APP_NAMES if module_of(SERVICES[n]) == "services.kvstore"]
 
 
 def shm_volume(service: dict[str, Any]) -> str | None:
@@ -214,6 +220,17 @@ def test_kvstore_shares_a_tmpfs_dev_shm_with_the_executor_it_reads_geometry_from
     options = COMPOSE["volumes"][volume]["driver_opts"]
     assert options["type"] == "tmpfs" and "size=" in interpolate(options["o"])
     assert settings["redis_url"], "scaled-out stores share a Redis index"
+
+
+@pytest.mark.parametrize("name", KVSTORES)
+def test_kvstore_scales_out(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--scale kvstore=N`: no host port, container name or hostname of its own, and no
+    instance id or arena name shared by the replicas: the id is each one's hostname's."""
+    service = SERVICES[name]
+    assert not {"ports", "container_name", "hostname"} & service.keys()
+    settings, _ = parse_flags(name, monkeypatch)
+    assert settings["instance_id"] == f"{socket.gethostname()}-{settings['port']}"
+    assert settings["instance_id"] in settings["arena_name"]
 
 
 @pytest.mark.parametrize("name", list(SERVICES))

@@ -216,7 +216,7 @@ async def test_a_remote_store_that_restarts_is_used_again_through_its_mirror(
         cold = await turn(child.address, "cold-after", history)
     finally:
         assert stack.stop_child(child) == 0
-    assert " left (arena " in scheduler_log(stack)  # replaced, with a new mirror
+    assert " left: arena " in scheduler_log(stack)  # replaced, with a new mirror
     assert warm.final.reused_prompt_tokens >= 32 and warm.final.bytes_swapped > 0
     assert ids_of(warm) == ids_of(cold)
 
