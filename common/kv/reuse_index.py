@@ -20,8 +20,8 @@ Chains are kept by an `IndexStorage` (in memory here; Redis in the KV store), so
 is shared and the storage can outlive this process. Pins and reservations are local.
 
 Reservation and pin ids are random, nonzero and below 2**ID_BITS: unguessable by another
-caller of a store, and small enough that the scheduler's HostRouter, which numbers them
-`local * n + i` over n stores, stays within uint64 for up to 2**(64 - ID_BITS) stores.
+caller of a store, and small enough that the scheduler's HostRouter, which puts a store's
+slot above them (`slot << ID_BITS | local`), stays within uint64 for 2**(64 - ID_BITS) stores.
 """
 
 from __future__ import annotations

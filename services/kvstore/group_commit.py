@@ -12,6 +12,7 @@ reply that hands out blocks, and kicks after any other call that wrote.)
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import redis
 
@@ -24,6 +25,8 @@ from services.kvstore.redis_storage import (
     is_cluster,
     queue,
 )
+
+log = logging.getLogger("fastswitch.kvstore")
 
 
 class GroupCommit:
@@ -77,15 +80,23 @@ class GroupCommit:
                     continue
                 try:
                     await self._send(writes)
-                except redis.RedisError as e:
+                except BaseException as e:  # whatever it was, what it carried may not be in
                     self.storage.settle(writes, landed=False)
-                    done.set_exception(IndexUnavailable(f"Redis index unreachable: {e}"))
+                    done.set_exception(IndexUnavailable(f"Redis index unreachable: {e!r}"))
                     done.exception()  # retrieved: a round nobody awaits any more is no error
+                    if not isinstance(e, Exception):
+                        raise  # cancelled
+                    if not isinstance(e, redis.RedisError):
+                        log.exception("a Redis index round failed; the index is rewritten")
                 else:
                     self.storage.settle(writes, landed=True)
                     done.set_result(None)
         finally:
             self._rounds = self._sending = None
+            if self._next is not None:  # the loop ended early: no round will carry it
+                self._next.set_exception(IndexUnavailable("the index's rounds stopped"))
+                self._next.exception()
+                self._next = None
 
     async def _send(self, writes: Writes) -> None:
         """`RedisIndexStorage.send`, on the asyncio client."""

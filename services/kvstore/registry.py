@@ -47,8 +47,15 @@ class InstanceEntry:
 
 
 def parse_entries(raw: Mapping[bytes, bytes]) -> dict[str, InstanceEntry]:
-    """The registry hash's entries by instance id."""
-    return {k.decode(): InstanceEntry(**json.loads(v)) for k, v in raw.items()}
+    """The registry hash's entries by instance id; one that does not parse (another
+    version's, say) is left out, as if its instance were not registered."""
+    entries = {}
+    for key, value in raw.items():
+        try:
+            entries[key.decode()] = InstanceEntry(**json.loads(value))
+        except (ValueError, TypeError):
+            continue
+    return entries
 
 
 class InstanceRegistry:

@@ -281,9 +281,14 @@ class StoreServer:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _reap(self) -> None:
+        """Expires leases forever; while the Redis index is behind, the expiries wait."""
         while True:
             await asyncio.sleep(self._reap_interval)
-            await self.servicer.run(self.store.expire_leases)
+            try:
+                await self.servicer.run(self.store.expire_leases)
+            except IndexUnavailable as e:
+                log.warning("lease expiry waits for the index (retried in %.1f s): %s",
+                            self._reap_interval, e)
 
 
 def _tokens_args(request: kvstore_pb2.TokensRequest) -> tuple[str, str, list[int]]:

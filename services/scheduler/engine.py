@@ -420,11 +420,11 @@ class Engine:
             if tracked is not None:
                 tracked.stream.fail(grpc.StatusCode.UNAVAILABLE, message)
         give_up = time.monotonic() + self.limits.outage_wait_s
-        while (firsts := await self._reconnect()) is None:
+        while (moved := await self._reconnect()) is None:
             if self._tracked and time.monotonic() >= give_up:
                 await self._fail_all(message)
             await asyncio.sleep(0.5)
-        if self.host.rebase(firsts):
+        if moved:
             await self._fail_all("the executor mapped the host arenas at other block ids")
         log.warning("executor is back; %d request(s) failed, the rest continue", len(failed))
         self.executor_ok = True
@@ -453,20 +453,20 @@ class Engine:
                 tracked.stream.fail(grpc.StatusCode.INTERNAL, message)
         self._wake.set()
 
-    async def _reconnect(self) -> dict[str, int | None] | None:
-        """Re-attaches the host arenas and the swap event stream: the arenas' first host
-        blocks, or None if it can't yet."""
+    async def _reconnect(self) -> bool | None:
+        """Re-attaches the host arenas and the swap event stream: True if the arenas
+        landed at other host block ids, None if it can't yet."""
         try:
             await self.executor.Describe(ex.DescribeRequest(), timeout=2)
-            firsts = {name: await self._reattach(name) for name in self.host.arenas}
+            moved = await self.host.remap(self._reattach)
             await asyncio.wait_for(self._subscribe_swap_events(), timeout=10)
         except (grpc.aio.AioRpcError, TimeoutError):
             return None
-        return firsts
+        return moved
 
     async def _reattach(self, name: str) -> int | None:
         """The arena's first host block; None if it is gone (its KV store restarted with a
-        new arena, which `host.rebase` hears of, so that the store is replaced)."""
+        new arena, which `host.remap` hears of, so that the store is replaced)."""
         try:
             attached = await self.executor.AttachHostArena(
                 ex.AttachHostArenaRequest(name=name), timeout=10)

@@ -8,7 +8,7 @@ an index in this process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from common.kv import host_ops
@@ -25,9 +25,10 @@ class HostGateway(Protocol):
     def arenas(self) -> Sequence[str]:
         """The host arenas the executor maps for this gateway, in attach order."""
 
-    def rebase(self, first_blocks: Mapping[str, int | None]) -> bool:
-        """Follows a restarted executor that mapped the arenas (by name) at these first
-        blocks (None: gone); True if any moved, which makes every host block id held stale."""
+    async def remap(self, attach: Callable[[str], Awaitable[int | None]]) -> bool:
+        """Has a restarted executor map the arenas again, with `attach` (an arena's first
+        block there; None: it is gone), and follows where they landed; True if any moved,
+        which makes every host block id held stale."""
 
     async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]: ...
 
@@ -42,8 +43,8 @@ class LocalHost:
         self.index = index
         self.arenas = (arena,)
 
-    def rebase(self, first_blocks: Mapping[str, int | None]) -> bool:
-        return any(first != 0 for first in first_blocks.values())
+    async def remap(self, attach: Callable[[str], Awaitable[int | None]]) -> bool:
+        return await attach(self.arenas[0]) != 0
 
     async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]:
         return host_ops.apply(self.index, ops)

@@ -38,7 +38,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -157,6 +157,8 @@ class HostRouter:
         # holder only costs a Pin's redirect (or, without Redis, one cold turn).
         self._holders: OrderedDict[str, _Instance] = OrderedDict()
         self._max_holders = max_holders
+        # Held by whoever changes the membership (StoreMembership) and across `remap`.
+        self.lock = asyncio.Lock()
         for store in stores:
             self.add(store)
 
@@ -252,6 +254,8 @@ class HostRouter:
         """The store's replies in global ids and blocks; remembers who holds what."""
         if answer.answered_by is None:
             return answer.replies
+        if self._by_slot.get(inst.slot) is not inst:
+            return unanswered(batch)  # it left while the batch was out: forget its answer
         if answer.answered_by != inst.store.identity:
             self._mark_down(inst, f"answered from arena {answer.answered_by.arena_name}, not "
                                   f"the mapped {inst.store.identity.arena_name}")
@@ -291,7 +295,8 @@ class HostRouter:
     def _route(self, conv: str) -> _Instance | None:
         """The conversation's holder if it is up, else its rendezvous owner among the live."""
         holder = self._holders.get(conv)
-        if holder is not None and holder.retry_at is None:
+        if holder is not None and holder.retry_at is None and \
+                self._by_id.get(holder.instance_id) is holder:
             self._holders.move_to_end(conv)
             return holder
         live = self._live()
@@ -309,6 +314,12 @@ class HostRouter:
         identities = await asyncio.gather(*(inst.store.client.identity() for inst in due))
         return [identity for inst, identity in zip(due, identities, strict=True)
                 if self._probed(inst, identity) and identity is not None]
+
+    async def remap(self, attach: Callable[[str], Awaitable[int | None]]) -> bool:
+        """`rebase` after `attach` (an executor's AttachHostArena: the first block, None if
+        the arena is gone) of every store's arena, with no membership change between."""
+        async with self.lock:
+            return self.rebase({name: await attach(name) for name in self.arenas})
 
     def rebase(self, first_blocks: Mapping[str, int | None]) -> bool:
         """Follows a restarted executor that mapped the stores' arenas (by name) at these

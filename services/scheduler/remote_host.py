@@ -5,11 +5,13 @@
 token ids. A store that fails (any status, or replies that do not answer the ops) degrades
 preemption to recompute instead of failing requests: the batch is answered `unanswered`
 (no room, nothing pinned). One that cannot be reached at all (unavailable, or past the
-deadline) also calls `on_unreachable`. A failing store is logged once, until it answers.
+deadline) also calls `on_unreachable`; one whose channel was closed (it left) answers
+`unanswered` too. A failing store is logged once, until it answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
@@ -48,6 +50,12 @@ class RemoteHostKV:
         try:
             response = await self._stub.Batch(request, timeout=self._timeout)
             replies, holders = replies_from_proto(response.replies, ops)
+        except (asyncio.CancelledError, grpc.aio.UsageError) as e:
+            task = asyncio.current_task()
+            if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise  # this call itself is being cancelled
+            self._failed("its channel closed: the store left")  # the call, not us, was
+            return StoreAnswer(unanswered(ops), {}, None)
         except grpc.aio.AioRpcError as e:
             self._failed(f"{e.code().name}: {e.details()}")
             if e.code() in _UNREACHABLE and self.on_unreachable is not None:

@@ -3,17 +3,21 @@
 The driver side of `HostRouter`'s membership. `join` connects to a store, checks its blocks
 and model against the executor's, has the executor map its arena (or, for a store on
 another host, a local mirror of it: `remote_tier`) and adds it to the router; `leave`
-removes a store and has the executor unmap its arena (swaps in flight finish first; later
-ones into it are refused, and their requests recompute); `restarted` replaces a store that
-came back with a new arena (leave, then join at the same address). Changes run one at a
-time.
+removes a store, lets its batches in flight end, and has the executor unmap its arena
+(swaps in flight finish first; later ones into it are refused, and their requests
+recompute), retrying an unmap the executor could not take; `restarted` replaces a store
+that came back with a new arena: the new one is mapped first, and only then does the old
+one leave, so a store that cannot be mapped yet stays down and is tried again. Changes
+hold the router's lock, which the engine's remap after an executor restart holds too.
 
 Stores come from a fixed address list (`--kvstore a,b`), joined at start and kept: a store
 that stops is down and probed (`probe`), never removed. Or from the Redis registry the
 stores share (`--kvstore redis://...`): `watch` reads it every `poll_s`; an entry serving
-at an address joins, one that is gone, has stopped serving or whose lease ran out leaves,
-and one with a new arena or address is replaced. A Redis that does not answer changes
-nothing: the stores known stay, down or up as they answer.
+at an address joins (if the store there is the one the entry names), one that is gone
+leaves, one with a new arena or address is replaced, and one whose lease ran out leaves
+unless the store still answers with its arena (its heartbeats may only have missed an
+unreachable Redis). A Redis that does not answer changes nothing: the stores known stay,
+down or up as they answer. The background loops log what fails and go on.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import redis
@@ -38,6 +43,7 @@ from services.scheduler.remote_host import RemoteHostKV
 from services.scheduler.remote_tier import MappedStore, Transport, map_store
 
 log = logging.getLogger("fastswitch.scheduler.kvstore")
+T = TypeVar("T")
 
 
 class StoreRefused(Exception):
@@ -50,6 +56,7 @@ class _Link:
     channel: grpc.aio.Channel
     index_backend: str  # "memory" or "redis"
     mapped: MappedStore
+    num_blocks: int
 
 
 class StoreMembership:
@@ -73,13 +80,8 @@ class StoreMembership:
         self._call_timeout_s = call_timeout_s
         self._transport = transport
         self._links: dict[str, _Link] = {}  # by instance id
-        self._lock = asyncio.Lock()
         self._failing: dict[str, str] = {}  # address -> why it last failed to join
-
-    @property
-    def addresses(self) -> dict[str, str]:
-        """The address of each store in, by instance id."""
-        return {i: link.address for i, link in self._links.items()}
+        self._unmapped_late: set[str] = set()  # arenas of stores gone, still to unmap
 
     @property
     def backends(self) -> set[str]:
@@ -90,50 +92,64 @@ class StoreMembership:
         """Adds the store at `address`; `wait_s` > 0 waits that long for one still starting.
         Raises StoreRefused, or grpc.aio.AioRpcError if it (or the executor) does not
         answer; then nothing changed."""
-        async with self._lock:
-            return await self._join(address, wait_s)
+        async with self.router.lock:
+            return await self._admit(*await self._connect(address, wait_s))
 
     async def leave(self, instance_id: str) -> None:
-        async with self._lock:
+        async with self.router.lock:
             await self._leave(instance_id)
 
     async def restarted(self, identity: StoreIdentity) -> None:
-        """The store came back with the arena `identity` names: it is replaced."""
-        async with self._lock:
+        """The store came back with the arena `identity` names: it is replaced, once the
+        new arena is mapped (until then it stays down, and `probe` names it again)."""
+        async with self.router.lock:
             link = self._links.get(identity.instance_id)
             if link is None or self._identity(identity.instance_id) == identity:
                 return  # already replaced, or gone
-            await self._leave(identity.instance_id)
-            await self._join_logged(link.address)
+            connected = await self._logged(link.address, self._connect(
+                link.address, 0.0, replacing=identity.instance_id))
+            if connected is not None:
+                await self._leave(identity.instance_id)
+                await self._logged(link.address, self._admit(*connected))
 
     async def sync(self, entries: Mapping[str, InstanceEntry], now: float) -> None:
-        """Makes the stores in those of `entries` serving at `now` (a registry's)."""
-        serving = {i: e for i, e in entries.items() if e.serving(now)}
-        async with self._lock:
-            for instance_id, link in list(self._links.items()):
-                entry = serving.get(instance_id)
-                identity = self._identity(instance_id)
-                if entry is None or entry.address != link.address or (
-                        identity is not None and entry.arena_name != identity.arena_name):
+        """Makes the stores in those that `entries` (a registry's) list as serving at
+        `now`; see the module's docstring."""
+        async with self.router.lock:
+            for instance_id in list(self._links):
+                if await self._gone(instance_id, entries.get(instance_id), now):
                     await self._leave(instance_id)
-            for instance_id, entry in serving.items():
-                if instance_id not in self._links:
-                    await self._join_logged(entry.address)
+            for instance_id, entry in entries.items():
+                if entry.serving(now) and instance_id not in self._links:
+                    await self._logged(entry.address, self._join_as(instance_id, entry.address))
 
     async def probe(self) -> None:
         """Forever: probes down stores, so that one which answers again is used with no
-        request's help, and replaces one that answers with a new arena."""
+        request's help; replaces one that answers with a new arena; retries unmaps."""
         while True:
             await asyncio.sleep(self.router.retry_s / 5)
-            for identity in await self.router.probe_down():
-                await self.restarted(identity)
+            try:
+                await self.probe_once()
+            except Exception:
+                log.exception("probing the KV stores failed; trying again")
+
+    async def probe_once(self) -> None:
+        for identity in await self.router.probe_down():
+            await self.restarted(identity)
+        async with self.router.lock:
+            for name in list(self._unmapped_late):
+                await self._unmap(name)
 
     async def watch(self, client: AsyncRedisClient, poll_s: float = 1.0) -> None:
         """Forever: follows the registry of the stores serving the executor's model."""
         readable = True
         while True:
             await asyncio.sleep(poll_s)
-            was, readable = readable, await self.watch_once(client, quiet=not readable)
+            was = readable
+            try:
+                readable = await self.watch_once(client, quiet=not readable)
+            except Exception:
+                log.exception("following the KV store registry failed; trying again")
             if readable and not was:
                 log.info("KV store registry readable again")
 
@@ -151,33 +167,52 @@ class StoreMembership:
 
     async def close(self) -> None:
         for link in self._links.values():
-            link.mapped.close()
             await link.channel.close()
+            link.mapped.close()
         self._links.clear()
 
     def _identity(self, instance_id: str) -> StoreIdentity | None:
         return next((s.identity for s in self.router.stores
                      if s.identity.instance_id == instance_id), None)
 
-    async def _join_logged(self, address: str) -> None:
-        """Joins, or logs why not (once per address and reason): the next sync retries."""
+    async def _gone(self, instance_id: str, entry: InstanceEntry | None, now: float) -> bool:
+        """The store in under `instance_id` is no longer the one `entry` lists: none is
+        listed, or with another address or arena, or its lease ran out and it does not
+        answer with its arena."""
+        store = next(s for s in self.router.stores if s.identity.instance_id == instance_id)
+        if entry is None or entry.address not in ("", self._links[instance_id].address) or \
+                entry.arena_name != store.identity.arena_name:
+            return True
+        return not entry.serving(now) and await store.client.identity() != store.identity
+
+    async def _join_as(self, instance_id: str, address: str) -> StoreIdentity:
+        """Joins the store at `address` if it is `instance_id`."""
+        return await self._admit(*await self._connect(address, 0.0, expect=instance_id))
+
+    async def _logged(self, address: str, call: Awaitable[T]) -> T | None:
+        """Awaits a join's step; None, logged once per address and reason, if it fails."""
         try:
-            await self._join(address, 0.0)
-        except (StoreRefused, grpc.aio.AioRpcError) as e:
-            why = str(e) if isinstance(e, StoreRefused) else f"{e.code().name} {e.details()}"
+            return await call
+        except Exception as e:
+            if isinstance(e, grpc.aio.AioRpcError):
+                why = f"{e.code().name} {e.details()}"
+            else:
+                why = str(e) or type(e).__name__
             if self._failing.get(address) != why:
                 log.warning("KV store %s cannot join yet: %s", address, why)
             self._failing[address] = why
-        else:
-            self._failing.pop(address, None)
+            return None
 
-    async def _join(self, address: str, wait_s: float) -> StoreIdentity:
+    async def _connect(self, address: str, wait_s: float, *, expect: str | None = None,
+                       replacing: str | None = None) -> tuple[_Link, RoutedStore]:
+        """Describes, checks and maps the store at `address`, changing nothing else; the
+        store must be `expect` if given, and may take the id of `replacing`."""
         channel = self._channel(address)
         try:
             store: kv.DescribeResponse = await kv_grpc.KVStoreStub(channel).Describe(
                 kv.DescribeRequest(), timeout=wait_s or self._call_timeout_s,
                 wait_for_ready=wait_s > 0)
-            self._check(address, store)
+            self._check(address, store, expect, replacing)
             client = RemoteHostKV(channel, fingerprint=self.desc.model_fingerprint,
                                   timeout_s=self._call_timeout_s)
             mapped = await map_store(self.executor, channel, store, client,
@@ -185,16 +220,29 @@ class StoreMembership:
         except BaseException:
             await channel.close()
             raise
+        self._failing.pop(address, None)
         identity = StoreIdentity(store.instance_id, store.arena_name)
         routed = RoutedStore(mapped.client, identity, mapped.first_block, mapped.mapped_arena)
-        self.router.add(routed)  # cannot fail: _check refused a taken id, slots last for ages
-        self._links[identity.instance_id] = _Link(address, channel, store.index_backend, mapped)
-        log.info("KV store %s at %s joined: arena %s, host blocks %d..%d (%s index)",
-                 identity.instance_id, address, routed.arena, mapped.first_block,
-                 mapped.first_block + store.num_blocks - 1, store.index_backend)
-        return identity
+        return _Link(address, channel, store.index_backend, mapped, store.num_blocks), routed
 
-    def _check(self, address: str, store: kv.DescribeResponse) -> None:
+    async def _admit(self, link: _Link, routed: RoutedStore) -> StoreIdentity:
+        """Adds a connected store to the router (its id is free: `_check`, `_leave`), or
+        undoes its connection and raises StoreRefused."""
+        try:
+            self.router.add(routed)
+        except (ValueError, RuntimeError) as e:
+            await link.channel.close()
+            await self._unmap(routed.arena)
+            link.mapped.close()
+            raise StoreRefused(str(e)) from e
+        self._links[routed.identity.instance_id] = link
+        log.info("KV store %s at %s joined: arena %s, host blocks %d..%d (%s index)",
+                 routed.identity.instance_id, link.address, routed.arena, routed.first_block,
+                 routed.first_block + link.num_blocks - 1, link.index_backend)
+        return routed.identity
+
+    def _check(self, address: str, store: kv.DescribeResponse, expect: str | None,
+               replacing: str | None) -> None:
         geometry = self.desc.geometry
         if store.block_bytes != geometry.block_bytes or store.block_size != geometry.block_size:
             raise StoreRefused(
@@ -205,23 +253,32 @@ class StoreMembership:
             raise StoreRefused(
                 f"kvstore {address} holds KV of model {store.model_fingerprint[:16]}, the "
                 f"executor runs {self.desc.model_fingerprint[:16]}")
+        if expect is not None and store.instance_id != expect:
+            raise StoreRefused(f"kvstore {address} is instance {store.instance_id!r}, not "
+                               f"{expect!r} as its registry entry says")
         taken = self._links.get(store.instance_id)
-        if taken is not None:
+        if taken is not None and store.instance_id != replacing:
             raise StoreRefused(f"kvstore {address} is instance {store.instance_id!r}, which "
                                f"{taken.address} is already")
 
     async def _leave(self, instance_id: str) -> None:
         link = self._links.pop(instance_id)
         routed = self.router.remove(instance_id)
-        try:
-            await self.executor.DetachHostArena(
-                ex.DetachHostArenaRequest(name=routed.arena), timeout=10)
-        except grpc.aio.AioRpcError as e:
-            # NOT_FOUND: the executor restarted since and never mapped it; otherwise it is
-            # unavailable, and a restarted one will not map it either.
-            if e.code() is not grpc.StatusCode.NOT_FOUND:
-                log.warning("could not unmap arena %s: %s", routed.arena, e.details())
+        await link.channel.close(grace=self._call_timeout_s)  # its batches out end first
+        await self._unmap(routed.arena)
         link.mapped.close()
-        await link.channel.close()
         log.info("KV store %s at %s left: arena %s unmapped; its conversations move to the "
                  "others", instance_id, link.address, routed.arena)
+
+    async def _unmap(self, name: str) -> None:
+        """Has the executor unmap `name`; one it cannot reach now is retried by `probe`."""
+        try:
+            await self.executor.DetachHostArena(ex.DetachHostArenaRequest(name=name), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            # NOT_FOUND: a restarted executor, which never mapped it.
+            if e.code() is not grpc.StatusCode.NOT_FOUND:
+                if name not in self._unmapped_late:
+                    log.warning("could not unmap arena %s yet: %s", name, e.details())
+                self._unmapped_late.add(name)
+                return
+        self._unmapped_late.discard(name)

@@ -4,8 +4,8 @@ and the Batch RPC through the scheduler's client (`RemoteHostKV`)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -31,11 +31,9 @@ from common.kv.host_ops import (
 from common.kv.reuse_index import ID_BITS, PinHandle
 from common.shm.arena import SHM_DIR
 from protos import kvstore_pb2, kvstore_pb2_grpc
-from services.kvstore.assemble import open_store
 from services.kvstore.batch_wire import ops_to_proto, replies_from_proto
 from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, to_proto, write_chunks
-from services.kvstore.config import StoreConfig
-from services.kvstore.service import HEARTBEAT_S, LEASE_BEATS, SERVICE_NAME, StoreServer
+from services.kvstore.service import HEARTBEAT_S, LEASE_BEATS, SERVICE_NAME
 from services.scheduler.host_router import (
     HostRouter,
     RoutedStore,
@@ -45,6 +43,7 @@ from services.scheduler.host_router import (
 )
 from services.scheduler.remote_host import RemoteHostKV
 from tests.support.redis_server import RedisServer
+from tests.support.stores import Geometry, InProcessStore, store_starter
 
 FP = "model-a"
 BLOCK_SIZE = 4
@@ -65,36 +64,10 @@ async def expect_status(code: grpc.StatusCode, call: object, match: str = "") ->
     return info.value.details()
 
 
-class Running:
-    def __init__(self, server: StoreServer, channel: grpc.aio.Channel) -> None:
-        self.server = server
-        self.channel = channel
-        self.stub = kvstore_pb2_grpc.KVStoreStub(channel)
-
-
 @pytest.fixture
 async def start() -> AsyncIterator[Callable[..., object]]:
-    started: list[Running] = []
-    base = f"fastswitch-kvtest-{uuid.uuid4().hex[:8]}"
-
-    async def run(redis_url: str | None = None, lease_seconds: float = 30.0) -> Running:
-        config = StoreConfig(
-            host="127.0.0.1", port=0, redis_url=redis_url, num_blocks=NUM_BLOCKS,
-            block_bytes=BLOCK_BYTES, block_size=BLOCK_SIZE, fingerprint=FP,
-            arena_name=f"{base}-{len(started)}", instance_id=f"{base}-{len(started)}",
-            lease_seconds=lease_seconds,
-        )
-        server = StoreServer(open_store(config), reap_interval=0.05)
-        port = await server.start("127.0.0.1:0")
-        running = Running(server, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
-        started.append(running)
-        return running
-
-    yield run
-    for running in started:
-        await running.channel.close()
-        await running.server.stop(grace=0)
-    assert not list(SHM_DIR.glob(f"{base}*")), "a stopped store left its arena behind"
+    async with store_starter(Geometry(NUM_BLOCKS, BLOCK_BYTES, BLOCK_SIZE, FP)) as run:
+        yield functools.partial(run, reap_interval=0.05)
 
 
 async def test_error_codes(start: Callable[..., object]) -> None:
@@ -203,11 +176,15 @@ async def test_redis_outage_is_unavailable_and_the_store_recovers(
         stub = (await start(redis_url=server.url)).stub
         res = await stub.Reserve(tokens_request("c", list(range(8))))
         await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+        await stub.Reserve(tokens_request("x", list(range(4))))  # waits for c's commit
         server.stop()
-        # A reply that hands out blocks waits for the index; its failed round leaves the
-        # index behind, so every call fails until Redis is back.
+        # A call that stages no write needs no Redis; a commit answers before its write
+        # lands; a reply that hands out blocks waits for it, and its failed round leaves
+        # the index behind, so every call fails until Redis is back.
+        res = await stub.Reserve(tokens_request("d", list(range(4))))
+        await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
         await expect_status(
-            grpc.StatusCode.UNAVAILABLE, stub.Reserve(tokens_request("d", list(range(4))))
+            grpc.StatusCode.UNAVAILABLE, stub.Reserve(tokens_request("e", list(range(4))))
         )
         await expect_status(
             grpc.StatusCode.UNAVAILABLE, stub.Lookup(tokens_request("c", list(range(8))))
@@ -293,7 +270,7 @@ def chain_of(tokens: list[int]) -> tuple[bytes, ...]:
     return tuple(block_hashes(tokens, BLOCK_SIZE, FP))
 
 
-def client_of(running: Running) -> RemoteHostKV:
+def client_of(running: InProcessStore) -> RemoteHostKV:
     return RemoteHostKV(running.channel, fingerprint=FP, timeout_s=5.0)
 
 
@@ -442,3 +419,28 @@ def test_replies_with_ids_over_48_bits_are_refused() -> None:
     for replies in ([wide_reservation, fits[1]], [fits[0], wide_pin]):
         with pytest.raises(ValueError, match="over 48 bits"):
             replies_from_proto(replies, ops)
+
+
+async def test_a_round_that_fails_oddly_leaves_the_index_to_be_rewritten(
+    start: Callable[..., object], redis_server: RedisServer
+) -> None:
+    """Not only a RedisError: whatever stops a group-commit round, its writes are not
+    lost and later rounds still run."""
+    running = await start(redis_url=redis_server.url)
+    commit = running.server.servicer._commit
+    send = commit._send
+    failures = [RuntimeError("a bug in the round")]
+
+    async def failing(writes: object) -> None:
+        if failures:
+            raise failures.pop()
+        await send(writes)  # type: ignore[arg-type]
+
+    commit._send = failing
+    res = await running.stub.Reserve(tokens_request("c", list(range(8))))
+    await running.stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+    while failures:  # the commit's round, in the background
+        await asyncio.sleep(0.01)
+    await running.stub.Reserve(tokens_request("d", list(range(4))))  # rewrites the index
+    assert redis.Redis(port=redis_server.port).keys(f"fastswitch:kv:{{{FP}:c}}*")
+    assert not commit.storage.dirty

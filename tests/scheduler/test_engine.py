@@ -129,7 +129,7 @@ class HeldHost:
         self.index = ReuseIndex(fingerprint=FINGERPRINT, block_size=BS, num_blocks=256)
         self.local = LocalHost(self.index, ARENA)
         self.arenas = self.local.arenas
-        self.rebase = self.local.rebase
+        self.remap = self.local.remap
         self.calls: list[tuple[HostOp, ...]] = []
         self.gate = asyncio.Event()
         self.gate.set()

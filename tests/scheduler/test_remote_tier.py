@@ -28,12 +28,10 @@ from common.kv.host_ops import (
 )
 from common.kv.reuse_index import PinHandle
 from common.shm.arena import SHM_DIR, HostArena
-from protos import kvstore_pb2, kvstore_pb2_grpc
-from services.kvstore.assemble import open_store
-from services.kvstore.config import StoreConfig
-from services.kvstore.service import StoreServer
+from protos import kvstore_pb2
 from services.scheduler.remote_host import RemoteHostKV
 from services.scheduler.remote_tier import MirroredStore
+from tests.support.stores import Geometry, InProcessStore, serve_store
 
 FP = "model-a"
 BLOCK_SIZE = 4
@@ -58,17 +56,15 @@ def span(block: int) -> slice:
 class Store:
     """An in-process KV store, its stub, and mirrored clients of it."""
 
-    def __init__(self, server: StoreServer, channel: grpc.aio.Channel) -> None:
-        self.server = server
-        self.channel = channel
-        self.stub = kvstore_pb2_grpc.KVStoreStub(channel)
-        self.client = RemoteHostKV(channel, fingerprint=FP, timeout_s=5.0)
-        self.stopped = False
+    def __init__(self, served: InProcessStore) -> None:
+        self.served = served
+        self.server = served.server
+        self.channel = served.channel
+        self.stub = served.stub
+        self.client = RemoteHostKV(served.channel, fingerprint=FP, timeout_s=5.0)
 
     async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await self.server.stop(grace=0)
+        await self.served.stop()
 
     async def stats(self) -> kvstore_pb2.StatsResponse:
         return await self.stub.Stats(kvstore_pb2.StatsRequest())
@@ -81,17 +77,11 @@ class Store:
 @asynccontextmanager
 async def running_store() -> AsyncIterator[Store]:
     name = f"fastswitch-tiertest-{uuid.uuid4().hex[:8]}"
-    config = StoreConfig(host="127.0.0.1", port=0, redis_url=None, num_blocks=NUM_BLOCKS,
-                         block_bytes=BLOCK_BYTES, block_size=BLOCK_SIZE, fingerprint=FP,
-                         arena_name=name, instance_id=name, lease_seconds=30.0)
-    server = StoreServer(open_store(config))
-    port = await server.start("127.0.0.1:0")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    running = Store(server, channel)
+    running = Store(await serve_store(Geometry(NUM_BLOCKS, BLOCK_BYTES, BLOCK_SIZE, FP), name))
     try:
         yield running
     finally:
-        await channel.close()
+        await running.channel.close()
         await running.stop()
     assert not (SHM_DIR / name).exists()
 
