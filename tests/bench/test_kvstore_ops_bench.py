@@ -62,3 +62,4 @@ def test_the_report_divides_redis_by_memory_at_64_clients(tmp_path: Path) -> Non
     assert set(rate) == {"memory", "redis"}
     assert report["redis_over_memory_64"] == pytest.approx(rate["redis"] / rate["memory"])
     assert report["redis_over_memory_64"] > 0
+    assert report["redis_over_memory"] == {"64": report["redis_over_memory_64"]}
