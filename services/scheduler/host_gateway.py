@@ -22,6 +22,10 @@ class HostGateway(Protocol):
         """Some store is down: its conversations recompute."""
 
     @property
+    def store_counts(self) -> tuple[int, int]:
+        """KV store instances in use, and how many of them are down."""
+
+    @property
     def arenas(self) -> Sequence[str]:
         """The host arenas the executor maps for this gateway, in attach order."""
 
@@ -38,6 +42,7 @@ class LocalHost:
     must be the executor's first; never degraded."""
 
     degraded = False
+    store_counts = (0, 0)  # no store process
 
     def __init__(self, index: ReuseIndex, arena: str) -> None:
         self.index = index

@@ -201,6 +201,11 @@ class HostRouter:
         return not self._by_slot or any(inst.retry_at is not None for inst in self._instances)
 
     @property
+    def store_counts(self) -> tuple[int, int]:
+        """Stores in, and how many of them are down."""
+        return len(self._by_slot), sum(inst.retry_at is not None for inst in self._instances)
+
+    @property
     def _instances(self) -> Iterable[_Instance]:
         return self._by_slot.values()
 

@@ -89,6 +89,11 @@ def stats_families(s: pb.StatsResponse) -> Iterator[Metric]:
     yield GaugeMetricFamily(PREFIX + "executor_available",
                             "1 while the executor answers, 0 while it is being waited for",
                             value=int(s.executor_available))
+    stores = GaugeMetricFamily(PREFIX + "kvstores", "KV store instances in use, by state",
+                               labels=["state"])
+    stores.add_metric(["up"], s.kvstores - s.kvstores_down)
+    stores.add_metric(["down"], s.kvstores_down)
+    yield stores
     yield GaugeMetricFamily(PREFIX + "kvstore_degraded",
                             "1 while KV store calls fail and preemption falls back to recompute",
                             value=int(s.kvstore_degraded))

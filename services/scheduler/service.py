@@ -308,6 +308,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             step_overhead_p99_s=percentile(overheads, 99),
             executor_available=self.engine.executor_ok,
             kvstore_degraded=self.engine.host.degraded,
+            kvstores=self.engine.host.store_counts[0],
+            kvstores_down=self.engine.host.store_counts[1],
         )
 
 

@@ -104,7 +104,8 @@ async def test_stores_join_and_leave_a_running_scheduler(stack: LocalStack) -> N
             tokens = prompt(k)
             history[conv] = tokens + ids_of(await turn(conv, tokens))
         await until("the second store holds its conversations", lambda: used_blocks(second) > 0)
-        assert not (await client.stats()).kvstore_degraded
+        stats = await client.stats()
+        assert (stats.kvstores, stats.kvstores_down, stats.kvstore_degraded) == (2, 0, False)
 
         # (b) It stops cleanly: it leaves the registry, its arena is unmapped, and its
         # conversations recompute, correctly; the scheduler is not degraded, as it is gone.
@@ -116,7 +117,8 @@ async def test_stores_join_and_leave_a_running_scheduler(stack: LocalStack) -> N
             after, cold = await turn(conv, extended), await turn(f"cold-{conv}", extended)
             assert after.final.reused_prompt_tokens == 0
             assert ids_of(after) == ids_of(cold)
-        assert not (await client.stats()).kvstore_degraded
+        stats = await client.stats()
+        assert (stats.kvstores, stats.kvstores_down, stats.kvstore_degraded) == (1, 0, False)
 
         # (c) One killed outright is down until its lease runs out, then leaves.
         third = stack.start_kvstore()

@@ -130,6 +130,7 @@ class HeldHost:
         self.local = LocalHost(self.index, ARENA)
         self.arenas = self.local.arenas
         self.remap = self.local.remap
+        self.store_counts = self.local.store_counts
         self.calls: list[tuple[HostOp, ...]] = []
         self.gate = asyncio.Event()
         self.gate.set()

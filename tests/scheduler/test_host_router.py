@@ -267,7 +267,7 @@ async def test_a_store_that_fails_is_left_out_then_probed_back() -> None:
     ops = [pin(2, conv), reserve(3, conv_owned_by("kv-a", ids))]
     replies = await router.execute(ops)  # b is asked, fails: marked down
     assert replies[0] == unanswered(ops[:1])[0] and replies[1].reservation is not None
-    assert router.degraded
+    assert router.degraded and router.store_counts == (2, 1)
     sent = len(shared["kv-b"].sent())
     [fresh] = await router.execute([reserve(4, conv_owned_by("kv-b", ids, "fresh"))])
     assert all(b < 10 for b in fresh.reservation.new_blocks)  # b's new conversations go to a
@@ -394,7 +394,7 @@ async def test_a_store_that_joins_takes_its_share_and_one_that_leaves_is_forgott
 
 async def test_a_router_with_no_store_is_degraded_and_answers_nothing() -> None:
     router = HostRouter(fingerprint=FINGERPRINT, block_size=BLOCK_SIZE)
-    assert router.degraded and router.arenas == ()
+    assert router.degraded and router.arenas == () and router.store_counts == (0, 0)
     ops = [reserve(1, "c"), pin(2, "c"), Release("c")]
     assert await router.execute(ops) == unanswered(ops)
 
