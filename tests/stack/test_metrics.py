@@ -17,10 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.client import FastSwitchClient
 from common.metrics import ScrapeTimeCollector
 from protos import kvstore_pb2, kvstore_pb2_grpc
-from services.kvstore.assemble import open_store
-from services.kvstore.config import StoreConfig
 from services.kvstore.service import StoreServer
 from services.launch import LocalStack, StackConfig, free_port
+from tests.support.stores import Geometry, serve_store
 
 pytestmark = pytest.mark.process
 
@@ -47,15 +46,12 @@ async def scrape_registry(registry: CollectorRegistry) -> Samples:
 
 @pytest.fixture
 async def store() -> AsyncIterator[tuple[StoreServer, kvstore_pb2_grpc.KVStoreStub]]:
-    base = f"fastswitch-metrics-{uuid.uuid4().hex[:8]}"
-    config = StoreConfig(host="127.0.0.1", port=0, redis_url=None, num_blocks=8,
-                         block_bytes=4096, block_size=4, fingerprint="fp", arena_name=base,
-                         instance_id=base, lease_seconds=30)
-    server = StoreServer(open_store(config))
-    port = await server.start("127.0.0.1:0")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield server, kvstore_pb2_grpc.KVStoreStub(channel)
-    await server.stop(grace=0)
+    served = await serve_store(Geometry(num_blocks=8, block_bytes=4096, block_size=4,
+                                        fingerprint="fp"),
+                               f"fastswitch-metrics-{uuid.uuid4().hex[:8]}")
+    async with served.channel:
+        yield served.server, served.stub
+    await served.stop()
 
 
 def tokens(conv: str, ids: list[int]) -> kvstore_pb2.TokensRequest:
@@ -187,6 +183,12 @@ async def test_every_service_is_scraped_during_a_run_with_preemptions(
     async with FastSwitchClient(scheduler.address) as client:  # refused: counted by code
         with pytest.raises(grpc.aio.AioRpcError):
             await client.generate("", client_id="c").collect()
-    errors = await asyncio.to_thread(scrape, metrics_ports["scheduler"])
-    assert value(errors, "fastswitch_scheduler_rpc_errors_total",
-                 method="Generate", code="INVALID_ARGUMENT") == 1
+    # Counted once the server has finished the call, which may be after the client saw it.
+    key = ("fastswitch_scheduler_rpc_errors_total",
+           (("code", "INVALID_ARGUMENT"), ("method", "Generate")))
+    for _ in range(100):
+        errors = await asyncio.to_thread(scrape, metrics_ports["scheduler"])
+        if key in errors:
+            break
+        await asyncio.sleep(0.05)
+    assert errors.get(key) == 1
