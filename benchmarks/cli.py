@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
 
 from services.scheduler.core.config import Mode
 
@@ -17,3 +20,9 @@ def parse_modes(text: str) -> list[Mode]:
     if not modes:
         raise argparse.ArgumentTypeError(f"no modes in {text!r}")
     return modes
+
+
+def write_json(path: Path, document: Any) -> None:
+    """`--json`: the report, indented, in `path` (its folder made if need be)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import random
 import shutil
@@ -43,6 +42,7 @@ from typing import TypeVar
 import grpc
 import uvloop
 
+from benchmarks.cli import write_json
 from benchmarks.redis_process import RedisProcess
 from common.latency import percentile
 from common.shm.arena import ARENA_PREFIX, SHM_DIR
@@ -318,8 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if report["redis_over_memory_64"] is not None:
         print(f"redis_over_memory_64: {report['redis_over_memory_64']:.2f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return report
 
 

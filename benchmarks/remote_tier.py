@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import signal
@@ -42,6 +41,7 @@ import grpc
 import numpy as np
 import uvloop
 
+from benchmarks.cli import write_json
 from benchmarks.netns import OtherHost
 from common.auth import bearer_interceptors
 from common.kv.block_hash import block_hashes
@@ -213,8 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = uvloop.run(run(args.blocks, args.block_bytes, args.repeats, args.netns))
     print(format_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return report
 
 

@@ -34,7 +34,6 @@ Run: .venv/bin/python benchmarks/swap_copy.py [--backend cupy] [--tokens 2048 --
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -47,6 +46,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.cli import write_json
 from common.kv.swap_plan import plan_copies
 from services.executor.copy import CopyEngine, CpuCopyEngine, Direction
 
@@ -427,8 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         reports[direction] = direction_report(timings, nbytes)
     result["directions"] = reports
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.cli import write_json
 from common.kv.swap_plan import SwapOrder, plan_copies
 from common.shm.arena import HostArena
 from services.executor.__main__ import DTYPES
@@ -176,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"swaps moved {result['busy_swap_bytes'] / 2**20:.0f} MiB meanwhile"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 
