@@ -125,6 +125,14 @@ async def turn(address: str, conv: str, tokens: list[int]) -> Generation:
                                      max_tokens=8).collect()
 
 
+async def warm_and_cold(address: str, conv: str, tokens: list[int], tail: list[int]
+                        ) -> tuple[Generation, Generation]:
+    """A first turn of `conv`, then its next turn (`tail` appended) and the same prompt in
+    a fresh conversation."""
+    history = tokens + ids_of(await turn(address, conv, tokens)) + tail
+    return await turn(address, conv, history), await turn(address, f"cold-{conv}", history)
+
+
 def test_the_executor_cannot_map_the_remote_arena(
     stack: LocalStack, remote_store: RemoteStore,
 ) -> None:
@@ -210,10 +218,7 @@ async def test_a_remote_store_that_restarts_is_used_again_through_its_mirror(
                     break
                 await asyncio.sleep(0.1)
             assert not (await client.stats()).kvstore_degraded
-        gen = await turn(child.address, "after", tokens)
-        history = tokens + ids_of(gen) + [3, 4]
-        warm = await turn(child.address, "after", history)
-        cold = await turn(child.address, "cold-after", history)
+        warm, cold = await warm_and_cold(child.address, "after", tokens, [3, 4])
     finally:
         assert stack.stop_child(child) == 0
     assert " left: arena " in scheduler_log(stack)  # replaced, with a new mirror
@@ -227,10 +232,7 @@ async def test_the_bulk_transport_serves_a_store_on_this_host_too(stack: LocalSt
     child = stack.start_scheduler(extra_args=["--kvstore", local,
                                               "--kvstore-transport", "bulk"])
     try:
-        gen = await turn(child.address, "conv-bulk", tokens)
-        history = tokens + ids_of(gen) + [1, 2]
-        warm = await turn(child.address, "conv-bulk", history)
-        cold = await turn(child.address, "cold-bulk", history)
+        warm, cold = await warm_and_cold(child.address, "conv-bulk", tokens, [1, 2])
     finally:
         assert stack.stop_child(child) == 0
     assert "(transport bulk)" in scheduler_log(stack)
