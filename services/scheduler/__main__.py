@@ -173,8 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def wait_for(call: Awaitable[T], what: str) -> T:
-    """Awaits a Describe made with `wait_for_ready` and a deadline, so a service that is
-    still starting is waited for; one that never answers stops the scheduler."""
+    """Awaits a call made with `wait_for_ready` and a deadline (a Describe, a store's
+    join), so a service that is still starting is waited for; one that never answers stops
+    the scheduler."""
     try:
         return await call
     except grpc.RpcError as e:
@@ -226,12 +227,10 @@ async def connect_stores(
     addresses = [a.strip() for a in source.split(",") if a.strip()]
     for address in addresses:
         try:
-            await membership.join(address, float(args.connect_timeout))
+            await wait_for(membership.join(address, float(args.connect_timeout)),
+                           f"kvstore {address}")
         except StoreRefused as e:
             raise SystemExit(str(e)) from e
-        except grpc.aio.AioRpcError as e:
-            raise SystemExit(f"kvstore {address} not reachable: {e.code().name} "
-                             f"{e.details()}") from e
     if len(addresses) > 1 and membership.backends != {"redis"}:
         log.warning("KV stores without a shared Redis index cannot see each other's chains: "
                     "a conversation is found again only while this scheduler remembers it")

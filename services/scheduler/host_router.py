@@ -167,6 +167,11 @@ class HostRouter:
         """The stores, in the order they joined."""
         return tuple(inst.store for inst in self._by_slot.values())
 
+    def store(self, instance_id: str) -> RoutedStore | None:
+        """The store in under `instance_id`, if any."""
+        inst = self._by_id.get(instance_id)
+        return None if inst is None else inst.store
+
     @property
     def arenas(self) -> tuple[str, ...]:
         """The arenas the executor maps for the stores, in the order they joined."""

@@ -104,7 +104,8 @@ class StoreMembership:
         new arena is mapped (until then it stays down, and `probe` names it again)."""
         async with self.router.lock:
             link = self._links.get(identity.instance_id)
-            if link is None or self._identity(identity.instance_id) == identity:
+            current = self.router.store(identity.instance_id)
+            if link is None or current is None or current.identity == identity:
                 return  # already replaced, or gone
             connected = await self._logged(link.address, self._connect(
                 link.address, 0.0, replacing=identity.instance_id))
@@ -171,17 +172,13 @@ class StoreMembership:
             link.mapped.close()
         self._links.clear()
 
-    def _identity(self, instance_id: str) -> StoreIdentity | None:
-        return next((s.identity for s in self.router.stores
-                     if s.identity.instance_id == instance_id), None)
-
     async def _gone(self, instance_id: str, entry: InstanceEntry | None, now: float) -> bool:
         """The store in under `instance_id` is no longer the one `entry` lists: none is
         listed, or with another address or arena, or its lease ran out and it does not
         answer with its arena."""
-        store = next(s for s in self.router.stores if s.identity.instance_id == instance_id)
-        if entry is None or entry.address not in ("", self._links[instance_id].address) or \
-                entry.arena_name != store.identity.arena_name:
+        store = self.router.store(instance_id)
+        if store is None or entry is None or entry.arena_name != store.identity.arena_name \
+                or entry.address not in ("", self._links[instance_id].address):
             return True
         return not entry.serving(now) and await store.client.identity() != store.identity
 
