@@ -1,8 +1,13 @@
-"""A mixed step batch (prefill chunks and decodes), flattened into the token rows one pass runs."""
+"""A mixed step batch (prefill chunks and decodes), flattened into the token rows one pass runs.
+
+The host lays a step out once (`StepPlan`: Python ints and index lists), and its index
+lists reach the device in one copy (`StepInputs`); the forward pass never builds an index
+tensor of its own, and never reads one back.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,32 +31,53 @@ class SequenceStep:
 
 
 @dataclass(frozen=True, slots=True)
-class SequenceRows:
-    """Where one sequence's new tokens sit among the step's rows, and which blocks it reads."""
+class StepPlan:
+    """A step laid out on the host. Rows are the step's new tokens, sequence after sequence.
 
-    first_row: int
-    start_pos: int
-    end_pos: int
-    blocks: torch.Tensor  # the blocks covering [0, end_pos), in order
+    Index lists (all of `int` values, one per row, sequence or output):
+    - `token_ids`, `positions`, `slots` (the KV slot `block * block_size + offset` each row
+      writes) and `row_seq` (the sequence each row belongs to), per row;
+    - `query_start` (a sequence's first row; one more entry, the row count), `seq_lens`
+      (the positions its keys cover once the step's KV is written) and `block_table`
+      (`width` entries per sequence, padded with block 0, which is never read), per sequence;
+    - `output_rows`: the rows whose logits the step returns.
+    """
 
-
-@dataclass(frozen=True, slots=True)
-class StepLayout:
-    token_ids: torch.Tensor  # [rows]
-    positions: torch.Tensor  # [rows]
-    slot_blocks: torch.Tensor  # [rows] block each new token's KV is written to
-    slot_offsets: torch.Tensor  # [rows] offset inside that block
-    sequences: tuple[SequenceRows, ...]
+    block_size: int
+    width: int  # block-table entries per sequence: the blocks of the longest one
+    max_query: int  # the most new tokens of one sequence
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    row_seq: list[int]
+    query_start: list[int]
+    seq_lens: list[int]
+    block_table: list[int]
+    output_rows: list[int]
 
     @property
     def num_rows(self) -> int:
         return len(self.token_ids)
 
     @property
-    def last_rows(self) -> torch.Tensor:
-        return torch.tensor(
-            [seq.first_row + seq.end_pos - seq.start_pos - 1 for seq in self.sequences]
-        )
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def all_rows_out(self) -> bool:
+        return len(self.output_rows) == self.num_rows
+
+    def fields(self) -> dict[str, list[int]]:
+        return {
+            "token_ids": self.token_ids,
+            "positions": self.positions,
+            "slots": self.slots,
+            "row_seq": self.row_seq,
+            "query_start": self.query_start,
+            "seq_lens": self.seq_lens,
+            "block_table": self.block_table,
+            "output_rows": self.output_rows,
+        }
 
     @classmethod
     def build(
@@ -62,38 +88,86 @@ class StepLayout:
         num_blocks: int,
         vocab_size: int,
         max_positions: int,
-    ) -> StepLayout:
+        all_positions: bool = False,
+    ) -> StepPlan:
+        """Validates the batch (ValueError naming the sequence) and lays it out; the logits
+        returned are each sequence's last row, or with `all_positions` every row."""
         if not batch:
             raise ValueError("a step needs at least one sequence")
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[tuple[int, int]] = []
-        sequences: list[SequenceRows] = []
         for index, seq in enumerate(batch):
             _validate(index, seq, block_size, num_blocks, vocab_size, max_positions)
-            blocks_needed = -(-seq.end_pos // block_size)
-            sequences.append(
-                SequenceRows(
-                    first_row=len(token_ids),
-                    start_pos=seq.start_pos,
-                    end_pos=seq.end_pos,
-                    blocks=torch.tensor(list(seq.block_table[:blocks_needed]), dtype=torch.long),
-                )
-            )
+        width = max(-(-seq.end_pos // block_size) for seq in batch)
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        row_seq: list[int] = []
+        query_start = [0]
+        block_table: list[int] = []
+        for index, seq in enumerate(batch):
+            table = list(seq.block_table[: -(-seq.end_pos // block_size)])
             token_ids.extend(seq.token_ids)
-            for pos in range(seq.start_pos, seq.end_pos):
-                positions.append(pos)
-                slots.append((seq.block_table[pos // block_size], pos % block_size))
+            span = range(seq.start_pos, seq.end_pos)
+            positions.extend(span)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+            row_seq.extend([index] * len(span))
+            query_start.append(len(token_ids))
+            block_table.extend(table + [0] * (width - len(table)))
         if len(set(slots)) != len(slots):
             raise ValueError("two tokens of this step would write the same KV slot")
-        slot_blocks, slot_offsets = zip(*slots, strict=True)
         return cls(
-            token_ids=torch.tensor(token_ids, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long),
-            slot_offsets=torch.tensor(slot_offsets, dtype=torch.long),
-            sequences=tuple(sequences),
+            block_size=block_size,
+            width=width,
+            max_query=max(len(seq.token_ids) for seq in batch),
+            token_ids=token_ids,
+            positions=positions,
+            slots=slots,
+            row_seq=row_seq,
+            query_start=query_start,
+            seq_lens=[seq.end_pos for seq in batch],
+            block_table=block_table,
+            output_rows=(
+                list(range(len(token_ids))) if all_positions
+                else [end - 1 for end in query_start[1:]]
+            ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """A step's index lists on the device: views into one buffer that crossed in one copy.
+    `plan` stays on the host, for loop bounds and kernel choices."""
+
+    plan: StepPlan
+    tensors: Mapping[str, torch.Tensor]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def upload(fields: Mapping[str, Sequence[int] | torch.Tensor], device: torch.device
+           ) -> dict[str, torch.Tensor]:
+    """Packs `fields` (int lists, or 1-D CPU tensors of 8-byte elements: int64 or float64)
+    into one host buffer, pinned when the device is CUDA, and moves it with one
+    non-blocking copy; returns a view per field, each in its own dtype.
+
+    The pinned buffer comes from torch's caching host allocator, which does not hand it out
+    again before the copy from it has run, so a later upload never overwrites this one's
+    bytes in flight.
+    """
+    parts = [
+        value.reshape(-1).view(torch.int64) if isinstance(value, torch.Tensor)
+        else torch.tensor(value, dtype=torch.int64)
+        for value in fields.values()
+    ]
+    sizes = [len(part) for part in parts]
+    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
+    torch.cat(parts, out=host)
+    flat = host.to(device, non_blocking=True)
+    views = {}
+    for (name, value), part in zip(fields.items(), flat.split(sizes), strict=True):
+        dtype = value.dtype if isinstance(value, torch.Tensor) else torch.int64
+        views[name] = part.view(dtype)
+    return views
 
 
 def _validate(
@@ -116,9 +190,9 @@ def _validate(
             f"{where}: {len(seq.block_table)} blocks of {block_size} "
             f"cannot hold {seq.end_pos} tokens"
         )
-    bad_blocks = [b for b in seq.block_table if not 0 <= b < num_blocks]
-    if bad_blocks:
-        raise ValueError(f"{where}: block ids {bad_blocks} outside the cache's {num_blocks} blocks")
-    bad_tokens = [t for t in seq.token_ids if not 0 <= t < vocab_size]
-    if bad_tokens:
-        raise ValueError(f"{where}: token ids {bad_tokens} outside the vocabulary of {vocab_size}")
+    if not all(0 <= b < num_blocks for b in seq.block_table):
+        bad = [b for b in seq.block_table if not 0 <= b < num_blocks]
+        raise ValueError(f"{where}: block ids {bad} outside the cache's {num_blocks} blocks")
+    if not all(0 <= t < vocab_size for t in seq.token_ids):
+        bad = [t for t in seq.token_ids if not 0 <= t < vocab_size]
+        raise ValueError(f"{where}: token ids {bad} outside the vocabulary of {vocab_size}")

@@ -1,35 +1,42 @@
 """The decoder: one forward pass per scheduler step over a mixed prefill/decode batch.
 
+A step is laid out on the host once (`StepPlan`), its index lists cross to the device in one
+copy (`StepInputs`), and the pass then runs with no host sync: embeddings, one paged
+attention call per layer for the whole step (`attention.py`), and the logits of the rows
+asked for. `forward_step` is the three in one call.
+
 Two modes, chosen when the model is built (`DecoderModel(..., batch_invariant=...)`):
 
-- fast (the default): row-wise ops run once on the step's real rows, and attention is one
-  masked SDPA call per sequence chunk. Logits agree with the invariant mode and with HF to
-  float rounding, but their bits may change with the batch and the chunking.
+- fast (the default): row-wise ops run once on the step's real rows. Logits agree with the
+  invariant mode and with HF to float rounding, but their bits may change with the batch
+  and the chunking.
 - batch-invariant, the property bit-exact preemption relies on: a token's logits and KV are
   the same bits whatever other sequences share the step, however its prompt was chunked and
   wherever its blocks live. Two measures give it:
 
   - every row-wise op (norms, projections, MLP, lm_head) runs on tiles of exactly
-    `ROWS_PER_TILE` rows, zero-padded. MKL picks GEMM kernels by row count (1 row and a
-    handful of rows reduce differently from many), but within one fixed shape a row's
+    `ROWS_PER_TILE` rows, zero-padded. BLAS libraries pick GEMM kernels by row count (1 row
+    and a handful of rows reduce differently from many), but within one fixed shape a row's
     result does not depend on its place in the tile or on its neighbours; `ROWS_PER_TILE`
     is a multiple of the widest SIMD chunk, so no row falls into a scalar tail loop either;
-  - attention is per query row over exactly its visible keys (see `attention.py`).
+  - attention visits keys in fixed one-block tiles (see `attention.py`).
 
-  The price: a decode of one token pays for 32 rows, and attention is a Python loop over
-  rows. Both modes place KV at the same slots, so a cache is valid for either.
+  The price: a decode of one token pays for 32 rows. Both modes place KV at the same
+  slots, so a cache is valid for either.
+
+The attention backend is "torch" on CPU and "triton" on CUDA unless the model is built with
+another (`attention=`); which one ran is part of what names a cache's bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 from torch import nn
 
-from services.executor.model.attention import batched_attention, invariant_attention, write_kv
-from services.executor.model.batch import SequenceStep, StepLayout
+from services.executor.model.attention import PagedAttention, attention_backend
+from services.executor.model.batch import SequenceStep, StepInputs, StepPlan, upload
 from services.executor.model.config import ModelConfig
 from services.executor.model.fingerprint import weights_digest
 from services.executor.model.kv_cache import KVCacheGeometry
@@ -51,11 +58,13 @@ class DecoderModel(nn.Module):
 
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype = torch.float32, *,
-        batch_invariant: bool = False,
+        batch_invariant: bool = False, attention: str = "auto",
     ) -> None:
         super().__init__()
         self.config = config
         self.batch_invariant = batch_invariant
+        self.attention = attention  # a name from ATTENTION_BACKENDS
+        self._backends: dict[torch.device, PagedAttention] = {}
         self.model = DecoderBody(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -74,7 +83,61 @@ class DecoderModel(nn.Module):
         """Stable across processes and loads; changes with any weight, dtype or config field."""
         return self.config.fingerprint(weights_digest(self.state_dict()))
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def attention_backend(self) -> PagedAttention:
+        """The paged attention for the model's device and mode."""
+        device = self.device
+        if device not in self._backends:
+            self._backends[device] = attention_backend(
+                self.attention, device, queries_per_kv=self.config.queries_per_kv,
+                batch_invariant=self.batch_invariant,
+            )
+        return self._backends[device]
+
+    def plan_step(
+        self, geometry: KVCacheGeometry, batch: Sequence[SequenceStep], *,
+        all_positions: bool = False,
+    ) -> StepPlan:
+        """Validates the batch against the cache and the model (ValueError) and lays it out."""
+        self._check_cache(geometry)
+        return StepPlan.build(
+            batch,
+            block_size=geometry.block_size,
+            num_blocks=geometry.num_blocks,
+            vocab_size=self.config.vocab_size,
+            max_positions=self.config.max_position_embeddings,
+            all_positions=all_positions,
+        )
+
+    def upload(self, plan: StepPlan, extra: dict[str, torch.Tensor] | None = None
+               ) -> StepInputs:
+        """The plan's index lists, the attention backend's and `extra` (1-D CPU tensors of
+        8-byte elements), on the model's device in one copy."""
+        fields: dict[str, list[int] | torch.Tensor] = {
+            **plan.fields(), **self.attention_backend().host_fields(plan), **(extra or {})
+        }
+        return StepInputs(plan, upload(fields, self.device))
+
     @torch.inference_mode()
+    def forward(self, cache: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """Writes the step's new KV into `cache` and returns float32 logits of the plan's
+        output rows, `[len(output_rows), vocab]`; no host sync."""
+        rowwise = _in_tiles if self.batch_invariant else _at_once
+        attend = self.attention_backend().bind(inputs, self.scale)
+        x = self.model.embed_tokens(inputs["token_ids"])
+        cos, sin = self.rotary.lookup(inputs["positions"], x.dtype)
+        for index, layer in enumerate(self.model.layers):
+            q, k, v = rowwise(layer.project_qkv, x, cos, sin)
+            attended = attend(cache.select(1, index), q, k, v).flatten(1)
+            (x,) = rowwise(_single(layer.finish), x, attended)
+        if not inputs.plan.all_rows_out:
+            x = x.index_select(0, inputs["output_rows"])
+        (logits,) = rowwise(_single(self._logits), x)
+        return logits.float()
+
     def forward_step(
         self,
         cache: torch.Tensor,
@@ -87,29 +150,8 @@ class DecoderModel(nn.Module):
         Shape `[len(batch), vocab]` for each sequence's last new token, or with
         `all_positions` `[total new tokens, vocab]`, sequences in batch order.
         """
-        geometry = KVCacheGeometry.of(cache)
-        self._check_cache(geometry)
-        layout = StepLayout.build(
-            batch,
-            block_size=geometry.block_size,
-            num_blocks=geometry.num_blocks,
-            vocab_size=self.config.vocab_size,
-            max_positions=self.config.max_position_embeddings,
-        )
-        if self.batch_invariant:
-            rowwise, attention = _in_tiles, invariant_attention
-        else:
-            rowwise, attention = _at_once, batched_attention
-        x = self.model.embed_tokens(layout.token_ids)
-        for index, layer in enumerate(self.model.layers):
-            q, k, v = rowwise(partial(layer.project_qkv, rotary=self.rotary), x, layout.positions)
-            layer_cache = cache[:, index]
-            write_kv(layer_cache, layout, k, v)
-            attended = attention(layer_cache, q, layout, self.scale).flatten(1)
-            (x,) = rowwise(_single(layer.finish), x, attended)
-        wanted = x if all_positions else x[layout.last_rows]
-        (logits,) = rowwise(_single(self._logits), wanted)
-        return logits.float()
+        plan = self.plan_step(KVCacheGeometry.of(cache), batch, all_positions=all_positions)
+        return self.forward(cache, self.upload(plan))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(x))
@@ -146,7 +188,7 @@ def _in_tiles(fn: RowFn, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     rows = len(inputs[0])
     tiles = zip(*(_pad_rows(t).split(ROWS_PER_TILE) for t in inputs), strict=True)
     outputs = [fn(*tile) for tile in tiles]
-    return tuple(torch.cat(parts)[:rows] for parts in zip(*outputs, strict=True))
+    return tuple(torch.cat(parts).narrow(0, 0, rows) for parts in zip(*outputs, strict=True))
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:

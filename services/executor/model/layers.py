@@ -40,12 +40,18 @@ class RotaryTable(nn.Module):
         self.register_buffer("cos", angles.cos() * scale, persistent=False)
         self.register_buffer("sin", angles.sin() * scale, persistent=False)
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [rows, heads, head_dim]; positions: [rows]."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        first, second = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-second, first], dim=-1) * sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin `[rows, 1, head_dim]` for a step's positions, once for every layer."""
+        cos = self.cos.index_select(0, positions).unsqueeze(1).to(dtype)
+        sin = self.sin.index_select(0, positions).unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [rows, heads, head_dim]; cos and sin from `RotaryTable.lookup`."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class SelfAttentionProjections(nn.Module):
@@ -88,7 +94,7 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config)
 
     def project_qkv(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryTable
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = x.shape[0]
         h = self.input_layernorm(x)
@@ -96,7 +102,7 @@ class DecoderLayer(nn.Module):
         q = attn.q_proj(h).view(rows, self.heads, self.head_dim)
         k = attn.k_proj(h).view(rows, self.kv_heads, self.head_dim)
         v = attn.v_proj(h).view(rows, self.kv_heads, self.head_dim)
-        return rotary.rotate(q, positions), rotary.rotate(k, positions), v
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP, residual. attended: [rows, heads * head_dim]."""
