@@ -43,10 +43,11 @@ from services.executor.model import (
     DecoderModel,
     KVCacheGeometry,
     ModelConfig,
+    SamplingInputs,
     SamplingParams,
     SequenceStep,
     load_checkpoint,
-    sample,
+    sample_rows,
 )
 
 Backend = Literal["cpu", "cupy"]
@@ -370,11 +371,7 @@ class ExecutorEngine:
                 self.cache,
                 [SequenceStep(s.block_table, s.start, s.token_ids) for s in claim.sequences],
             )
-            tokens = tuple(
-                self._sample(seq, row)
-                for seq, row in zip(claim.sequences, logits, strict=True)
-                if seq.sample
-            )
+            tokens = _sample(claim.sequences, logits)
         finally:
             with self._lock:
                 self._running = None
@@ -420,12 +417,6 @@ class ExecutorEngine:
         for host in hosts:
             if not host.detached:
                 _release(host)
-
-    def _sample(self, seq: StepSequence, logits: torch.Tensor) -> SampledToken:
-        # The index of the token being sampled in the request's whole token list: the same
-        # whether or not the request was preempted or its prompt chunked.
-        chosen = sample(logits, seq.sampling, output_index=seq.end, banned=seq.banned_token_ids)
-        return SampledToken(seq.request_id, chosen.token_id, chosen.logprob)
 
     def _finish_swap(self, swap_id: int, completion: SwapCompletion) -> None:
         # Runs inside the ticket's set_result, so the blocks are free before anyone can learn
@@ -659,6 +650,38 @@ class ExecutorEngine:
                     f"{where}: device block {min(clash)} is also in swap {other.swap_id} "
                     f"({other.direction} of {other.request_id!r})"
                 )
+
+
+def _sample(sequences: Sequence[StepSequence], logits: torch.Tensor) -> tuple[SampledToken, ...]:
+    """The tokens of the sequences that sample, from their rows of `logits`: one
+    `sample_rows` call on the logits' device and one copy back."""
+    rows = [i for i, seq in enumerate(sequences) if seq.sample]
+    if not rows:
+        return ()
+    chosen = [sequences[i] for i in rows]
+    params = [seq.sampling for seq in chosen]
+    inputs = SamplingInputs.build(
+        params,
+        # The index of the token being sampled in the request's whole token list: the same
+        # whether or not the request was preempted or its prompt chunked.
+        [seq.end for seq in chosen],
+        [seq.banned_token_ids for seq in chosen],
+        logits.shape[-1],
+    )
+    token_ids, logprobs = sample_rows(
+        logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True)),
+        inputs.to(logits.device),
+        all_greedy=not any(p.temperature for p in params),
+        want_logprobs=any(p.logprobs for p in params),
+    )
+    # The logprobs, when asked for, travel bit-cast beside the tokens in the same copy.
+    parts = (token_ids,) if logprobs is None else (token_ids, logprobs.view(torch.int64))
+    host = torch.stack(parts).cpu()
+    values = host[1].view(torch.float64).tolist() if logprobs is not None else [None] * len(rows)
+    return tuple(
+        SampledToken(seq.request_id, token, value if seq.sampling.logprobs else None)
+        for seq, token, value in zip(chosen, host[0].tolist(), values, strict=True)
+    )
 
 
 def _check_range(where: str, values: Sequence[int], bound: int) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,14 @@ from services.executor.engine import (
     SwapOrder,
     copy_engine_factory,
 )
-from services.executor.model import KVCacheGeometry, load_checkpoint
+from services.executor.model import (
+    KVCacheGeometry,
+    SamplingInputs,
+    SamplingParams,
+    SequenceStep,
+    load_checkpoint,
+    sample_rows,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 4
@@ -117,6 +125,30 @@ async def test_swaps_proceed_during_a_step_except_on_its_blocks(engine: Executor
     assert torch.equal(engine.cache, before)  # the claimed step has not run yet
     engine.run_step(claim)
     engine.submit_swaps([order(1, "a", "out", [7], [0])])
+
+
+def test_a_step_samples_only_its_sampling_rows(engine: ExecutorEngine) -> None:
+    greedy = StepSequence("greedy", [0, 1], 0, [5, 6, 7], sample=True,
+                          sampling=SamplingParams(logprobs=True))
+    seeded = StepSequence("seeded", [4], 0, [8, 9], sample=True,
+                          sampling=SamplingParams(temperature=1.5, top_k=50, seed=5))
+    sequences = [greedy, seq("chunk", [2, 3], 0, 6), seeded]  # a prefill chunk samples nothing
+    logits = engine.model.forward_step(  # the step's logits, on a copy of the cache
+        engine.cache.clone(), [SequenceStep(s.block_table, s.start, s.token_ids) for s in sequences]
+    )
+    favourite = int(logits[0].argmax())
+    sequences[0] = replace(greedy, banned_token_ids=(favourite,))
+    result = engine.run_step(engine.begin_step(sequences))
+    drawn, _ = sample_rows(  # output index: the sampled token's position in the request
+        logits[2:], SamplingInputs.build([seeded.sampling], [2], [()], logits.shape[-1]),
+        all_greedy=False, want_logprobs=False,
+    )
+    runner_up = int(logits[0].masked_fill(torch.arange(logits.shape[-1]) == favourite,
+                                          -torch.inf).argmax())
+    assert [(t.request_id, t.token_id) for t in result.tokens] == [
+        ("greedy", runner_up), ("seeded", int(drawn[0]))]
+    assert result.tokens[0].logprob == float(logits[0].double().log_softmax(-1)[runner_up])
+    assert result.tokens[1].logprob is None
 
 
 def test_swaps_need_an_attached_arena(checkpoint: Path) -> None:

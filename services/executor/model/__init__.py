@@ -6,7 +6,9 @@ Typical use by the executor service::
     geometry = KVCacheGeometry.for_model(config, num_blocks=512, block_size=16)
     cache = geometry.allocate()                           # one contiguous tensor
     logits = model.forward_step(cache, [SequenceStep(block_table, start_pos, token_ids), ...])
-    token = sample(logits[i], SamplingParams(temperature=0.8, top_p=0.9, seed=7), output_index)
+    inputs = SamplingInputs.build(params, output_indices, banned, config.vocab_size)
+    tokens, logprobs = sample_rows(logits, inputs.to(logits.device),
+                                   all_greedy=False, want_logprobs=False)  # no host sync
 
 Guarantee: a sequence's logits (and so its tokens) are bit-identical however its prompt is
 chunked, whatever shares its batch and wherever its KV blocks sit, within one process.
@@ -19,7 +21,12 @@ from services.executor.model.checkpoint import CheckpointError, load_checkpoint
 from services.executor.model.config import ConfigError, ModelConfig
 from services.executor.model.decoder import ROWS_PER_TILE, DecoderModel
 from services.executor.model.kv_cache import KVCacheGeometry
-from services.executor.model.sampler import SampledToken, SamplingParams, sample
+from services.executor.model.sampler import (
+    SampledToken,
+    SamplingInputs,
+    SamplingParams,
+    sample_rows,
+)
 
 __all__ = [
     "ROWS_PER_TILE",
@@ -29,8 +36,9 @@ __all__ = [
     "KVCacheGeometry",
     "ModelConfig",
     "SampledToken",
+    "SamplingInputs",
     "SamplingParams",
     "SequenceStep",
     "load_checkpoint",
-    "sample",
+    "sample_rows",
 ]
