@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,6 +84,11 @@ def blame(request_id: str) -> Iterator[None]:
         raise
 
 
+class DeviceFailure(RuntimeError):
+    """The device or its driver failed an operation (a CUDA error); what the call had set up
+    is released."""
+
+
 class BackendUnavailable(RuntimeError):
     """The selected backend cannot run on this machine."""
 
@@ -116,6 +121,18 @@ class SampledToken:
 class StepResult:
     tokens: tuple[SampledToken, ...]
     duration_s: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LaunchedStep:
+    """A step whose device work is queued: `copied` (a host tensor, filled once `done`
+    has passed) holds the tokens of `sampled`, in order."""
+
+    claim: StepClaim
+    sampled: tuple[StepSequence, ...]
+    copied: torch.Tensor | None
+    done: Any  # a torch.cuda.Event on a CUDA device; None where the step ran synchronously
+    started_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,14 +201,17 @@ class _HostSide:
 
 
 def cache_fingerprint(
-    model_fingerprint: str, kv_dtype: torch.dtype, block_size: int, *, batch_invariant: bool
+    model_fingerprint: str, kv_dtype: torch.dtype, block_size: int, *, batch_invariant: bool,
+    attention: str, device: str,
 ) -> str:
     """Names the bytes a KV block holds: host blocks are reusable only between equal ones.
 
     The mode counts: the fast path's KV differs from the invariant path's in the last bits,
-    and reusing it would break an invariant executor's bit-exactness.
+    and reusing it would break an invariant executor's bit-exactness. So do the attention
+    backend and the device type, whose arithmetic differs in the last bits too.
     """
-    text = f"{model_fingerprint}|kv_dtype={kv_dtype}|block_size={block_size}"
+    text = (f"{model_fingerprint}|kv_dtype={kv_dtype}|block_size={block_size}"
+            f"|attention={attention}|device={device}")
     if batch_invariant:
         text += "|batch_invariant"
     return hashlib.sha256(text.encode()).hexdigest()
@@ -222,7 +242,10 @@ class ExecutorEngine:
         backend: Backend,
         copy_engine: CopyEngineFactory,
         checkpoint: Path | None = None,
+        fingerprint: str | None = None,
     ) -> None:
+        """`fingerprint` names the model's weights (`DecoderModel.fingerprint()`, computed here
+        when None: from the weights' bytes, which must then be readable on the host)."""
         self.config = config
         self.checkpoint = checkpoint  # its tokenizer and chat template live there too
         self.tokenizer_sha256 = tokenizer_fingerprint(checkpoint) if checkpoint else ""
@@ -231,10 +254,12 @@ class ExecutorEngine:
         self.geometry = KVCacheGeometry.of(cache)
         self.backend = backend
         self.fingerprint = cache_fingerprint(
-            model.fingerprint(),
+            fingerprint or model.fingerprint(),
             cache.dtype,
             self.geometry.block_size,
             batch_invariant=model.batch_invariant,
+            attention=model.attention_backend().name,
+            device=cache.device.type,
         )
         self._make_copy_engine = copy_engine
         self._lock = threading.Lock()
@@ -264,6 +289,7 @@ class ExecutorEngine:
         geometry = KVCacheGeometry.for_model(
             config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=model.dtype
         )
+        fingerprint = model.fingerprint()  # of the weights' bytes: on the host, before moving
         return cls(
             config,
             model.to(device),
@@ -271,6 +297,7 @@ class ExecutorEngine:
             backend=backend,
             copy_engine=factory,
             checkpoint=Path(checkpoint).resolve(),
+            fingerprint=fingerprint,
         )
 
     def describe(self) -> Description:
@@ -296,7 +323,8 @@ class ExecutorEngine:
 
         Attaching an attached name again changes nothing and answers as the first time did;
         one detached before is attached anew, after the others. Raises FileNotFoundError if
-        there is no such arena.
+        there is no such arena, and DeviceFailure, with nothing left attached, if the copy
+        engine cannot take it (pinning failed). Blocking: call it off the event loop.
         """
         if not name.startswith(ARENA_PREFIX):
             raise InvalidInput(f"name: {name[:64]!r} is not a FastSwitch arena (their names "
@@ -318,11 +346,14 @@ class ExecutorEngine:
                     f"needs {self.geometry.block_bytes}"
                 )
             host_view = arena_tensor(arena, self.cache.dtype, self.geometry.block_shape)
-            side = _HostSide(
-                arena,
-                self._make_copy_engine(self.cache, host_view),
-                self._hosts[-1].end if self._hosts else 0,
-            )
+            try:  # pins the arena for DMA on a GPU
+                copy = self._make_copy_engine(self.cache, host_view)
+            except Exception as exc:
+                del host_view
+                arena.close()
+                raise DeviceFailure(f"name: arena {name} could not be mapped for copies: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+            side = _HostSide(arena, copy, self._hosts[-1].end if self._hosts else 0)
             del host_view  # the copy engine holds the view it needs
             with self._lock:
                 self._hosts.append(side)
@@ -363,29 +394,72 @@ class ExecutorEngine:
 
     def run_step(self, claim: StepClaim) -> StepResult:
         """The forward pass and sampling, blocking: call it on the step worker thread."""
+        return self.collect_step(self.launch_step(claim))
+
+    def launch_step(self, claim: StepClaim) -> LaunchedStep:
+        """Queues the step's device work and the one copy back of its sampled tokens, with no
+        host sync, and records every arena's step fence after it on the stream it ran on."""
         if self._running is not claim:
-            raise RuntimeError("run_step needs the claim of the step begun last")
+            raise RuntimeError("launch_step needs the claim of the step begun last")
         started = time.perf_counter()
         try:
-            logits = self.model.forward_step(
-                self.cache,
-                [SequenceStep(s.block_table, s.start, s.token_ids) for s in claim.sequences],
+            sequences = claim.sequences
+            sampled = [seq for seq in sequences if seq.sample]
+            plan = self.model.plan_step(
+                self.geometry,
+                [SequenceStep(s.block_table, s.start, s.token_ids) for s in sequences],
             )
-            tokens = _sample(claim.sequences, logits)
+            plan = replace(plan, output_rows=[
+                plan.query_start[i + 1] - 1 for i, seq in enumerate(sequences) if seq.sample
+            ])
+            sampling = SamplingInputs.build(
+                [seq.sampling for seq in sampled],
+                # The index of the token being sampled in the request's whole token list: the
+                # same whether or not the request was preempted or its prompt chunked.
+                [seq.end for seq in sampled],
+                [seq.banned_token_ids for seq in sampled],
+                self.config.vocab_size,
+            )
+            inputs = self.model.upload(plan, sampling.named())
+            logits = self.model.forward(self.cache, inputs)
+            copied = None
+            if sampled:
+                copied = _sample_to_host(logits, SamplingInputs.from_named(inputs.tensors),
+                                         [seq.sampling for seq in sampled])
+            done = torch.cuda.Event() if _on_cuda(logits) else None
+            if done is not None:
+                done.record()
+        except BaseException:
+            self._end_step()
+            raise
+        with self._lock:
+            for side in self._hosts:
+                if not side.detached:
+                    side.fence = side.copy.step_fence()
+        return LaunchedStep(claim, tuple(sampled), copied, done, started)
+
+    def collect_step(self, launched: LaunchedStep) -> StepResult:
+        """Waits for the step's copy back and ends the step: its blocks are free for swaps
+        again (which still wait for its fence on the device)."""
+        try:
+            if launched.done is not None:
+                launched.done.synchronize()
+            tokens = _tokens(launched.sampled, launched.copied)
         finally:
-            with self._lock:
-                self._running = None
-                for side in self._hosts:
-                    if not side.detached:
-                        side.fence = side.copy.step_fence()
-        return StepResult(tokens, time.perf_counter() - started)
+            self._end_step()
+        return StepResult(tokens, time.perf_counter() - launched.started_s)
+
+    def _end_step(self) -> None:
+        with self._lock:
+            self._running = None
 
     def submit_swaps(self, orders: Sequence[SwapOrder]) -> list[int]:
         """Starts every order as one swap on its arena's copy engine, in the arena's own
         block ids, and returns their swap ids at once.
 
-        Swap-outs wait for the fence of the last finished step, so a copy never reads KV a
-        step is still writing; completions of every arena reach `subscribe()` streams.
+        Every swap waits for the fence of the last step launched before it: a swap-out never
+        reads KV a step is still writing, and a swap-in never writes blocks a step may still
+        read or write. Completions of every arena reach `subscribe()` streams.
         """
         with self._lock:
             if not any(not h.detached for h in self._hosts):
@@ -397,9 +471,7 @@ class ExecutorEngine:
                 side = self._hosts[inflight.arena]
                 starts.append((order, side, copies, side.fence))
         for order, side, copies, fence in starts:
-            after = None
-            if order.direction == "out":
-                after = fence if fence is not None else side.copy.step_fence()
+            after = fence if fence is not None else side.copy.step_fence()
             ticket = side.copy.submit(order.direction, order.request_id, copies, after)
             ticket.future.add_done_callback(
                 lambda future, swap_id=order.swap_id: self._finish_swap(swap_id, future.result())
@@ -652,36 +724,37 @@ class ExecutorEngine:
                 )
 
 
-def _sample(sequences: Sequence[StepSequence], logits: torch.Tensor) -> tuple[SampledToken, ...]:
-    """The tokens of the sequences that sample, from their rows of `logits`: one
-    `sample_rows` call on the logits' device and one copy back."""
-    rows = [i for i, seq in enumerate(sequences) if seq.sample]
-    if not rows:
-        return ()
-    chosen = [sequences[i] for i in rows]
-    params = [seq.sampling for seq in chosen]
-    inputs = SamplingInputs.build(
-        params,
-        # The index of the token being sampled in the request's whole token list: the same
-        # whether or not the request was preempted or its prompt chunked.
-        [seq.end for seq in chosen],
-        [seq.banned_token_ids for seq in chosen],
-        logits.shape[-1],
-    )
+def _sample_to_host(
+    logits: torch.Tensor, inputs: SamplingInputs, params: Sequence[SamplingParams]
+) -> torch.Tensor:
+    """Chooses every sampled row's token on the device and starts their one copy to the
+    host: `[1 or 2, rows]` int64, tokens then (when asked for) float64 logprobs' bits."""
     token_ids, logprobs = sample_rows(
-        logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True)),
-        inputs.to(logits.device),
+        logits,
+        inputs,
         all_greedy=not any(p.temperature for p in params),
         want_logprobs=any(p.logprobs for p in params),
     )
-    # The logprobs, when asked for, travel bit-cast beside the tokens in the same copy.
-    parts = (token_ids,) if logprobs is None else (token_ids, logprobs.view(torch.int64))
-    host = torch.stack(parts).cpu()
-    values = host[1].view(torch.float64).tolist() if logprobs is not None else [None] * len(rows)
+    parts = [token_ids] if logprobs is None else [token_ids, logprobs.view(torch.int64)]
+    return torch.stack(parts).to("cpu", non_blocking=True)
+
+
+def _tokens(sampled: Sequence[StepSequence], copied: torch.Tensor | None
+            ) -> tuple[SampledToken, ...]:
+    if copied is None:
+        return ()
+    token_ids = copied[0].tolist()
+    logprobs = copied[1].view(torch.float64).tolist() if len(copied) > 1 else None
     return tuple(
-        SampledToken(seq.request_id, token, value if seq.sampling.logprobs else None)
-        for seq, token, value in zip(chosen, host[0].tolist(), values, strict=True)
+        SampledToken(seq.request_id, token_ids[i],
+                     logprobs[i] if logprobs is not None and seq.sampling.logprobs else None)
+        for i, seq in enumerate(sampled)
     )
+
+
+def _on_cuda(tensor: torch.Tensor) -> bool:
+    """A real CUDA device: a fake one (FakeTensorMode on a CPU build) has no events."""
+    return tensor.device.type == "cuda" and torch.cuda.is_available()
 
 
 def _check_range(where: str, values: Sequence[int], bound: int) -> None:

@@ -22,6 +22,7 @@ from common.refusal import refusal_metadata
 from protos import executor_pb2, executor_pb2_grpc
 from services.executor.copy import CompletionStream, Direction
 from services.executor.engine import (
+    DeviceFailure,
     ExecutorEngine,
     InvalidInput,
     PreconditionFailed,
@@ -84,12 +85,15 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
     async def AttachHostArena(
         self, request: executor_pb2.AttachHostArenaRequest, context: grpc.aio.ServicerContext
     ) -> executor_pb2.AttachHostArenaResponse:
-        try:
-            attached = self._engine.attach_host_arena(request.name)
+        try:  # pinning tens of GB takes seconds: off the event loop
+            attached = await asyncio.to_thread(self._engine.attach_host_arena, request.name)
         except FileNotFoundError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"name: no arena {request.name!r}")
-        except ValueError as exc:  # not a fitting arena
+        except Refused as exc:  # not a fitting arena
             await _abort(context, exc)
+        except DeviceFailure as exc:
+            log.error("attaching host arena %s failed: %s", request.name, exc)
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         return executor_pb2.AttachHostArenaResponse(
             num_host_blocks=attached.num_blocks, first_host_block=attached.first_block
         )

@@ -158,7 +158,8 @@ async def test_describe(server: Server, stub: executor_pb2_grpc.ExecutorStub) ->
     described = await stub.Describe(pb.DescribeRequest())
     _, model = load_checkpoint(server.checkpoint)
     assert described.model_fingerprint == cache_fingerprint(
-        model.fingerprint(), torch.float32, 16, batch_invariant=True
+        model.fingerprint(), torch.float32, 16, batch_invariant=True, attention="torch",
+        device="cpu",
     )
     assert described.batch_invariant
     geometry = described.geometry
@@ -177,12 +178,16 @@ async def test_describe(server: Server, stub: executor_pb2_grpc.ExecutorStub) ->
     assert (described.host_arena, described.num_host_blocks) == (server.arena.name, HOST_BLOCKS)
 
 
-def test_kv_fingerprint_covers_cache_dtype_block_size_and_mode() -> None:
-    base = cache_fingerprint("model", torch.float32, 16, batch_invariant=False)
-    assert base != cache_fingerprint("model", torch.float16, 16, batch_invariant=False)
-    assert base != cache_fingerprint("model", torch.float32, 32, batch_invariant=False)
-    assert base != cache_fingerprint("other", torch.float32, 16, batch_invariant=False)
-    assert base != cache_fingerprint("model", torch.float32, 16, batch_invariant=True)
+def test_kv_fingerprint_covers_cache_dtype_block_size_mode_backend_and_device() -> None:
+    def named(model: str = "model", dtype: torch.dtype = torch.float32, block_size: int = 16,
+              invariant: bool = False, attention: str = "torch", device: str = "cpu") -> str:
+        return cache_fingerprint(model, dtype, block_size, batch_invariant=invariant,
+                                 attention=attention, device=device)
+
+    base = named()
+    others = [named(dtype=torch.float16), named(block_size=32), named(model="other"),
+              named(invariant=True), named(attention="triton"), named(device="cuda")]
+    assert len({base, *others}) == 1 + len(others)
 
 
 @pytest.mark.parametrize(

@@ -38,9 +38,14 @@ class CupyCopyEngine(CopyEngine["Event"]):
         with cupy.cuda.Device(self._device_id):
             self._device_bytes = cupy.from_dlpack(device.view(-1).view(torch.uint8))
             self._streams = {d: cupy.cuda.Stream(non_blocking=True) for d in DIRECTIONS}
-        self._host: torch.Tensor | None = host
-        runtime.hostRegister(host.data_ptr(), host.numel() * host.element_size(),
-                             _HOST_REGISTER_PORTABLE)
+        self._host: torch.Tensor | None = None
+        try:
+            runtime.hostRegister(host.data_ptr(), host.numel() * host.element_size(),
+                                 _HOST_REGISTER_PORTABLE)
+        except Exception:
+            super().close()  # its workers; nothing was pinned
+            raise
+        self._host = host
         device_ptr, host_ptr = self._device_bytes.data.ptr, host.data_ptr()
         self._plan = {
             "out": (device_ptr, host_ptr, runtime.memcpyDeviceToHost),

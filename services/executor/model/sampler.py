@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -80,6 +80,14 @@ class SamplingInputs:
                 dtype=torch.int64,
             ),
         )
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """The fields by name, to travel in a step's one upload (`DecoderModel.upload`)."""
+        return {f"sampling.{f.name}": getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_named(cls, tensors: Mapping[str, torch.Tensor]) -> SamplingInputs:
+        return cls(*(tensors[f"sampling.{f.name}"] for f in fields(cls)))
 
     def to(self, device: torch.device) -> SamplingInputs:
         """The same inputs on `device`, each copied without waiting."""
