@@ -137,7 +137,7 @@ def build_engine(args: argparse.Namespace, used_blocks: int) -> tuple[ExecutorEn
                                          block_size=BLOCK_SIZE, dtype=dtype)
     model = random_decoder(config, dtype=dtype, device=device)
     engine = ExecutorEngine(config, model, geometry.allocate(device), backend=args.backend,
-                            copy_engine=copy_engine)
+                            copy_engine=copy_engine, fingerprint=f"random-{args.model}")
     return engine, swap_blocks
 
 
