@@ -43,6 +43,7 @@ from services.executor.model import (
     DecoderModel,
     KVCacheGeometry,
     ModelConfig,
+    PackedInputs,
     SamplingInputs,
     SamplingParams,
     SequenceStep,
@@ -121,6 +122,16 @@ class SampledToken:
 class StepResult:
     tokens: tuple[SampledToken, ...]
     duration_s: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PreparedStep:
+    """A step's host work done: `packed` holds everything its device work reads."""
+
+    claim: StepClaim
+    sampled: tuple[StepSequence, ...]
+    packed: PackedInputs
+    started_s: float
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -280,12 +291,15 @@ class ExecutorEngine:
         backend: Backend = "cpu",
         dtype: torch.dtype | None = None,
         batch_invariant: bool = False,
+        attention: str = "auto",
     ) -> ExecutorEngine:
-        """The checkpoint on the backend's device, in the fast or the batch-invariant mode;
-        dtype of weights and KV cache, or None: the checkpoint's (see `load_checkpoint`)."""
+        """The checkpoint on the backend's device, in the fast or the batch-invariant mode,
+        with the named attention backend (`ATTENTION_BACKENDS`); dtype of weights and KV
+        cache, or None: the checkpoint's (see `load_checkpoint`)."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
-        config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant)
+        config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant,
+                                        attention=attention)
         geometry = KVCacheGeometry.for_model(
             config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=model.dtype
         )
@@ -394,17 +408,17 @@ class ExecutorEngine:
 
     def run_step(self, claim: StepClaim) -> StepResult:
         """The forward pass and sampling, blocking: call it on the step worker thread."""
-        return self.collect_step(self.launch_step(claim))
+        return self.collect_step(self.launch_step(self.prepare_step(claim)))
 
-    def launch_step(self, claim: StepClaim) -> LaunchedStep:
-        """Queues the step's device work and the one copy back of its sampled tokens, with no
-        host sync, and records every arena's step fence after it on the stream it ran on."""
+    def prepare_step(self, claim: StepClaim) -> PreparedStep:
+        """The step's host work: its layout, its sampling draws and the one buffer that
+        carries them to the device. Ends the step if it raises."""
         if self._running is not claim:
-            raise RuntimeError("launch_step needs the claim of the step begun last")
+            raise RuntimeError("prepare_step needs the claim of the step begun last")
         started = time.perf_counter()
         try:
             sequences = claim.sequences
-            sampled = [seq for seq in sequences if seq.sample]
+            sampled = tuple(seq for seq in sequences if seq.sample)
             plan = self.model.plan_step(
                 self.geometry,
                 [SequenceStep(s.block_table, s.start, s.token_ids) for s in sequences],
@@ -420,12 +434,25 @@ class ExecutorEngine:
                 [seq.banned_token_ids for seq in sampled],
                 self.config.vocab_size,
             )
-            inputs = self.model.upload(plan, sampling.named())
+            packed = self.model.pack(plan, sampling.named())
+        except BaseException:
+            self._end_step()
+            raise
+        return PreparedStep(claim, sampled, packed, started)
+
+    def launch_step(self, prepared: PreparedStep) -> LaunchedStep:
+        """Queues the step's device work and the one copy back of its sampled tokens, with no
+        host sync, and records every arena's step fence after it on the stream it ran on.
+        Ends the step if it raises."""
+        if self._running is not prepared.claim:
+            raise RuntimeError("launch_step needs the step begun last")
+        try:
+            inputs = prepared.packed.to(self.model.device)
             logits = self.model.forward(self.cache, inputs)
             copied = None
-            if sampled:
+            if prepared.sampled:
                 copied = _sample_to_host(logits, SamplingInputs.from_named(inputs.tensors),
-                                         [seq.sampling for seq in sampled])
+                                         [seq.sampling for seq in prepared.sampled])
             done = torch.cuda.Event() if _on_cuda(logits) else None
             if done is not None:
                 done.record()
@@ -436,7 +463,7 @@ class ExecutorEngine:
             for side in self._hosts:
                 if not side.detached:
                     side.fence = side.copy.step_fence()
-        return LaunchedStep(claim, tuple(sampled), copied, done, started)
+        return LaunchedStep(prepared.claim, prepared.sampled, copied, done, prepared.started_s)
 
     def collect_step(self, launched: LaunchedStep) -> StepResult:
         """Waits for the step's copy back and ends the step: its blocks are free for swaps
