@@ -6,6 +6,8 @@ Without --checkpoint it serves the tiny random Llama (services/executor/model/ti
 generated once into $FASTSWITCH_CACHE/tiny-llama-2 (default ~/.cache/fastswitch).
 Steps take the fast path unless --batch-invariant (FASTSWITCH_EXECUTOR_BATCH_INVARIANT=1)
 asks for bit-identical results whatever the batch, as bit-exact preemption tests need.
+With --backend cupy, decode-only steps replay CUDA graphs unless --no-cuda-graphs
+(FASTSWITCH_EXECUTOR_CUDA_GRAPHS=0); the CPU backend ignores the flag.
 
 It serves only the scheduler: it listens on 127.0.0.1 unless --listen says otherwise, and
 with an internal token (FASTSWITCH_INTERNAL_TOKEN or FASTSWITCH_INTERNAL_TOKEN_FILE, shared
@@ -78,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=env("batch-invariant", None) or "false",
                         help="bit-identical steps whatever the batch, at a cost in speed "
                              "(default: the fast path)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                        default=env("cuda-graphs", None) or "true",
+                        help="replay decode-only steps as CUDA graphs (--backend cupy only; "
+                             "default: on)")
     parser.add_argument("--metrics-port", type=int, default=int(env("metrics-port", "0")),
                         help="port of the Prometheus /metrics endpoint (0: off)")
     parser.add_argument("--internal-token",
@@ -94,11 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "[env FASTSWITCH_INSECURE=1]")
     add_server_flags(parser, os.environ)
     args = parser.parse_args(argv)
-    if isinstance(args.batch_invariant, str):  # the env default, not the flag
-        if args.batch_invariant.lower() not in BOOLEANS:
-            parser.error(f"{ENV_PREFIX}BATCH_INVARIANT={args.batch_invariant!r} is not one of "
-                         f"{sorted(BOOLEANS)}")
-        args.batch_invariant = BOOLEANS[args.batch_invariant.lower()]
+    for flag in ("batch_invariant", "cuda_graphs"):
+        value = getattr(args, flag)
+        if isinstance(value, str):  # the env default, not the flag
+            if value.lower() not in BOOLEANS:
+                parser.error(f"{ENV_PREFIX}{flag.upper()}={value!r} is not one of "
+                             f"{sorted(BOOLEANS)}")
+            setattr(args, flag, BOOLEANS[value.lower()])
     for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES)):
         value = getattr(args, flag)
         if value not in allowed:  # argparse checks choices of flags, not of env defaults
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             backend=args.backend,
             dtype=DTYPES[args.dtype],
             batch_invariant=args.batch_invariant,
+            cuda_graphs=args.cuda_graphs,
         )
     except BackendUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -158,10 +167,10 @@ def main(argv: list[str] | None = None) -> None:
                 engine.attach_host_arena(args.host_arena)
             except (OSError, ValueError, PreconditionFailed) as exc:  # ValueError: InvalidInput
                 raise SystemExit(f"error: --host-arena {args.host_arena}: {exc}") from None
-        log.info("serving %s (%s, %d device blocks, %s, fingerprint %s)", checkpoint,
+        log.info("serving %s (%s, %d device blocks, %s%s, fingerprint %s)", checkpoint,
                  args.backend, args.num_gpu_blocks,
                  "batch-invariant" if args.batch_invariant else "fast path",
-                 engine.fingerprint[:16])
+                 ", CUDA graphs" if engine.cuda_graphs else "", engine.fingerprint[:16])
         uvloop.run(serve(args, engine, token, tls))
     finally:
         engine.close()

@@ -23,7 +23,7 @@ import hashlib
 import importlib.util
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +49,8 @@ from services.executor.model import (
     load_checkpoint,
     sample_rows,
 )
+from services.executor.model.batch import StepPlan
+from services.executor.model.cuda_graphs import DecodeGraphs
 
 Backend = Literal["cpu", "cupy"]
 BACKENDS: tuple[Backend, ...] = ("cpu", "cupy")
@@ -243,9 +245,12 @@ class ExecutorEngine:
         copy_engine: CopyEngineFactory,
         checkpoint: Path | None = None,
         fingerprint: str | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         """`fingerprint` names the model's weights (`DecoderModel.fingerprint()`, computed here
-        when None: from the weights' bytes, which must then be readable on the host)."""
+        when None: from the weights' bytes, which must then be readable on the host).
+        `cuda_graphs`: replay decode-only steps as CUDA graphs where `DecodeGraphs` can (a
+        CUDA device and Triton attention); ignored elsewhere."""
         self.config = config
         self.checkpoint = checkpoint  # its tokenizer and chat template live there too
         self.tokenizer_sha256 = tokenizer_fingerprint(checkpoint) if checkpoint else ""
@@ -261,6 +266,8 @@ class ExecutorEngine:
             attention=model.attention_backend().name,
             device=cache.device.type,
         )
+        self._graphs = (DecodeGraphs(model, cache)
+                        if cuda_graphs and DecodeGraphs.supported(model, cache) else None)
         self._make_copy_engine = copy_engine
         self._lock = threading.Lock()
         self._swap_finished = threading.Condition(self._lock)
@@ -280,9 +287,11 @@ class ExecutorEngine:
         backend: Backend = "cpu",
         dtype: torch.dtype | None = None,
         batch_invariant: bool = False,
+        cuda_graphs: bool = True,
     ) -> ExecutorEngine:
         """The checkpoint on the backend's device, in the fast or the batch-invariant mode;
-        dtype of weights and KV cache, or None: the checkpoint's (see `load_checkpoint`)."""
+        dtype of weights and KV cache, or None: the checkpoint's (see `load_checkpoint`);
+        decode steps replayed as CUDA graphs with `cuda_graphs` and the cupy backend."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
         config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant)
@@ -298,7 +307,14 @@ class ExecutorEngine:
             copy_engine=factory,
             checkpoint=Path(checkpoint).resolve(),
             fingerprint=fingerprint,
+            cuda_graphs=cuda_graphs,
         )
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode-only steps replay CUDA graphs: asked for, possible here, and none
+        has failed."""
+        return self._graphs is not None and self._graphs.enabled
 
     def describe(self) -> Description:
         hosts = [h for h in self._hosts if not h.detached]
@@ -420,11 +436,10 @@ class ExecutorEngine:
                 [seq.banned_token_ids for seq in sampled],
                 self.config.vocab_size,
             )
-            inputs = self.model.upload(plan, sampling.named())
-            logits = self.model.forward(self.cache, inputs)
+            logits, tensors = self._forward(plan, sampling.named())
             copied = None
             if sampled:
-                copied = _sample_to_host(logits, SamplingInputs.from_named(inputs.tensors),
+                copied = _sample_to_host(logits, SamplingInputs.from_named(tensors),
                                          [seq.sampling for seq in sampled])
             done = torch.cuda.Event() if _on_cuda(logits) else None
             if done is not None:
@@ -437,6 +452,16 @@ class ExecutorEngine:
                 if not side.detached:
                     side.fence = side.copy.step_fence()
         return LaunchedStep(claim, tuple(sampled), copied, done, started)
+
+    def _forward(self, plan: StepPlan, extra: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        """The plan's logits and its fields on the device, `extra`'s included: from a decode
+        graph where one can replay the step, else eagerly."""
+        replayed = self._graphs.run(plan, extra) if self._graphs is not None else None
+        if replayed is not None:
+            return replayed
+        inputs = self.model.upload(plan, extra)
+        return self.model.forward(self.cache, inputs), inputs.tensors
 
     def collect_step(self, launched: LaunchedStep) -> StepResult:
         """Waits for the step's copy back and ends the step: its blocks are free for swaps

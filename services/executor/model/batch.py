@@ -146,28 +146,46 @@ class StepInputs:
 
 def upload(fields: Mapping[str, Sequence[int] | torch.Tensor], device: torch.device
            ) -> dict[str, torch.Tensor]:
-    """Packs `fields` (int lists, or 1-D CPU tensors of 8-byte elements: int64 or float64)
-    into one host buffer, pinned when the device is CUDA, and moves it with one
-    non-blocking copy; returns a view per field, each in its own dtype.
+    """Packs `fields` into one host buffer (`pack`), pinned when the device is CUDA, and
+    moves it with one non-blocking copy; returns a view per field (`unpack`).
 
     The pinned buffer comes from torch's caching host allocator, which does not hand it out
     again before the copy from it has run, so a later upload never overwrites this one's
     bytes in flight.
     """
+    host = pack(fields, pin=device.type == "cuda")
+    return unpack(host.to(device, non_blocking=True), fields)
+
+
+def pack(fields: Mapping[str, Sequence[int] | torch.Tensor], *, pin: bool) -> torch.Tensor:
+    """`fields` (int lists, or 1-D CPU tensors of 8-byte elements: int64 or float64) end to
+    end, in order, in one int64 host buffer, pinned if `pin`."""
     parts = [
         value.reshape(-1).view(torch.int64) if isinstance(value, torch.Tensor)
         else torch.tensor(value, dtype=torch.int64)
         for value in fields.values()
     ]
-    sizes = [len(part) for part in parts]
-    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
+    host = torch.empty(sum(len(part) for part in parts), dtype=torch.int64, pin_memory=pin)
     torch.cat(parts, out=host)
-    flat = host.to(device, non_blocking=True)
+    return host
+
+
+def unpack(flat: torch.Tensor, fields: Mapping[str, Sequence[int] | torch.Tensor]
+           ) -> dict[str, torch.Tensor]:
+    """A view of `flat` (laid out as `pack(fields)`, on any device) per field, each in its
+    own dtype; `flat` must hold exactly the fields."""
     views = {}
-    for (name, value), part in zip(fields.items(), flat.split(sizes), strict=True):
+    for (name, value), part in zip(fields.items(), flat.split(field_sizes(fields)),
+                                   strict=True):
         dtype = value.dtype if isinstance(value, torch.Tensor) else torch.int64
         views[name] = part.view(dtype)
     return views
+
+
+def field_sizes(fields: Mapping[str, Sequence[int] | torch.Tensor]) -> list[int]:
+    """The int64 elements each field takes in `pack`'s buffer."""
+    return [value.numel() if isinstance(value, torch.Tensor) else len(value)
+            for value in fields.values()]
 
 
 def _validate(

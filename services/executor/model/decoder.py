@@ -30,7 +30,7 @@ another (`attention=`); which one ran is part of what names a cache's bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -112,14 +112,16 @@ class DecoderModel(nn.Module):
             all_positions=all_positions,
         )
 
-    def upload(self, plan: StepPlan, extra: dict[str, torch.Tensor] | None = None
+    def step_fields(self, plan: StepPlan, extra: Mapping[str, torch.Tensor] | None = None
+                    ) -> dict[str, list[int] | torch.Tensor]:
+        """What a step moves to the device, in order: the plan's index lists, the attention
+        backend's and `extra` (1-D CPU tensors of 8-byte elements)."""
+        return {**plan.fields(), **self.attention_backend().host_fields(plan), **(extra or {})}
+
+    def upload(self, plan: StepPlan, extra: Mapping[str, torch.Tensor] | None = None
                ) -> StepInputs:
-        """The plan's index lists, the attention backend's and `extra` (1-D CPU tensors of
-        8-byte elements), on the model's device in one copy."""
-        fields: dict[str, list[int] | torch.Tensor] = {
-            **plan.fields(), **self.attention_backend().host_fields(plan), **(extra or {})
-        }
-        return StepInputs(plan, upload(fields, self.device))
+        """The step's fields (`step_fields`) on the model's device in one copy."""
+        return StepInputs(plan, upload(self.step_fields(plan, extra), self.device))
 
     @torch.inference_mode()
     def forward(self, cache: torch.Tensor, inputs: StepInputs) -> torch.Tensor:

@@ -1,0 +1,196 @@
+"""Decode graphs (`cuda_graphs.py`) on the CPU: which steps replay, how a plan is padded to its
+bucket and, with the Triton kernels under the interpreter and an eager stand-in for the
+captured graph, that a replayed step gives the eager step's logits and KV and moves the
+fields `upload` moves; a graph that fails turns graphs off after one warning. The capture
+itself needs a CUDA device: `make gpu-check`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.executor.model.triton_interpreter import use_interpreter
+
+use_interpreter()  # before the model's Triton backend imports triton_attention
+
+from services.executor.model import (  # noqa: E402
+    DecoderModel,
+    KVCacheGeometry,
+    SamplingInputs,
+    SamplingParams,
+    SequenceStep,
+    load_checkpoint,
+)
+from services.executor.model.batch import StepInputs, StepPlan  # noqa: E402
+from services.executor.model.cuda_graphs import (  # noqa: E402
+    BUCKETS,
+    DecodeGraphs,
+    bucket_for,
+    pad_decode_plan,
+    replayable,
+)
+
+BLOCK = 4
+NUM_BLOCKS = 24
+# Three sequences: (block table, prompt length). Block 0 is no one's: padding reads it.
+SEQUENCES = [([1, 2], 5), ([3, 4, 5], 9), ([6], 2)]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["fast", "invariant"])
+def model(checkpoint: Path, request: pytest.FixtureRequest) -> DecoderModel:
+    model = load_checkpoint(checkpoint, batch_invariant=request.param)[1]
+    model.attention = "triton"
+    return model
+
+
+def geometry(model: DecoderModel) -> KVCacheGeometry:
+    return KVCacheGeometry.for_model(model.config, num_blocks=NUM_BLOCKS, block_size=BLOCK,
+                                     dtype=model.dtype)
+
+
+def prefilled(model: DecoderModel) -> torch.Tensor:
+    """A cache of stale NaN bytes but for the prompts' KV."""
+    cache = geometry(model).allocate().fill_(math.nan)
+    model.forward_step(cache, [SequenceStep(table, 0, list(range(7, 7 + length)))
+                               for table, length in SEQUENCES])
+    return cache
+
+
+def decode_plan(model: DecoderModel, sequences: list[tuple[list[int], int]], token: int
+                ) -> StepPlan:
+    """One new token for each sequence, at its length."""
+    batch = [SequenceStep(table, length, [token + i]) for i, (table, length) in
+             enumerate(sequences)]
+    return model.plan_step(geometry(model), batch)
+
+
+def sampling(model: DecoderModel, rows: int) -> dict[str, torch.Tensor]:
+    """Each row's own params and one banned token."""
+    params = [SamplingParams(temperature=0.5 * i, seed=i) for i in range(rows)]
+    return SamplingInputs.build(params, list(range(rows)), [[i] for i in range(rows)],
+                                model.config.vocab_size).named()
+
+
+def test_a_batch_takes_the_smallest_bucket_that_holds_it() -> None:
+    assert [bucket_for(n) for n in (1, 2, 3, 4, 5, 17, 128)] == [1, 2, 4, 4, 8, 32, 128]
+    assert bucket_for(BUCKETS[-1] + 1) is None
+
+
+def test_only_decode_steps_within_the_width_replay(model: DecoderModel) -> None:
+    decode = decode_plan(model, SEQUENCES, 40)
+    assert replayable(decode, width=3)
+    assert not replayable(decode, width=2)  # the second sequence has 3 blocks
+    mixed = model.plan_step(geometry(model), [SequenceStep([1, 2], 5, [40]),
+                                              SequenceStep([3, 4, 5], 0, [41, 42])])
+    assert not replayable(mixed, width=3)
+    assert not replayable(replace(decode, output_rows=[0, 2]), width=3)
+    assert not replayable(pad_decode_plan(decode, BUCKETS[-1] + 1, 3), width=3)
+
+
+def test_padding_keeps_the_real_rows_and_writes_nothing(model: DecoderModel) -> None:
+    plan = decode_plan(model, SEQUENCES, 40)
+    padded = pad_decode_plan(plan, 4, width=5)
+    n = plan.num_seqs
+    for name in ("token_ids", "positions", "slots", "row_seq", "seq_lens"):
+        assert getattr(padded, name)[:n] == getattr(plan, name)
+    assert padded.query_start == [0, 1, 2, 3, 4]
+    assert (padded.token_ids[n:], padded.positions[n:], padded.slots[n:],
+            padded.seq_lens[n:]) == ([0], [0], [-1], [1])
+    assert padded.output_rows == [0, 1, 2, 3]
+    assert (padded.width, padded.max_query, padded.block_size) == (5, 1, BLOCK)
+    table = [padded.block_table[s * 5:(s + 1) * 5] for s in range(4)]
+    assert table == [[1, 2, 0, 0, 0], [3, 4, 5, 0, 0], [6, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
+    tiles = model.attention_backend().host_fields(padded)
+    assert tiles == {"tile_seq": [0, 1, 2, 3], "tile_first": [0, 0, 0, 0],
+                     "tile_blocks": [2, 3, 1, 1]}
+
+
+class EagerGraph:
+    """Stands in for a captured CUDA graph on the CPU: each replay runs the forward it was
+    recorded over again, over the same input tensors, into the same output tensor."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor]) -> None:
+        self.forward = forward
+        self.logits = forward()
+
+    def replay(self) -> None:
+        with torch.inference_mode():
+            self.logits.copy_(self.forward())
+
+
+class CpuDecodeGraphs(DecodeGraphs):
+    recorded = 0
+
+    def _record(  # type: ignore[override]
+        self, inputs: StepInputs
+    ) -> tuple[EagerGraph, torch.Tensor]:
+        self.recorded += 1
+        graph = EagerGraph(lambda: self.model.forward(self.cache, inputs))
+        return graph, graph.logits
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, exact: bool) -> None:
+    if exact:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        torch.testing.assert_close(actual, expected, equal_nan=True)
+
+
+def test_replayed_steps_give_the_eager_logits_kv_and_fields(model: DecoderModel) -> None:
+    eager_cache = prefilled(model)
+    graphs = CpuDecodeGraphs(model, eager_cache.clone())
+    exact = model.batch_invariant
+    lengths = {table[0]: length for table, length in SEQUENCES}
+    steps = [SEQUENCES, SEQUENCES[:1], SEQUENCES]  # buckets 4, 1, then 4 again
+    for token, sequences in enumerate(steps, start=40):
+        sequences = [(table, lengths[table[0]]) for table, _ in sequences]
+        plan = decode_plan(model, sequences, token)
+        extra = sampling(model, plan.num_seqs)
+        inputs = model.upload(plan, extra)
+        expected = model.forward(eager_cache, inputs)
+        replayed = graphs.run(plan, extra)
+        assert replayed is not None
+        logits, tensors = replayed
+        assert logits.shape == expected.shape
+        assert_same(logits, expected, exact)
+        assert_same(graphs.cache, eager_cache, exact)
+        padded = pad_decode_plan(plan, bucket_for(plan.num_seqs) or 0, graphs.width)
+        uploaded = model.upload(padded, extra).tensors
+        assert tensors.keys() == uploaded.keys()
+        for name, tensor in uploaded.items():
+            assert torch.equal(tensors[name], tensor), name
+        for table, _ in sequences:
+            lengths[table[0]] += 1
+    assert graphs.recorded == 2
+
+
+def test_a_failing_graph_turns_graphs_off_after_one_warning(
+    model: DecoderModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = prefilled(model)
+    before = cache.clone()
+    graphs = DecodeGraphs(model, cache)  # on the CPU, capture raises
+    plan = decode_plan(model, SEQUENCES, 40)
+    with caplog.at_level(logging.WARNING, logger="services.executor.model.cuda_graphs"):
+        assert graphs.run(plan, sampling(model, plan.num_seqs)) is None
+        assert not graphs.enabled
+        assert graphs.run(plan, sampling(model, plan.num_seqs)) is None
+    assert len(caplog.records) == 1
+    assert "CUDA graphs are off for this process" in caplog.records[0].getMessage()
+    torch.testing.assert_close(cache, before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_steps_past_the_extra_capacity_run_eagerly(model: DecoderModel) -> None:
+    graphs = CpuDecodeGraphs(model, prefilled(model), extra_capacity=64)
+    plan = decode_plan(model, SEQUENCES, 40)
+    too_many = {"sampling.banned": torch.zeros(100_000, dtype=torch.int64)}
+    assert graphs.run(plan, too_many) is None
+    assert graphs.enabled and graphs.recorded == 0
+    assert graphs.run(plan, sampling(model, plan.num_seqs)) is not None
+
