@@ -6,8 +6,8 @@ Without --checkpoint it serves the tiny random Llama (services/executor/model/ti
 generated once into $FASTSWITCH_CACHE/tiny-llama-2 (default ~/.cache/fastswitch).
 Steps take the fast path unless --batch-invariant (FASTSWITCH_EXECUTOR_BATCH_INVARIANT=1)
 asks for bit-identical results whatever the batch, as bit-exact preemption tests need.
-With --backend cupy, decode-only steps replay CUDA graphs unless --no-cuda-graphs
-(FASTSWITCH_EXECUTOR_CUDA_GRAPHS=0); the CPU backend ignores the flag.
+With --backend cupy and Triton attention, decode-only steps replay CUDA graphs unless
+--no-cuda-graphs (FASTSWITCH_EXECUTOR_CUDA_GRAPHS=0); the CPU backend ignores the flag.
 
 It serves only the scheduler: it listens on 127.0.0.1 unless --listen says otherwise, and
 with an internal token (FASTSWITCH_INTERNAL_TOKEN or FASTSWITCH_INTERNAL_TOKEN_FILE, shared
@@ -38,6 +38,7 @@ from services.executor.engine import (
     PreconditionFailed,
 )
 from services.executor.metrics import ExecutorMetrics
+from services.executor.model.attention import ATTENTION_BACKENDS
 from services.executor.model.tiny_checkpoint import tiny_checkpoint
 from services.executor.service import SERVICE_NAME, ExecutorService, add_to_server
 
@@ -84,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=env("cuda-graphs", None) or "true",
                         help="replay decode-only steps as CUDA graphs (--backend cupy only; "
                              "default: on)")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=env("attention", "auto"),
+                        help="paged attention: auto (triton on CUDA, torch on CPU), torch, "
+                             "or triton")
     parser.add_argument("--metrics-port", type=int, default=int(env("metrics-port", "0")),
                         help="port of the Prometheus /metrics endpoint (0: off)")
     parser.add_argument("--internal-token",
@@ -107,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"{ENV_PREFIX}{flag.upper()}={value!r} is not one of "
                              f"{sorted(BOOLEANS)}")
             setattr(args, flag, BOOLEANS[value.lower()])
-    for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES)):
+    for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES),
+                          ("attention", ATTENTION_BACKENDS)):
         value = getattr(args, flag)
         if value not in allowed:  # argparse checks choices of flags, not of env defaults
             parser.error(f"{ENV_PREFIX}{flag.upper()}={value!r} is not one of {sorted(allowed)}")
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             backend=args.backend,
             dtype=DTYPES[args.dtype],
             batch_invariant=args.batch_invariant,
+            attention=args.attention,
             cuda_graphs=args.cuda_graphs,
         )
     except BackendUnavailable as exc:
@@ -167,9 +173,10 @@ def main(argv: list[str] | None = None) -> None:
                 engine.attach_host_arena(args.host_arena)
             except (OSError, ValueError, PreconditionFailed) as exc:  # ValueError: InvalidInput
                 raise SystemExit(f"error: --host-arena {args.host_arena}: {exc}") from None
-        log.info("serving %s (%s, %d device blocks, %s%s, fingerprint %s)", checkpoint,
-                 args.backend, args.num_gpu_blocks,
+        log.info("serving %s (%s, %d device blocks, %s, %s attention%s, fingerprint %s)",
+                 checkpoint, args.backend, args.num_gpu_blocks,
                  "batch-invariant" if args.batch_invariant else "fast path",
+                 engine.model.attention_backend().name,
                  ", CUDA graphs" if engine.cuda_graphs else "", engine.fingerprint[:16])
         uvloop.run(serve(args, engine, token, tls))
     finally:

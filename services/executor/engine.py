@@ -23,7 +23,7 @@ import hashlib
 import importlib.util
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,13 +43,13 @@ from services.executor.model import (
     DecoderModel,
     KVCacheGeometry,
     ModelConfig,
+    PackedInputs,
     SamplingInputs,
     SamplingParams,
     SequenceStep,
     load_checkpoint,
     sample_rows,
 )
-from services.executor.model.batch import StepPlan
 from services.executor.model.cuda_graphs import DecodeGraphs
 
 Backend = Literal["cpu", "cupy"]
@@ -123,6 +123,17 @@ class SampledToken:
 class StepResult:
     tokens: tuple[SampledToken, ...]
     duration_s: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PreparedStep:
+    """A step's host work done: `packed` holds everything its device work reads."""
+
+    claim: StepClaim
+    sampled: tuple[StepSequence, ...]
+    packed: PackedInputs
+    started_s: float
+    graphs: DecodeGraphs | None = None  # set: `packed` is padded to a bucket they replay
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -287,14 +298,17 @@ class ExecutorEngine:
         backend: Backend = "cpu",
         dtype: torch.dtype | None = None,
         batch_invariant: bool = False,
+        attention: str = "auto",
         cuda_graphs: bool = True,
     ) -> ExecutorEngine:
-        """The checkpoint on the backend's device, in the fast or the batch-invariant mode;
-        dtype of weights and KV cache, or None: the checkpoint's (see `load_checkpoint`);
-        decode steps replayed as CUDA graphs with `cuda_graphs` and the cupy backend."""
+        """The checkpoint on the backend's device, in the fast or the batch-invariant mode,
+        with the named attention backend (`ATTENTION_BACKENDS`); dtype of weights and KV
+        cache, or None: the checkpoint's (see `load_checkpoint`); decode steps replayed as
+        CUDA graphs with `cuda_graphs`, the cupy backend and Triton attention."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
-        config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant)
+        config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant,
+                                        attention=attention)
         geometry = KVCacheGeometry.for_model(
             config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=model.dtype
         )
@@ -410,17 +424,17 @@ class ExecutorEngine:
 
     def run_step(self, claim: StepClaim) -> StepResult:
         """The forward pass and sampling, blocking: call it on the step worker thread."""
-        return self.collect_step(self.launch_step(claim))
+        return self.collect_step(self.launch_step(self.prepare_step(claim)))
 
-    def launch_step(self, claim: StepClaim) -> LaunchedStep:
-        """Queues the step's device work and the one copy back of its sampled tokens, with no
-        host sync, and records every arena's step fence after it on the stream it ran on."""
+    def prepare_step(self, claim: StepClaim) -> PreparedStep:
+        """The step's host work: its layout, its sampling draws and the one buffer that
+        carries them to the device. Ends the step if it raises."""
         if self._running is not claim:
-            raise RuntimeError("launch_step needs the claim of the step begun last")
+            raise RuntimeError("prepare_step needs the claim of the step begun last")
         started = time.perf_counter()
         try:
             sequences = claim.sequences
-            sampled = [seq for seq in sequences if seq.sample]
+            sampled = tuple(seq for seq in sequences if seq.sample)
             plan = self.model.plan_step(
                 self.geometry,
                 [SequenceStep(s.block_table, s.start, s.token_ids) for s in sequences],
@@ -436,11 +450,31 @@ class ExecutorEngine:
                 [seq.banned_token_ids for seq in sampled],
                 self.config.vocab_size,
             )
-            logits, tensors = self._forward(plan, sampling.named())
+            extra = sampling.named()
+            graphed = self._graphs.pack(plan, extra) if self._graphs is not None else None
+            packed = graphed or self.model.pack(plan, extra)
+        except BaseException:
+            self._end_step()
+            raise
+        return PreparedStep(claim, sampled, packed, started,
+                            self._graphs if graphed is not None else None)
+
+    def launch_step(self, prepared: PreparedStep) -> LaunchedStep:
+        """Queues the step's device work and the one copy back of its sampled tokens, with no
+        host sync, and records every arena's step fence after it on the stream it ran on.
+        Ends the step if it raises."""
+        if self._running is not prepared.claim:
+            raise RuntimeError("launch_step needs the step begun last")
+        try:
+            if prepared.graphs is not None:
+                logits, inputs = prepared.graphs.launch(prepared.packed, len(prepared.sampled))
+            else:
+                inputs = prepared.packed.to(self.model.device)
+                logits = self.model.forward(self.cache, inputs)
             copied = None
-            if sampled:
-                copied = _sample_to_host(logits, SamplingInputs.from_named(tensors),
-                                         [seq.sampling for seq in sampled])
+            if prepared.sampled:
+                copied = _sample_to_host(logits, SamplingInputs.from_named(inputs.tensors),
+                                         [seq.sampling for seq in prepared.sampled])
             done = torch.cuda.Event() if _on_cuda(logits) else None
             if done is not None:
                 done.record()
@@ -451,17 +485,7 @@ class ExecutorEngine:
             for side in self._hosts:
                 if not side.detached:
                     side.fence = side.copy.step_fence()
-        return LaunchedStep(claim, tuple(sampled), copied, done, started)
-
-    def _forward(self, plan: StepPlan, extra: dict[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
-        """The plan's logits and its fields on the device, `extra`'s included: from a decode
-        graph where one can replay the step, else eagerly."""
-        replayed = self._graphs.run(plan, extra) if self._graphs is not None else None
-        if replayed is not None:
-            return replayed
-        inputs = self.model.upload(plan, extra)
-        return self.model.forward(self.cache, inputs), inputs.tensors
+        return LaunchedStep(prepared.claim, prepared.sampled, copied, done, prepared.started_s)
 
     def collect_step(self, launched: LaunchedStep) -> StepResult:
         """Waits for the step's copy back and ends the step: its blocks are free for swaps

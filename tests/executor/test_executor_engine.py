@@ -159,17 +159,6 @@ def test_swaps_need_an_attached_arena(checkpoint: Path) -> None:
         bare.submit_swaps([order(1, "a", "out", [0], [0])])
 
 
-def test_cuda_graphs_asked_for_without_cuda_leave_steps_eager(checkpoint: Path) -> None:
-    engine = ExecutorEngine.load(checkpoint, num_gpu_blocks=4, block_size=BLOCK_SIZE,
-                                 cuda_graphs=True)
-    assert not engine.cuda_graphs
-    prompt = StepSequence("a", [0, 1], 0, [5, 6, 7], sample=True)
-    decode = StepSequence("a", [0, 1], 3, [8], sample=True)
-    assert len(engine.run_step(engine.begin_step([prompt])).tokens) == 1
-    assert len(engine.run_step(engine.begin_step([decode])).tokens) == 1
-    engine.close()
-
-
 def test_load_takes_the_checkpoints_dtype_and_describes_the_folder(
     tmp_path: Path, checkpoint: Path
 ) -> None:

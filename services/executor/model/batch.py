@@ -144,48 +144,53 @@ class StepInputs:
         return self.tensors[name]
 
 
-def upload(fields: Mapping[str, Sequence[int] | torch.Tensor], device: torch.device
-           ) -> dict[str, torch.Tensor]:
-    """Packs `fields` into one host buffer (`pack`), pinned when the device is CUDA, and
-    moves it with one non-blocking copy; returns a view per field (`unpack`).
+@dataclass(frozen=True, slots=True)
+class PackedInputs:
+    """A step's index lists packed on the host in one int64 buffer, pinned where CUDA is, so
+    they reach the device in one non-blocking copy (`to`). Packing is host work only."""
 
-    The pinned buffer comes from torch's caching host allocator, which does not hand it out
-    again before the copy from it has run, so a later upload never overwrites this one's
-    bytes in flight.
-    """
-    host = pack(fields, pin=device.type == "cuda")
-    return unpack(host.to(device, non_blocking=True), fields)
+    plan: StepPlan
+    buffer: torch.Tensor
+    layout: tuple[tuple[str, int, torch.dtype], ...]  # (name, length, dtype), in order
 
+    @classmethod
+    def pack(cls, plan: StepPlan, fields: Mapping[str, Sequence[int] | torch.Tensor]
+             ) -> PackedInputs:
+        """`fields`: int lists, or 1-D CPU tensors of 8-byte elements (int64 or float64),
+        each viewed back in its own dtype on the device."""
+        parts = [
+            value.reshape(-1).view(torch.int64) if isinstance(value, torch.Tensor)
+            else torch.tensor(value, dtype=torch.int64)
+            for value in fields.values()
+        ]
+        layout = tuple(
+            (name, len(part), value.dtype if isinstance(value, torch.Tensor) else torch.int64)
+            for (name, value), part in zip(fields.items(), parts, strict=True)
+        )
+        buffer = torch.empty(sum(len(part) for part in parts), dtype=torch.int64,
+                             pin_memory=torch.cuda.is_available())
+        torch.cat(parts, out=buffer)
+        return cls(plan, buffer, layout)
 
-def pack(fields: Mapping[str, Sequence[int] | torch.Tensor], *, pin: bool) -> torch.Tensor:
-    """`fields` (int lists, or 1-D CPU tensors of 8-byte elements: int64 or float64) end to
-    end, in order, in one int64 host buffer, pinned if `pin`."""
-    parts = [
-        value.reshape(-1).view(torch.int64) if isinstance(value, torch.Tensor)
-        else torch.tensor(value, dtype=torch.int64)
-        for value in fields.values()
-    ]
-    host = torch.empty(sum(len(part) for part in parts), dtype=torch.int64, pin_memory=pin)
-    torch.cat(parts, out=host)
-    return host
+    def to(self, device: torch.device) -> StepInputs:
+        """One non-blocking copy. The pinned buffer comes from torch's caching host
+        allocator, which does not hand it out again before the copy from it has run, so a
+        later step never overwrites this one's bytes in flight."""
+        return self._views(self.buffer.to(device, non_blocking=True))
 
+    def into(self, static: torch.Tensor) -> StepInputs:
+        """One non-blocking copy into the start of `static`, an int64 buffer at least as
+        long, on any device: the inputs at fixed addresses, as CUDA graphs read them."""
+        flat = static.narrow(0, 0, len(self.buffer))
+        flat.copy_(self.buffer, non_blocking=True)
+        return self._views(flat)
 
-def unpack(flat: torch.Tensor, fields: Mapping[str, Sequence[int] | torch.Tensor]
-           ) -> dict[str, torch.Tensor]:
-    """A view of `flat` (laid out as `pack(fields)`, on any device) per field, each in its
-    own dtype; `flat` must hold exactly the fields."""
-    views = {}
-    for (name, value), part in zip(fields.items(), flat.split(field_sizes(fields)),
-                                   strict=True):
-        dtype = value.dtype if isinstance(value, torch.Tensor) else torch.int64
-        views[name] = part.view(dtype)
-    return views
-
-
-def field_sizes(fields: Mapping[str, Sequence[int] | torch.Tensor]) -> list[int]:
-    """The int64 elements each field takes in `pack`'s buffer."""
-    return [value.numel() if isinstance(value, torch.Tensor) else len(value)
-            for value in fields.values()]
+    def _views(self, flat: torch.Tensor) -> StepInputs:
+        sizes = [length for _, length, _ in self.layout]
+        return StepInputs(self.plan, {
+            name: part.view(dtype)
+            for (name, _, dtype), part in zip(self.layout, flat.split(sizes), strict=True)
+        })
 
 
 def _validate(

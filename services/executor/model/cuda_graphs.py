@@ -2,12 +2,12 @@
 
 A step can replay (`replayable`) when it is decode-only (one new token per sequence), wants
 every row's logits, has at most `BUCKETS[-1]` sequences and block tables of at most `width`
-columns. It is padded on the host to the smallest bucket that holds it (`pad_decode_plan`),
-its fields are packed as `upload` packs them, and they cross in one non-blocking copy into
-one static device buffer, which every bucket's graph reads at fixed addresses. The graph
-runs the model's forward, embedding to logits, the KV writes included (the cache is the
-engine's and never moves). Fields the caller adds (`extra`: the sampling inputs, whose
-size varies) travel in the same copy, after the graph's, and are read by eager code.
+columns. It is padded on the host to the smallest bucket that holds it (`pad_decode_plan`)
+and packed as every step is (`DecoderModel.pack`); the buffer crosses in one non-blocking
+copy into one static device buffer, which every bucket's graph reads at fixed addresses.
+The graph runs the model's forward, embedding to logits, the KV writes included (the cache
+is the engine's and never moves). Fields the caller adds (`extra`: the sampling inputs,
+whose size varies) travel in the same copy, after the graph's, and are read by eager code.
 
 A padding sequence feeds token 0 at position 0 into slot -1, which the Triton write kernel
 skips, and attends to the one key its table's block 0 holds; its logits are cut off. So
@@ -17,7 +17,7 @@ and only buckets that serve steps take memory. Capture runs on an all-padding st
 neither its eager warm-up (on a side stream, as torch asks, which compiles the Triton
 kernels) nor the capture writes the cache; all buckets share one memory pool. Anything that
 raises in capture or replay logs one warning and turns graphs off for the process: that
-step and every later one run eagerly.
+step runs eagerly on its padded inputs, and every later one as it would without graphs.
 
 Both modes replay. In the batch-invariant one a row's bits never depend on the rows beside
 it (row-wise ops in fixed tiles, attention in one tile per sequence), so a replay gives the
@@ -27,12 +27,11 @@ eager step's bits; in the fast one the bucket's matrix shapes may round differen
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
-from services.executor.model.batch import StepInputs, StepPlan, field_sizes, pack, unpack
+from services.executor.model.batch import PackedInputs, StepInputs, StepPlan
 from services.executor.model.decoder import DecoderModel
 from services.executor.model.kv_cache import KVCacheGeometry
 
@@ -93,11 +92,14 @@ def padding_plan(bucket: int, block_size: int, width: int) -> StepPlan:
 class _Captured:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # float32 [bucket, vocab], rewritten by each replay
-    size: int  # int64 elements of its fields, at the start of the static buffer
+    layout: tuple[tuple[str, int, torch.dtype], ...]  # its fields, from the static buffer's start
 
 
 class DecodeGraphs:
-    """The decode graphs of one model and KV cache, on a CUDA device, with Triton attention."""
+    """The decode graphs of one model and KV cache, on a CUDA device, with Triton attention.
+
+    A step's host work (`pack`) and device work (`launch`) are apart, as the engine's are.
+    """
 
     def __init__(self, model: DecoderModel, cache: torch.Tensor, *,
                  max_width: int = MAX_WIDTH, extra_capacity: int = EXTRA_CAPACITY) -> None:
@@ -110,9 +112,9 @@ class DecodeGraphs:
         self.width = min(-(-model.config.max_position_embeddings // self.block_size),
                          geometry.num_blocks, max_width)
         self.enabled = True
-        largest = self.model.step_fields(padding_plan(BUCKETS[-1], self.block_size, self.width))
-        self._static = torch.empty(sum(field_sizes(largest)) + extra_capacity,
-                                   dtype=torch.int64, device=cache.device)
+        largest = model.pack(padding_plan(BUCKETS[-1], self.block_size, self.width))
+        self._static = torch.empty(len(largest.buffer) + extra_capacity, dtype=torch.int64,
+                                   device=cache.device)
         self._graphs: dict[int, _Captured] = {}
         self._pool: tuple[int, int] | None = None
 
@@ -122,42 +124,42 @@ class DecodeGraphs:
         return (cache.device.type == "cuda" and torch.cuda.is_available()
                 and model.attention_backend().name == "triton")
 
-    def run(self, plan: StepPlan, extra: Mapping[str, torch.Tensor]
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        """The step's logits (float32 `[num_seqs, vocab]`, valid until the next replay, as
-        `DecoderModel.forward` gives them) and its fields on the device, `extra`'s included;
-        or None: the step runs eagerly (not replayable, too much `extra`, graphs off)."""
+    def pack(self, plan: StepPlan, extra: dict[str, torch.Tensor]) -> PackedInputs | None:
+        """Host work: the step padded to its bucket and packed, `extra` after the graph's
+        fields; or None: it runs eagerly (not replayable, too much `extra`, graphs off)."""
         bucket = bucket_for(plan.num_seqs)
         if not self.enabled or bucket is None or not replayable(plan, self.width):
             return None
-        graph_fields = self.model.step_fields(pad_decode_plan(plan, bucket, self.width))
-        fields = {**graph_fields, **extra}
-        size = sum(field_sizes(fields))
-        if size > len(self._static):
-            return None
+        packed = self.model.pack(pad_decode_plan(plan, bucket, self.width), extra)
+        return packed if len(packed.buffer) <= len(self._static) else None
+
+    def launch(self, packed: PackedInputs, rows: int) -> tuple[torch.Tensor, StepInputs]:
+        """Device work of a step from `pack`: the logits of its first `rows` rows (float32,
+        valid until the next replay) and its inputs on the device. Replays the bucket's
+        graph, captured on first use; if that raises, logs one warning, turns graphs off
+        and runs the padded step eagerly."""
+        bucket = packed.plan.num_seqs
         try:
             captured = self._graphs.get(bucket) or self._capture(bucket)
-            if sum(field_sizes(graph_fields)) != captured.size:
-                raise RuntimeError(f"the fields of a bucket-{bucket} step changed size")
-            static = self._static.narrow(0, 0, size)
-            static.copy_(pack(fields, pin=static.is_cuda), non_blocking=True)
+            if packed.layout[:len(captured.layout)] != captured.layout:
+                raise RuntimeError(f"a bucket-{bucket} step's fields moved since its capture")
+            inputs = packed.into(self._static)
             captured.graph.replay()
+            logits = captured.logits
         except Exception as exc:
-            log.warning("CUDA graphs are off for this process, steps run eagerly: a "
+            log.warning("CUDA graphs are off for this process, steps run eagerly: the "
                         "bucket-%d graph failed: %s: %s", bucket, type(exc).__name__, exc)
             self.enabled = False
             self._graphs.clear()
-            return None
-        return captured.logits.narrow(0, 0, plan.num_seqs), unpack(static, fields)
+            inputs = packed.to(self.cache.device)
+            logits = self.model.forward(self.cache, inputs)
+        return logits.narrow(0, 0, rows), inputs
 
     def _capture(self, bucket: int) -> _Captured:
         """The bucket's graph, recorded over an all-padding step: it writes no KV."""
-        plan = padding_plan(bucket, self.block_size, self.width)
-        fields = self.model.step_fields(plan)
-        static = self._static.narrow(0, 0, sum(field_sizes(fields)))
-        static.copy_(pack(fields, pin=static.is_cuda), non_blocking=True)
-        graph, logits = self._record(StepInputs(plan, unpack(static, fields)))
-        self._graphs[bucket] = _Captured(graph, logits, len(static))
+        blank = self.model.pack(padding_plan(bucket, self.block_size, self.width))
+        graph, logits = self._record(blank.into(self._static))
+        self._graphs[bucket] = _Captured(graph, logits, blank.layout)
         return self._graphs[bucket]
 
     def _record(self, inputs: StepInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

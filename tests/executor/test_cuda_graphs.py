@@ -1,8 +1,10 @@
 """Decode graphs (`cuda_graphs.py`) on the CPU: which steps replay, how a plan is padded to its
-bucket and, with the Triton kernels under the interpreter and an eager stand-in for the
-captured graph, that a replayed step gives the eager step's logits and KV and moves the
-fields `upload` moves; a graph that fails turns graphs off after one warning. The capture
-itself needs a CUDA device: `make gpu-check`."""
+bucket and, with the Triton kernels under the interpreter (tests/conftest.py) and an eager
+stand-in for the captured graph, that a replayed step gives the eager step's logits and KV
+and puts in the static buffer what `PackedInputs.to` would move; a graph that fails runs its
+step eagerly, writes nothing of its own and turns graphs off after one warning; the engine
+replays decode steps to the tokens it samples without graphs, and without CUDA never
+replays. The capture itself needs a CUDA device."""
 
 from __future__ import annotations
 
@@ -15,11 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.executor.model.triton_interpreter import use_interpreter
-
-use_interpreter()  # before the model's Triton backend imports triton_attention
-
-from services.executor.model import (  # noqa: E402
+from services.executor.engine import ExecutorEngine, StepSequence
+from services.executor.model import (
     DecoderModel,
     KVCacheGeometry,
     SamplingInputs,
@@ -27,8 +26,8 @@ from services.executor.model import (  # noqa: E402
     SequenceStep,
     load_checkpoint,
 )
-from services.executor.model.batch import StepInputs, StepPlan  # noqa: E402
-from services.executor.model.cuda_graphs import (  # noqa: E402
+from services.executor.model.batch import StepInputs, StepPlan
+from services.executor.model.cuda_graphs import (
     BUCKETS,
     DecodeGraphs,
     bucket_for,
@@ -44,9 +43,7 @@ SEQUENCES = [([1, 2], 5), ([3, 4, 5], 9), ([6], 2)]
 
 @pytest.fixture(scope="module", params=[False, True], ids=["fast", "invariant"])
 def model(checkpoint: Path, request: pytest.FixtureRequest) -> DecoderModel:
-    model = load_checkpoint(checkpoint, batch_invariant=request.param)[1]
-    model.attention = "triton"
-    return model
+    return load_checkpoint(checkpoint, batch_invariant=request.param, attention="triton")[1]
 
 
 def geometry(model: DecoderModel) -> KVCacheGeometry:
@@ -124,15 +121,18 @@ class EagerGraph:
             self.logits.copy_(self.forward())
 
 
-class CpuDecodeGraphs(DecodeGraphs):
-    recorded = 0
+@pytest.fixture
+def captures(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every capture records an `EagerGraph` instead; lists the buckets captured."""
+    buckets: list[int] = []
 
-    def _record(  # type: ignore[override]
-        self, inputs: StepInputs
-    ) -> tuple[EagerGraph, torch.Tensor]:
-        self.recorded += 1
-        graph = EagerGraph(lambda: self.model.forward(self.cache, inputs))
+    def record(graphs: DecodeGraphs, inputs: StepInputs) -> tuple[EagerGraph, torch.Tensor]:
+        buckets.append(inputs.plan.num_seqs)
+        graph = EagerGraph(lambda: graphs.model.forward(graphs.cache, inputs))
         return graph, graph.logits
+
+    monkeypatch.setattr(DecodeGraphs, "_record", record)
+    return buckets
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor, exact: bool) -> None:
@@ -142,9 +142,16 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, exact: bool) -> No
         torch.testing.assert_close(actual, expected, equal_nan=True)
 
 
-def test_replayed_steps_give_the_eager_logits_kv_and_fields(model: DecoderModel) -> None:
+def eager(model: DecoderModel, cache: torch.Tensor, plan: StepPlan,
+          extra: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.forward(cache, model.pack(plan, extra).to(cache.device))
+
+
+def test_replayed_steps_give_the_eager_logits_kv_and_fields(
+    model: DecoderModel, captures: list[int]
+) -> None:
     eager_cache = prefilled(model)
-    graphs = CpuDecodeGraphs(model, eager_cache.clone())
+    graphs = DecodeGraphs(model, eager_cache.clone())
     exact = model.batch_invariant
     lengths = {table[0]: length for table, length in SEQUENCES}
     steps = [SEQUENCES, SEQUENCES[:1], SEQUENCES]  # buckets 4, 1, then 4 again
@@ -152,45 +159,87 @@ def test_replayed_steps_give_the_eager_logits_kv_and_fields(model: DecoderModel)
         sequences = [(table, lengths[table[0]]) for table, _ in sequences]
         plan = decode_plan(model, sequences, token)
         extra = sampling(model, plan.num_seqs)
-        inputs = model.upload(plan, extra)
-        expected = model.forward(eager_cache, inputs)
-        replayed = graphs.run(plan, extra)
-        assert replayed is not None
-        logits, tensors = replayed
+        expected = eager(model, eager_cache, plan, extra)
+        packed = graphs.pack(plan, extra)
+        assert packed is not None
+        assert packed.plan == pad_decode_plan(plan, bucket_for(plan.num_seqs) or 0, graphs.width)
+        logits, inputs = graphs.launch(packed, plan.num_seqs)
         assert logits.shape == expected.shape
         assert_same(logits, expected, exact)
         assert_same(graphs.cache, eager_cache, exact)
-        padded = pad_decode_plan(plan, bucket_for(plan.num_seqs) or 0, graphs.width)
-        uploaded = model.upload(padded, extra).tensors
-        assert tensors.keys() == uploaded.keys()
-        for name, tensor in uploaded.items():
-            assert torch.equal(tensors[name], tensor), name
+        moved = packed.to(torch.device("cpu")).tensors
+        assert inputs.tensors.keys() == moved.keys()
+        for name, tensor in moved.items():
+            assert torch.equal(inputs[name], tensor), name
         for table, _ in sequences:
             lengths[table[0]] += 1
-    assert graphs.recorded == 2
+    assert captures == [4, 1]
 
 
-def test_a_failing_graph_turns_graphs_off_after_one_warning(
+def test_a_failing_graph_runs_its_step_eagerly_and_turns_graphs_off_after_one_warning(
     model: DecoderModel, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = prefilled(model)
-    before = cache.clone()
+    eager_cache = cache.clone()
     graphs = DecodeGraphs(model, cache)  # on the CPU, capture raises
     plan = decode_plan(model, SEQUENCES, 40)
+    extra = sampling(model, plan.num_seqs)
+    expected = eager(model, eager_cache, plan, extra)
     with caplog.at_level(logging.WARNING, logger="services.executor.model.cuda_graphs"):
-        assert graphs.run(plan, sampling(model, plan.num_seqs)) is None
+        packed = graphs.pack(plan, extra)
+        assert packed is not None
+        logits, _ = graphs.launch(packed, plan.num_seqs)
         assert not graphs.enabled
-        assert graphs.run(plan, sampling(model, plan.num_seqs)) is None
+        assert graphs.pack(plan, extra) is None
     assert len(caplog.records) == 1
     assert "CUDA graphs are off for this process" in caplog.records[0].getMessage()
-    torch.testing.assert_close(cache, before, rtol=0, atol=0, equal_nan=True)
+    assert_same(logits, expected, model.batch_invariant)
+    assert_same(cache, eager_cache, model.batch_invariant)
 
 
 def test_steps_past_the_extra_capacity_run_eagerly(model: DecoderModel) -> None:
-    graphs = CpuDecodeGraphs(model, prefilled(model), extra_capacity=64)
+    graphs = DecodeGraphs(model, prefilled(model), extra_capacity=64)
     plan = decode_plan(model, SEQUENCES, 40)
     too_many = {"sampling.banned": torch.zeros(100_000, dtype=torch.int64)}
-    assert graphs.run(plan, too_many) is None
-    assert graphs.enabled and graphs.recorded == 0
-    assert graphs.run(plan, sampling(model, plan.num_seqs)) is not None
+    assert graphs.pack(plan, too_many) is None
+    assert graphs.pack(plan, sampling(model, plan.num_seqs)) is not None
 
+
+def test_the_engine_replays_decode_steps_to_the_same_tokens(
+    checkpoint: Path, captures: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DecodeGraphs, "supported", staticmethod(lambda model, cache: True))
+    engines = [ExecutorEngine.load(checkpoint, num_gpu_blocks=NUM_BLOCKS, block_size=BLOCK,
+                                   batch_invariant=True, attention="triton",
+                                   cuda_graphs=graphs) for graphs in (True, False)]
+    assert [engine.cuda_graphs for engine in engines] == [True, False]
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=5, logprobs=True)
+    prompts = [StepSequence(f"r{i}", table, 0, list(range(7, 7 + length)), sample=True,
+                            sampling=seeded if i else SamplingParams(),
+                            banned_token_ids=(i,))
+               for i, (table, length) in enumerate(SEQUENCES)]
+    tokens = []
+    for engine in engines:
+        steps, sequences = [], prompts
+        for _ in range(3):  # a prefill (eager), then decodes (replayed by the first engine)
+            result = engine.run_step(engine.begin_step(sequences))
+            steps.append(result.tokens)
+            sequences = [replace(seq, start=seq.end, token_ids=[token.token_id])
+                         for seq, token in zip(sequences, result.tokens, strict=True)]
+        tokens.append(steps)
+    assert tokens[0] == tokens[1]
+    assert captures == [4]
+    assert torch.equal(engines[0].cache, engines[1].cache)
+    for engine in engines:
+        engine.close()
+
+
+def test_cuda_graphs_asked_for_without_cuda_leave_steps_eager(checkpoint: Path) -> None:
+    engine = ExecutorEngine.load(checkpoint, num_gpu_blocks=NUM_BLOCKS, block_size=BLOCK,
+                                 attention="triton", cuda_graphs=True)
+    assert not engine.cuda_graphs
+    prompt = StepSequence("a", [1, 2], 0, [5, 6, 7], sample=True)
+    decode = StepSequence("a", [1, 2], 3, [8], sample=True)
+    assert len(engine.run_step(engine.begin_step([prompt])).tokens) == 1
+    assert len(engine.run_step(engine.begin_step([decode])).tokens) == 1
+    engine.close()
