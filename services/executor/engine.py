@@ -55,6 +55,7 @@ from services.executor.model.cuda_graphs import DecodeGraphs
 Backend = Literal["cpu", "cupy"]
 BACKENDS: tuple[Backend, ...] = ("cpu", "cupy")
 CopyEngineFactory = Callable[[torch.Tensor, torch.Tensor], CopyEngine[Any]]
+TableEntry = tuple[int, int]  # (index in the step's sequences, index in its block table)
 # (source side, destination side) of each direction
 _SIDES: dict[str, tuple[str, str]] = {"out": ("device", "host"), "in": ("host", "device")}
 
@@ -176,12 +177,12 @@ class Description:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class StepClaim:
-    """A validated step and the device blocks it reads and writes, each with the field that
-    names it (for the messages of refused swaps)."""
+    """A validated step and the device blocks it reads and writes, each with the block-table
+    entry (sequence, index) that names it first (for the messages of refused swaps)."""
 
     sequences: tuple[StepSequence, ...]
-    reads: dict[int, str]
-    writes: dict[int, str]
+    reads: dict[int, TableEntry]
+    writes: dict[int, TableEntry]
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,11 +379,15 @@ class ExecutorEngine:
             host_view = arena_tensor(arena, self.cache.dtype, self.geometry.block_shape)
             try:  # pins the arena for DMA on a GPU
                 copy = self._make_copy_engine(self.cache, host_view)
-            except Exception as exc:
+            except Exception as exc:  # its traceback holds views of the arena: not chained
+                failure = f"{type(exc).__name__}: {exc}"
+            else:
+                failure = ""
+            if failure:
                 del host_view
                 arena.close()
                 raise DeviceFailure(f"name: arena {name} could not be mapped for copies: "
-                                    f"{type(exc).__name__}: {exc}") from exc
+                                    f"{failure}")
             side = _HostSide(arena, copy, self._hosts[-1].end if self._hosts else 0)
             del host_view  # the copy engine holds the view it needs
             with self._lock:
@@ -561,8 +566,8 @@ class ExecutorEngine:
             raise InvalidInput("sequences is empty: a step needs at least one sequence")
         first_of_request: dict[str, int] = {}
         slot_writer: dict[tuple[int, int], int] = {}
-        reads: dict[int, str] = {}
-        writes: dict[int, str] = {}
+        reads: dict[int, TableEntry] = {}
+        writes: dict[int, TableEntry] = {}
         for i, seq in enumerate(sequences):
             with blame(seq.request_id):
                 self._validate_sequence(i, seq, first_of_request, slot_writer, reads, writes)
@@ -574,8 +579,8 @@ class ExecutorEngine:
         seq: StepSequence,
         first_of_request: dict[str, int],
         slot_writer: dict[tuple[int, int], int],
-        reads: dict[int, str],
-        writes: dict[int, str],
+        reads: dict[int, TableEntry],
+        writes: dict[int, TableEntry],
     ) -> None:
         """Checks one entry against the geometry, the entries before it and the swaps in
         flight, and adds the blocks it reads and writes."""
@@ -608,7 +613,7 @@ class ExecutorEngine:
                 f"start+len(token_ids)={seq.end} tokens need {needed}"
             )
         for j in range(needed):
-            reads.setdefault(seq.block_table[j], f"{where}.block_table[{j}]")
+            reads.setdefault(seq.block_table[j], (i, j))
         for pos in range(seq.start, seq.end):
             j = pos // block_size
             slot = (seq.block_table[j], pos % block_size)
@@ -618,15 +623,16 @@ class ExecutorEngine:
                     f"writes the same slot {slot[1]}"
                 )
             slot_writer[slot] = i
-            writes.setdefault(slot[0], f"{where}.block_table[{j}]")
+            writes.setdefault(slot[0], (i, j))
         for swap in self._inflight.values():
             # A swap-out only reads its blocks: a step may read them too, never write them.
             touched = writes if swap.direction == "out" else reads
             for block in sorted(swap.device_blocks & touched.keys()):
-                if touched[block].startswith(f"{where}."):
+                if touched[block][0] == i:
                     raise PreconditionFailed(
-                        f"{touched[block]}={block} is in flight in swap {swap.swap_id} "
-                        f"({swap.direction} of {swap.request_id!r}); wait for its SwapEvent"
+                        f"{_table_field(touched[block])}={block} is in flight in swap "
+                        f"{swap.swap_id} ({swap.direction} of {swap.request_id!r}); wait for "
+                        "its SwapEvent"
                     )
 
     def _validate_swaps(
@@ -757,7 +763,7 @@ class ExecutorEngine:
                 block = min(clash)
                 raise PreconditionFailed(
                     f"{where}: device block {block} is used by the running step "
-                    f"({touched[block]}); submit after the step returns"
+                    f"({_table_field(touched[block])}); submit after the step returns"
                 )
         for other in (*self._inflight.values(), *earlier):
             if other.request_id == swap.request_id or "in" not in (
@@ -804,6 +810,10 @@ def _tokens(sampled: Sequence[StepSequence], copied: torch.Tensor | None
 def _on_cuda(tensor: torch.Tensor) -> bool:
     """A real CUDA device: a fake one (FakeTensorMode on a CPU build) has no events."""
     return tensor.device.type == "cuda" and torch.cuda.is_available()
+
+
+def _table_field(entry: TableEntry) -> str:
+    return f"sequences[{entry[0]}].block_table[{entry[1]}]"
 
 
 def _check_range(where: str, values: Sequence[int], bound: int) -> None:
