@@ -136,24 +136,24 @@ class DecodeGraphs:
     def launch(self, packed: PackedInputs, rows: int) -> tuple[torch.Tensor, StepInputs]:
         """Device work of a step from `pack`: the logits of its first `rows` rows (float32,
         valid until the next replay) and its inputs on the device. Replays the bucket's
-        graph, captured on first use; if that raises, logs one warning, turns graphs off
-        and runs the padded step eagerly."""
+        graph, captured on first use; if that raises, logs one warning and turns graphs
+        off. With graphs off the padded step runs eagerly."""
         bucket = packed.plan.num_seqs
-        try:
-            captured = self._graphs.get(bucket) or self._capture(bucket)
-            if packed.layout[:len(captured.layout)] != captured.layout:
-                raise RuntimeError(f"a bucket-{bucket} step's fields moved since its capture")
-            inputs = packed.into(self._static)
-            captured.graph.replay()
-            logits = captured.logits
-        except Exception as exc:
-            log.warning("CUDA graphs are off for this process, steps run eagerly: the "
-                        "bucket-%d graph failed: %s: %s", bucket, type(exc).__name__, exc)
-            self.enabled = False
-            self._graphs.clear()
-            inputs = packed.to(self.cache.device)
-            logits = self.model.forward(self.cache, inputs)
-        return logits.narrow(0, 0, rows), inputs
+        if self.enabled:
+            try:
+                captured = self._graphs.get(bucket) or self._capture(bucket)
+                if packed.layout[:len(captured.layout)] != captured.layout:
+                    raise RuntimeError(f"a bucket-{bucket} step's fields moved since capture")
+                inputs = packed.into(self._static)
+                captured.graph.replay()
+                return captured.logits.narrow(0, 0, rows), inputs
+            except Exception as exc:
+                log.warning("CUDA graphs are off for this process, steps run eagerly: the "
+                            "bucket-%d graph failed: %s: %s", bucket, type(exc).__name__, exc)
+                self.enabled = False
+                self._graphs.clear()
+        inputs = packed.to(self.cache.device)
+        return self.model.forward(self.cache, inputs).narrow(0, 0, rows), inputs
 
     def _capture(self, bucket: int) -> _Captured:
         """The bucket's graph, recorded over an all-padding step: it writes no KV."""
