@@ -6,6 +6,8 @@ Without --checkpoint it serves the tiny random Llama (services/executor/model/ti
 generated once into $FASTSWITCH_CACHE/tiny-llama-2 (default ~/.cache/fastswitch).
 Steps take the fast path unless --batch-invariant (FASTSWITCH_EXECUTOR_BATCH_INVARIANT=1)
 asks for bit-identical results whatever the batch, as bit-exact preemption tests need.
+With --backend cupy and Triton attention, decode-only steps replay CUDA graphs unless
+--no-cuda-graphs (FASTSWITCH_EXECUTOR_CUDA_GRAPHS=0); the CPU backend ignores the flag.
 
 It serves only the scheduler: it listens on 127.0.0.1 unless --listen says otherwise, and
 with an internal token (FASTSWITCH_INTERNAL_TOKEN or FASTSWITCH_INTERNAL_TOKEN_FILE, shared
@@ -79,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=env("batch-invariant", None) or "false",
                         help="bit-identical steps whatever the batch, at a cost in speed "
                              "(default: the fast path)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                        default=env("cuda-graphs", None) or "true",
+                        help="replay decode-only steps as CUDA graphs (--backend cupy only; "
+                             "default: on)")
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=env("attention", "auto"),
                         help="paged attention: auto (triton on CUDA, torch on CPU), torch, "
                              "or triton")
@@ -98,11 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "[env FASTSWITCH_INSECURE=1]")
     add_server_flags(parser, os.environ)
     args = parser.parse_args(argv)
-    if isinstance(args.batch_invariant, str):  # the env default, not the flag
-        if args.batch_invariant.lower() not in BOOLEANS:
-            parser.error(f"{ENV_PREFIX}BATCH_INVARIANT={args.batch_invariant!r} is not one of "
-                         f"{sorted(BOOLEANS)}")
-        args.batch_invariant = BOOLEANS[args.batch_invariant.lower()]
+    for flag in ("batch_invariant", "cuda_graphs"):
+        value = getattr(args, flag)
+        if isinstance(value, str):  # the env default, not the flag
+            if value.lower() not in BOOLEANS:
+                parser.error(f"{ENV_PREFIX}{flag.upper()}={value!r} is not one of "
+                             f"{sorted(BOOLEANS)}")
+            setattr(args, flag, BOOLEANS[value.lower()])
     for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES),
                           ("attention", ATTENTION_BACKENDS)):
         value = getattr(args, flag)
@@ -155,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype=DTYPES[args.dtype],
             batch_invariant=args.batch_invariant,
             attention=args.attention,
+            cuda_graphs=args.cuda_graphs,
         )
     except BackendUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -164,10 +173,11 @@ def main(argv: list[str] | None = None) -> None:
                 engine.attach_host_arena(args.host_arena)
             except (OSError, ValueError, PreconditionFailed) as exc:  # ValueError: InvalidInput
                 raise SystemExit(f"error: --host-arena {args.host_arena}: {exc}") from None
-        log.info("serving %s (%s, %d device blocks, %s, %s attention, fingerprint %s)",
+        log.info("serving %s (%s, %d device blocks, %s, %s attention%s, fingerprint %s)",
                  checkpoint, args.backend, args.num_gpu_blocks,
                  "batch-invariant" if args.batch_invariant else "fast path",
-                 engine.model.attention_backend().name, engine.fingerprint[:16])
+                 engine.model.attention_backend().name,
+                 ", CUDA graphs" if engine.cuda_graphs else "", engine.fingerprint[:16])
         uvloop.run(serve(args, engine, token, tls))
     finally:
         engine.close()

@@ -50,6 +50,7 @@ from services.executor.model import (
     load_checkpoint,
     sample_rows,
 )
+from services.executor.model.cuda_graphs import DecodeGraphs
 
 Backend = Literal["cpu", "cupy"]
 BACKENDS: tuple[Backend, ...] = ("cpu", "cupy")
@@ -133,6 +134,7 @@ class PreparedStep:
     sampled: tuple[StepSequence, ...]
     packed: PackedInputs
     started_s: float
+    graphs: DecodeGraphs | None = None  # set: `packed` is padded to a bucket they replay
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -255,9 +257,12 @@ class ExecutorEngine:
         copy_engine: CopyEngineFactory,
         checkpoint: Path | None = None,
         fingerprint: str | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         """`fingerprint` names the model's weights (`DecoderModel.fingerprint()`, computed here
-        when None: from the weights' bytes, which must then be readable on the host)."""
+        when None: from the weights' bytes, which must then be readable on the host).
+        `cuda_graphs`: replay decode-only steps as CUDA graphs where `DecodeGraphs` can (a
+        CUDA device and Triton attention); ignored elsewhere."""
         self.config = config
         self.checkpoint = checkpoint  # its tokenizer and chat template live there too
         self.tokenizer_sha256 = tokenizer_fingerprint(checkpoint) if checkpoint else ""
@@ -273,6 +278,8 @@ class ExecutorEngine:
             attention=model.attention_backend().name,
             device=cache.device.type,
         )
+        self._graphs = (DecodeGraphs(model, cache)
+                        if cuda_graphs and DecodeGraphs.supported(model, cache) else None)
         self._make_copy_engine = copy_engine
         self._lock = threading.Lock()
         self._swap_finished = threading.Condition(self._lock)
@@ -293,10 +300,12 @@ class ExecutorEngine:
         dtype: torch.dtype | None = None,
         batch_invariant: bool = False,
         attention: str = "auto",
+        cuda_graphs: bool = True,
     ) -> ExecutorEngine:
         """The checkpoint on the backend's device, in the fast or the batch-invariant mode,
         with the named attention backend (`ATTENTION_BACKENDS`); dtype of weights and KV
-        cache, or None: the checkpoint's (see `load_checkpoint`)."""
+        cache, or None: the checkpoint's (see `load_checkpoint`); decode steps replayed as
+        CUDA graphs with `cuda_graphs`, the cupy backend and Triton attention."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
         config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant,
@@ -313,7 +322,14 @@ class ExecutorEngine:
             copy_engine=factory,
             checkpoint=Path(checkpoint).resolve(),
             fingerprint=fingerprint,
+            cuda_graphs=cuda_graphs,
         )
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode-only steps replay CUDA graphs: asked for, possible here, and none
+        has failed."""
+        return self._graphs is not None and self._graphs.enabled
 
     def describe(self) -> Description:
         hosts = [h for h in self._hosts if not h.detached]
@@ -439,11 +455,14 @@ class ExecutorEngine:
                 [seq.banned_token_ids for seq in sampled],
                 self.config.vocab_size,
             )
-            packed = self.model.pack(plan, sampling.named())
+            extra = sampling.named()
+            graphed = self._graphs.pack(plan, extra) if self._graphs is not None else None
+            packed = graphed or self.model.pack(plan, extra)
         except BaseException:
             self._end_step()
             raise
-        return PreparedStep(claim, sampled, packed, started)
+        return PreparedStep(claim, sampled, packed, started,
+                            self._graphs if graphed is not None else None)
 
     def launch_step(self, prepared: PreparedStep) -> LaunchedStep:
         """Queues the step's device work and the one copy back of its sampled tokens, with no
@@ -452,8 +471,11 @@ class ExecutorEngine:
         if self._running is not prepared.claim:
             raise RuntimeError("launch_step needs the step begun last")
         try:
-            inputs = prepared.packed.to(self.model.device)
-            logits = self.model.forward(self.cache, inputs)
+            if prepared.graphs is not None:
+                logits, inputs = prepared.graphs.launch(prepared.packed, len(prepared.sampled))
+            else:
+                inputs = prepared.packed.to(self.model.device)
+                logits = self.model.forward(self.cache, inputs)
             copied = None
             if prepared.sampled:
                 copied = _sample_to_host(logits, SamplingInputs.from_named(inputs.tensors),

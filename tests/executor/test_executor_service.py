@@ -208,8 +208,30 @@ def test_batch_invariance_is_off_unless_asked(
     assert parse_args(argv).batch_invariant is expected
 
 
-def test_a_misspelt_batch_invariance_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FASTSWITCH_EXECUTOR_BATCH_INVARIANT", "ture")
+@pytest.mark.parametrize(
+    ("env", "argv", "expected"),
+    [
+        ({}, [], True),
+        ({"FASTSWITCH_EXECUTOR_CUDA_GRAPHS": "0"}, [], False),
+        ({"FASTSWITCH_EXECUTOR_CUDA_GRAPHS": "off"}, ["--cuda-graphs"], True),
+        ({}, ["--no-cuda-graphs"], False),
+    ],
+)
+def test_cuda_graphs_are_on_unless_turned_off(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str], expected: bool
+) -> None:
+    monkeypatch.delenv("FASTSWITCH_EXECUTOR_CUDA_GRAPHS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert parse_args(argv).cuda_graphs is expected
+
+
+@pytest.mark.parametrize("variable", ["FASTSWITCH_EXECUTOR_BATCH_INVARIANT",
+                                      "FASTSWITCH_EXECUTOR_CUDA_GRAPHS"])
+def test_a_misspelt_boolean_variable_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "ture")
     with pytest.raises(SystemExit):
         parse_args([])
 

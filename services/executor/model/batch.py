@@ -176,7 +176,16 @@ class PackedInputs:
         """One non-blocking copy. The pinned buffer comes from torch's caching host
         allocator, which does not hand it out again before the copy from it has run, so a
         later step never overwrites this one's bytes in flight."""
-        flat = self.buffer.to(device, non_blocking=True)
+        return self._views(self.buffer.to(device, non_blocking=True))
+
+    def into(self, static: torch.Tensor) -> StepInputs:
+        """One non-blocking copy into the start of `static`, an int64 buffer at least as
+        long, on any device: the inputs at fixed addresses, as CUDA graphs read them."""
+        flat = static.narrow(0, 0, len(self.buffer))
+        flat.copy_(self.buffer, non_blocking=True)
+        return self._views(flat)
+
+    def _views(self, flat: torch.Tensor) -> StepInputs:
         sizes = [length for _, length, _ in self.layout]
         return StepInputs(self.plan, {
             name: part.view(dtype)
