@@ -30,8 +30,9 @@ launched on fake CUDA tensors (FakeTensorMode): what it would run on a GPU.
 Models: `tiny` (the test checkpoint), `smollm2` (SmolLM2-135M-Instruct), `llama3-8b`
 (LLaMA-3-8B's shape, `--layers` of its 32, random weights built in place on the device).
 A row, or its HF peer, that would not fit the device's free memory is skipped, and the JSON
-says why. `--dry-run`: toy sizes on this CPU in seconds, every key written (LLaMA-3-8B
-becomes a 2-layer toy of its shape).
+says why. A row that raises gets its `error` and the other rows still run; HF's failures go
+to `hf_skipped`. Exits 1 when a row of the engine failed, else 0. `--dry-run`: toy sizes on
+this CPU in seconds, every key written (LLaMA-3-8B becomes a 2-layer toy of its shape).
 
 Run: .venv/bin/python -m benchmarks.decode_step [--model llama3-8b --device cuda
      --dtype bfloat16 --batch 1,8,32,128 --context 1024,4096 --hf] [--json FILE]
@@ -50,11 +51,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.cli import parse_ints, write_json
-from benchmarks.random_model import llama3_8b_config, random_decoder, toy_config
+from benchmarks.random_model import (
+    CUDA,
+    fake_cuda_decoder,
+    llama3_8b_config,
+    random_decoder,
+    toy_config,
+)
 from services.executor.copy import CpuCopyEngine
 from services.executor.engine import ExecutorEngine, StepSequence
 from services.executor.model import DecoderModel, KVCacheGeometry, ModelConfig, load_checkpoint
@@ -64,7 +70,6 @@ from services.executor.model.tiny_checkpoint import tiny_checkpoint
 MODELS = ("tiny", "smollm2", "llama3-8b")
 DTYPES = ("float32", "bfloat16", "float16")
 BLOCK_SIZE = 16
-CUDA = torch.device("cuda", 0)  # an index, not "cuda": fake CUDA tensors need one
 GOAL_CONTEXT = 1024  # the goals' rows are at this context when it was run
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero"})
 COPY_OPS = frozenset({"_to_copy", "copy_"})
@@ -153,7 +158,8 @@ class Row:
     hf_ms_per_step: float | None = None
     over_hf: float | None = None
     skipped: str | None = None  # why the engine's row did not run
-    hf_skipped: str | None = None  # why HF's did not
+    error: str | None = None  # what the engine raised; the other rows still run
+    hf_skipped: str | None = None  # why HF's did not run, or what it raised
 
 
 def build_model(name: str, *, layers: int | None, positions: int, dtype: torch.dtype,
@@ -196,11 +202,7 @@ class FakeCuda:
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, invariant: bool) -> None:
         self.config = config
-        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with torch.device("meta"):
-            model = DecoderModel(config, dtype, batch_invariant=invariant)
-        with self.mode:
-            self.model = model.to_empty(device=CUDA)
+        self.mode, self.model = fake_cuda_decoder(config, dtype, batch_invariant=invariant)
 
     def count(self, shape: Shape, tokens: Sequence[int]) -> StepCounter:
         """Launches the first step of `shape` on a fresh engine."""
@@ -370,14 +372,18 @@ def summarize(rows: Sequence[Row], contexts: Sequence[int]) -> dict[str, Any]:
     }
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
 def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
 def describe(row: Row) -> str:
     head = f"batch {row.batch:>4} context {row.context:>5}:"
-    if row.skipped:
-        return f"{head} skipped ({row.skipped})"
+    if row.skipped or row.error:
+        return f"{head} {f'skipped ({row.skipped})' if row.skipped else f'FAILED: {row.error}'}"
     hf = f"HF skipped ({row.hf_skipped})" if row.hf_skipped else (
         f"HF {_fmt(row.hf_ms_per_step)} ms ({_fmt(row.over_hf)}x)")
     return (f"{head} {_fmt(row.ms_per_step)} ms/step (begin {_fmt(row.begin_ms_per_step)}), "
@@ -437,7 +443,10 @@ def run_row(args: argparse.Namespace, config: ModelConfig, model: DecoderModel,
         else:
             counter = fake.count(shape, tokens)
     except torch.OutOfMemoryError as exc:
-        row.skipped = f"out of memory: {str(exc).splitlines()[0]}"
+        row.skipped = f"out of memory: {_first_line(exc)}"
+        return row
+    except Exception as exc:
+        row.error = f"{type(exc).__name__}: {_first_line(exc)}"
         return row
     finally:
         engine = None  # frees the cache before the next row or HF's turn
@@ -462,7 +471,9 @@ def run_hf(args: argparse.Namespace, config: ModelConfig, hf: nn.Module, device:
     try:
         row.hf_ms_per_step = hf_ms_per_step(hf, shape, args.steps, config.vocab_size, device)
     except torch.OutOfMemoryError as exc:
-        row.hf_skipped = f"out of memory: {str(exc).splitlines()[0]}"
+        row.hf_skipped = f"out of memory: {_first_line(exc)}"
+    except Exception as exc:  # the peer's failure is no verdict on the engine
+        row.hf_skipped = f"failed: {type(exc).__name__}: {_first_line(exc)}"
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -490,7 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             hf = hf_peer(config, model)
             hf_generate_s(hf, torch.ones((1, 8), dtype=torch.int64, device=device), 2)  # warm-up
         except ImportError as exc:
-            hf_missing = f"transformers is not importable: {exc}"
+            hf, hf_missing = None, f"transformers is not importable: {exc}"
+        except Exception as exc:  # the peer's failure is no verdict on the engine
+            hf, hf_missing = None, f"failed: {type(exc).__name__}: {_first_line(exc)}"
+        if hf_missing:
             log(f"HF: {hf_missing}")
     rows = []
     for context in args.context:
@@ -530,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{result['max_host_syncs']}, goals {result['goals']}")
     if args.json:
         write_json(args.json, result)
-    return 0
+    return 1 if any(row.error for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from benchmarks.decode_step import (
-    CUDA,
     DRY_RUN,
     Shape,
     StepCounter,
@@ -24,6 +23,7 @@ from benchmarks.decode_step import (
     main,
     make_engine,
 )
+from benchmarks.random_model import CUDA
 
 REPO = Path(__file__).resolve().parents[2]
 TOP = {"device", "model", "dtype", "layers", "invariant", "dry_run", "steps", "warmup",
@@ -31,7 +31,7 @@ TOP = {"device", "model", "dtype", "layers", "invariant", "dry_run", "steps", "w
        "load_average", "results", "ops_growth", "max_host_syncs", "goals"}
 ROW = {"batch", "context", "ms_per_step", "begin_ms_per_step", "ops_per_step",
        "host_syncs_per_step", "roofline_fraction", "hf_ms_per_step", "over_hf", "skipped",
-       "hf_skipped"}
+       "error", "hf_skipped"}
 GOALS = {"roofline_batch1", "roofline_batch64", "over_hf_batch32"}
 
 
@@ -45,7 +45,7 @@ def _check(result: dict[str, object], model: str) -> None:
                                                           for b in DRY_RUN["batch"]]
     for row in rows:
         assert set(row) == ROW
-        assert row["skipped"] is None and row["hf_skipped"] is None, row
+        assert (row["skipped"], row["error"], row["hf_skipped"]) == (None, None, None), row
         assert row["ms_per_step"] > 0 and row["hf_ms_per_step"] is not None
         assert row["over_hf"] == pytest.approx(row["hf_ms_per_step"] / row["ms_per_step"])
         assert row["ops_per_step"] > 0 and row["roofline_fraction"] > 0
