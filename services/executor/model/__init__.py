@@ -16,7 +16,7 @@ chunked, whatever shares its batch and wherever its KV blocks sit, within one pr
 
 from __future__ import annotations
 
-from services.executor.model.batch import SequenceStep
+from services.executor.model.batch import PackedInputs, SequenceStep, StepInputs, StepPlan
 from services.executor.model.checkpoint import CheckpointError, load_checkpoint
 from services.executor.model.config import ConfigError, ModelConfig
 from services.executor.model.decoder import ROWS_PER_TILE, DecoderModel
@@ -35,10 +35,13 @@ __all__ = [
     "DecoderModel",
     "KVCacheGeometry",
     "ModelConfig",
+    "PackedInputs",
     "SampledToken",
     "SamplingInputs",
     "SamplingParams",
     "SequenceStep",
+    "StepInputs",
+    "StepPlan",
     "load_checkpoint",
     "sample_rows",
 ]

@@ -144,30 +144,44 @@ class StepInputs:
         return self.tensors[name]
 
 
-def upload(fields: Mapping[str, Sequence[int] | torch.Tensor], device: torch.device
-           ) -> dict[str, torch.Tensor]:
-    """Packs `fields` (int lists, or 1-D CPU tensors of 8-byte elements: int64 or float64)
-    into one host buffer, pinned when the device is CUDA, and moves it with one
-    non-blocking copy; returns a view per field, each in its own dtype.
+@dataclass(frozen=True, slots=True)
+class PackedInputs:
+    """A step's index lists packed on the host in one int64 buffer, pinned where CUDA is, so
+    they reach the device in one non-blocking copy (`to`). Packing is host work only."""
 
-    The pinned buffer comes from torch's caching host allocator, which does not hand it out
-    again before the copy from it has run, so a later upload never overwrites this one's
-    bytes in flight.
-    """
-    parts = [
-        value.reshape(-1).view(torch.int64) if isinstance(value, torch.Tensor)
-        else torch.tensor(value, dtype=torch.int64)
-        for value in fields.values()
-    ]
-    sizes = [len(part) for part in parts]
-    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
-    torch.cat(parts, out=host)
-    flat = host.to(device, non_blocking=True)
-    views = {}
-    for (name, value), part in zip(fields.items(), flat.split(sizes), strict=True):
-        dtype = value.dtype if isinstance(value, torch.Tensor) else torch.int64
-        views[name] = part.view(dtype)
-    return views
+    plan: StepPlan
+    buffer: torch.Tensor
+    layout: tuple[tuple[str, int, torch.dtype], ...]  # (name, length, dtype), in order
+
+    @classmethod
+    def pack(cls, plan: StepPlan, fields: Mapping[str, Sequence[int] | torch.Tensor]
+             ) -> PackedInputs:
+        """`fields`: int lists, or 1-D CPU tensors of 8-byte elements (int64 or float64),
+        each viewed back in its own dtype on the device."""
+        parts = [
+            value.reshape(-1).view(torch.int64) if isinstance(value, torch.Tensor)
+            else torch.tensor(value, dtype=torch.int64)
+            for value in fields.values()
+        ]
+        layout = tuple(
+            (name, len(part), value.dtype if isinstance(value, torch.Tensor) else torch.int64)
+            for (name, value), part in zip(fields.items(), parts, strict=True)
+        )
+        buffer = torch.empty(sum(len(part) for part in parts), dtype=torch.int64,
+                             pin_memory=torch.cuda.is_available())
+        torch.cat(parts, out=buffer)
+        return cls(plan, buffer, layout)
+
+    def to(self, device: torch.device) -> StepInputs:
+        """One non-blocking copy. The pinned buffer comes from torch's caching host
+        allocator, which does not hand it out again before the copy from it has run, so a
+        later step never overwrites this one's bytes in flight."""
+        flat = self.buffer.to(device, non_blocking=True)
+        sizes = [length for _, length, _ in self.layout]
+        return StepInputs(self.plan, {
+            name: part.view(dtype)
+            for (name, _, dtype), part in zip(self.layout, flat.split(sizes), strict=True)
+        })
 
 
 def _validate(

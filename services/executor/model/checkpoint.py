@@ -22,11 +22,13 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(
-    path: str | Path, *, dtype: torch.dtype | None = None, batch_invariant: bool = False
+    path: str | Path, *, dtype: torch.dtype | None = None, batch_invariant: bool = False,
+    attention: str = "auto",
 ) -> tuple[ModelConfig, DecoderModel]:
     """The folder's config and model, in `dtype`, or None: the dtype its config names
-    (float32 when it names none), and in the fast or the batch-invariant mode (see
-    `decoder.py`). EOS ids are config.json's then generation_config.json's."""
+    (float32 when it names none), in the fast or the batch-invariant mode (see
+    `decoder.py`), with the named attention backend. EOS ids are config.json's then
+    generation_config.json's."""
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -34,7 +36,8 @@ def load_checkpoint(
     generation_file = folder / GENERATION_CONFIG
     generation = json.loads(generation_file.read_text()) if generation_file.is_file() else None
     config = ModelConfig.from_hf(json.loads(config_file.read_text()), generation)
-    model = DecoderModel(config, dtype or checkpoint_dtype(config), batch_invariant=batch_invariant)
+    model = DecoderModel(config, dtype or checkpoint_dtype(config), batch_invariant=batch_invariant,
+                         attention=attention)
     _assign(model, _read_tensors(folder))
     return config, model
 

@@ -1,9 +1,9 @@
 """The decoder: one forward pass per scheduler step over a mixed prefill/decode batch.
 
-A step is laid out on the host once (`StepPlan`), its index lists cross to the device in one
-copy (`StepInputs`), and the pass then runs with no host sync: embeddings, one paged
-attention call per layer for the whole step (`attention.py`), and the logits of the rows
-asked for. `forward_step` is the three in one call.
+A step is laid out on the host once (`StepPlan`), its index lists are packed in one host
+buffer (`PackedInputs`) and cross to the device in one copy (`StepInputs`), and the pass
+runs with no host sync: embeddings, one paged attention call per layer for the whole step
+(`attention.py`), and the logits of the rows asked for. `forward_step` does it all.
 
 Two modes, chosen when the model is built (`DecoderModel(..., batch_invariant=...)`):
 
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from services.executor.model.attention import PagedAttention, attention_backend
-from services.executor.model.batch import SequenceStep, StepInputs, StepPlan, upload
+from services.executor.model.batch import PackedInputs, SequenceStep, StepInputs, StepPlan
 from services.executor.model.config import ModelConfig
 from services.executor.model.fingerprint import weights_digest
 from services.executor.model.kv_cache import KVCacheGeometry
@@ -112,14 +112,14 @@ class DecoderModel(nn.Module):
             all_positions=all_positions,
         )
 
-    def upload(self, plan: StepPlan, extra: dict[str, torch.Tensor] | None = None
-               ) -> StepInputs:
+    def pack(self, plan: StepPlan, extra: dict[str, torch.Tensor] | None = None
+             ) -> PackedInputs:
         """The plan's index lists, the attention backend's and `extra` (1-D CPU tensors of
-        8-byte elements), on the model's device in one copy."""
+        8-byte elements) in one host buffer; `.to(model.device)` moves them in one copy."""
         fields: dict[str, list[int] | torch.Tensor] = {
             **plan.fields(), **self.attention_backend().host_fields(plan), **(extra or {})
         }
-        return StepInputs(plan, upload(fields, self.device))
+        return PackedInputs.pack(plan, fields)
 
     @torch.inference_mode()
     def forward(self, cache: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
@@ -151,7 +151,7 @@ class DecoderModel(nn.Module):
         `all_positions` `[total new tokens, vocab]`, sequences in batch order.
         """
         plan = self.plan_step(KVCacheGeometry.of(cache), batch, all_positions=all_positions)
-        return self.forward(cache, self.upload(plan))
+        return self.forward(cache, self.pack(plan).to(self.device))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(x))

@@ -82,7 +82,7 @@ class SamplingInputs:
         )
 
     def named(self) -> dict[str, torch.Tensor]:
-        """The fields by name, to travel in a step's one upload (`DecoderModel.upload`)."""
+        """The fields by name, to travel in a step's one copy (`DecoderModel.pack`)."""
         return {f"sampling.{f.name}": getattr(self, f.name) for f in fields(self)}
 
     @classmethod

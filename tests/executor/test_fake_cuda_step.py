@@ -1,0 +1,92 @@
+"""Whole executor steps on a fake CUDA device (torch's FakeTensorMode on this CPU build):
+every tensor a step touches must be on the cache's device, or FakeTensor raises a device
+mismatch, and nothing may read a device value back except the one copy of the sampled
+tokens. This is what stands between a step and its first CUDA run when no GPU is lent."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from services.executor.copy import CpuCopyEngine
+from services.executor.engine import ExecutorEngine, StepSequence
+from services.executor.model import KVCacheGeometry, SamplingParams, load_checkpoint
+
+CUDA = torch.device("cuda", 0)
+BLOCK = 16
+READS = {"_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero"}
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts copies from the device to the host and ops that read a device value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        sources = [t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        targets = [t.device for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if name in READS or (CUDA in sources and targets and all(d.type == "cpu" for d in targets)):
+            self.ops[name] += 1
+        return out
+
+
+def _engine(checkpoint: Path, mode: FakeTensorMode, *, batch_invariant: bool
+            ) -> ExecutorEngine:
+    """Loaded on the host, then moved to the fake device inside `mode`."""
+    config, model = load_checkpoint(checkpoint, batch_invariant=batch_invariant)
+    geometry = KVCacheGeometry.for_model(config, num_blocks=32, block_size=BLOCK)
+    with mode:
+        return ExecutorEngine(config, model.to(CUDA), geometry.allocate(CUDA), backend="cupy",
+                              copy_engine=CpuCopyEngine, fingerprint="fake")
+
+
+STEPS = {
+    "mixed": [  # a first chunk, a last chunk that samples, and decodes, greedy and seeded
+        StepSequence("chunk", list(range(0, 4)), 0, [5] * 40),
+        StepSequence("last-chunk", list(range(4, 8)), 32, [6] * 9, sample=True,
+                     sampling=SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=3)),
+        StepSequence("greedy", list(range(8, 12)), 50, [7], sample=True,
+                     banned_token_ids=(1, 2)),
+        StepSequence("seeded", list(range(12, 16)), 17, [8], sample=True,
+                     sampling=SamplingParams(temperature=1.0, seed=9, logprobs=True)),
+    ],
+    "decodes": [
+        StepSequence(f"r{i}", list(range(4 * i, 4 * i + 4)), 30 + i, [9], sample=True)
+        for i in range(6)
+    ],
+    "no-sample": [StepSequence("chunk", list(range(0, 4)), 0, [5] * 33)],
+}
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["fast", "invariant"])
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_a_step_runs_on_a_cuda_device_and_reads_back_once(
+    checkpoint: Path, batch_invariant: bool, step: str
+) -> None:
+    sequences = STEPS[step]
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    engine = _engine(checkpoint, mode, batch_invariant=batch_invariant)
+    assert engine.model.attention_backend().name == "triton"
+    prepared = engine.prepare_step(engine.begin_step(sequences))  # host work: real tensors
+    with mode, DeviceReads() as reads:
+        launched = engine.launch_step(prepared)
+    sampled = sum(seq.sample for seq in sequences)
+    assert sum(reads.ops.values()) == (1 if sampled else 0), reads.ops
+    assert launched.done is None  # no real CUDA: nothing to wait for
+    if sampled:
+        assert launched.copied is not None
+        rows = 2 if any(seq.sampling.logprobs for seq in sequences) else 1
+        assert tuple(launched.copied.shape) == (rows, sampled)
+        assert launched.copied.device.type == "cpu"
