@@ -186,11 +186,11 @@ def make_engine(config: ModelConfig, model: DecoderModel, shape: Shape) -> Execu
 
 def count_step(engine: ExecutorEngine, batch: Sequence[StepSequence], *, collect: bool
                ) -> StepCounter:
-    """The ops of one step: launched, and collected too when `collect` (never on fake
-    tensors, whose tokens cannot be read)."""
+    """The ops of one step: prepared and launched, and collected too when `collect` (never
+    on fake tensors, whose tokens cannot be read)."""
     claim = engine.begin_step(batch)
     with StepCounter() as counter:
-        launched = engine.launch_step(claim)
+        launched = engine.launch_step(engine.prepare_step(claim))
         if collect:
             engine.collect_step(launched)
     return counter
