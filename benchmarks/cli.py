@@ -22,6 +22,17 @@ def parse_modes(text: str) -> list[Mode]:
     return modes
 
 
+def parse_ints(text: str) -> list[int]:
+    """A comma list of positive integers (`--batch 1,8,32`)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive integers")
+    return values
+
+
 def write_json(path: Path, document: Any) -> None:
     """`--json`: the report, indented, in `path` (its folder made if need be)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from services.executor.model.config import ModelConfig
 from services.executor.model.decoder import DecoderModel
@@ -58,6 +59,9 @@ def toy_config(num_layers: int = 2, max_position_embeddings: int = 512) -> Model
     })
 
 
+CUDA = torch.device("cuda", 0)  # an index, not "cuda": fake CUDA tensors need one
+
+
 # `--model` of the benchmarks that build random decoders: name -> config(num_layers, ...).
 MODELS: dict[str, Callable[..., ModelConfig]] = {"llama3-8b": llama3_8b_config, "toy": toy_config}
 
@@ -84,6 +88,19 @@ def random_decoder(
             std = 1.0 if name.endswith("embed_tokens.weight") else param.shape[1] ** -0.5
             param.normal_(0.0, std, generator=generator)
     return model
+
+
+def fake_cuda_decoder(
+    config: ModelConfig, dtype: torch.dtype, *, batch_invariant: bool = False
+) -> tuple[FakeTensorMode, DecoderModel]:
+    """A weightless `DecoderModel` of `config` on fake CUDA tensors, and the mode that holds
+    them: use the model only inside that mode. Runs on a CPU-only build; its steps run
+    what they would run on a GPU (the CUDA attention backend included), computing nothing."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with torch.device("meta"):
+        model = DecoderModel(config, dtype, batch_invariant=batch_invariant)
+    with mode:
+        return mode, model.to_empty(device=CUDA)
 
 
 @contextmanager
