@@ -5,43 +5,19 @@ tokens. This is what stands between a step and its first CUDA run when no GPU is
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from benchmarks.decode_step import StepCounter
 from services.executor.copy import CpuCopyEngine
 from services.executor.engine import ExecutorEngine, StepSequence
 from services.executor.model import KVCacheGeometry, SamplingParams, load_checkpoint
 
 CUDA = torch.device("cuda", 0)
 BLOCK = 16
-READS = {"_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero"}
-
-
-class DeviceReads(TorchDispatchMode):
-    """Counts copies from the device to the host and ops that read a device value."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-                           ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        sources = [t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        targets = [t.device for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if name in READS or (CUDA in sources and targets and all(d.type == "cpu" for d in targets)):
-            self.ops[name] += 1
-        return out
-
-
 def _engine(checkpoint: Path, mode: FakeTensorMode, *, batch_invariant: bool
             ) -> ExecutorEngine:
     """Loaded on the host, then moved to the fake device inside `mode`."""
@@ -80,10 +56,10 @@ def test_a_step_runs_on_a_cuda_device_and_reads_back_once(
     engine = _engine(checkpoint, mode, batch_invariant=batch_invariant)
     assert engine.model.attention_backend().name == "triton"
     prepared = engine.prepare_step(engine.begin_step(sequences))  # host work: real tensors
-    with mode, DeviceReads() as reads:
+    with mode, StepCounter() as counted:
         launched = engine.launch_step(prepared)
     sampled = sum(seq.sample for seq in sequences)
-    assert sum(reads.ops.values()) == (1 if sampled else 0), reads.ops
+    assert counted.host_syncs == (1 if sampled else 0)
     assert launched.done is None  # no real CUDA: nothing to wait for
     if sampled:
         assert launched.copied is not None
