@@ -38,7 +38,7 @@ from services.executor.engine import (
     PreconditionFailed,
 )
 from services.executor.metrics import ExecutorMetrics
-from services.executor.model.attention import ATTENTION_BACKENDS
+from services.executor.model.decoder import ATTENTION_BACKENDS
 from services.executor.model.tiny_checkpoint import tiny_checkpoint
 from services.executor.service import SERVICE_NAME, ExecutorService, add_to_server
 

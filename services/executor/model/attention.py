@@ -185,21 +185,3 @@ def _tiled_attention(
 
     return attend
 
-
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
-
-
-def attention_backend(
-    name: str, device: torch.device, *, queries_per_kv: int, batch_invariant: bool
-) -> PagedAttention:
-    """The backend called `name` ("auto": "triton" on CUDA, "torch" elsewhere). Triton is
-    imported only when chosen: a CPU install need not have it."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not one of {ATTENTION_BACKENDS}")
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "torch":
-        return TorchAttention(batch_invariant)
-    from services.executor.model.triton_attention import TritonAttention
-
-    return TritonAttention(queries_per_kv, batch_invariant)

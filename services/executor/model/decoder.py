@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from services.executor.model.attention import PagedAttention, attention_backend
+from services.executor.model.attention import PagedAttention, TorchAttention
 from services.executor.model.batch import PackedInputs, SequenceStep, StepInputs, StepPlan
 from services.executor.model.config import ModelConfig
 from services.executor.model.fingerprint import weights_digest
@@ -43,6 +43,23 @@ from services.executor.model.kv_cache import KVCacheGeometry
 from services.executor.model.layers import DecoderLayer, RMSNorm, RotaryTable
 
 ROWS_PER_TILE = 32
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def attention_backend(
+    name: str, device: torch.device, *, queries_per_kv: int, batch_invariant: bool
+) -> PagedAttention:
+    """The backend called `name` ("auto": "triton" on CUDA, "torch" elsewhere). Triton is
+    imported only when chosen: a CPU install need not have it."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {ATTENTION_BACKENDS}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttention(batch_invariant)
+    from services.executor.model.triton_attention import TritonAttention
+
+    return TritonAttention(queries_per_kv, batch_invariant)
 
 
 class DecoderBody(nn.Module):
