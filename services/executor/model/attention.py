@@ -58,7 +58,14 @@ class TorchAttention(PagedAttention):
             return {}
         starts = plan.query_start
         decodes = [s for s in range(plan.num_seqs) if starts[s + 1] - starts[s] == 1]
-        return {"decode_seqs": decodes, "decode_rows": [starts[s] for s in decodes]}
+        keys = plan.width * plan.block_size
+        stale = [  # each decode's gathered keys past its end, counted across all of them
+            d * keys + key
+            for d, s in enumerate(decodes)
+            for key in range(plan.seq_lens[s], keys)
+        ]
+        return {"decode_seqs": decodes, "decode_rows": [starts[s] for s in decodes],
+                "decode_stale": stale}
 
     def bind(self, inputs: StepInputs, scale: float) -> StepAttention:
         plan = inputs.plan
@@ -96,7 +103,7 @@ def _padded_attention(
     decode_valid = key_pos.unsqueeze(0) < decode_lens.unsqueeze(1)
     decode_mask = decode_valid.view(num_decodes, 1, 1, keys_per_seq)
     # Slots past a sequence's end hold stale bytes, NaN even: zeroed, they weigh nothing.
-    decode_stale = ~decode_valid.view(num_decodes, 1, keys_per_seq, 1)
+    decode_stale = inputs["decode_stale"]
     starts = plan.query_start
     prefills = [
         (s, starts[s], starts[s + 1] - starts[s], plan.seq_lens[s])
@@ -104,17 +111,20 @@ def _padded_attention(
         if starts[s + 1] - starts[s] > 1
     ]
 
-    def gather(layer_cache: torch.Tensor, blocks: torch.Tensor, count: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[count, kv_heads, keys, head_dim] keys and values of `count` sequences' blocks."""
-        shape = (count, -1, *layer_cache.shape[3:])
-        keys = layer_cache.select(1, 0).index_select(0, blocks).view(shape)
-        values = layer_cache.select(1, 1).index_select(0, blocks).view(shape)
-        return keys.transpose(1, 2), values.transpose(1, 2)
+    def gather(layer_cache: torch.Tensor, blocks: torch.Tensor, count: int,
+               stale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[count, kv_heads, keys, head_dim] keys and values of `count` sequences' blocks,
+        zeros at the keys `stale` counts (across the sequences, in order)."""
+        kv_heads, head_dim = layer_cache.shape[3:]
+        keys = layer_cache.select(1, 0).index_select(0, blocks).view(-1, kv_heads * head_dim)
+        values = layer_cache.select(1, 1).index_select(0, blocks).view(-1, kv_heads * head_dim)
+        if stale is not None:
+            keys, values = keys.index_fill_(0, stale, 0), values.index_fill_(0, stale, 0)
+        shape = (count, -1, kv_heads, head_dim)
+        return keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
 
     def attend_decodes(layer_cache: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        keys, values = gather(layer_cache, decode_blocks, num_decodes)
-        keys, values = keys.masked_fill(decode_stale, 0), values.masked_fill(decode_stale, 0)
+        keys, values = gather(layer_cache, decode_blocks, num_decodes, decode_stale)
         return _sdpa(queries.unsqueeze(2), keys, values, decode_mask, scale).squeeze(2)
 
     def attend(layer_cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
