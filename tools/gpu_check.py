@@ -337,7 +337,8 @@ def plan(scratch: Path, dry_run: bool, sizes: Sizes) -> list[Step]:
         "tests": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                   *(arg for plugin in PYTEST_PLUGINS for arg in ("-p", plugin)),
                   f"--junitxml={scratch / 'tests.xml'}", "tests/executor/test_copy_engine_cupy.py",
-                  "tests/executor/test_executor_engine.py", "-k", "cupy"],
+                  "tests/executor/test_executor_engine.py", "tests/executor/test_cuda_graphs.py",
+                  "-k", "cupy or test_cuda_"],
     }
     return [Step(name, commands[name], bound, out(name) if name != "tests" else None)
             for name, bound in STEPS.items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import select
 import signal
@@ -25,7 +26,7 @@ from common.refusal import refused_request
 from common.shm.arena import SHM_DIR, HostArena
 from protos import executor_pb2 as pb
 from protos import executor_pb2_grpc
-from services.executor.__main__ import parse_args
+from services.executor.__main__ import cpu_threads, parse_args
 from services.executor.arena_view import arena_tensor
 from services.executor.engine import cache_fingerprint
 from services.executor.model import KVCacheGeometry, ModelConfig, load_checkpoint
@@ -191,39 +192,29 @@ def test_kv_fingerprint_covers_cache_dtype_block_size_mode_backend_and_device() 
 
 
 @pytest.mark.parametrize(
-    ("env", "argv", "expected"),
+    ("flag", "env", "argv", "expected"),
     [
-        ({}, [], False),
-        ({"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "1"}, [], True),
-        ({"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "true"}, ["--no-batch-invariant"], False),
-        ({"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "off"}, ["--batch-invariant"], True),
+        ("batch_invariant", {}, [], False),  # off unless asked
+        ("batch_invariant", {"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "1"}, [], True),
+        ("batch_invariant", {"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "true"},
+         ["--no-batch-invariant"], False),
+        ("batch_invariant", {"FASTSWITCH_EXECUTOR_BATCH_INVARIANT": "off"},
+         ["--batch-invariant"], True),
+        ("cuda_graphs", {}, [], True),  # on unless turned off
+        ("cuda_graphs", {"FASTSWITCH_EXECUTOR_CUDA_GRAPHS": "0"}, [], False),
+        ("cuda_graphs", {"FASTSWITCH_EXECUTOR_CUDA_GRAPHS": "off"}, ["--cuda-graphs"], True),
+        ("cuda_graphs", {}, ["--no-cuda-graphs"], False),
     ],
 )
-def test_batch_invariance_is_off_unless_asked(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str], expected: bool
+def test_a_boolean_flag_reads_its_variable_and_the_command_line_wins(
+    monkeypatch: pytest.MonkeyPatch, flag: str, env: dict[str, str], argv: list[str],
+    expected: bool,
 ) -> None:
-    monkeypatch.delenv("FASTSWITCH_EXECUTOR_BATCH_INVARIANT", raising=False)
+    for variable in ("FASTSWITCH_EXECUTOR_BATCH_INVARIANT", "FASTSWITCH_EXECUTOR_CUDA_GRAPHS"):
+        monkeypatch.delenv(variable, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert parse_args(argv).batch_invariant is expected
-
-
-@pytest.mark.parametrize(
-    ("env", "argv", "expected"),
-    [
-        ({}, [], True),
-        ({"FASTSWITCH_EXECUTOR_CUDA_GRAPHS": "0"}, [], False),
-        ({"FASTSWITCH_EXECUTOR_CUDA_GRAPHS": "off"}, ["--cuda-graphs"], True),
-        ({}, ["--no-cuda-graphs"], False),
-    ],
-)
-def test_cuda_graphs_are_on_unless_turned_off(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str], expected: bool
-) -> None:
-    monkeypatch.delenv("FASTSWITCH_EXECUTOR_CUDA_GRAPHS", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert parse_args(argv).cuda_graphs is expected
+    assert getattr(parse_args(argv), flag) is expected
 
 
 @pytest.mark.parametrize("variable", ["FASTSWITCH_EXECUTOR_BATCH_INVARIANT",
@@ -470,3 +461,10 @@ async def test_detaching_an_arena_that_is_not_attached_is_not_found(
         await stub.DetachHostArena(pb.DetachHostArenaRequest(name="fastswitch-no-such-arena"))
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no attached arena 'fastswitch-no-such-arena'" in refused.value.details()
+
+
+def test_threads_default_to_every_core_but_one_and_refuse_a_negative_count() -> None:
+    assert parse_args([]).threads == 0  # decided at start, by backend
+    assert cpu_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+    with pytest.raises(SystemExit):
+        parse_args(["--threads", "-1"])
