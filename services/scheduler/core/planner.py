@@ -476,7 +476,13 @@ class Planner:
         assert swap.reservation_id is not None
         self._outbox.append(Commit(swap.reservation_id) if ok else Abort(swap.reservation_id))
         if swap.kept and not swap.offload_only:
+            cancelled = r.state is S.CANCELLED
+            if cancelled:
+                kv.offload_after_store = False  # nothing is left to offload
             self._store_ended(r, kv, None, ok)
+            if cancelled and not any(s.request is r for s in self.swaps):
+                self._release(r)  # its cancel waited for this copy (see `cancel`)
+                self._drop(r)
         elif r.state is S.CANCELLED:
             self._drop(r)
         elif r.state is S.SWAPPING_OUT and not ok:
