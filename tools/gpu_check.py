@@ -338,7 +338,7 @@ def plan(scratch: Path, dry_run: bool, sizes: Sizes) -> list[Step]:
                   *(arg for plugin in PYTEST_PLUGINS for arg in ("-p", plugin)),
                   f"--junitxml={scratch / 'tests.xml'}", "tests/executor/test_copy_engine_cupy.py",
                   "tests/executor/test_executor_engine.py", "tests/executor/test_cuda_graphs.py",
-                  "-k", "cupy or test_cuda_"],
+                  "-k", "cupy or cuda_replayed or cuda_engine or cuda_graphs_asked"],
     }
     return [Step(name, commands[name], bound, out(name) if name != "tests" else None)
             for name, bound in STEPS.items()]
