@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import pytest
@@ -23,7 +23,8 @@ from tests.support.stores import Geometry, serve_store
 
 pytestmark = pytest.mark.process
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+Labels = tuple[tuple[str, str], ...]
+Samples = dict[tuple[str, Labels], float]
 
 
 def samples(text: str) -> Samples:
@@ -37,6 +38,18 @@ def samples(text: str) -> Samples:
 
 def value(scraped: Samples, name: str, **labels: str) -> float:
     return scraped[name, tuple(sorted(labels.items()))]
+
+
+async def counted(scrape: Callable[[], Awaitable[Samples]], key: tuple[str, Labels]
+                  ) -> Samples:
+    """The samples once `key` is among them, or the last ones after 5 s: a refused call is
+    counted once the server has finished it, which may be after the client saw its status."""
+    for _ in range(100):
+        scraped = await scrape()
+        if key in scraped:
+            break
+        await asyncio.sleep(0.05)
+    return scraped
 
 
 async def scrape_registry(registry: CollectorRegistry) -> Samples:
@@ -73,7 +86,11 @@ async def test_store_counts_errors_by_code_and_exports_its_stats(
     with pytest.raises(grpc.aio.AioRpcError):  # a server-streaming handler's error
         await stub.ReadBlocks(far).read()
 
-    scraped = await scrape_registry(server.metrics.registry)
+    scraped = await counted(
+        lambda: scrape_registry(server.metrics.registry),
+        ("fastswitch_kvstore_rpc_errors_total",
+         (("code", "INVALID_ARGUMENT"), ("method", "ReadBlocks"))),
+    )
     errors = {labels: v for (name, labels), v in scraped.items()
               if name == "fastswitch_kvstore_rpc_errors_total"}
     assert errors == {
@@ -183,12 +200,8 @@ async def test_every_service_is_scraped_during_a_run_with_preemptions(
     async with FastSwitchClient(scheduler.address) as client:  # refused: counted by code
         with pytest.raises(grpc.aio.AioRpcError):
             await client.generate("", client_id="c").collect()
-    # Counted once the server has finished the call, which may be after the client saw it.
     key = ("fastswitch_scheduler_rpc_errors_total",
            (("code", "INVALID_ARGUMENT"), ("method", "Generate")))
-    for _ in range(100):
-        errors = await asyncio.to_thread(scrape, metrics_ports["scheduler"])
-        if key in errors:
-            break
-        await asyncio.sleep(0.05)
+    errors = await counted(
+        lambda: asyncio.to_thread(scrape, metrics_ports["scheduler"]), key)
     assert errors.get(key) == 1
