@@ -480,16 +480,17 @@ class ExecutorEngine:
             if prepared.sampled:
                 copied = _sample_to_host(logits, SamplingInputs.from_named(inputs.tensors),
                                          [seq.sampling for seq in prepared.sampled])
-            done = torch.cuda.Event() if _on_cuda(logits) else None
+            # Blocking: the wait for it sleeps rather than spins a core the copies need.
+            done = torch.cuda.Event(blocking=True) if _on_cuda(logits) else None
             if done is not None:
                 done.record()
+            with self._lock:
+                for side in self._hosts:
+                    if not side.detached:
+                        side.fence = side.copy.step_fence()
         except BaseException:
             self._end_step()
             raise
-        with self._lock:
-            for side in self._hosts:
-                if not side.detached:
-                    side.fence = side.copy.step_fence()
         return LaunchedStep(prepared.claim, prepared.sampled, copied, done, prepared.started_s)
 
     def collect_step(self, launched: LaunchedStep) -> StepResult:

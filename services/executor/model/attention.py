@@ -137,8 +137,8 @@ def _padded_attention(
         for seq, first_row, rows, end_pos in prefills:
             blocks = tables[seq, : -(-end_pos // plan.block_size)]
             keys, values = gather(layer_cache, blocks, 1)
-            visible = torch.arange(end_pos - rows, end_pos).unsqueeze(1)
-            mask = torch.arange(end_pos).unsqueeze(0) <= visible
+            visible = torch.arange(end_pos - rows, end_pos, device=q.device).unsqueeze(1)
+            mask = torch.arange(end_pos, device=q.device).unsqueeze(0) <= visible
             queries = q[first_row : first_row + rows].transpose(0, 1).unsqueeze(0)
             attended = _sdpa(queries, keys[:, :, :end_pos], values[:, :, :end_pos], mask, scale)
             out[first_row : first_row + rows] = attended[0].transpose(0, 1)

@@ -154,10 +154,10 @@ class PackedInputs:
     layout: tuple[tuple[str, int, torch.dtype], ...]  # (name, length, dtype), in order
 
     @classmethod
-    def pack(cls, plan: StepPlan, fields: Mapping[str, Sequence[int] | torch.Tensor]
-             ) -> PackedInputs:
+    def pack(cls, plan: StepPlan, fields: Mapping[str, Sequence[int] | torch.Tensor], *,
+             pin: bool) -> PackedInputs:
         """`fields`: int lists, or 1-D CPU tensors of 8-byte elements (int64 or float64),
-        each viewed back in its own dtype on the device."""
+        each viewed back in its own dtype on the device; `pin` for a CUDA device."""
         parts = [
             value.reshape(-1).view(torch.int64) if isinstance(value, torch.Tensor)
             else torch.tensor(value, dtype=torch.int64)
@@ -167,8 +167,7 @@ class PackedInputs:
             (name, len(part), value.dtype if isinstance(value, torch.Tensor) else torch.int64)
             for (name, value), part in zip(fields.items(), parts, strict=True)
         )
-        buffer = torch.empty(sum(len(part) for part in parts), dtype=torch.int64,
-                             pin_memory=torch.cuda.is_available())
+        buffer = torch.empty(sum(len(part) for part in parts), dtype=torch.int64, pin_memory=pin)
         torch.cat(parts, out=buffer)
         return cls(plan, buffer, layout)
 

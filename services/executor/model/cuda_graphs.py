@@ -10,7 +10,8 @@ is the engine's and never moves). Fields the caller adds (`extra`: the sampling 
 whose size varies) travel in the same copy, after the graph's, and are read by eager code.
 
 A padding sequence feeds token 0 at position 0 into slot -1, which the Triton write kernel
-skips, and attends to the one key its table's block 0 holds; its logits are cut off. So
+skips, and attends to the one key its table's block 0 holds (whatever it is: a swap may be
+writing it); only its own logits see it, and they are cut off. So
 graphs need the Triton backend (the torch backend would write slot -1) and a real CUDA
 device. Each bucket is captured on its first use, not at start: start-up stays as it was
 and only buckets that serve steps take memory. Capture runs on an all-padding step, so

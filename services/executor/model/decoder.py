@@ -136,7 +136,9 @@ class DecoderModel(nn.Module):
         fields: dict[str, list[int] | torch.Tensor] = {
             **plan.fields(), **self.attention_backend().host_fields(plan), **(extra or {})
         }
-        return PackedInputs.pack(plan, fields)
+        # Pinned for a real CUDA device (a fake one, on a CPU build, has no pinned memory).
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        return PackedInputs.pack(plan, fields, pin=pin)
 
     @torch.inference_mode()
     def forward(self, cache: torch.Tensor, inputs: StepInputs) -> torch.Tensor:

@@ -3,12 +3,12 @@
 The attention kernel serves prefill chunks and decodes in one launch. A program takes one
 tile of one sequence's query rows for one KV head: `block_q` new tokens times the
 `queries_per_kv` query heads that share the KV head, `BLOCK_M` rows in all. It reads the
-block-major cache in place, one cache block of keys at a time through the block table and
-the cache's strides (no gather, no copy), with causal masking inside the chunk and an
-online softmax in float32. Tiles are fixed by the mode, never autotuned, and keys are never
-split across programs, so in the batch-invariant mode a row sees the same ops on the same
-tile shapes whatever the step holds. The write kernel puts each row's k and v at its slot
-and skips rows whose slot is negative (padding).
+block-major cache in place, one cache block of keys at a time (padded to 16 keys, the least
+`tl.dot` takes) through the block table and the cache's strides (no gather, no copy), with
+causal masking inside the chunk and an online softmax in float32. Tiles are fixed by the
+mode, never autotuned, and keys are never split across programs, so in the batch-invariant
+mode a row sees the same ops on the same tile shapes whatever the step holds. The write
+kernel puts each row's k and v at its slot and skips rows whose slot is negative (padding).
 
 Both run under the Triton interpreter (`TRITON_INTERPRET=1`, CPU tensors), which is how CI
 tests them. Each is wrapped as a torch custom op with a fake implementation, so a step runs
@@ -26,19 +26,26 @@ import triton.language as tl
 from services.executor.model.attention import PagedAttention, StepAttention
 from services.executor.model.batch import StepInputs, StepPlan
 
-DECODE_TILE_ROWS = 16  # tl.dot needs at least 16 rows
+MIN_DOT = 16  # tl.dot's least size for every dimension on NVIDIA GPUs
+DECODE_TILE_ROWS = MIN_DOT
 PREFILL_TILE_ROWS = 64
 
 
-@triton.jit
+# The step's index lists sit at any 8-byte offset of one packed buffer, and the block table's
+# width changes from step to step: specializing on either would compile a kernel per layout.
+@triton.jit(
+    do_not_specialize=["stride_table"],
+    do_not_specialize_on_alignment=["block_table_ptr", "query_start_ptr", "seq_lens_ptr",
+                                    "tile_seq_ptr", "tile_first_ptr", "tile_blocks_ptr"],
+)
 def _paged_attention_kernel(
     out_ptr, q_ptr, cache_ptr, block_table_ptr, query_start_ptr, seq_lens_ptr,
     tile_seq_ptr, tile_first_ptr, tile_blocks_ptr, scale,
     stride_q_row, stride_q_head, stride_o_row, stride_o_head,
     stride_c_block, stride_c_kv, stride_c_token, stride_c_head, stride_table,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KEYS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -65,18 +72,18 @@ def _paged_attention_kernel(
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    t = tl.arange(0, BLOCK_SIZE)
+    t = tl.arange(0, KEYS)  # a block's keys, padded to what tl.dot takes
     for j in range(0, tl.load(tile_blocks_ptr + tile)):  # the blocks its last row sees
         block = tl.load(block_table_ptr + seq * stride_table + j)
         base = cache_ptr + block * stride_c_block + kv_head * stride_c_head
         # Slots past the sequence's end can hold stale bytes, NaN even: read as zeros.
-        key_live = (j * BLOCK_SIZE + t) < seq_len
+        key_live = (t < BLOCK_SIZE) & (j * BLOCK_SIZE + t < seq_len)
         k = tl.load(base + t[None, :] * stride_c_token + d[:, None],
                     mask=d_live[:, None] & key_live[None, :], other=0.0)
         v = tl.load(base + stride_c_kv + t[:, None] * stride_c_token + d[None, :],
                     mask=key_live[:, None] & d_live[None, :], other=0.0)
         scores = tl.dot(q, k, input_precision=PRECISION) * scale
-        visible = (j * BLOCK_SIZE + t)[None, :] <= position[:, None]
+        visible = key_live[None, :] & ((j * BLOCK_SIZE + t)[None, :] <= position[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, 1))
         alpha = tl.exp(best - new_best)
@@ -156,7 +163,8 @@ def paged_attention(
         layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2),
         layer_cache.stride(3), block_table.stride(0),
         GROUP=group, BLOCK_Q=block_m // group, BLOCK_M=block_m, BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, HEAD_DIM_P=triton.next_power_of_2(head_dim),
+        KEYS=max(MIN_DOT, triton.next_power_of_2(block_size)), HEAD_DIM=head_dim,
+        HEAD_DIM_P=max(MIN_DOT, triton.next_power_of_2(head_dim)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
