@@ -6,6 +6,7 @@ import hashlib
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -15,7 +16,16 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from services.executor.model import SampledToken, SamplingInputs, SamplingParams, sample_rows
+from services.executor.model import SamplingInputs, SamplingParams, sample_rows
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    """One row's choice, as the per-row reference makes it."""
+
+    token_id: int
+    logprob: float | None = None
+
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 LOGITS = PROBS.log()

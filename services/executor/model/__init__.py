@@ -22,7 +22,6 @@ from services.executor.model.config import ConfigError, ModelConfig
 from services.executor.model.decoder import ROWS_PER_TILE, DecoderModel
 from services.executor.model.kv_cache import KVCacheGeometry
 from services.executor.model.sampler import (
-    SampledToken,
     SamplingInputs,
     SamplingParams,
     sample_rows,
@@ -36,7 +35,6 @@ __all__ = [
     "KVCacheGeometry",
     "ModelConfig",
     "PackedInputs",
-    "SampledToken",
     "SamplingInputs",
     "SamplingParams",
     "SequenceStep",

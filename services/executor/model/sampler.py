@@ -37,12 +37,6 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class SamplingInputs:
     """Per sampled row, in row order; every field a 1-D tensor of 8-byte elements (int64 or
     float64) so the engine can pack them into one int64 buffer and view them back."""
