@@ -22,46 +22,47 @@ from services.executor.model.config import ModelConfig
 from services.executor.model.decoder import DecoderModel
 
 
-def llama3_8b_config(num_layers: int = 32, max_position_embeddings: int = 8192) -> ModelConfig:
-    """Meta-Llama-3-8B's `config.json`, with `num_layers` of its 32 layers."""
+def llama_config(
+    *, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int,
+    heads: int, kv_heads: int, rope_theta: float, max_position_embeddings: int,
+    **hf: object,
+) -> ModelConfig:
+    """A Llama `config.json` of this shape, untied, RMS norm eps 1e-5; `hf`: other keys."""
     return ModelConfig.from_hf({
         "model_type": "llama",
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
         "num_hidden_layers": num_layers,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
+        "rope_theta": rope_theta,
         "max_position_embeddings": max_position_embeddings,
         "tie_word_embeddings": False,
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
-        "torch_dtype": "bfloat16",
+        **hf,
     })
+
+
+def llama3_8b_config(num_layers: int = 32, max_position_embeddings: int = 8192) -> ModelConfig:
+    """Meta-Llama-3-8B's `config.json`, with `num_layers` of its 32 layers."""
+    return llama_config(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=num_layers,
+        heads=32, kv_heads=8, rope_theta=500000.0,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+    )
 
 
 def toy_config(num_layers: int = 2, max_position_embeddings: int = 512) -> ModelConfig:
     """A LLaMA-shaped decoder small enough for CPU dry runs (grouped-query heads included)."""
-    return ModelConfig.from_hf({
-        "model_type": "llama",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": max_position_embeddings,
-        "tie_word_embeddings": False,
-    })
+    return llama_config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=num_layers,
+        heads=4, kv_heads=2, rope_theta=10000.0, max_position_embeddings=max_position_embeddings,
+    )
 
 
 CUDA = torch.device("cuda", 0)  # an index, not "cuda": fake CUDA tensors need one
-
-
 # `--model` of the benchmarks that build random decoders: name -> config(num_layers, ...).
 MODELS: dict[str, Callable[..., ModelConfig]] = {"llama3-8b": llama3_8b_config, "toy": toy_config}
 

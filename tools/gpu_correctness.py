@@ -37,7 +37,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.cli import write_json
-from benchmarks.random_model import CUDA, fake_cuda_decoder, random_decoder, toy_config
+from benchmarks.random_model import (
+    CUDA,
+    fake_cuda_decoder,
+    llama_config,
+    random_decoder,
+    toy_config,
+)
 from services.executor.model import (
     DecoderModel,
     KVCacheGeometry,
@@ -67,19 +73,10 @@ def log(line: str) -> None:
 
 def small_llama_config() -> ModelConfig:
     """LLaMA-3's layer shape scaled down: GQA (4 query heads per KV head), head_dim 128."""
-    return ModelConfig.from_hf({
-        "model_type": "llama",
-        "vocab_size": 4096,
-        "hidden_size": 1024,
-        "intermediate_size": 2816,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "max_position_embeddings": 1024,
-        "tie_word_embeddings": False,
-    })
+    return llama_config(
+        vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_layers=2, heads=8,
+        kv_heads=2, rope_theta=500000.0, max_position_embeddings=1024,
+    )
 
 
 def reference_models(dry_run: bool) -> dict[str, DecoderModel]:
