@@ -443,6 +443,7 @@ class ExecutorEngine:
             plan = self.model.plan_step(
                 self.geometry,
                 [SequenceStep(s.block_table, s.start, s.token_ids) for s in sequences],
+                validated=True,  # by `begin_step`, field by field
             )
             plan = replace(plan, output_rows=[
                 plan.query_start[i + 1] - 1 for i, seq in enumerate(sequences) if seq.sample

@@ -90,13 +90,17 @@ class StepPlan:
         vocab_size: int,
         max_positions: int,
         all_positions: bool = False,
+        validated: bool = False,
     ) -> StepPlan:
-        """Validates the batch (ValueError naming the sequence) and lays it out; the logits
-        returned are each sequence's last row, or with `all_positions` every row."""
+        """Validates the batch (ValueError naming the sequence), unless the caller has
+        (`validated`: the executor engine checks every entry as it claims a step), and lays
+        it out; the logits returned are each sequence's last row, or with `all_positions`
+        every row."""
         if not batch:
             raise ValueError("a step needs at least one sequence")
-        for index, seq in enumerate(batch):
-            _validate(index, seq, block_size, num_blocks, vocab_size, max_positions)
+        if not validated:
+            for index, seq in enumerate(batch):
+                _validate(index, seq, block_size, num_blocks, vocab_size, max_positions)
         width = max(-(-seq.end_pos // block_size) for seq in batch)
         token_ids: list[int] = []
         positions: list[int] = []
@@ -113,7 +117,7 @@ class StepPlan:
             row_seq.extend([index] * len(span))
             query_start.append(len(token_ids))
             block_table.extend(table + [0] * (width - len(table)))
-        if len(set(slots)) != len(slots):
+        if not validated and len(set(slots)) != len(slots):
             raise ValueError("two tokens of this step would write the same KV slot")
         return cls(
             block_size=block_size,

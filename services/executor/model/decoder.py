@@ -116,9 +116,10 @@ class DecoderModel(nn.Module):
 
     def plan_step(
         self, geometry: KVCacheGeometry, batch: Sequence[SequenceStep], *,
-        all_positions: bool = False,
+        all_positions: bool = False, validated: bool = False,
     ) -> StepPlan:
-        """Validates the batch against the cache and the model (ValueError) and lays it out."""
+        """Validates the batch against the cache and the model (ValueError), unless the
+        caller has (`validated`), and lays it out."""
         self._check_cache(geometry)
         return StepPlan.build(
             batch,
@@ -127,6 +128,7 @@ class DecoderModel(nn.Module):
             vocab_size=self.config.vocab_size,
             max_positions=self.config.max_position_embeddings,
             all_positions=all_positions,
+            validated=validated,
         )
 
     def pack(self, plan: StepPlan, extra: dict[str, torch.Tensor] | None = None
