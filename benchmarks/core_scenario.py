@@ -60,7 +60,7 @@ def scenario(args: argparse.Namespace, mode: Mode) -> tuple[RunReport, Planner, 
         return [(now + think, new_turn(client, conv, turn + 1, done.tokens))]
 
     def sample_groups(driver: VirtualDriver, plan: StepPlan) -> None:
-        metrics = driver.planner.allocator.metrics()
+        metrics = driver.planner.memory.allocator.metrics()
         if metrics.used:
             group_lens.append(metrics.mean_group_len)
 

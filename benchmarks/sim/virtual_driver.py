@@ -154,6 +154,7 @@ class VirtualDriver:
                 self._stall += done - self.now
                 self.now = done
                 self._deliver_swaps(until=done)
+                plan = self.planner.runnable(plan)
             if plan.batch:
                 self._run_batch(plan)
             elif not (plan.preemptions or plan.swaps or plan.host_ops

@@ -61,6 +61,7 @@ from services.scheduler.conversations import ConversationLimits
 from services.scheduler.core.config import Mode, SchedulerConfig, Switches
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import POLICIES
+from services.scheduler.core.preemption import PREEMPTION_POLICIES
 from services.scheduler.engine import Engine, EngineLimits
 from services.scheduler.host_gateway import HostGateway, LocalHost
 from services.scheduler.host_router import HostRouter
@@ -116,6 +117,8 @@ FLAGS = [
          "ablation: changes to the mode's switches, e.g. -turn_offload or +async_swaps "
          f"({', '.join(f.name for f in fields(Switches))})"),
     Flag("policy", "FASTSWITCH_POLICY", "priority", "priority, vtc or fcfs"),
+    Flag("preemption", "FASTSWITCH_PREEMPTION", "on-order-change",
+         f"when running requests give way: {', '.join(PREEMPTION_POLICIES)}"),
     Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
     Flag("max-batched-tokens", "FASTSWITCH_MAX_BATCHED_TOKENS", "256", "tokens per step"),
     Flag("max-waiting", "FASTSWITCH_MAX_WAITING", "256", "queued requests before refusing"),
@@ -165,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"got {args.kvstore_transport!r}")
     if args.policy not in POLICIES:
         parser.error(f"--policy must be one of {sorted(POLICIES)}, got {args.policy!r}")
+    if args.preemption not in PREEMPTION_POLICIES:
+        parser.error(f"--preemption must be one of {sorted(PREEMPTION_POLICIES)}, "
+                     f"got {args.preemption!r}")
     try:
         ConversationLimits(float(args.conversation_ttl), int(args.max_conversations))
     except ValueError as e:
@@ -301,8 +307,10 @@ async def serve(args: argparse.Namespace) -> None:
                               desc.num_gpu_blocks),
         max_num_seqs=int(args.max_num_seqs),
         max_batched_tokens=int(args.max_batched_tokens),
+        max_waiting=int(args.max_waiting),
     )
-    planner = Planner(config, POLICIES[args.policy](), desc.model_fingerprint)
+    planner = Planner(config, POLICIES[args.policy](), desc.model_fingerprint,
+                      PREEMPTION_POLICIES[args.preemption]())
     metrics = SchedulerMetrics()
     server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()])
     health_servicer = add_health_and_reflection(server, SERVICE)
@@ -316,7 +324,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     engine = Engine(
         planner, executor, host, tokenizer=prompts.tokenizer,
-        limits=EngineLimits(max_model_len=desc.max_model_len, max_waiting=int(args.max_waiting),
+        limits=EngineLimits(max_model_len=desc.max_model_len,
                             outage_wait_s=float(args.outage_wait)),
         metrics=metrics, on_health=on_health,
     )

@@ -39,8 +39,8 @@ from common.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
 from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
-from services.scheduler.core.planner import Planner
-from services.scheduler.core.request import Request, RequestState
+from services.scheduler.core.planner import Planner, QueueFull
+from services.scheduler.core.request import Request
 from services.scheduler.host_gateway import HostGateway
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.token_stream import Finished, TokenStream
@@ -59,7 +59,6 @@ class AdmissionError(Exception):
 @dataclass(frozen=True)
 class EngineLimits:
     max_model_len: int
-    max_waiting: int = 256
     outage_wait_s: float = 2.0  # how long a request waits for a lost executor
     probe_s: float = 1.0  # how often an idle engine checks that the executor answers
 
@@ -179,14 +178,10 @@ class Engine:
         return stream
 
     def _admit(self, request: Request) -> None:
-        waiting = sum(r.state is RequestState.WAITING for r in self.planner.requests.values())
-        if waiting >= self.limits.max_waiting:
-            raise AdmissionError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"queue full: {waiting} requests waiting (limit {self.limits.max_waiting})",
-            )
         try:
             self.planner.add(request)
+        except QueueFull as e:
+            raise AdmissionError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
         except ValueError as e:
             raise AdmissionError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
 
@@ -282,7 +277,6 @@ class Engine:
         request = ex.StepRequest(iteration=plan.iteration)
         for seq in plan.batch:
             tracked = self._tracked.get(seq.request_id)
-            early = tracked is not None and len(tracked.request.output) < tracked.request.min_tokens
             request.sequences.append(
                 ex.SequenceInput(
                     request_id=seq.request_id,
@@ -291,8 +285,7 @@ class Engine:
                     token_ids=seq.token_ids,
                     sample=seq.sample,
                     sampling=tracked.sampling if tracked is not None else None,
-                    banned_token_ids=sorted(tracked.request.stop_token_ids)
-                    if seq.sample and early else (),
+                    banned_token_ids=seq.banned_token_ids,
                 )
             )
         started = time.monotonic()

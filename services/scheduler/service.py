@@ -25,12 +25,12 @@ from services.scheduler.conversations import (
     Conversations,
     TooManyConversations,
 )
-from services.scheduler.core.request import Request, RequestState
+from services.scheduler.core.lifecycle import RESIDENT, SWAP_PHASES, UNADMITTED
+from services.scheduler.core.request import Request
 from services.scheduler.engine import AdmissionError, Engine
 from services.scheduler.prompts import Prompts
 from services.scheduler.token_stream import Failed, Finished, TokenEvent
 
-S = RequestState
 Sampled = pb.GenerateRequest | pb.ChatRequest
 
 
@@ -258,11 +258,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         states = [r.state for r in mine]
         return pb.StatsResponse(
             mode=self.mode,
-            waiting=states.count(S.WAITING),
-            running=sum(s in (S.RUNNING, S.PREFILLING) for s in states),
-            swapped=sum(s in (S.SWAPPED, S.SWAPPING_OUT, S.SWAPPING_IN) for s in states),
-            running_blocks=sum(planner.allocator.num_blocks_of(r) for r in mine
-                               if r.state in (S.RUNNING, S.PREFILLING)),
+            waiting=sum(s in UNADMITTED for s in states),
+            running=sum(s in RESIDENT for s in states),
+            swapped=sum(s in SWAP_PHASES for s in states),
+            running_blocks=sum(planner.memory.allocator.num_blocks_of(r) for r in mine
+                               if r.state in RESIDENT),
             executor_available=self.engine.executor_ok,
             kvstore_degraded=self.engine.host.degraded,
             model=self.model,
@@ -276,17 +276,17 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def _stats(self) -> pb.StatsResponse:
         planner = self.engine.planner
         states = [r.state for r in planner.requests.values()]
-        metrics = planner.allocator.metrics()
+        metrics = planner.memory.allocator.metrics()
         latency = self.engine.latency
         overheads = list(self.engine.step_overheads)
         return pb.StatsResponse(
             mode=self.mode,
             model=self.model,
-            waiting=states.count(S.WAITING),
-            running=sum(s in (S.RUNNING, S.PREFILLING) for s in states),
-            swapped=sum(s in (S.SWAPPED, S.SWAPPING_OUT, S.SWAPPING_IN) for s in states),
-            running_blocks=metrics.used - planner.cache.num_blocks,
-            cached_blocks=planner.cache.num_blocks,
+            waiting=sum(s in UNADMITTED for s in states),
+            running=sum(s in RESIDENT for s in states),
+            swapped=sum(s in SWAP_PHASES for s in states),
+            running_blocks=metrics.used - planner.memory.cached_blocks,
+            cached_blocks=planner.memory.cached_blocks,
             swapped_blocks=planner.swapped_blocks(),
             draining_blocks=metrics.draining,
             free_blocks=metrics.free,

@@ -113,7 +113,7 @@ def test_fastswitch_keeps_others_running_while_one_swaps() -> None:
     plan3 = p.plan()
     assert "b" in {s.request_id for s in plan3.batch}
     assert state(p, "c") is RequestState.WAITING  # a's blocks are still draining
-    assert p.allocator.num_draining > 0
+    assert p.memory.allocator.num_draining > 0
     finish_swaps(p, plan2)
     run_step(p, plan3)
     plan4 = p.plan()
@@ -230,7 +230,7 @@ def test_recompute_when_host_is_full(mode: Mode) -> None:
     # The host refused the reservation: a recomputes.
     assert state(p, "a") is RequestState.WAITING and p.requests["a"].num_computed == 0
     assert p.stats.preempted_by_recompute == 1 and p.stats.preempted_by_swap == 0
-    assert p.allocator.num_blocks_of(p.requests["a"]) == 0
+    assert p.memory.allocator.num_blocks_of(p.requests["a"]) == 0
 
 
 @pytest.mark.parametrize("mode", SWAP_MODES)
@@ -250,7 +250,7 @@ def test_cancel_in_every_state_frees_everything(mode: Mode) -> None:
     assert p.swaps_in_flight() == 0
     p.plan()  # the host operations the cancels left go out
     assert not p.has_work()
-    metrics = p.allocator.metrics()
+    metrics = p.memory.allocator.metrics()
     assert (metrics.used, metrics.draining, metrics.free) == (0, 0, 8)
     assert p.host.stats().used == 0 and p.host.stats().pinned == 0
 
@@ -266,7 +266,7 @@ def test_failed_swap_out_falls_back_to_recompute() -> None:
     (out,) = [s for s in plan.swaps if s.direction is Direction.OUT]
     p.swap_done(out.swap_id, ok=False)
     assert state(p, "a") is RequestState.WAITING and p.requests["a"].num_computed == 0
-    assert p.allocator.num_draining == 0
+    assert p.memory.allocator.num_draining == 0
     p.plan()  # its Abort goes out
     assert p.host.stats().used == 0
 
@@ -337,10 +337,10 @@ def test_random_workloads_are_exact_and_leak_nothing(seed: int, mode: Mode, poli
                             update_every=10_000, policy=policy())
     assert tight == roomy  # bit-identical with and without preemption
     assert len(tight) == 8
-    metrics = planner.allocator.metrics()
-    assert (metrics.used, metrics.draining) == (planner.cache.num_blocks, 0)
-    planner.cache.evict(DEVICE_ALL, planner.swaps.claim)
-    assert planner.allocator.metrics().used == 0
+    metrics = planner.memory.allocator.metrics()
+    assert (metrics.used, metrics.draining) == (planner.memory.cached_blocks, 0)
+    planner.memory.evict(DEVICE_ALL)
+    assert planner.memory.allocator.metrics().used == 0
     assert planner.host.stats().pinned == 0
     assert not planner._kv and not planner.swaps_in_flight() and not planner.has_work()
 
@@ -376,7 +376,7 @@ def test_reset_device_fails_device_requests_and_keeps_the_rest(mode: Mode) -> No
     assert {r.request_id for r in failed} == {"a", "b"}
     assert all(r.state is RequestState.FAILED for r in failed)
     assert set(p.requests) == {"c", "w"} and p.swaps_in_flight() == 0
-    assert p.allocator.metrics().used == 0 and p.host.stats().pinned == 0
+    assert p.memory.allocator.metrics().used == 0 and p.host.stats().pinned == 0
     while p.requests:  # the survivors run on the fresh device
         plan = p.plan()
         run_step(p, plan)
@@ -433,4 +433,4 @@ def test_without_turn_offload_a_finished_turn_leaves_nothing_on_the_host() -> No
         assert not plan.swaps
         run_step(p, plan)
     assert p.host.stats().used == 0
-    assert p.allocator.metrics().used == p.cache.num_blocks > 0  # the device cache keeps it
+    assert p.memory.allocator.metrics().used == p.memory.cached_blocks > 0  # the cache keeps it

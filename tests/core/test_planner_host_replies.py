@@ -137,10 +137,10 @@ def run(seed: int, mode: Mode, faults: bool, switches: Switches | None = None) -
     assert not pending and not planner.requests and not planner.has_work()
     if not faults:
         assert len(outputs) == 8
-    metrics = planner.allocator.metrics()
-    assert (metrics.used, metrics.draining) == (planner.cache.num_blocks, 0)
-    planner.cache.evict(DEVICE, planner.swaps.claim)
-    assert planner.allocator.metrics().used == 0
+    metrics = planner.memory.allocator.metrics()
+    assert (metrics.used, metrics.draining) == (planner.memory.cached_blocks, 0)
+    planner.memory.evict(DEVICE)
+    assert planner.memory.allocator.metrics().used == 0
     stats = host.stats()
     assert stats.pinned == 0 and not host._pending
     assert not planner._kv

@@ -72,6 +72,7 @@ class SchedulerConfig:
     num_device_blocks: int = 1024
     max_num_seqs: int = 32
     max_batched_tokens: int = 512
+    max_waiting: int | None = None  # requests that may wait to be admitted; None: no limit
     group_sizing: GroupSizing = field(default_factory=GroupSizing)
     switches: Switches | None = None  # None: the mode's own
 
@@ -79,6 +80,8 @@ class SchedulerConfig:
         for name in ("block_size", "num_device_blocks", "max_num_seqs", "max_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ValueError(f"max_waiting must not be negative, got {self.max_waiting}")
         if self.switches is None:
             object.__setattr__(self, "switches", self.mode.switches)
 

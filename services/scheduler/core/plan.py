@@ -18,13 +18,15 @@ class PreemptBy(Enum):
 
 @dataclass(frozen=True, slots=True)
 class ScheduledSeq:
-    """Feed `token_ids` at positions `start`...; sample a token when `sample` is set."""
+    """Feed `token_ids` at positions `start`...; sample a token when `sample` is set, never
+    one of `banned_token_ids` (the request's stop tokens, before its `min_tokens`)."""
 
     request_id: str
     block_table: tuple[int, ...]
     start: int
     token_ids: tuple[int, ...]
     sample: bool
+    banned_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

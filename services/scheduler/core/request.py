@@ -3,36 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
-
-class RequestState(Enum):
-    WAITING = "waiting"  # no KV anywhere (new, or preempted by recompute)
-    PREFILLING = "prefilling"
-    RUNNING = "running"  # decoding
-    SWAPPING_OUT = "swapping_out"
-    SWAPPED = "swapped"  # KV on the host, pinned: preempted, or a new turn's prefix
-    SWAPPING_IN = "swapping_in"
-    FINISHED = "finished"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-S = RequestState
-TERMINAL = frozenset({S.FINISHED, S.CANCELLED, S.FAILED})
-RESIDENT = frozenset({S.PREFILLING, S.RUNNING})  # KV on the device, schedulable
-_ALLOWED: dict[RequestState, frozenset[RequestState]] = {
-    S.WAITING: frozenset({S.PREFILLING, S.SWAPPED}),  # SWAPPED: the host holds its prefix
-    S.PREFILLING: frozenset({S.RUNNING, S.SWAPPING_OUT, S.WAITING}),
-    S.RUNNING: frozenset({S.SWAPPING_OUT, S.WAITING, S.FINISHED}),
-    S.SWAPPING_OUT: frozenset({S.SWAPPED, S.WAITING}),
-    S.SWAPPED: frozenset({S.SWAPPING_IN, S.WAITING}),
-    S.SWAPPING_IN: frozenset({S.PREFILLING, S.RUNNING, S.WAITING}),
-}
-
-
-class InvalidTransition(RuntimeError):
-    pass
+from services.scheduler.core.lifecycle import Event, RequestState, next_state
 
 
 @dataclass(eq=False)
@@ -85,12 +57,6 @@ class Request:
         """Host KV is kept per conversation; a one-shot request is its own conversation."""
         return self.conversation_id or f"request:{self.request_id}"
 
-    def move(self, new: RequestState) -> None:
-        if new in TERMINAL and self.state not in TERMINAL:
-            if new is S.FINISHED and self.state is not S.RUNNING:
-                raise InvalidTransition(f"{self.request_id}: {self.state.value} -> finished")
-            self.state = new
-            return
-        if new not in _ALLOWED.get(self.state, frozenset()):
-            raise InvalidTransition(f"{self.request_id}: {self.state.value} -> {new.value}")
-        self.state = new
+    def handle(self, event: Event) -> None:
+        """The one place a request changes state: a row of `lifecycle.TRANSITIONS`."""
+        self.state = next_state(self.state, event)

@@ -14,7 +14,8 @@ Contract (as vLLM's offload manager states its own):
   barrier: the step waits for all of them, and may then use what they swapped in.
 - A swap-in cancelled mid-copy leaves its blocks draining until the copy ends.
 - Each swap is reported done exactly once, `ok` or not; `done` hands back what the swap
-  held, so that the planner can commit, abort or unpin its host side.
+  held, and its `Purpose`, so that the planner can commit, abort or unpin its host side.
+- The manager is bound to one allocator: when the device is lost, both are replaced.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from common.kv.allocator import BlockAllocator
 from common.kv.swap_plan import Direction, SwapOrder, plan_copies
 from services.scheduler.core.request import Request
-from services.scheduler.core.request_kv import RequestKV
+from services.scheduler.core.request_kv import Purpose, RequestKV
 
 
 @dataclass(slots=True, eq=False)
@@ -34,15 +35,17 @@ class Swap:
     order: SwapOrder
     request: Request
     kv: RequestKV
+    purpose: Purpose
     reads: tuple[int, ...] = ()  # swap-out: the device blocks the copy reads
     draining: list[int] = field(default_factory=list)  # device blocks freed when it ends
     reservation_id: int | None = None  # swap-out: the host reservation it fills
-    offload_only: bool = False  # a finished turn's KV kept for the next turn
-    kept: bool = False  # a store: the copy freed none of the blocks it reads
 
 
 class SwapManager:
-    def __init__(self, *, merge_copies: bool, async_swaps: bool) -> None:
+    def __init__(
+        self, allocator: BlockAllocator, *, merge_copies: bool, async_swaps: bool
+    ) -> None:
+        self.allocator = allocator
         self.merge_copies = merge_copies
         self.async_swaps = async_swaps
         self._swaps: dict[int, Swap] = {}
@@ -50,28 +53,27 @@ class SwapManager:
 
     def swap_out(
         self,
-        allocator: BlockAllocator,
         r: Request,
         kv: RequestKV,
+        purpose: Purpose,
         *,
         source: Hashable,
         skip: int,
         host_blocks: Sequence[int],
         reservation_id: int,
-        offload_only: bool = False,
         keep: bool = False,
     ) -> Swap:
         """Copies `source`'s device blocks `skip:` (those the host lacks) into
         `host_blocks`. Unless `keep` (a store), frees all of `source`'s device blocks, the
         copied ones once the copy ends. The swap is in flight unless it copies nothing."""
-        src = allocator.table(source)[skip : skip + len(host_blocks)]
+        table = self.allocator.table(source)
+        src = table[skip : skip + len(host_blocks)]
         copies = plan_copies(src, host_blocks, merge=self.merge_copies)
         if not keep:
-            rest = self.claim([b for b in allocator.table(source) if b not in set(src)])
-            allocator.release(source, draining=[*src, *rest])
+            rest = self.claim([b for b in table if b not in set(src)])
+            self.allocator.release(source, draining=[*src, *rest])
         order = SwapOrder(next(self._ids), r.request_id, Direction.OUT, tuple(copies))
-        swap = Swap(order, r, kv, src, [] if keep else list(src), reservation_id, offload_only,
-                    keep)
+        swap = Swap(order, r, kv, purpose, src, [] if keep else list(src), reservation_id)
         if copies:
             self._swaps[order.swap_id] = swap
         return swap
@@ -94,16 +96,16 @@ class SwapManager:
         n = len(device_blocks)
         copies = plan_copies(kv.pin.blocks[:n], device_blocks, merge=self.merge_copies)
         order = SwapOrder(next(self._ids), r.request_id, Direction.IN, tuple(copies))
-        swap = self._swaps[order.swap_id] = Swap(order, r, kv)
+        swap = self._swaps[order.swap_id] = Swap(order, r, kv, kv.pinned_for)
         return swap
 
-    def cancel_in(self, allocator: BlockAllocator, r: Request) -> None:
+    def cancel_in(self, r: Request) -> None:
         """The request of a swap-in in flight is gone: its blocks drain until the copy ends."""
         swap = next(s for s in self._swaps.values() if s.request is r)
-        swap.draining = list(allocator.table(r))
-        allocator.release(r, draining=swap.draining)
+        swap.draining = list(self.allocator.table(r))
+        self.allocator.release(r, draining=swap.draining)
 
-    def done(self, allocator: BlockAllocator, swap_id: int) -> Swap:
+    def done(self, swap_id: int) -> Swap:
         """Ends a swap: the blocks it drained are freed, unless another copy in flight
         still reads them (that one frees them when it ends)."""
         swap = self._swaps.pop(swap_id)
@@ -116,7 +118,7 @@ class SwapManager:
             else:
                 free.append(block)
         if free:
-            allocator.release_draining(free)
+            self.allocator.release_draining(free)
         return swap
 
     def reset(self) -> list[Swap]:
@@ -130,7 +132,7 @@ class SwapManager:
 
     def offloading(self) -> set[str]:
         """Host keys a finished turn's KV is being copied to."""
-        return {s.kv.host_key for s in self._swaps.values() if s.offload_only}
+        return {s.kv.host_key for s in self._swaps.values() if s.purpose is Purpose.OFFLOAD}
 
     def __len__(self) -> int:
         return len(self._swaps)
