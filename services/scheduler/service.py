@@ -287,10 +287,10 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             swapped=sum(s in SWAP_PHASES for s in states),
             running_blocks=metrics.used - planner.memory.cached_blocks,
             cached_blocks=planner.memory.cached_blocks,
-            swapped_blocks=planner.swapped_blocks(),
+            swapped_blocks=planner.transfers.swapped_blocks(),
             draining_blocks=metrics.draining,
             free_blocks=metrics.free,
-            swaps_in_flight=planner.swaps_in_flight(),
+            swaps_in_flight=len(planner.memory.swaps),
             preemptions=planner.stats.preempted_by_swap + planner.stats.preempted_by_recompute,
             reuse_hit_tokens=planner.stats.prefix_hit_tokens + planner.stats.device_hit_tokens
             + planner.stats.reuse_saved_blocks * planner.config.block_size,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
 
+from common.kv.allocator import OutOfBlocks
 from services.scheduler.core.config import SchedulerConfig
 from services.scheduler.core.device_cache import Cached, DeviceCache
 from services.scheduler.core.swaps import Swap, SwapManager
@@ -58,6 +59,18 @@ class DeviceMemory:
         if n > self.allocator.num_free:
             self.evict(n - self.allocator.num_free)
         return self.allocator.allocate(owner, n, expected=expected)
+
+    def grow(self, owner: Hashable, blocks: int, longest: int) -> bool:
+        """`owner` holds at least `blocks` blocks (of `longest` at most, which sizes its
+        block group); False, nothing changed but eviction, when they do not fit."""
+        have = self.allocator.num_blocks_of(owner)
+        if blocks <= have:
+            return True
+        try:
+            self.allocate(owner, blocks - have, expected=max(0, longest - blocks))
+        except OutOfBlocks:
+            return False
+        return True
 
     def room(self, residents: Iterable[Hashable]) -> int:
         """Blocks the given owners could have between them: theirs, the free, the cached,

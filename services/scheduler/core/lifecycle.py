@@ -74,6 +74,7 @@ S, E = RequestState, Event
 TERMINAL = frozenset({S.FINISHED, S.CANCELLED, S.FAILED})
 RESIDENT = frozenset({S.PREFILLING, S.RUNNING})  # KV on the device, schedulable
 UNPLACED = frozenset({S.WAITING, S.QUEUED})  # no KV anywhere: admitted by prefill
+SELECTABLE = frozenset({*RESIDENT, *UNPLACED, S.SWAPPED})  # a selection pass considers them
 UNADMITTED = frozenset({*UNPLACED, S.ASKING_HOST})  # waiting to come in the first time
 SWAP_PHASES = frozenset({S.RESERVING, S.SWAPPING_OUT, S.PINNING, S.SWAPPED, S.SWAPPING_IN})
 # Holding or moving device KV: lost with the device.

@@ -1,22 +1,17 @@
 """The step planner: events in, `StepPlan`s out, and no calls to anything.
 
 Each `plan()` ranks the live requests (the fairness policy's ranks, in the preemption
-policy's order) and makes one selection pass (`selection.choose`): the best-placed ones
-that fit in device KV memory and the token budget stay or come in, each with the tokens it
-runs this step. The residents left out are preempted, by swap or by recompute
-(`preemption.PreemptionPolicy.by`). Then the plan swaps in or admits the chosen and hands
-the driver a batch, swap orders and host operations.
+policy's order) and makes one selection pass (`selection.choose`): those that fit in device
+KV memory and the token budget stay or come in. Residents left out are preempted, by swap
+or by recompute (`preemption`). The plan then swaps in or admits the chosen and hands the
+driver a batch, swap orders and host operations.
 
 Events come back whenever the driver has them: sampled tokens (`complete_step`), finished
 copies (`swap_done`) and host replies (`host_replied`). A decision that needs a reply waits
-for a later plan, in a named state (`lifecycle`): a preempted request keeps its device
-blocks while `RESERVING`; a new turn `ASKING_HOST` for its conversation's prefix comes in,
-by swap-in or by prefill, in a plan after the answer. A new turn whose conversation's KV is
-still in the device prefix cache takes it at once instead.
-
-Who holds what: each request's state (`Request.state`, moved only by `Request.handle`); its
-host-side KV (`RequestKV`); the replies it waits for (`host_asks.HostAsks`); device blocks,
-copies in flight and the prefix cache (`device_memory.DeviceMemory`).
+in a named state (`lifecycle`) for a later plan; `transfers` carries KV moves through their
+replies and copies. Who holds what: `Request.state` (moved only by `Request.handle`), host
+KV per request (`RequestKV`), awaited replies (`HostAsks`), and device blocks, copies in
+flight and the prefix cache (`DeviceMemory`).
 """
 
 from __future__ import annotations
@@ -25,38 +20,21 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from common.kv.allocator import OutOfBlocks
-from common.kv.block_hash import TokenChain
-from common.kv.host_ops import Abort, HostReply, Release, Reserved
+from common.kv.host_ops import HostReply, Release
 from services.scheduler.core.config import SchedulerConfig
 from services.scheduler.core.device_memory import DeviceMemory
 from services.scheduler.core.host_asks import HostAsks
-from services.scheduler.core.lifecycle import (
-    ON_DEVICE,
-    RESIDENT,
-    UNADMITTED,
-    UNPLACED,
-    Event,
-    RequestState,
-)
-from services.scheduler.core.plan import (
-    Direction,
-    PreemptBy,
-    Preemption,
-    ScheduledSeq,
-    StepPlan,
-    SwapOrder,
-)
+from services.scheduler.core.lifecycle import ON_DEVICE, RESIDENT, SELECTABLE, UNADMITTED, Event
+from services.scheduler.core.plan import PreemptBy, Preemption, ScheduledSeq, StepPlan, SwapOrder
 from services.scheduler.core.policy import FairnessPolicy
 from services.scheduler.core.preemption import OnOrderChange, PreemptionPolicy
-from services.scheduler.core.request import Request
-from services.scheduler.core.request_kv import Purpose, RequestKV
+from services.scheduler.core.request import Request, RequestState
+from services.scheduler.core.request_kv import Purpose
 from services.scheduler.core.selection import Candidate, choose
 from services.scheduler.core.stats import PlannerStats
 from services.scheduler.core.transfers import Transfers
 
 S, E, P = RequestState, Event, Purpose
-DEVICE_SOURCED = frozenset({P.OFFLOAD, P.STORE})  # asks whose copies read device blocks
 
 
 class QueueFull(RuntimeError):
@@ -75,7 +53,8 @@ class Planner:
     def __post_init__(self) -> None:
         self.memory = DeviceMemory(self.config)
         self.asks = HostAsks()
-        self.transfers = Transfers(self.config, self.memory, self.asks, self.stats)
+        self.transfers = Transfers(self.config, self.fingerprint, self.memory, self.asks,
+                                   self.stats)
         self._kv = self.transfers.kv
         self._scheduled: tuple[ScheduledSeq, ...] = ()
         self._arrivals = itertools.count()
@@ -89,7 +68,7 @@ class Planner:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if request.state is not S.WAITING:
             raise ValueError(f"new request {request.request_id!r} is {request.state.value}")
-        need = self.config.blocks_for(len(request.prompt) + request.max_tokens)
+        need = self._longest(request)
         if need > self.config.num_device_blocks:
             raise ValueError(f"request needs {need} KV blocks at its longest; the device "
                              f"holds {self.config.num_device_blocks}")
@@ -99,12 +78,7 @@ class Planner:
         request.arrival = next(self._arrivals)
         self.policy.on_arrival(request, self.requests.values())
         self.requests[request.request_id] = request
-        reuse = self.config.on.host_reuse
-        self._kv[request.request_id] = RequestKV(
-            host_key=request.kv_key if reuse else f"swap:{request.request_id}",
-            private=not reuse or request.conversation_id is None,
-            chain=TokenChain(self.config.block_size, self.fingerprint),
-        )
+        self.transfers.track(request)
 
     def set_priority(
         self, priority: int, *, request_id: str | None = None, client_id: str | None = None
@@ -126,17 +100,7 @@ class Planner:
         was = r.state
         r.handle(E.CANCEL)
         self.stats.cancelled += 1
-        swaps = self.memory.swaps
-        mine = {s.order.swap_id for s in swaps if s.request is r}
-        orders = self.transfers.orders
-        for order in [o for o in orders if o.swap_id in mine]:  # never sent: dropped
-            orders.remove(order)
-            self.swap_done(order.swap_id, ok=False)
-        if any(s.request is r and s.order.direction is Direction.IN for s in swaps):
-            swaps.cancel_in(r)
-        elif not (was is S.SWAPPING_OUT and any(s.request is r for s in swaps)):
-            self.memory.release(r)  # else the rest goes when its copy ends
-            self.transfers.drop(r)
+        self.transfers.cancelled(r, was)
         return True
 
     def forget_conversation(self, conversation_id: str) -> bool:
@@ -145,8 +109,7 @@ class Planner:
         while a live request, a host reply or a copy in flight still uses it (the store's
         own eviction reclaims it later)."""
         if (any(r.conversation_id == conversation_id for r in self.requests.values())
-                or any(s.kv.host_key == conversation_id for s in self.memory.swaps)
-                or any(a.kv.host_key == conversation_id for a in self.asks)):
+                or self.transfers.in_use(conversation_id)):
             return False
         self.memory.cache_drop(conversation_id)
         self.asks.send(Release(conversation_id))
@@ -163,38 +126,24 @@ class Planner:
     def reset_device(self) -> list[Request]:
         """The executor lost device memory (it restarted): requests whose KV was there, or
         in flight, fail; swaps in flight are dropped. The others stay."""
-        dropped = self.memory.reset()
-        for swap in dropped:
-            if swap.reservation_id:
-                self.asks.send(Abort(swap.reservation_id))
-        self.transfers.orders.clear()
         self._scheduled = ()
-        # Reservations for device KV that is gone: their replies will be undone.
-        self.asks.forget(lambda a: a.request.state in ON_DEVICE or a.purpose in DEVICE_SOURCED)
+        cancelled = self.transfers.device_lost()
         failed = [r for r in self.requests.values() if r.state in ON_DEVICE]
         for r in failed:
             del self.requests[r.request_id]
             r.handle(E.FAIL)
             r.error = "executor restarted"
-        for r in failed + [s.request for s in dropped if s.request.state is S.CANCELLED]:
+        for r in failed + cancelled:
             self.transfers.drop(r)
         return failed
 
     def swap_done(self, swap_id: int, *, ok: bool = True) -> None:
-        swap = self.memory.swaps.done(swap_id)
-        if swap.order.direction is Direction.OUT:
-            self.transfers.swap_out_done(swap, ok)
-        else:
-            self.transfers.swap_in_done(swap, ok)
+        self.transfers.swap_done(swap_id, ok)
 
     def host_replied(self, replies: Iterable[HostReply]) -> None:
         """Feeds back the replies to the host operations of earlier plans, in any order."""
         for reply in replies:
-            ask = self.asks.match(reply)
-            if ask is not None and isinstance(reply, Reserved):
-                self.transfers.reserved(ask, reply.reservation)
-            elif ask is not None and not isinstance(reply, Reserved):
-                self.transfers.pinned(ask, reply.hit, reply.pin)
+            self.transfers.replied(reply)
 
     def complete_step(self, sampled: Mapping[str, int]) -> list[Request]:
         """Applies the last plan's results; returns the requests that finished."""
@@ -260,21 +209,18 @@ class Planner:
         return replace(plan, batch=batch)
 
     def _select(self) -> list[tuple[Request, int]]:
-        live = [r for r in self.requests.values() if r.state in (*RESIDENT, *UNPLACED, S.SWAPPED)]
+        live = [r for r in self.requests.values() if r.state in SELECTABLE]
         room = self.memory.room(r for r in live if r.state in RESIDENT)
-        # A conversation's next turn waits while its last turn's KV is on its way to the
-        # host: that copy is about to make the turn's whole prefix reusable.
-        offloading = self.memory.swaps.offloading() | {
-            a.kv.host_key for a in self.asks if a.purpose is P.OFFLOAD}
+        offloading = self.transfers.offloading()
         order = self.preemption.order(live, self.policy)
         return choose((self._candidate(r, offloading) for r in order), room, self.config)
 
     def _candidate(self, r: Request, offloading: set[str]) -> Candidate:
         kv = self._kv[r.request_id]
-        cached = self._cached(r, kv)
+        cached = self.transfers.cached_tokens(r)
         host = kv.host_tokens if r.state is S.SWAPPED else 0
         # It runs once the host has answered, or once its own swap-in is done.
-        later = (not cached and self._asks_host(r, kv)) or bool(
+        later = (not cached and self.transfers.asks_host(r)) or bool(
             host and self.config.on.async_swaps)
         return Candidate(r, r.state in RESIDENT, max(host, r.num_computed, cached), later,
                          held_back=kv.host_key in offloading and not cached)
@@ -286,8 +232,7 @@ class Planner:
             self.transfers.recompute(r)
             self.stats.preempted_by_recompute += 1
             return Preemption(r.request_id, PreemptBy.RECOMPUTE)
-        r.handle(E.PREEMPT)  # its device blocks stay until the host has made room
-        self.asks.ask(r, self._kv[r.request_id], P.PREEMPT, r.num_computed)
+        self.transfers.ask(r, E.PREEMPT, P.PREEMPT)  # its blocks stay until the host has room
         return Preemption(r.request_id, PreemptBy.SWAP)
 
     def _bring_in(
@@ -295,48 +240,25 @@ class Planner:
     ) -> bool:
         """Swaps in, asks the host about, or admits one request; False when it did not
         fit (admissions stop)."""
-        kv = self._kv[r.request_id]
         if r.state is S.SWAPPED:
-            return self._swap_in(r, kv, chunk, swaps, batch)
-        cached = self._cached(r, kv)
-        if not cached and self._asks_host(r, kv):
-            r.handle(E.ASK_HOST)
-            self.asks.ask(r, kv, P.PREFIX, r.num_tokens)
+            order = self.transfers.swap_in(r, chunk, self._longest(r))
+            swaps += [order] if order is not None else []
+            if order is not None and chunk:  # synchronous swaps: runs behind the barrier
+                batch.append(self._seq(r, chunk))
+            return order is not None
+        cached = self.transfers.cached_tokens(r)
+        if not cached and self.transfers.asks_host(r):
+            self.transfers.ask(r, E.ASK_HOST, P.PREFIX)
             return True
-        if cached:
-            r.num_computed = self.memory.cache_take(kv.host_key, kv.hashes(r.tokens),
-                                                    r.num_tokens, r)
+        r.num_computed = self.transfers.take_cached(r) if cached else 0
         if not chunk or not self._grow(r, r.num_computed + chunk):
             if cached:
                 self.transfers.recompute(r)  # what it took goes back to the cache
             return False
-        if cached:
-            self.stats.device_hit_tokens += r.num_computed
-            r.reused_tokens += r.num_computed
+        self.stats.device_hit_tokens += r.num_computed
+        r.reused_tokens += r.num_computed
         r.handle(E.ADMIT)
         batch.append(self._seq(r, chunk))
-        return True
-
-    def _swap_in(self, r: Request, kv: RequestKV, chunk: int, swaps: list[SwapOrder],
-                 batch: list[ScheduledSeq]) -> bool:
-        n = self.config.blocks_for(kv.host_tokens)
-        total = max(n, self.config.blocks_for(kv.host_tokens + chunk))
-        try:
-            device = self.memory.allocate(r, total, expected=self._expected(r, total))
-        except OutOfBlocks:
-            return False
-        order = self.memory.swaps.swap_in(r, kv, device[:n]).order
-        r.num_computed = kv.host_tokens
-        if kv.pinned_for is P.PREFIX:
-            self.stats.prefix_hit_tokens += kv.host_tokens
-            r.reused_tokens += kv.host_tokens
-        r.handle(E.SWAP_IN)
-        swaps.append(order)
-        self.stats.swaps_in += 1
-        self.stats.copies_in += len(order.copies)
-        self.stats.blocks_in += n
-        if chunk:  # synchronous swaps: the plan's barrier lets it run in this very step
-            batch.append(self._seq(r, chunk))
         return True
 
     # ---- helpers ---------------------------------------------------------------------
@@ -347,35 +269,12 @@ class Planner:
         self.stats.finished += 1
         self.transfers.finished(r)
 
-    def _cached(self, r: Request, kv: RequestKV) -> int:
-        """Tokens a request without KV would take from the device prefix cache."""
-        if r.state not in UNPLACED:
-            return 0
-        return self.memory.cache.usable(kv.host_key, kv.hashes(r.tokens), r.num_tokens)
-
-    def _asks_host(self, r: Request, kv: RequestKV) -> bool:
-        """A new turn asks the host for its conversation's prefix before it is admitted
-        (unless it has no history worth a block)."""
-        history = r.history_tokens
-        return (r.state is S.WAITING and self.config.on.host_reuse and not kv.private
-                and (history is None or history >= self.config.block_size))
-
     def _grow(self, r: Request, num_tokens: int) -> bool:
-        """Room for the request's first `num_tokens` tokens; False (nothing changed but the
-        prefix cache's eviction) when it does not fit."""
-        blocks = self.config.blocks_for(num_tokens)
-        have = self.memory.blocks_of(r)
-        if blocks <= have:
-            return True
-        try:
-            self.memory.allocate(r, blocks - have, expected=self._expected(r, blocks))
-        except OutOfBlocks:
-            return False
-        return True
+        return self.memory.grow(r, self.config.blocks_for(num_tokens), self._longest(r))
 
-    def _expected(self, r: Request, blocks: int) -> int:
-        """Blocks the request will still want after `blocks`: sizes its block group."""
-        return max(0, self.config.blocks_for(len(r.prompt) + r.max_tokens) - blocks)
+    def _longest(self, r: Request) -> int:
+        """Blocks the request needs at its longest: sizes its block group."""
+        return self.config.blocks_for(len(r.prompt) + r.max_tokens)
 
     def _seq(self, r: Request, chunk: int) -> ScheduledSeq:
         start, end = r.num_computed, r.num_computed + chunk
@@ -392,12 +291,6 @@ class Planner:
 
     def num_waiting(self) -> int:
         return sum(r.state in UNADMITTED for r in self.requests.values())
-
-    def swaps_in_flight(self) -> int:
-        return len(self.memory.swaps)
-
-    def swapped_blocks(self) -> int:
-        return self.transfers.swapped_blocks()
 
     def has_work(self) -> bool:
         """Live requests, swaps in flight, or swaps, host operations or replies pending."""

@@ -21,31 +21,135 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from common.kv.host_ops import Abort, Commit, Release, Unpin
+from common.kv.allocator import OutOfBlocks
+from common.kv.block_hash import TokenChain
+from common.kv.host_ops import Abort, Commit, HostReply, Release, Reserved, Unpin
 from common.kv.reuse_index import Hit, PinHandle, Reservation
 from services.scheduler.core.config import SchedulerConfig
 from services.scheduler.core.device_memory import DeviceMemory
 from services.scheduler.core.host_asks import Ask, HostAsks
-from services.scheduler.core.lifecycle import RESIDENT, Event, RequestState
-from services.scheduler.core.plan import SwapOrder
+from services.scheduler.core.lifecycle import ON_DEVICE, RESIDENT, UNPLACED, Event, RequestState
+from services.scheduler.core.plan import Direction, SwapOrder
 from services.scheduler.core.request import Request
 from services.scheduler.core.request_kv import Purpose, RequestKV
 from services.scheduler.core.stats import PlannerStats
 from services.scheduler.core.swaps import Swap
 
 S, E, P = RequestState, Event, Purpose
+DEVICE_SOURCED = frozenset({P.OFFLOAD, P.STORE})  # asks whose copies read device blocks
 
 
 @dataclass
 class Transfers:
     config: SchedulerConfig
+    fingerprint: str  # the model's, which every host KV chain starts from
     memory: DeviceMemory
     asks: HostAsks
     stats: PlannerStats
     kv: dict[str, RequestKV] = field(default_factory=dict)  # per live request (and finishing)
     orders: list[SwapOrder] = field(default_factory=list)  # swap-outs decided between plans
 
+    def track(self, r: Request) -> None:
+        """A new request's KV bookkeeping."""
+        reuse = self.config.on.host_reuse
+        self.kv[r.request_id] = RequestKV(
+            host_key=r.kv_key if reuse else f"swap:{r.request_id}",
+            private=not reuse or r.conversation_id is None,
+            chain=TokenChain(self.config.block_size, self.fingerprint),
+        )
+
+    def offloading(self) -> set[str]:
+        """Host keys a finished turn's KV is on its way to. The conversation's next turn
+        waits for it: that copy is about to make the turn's whole prefix reusable."""
+        keys = self.memory.swaps.offloading()
+        return keys | {a.kv.host_key for a in self.asks if a.purpose is P.OFFLOAD}
+
+    # ---- decisions that move KV -------------------------------------------------------
+
+    def ask(self, r: Request, event: Event, purpose: Purpose) -> None:
+        """Moves the request into a phase that waits for the host (a preemption's
+        reservation, a new turn's prefix), and asks for its KV."""
+        r.handle(event)
+        n = r.num_tokens if purpose is P.PREFIX else r.num_computed
+        self.asks.ask(r, self.kv[r.request_id], purpose, n)
+
+    def asks_host(self, r: Request) -> bool:
+        """A new turn asks the host for its conversation's prefix before it is admitted
+        (unless it has no history worth a block)."""
+        kv, history = self.kv[r.request_id], r.history_tokens
+        return (r.state is S.WAITING and self.config.on.host_reuse and not kv.private
+                and (history is None or history >= self.config.block_size))
+
+    def cached_tokens(self, r: Request) -> int:
+        """Tokens a request without KV would take from the device prefix cache."""
+        if r.state not in UNPLACED:
+            return 0
+        kv = self.kv[r.request_id]
+        return self.memory.cache.usable(kv.host_key, kv.hashes(r.tokens), r.num_tokens)
+
+    def take_cached(self, r: Request) -> int:
+        kv = self.kv[r.request_id]
+        return self.memory.cache_take(kv.host_key, kv.hashes(r.tokens), r.num_tokens, r)
+
+    def swap_in(self, r: Request, chunk: int, longest: int) -> SwapOrder | None:
+        """Device blocks for a swapped request's pinned KV and its next `chunk` tokens, and
+        the copy that fills them; None when they do not fit."""
+        kv = self.kv[r.request_id]
+        n = self.config.blocks_for(kv.host_tokens)
+        total = max(n, self.config.blocks_for(kv.host_tokens + chunk))
+        try:
+            device = self.memory.allocate(r, total, expected=max(0, longest - total))
+        except OutOfBlocks:
+            return None
+        order = self.memory.swaps.swap_in(r, kv, device[:n]).order
+        r.num_computed = kv.host_tokens
+        if kv.pinned_for is P.PREFIX:
+            self.stats.prefix_hit_tokens += kv.host_tokens
+            r.reused_tokens += kv.host_tokens
+        r.handle(E.SWAP_IN)
+        self.stats.swaps_in += 1
+        self.stats.copies_in += len(order.copies)
+        self.stats.blocks_in += n
+        return order
+
+    def cancelled(self, r: Request, was: RequestState) -> None:
+        """Frees a cancelled request's KV: at once, or (under a copy) when the copy ends."""
+        swaps = self.memory.swaps
+        mine = {s.order.swap_id for s in swaps if s.request is r}
+        for order in [o for o in self.orders if o.swap_id in mine]:  # never sent: dropped
+            self.orders.remove(order)
+            self.swap_out_done(swaps.done(order.swap_id), ok=False)
+        if any(s.request is r and s.order.direction is Direction.IN for s in swaps):
+            swaps.cancel_in(r)
+        elif not (was is S.SWAPPING_OUT and any(s.request is r for s in swaps)):
+            self.memory.release(r)
+            self.drop(r)
+
+    def device_lost(self) -> list[Request]:
+        """Device memory is gone: swaps in flight are dropped (their reservations aborted)
+        and asks for device KV forgotten. Returns the cancelled requests whose copies were
+        dropped: nothing will end them now."""
+        dropped = self.memory.reset()
+        for swap in dropped:
+            if swap.reservation_id:
+                self.asks.send(Abort(swap.reservation_id))
+        self.orders.clear()
+        self.asks.forget(lambda a: a.request.state in ON_DEVICE or a.purpose in DEVICE_SOURCED)
+        return [s.request for s in dropped if s.request.state is S.CANCELLED]
+
+    def in_use(self, host_key: str) -> bool:
+        """A copy in flight or an awaited reply still uses the host key's KV."""
+        return (any(s.kv.host_key == host_key for s in self.memory.swaps)
+                or any(a.kv.host_key == host_key for a in self.asks))
+
     # ---- host replies ----------------------------------------------------------------
+
+    def replied(self, reply: HostReply) -> None:
+        ask = self.asks.match(reply)
+        if ask is not None and isinstance(reply, Reserved):
+            self.reserved(ask, reply.reservation)
+        elif ask is not None and not isinstance(reply, Reserved):
+            self.pinned(ask, reply.hit, reply.pin)
 
     def reserved(self, ask: Ask, res: Reservation | None) -> None:
         """Host room for a preempted request's KV, a finished turn's, or newly full blocks."""
@@ -103,6 +207,13 @@ class Transfers:
         r.handle(E.PINNED)
 
     # ---- finished copies -------------------------------------------------------------
+
+    def swap_done(self, swap_id: int, ok: bool) -> None:
+        swap = self.memory.swaps.done(swap_id)
+        if swap.order.direction is Direction.OUT:
+            self.swap_out_done(swap, ok)
+        else:
+            self.swap_in_done(swap, ok)
 
     def swap_out_done(self, swap: Swap, ok: bool) -> None:
         r, kv = swap.request, swap.kv
