@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -37,7 +38,8 @@ class HttpMetrics:
         self.routes = frozenset(routes)
         self.token = token
 
-        def labelled(kind: type, name: str, doc: str, labels: tuple[str, ...], **kw: object):
+        def labelled(kind: type, name: str, doc: str, labels: tuple[str, ...], **kw: object
+                     ) -> Any:
             return kind(name, doc, labels, namespace=NAMESPACE, subsystem=SUBSYSTEM,
                         registry=self.registry, **kw)
 

@@ -203,6 +203,11 @@ class Engine:
                 f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) "
                 f"exceeds the model context of {self.limits.max_model_len} tokens",
             )
+        self.check_capacity(tenant, max_queued)
+
+    def check_capacity(self, tenant: str, max_queued: int) -> None:
+        """Raises AdmissionError(RESOURCE_EXHAUSTED) if the queue, or `tenant`'s share of it
+        (`max_queued`, 0: no cap), has no room for one more request."""
         waiting = sum(r.state is RequestState.WAITING for r in self.planner.requests.values())
         if waiting >= self.limits.max_waiting:
             raise AdmissionError(

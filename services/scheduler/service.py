@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 import grpc
@@ -76,6 +76,23 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         keys = self.keys
         return keys.limits(tenant).over(self.tenant_limits) if keys else self.tenant_limits
 
+    def _check_caller(self, caller: Principal, request: Sampled) -> str:
+        """The request's fairness id; raises AuthError if the caller may not send it
+        (another tenant's client_id, a priority above its cap)."""
+        client_id = caller.fairness_id(request.client_id)
+        if request.HasField("priority"):
+            self._check_priority(caller, request.priority)
+        return client_id
+
+    async def _refuse(self, caller: Principal, error: AdmissionError,
+                      context: grpc.aio.ServicerContext,
+                      public: Callable[[str], str] = str) -> None:
+        """Aborts the call with the engine's refusal, counted under its limit if any;
+        `public` rewrites the message's ids into the caller's."""
+        if error.limit:
+            self.engine.usage.refused(caller.tenant, error.limit)
+        await context.abort(error.code, public(str(error)))
+
     def _check_priority(self, caller: Principal, priority: int) -> None:
         """Raises AuthError(PERMISSION_DENIED) if a user sets a priority above its cap."""
         cap = self.limits(caller.tenant).max_priority
@@ -126,10 +143,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not new:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message is empty")
-        try:
-            caller.fairness_id(request.client_id)  # refused before anything is kept
+        try:  # refused before anything is kept (or a conversation evicted)
+            self._check_caller(caller, request)
+            self.engine.check_capacity(caller.tenant, self.limits(caller.tenant).max_queued or 0)
         except AuthError as e:
             await e.abort(context)
+        except AdmissionError as e:
+            await self._refuse(caller, e, context)
         await self.expire_conversations()
         key = caller.scope(request.conversation_id)
         try:  # one bucket per tenant; one for all when there are no keys
@@ -184,9 +204,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         rid = request.request_id or uuid.uuid4().hex
         try:
-            client_id = caller.fairness_id(request.client_id)
-            if request.HasField("priority"):
-                self._check_priority(caller, request.priority)
+            client_id = self._check_caller(caller, request)
         except AuthError as e:
             await e.abort(context)
         err = _validate(request, client_id, prompt, self.vocab_size)
@@ -231,9 +249,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 max_queued=self.limits(caller.tenant).max_queued or 0,
             )
         except AdmissionError as e:
-            if e.limit:
-                self.engine.usage.refused(caller.tenant, e.limit)
-            await context.abort(e.code, public(str(e)))
+            await self._refuse(caller, e, context, public)
         done = False
         try:
             async for item in stream:
