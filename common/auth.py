@@ -8,7 +8,9 @@
 
   One entry a line, fields separated by whitespace; the role (`user` or `admin`) defaults
   to `user`; `#` starts a comment. Keys are at least 16 characters with no whitespace,
-  tenants 1-64 of `A-Z a-z 0-9 . _ -`. A caller sends its key as gRPC metadata
+  tenants 1-64 of `A-Z a-z 0-9 . _ -`. Fields of the form `LIMIT=N` after the role set
+  the tenant's `TenantLimits` (`max_queued=8 max_conversations=4 max_priority=5`); the
+  lines of one tenant must not set one limit to two values. A caller sends its key as gRPC metadata
   `authorization: Bearer <key>` (an HTTP front door forwards its caller's header as it is).
   `ApiKeys.authenticate` turns the metadata into a `Principal`: missing or unknown keys
   raise `AuthError(UNAUTHENTICATED)`. The tenant is the caller's fairness principal, and
@@ -39,7 +41,7 @@ import re
 import secrets
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,40 @@ class KeyFileError(ValueError):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """What one tenant may hold at once and ask for. None: unset (the scheduler's flag
+    gives it); 0 for the counts: no cap. `max_priority` binds users, not admins."""
+
+    max_queued: int | None = None  # requests admitted and not running
+    max_conversations: int | None = None  # Chat conversations kept (see conversations.py)
+    max_priority: int | None = None  # of a request, and of a SetPriority
+
+    def over(self, defaults: TenantLimits) -> TenantLimits:
+        """These limits, with `defaults`'s where these are unset."""
+        mine = {name: getattr(self, name) for name in LIMITS}
+        return replace(defaults, **{k: v for k, v in mine.items() if v is not None})
+
+
+LIMITS = tuple(f.name for f in fields(TenantLimits))
+
+
+def _parse_limit(field: str, where: str) -> tuple[str, int]:
+    name, _, value = field.partition("=")
+    if name not in LIMITS:
+        raise KeyFileError(f"{where}: {field!r}: fields after the role are LIMIT=N, with "
+                           f"LIMIT one of {', '.join(LIMITS)}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise KeyFileError(f"{where}: {name}={value!r} is not an integer") from None
+    if name != "max_priority" and number < 0:
+        raise KeyFileError(f"{where}: {name} must be >= 0 (0: no cap), got {number}")
+    if not -2**31 <= number < 2**31:
+        raise KeyFileError(f"{where}: {name}={number} is not a 32-bit integer")
+    return name, number
+
+
 def bearer(metadata: Metadata) -> str | None:
     """The credential of `authorization: Bearer <credential>`, None without one."""
     for key, value in metadata or ():
@@ -136,9 +172,15 @@ def _digest(key: str) -> bytes:
 class ApiKeys:
     """The key file's entries; see the module docstring for its format."""
 
-    def __init__(self, entries: Mapping[str, Principal], source: str = "") -> None:
+    def __init__(self, entries: Mapping[str, Principal], source: str = "",
+                 limits: Mapping[str, TenantLimits] | None = None) -> None:
         self.source = source
         self._by_digest = {_digest(k): p for k, p in entries.items()}
+        self._limits = dict(limits or {})
+
+    def limits(self, tenant: str) -> TenantLimits:
+        """What the file sets for `tenant` (unset where it sets nothing)."""
+        return self._limits.get(tenant, TenantLimits())
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -150,15 +192,17 @@ class ApiKeys:
     @classmethod
     def parse(cls, text: str, source: str = "<keys>") -> ApiKeys:
         entries: dict[str, Principal] = {}
+        limits: dict[str, dict[str, int]] = {}
         for number, raw in enumerate(text.splitlines(), 1):
             fields = raw.split("#", 1)[0].split()
             if not fields:
                 continue
             where = f"{source}:{number}"
-            if len(fields) not in (2, 3):
-                raise KeyFileError(f"{where}: expected 'KEY TENANT [ROLE]', got {len(fields)} "
-                                   "fields")
-            key, tenant, role = fields[0], fields[1], fields[2] if len(fields) == 3 else "user"
+            if len(fields) < 2:
+                raise KeyFileError(f"{where}: expected 'KEY TENANT [ROLE] [LIMIT=N ...]', got "
+                                   f"{len(fields)} fields")
+            key, tenant, rest = fields[0], fields[1], fields[2:]
+            role = rest.pop(0) if rest and "=" not in rest[0] else "user"
             if len(key) < MIN_KEY_CHARS:
                 raise KeyFileError(f"{where}: keys must be at least {MIN_KEY_CHARS} characters")
             if not TENANT.fullmatch(tenant):
@@ -168,9 +212,15 @@ class ApiKeys:
             if key in entries:
                 raise KeyFileError(f"{where}: the same key appears twice")
             entries[key] = Principal(tenant, role)
+            mine = limits.setdefault(tenant, {})
+            for field in rest:
+                name, value = _parse_limit(field, where)
+                if mine.setdefault(name, value) != value:
+                    raise KeyFileError(f"{where}: {name}={value}, but another line of tenant "
+                                       f"{tenant!r} sets {name}={mine[name]}")
         if not entries:
             raise KeyFileError(f"{source}: no keys (an empty key file would lock everyone out)")
-        return cls(entries, source)
+        return cls(entries, source, {t: TenantLimits(**v) for t, v in limits.items() if v})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ApiKeys:

@@ -4,21 +4,34 @@ and values read from a service's own state when Prometheus scrapes.
 Each service defines its metrics in its own `metrics` module; every name starts with
 `fastswitch_<service>_`. Counters that a service already keeps (a store's hit tokens, the
 planner's preemptions) are exported as they are at scrape time rather than mirrored.
+
+With a metrics token (`--metrics-token` or `--metrics-token-file`; env
+FASTSWITCH_METRICS_TOKEN, FASTSWITCH_METRICS_TOKEN_FILE), the same for every service, a
+scrape must send `Authorization: Bearer <token>` (Prometheus: `authorization:
+credentials_file`); one without it gets 401. Without one, /metrics is open, as before.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import hmac
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from functools import partial
+from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any, Generic, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from common.auth import AUTHORIZATION, bearer
 from common.grpc_serving import before_each_call, handler_kind
 
 log = logging.getLogger("fastswitch.metrics")
@@ -32,14 +45,78 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BYTES_BUCKETS = tuple(float(4096 * 4**i) for i in range(11))
 
 
-def serve_metrics(port: int, address: str, registry: CollectorRegistry) -> int | None:
-    """Serves `registry` at http://address:port/metrics on a daemon thread; returns the bound
-    port, or None when `port` is 0 (metrics off)."""
+TOKEN_ENV = "FASTSWITCH_METRICS_TOKEN"
+TOKEN_FILE_ENV = "FASTSWITCH_METRICS_TOKEN_FILE"
+UNAUTHORIZED_BODY = b"/metrics needs 'Authorization: Bearer <metrics token>'\n"
+WWW_AUTHENTICATE = ("WWW-Authenticate", 'Bearer realm="metrics"')
+
+
+def add_metrics_token_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    parser.add_argument("--metrics-token", default=env.get(TOKEN_ENV, ""),
+                        help="bearer token that /metrics scrapes must send (empty: open) "
+                             f"[env {TOKEN_ENV}]")
+    parser.add_argument("--metrics-token-file", default=env.get(TOKEN_FILE_ENV, ""),
+                        help=f"file holding the metrics token [env {TOKEN_FILE_ENV}]")
+
+
+def metrics_token(value: str = "", file: str = "") -> str:
+    """The token given, else the one in `file` (which must exist); empty: none."""
+    if value or not file:
+        return value.strip()
+    try:
+        token = Path(file).read_text().strip()
+    except OSError as e:
+        raise SystemExit(f"cannot read the metrics token file {file}: {e.strerror}") from e
+    if not token:
+        raise SystemExit(f"the metrics token file {file} is empty")
+    return token
+
+
+def authorized(authorization: str | None, token: str) -> bool:
+    """Whether a scrape with this `Authorization` header may read the metrics."""
+    if not token:
+        return True
+    credential = bearer([(AUTHORIZATION, authorization)]) if authorization else None
+    return credential is not None and hmac.compare_digest(credential.encode(), token.encode())
+
+
+def metrics_app(registry: CollectorRegistry, token: str = "") -> Callable[..., Any]:
+    """The WSGI app of `registry`'s exposition; 401 without `token` when one is set."""
+    app = make_wsgi_app(registry)
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if authorized(environ.get("HTTP_AUTHORIZATION"), token):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [WWW_AUTHENTICATE, ("Content-Type", "text/plain")])
+        return [UNAUTHORIZED_BODY]
+
+    return guarded
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve_metrics(port: int, address: str, registry: CollectorRegistry, token: str = ""
+                  ) -> int | None:
+    """Serves `registry` at http://address:port/metrics on a daemon thread, to scrapes that
+    send `token` when it is set; returns the bound port, or None when `port` is 0 (off)."""
     if port == 0:
         return None
-    server, _ = start_http_server(port, address, registry)
+    server = make_server(address.strip("[]"), port, metrics_app(registry, token),
+                         _Server6 if ":" in address else _Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     bound = int(server.server_port)
-    log.info("metrics on %s:%d/metrics", address, bound)
+    log.info("metrics on %s:%d/metrics%s", address, bound, " (token required)" if token else "")
     return bound
 
 

@@ -9,7 +9,10 @@ while restarts keep failing; and on Ctrl-C or SIGTERM stops them in reverse orde
 
 Every service listens on 127.0.0.1. `fastswitch up` makes a random internal token per run
 and gives it to the three through FASTSWITCH_INTERNAL_TOKEN, so that the executor and the
-KV store serve only this run's scheduler; `--api-keys FILE` turns on tenants.
+KV store serve only this run's scheduler; `--api-keys FILE` turns on tenants. `--tls-cert`,
+`--tls-key` and `--tls-ca` put every gRPC listener on TLS (and the front door's channel to
+the scheduler); `--tls-mutual` has the executor and the KV store require the certificate
+of their callers too.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.auth import bearer_metadata
+from common.auth import bearer_metadata, env_flag
 from common.health_probe import check_http
 from common.shm.arena import cleanup_stale
+from common.tls import ENV as TLS_ENV
 from common.tls import ClientTls, sync_channel
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
@@ -350,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-keys", default=os.environ.get("FASTSWITCH_API_KEYS_FILE", ""),
                         help="API key file ('KEY TENANT [user|admin]' a line): tenants on "
                              "[env FASTSWITCH_API_KEYS_FILE]")
+    add_tls_flags(parser)
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_cert and not args.tls_ca):
+        parser.error("TLS needs --tls-cert, --tls-key and --tls-ca together")
+    if args.tls_mutual and not args.tls_cert:
+        parser.error("--tls-mutual needs --tls-cert, --tls-key and --tls-ca")
     config = StackConfig(
         mode=args.mode, switches=args.switches, policy=args.policy,
         num_gpu_blocks=args.num_gpu_blocks,
@@ -359,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         redis_url=args.redis_url, num_kvstores=args.num_kvstores,
         discover_kvstores=args.discover_kvstores, scheduler_port=args.port,
         http_port=args.http_port, log_dir=args.log_dir, internal_token=secrets.token_urlsafe(32),
-        api_keys_file=args.api_keys, scheduler_host=args.host,
+        api_keys_file=args.api_keys, scheduler_host=args.host, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_ca=args.tls_ca, tls_mutual=args.tls_mutual,
     )
     names = ["executor", "kvstore", "scheduler", *(["http"] if args.http_port is not None else [])]
     logs = [str(Path(args.log_dir) / f"{n}.log") for n in names]
@@ -383,6 +393,21 @@ def main(argv: list[str] | None = None) -> int:
               + ". Ctrl-C stops it.", flush=True)
         supervise(stack, lambda: stopping)
     return 0
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """`fastswitch up`'s TLS flags: one certificate for every service (see StackConfig)."""
+    for flag, name, help in (
+            ("--tls-cert", "cert", "certificate (PEM) every service presents: TLS on"),
+            ("--tls-key", "key", "its private key (PEM)"),
+            ("--tls-ca", "ca", "CA bundle (PEM) the certificate chains to, which the "
+                               "services' clients check it against")):
+        parser.add_argument(flag, default=os.environ.get(TLS_ENV[name], ""),
+                            help=f"{help} [env {TLS_ENV[name]}]")
+    parser.add_argument("--tls-mutual", action="store_true",
+                        default=env_flag(os.environ, "FASTSWITCH_TLS_MUTUAL"),
+                        help="the executor and the KV store also require the certificate of "
+                             "their callers [env FASTSWITCH_TLS_MUTUAL=1]")
 
 
 def supervise(stack: LocalStack, stopping: Callable[[], bool], backoff_s: float = 1.0,

@@ -30,7 +30,7 @@ import uvloop
 
 from common.auth import check_bind, env_flag, internal_token, token_interceptors
 from common.grpc_serving import RefuseUndecodable, mark_serving, wait_for_stop_signal
-from common.metrics import serve_metrics
+from common.metrics import add_metrics_token_flags, metrics_token, serve_metrics
 from common.tls import ServerTls, add_server_flags, listen, server_tls
 from services.executor.engine import (
     BACKENDS,
@@ -108,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serve a non-loopback --listen without a token "
                              "[env FASTSWITCH_INSECURE=1]")
     add_server_flags(parser, os.environ)
+    add_metrics_token_flags(parser, os.environ)
     args = parser.parse_args(argv)
     for flag in ("batch_invariant", "cuda_graphs"):
         value = getattr(args, flag)
@@ -144,7 +145,8 @@ async def serve(args: argparse.Namespace, engine: ExecutorEngine, token: str = "
                                            RefuseUndecodable()])
     service = ExecutorService(engine, metrics)
     health = add_to_server(service, server)
-    serve_metrics(args.metrics_port, args.listen, metrics.registry)
+    serve_metrics(args.metrics_port, args.listen, metrics.registry,
+                  metrics_token(args.metrics_token, args.metrics_token_file))
     port = listen(server, f"{args.listen}:{args.port}", tls)
     await server.start()
     await mark_serving(health, SERVICE_NAME)

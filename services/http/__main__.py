@@ -1,7 +1,8 @@
 """`python -m services.http`: serves the OpenAI-compatible API over a scheduler's gRPC API.
 
 Every flag has an environment variable; the bind host defaults to 127.0.0.1 (the API has no
-TLS of its own: expose it through a proxy, or bind 0.0.0.0 in a container).
+TLS of its own: expose it through a proxy, or bind 0.0.0.0 in a container). It reaches a
+scheduler that serves TLS with --tls-ca (common/tls.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import os
 
 import uvicorn
 
-from common.metrics import serve_metrics
+from common.metrics import add_metrics_token_flags, metrics_token, serve_metrics
+from common.tls import add_client_flags, client_tls
 from services.http.app import Frontend, Settings
 from services.http.protocol import Defaults
 
@@ -32,7 +34,7 @@ FLAGS = [  # (flag, env var, default, help)
     ("shutdown-grace", "FASTSWITCH_HTTP_SHUTDOWN_GRACE_S", "5",
      "seconds that requests in flight get on SIGTERM before they are cancelled"),
     ("metrics-port", "FASTSWITCH_HTTP_METRICS_PORT", "0",
-     "port of the Prometheus /metrics endpoint (0: off)"),
+     "another port serving /metrics, besides the API's own (0: none)"),
 ]
 
 
@@ -41,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, env, default, text in FLAGS:
         parser.add_argument(f"--{name}", default=os.environ.get(env, default),
                             help=f"{text} [env {env}, default {default!r}]")
+    add_metrics_token_flags(parser, os.environ)
+    add_client_flags(parser, os.environ, "the scheduler")
     args = parser.parse_args(argv)
     for name in ("port", "metrics_port", "default_max_tokens"):
         value = getattr(args, name)
@@ -54,12 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("FASTSWITCH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = metrics_token(args.metrics_token, args.metrics_token_file)
     frontend = Frontend(Settings(
         scheduler=args.scheduler, served_model_name=args.served_model_name,
         defaults=Defaults(client_id=args.client_id,
                           max_tokens=int(args.default_max_tokens)),
+        metrics_token=token, tls=client_tls(args),
     ))
-    serve_metrics(int(args.metrics_port), "0.0.0.0", frontend.metrics.registry)
+    serve_metrics(int(args.metrics_port), args.host, frontend.metrics.registry, token)
     log.info("OpenAI-compatible API on http://%s:%s/v1 over the scheduler at %s",
              args.host, args.port, args.scheduler)
     uvicorn.run(frontend.app(), host=args.host, port=int(args.port), log_level="warning",

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.client import Final, Generation, Token
+from common.tls import ClientTls, aio_channel
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
 from services.http.errors import ApiError, bad_request, from_rpc
@@ -50,6 +51,8 @@ class Settings:
     scheduler: str  # the scheduler's gRPC address
     defaults: Defaults
     served_model_name: str = ""  # empty: the name the scheduler's Stats reports
+    metrics_token: str = ""  # what a scrape of /metrics must send; empty: open
+    tls: ClientTls | None = None  # towards the scheduler; None: plaintext
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,11 @@ def metadata(request: Request) -> Metadata:
 class Frontend:
     """The OpenAI-compatible routes over one channel to the scheduler."""
 
-    ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health")
+    ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = HttpMetrics(self.ROUTES)
+        self.metrics = HttpMetrics(self.ROUTES, settings.metrics_token)
         self.started = int(time.time())
         self._model = settings.served_model_name
         self._channel: grpc.aio.Channel | None = None
@@ -105,7 +108,7 @@ class Frontend:
     def app(self) -> ASGIApp:
         @asynccontextmanager
         async def lifespan(app: Starlette):  # the channel belongs to the server's loop
-            self._channel = grpc.aio.insecure_channel(self.settings.scheduler)
+            self._channel = aio_channel(self.settings.scheduler, self.settings.tls)
             self._stub = pb_grpc.SchedulerStub(self._channel)
             try:
                 yield
@@ -117,6 +120,7 @@ class Frontend:
             Route("/v1/completions", self._api(self.completions), methods=["POST"]),
             Route("/v1/chat/completions", self._api(self.chat), methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics.endpoint, methods=["GET"]),
         ]
         return self.metrics.middleware(Starlette(
             routes=routes, lifespan=lifespan,
@@ -174,7 +178,7 @@ class Frontend:
                            code="model_not_found")
         parsed.request.request_id = uuid.uuid4().hex
         call = self.stub.Generate(parsed.request, metadata=md)
-        return Answer(call, Reply(parsed, shape, name, int(time.time())))
+        return Answer(call, Reply(parsed, shape, name, int(time.time())), self.metrics)
 
     async def health(self, request: Request) -> Response:
         """200 while the scheduler's Scheduler service is SERVING (ready), else 503."""
@@ -261,12 +265,14 @@ class Answer(Response):
     objects with their HTTP status; later ones (the stream has begun) an error event. A
     client that disconnects first cancels the call."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, reply: Reply) -> None:
+    def __init__(self, call: grpc.aio.UnaryStreamCall, reply: Reply, metrics: HttpMetrics
+                 ) -> None:
         self.call = call
         self.reply = reply
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        work = asyncio.ensure_future(self._respond(send))
+        work = asyncio.ensure_future(self._respond(scope, send))
         gone = asyncio.ensure_future(_disconnect(receive))
         try:
             await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -278,11 +284,12 @@ class Answer(Response):
         if not work.cancelled():
             work.result()  # the answer's own failure, if any, for the server to log
 
-    async def _respond(self, send: Send) -> None:
+    async def _respond(self, scope: Scope, send: Send) -> None:
         gen = Generation(self.call)
         tokens = gen.__aiter__()
         try:
             first = [await anext(tokens)]
+            self.metrics.first_token(scope)
         except StopAsyncIteration:
             first = []
         except grpc.aio.AioRpcError as e:

@@ -33,7 +33,8 @@ async def serve(config: StoreConfig) -> None:
     except BaseException:
         store.close()
         raise
-    serve_metrics(config.metrics_port, config.host, server.metrics.registry)
+    serve_metrics(config.metrics_port, config.host, server.metrics.registry,
+                  config.metrics_token)
     print(
         f"kvstore ready port={port} instance={config.instance_id} arena={store.arena.name}",
         flush=True,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.auth import BOOLEANS, bearer_metadata, internal_token
+from common.metrics import add_metrics_token_flags, metrics_token
 from common.tls import ClientTls, ServerTls, add_client_flags, add_server_flags, sync_channel
 from protos import executor_pb2, executor_pb2_grpc
 from services.kvstore.arena_setup import default_arena_base
@@ -51,6 +52,7 @@ class StoreConfig:
     instance_id: str
     lease_seconds: float
     metrics_port: int = 0  # 0: no /metrics endpoint
+    metrics_token: str = ""  # scrapes must send it (empty: /metrics is open)
     internal_token: str = ""  # given as a value; `token()` also reads the file
     internal_token_file: str = ""
     insecure: bool = False  # a non-loopback host without a token is allowed
@@ -147,6 +149,7 @@ def parse_config(
                    help="serve a non-loopback --host without a token [env FASTSWITCH_INSECURE=1]")
     add_server_flags(p, env)
     add_client_flags(p, env, "the --from-executor executor")
+    add_metrics_token_flags(p, env)
     a = p.parse_args(argv)
     given = [f"--{f.replace('_', '-')}" for f in ("block_bytes", "block_size", "fingerprint")
              if getattr(a, f) is not None]
@@ -183,6 +186,7 @@ def parse_config(
         instance_id=instance_id,
         lease_seconds=a.lease_seconds,
         metrics_port=a.metrics_port,
+        metrics_token=metrics_token(a.metrics_token, a.metrics_token_file),
         internal_token=a.internal_token,
         internal_token_file=a.internal_token_file,
         insecure=a.insecure,

@@ -26,8 +26,8 @@ import uvloop
 from grpc_health.v1 import health_pb2
 
 from common.auth import (
-    ApiKeys,
     KeyFileError,
+    TenantLimits,
     bearer_interceptors,
     check_bind,
     env_flag,
@@ -40,8 +40,9 @@ from common.grpc_serving import (
     mark_serving,
     wait_for_stop_signal,
 )
+from common.key_reload import ReloadingKeys
 from common.kv.reuse_index import ReuseIndex
-from common.metrics import serve_metrics
+from common.metrics import add_metrics_token_flags, metrics_token, serve_metrics
 from common.shm.arena import HostArena
 from common.tls import (
     ClientTls,
@@ -95,8 +96,17 @@ FLAGS = [
          "address the public API and /metrics listen on; beyond loopback it needs "
          "--api-keys or --insecure"),
     Flag("api-keys", "FASTSWITCH_API_KEYS_FILE", "",
-         "API key file: 'KEY TENANT [user|admin]' a line (empty: no keys, every caller may "
-         "do everything)"),
+         "API key file: 'KEY TENANT [user|admin] [LIMIT=N ...]' a line (empty: no keys, "
+         "every caller may do everything); reloaded on SIGHUP and when it changes"),
+    Flag("api-keys-poll", "FASTSWITCH_API_KEYS_POLL_S", "2",
+         "seconds between checks of the API key file for a change"),
+    Flag("tenant-max-queued", "FASTSWITCH_TENANT_MAX_QUEUED", "0",
+         "requests a tenant may have queued (admitted, not running) before RESOURCE_EXHAUSTED, "
+         "unless its key file entry sets max_queued (0: no cap; without keys, all callers "
+         "together)"),
+    Flag("tenant-max-priority", "FASTSWITCH_TENANT_MAX_PRIORITY", "",
+         "highest priority a user may set on a request or with SetPriority, unless its key "
+         "file entry sets max_priority (empty: no cap; admins are never capped)"),
     Flag("internal-token", "FASTSWITCH_INTERNAL_TOKEN", "",
          "token sent to the executor and the KV stores"),
     Flag("internal-token-file", "FASTSWITCH_INTERNAL_TOKEN_FILE", "",
@@ -104,8 +114,9 @@ FLAGS = [
     Flag("conversation-ttl", "FASTSWITCH_CONVERSATION_TTL_S", "3600",
          "seconds a Chat conversation is kept idle before it is forgotten (0: forever)"),
     Flag("max-conversations", "FASTSWITCH_MAX_CONVERSATIONS", "1000",
-         "Chat conversations kept per tenant (all together without keys); the least "
-         "recently used idle one is forgotten for a new one (0: no cap)"),
+         "Chat conversations kept per tenant (all together without keys), unless its key "
+         "file entry sets max_conversations; the least recently used idle one is forgotten "
+         "for a new one, and with all in a turn the new one is refused (0: no cap)"),
     Flag("executor", "FASTSWITCH_EXECUTOR_ADDR", "127.0.0.1:50052", "executor address"),
     Flag("kvstore", "FASTSWITCH_KVSTORE_ADDR", "127.0.0.1:50053",
          "KV store address, or several separated by commas (instances sharing one Redis "
@@ -156,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "FASTSWITCH_INSECURE=1]")
     add_server_flags(parser, os.environ)
     add_client_flags(parser, os.environ, "the executor and the KV stores")
+    add_metrics_token_flags(parser, os.environ)
     args = parser.parse_args(argv)
     if args.mode not in {m.value for m in Mode}:
         parser.error(f"--mode must be one of {[m.value for m in Mode]}, got {args.mode!r}")
@@ -175,7 +187,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ConversationLimits(float(args.conversation_ttl), int(args.max_conversations))
     except ValueError as e:
         parser.error(f"--conversation-ttl / --max-conversations: {e}")
+    try:
+        args.tenant_limits = tenant_limits(args)
+        if float(args.api_keys_poll) <= 0:
+            raise ValueError(f"--api-keys-poll must be positive, got {args.api_keys_poll}")
+    except ValueError as e:
+        parser.error(str(e))
     return args
+
+
+def tenant_limits(args: argparse.Namespace) -> TenantLimits:
+    """Every tenant's limits, from the flags (max_conversations is the conversations')."""
+    queued, priority = args.tenant_max_queued.strip(), args.tenant_max_priority.strip()
+    if not queued.isdigit():
+        raise ValueError(f"--tenant-max-queued must be an integer >= 0 (0: no cap), got "
+                         f"{queued!r}")
+    if priority and not priority.lstrip("-").isdigit():
+        raise ValueError(f"--tenant-max-priority must be an integer (empty: no cap), got "
+                         f"{priority!r}")
+    return TenantLimits(max_queued=int(queued), max_priority=int(priority) if priority else None)
 
 
 async def wait_for(call: Awaitable[T], what: str) -> T:
@@ -253,14 +283,14 @@ async def expire_conversations(service: SchedulerService, ttl_s: float) -> None:
             log.exception("expiring conversations failed; trying again later")
 
 
-def load_keys(args: argparse.Namespace) -> ApiKeys | None:
+def load_keys(args: argparse.Namespace) -> ReloadingKeys | None:
     if not args.api_keys:
         return None
     try:
-        keys = ApiKeys.load(args.api_keys)
+        keys = ReloadingKeys(args.api_keys, float(args.api_keys_poll))
     except KeyFileError as e:
         raise SystemExit(f"--api-keys: {e}") from e
-    log.info("API keys: %d keys of %d tenants from %s", len(keys), len(keys.tenants),
+    log.info("API keys: %d keys of %d tenants from %s", len(keys.keys), len(keys.keys.tenants),
              args.api_keys)
     return keys
 
@@ -336,11 +366,14 @@ async def serve(args: argparse.Namespace) -> None:
                                model=os.path.basename(os.path.normpath(desc.checkpoint)),
                                keys=keys,
                                conversations=ConversationLimits(float(args.conversation_ttl),
-                                                                int(args.max_conversations)))
+                                                                int(args.max_conversations)),
+                               tenant_limits=args.tenant_limits)
     expirer = (asyncio.create_task(expire_conversations(service, float(args.conversation_ttl)))
                if float(args.conversation_ttl) else None)
-    metrics.watch(service.snapshot)
-    serve_metrics(int(args.metrics_port), args.host, metrics.registry)
+    key_watcher = asyncio.create_task(keys.watch()) if keys is not None else None
+    metrics.watch(service.snapshot, service.tenant_report)
+    serve_metrics(int(args.metrics_port), args.host, metrics.registry,
+                  metrics_token(args.metrics_token, args.metrics_token_file))
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     listen(server, f"{args.host}:{args.port}", tls)
     await server.start()
@@ -357,7 +390,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not await engine.drain(float(args.shutdown_grace)):
         log.warning("grace period over: cancelling the requests still in flight")
     await engine.close()  # fails what is left with UNAVAILABLE, lets swaps land
-    for task in (*keepers, expirer):
+    for task in (*keepers, expirer, key_watcher):
         if task is not None:
             task.cancel()
     await server.stop(grace=1)  # the streams have ended; let their last messages out

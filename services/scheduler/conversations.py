@@ -61,9 +61,10 @@ class Conversations:
     def get(self, owner: str, key: str) -> Entry | None:
         return self._by_owner.get(owner, {}).get(key)
 
-    def open(self, owner: str, key: str) -> tuple[Entry, list[str]]:
+    def open(self, owner: str, key: str, cap: int | None = None) -> tuple[Entry, list[str]]:
         """The conversation `key` of `owner`, new if unknown, marked used; and the keys
-        that were evicted to make room (their host KV is the caller's to release)."""
+        that were evicted to make room (their host KV is the caller's to release). `cap`:
+        this owner's own limit, instead of `limits.max_per_tenant` (0: no cap)."""
         entries = self._by_owner.setdefault(owner, OrderedDict())
         entry = entries.get(key)
         now = self._clock()
@@ -72,12 +73,13 @@ class Conversations:
             entries.move_to_end(key)
             return entry, []
         evicted: list[str] = []
-        cap = self.limits.max_per_tenant
+        cap = self.limits.max_per_tenant if cap is None else cap
         if cap and len(entries) >= cap:
             victim = next((e for e in entries.values() if e.idle), None)
             if victim is None:
                 raise TooManyConversations(
-                    f"{len(entries)} conversations have turns in flight (limit {cap})")
+                    f"{len(entries)} conversations have turns in flight (limit "
+                    f"max_conversations={cap})")
             del entries[victim.key]
             evicted.append(victim.key)
         entry = entries[key] = Entry(key, owner, now)

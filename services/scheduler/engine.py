@@ -38,22 +38,26 @@ from common.refusal import executor_lost, refused_request
 from common.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
+from services.scheduler.core.lifecycle import RESIDENT
 from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
 from services.scheduler.core.planner import Planner, QueueFull
 from services.scheduler.core.request import Request
 from services.scheduler.host_gateway import HostGateway
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.tenants import TenantUsage
 from services.scheduler.token_stream import Finished, TokenStream
 
 log = logging.getLogger("fastswitch.scheduler")
 
 
 class AdmissionError(Exception):
-    """A request the engine refuses; `code` is the gRPC status to answer with."""
+    """A request the engine refuses; `code` is the gRPC status to answer with, `limit` the
+    name of the limit that refused it (empty for other refusals)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, limit: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class _Tracked:
     stream: TokenStream
     request: Request
     sampling: ex.SamplingParams
+    tenant: str  # whose limits and usage it counts towards (see tenants.py)
     bytes_swapped: int = 0
     timings: list[float] = field(default_factory=list)
 
@@ -107,6 +112,7 @@ class Engine:
         self._busy = asyncio.Lock()  # held by the loop's iterations and by a recovery
         self.on_health = on_health
         self.metrics = metrics or SchedulerMetrics()
+        self.usage = TenantUsage()
         self.accepting = True
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -162,30 +168,25 @@ class Engine:
     # ---- requests in -----------------------------------------------------------------
 
     async def submit(
-        self, request: Request, sampling: ex.SamplingParams, stop: Sequence[str] = ()
+        self, request: Request, sampling: ex.SamplingParams, stop: Sequence[str] = (), *,
+        tenant: str = "", max_queued: int = 0,
     ) -> TokenStream:
+        """Admits `request` for `tenant`, which may have at most `max_queued` requests
+        queued (0: no cap); raises AdmissionError, having changed nothing, if it cannot."""
         await self._wait_for_executor()
-        self._check_admissible(request)
+        self._check_admissible(request, tenant, max_queued)
         stream = TokenStream(IncrementalDetokenizer(self.tokenizer), stop)
-        tracked = _Tracked(stream, request, sampling, timings=[time.monotonic()])
+        tracked = _Tracked(stream, request, sampling, tenant, timings=[time.monotonic()])
         self._tracked[request.request_id] = tracked
         try:
-            self._admit(request)
-        except Exception:
+            self.planner.add(request)
+        except ValueError as e:  # checked above, so never QueueFull
             del self._tracked[request.request_id]
-            raise
+            raise AdmissionError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         self._wake.set()
         return stream
 
-    def _admit(self, request: Request) -> None:
-        try:
-            self.planner.add(request)
-        except QueueFull as e:
-            raise AdmissionError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
-        except ValueError as e:
-            raise AdmissionError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-
-    def _check_admissible(self, request: Request) -> None:
+    def _check_admissible(self, request: Request, tenant: str, max_queued: int) -> None:
         if not self.accepting:
             raise AdmissionError(grpc.StatusCode.UNAVAILABLE, "scheduler is shutting down")
         if request.request_id in self._tracked:
@@ -199,6 +200,31 @@ class Engine:
                 f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) "
                 f"exceeds the model context of {self.limits.max_model_len} tokens",
             )
+        self.check_capacity(tenant, max_queued)
+
+    def check_capacity(self, tenant: str, max_queued: int) -> None:
+        """Raises AdmissionError(RESOURCE_EXHAUSTED) if the queue, or `tenant`'s share of it
+        (`max_queued`, 0: no cap), has no room for one more request."""
+        try:
+            self.planner.check_queue()
+        except QueueFull as e:
+            raise AdmissionError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
+                                 limit="max_waiting") from e
+        queued = self.load().get(tenant, (0, 0))[0]
+        if max_queued and queued >= max_queued:
+            whose = f"tenant {tenant!r} has" if tenant else "the callers have"
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{whose} {queued} requests queued (limit max_queued={max_queued})",
+                limit="max_queued",
+            )
+
+    def load(self) -> dict[str, tuple[int, int]]:
+        """(queued, running) requests by tenant, of those in flight."""
+        counts: dict[str, list[int]] = {}
+        for tracked in self._tracked.values():
+            counts.setdefault(tracked.tenant, [0, 0])[tracked.request.state in RESIDENT] += 1
+        return {tenant: (queued, running) for tenant, (queued, running) in counts.items()}
 
     def wake(self) -> None:
         """Has the loop plan again: the planner has something to send (host operations)."""
@@ -309,6 +335,7 @@ class Engine:
             if tracked is None:
                 continue
             tracked.timings.append(now)
+            self.usage.tokens[tracked.tenant] += 1
             self.metrics.observe_token(tracked.timings)
             stopped = tracked.stream.push(token.token_id, token.logprob)
             if stopped and token.request_id not in done and self.planner.stop(token.request_id):

@@ -3,7 +3,8 @@
 Latencies are observed by the engine as they happen: TTFT and TBT per sampled token, the
 step round trip, and each swap from submission to its completion event. Block and queue
 gauges and the planner's counters are read from the same snapshot as the Stats RPC, at
-scrape time.
+scrape time, and so are the per-tenant numbers (`fastswitch_scheduler_tenant_*`, labelled
+`tenant`; "" is every caller together on a scheduler without API keys).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from common.metrics import (
     ScrapeTimeCollector,
 )
 from protos import scheduler_pb2 as pb
+from services.scheduler.tenants import TenantRow
 
 SUBSYSTEM = "scheduler"
 PREFIX = f"{NAMESPACE}_{SUBSYSTEM}_"
@@ -60,11 +62,33 @@ class SchedulerMetrics:
         self.swap_latency.labels(direction).observe(seconds)
         self.swap_bytes.labels(direction).observe(nbytes)
 
-    def watch(self, read_stats: Callable[[], Coroutine[Any, Any, pb.StatsResponse]]) -> None:
-        """Exports the Stats snapshot at each scrape; call it on the serving loop."""
-        self.registry.register(
-            ScrapeTimeCollector(asyncio.get_running_loop(), read_stats, stats_families)
-        )
+    def watch(self, read_stats: Callable[[], Coroutine[Any, Any, pb.StatsResponse]],
+              read_tenants: Callable[[], Coroutine[Any, Any, list[TenantRow]]]) -> None:
+        """Exports the Stats snapshot and the tenants' numbers at each scrape; call it on
+        the serving loop."""
+        loop = asyncio.get_running_loop()
+        self.registry.register(ScrapeTimeCollector(loop, read_stats, stats_families))
+        self.registry.register(ScrapeTimeCollector(loop, read_tenants, tenant_families))
+
+
+def tenant_families(rows: list[TenantRow]) -> Iterator[Metric]:
+    queued = GaugeMetricFamily(PREFIX + "tenant_queued",
+                               "Requests admitted and not running (waiting or preempted)",
+                               labels=["tenant"])
+    running = GaugeMetricFamily(PREFIX + "tenant_running", "Requests running",
+                                labels=["tenant"])
+    tokens = CounterMetricFamily(PREFIX + "tenant_tokens", "Tokens served",
+                                 labels=["tenant"])
+    refusals = CounterMetricFamily(PREFIX + "tenant_refusals",
+                                   "Requests refused by a limit, by the limit's name",
+                                   labels=["tenant", "limit"])
+    for row in rows:
+        queued.add_metric([row.tenant], row.queued)
+        running.add_metric([row.tenant], row.running)
+        tokens.add_metric([row.tenant], row.tokens)
+        for limit, n in sorted(row.refusals.items()):
+            refusals.add_metric([row.tenant, limit], n)
+    yield from (queued, running, tokens, refusals)
 
 
 def stats_families(s: pb.StatsResponse) -> Iterator[Metric]:

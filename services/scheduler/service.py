@@ -4,18 +4,27 @@ With API keys (`common.auth`) every call names its tenant, and the ids it uses a
 tenant's own: request and conversation ids are kept internally as `tenant/id`, and never
 shown with the prefix. Without keys (a loopback development stack) the caller is `OPEN`:
 ids are global, client_id names the fairness principal, and every action is allowed.
+
+Each tenant has limits (`common.auth.TenantLimits`: the key file's, over the flags'
+defaults): requests queued and conversations kept (RESOURCE_EXHAUSTED past them, counting
+all callers together without keys), and the highest priority a user may set on a request
+or with SetPriority (PERMISSION_DENIED above it; admins are not capped). A refusal names
+its limit and changes nothing. The keys may be reloaded while the service runs
+(`common.key_reload`): each call is authenticated with the keys of its start.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 
 import grpc
 
-from common.auth import ApiKeys, AuthError, Principal, authenticate
+from common.auth import ApiKeys, AuthError, Principal, TenantLimits, authenticate
 from common.chat_template import ChatTemplateError, Message, NoChatTemplate
+from common.key_reload import ReloadingKeys
 from common.latency import percentile
 from protos import executor_pb2 as ex
 from protos import scheduler_pb2 as pb
@@ -29,6 +38,7 @@ from services.scheduler.core.lifecycle import RESIDENT, SWAP_PHASES, UNADMITTED
 from services.scheduler.core.request import Request
 from services.scheduler.engine import AdmissionError, Engine
 from services.scheduler.prompts import Prompts
+from services.scheduler.tenants import TenantRow
 from services.scheduler.token_stream import Failed, Finished, TokenEvent
 
 Sampled = pb.GenerateRequest | pb.ChatRequest
@@ -37,8 +47,9 @@ Sampled = pb.GenerateRequest | pb.ChatRequest
 class SchedulerService(pb_grpc.SchedulerServicer):
     def __init__(
         self, engine: Engine, *, mode: str, vocab_size: int, prompts: Prompts,
-        eos_token_ids: Sequence[int], model: str = "", keys: ApiKeys | None = None,
+        eos_token_ids: Sequence[int], model: str = "", keys: ReloadingKeys | None = None,
         conversations: ConversationLimits | None = None,
+        tenant_limits: TenantLimits | None = None,
     ) -> None:
         self.engine = engine
         self.model = model
@@ -46,11 +57,51 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.mode = mode
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.keys = keys
+        self.key_file = keys
         self.conversations = Conversations(conversations or ConversationLimits())
+        # Every tenant's, unless the key file sets its own; max_conversations is the
+        # conversations' cap.
+        self.tenant_limits = replace(tenant_limits or TenantLimits(),
+                                     max_conversations=self.conversations.limits.max_per_tenant)
+
+    @property
+    def keys(self) -> ApiKeys | None:
+        """The keys as they are now (they may be reloaded); None: an open API."""
+        return self.key_file.keys if self.key_file is not None else None
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Principal:
         return await authenticate(self.keys, context)
+
+    def limits(self, tenant: str) -> TenantLimits:
+        keys = self.keys
+        return keys.limits(tenant).over(self.tenant_limits) if keys else self.tenant_limits
+
+    def _check_caller(self, caller: Principal, request: Sampled) -> str:
+        """The request's fairness id; raises AuthError if the caller may not send it
+        (another tenant's client_id, a priority above its cap)."""
+        client_id = caller.fairness_id(request.client_id)
+        if request.HasField("priority"):
+            self._check_priority(caller, request.priority)
+        return client_id
+
+    async def _refuse(self, caller: Principal, error: AdmissionError,
+                      context: grpc.aio.ServicerContext,
+                      public: Callable[[str], str] = str) -> None:
+        """Aborts the call with the engine's refusal, counted under its limit if any;
+        `public` rewrites the message's ids into the caller's."""
+        if error.limit:
+            self.engine.usage.refused(caller.tenant, error.limit)
+        await context.abort(error.code, public(str(error)))
+
+    def _check_priority(self, caller: Principal, priority: int) -> None:
+        """Raises AuthError(PERMISSION_DENIED) if a user sets a priority above its cap."""
+        cap = self.limits(caller.tenant).max_priority
+        if caller.admin or cap is None or priority <= cap:
+            return
+        self.engine.usage.refused(caller.tenant, "max_priority")
+        raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
+                        f"priority {priority} is above what tenant {caller.tenant!r} may set "
+                        f"(limit max_priority={cap})")
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -92,15 +143,20 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not new:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message is empty")
-        try:
-            caller.fairness_id(request.client_id)  # refused before anything is kept
+        try:  # refused before anything is kept (or a conversation evicted)
+            self._check_caller(caller, request)
+            self.engine.check_capacity(caller.tenant, self.limits(caller.tenant).max_queued or 0)
         except AuthError as e:
             await e.abort(context)
+        except AdmissionError as e:
+            await self._refuse(caller, e, context)
         await self.expire_conversations()
         key = caller.scope(request.conversation_id)
         try:  # one bucket per tenant; one for all when there are no keys
-            entry, evicted = self.conversations.open(caller.tenant, key)
+            entry, evicted = self.conversations.open(
+                caller.tenant, key, self.limits(caller.tenant).max_conversations)
         except TooManyConversations as e:
+            self.engine.usage.refused(caller.tenant, "max_conversations")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         await self._release(evicted)
         if entry.turn.locked():
@@ -148,7 +204,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         rid = request.request_id or uuid.uuid4().hex
         try:
-            client_id = caller.fairness_id(request.client_id)
+            client_id = self._check_caller(caller, request)
         except AuthError as e:
             await e.abort(context)
         err = _validate(request, client_id, prompt, self.vocab_size)
@@ -189,9 +245,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                     top_k=options.top_k,
                 ),
                 stop=list(request.stop),
+                tenant=caller.tenant,
+                max_queued=self.limits(caller.tenant).max_queued or 0,
             )
         except AdmissionError as e:
-            await context.abort(e.code, public(str(e)))
+            await self._refuse(caller, e, context, public)
         done = False
         try:
             async for item in stream:
@@ -220,6 +278,10 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "set either request_id or client_id"
             )
+        try:
+            self._check_priority(caller, request.priority)
+        except AuthError as e:
+            await e.abort(context)
         if target == "request_id":  # only the caller's own requests are found
             updated = await self.engine.set_priority(
                 request.priority, request_id=caller.scope(request.request_id))
@@ -267,6 +329,17 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             kvstore_degraded=self.engine.host.degraded,
             model=self.model,
         )
+
+    async def tenant_report(self) -> list[TenantRow]:
+        """Each tenant's requests, tokens served and refusals, for the metrics endpoint:
+        the key file's tenants, and any that has used the service ("": all callers,
+        without keys)."""
+        load, usage, keys = self.engine.load(), self.engine.usage, self.keys
+        tenants = set(load) | set(usage.tokens) | {t for t, _ in usage.refusals} | \
+            (keys.tenants if keys else set())
+        return [TenantRow(tenant, *load.get(tenant, (0, 0)), usage.tokens[tenant],
+                          {limit: n for (t, limit), n in usage.refusals.items() if t == tenant})
+                for tenant in sorted(tenants)]
 
     async def snapshot(self) -> pb.StatsResponse:
         """What Stats answers; the metrics endpoint exports the same numbers. It never

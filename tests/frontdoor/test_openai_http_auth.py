@@ -1,11 +1,15 @@
 """The HTTP front door of a stack with API keys, through the official `openai` client: a
 missing or unknown key gets a 401 OpenAI error object, naming another tenant as `user` a
 403; a valid key's requests are accounted to its tenant, and resent histories reuse host
-KV within a tenant only."""
+KV within a tenant only. A scheduler's tenant limits answer 429 and 403, and the front
+door serves its metrics on its own port behind a token."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import openai
@@ -36,9 +40,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield s
 
 
-def client(stack: LocalStack, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"http://{stack.http_address}/v1", api_key=key,
-                              max_retries=0)
+def client(stack: LocalStack, key: str, address: str = "") -> openai.AsyncOpenAI:
+    """An OpenAI client of the stack's front door (or of the one at `address`)."""
+    return openai.AsyncOpenAI(base_url=f"http://{address or stack.http_address}/v1",
+                              api_key=key, max_retries=0)
 
 
 @pytest.fixture
@@ -120,3 +125,67 @@ async def test_resent_history_reuses_kv_within_a_tenant_only(
                                                temperature=0)
     assert theirs.usage.prompt_tokens_details.cached_tokens == 0
     assert theirs.usage.prompt_tokens == again.usage.prompt_tokens
+
+
+def scrape(address: str, token: str = "") -> tuple[int, str]:
+    """GET /metrics on the front door's own port: the status and the page."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://{address}/metrics", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+async def test_tenant_limits_are_429_and_403_and_metrics_serve_on_the_api_port(
+        stack: LocalStack) -> None:
+    """A scheduler that caps every tenant at one queued request and priority 1, running
+    one sequence a step, behind a front door whose /metrics wants a token."""
+    token = secrets.token_urlsafe(16)
+    scheduler = stack.start_scheduler(extra_args=[
+        "--max-num-seqs", "1", "--tenant-max-queued", "1", "--tenant-max-priority", "1"])
+    http = stack.spawn("http", ["--scheduler", scheduler.address, "--client-id=",
+                                "--metrics-token", token])
+    try:
+        async with client(stack, ALICE, http.address) as alice, \
+                FastSwitchClient(scheduler.address, api_key=ALICE) as grpc_alice:
+            name = await model(alice)
+            with pytest.raises(openai.PermissionDeniedError) as denied:
+                await alice.completions.create(model=name, prompt="hi", max_tokens=2,
+                                               extra_body={"priority": 2})
+            assert denied.value.body["type"] == "permission_error"
+            assert "max_priority=1" in denied.value.body["message"]
+            stream = await alice.completions.create(
+                model=name, prompt="a long one", max_tokens=200, stream=True,
+                extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    break  # running: the scheduler's one sequence
+            second = asyncio.create_task(alice.completions.create(
+                model=name, prompt="second", max_tokens=2))
+            for _ in range(200):
+                if (await grpc_alice.stats()).waiting == 1:
+                    break
+                await asyncio.sleep(0.05)
+            with pytest.raises(openai.RateLimitError) as limited:
+                await alice.completions.create(model=name, prompt="third", max_tokens=2)
+            assert limited.value.status_code == 429
+            assert limited.value.body["type"] == "rate_limit_error"
+            assert "max_queued=1" in limited.value.body["message"]
+            assert (await asyncio.to_thread(scrape, http.address))[0] == 401
+            assert (await asyncio.to_thread(scrape, http.address, "wrong"))[0] == 401
+            status, page = await asyncio.to_thread(scrape, http.address, token)
+            assert status == 200
+            route = 'route="/v1/completions"'
+            assert f"fastswitch_http_requests_in_flight{{{route}}} 2.0" in page
+            assert f"fastswitch_http_ttft_seconds_count{{{route}}} 1.0" in page
+            assert f'fastswitch_http_requests_total{{{route},status="429"}} 1.0' in page
+            await stream.close()  # cancels it: the second one runs
+            assert (await second).usage.completion_tokens == 2
+        _, page = await asyncio.to_thread(scrape, http.address, token)
+        assert f"fastswitch_http_requests_in_flight{{{route}}} 0.0" in page
+        assert f"fastswitch_http_request_seconds_count{{{route}}} 4.0" in page
+    finally:
+        stack.stop_child(http)
+        stack.stop_child(scheduler)

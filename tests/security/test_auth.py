@@ -1,16 +1,21 @@
-"""common.auth and the scheduler's conversation bounds, in process: the key file, bearer
-metadata, principals and their scoped ids, the internal token and its file, bind rules, and
-the conversation registry's TTL and per-tenant cap."""
+"""common.auth and the scheduler's conversation bounds, in process: the key file and its
+tenant limits, its reloading, bearer metadata, principals and their scoped ids, the
+internal token and its file, bind rules, the metrics token, and the conversation
+registry's TTL and per-tenant cap."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter
 
 from common.auth import (
     OPEN,
@@ -18,6 +23,7 @@ from common.auth import (
     AuthError,
     KeyFileError,
     Principal,
+    TenantLimits,
     bearer,
     bearer_interceptors,
     check_bind,
@@ -26,8 +32,11 @@ from common.auth import (
     token_interceptors,
 )
 from common.grpc_serving import add_health_and_reflection, mark_serving
+from common.key_reload import ReloadingKeys
+from common.metrics import serve_metrics
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
+from services.launch import free_port
 from services.scheduler.conversations import (
     ConversationLimits,
     Conversations,
@@ -57,10 +66,84 @@ def test_key_file_maps_keys_to_tenants_and_roles() -> None:
     (f"{KEY_A} team-a root", "role"),
     (f"{KEY_A} team-a user extra", "fields"),
     (f"{KEY_A} team-a\n{KEY_A} team-b", "twice"),
+    (f"{KEY_A} team-a max_queued=-1", ">= 0"),
+    (f"{KEY_A} team-a user max_priority=high", "not an integer"),
+    (f"{KEY_A} team-a max_priority={2**31}", "32-bit"),
+    (f"{KEY_A} team-a max_tokens=5", "LIMIT one of"),
+    (f"{KEY_A} team-a max_queued=1\n{KEY_B} team-a admin max_queued=2", "another line"),
 ])
 def test_bad_key_files_are_refused(text: str, problem: str) -> None:
     with pytest.raises(KeyFileError, match=problem):
         ApiKeys.parse(text)
+
+
+def test_key_file_limits_are_the_tenants_over_the_defaults() -> None:
+    keys = ApiKeys.parse(f"{KEY_A} team-a max_queued=3 max_priority=-2\n"
+                         f"{KEY_B} team-a admin max_conversations=0 max_queued=3\n"
+                         f"{'c' * 16} team-b\n")
+    defaults = TenantLimits(max_queued=10, max_conversations=100, max_priority=7)
+    assert keys.limits("team-a") == TenantLimits(3, 0, -2)
+    assert keys.limits("team-b") == TenantLimits()
+    assert keys.limits("team-a").over(defaults) == TenantLimits(3, 0, -2)  # 0: no cap
+    assert keys.limits("team-b").over(defaults) == defaults
+    assert keys.authenticate([("authorization", f"Bearer {KEY_B}")]).admin
+
+
+async def test_reloading_keys_follow_the_file_and_keep_the_old_on_a_bad_one(
+        tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"{KEY_A} team-a\n")
+    keys = ReloadingKeys(path, poll_s=0.02)
+    watcher = asyncio.create_task(keys.watch())
+
+    async def until(check) -> None:
+        for _ in range(250):
+            if check():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the watcher did not notice")
+
+    try:
+        path.write_text(f"{KEY_B} team-b max_queued=2\n")
+        await until(lambda: keys.keys.tenants == {"team-b"})
+        assert keys.keys.limits("team-b").max_queued == 2
+        path.write_text("broken\n")
+        await until(lambda: keys.failures >= 1)  # a torn read may fail too
+        assert keys.keys.tenants == {"team-b"} and keys.reloads == 1
+        replacement = tmp_path / "keys.new"  # an editor's atomic rename
+        replacement.write_text(f"{KEY_A} team-c\n")
+        replacement.replace(path)
+        await until(lambda: keys.keys.tenants == {"team-c"})
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    with pytest.raises(KeyFileError):
+        ReloadingKeys(tmp_path / "missing")
+
+
+def test_metrics_endpoints_want_the_token_when_one_is_set() -> None:
+    registry = CollectorRegistry()
+    Counter("probe", "a test counter", registry=registry).inc()
+    open_port = serve_metrics(free_port(), "127.0.0.1", registry)
+    closed_port = serve_metrics(free_port(), "127.0.0.1", registry, "s3cret-token")
+
+    def get(port: int, authorization: str = "") -> int:
+        headers = {"authorization": authorization} if authorization else {}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                assert b"probe_total 1.0" in reply.read()
+                return reply.status
+        except urllib.error.HTTPError as e:
+            assert e.headers["WWW-Authenticate"].startswith("Bearer")
+            return e.code
+
+    assert get(open_port) == 200  # no token configured: as before
+    assert get(closed_port) == 401
+    assert get(closed_port, "Bearer wrong-token") == 401
+    assert get(closed_port, "Basic s3cret-token") == 401
+    assert get(closed_port, "Bearer s3cret-token") == 200
+    assert serve_metrics(0, "127.0.0.1", registry, "t") is None
 
 
 def test_load_reads_a_file(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Tenants and internal credentials on a real stack: API keys, tenant-scoped ids, Stats by
-role, the executor and KV store closed to all but the scheduler, TLS, bind rules, and
-bounded conversations. One executor and KV store serve the module, with an internal token
-and mutual TLS (a CA and certificate that the module makes with openssl); its schedulers
-run with API keys and serve TLS."""
+role, the executor and KV store closed to all but the scheduler, TLS, bind rules, bounded
+conversations, per-tenant limits and metrics behind a token, and keys reloaded on SIGHUP.
+One executor and KV store serve the module, with an internal token and mutual TLS (a CA and
+certificate that the module makes with openssl); its schedulers run with API keys and serve
+TLS."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import asyncio
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
-from services.launch import LocalStack, StackConfig
+from services.launch import LocalStack, StackConfig, free_port
 from tests.support.stacks import executor_and_stores
 
 REPO = Path(__file__).resolve().parents[2]
@@ -431,3 +435,193 @@ async def test_an_idle_conversation_expires_and_its_host_kv_is_released(
             fresh = (await alice.chat("fresh-ttl", "and then?", max_tokens=4).collect()).final
             again = (await alice.chat("idle", "and then?", max_tokens=4).collect()).final
             assert again.prompt_tokens == fresh.prompt_tokens  # its history is gone too
+
+
+# ---- per-tenant limits -----------------------------------------------------------------
+
+CAPPED_KEYS = f"""{ALICE} tenant-a user max_queued=1 max_conversations=1 max_priority=5
+{BOB}   tenant-b
+{ADMIN} ops      admin
+"""
+METRICS_TOKEN = secrets.token_urlsafe(24)
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class Capped(Scheduler):
+    metrics_port: int
+
+    def scrape(self, token: str | None = METRICS_TOKEN) -> str:
+        """The metrics page, sent `token`; raises HTTPError on a refusal."""
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                         headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.read().decode()
+
+
+@pytest.fixture(scope="module")
+def capped(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Capped]:
+    """A scheduler whose key file limits tenant-a, with a priority cap of 2 for the other
+    users (the flag's), one sequence a step (so that a second request queues), and its
+    metrics behind a token."""
+    keys = tmp_path_factory.mktemp("capped") / "api-keys"
+    keys.write_text(CAPPED_KEYS)
+    keys.chmod(0o600)
+    port = free_port()
+    child = stack.start_scheduler(extra_args=[
+        "--api-keys", str(keys), "--max-num-seqs", "1", "--tenant-max-priority", "2",
+        "--metrics-port", str(port), "--metrics-token", METRICS_TOKEN])
+    yield Capped(child.address, stack.config.tls_ca, port)
+    assert stack.stop_child(child) == 0
+
+
+async def until(check, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_tenants_queue_limit_refuses_and_changes_nothing(capped: Capped) -> None:
+    async with capped.client(ALICE) as alice, capped.client(BOB) as bob:
+        running = await first_token(alice.generate("first", max_tokens=200, request_id="q1",
+                                                   sampling=LONG))
+        queued = asyncio.create_task(alice.generate("second", max_tokens=2,
+                                                    request_id="q2").collect())
+
+        async def waiting() -> bool:
+            return (await alice.stats()).waiting == 1
+
+        await until(waiting, "the second request to queue")
+        details = await refused(lambda: alice.generate("third", max_tokens=2, request_id="q3"),
+                                RESOURCE_EXHAUSTED)
+        assert "max_queued=1" in details and "tenant-a" in details
+        mine = await alice.stats()
+        assert (mine.running, mine.waiting) == (1, 1)  # the refused one is nowhere
+        # Another tenant's requests are not held to tenant-a's limit.
+        theirs = asyncio.create_task(bob.generate("bob's", max_tokens=2).collect())
+        assert await alice.cancel("q1") is True
+        assert (await running).final.finish_reason == "cancelled"
+        assert (await queued).final.completion_tokens == 2
+        assert (await theirs).final.completion_tokens == 2
+        again = await alice.generate("third", max_tokens=2, request_id="q3").collect()
+        assert again.final.completion_tokens == 2
+
+
+async def test_a_tenants_conversation_limit_refuses_a_second_one_in_flight(
+        capped: Capped) -> None:
+    async with capped.client(ALICE) as alice, capped.client(BOB) as bob:
+        turn = await first_token(alice.chat("talk-1", "a long talk", max_tokens=200,
+                                            request_id="t1", sampling=LONG))
+        details = await refused(lambda: alice.chat("talk-2", "hi", max_tokens=2),
+                                RESOURCE_EXHAUSTED)
+        assert "max_conversations=1" in details
+        theirs = asyncio.create_task(bob.chat("talk-2", "hi", max_tokens=2).collect())
+        assert await alice.cancel("t1") is True
+        await turn
+        assert (await theirs).final.completion_tokens == 2  # not held to tenant-a's cap
+        # The cancelled first turn left nothing to keep: the one slot is free again.
+        assert (await alice.chat("talk-2", "hi", max_tokens=2).collect()).final
+
+
+async def test_a_users_priority_is_capped_and_an_admins_is_not(capped: Capped) -> None:
+    async with capped.client(ALICE) as alice, capped.client(BOB) as bob, \
+            capped.client(ADMIN) as admin:
+        details = await refused(lambda: alice.generate("hi", max_tokens=2, priority=6),
+                                PERMISSION_DENIED)
+        assert "max_priority=5" in details  # the key file's
+        assert "max_priority=2" in await refused(  # the flag's, for tenants without one
+            lambda: bob.chat("prio", "hi", max_tokens=2, priority=3), PERMISSION_DENIED)
+        running = await first_token(alice.generate("p", max_tokens=200, request_id="p1",
+                                                   sampling=LONG, priority=5))
+        await refused(lambda: alice.set_priority(6, request_id="p1"), PERMISSION_DENIED)
+        await refused(lambda: alice.set_priority(6, client_id="tenant-a"), PERMISSION_DENIED)
+        assert await alice.set_priority(4, request_id="p1") == 1
+        assert await admin.set_priority(50, client_id="tenant-a") == 1
+        ops = await admin.generate("mine", max_tokens=2, priority=99).collect()
+        assert ops.final.completion_tokens == 2
+        assert await alice.cancel("p1") is True
+        await running
+
+
+def _sample(page: str, name: str, **labels: str) -> float:
+    """The value of `name{labels}` on a metrics page (0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in page.splitlines():
+        if line.startswith(f"{name}{{") and not line.startswith("#"):
+            got, value = line.removeprefix(name).rsplit(" ", 1)
+            if ",".join(sorted(got.strip("{}").split(","))) == want:
+                return float(value)
+    return 0.0
+
+
+async def test_metrics_need_the_token_and_count_per_tenant(capped: Capped) -> None:
+    for token in (None, "not-the-token"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            await asyncio.to_thread(capped.scrape, token)
+        assert info.value.code == 401
+    before = await asyncio.to_thread(capped.scrape)
+    async with capped.client(ALICE) as alice, capped.client(BOB) as bob:
+        await refused(lambda: alice.generate("hi", max_tokens=2, priority=6), PERMISSION_DENIED)
+        await alice.generate("counted", max_tokens=3).collect()
+        running = await first_token(bob.generate("bob", max_tokens=200, request_id="m1",
+                                                 sampling=LONG))
+        during = await asyncio.to_thread(capped.scrape)
+        await bob.cancel("m1")
+        await running
+    after = await asyncio.to_thread(capped.scrape)
+    prefix = "fastswitch_scheduler_tenant_"
+
+    def grew(name: str, **labels: str) -> float:
+        return _sample(after, prefix + name, **labels) - _sample(before, prefix + name, **labels)
+
+    assert grew("refusals_total", tenant="tenant-a", limit="max_priority") == 1
+    assert grew("tokens_total", tenant="tenant-a") == 3
+    assert _sample(during, prefix + "running", tenant="tenant-b") == 1
+    assert _sample(after, prefix + "running", tenant="tenant-b") == 0
+    assert f'{prefix}queued{{tenant="ops"}} 0.0' in after  # the key file's tenants, all
+
+
+# ---- the keys reload -------------------------------------------------------------------
+
+async def test_keys_reload_on_sighup_without_dropping_streams(
+        stack: LocalStack, tmp_path: Path) -> None:
+    keys = tmp_path / "api-keys"
+    keys.write_text(f"{ALICE} tenant-a\n")
+    keys.chmod(0o600)
+    log = Path(stack.config.log_dir) / "scheduler.log"
+    # Polled once an hour: only the signal reloads them here.
+    child = stack.start_scheduler(extra_args=["--api-keys", str(keys), "--api-keys-poll", "3600"])
+    scheduler = Scheduler(child.address, stack.config.tls_ca)
+    try:
+        async with scheduler.client(ALICE) as alice, scheduler.client(BOB) as bob:
+            await refused(lambda: bob.stats(), UNAUTHENTICATED)
+            stream = await first_token(alice.generate("keep going", max_tokens=120,
+                                                      sampling=LONG))
+            keys.write_text(f"{BOB} tenant-b\n")
+            child.process.send_signal(signal.SIGHUP)
+
+            async def bob_is_in() -> bool:
+                try:
+                    await bob.stats()
+                except grpc.aio.AioRpcError:
+                    return False
+                return True
+
+            await until(bob_is_in, "the new keys")
+            await refused(lambda: alice.stats(), UNAUTHENTICATED)  # its key is gone
+            done = await stream  # but its stream in flight ran to its end
+            assert done.final.finish_reason == "length" and done.final.completion_tokens == 120
+            failures = log.read_text().count("API keys not reloaded")
+            keys.write_text("not a key file\n")
+            child.process.send_signal(signal.SIGHUP)
+
+            async def logged() -> bool:
+                return log.read_text().count("API keys not reloaded") > failures
+
+            await until(logged, "the bad file's error")
+            assert (await bob.stats()).mode == "fastswitch"  # the keys before are kept
+            await refused(lambda: alice.stats(), UNAUTHENTICATED)
+    finally:
+        assert stack.stop_child(child) == 0

@@ -72,9 +72,7 @@ class Planner:
         if need > self.config.num_device_blocks:
             raise ValueError(f"request needs {need} KV blocks at its longest; the device "
                              f"holds {self.config.num_device_blocks}")
-        limit, waiting = self.config.max_waiting, self.num_waiting()
-        if limit is not None and waiting >= limit:
-            raise QueueFull(f"queue full: {waiting} requests waiting (limit {limit})")
+        self.check_queue()
         request.arrival = next(self._arrivals)
         self.policy.on_arrival(request, self.requests.values())
         self.requests[request.request_id] = request
@@ -289,8 +287,12 @@ class Planner:
     def live(self) -> Iterable[Request]:
         return self.requests.values()
 
-    def num_waiting(self) -> int:
-        return sum(r.state in UNADMITTED for r in self.requests.values())
+    def check_queue(self) -> None:
+        """Raises `QueueFull` when no more requests may wait (`add` calls it too)."""
+        limit = self.config.max_waiting
+        waiting = sum(r.state in UNADMITTED for r in self.requests.values())
+        if limit is not None and waiting >= limit:
+            raise QueueFull(f"queue full: {waiting} requests waiting (limit max_waiting={limit})")
 
     def has_work(self) -> bool:
         """Live requests, swaps in flight, or swaps, host operations or replies pending."""
