@@ -62,8 +62,9 @@ from services.scheduler.core.config import Mode, SchedulerConfig, Switches
 from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import POLICIES
 from services.scheduler.engine import Engine, EngineLimits
-from services.scheduler.host_gateway import HostGateway, LocalHost
 from services.scheduler.host_router import HostRouter
+from services.scheduler.host_tier import HostTier
+from services.scheduler.local_host import LocalHost
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.prompts import Prompts
 from services.scheduler.remote_tier import Transport
@@ -275,7 +276,7 @@ async def serve(args: argparse.Namespace) -> None:
     geometry = desc.geometry
     prompts = prompts_for(args.tokenizer, desc)
     arena: HostArena | None = None
-    host: HostGateway
+    host: HostTier
     membership: StoreMembership | None = None
     keepers: list[asyncio.Task[None]] = []
     if args.kvstore == "embedded":

@@ -21,8 +21,8 @@ from protos import executor_pb2 as ex
 from services.kvstore.redis_connect import async_redis_client
 from services.kvstore.redis_storage import Namespace
 from services.kvstore.registry import InstanceEntry
-from services.scheduler.host_router import HostRouter, StoreIdentity
-from services.scheduler.remote_host import RemoteHostKV
+from services.scheduler.host_router import HostRouter
+from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
 from services.scheduler.store_membership import StoreMembership
 from tests.support.redis_server import RedisServer
 from tests.support.stores import Geometry, InProcessStore, store_starter
@@ -151,7 +151,7 @@ async def test_a_closed_channel_is_an_unanswered_batch_not_an_error(
 ) -> None:
     store = await start()
     channel = grpc.aio.insecure_channel(store.address)
-    client = RemoteHostKV(channel, fingerprint=FP, timeout_s=2.0)
+    client = RemoteHostKV(channel, store.identity, fingerprint=FP, timeout_s=2.0)
     ops = [Reserve(1, "c", tuple(block_hashes(TOKENS, 4, FP)), 8)]
     run = store.server.servicer.run
 
@@ -163,8 +163,8 @@ async def test_a_closed_channel_is_an_unanswered_batch_not_an_error(
     batch = asyncio.create_task(client.execute(ops))
     await asyncio.sleep(0.1)
     await channel.close()  # no grace: the call in flight is cancelled
-    assert (await batch).replies == unanswered(ops)
-    assert (await client.execute(ops)).replies == unanswered(ops)  # closed: UsageError
+    assert await batch == unanswered(ops)
+    assert await client.execute(ops) == unanswered(ops)  # closed: UsageError
 
 
 async def test_a_lapsed_lease_keeps_a_store_that_still_answers(
