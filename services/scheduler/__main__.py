@@ -112,11 +112,11 @@ FLAGS = [
          "index); or the stores' Redis index (redis://... or redis+cluster://...), whose "
          "registry is watched for stores that join and leave; or 'embedded' for a host "
          "arena owned by this process"),
-    Flag("mode", "FASTSWITCH_MODE", "fastswitch", "fastswitch, vllm-v1 or baseline"),
+    Flag("mode", "FASTSWITCH_MODE", "fastswitch", ", ".join(m.value for m in Mode)),
     Flag("switches", "FASTSWITCH_SWITCHES", "",
          "ablation: changes to the mode's switches, e.g. -turn_offload or +async_swaps "
          f"({', '.join(f.name for f in fields(Switches))})"),
-    Flag("policy", "FASTSWITCH_POLICY", "priority", "priority, vtc or fcfs"),
+    Flag("policy", "FASTSWITCH_POLICY", "priority", ", ".join(sorted(POLICIES))),
     Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
     Flag("max-batched-tokens", "FASTSWITCH_MAX_BATCHED_TOKENS", "256", "tokens per step"),
     Flag("max-waiting", "FASTSWITCH_MAX_WAITING", "256", "queued requests before refusing"),
