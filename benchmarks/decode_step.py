@@ -66,9 +66,9 @@ from services.executor.engine import ExecutorEngine, StepSequence
 from services.executor.model import DecoderModel, KVCacheGeometry, ModelConfig, load_checkpoint
 from services.executor.model.smollm2 import smollm2_checkpoint
 from services.executor.model.tiny_checkpoint import tiny_checkpoint
+from services.executor.options import DTYPE_NAMES
 
 MODELS = ("tiny", "smollm2", "llama3-8b")
-DTYPES = ("float32", "bfloat16", "float16")
 BLOCK_SIZE = 16
 GOAL_CONTEXT = 1024  # the goals' rows are at this context when it was run
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero"})
@@ -396,7 +396,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--layers", type=int, help="llama3-8b only: its first N layers (32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--batch", type=parse_ints, default=[1, 8])
     parser.add_argument("--context", type=parse_ints, default=[256])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per row")

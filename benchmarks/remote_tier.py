@@ -48,7 +48,9 @@ from common.kv.block_hash import block_hashes
 from common.kv.extent import Extent, runs
 from common.kv.host_ops import Commit, Pin, Pinned, Release, Reserve, Reserved, Unpin
 from common.shm.arena import HostArena
-from services.scheduler.remote_host import RemoteHostKV
+from protos import kvstore_pb2 as kv
+from protos import kvstore_pb2_grpc as kv_grpc
+from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
 from services.scheduler.remote_tier import MirroredStore
 
 FINGERPRINT = "bench-remote-tier"
@@ -122,7 +124,7 @@ async def measure(tier: MirroredStore, cache: np.ndarray, repeats: int) -> dict[
     try:
         for r in range(repeats):
             conv = f"bench-{r}"
-            [reserved] = (await tier.execute([Reserve(1, conv, chain, len(tokens))])).replies
+            [reserved] = await tier.execute([Reserve(1, conv, chain, len(tokens))])
             if not isinstance(reserved, Reserved) or reserved.reservation is None:
                 raise RuntimeError("the store has no room for the blocks")
             extents = list(runs(reserved.reservation.new_blocks))
@@ -139,7 +141,7 @@ async def measure(tier: MirroredStore, cache: np.ndarray, repeats: int) -> dict[
                 raise RuntimeError("the bytes read back from the arena differ")
             mirror[:] = 0
             start = time.perf_counter()
-            [pinned] = (await tier.execute([Pin(2, conv, chain, len(tokens))])).replies
+            [pinned] = await tier.execute([Pin(2, conv, chain, len(tokens))])
             seconds["bulk_read"].append(time.perf_counter() - start)
             assert isinstance(pinned, Pinned)
             if len(pinned.pin.blocks) != blocks or not np.array_equal(
@@ -164,7 +166,9 @@ async def run(blocks: int, block_bytes: int, repeats: int, netns: bool) -> dict:
                       f"; {blocks} blocks of {block_bytes} B, {repeats} repeats")
             channel = grpc.aio.insecure_channel(address, interceptors=bearer_interceptors(token))
             try:
-                client = RemoteHostKV(channel, fingerprint=FINGERPRINT, timeout_s=CALL_TIMEOUT_S)
+                described = await kv_grpc.KVStoreStub(channel).Describe(kv.DescribeRequest())
+                client = RemoteHostKV(channel, StoreIdentity.of(described),
+                                      fingerprint=FINGERPRINT, timeout_s=CALL_TIMEOUT_S)
                 tier = MirroredStore(client, channel, HostArena.local(blocks, block_bytes),
                                      timeout_s=CALL_TIMEOUT_S)
                 mirror = tier.mirror.name

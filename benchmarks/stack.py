@@ -28,8 +28,10 @@ from benchmarks.stack_trace import check_fits, first_conversations, replay_trace
 from common.client import FastSwitchClient
 from common.latency import percentile
 from common.loadgen import LoadReport, LoadSpec, run_load
+from services.executor.options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from services.launch import LocalStack, StackConfig
 from services.scheduler.core.config import Mode
+from services.scheduler.core.policy import POLICIES
 
 FASTSWITCH = Mode.FASTSWITCH.value
 
@@ -163,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-blocks", type=int, default=96)
     parser.add_argument("--host-blocks", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", choices=["cpu", "cupy"], default="cpu")
+    parser.add_argument("--backend", choices=BACKENDS, default="cpu")
     parser.add_argument("--checkpoint", default="",
                         help="HF folder; default: the tiny model")
     parser.add_argument("--dtype", default="",
-                        choices=["", "auto", "float32", "float16", "bfloat16"],
+                        choices=["", AUTO_DTYPE, *DTYPE_NAMES],
                         help="the executor's model and KV dtype (default: the checkpoint's)")
     parser.add_argument("--modes", type=lambda text: [m.value for m in parse_modes(text)],
                         default=[m.value for m in Mode],
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switches", default="",
                         help="ablation: changes to fastswitch's switches, "
                         "e.g. --switches=-turn_offload")
-    parser.add_argument("--policy", choices=["priority", "vtc", "fcfs"], default="priority")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="priority")
     parser.add_argument("--trace", type=Path, help="replay this JSONL trace (benchmarks/sim)")
     parser.add_argument("--limit", type=int, help="with --trace: its first N conversations")
     parser.add_argument("--time-scale", type=float, default=1.0,

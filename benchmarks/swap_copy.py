@@ -56,12 +56,12 @@ import torch
 from benchmarks.cli import write_json
 from common.kv.swap_plan import plan_copies
 from services.executor.copy import CopyEngine, CpuCopyEngine, Direction
+from services.executor.options import BACKENDS, DTYPE_NAMES
 
 STATISTIC = "median"  # of the repeats' times; the best is reported beside it
 RAW_METHODS = ("per_block", "block_major", "memcpy")  # beside group_G for each group length
 WAYS: dict[str, tuple[Direction, ...]] = {"out": ("out",), "in": ("in",), "both": ("out", "in")}
 GROUPS = (1, 2, 4, 8, 16, 32)
-BACKENDS = ("cpu", "cupy")
 SCATTERED = 1  # the group length of the per-block ways' placement: vLLM's single blocks
 
 # A copy between two contiguous tensors of equal size: (destination, source).
@@ -456,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float16")
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)

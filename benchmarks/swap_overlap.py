@@ -43,6 +43,7 @@ from services.executor.engine import (
     copy_engine_factory,
 )
 from services.executor.model import KVCacheGeometry
+from services.executor.options import BACKENDS, DTYPE_NAMES
 
 BLOCK_SIZE = 16
 WARMUP_STEPS = 3
@@ -223,10 +224,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["cpu", "cupy"], default="cpu")
+    parser.add_argument("--backend", choices=BACKENDS, default="cpu")
     parser.add_argument("--model", choices=sorted(MODELS), default="llama3-8b")
     parser.add_argument("--layers", type=int, default=4, help="of the model's layers")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", choices=DTYPE_NAMES,
                         default="bfloat16")
     parser.add_argument("--batch", type=int, default=32, help="sequences per step")
     parser.add_argument("--prompt", type=int, default=512, help="tokens prefilled per sequence")

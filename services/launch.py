@@ -39,7 +39,9 @@ from common.tls import ENV as TLS_ENV
 from common.tls import ClientTls, sync_channel
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
+from services.executor.options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from services.scheduler.core.config import Mode
+from services.scheduler.core.policy import POLICIES
 
 
 def free_port() -> int:
@@ -320,13 +322,13 @@ def main(argv: list[str] | None = None) -> int:
                         choices=[m.value for m in Mode])
     parser.add_argument("--switches", default=os.environ.get("FASTSWITCH_SWITCHES", ""),
                         help="ablation: changes to the mode's switches, e.g. -device_cache")
-    parser.add_argument("--policy", default=d.policy, choices=["priority", "vtc", "fcfs"])
+    parser.add_argument("--policy", default=d.policy, choices=sorted(POLICIES))
     parser.add_argument("--num-gpu-blocks", type=int, default=d.num_gpu_blocks)
     parser.add_argument("--num-host-blocks", type=int, default=d.num_host_blocks)
     parser.add_argument("--checkpoint", default=os.environ.get("FASTSWITCH_CHECKPOINT", ""))
-    parser.add_argument("--backend", default=d.backend, choices=["cpu", "cupy"])
+    parser.add_argument("--backend", default=d.backend, choices=BACKENDS)
     parser.add_argument("--dtype", default=os.environ.get("FASTSWITCH_DTYPE", ""),
-                        choices=["", "auto", "float32", "float16", "bfloat16"],
+                        choices=["", AUTO_DTYPE, *DTYPE_NAMES],
                         help="model and KV dtype [default: the checkpoint's]")
     parser.add_argument("--log-dir", default=os.environ.get(
         "FASTSWITCH_LOG_DIR", str(Path.home() / ".cache" / "fastswitch" / "logs")),

@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from services.executor.model.config import SUPPORTED_MODEL_TYPES
 from services.executor.model.tiny_checkpoint import DEFAULT_VOCAB, make_tiny_checkpoint
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Writes a small random HF checkpoint.")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
+    parser.add_argument("--arch", choices=SUPPORTED_MODEL_TYPES, default="llama")
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=4)

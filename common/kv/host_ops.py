@@ -92,6 +92,9 @@ class Pinned:
     op_id: int
     hit: Hit
     pin: PinHandle  # pin_id NO_PIN when nothing was pinned
+    # The store instance that holds the longest valid prefix, when a shared index knows
+    # (a routing hint for the scheduler's router; "" if none was named).
+    holder: str = ""
 
 
 HostReply = Reserved | Pinned

@@ -32,27 +32,18 @@ from common.auth import check_bind, env_flag, internal_token, token_interceptors
 from common.grpc_serving import RefuseUndecodable, mark_serving, wait_for_stop_signal
 from common.metrics import add_metrics_token_flags, metrics_token, serve_metrics
 from common.tls import ServerTls, add_server_flags, listen, server_tls
-from services.executor.engine import (
-    BACKENDS,
-    BackendUnavailable,
-    ExecutorEngine,
-    PreconditionFailed,
-)
+from services.executor.engine import BackendUnavailable, ExecutorEngine, PreconditionFailed
 from services.executor.metrics import ExecutorMetrics
 from services.executor.model.decoder import ATTENTION_BACKENDS
 from services.executor.model.tiny_checkpoint import tiny_checkpoint
+from services.executor.options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from services.executor.service import SERVICE_NAME, ExecutorService, add_to_server
 
 log = logging.getLogger("services.executor")
 
 ENV_PREFIX = "FASTSWITCH_EXECUTOR_"
-# "auto": the dtype the checkpoint's config names (float32 if none).
 DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+    AUTO_DTYPE: None, **{name: getattr(torch, name) for name in DTYPE_NAMES}}
 SHUTDOWN_GRACE_S = 5.0
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
             "0": False, "false": False, "no": False, "off": False}
@@ -69,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-gpu-blocks", type=int, default=int(env("num-gpu-blocks", "512")))
     parser.add_argument("--block-size", type=int, default=int(env("block-size", "16")))
     parser.add_argument("--backend", choices=BACKENDS, default=env("backend", "cpu"))
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env("dtype", "auto"),
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env("dtype", AUTO_DTYPE),
                         help="of weights and KV cache; auto: the checkpoint's (float32 if none)")
     parser.add_argument("--host-arena", default=env("host-arena", None),
                         help="name of the kvstore's shared-memory arena to attach at start")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -51,9 +51,8 @@ from services.executor.model import (
     sample_rows,
 )
 from services.executor.model.cuda_graphs import DecodeGraphs
+from services.executor.options import Backend
 
-Backend = Literal["cpu", "cupy"]
-BACKENDS: tuple[Backend, ...] = ("cpu", "cupy")
 CopyEngineFactory = Callable[[torch.Tensor, torch.Tensor], CopyEngine[Any]]
 TableEntry = tuple[int, int]  # (index in the step's sequences, index in its block table)
 # (source side, destination side) of each direction

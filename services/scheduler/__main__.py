@@ -64,8 +64,9 @@ from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import POLICIES
 from services.scheduler.core.preemption import PREEMPTION_POLICIES
 from services.scheduler.engine import Engine, EngineLimits
-from services.scheduler.host_gateway import HostGateway, LocalHost
 from services.scheduler.host_router import HostRouter
+from services.scheduler.host_tier import HostTier
+from services.scheduler.local_host import LocalHost
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.prompts import Prompts
 from services.scheduler.remote_tier import Transport
@@ -123,11 +124,11 @@ FLAGS = [
          "index); or the stores' Redis index (redis://... or redis+cluster://...), whose "
          "registry is watched for stores that join and leave; or 'embedded' for a host "
          "arena owned by this process"),
-    Flag("mode", "FASTSWITCH_MODE", "fastswitch", "fastswitch, vllm-v1 or baseline"),
+    Flag("mode", "FASTSWITCH_MODE", "fastswitch", ", ".join(m.value for m in Mode)),
     Flag("switches", "FASTSWITCH_SWITCHES", "",
          "ablation: changes to the mode's switches, e.g. -turn_offload or +async_swaps "
          f"({', '.join(f.name for f in fields(Switches))})"),
-    Flag("policy", "FASTSWITCH_POLICY", "priority", "priority, vtc or fcfs"),
+    Flag("policy", "FASTSWITCH_POLICY", "priority", ", ".join(sorted(POLICIES))),
     Flag("preemption", "FASTSWITCH_PREEMPTION", "on-order-change",
          f"when running requests give way: {', '.join(PREEMPTION_POLICIES)}"),
     Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
@@ -311,7 +312,7 @@ async def serve(args: argparse.Namespace) -> None:
     geometry = desc.geometry
     prompts = prompts_for(args.tokenizer, desc)
     arena: HostArena | None = None
-    host: HostGateway
+    host: HostTier
     membership: StoreMembership | None = None
     keepers: list[asyncio.Task[None]] = []
     if args.kvstore == "embedded":

@@ -42,7 +42,7 @@ from services.scheduler.core.lifecycle import RESIDENT
 from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
 from services.scheduler.core.planner import Planner, QueueFull
 from services.scheduler.core.request import Request
-from services.scheduler.host_gateway import HostGateway
+from services.scheduler.host_tier import HostTier
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.tenants import TenantUsage
 from services.scheduler.token_stream import Finished, TokenStream
@@ -82,7 +82,7 @@ class Engine:
         self,
         planner: Planner,
         executor: ex_grpc.ExecutorStub,
-        host: HostGateway,
+        host: HostTier,
         *,
         tokenizer: Tokenizer,
         limits: EngineLimits,
@@ -357,7 +357,7 @@ class Engine:
             ops = await self._host_ops.get()
             try:
                 replies = await self.host.execute(ops)
-            except Exception:  # a gateway must not raise; if one does, nothing was done
+            except Exception:  # a tier must not raise; if one does, nothing was done
                 log.exception("host operations failed")
                 replies = unanswered(ops)
             self.planner.host_replied(replies)

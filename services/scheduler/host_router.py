@@ -1,8 +1,9 @@
-"""One host KV space over one or more KV store instances: the scheduler's `HostGateway`.
+"""One host KV space over one or more KV store instances: a `HostTier` over theirs.
 
 `execute` carries a plan's host intents (`common.kv.host_ops`) out: it routes each op to
-its store, sends one Batch per store, to all stores at once, and answers every Reserve and
-Pin in the order of the ops, as the contract there requires.
+its store, sends one batch per store through that store's tier (the store itself, or a
+mirror in front of it: `remote_tier`), to all stores at once, and answers every Reserve and
+Pin in the order of the ops, as the `host_tier` contract requires.
 
 Ids. The executor maps the stores' arenas one after another, in attach order, so block `b`
 of a store whose arena starts at `first_block` is global block `first_block + b`.
@@ -20,15 +21,15 @@ the highest rendezvous weight, `blake2b(instance_id + NUL + conversation_id)`: e
 instance gets an even share, and when one goes down or leaves only its own conversations
 move.
 
-Failure. A store that cannot be reached is marked down, and so is one that answers from an
-arena other than the one the executor mapped. Ops for it get `unanswered` replies (no room,
-nothing pinned, so preemption recomputes; commits, aborts and unpins are dropped and its
-leases undo them), and it is probed again every `retry_s` by `probe_down`. A store that
-answers with the arena it had is back at once; one that restarted with a new arena is
-named by `probe_down`, and its driver replaces it (`remove`, then `add` with the arena
-the executor mapped: the chains it held before are gone, unless it inherited them through
-Redis). `rebase` follows a restarted executor that mapped the arenas at other first blocks.
-With no store at all, every op is `unanswered`.
+Failure. A store whose tier reports it down (`on_down`: it cannot be reached, or answers
+from an arena other than the one the executor mapped) is marked down. Ops for it get
+`unanswered` replies (no room, nothing pinned, so preemption recomputes; commits, aborts
+and unpins are dropped and its leases undo them), and it is probed again every `retry_s`
+by `probe_down`. A store that answers with the arena it had is back at once; one that
+restarted with a new arena is named by `probe_down`, and its driver replaces it
+(`remove`, then `add` with the arena the executor mapped: the chains it held before are
+gone, unless it inherited them through Redis). `rebase` follows a restarted executor that
+mapped the arenas at other first blocks. With no store at all, every op is `unanswered`.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 from common.kv.host_ops import (
     NO_PIN,
@@ -57,6 +57,8 @@ from common.kv.host_ops import (
     unanswered,
 )
 from common.kv.reuse_index import ID_BITS, Hit, PinHandle
+from services.scheduler.host_tier import Attach, HostTier
+from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
 
 log = logging.getLogger("fastswitch.scheduler.kvstore")
 
@@ -65,48 +67,27 @@ LOCAL_MASK = (1 << ID_BITS) - 1
 
 
 @dataclass(frozen=True, slots=True)
-class StoreIdentity:
-    """What makes a store's host block ids mean the same memory: its arena."""
-
-    instance_id: str
-    arena_name: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoreAnswer:
-    """One store's answer to one batch, in its own ids and blocks."""
-
-    replies: list[HostReply]
-    holders: Mapping[int, str]  # a Pin's op id -> the instance holding most of its prefix
-    answered_by: StoreIdentity | None  # None: not reached, and the replies are `unanswered`
-
-
-class StoreClient(Protocol):
-    """One store: `RemoteHostKV`. A store that cannot be reached answers `unanswered` and,
-    if it is unavailable or too slow, also calls `on_unreachable`."""
-
-    on_unreachable: Callable[[], None] | None
-
-    async def execute(self, ops: Sequence[HostOp]) -> StoreAnswer: ...
-
-    async def identity(self) -> StoreIdentity | None:
-        """None when the store does not answer."""
-
-
-@dataclass(frozen=True, slots=True)
 class RoutedStore:
-    """A store and where the executor mapped the arena that holds its blocks: the store's
-    own, or, for a store on another host, a local mirror (`mapped_arena`)."""
+    """A store, where the executor mapped the arena that holds its blocks, and the tier its
+    ops go through: the store itself, or a tier in front of it (`front`, a mirror whose
+    arena the executor maps instead, for a store on another host)."""
 
-    client: StoreClient
-    identity: StoreIdentity
+    client: RemoteHostKV
     first_block: int
-    mapped_arena: str = ""  # empty: the executor maps the store's own arena
+    front: HostTier | None = None
+
+    @property
+    def tier(self) -> HostTier:
+        return self.front or self.client
+
+    @property
+    def identity(self) -> StoreIdentity:
+        return self.client.identity
 
     @property
     def arena(self) -> str:
         """The arena the executor maps for this store."""
-        return self.mapped_arena or self.identity.arena_name
+        return self.tier.arenas[0]
 
 
 def rendezvous_weight(conv: str, instance_id: str) -> int:
@@ -135,7 +116,7 @@ class _Instance:
         return tuple(first + b for b in blocks)
 
 
-class HostRouter:
+class HostRouter(HostTier):
     def __init__(
         self,
         stores: Sequence[RoutedStore] = (),
@@ -187,7 +168,7 @@ class HostRouter:
             raise RuntimeError(f"{SLOTS} stores joined this router: restart the scheduler")
         inst = _Instance(self._next_slot, store)
         self._next_slot += 1
-        store.client.on_unreachable = lambda: self._mark_down(inst, "is unreachable")
+        store.tier.on_down = lambda why: self._mark_down(inst, why)
         self._by_slot[inst.slot] = self._by_id[instance_id] = inst
 
     def remove(self, instance_id: str) -> RoutedStore:
@@ -195,7 +176,7 @@ class HostRouter:
         in its ids are dropped from now on. Raises KeyError if it is not in."""
         inst = self._by_id.pop(instance_id)
         del self._by_slot[inst.slot]
-        inst.store.client.on_unreachable = None
+        inst.store.tier.on_down = None
         for conv in [c for c, holder in self._holders.items() if holder is inst]:
             del self._holders[conv]
         return inst.store
@@ -231,7 +212,7 @@ class HostRouter:
             if inst is not None:
                 batches.setdefault(inst, []).append(local)
         answers = await asyncio.gather(
-            *(inst.store.client.execute(batch) for inst, batch in batches.items()))
+            *(inst.store.tier.execute(batch) for inst, batch in batches.items()))
         for (inst, batch), answer in zip(batches.items(), answers, strict=True):
             for at, reply in zip(slots.get(inst, ()), self._globalize(inst, batch, answer),
                                  strict=True):
@@ -259,20 +240,14 @@ class HostRouter:
         raise TypeError(f"not a host op: {op!r}")
 
     def _globalize(
-        self, inst: _Instance, batch: Sequence[HostOp], answer: StoreAnswer
+        self, inst: _Instance, batch: Sequence[HostOp], replies: Sequence[HostReply]
     ) -> list[HostReply]:
         """The store's replies in global ids and blocks; remembers who holds what."""
-        if answer.answered_by is None:
-            return answer.replies
         if self._by_slot.get(inst.slot) is not inst:
             return unanswered(batch)  # it left while the batch was out: forget its answer
-        if answer.answered_by != inst.store.identity:
-            self._mark_down(inst, f"answered from arena {answer.answered_by.arena_name}, not "
-                                  f"the mapped {inst.store.identity.arena_name}")
-            return unanswered(batch)
         convs = {op.op_id: op.conv for op in batch if isinstance(op, Reserve | Pin)}
         out: list[HostReply] = []
-        for reply in answer.replies:
+        for reply in replies:
             conv = convs[reply.op_id]
             match reply:
                 case Reserved(_, None):
@@ -285,8 +260,8 @@ class HostRouter:
                         valid_blocks=inst.to_global(res.valid_blocks),
                         new_blocks=inst.to_global(res.new_blocks),
                     )))
-                case Pinned(op_id, hit, pin):
-                    holder = self._by_id.get(answer.holders.get(op_id, ""))
+                case Pinned(op_id, hit, pin, held_by):
+                    holder = self._by_id.get(held_by)
                     if holder is not None and holder.retry_at is None and (
                             hit.num_tokens or holder is not inst):
                         self._remember(conv, holder)
@@ -321,11 +296,11 @@ class HostRouter:
         now = self._clock()
         due = [inst for inst in self._instances
                if inst.retry_at is not None and inst.retry_at <= now]
-        identities = await asyncio.gather(*(inst.store.client.identity() for inst in due))
+        identities = await asyncio.gather(*(inst.store.client.describe() for inst in due))
         return [identity for inst, identity in zip(due, identities, strict=True)
                 if self._probed(inst, identity) and identity is not None]
 
-    async def remap(self, attach: Callable[[str], Awaitable[int | None]]) -> bool:
+    async def remap(self, attach: Attach) -> bool:
         """`rebase` after `attach` (an executor's AttachHostArena: the first block, None if
         the arena is gone) of every store's arena, with no membership change between."""
         async with self.lock:

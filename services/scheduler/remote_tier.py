@@ -4,9 +4,10 @@ The executor swaps KV by copying into a mapped arena. A store whose arena it can
 (AttachHostArena answers NOT_FOUND: the store runs on another host), or one the operator
 sends over the network on purpose (`--kvstore-transport bulk`), gets a *mirror*: a local
 arena of the store's geometry that the executor maps instead, block `b` of the mirror
-standing for block `b` of the store. `MirroredStore` wraps the store's `StoreClient` and
-moves the bytes with the store's bulk API (WriteBlocks / ReadBlocks), so that the store
-never holds a chain whose bytes it lacks and a swap-in never reads stale mirror bytes:
+standing for block `b` of the store. `MirroredStore` is the host tier in front of the
+store's own (`RemoteHostKV`), whose ops it passes on, and moves the bytes with the
+store's bulk API (WriteBlocks / ReadBlocks), so that the store never holds a chain whose
+bytes it lacks and a swap-in never reads stale mirror bytes:
 
 - Commit: the reservation's new blocks (the swap-out already landed in the mirror: the
   planner commits only after the copy) are pushed first; if the push fails, the Commit is
@@ -26,7 +27,6 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 from enum import Enum
 
 import grpc
@@ -50,7 +50,9 @@ from protos import executor_pb2_grpc as ex_grpc
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from services.kvstore.bulk import checksum, to_proto, write_chunks
-from services.scheduler.host_router import StoreAnswer, StoreClient, StoreIdentity
+from services.scheduler.host_router import RoutedStore
+from services.scheduler.host_tier import HostTier
+from services.scheduler.remote_host import RemoteHostKV
 
 log = logging.getLogger("fastswitch.scheduler.kvstore")
 # A bulk call's deadline: the store call's, plus the bytes at this slowest rate.
@@ -64,12 +66,12 @@ class Transport(Enum):
     BULK = "bulk"  # always the bulk path, even for a store on this host
 
 
-class MirroredStore:
-    """A `StoreClient` whose blocks the executor reads and writes in `mirror`; it owns the
-    mirror (`close` unmaps and unlinks it)."""
+class MirroredStore(HostTier):
+    """The tier of `client`'s store, whose blocks the executor reads and writes in
+    `mirror`; it owns the mirror (`close` unmaps and unlinks it)."""
 
     def __init__(
-        self, client: StoreClient, channel: grpc.aio.Channel, mirror: HostArena, *,
+        self, client: HostTier, channel: grpc.aio.Channel, mirror: HostArena, *,
         timeout_s: float = 1.0, max_reservations: int = 1 << 16,
     ) -> None:
         self.client = client
@@ -83,25 +85,24 @@ class MirroredStore:
         self._failing = False
 
     @property
-    def on_unreachable(self) -> Callable[[], None] | None:
-        return self.client.on_unreachable
+    def on_down(self) -> Callable[[str], None] | None:
+        """The store's own: it is the store that goes down."""
+        return self.client.on_down
 
-    @on_unreachable.setter
-    def on_unreachable(self, callback: Callable[[], None] | None) -> None:
-        self.client.on_unreachable = callback
+    @on_down.setter
+    def on_down(self, callback: Callable[[str], None] | None) -> None:
+        self.client.on_down = callback
 
-    async def identity(self) -> StoreIdentity | None:
-        return await self.client.identity()
+    @property
+    def arenas(self) -> tuple[str, ...]:
+        return (self.mirror.name,)
 
-    async def execute(self, ops: Sequence[HostOp]) -> StoreAnswer:
-        ops = await self._push_commits(ops)
-        answer = await self.client.execute(ops)
-        if answer.answered_by is None:
-            return answer
-        for reply in answer.replies:
+    async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]:
+        replies = await self.client.execute(await self._push_commits(ops))
+        for reply in replies:  # none is reserved or pinned in those the store did not answer
             if isinstance(reply, Reserved) and reply.reservation is not None:
                 self._remember(reply.reservation.reservation_id, reply.reservation.new_blocks)
-        return replace(answer, replies=await self._pull_pins(answer.replies))
+        return await self._pull_pins(replies)
 
     def close(self) -> None:
         """Unmaps and unlinks the mirror (the executor's own mapping stays valid)."""
@@ -216,32 +217,19 @@ def _scatter(view: memoryview, blocks: Sequence[int], block_bytes: int, offset: 
         done += n
 
 
-@dataclass(frozen=True, slots=True)
-class MappedStore:
-    """How the executor reaches one store: the client the router sends its ops through,
-    where the executor mapped its blocks, and what to close at shutdown."""
-
-    client: StoreClient
-    first_block: int
-    mapped_arena: str = ""  # the mirror's name; empty: the store's own arena is mapped
-
-    def close(self) -> None:
-        if isinstance(self.client, MirroredStore):
-            self.client.close()
-
-
 async def map_store(
     executor: ex_grpc.ExecutorStub, channel: grpc.aio.Channel, store: kv.DescribeResponse,
-    client: StoreClient, *, transport: Transport = Transport.AUTO, timeout_s: float = 1.0,
-) -> MappedStore:
+    client: RemoteHostKV, *, transport: Transport = Transport.AUTO, timeout_s: float = 1.0,
+) -> RoutedStore:
     """Has the executor map the store's arena, or, if it cannot (NOT_FOUND) or `transport`
     says BULK, a mirror of it served over `channel`'s bulk API; `timeout_s` is the store
-    call deadline that bulk calls extend by their size."""
+    call deadline that bulk calls extend by their size. Closing the result's tier unlinks
+    a mirror."""
     if transport is Transport.AUTO:
         try:
             attached = await executor.AttachHostArena(ex.AttachHostArenaRequest(
                 name=store.arena_name))
-            return MappedStore(client, attached.first_host_block)
+            return RoutedStore(client, attached.first_host_block)
         except grpc.aio.AioRpcError as e:
             if e.code() is not grpc.StatusCode.NOT_FOUND:
                 raise
@@ -255,5 +243,5 @@ async def map_store(
     log.info("KV store %s (arena %s) is served over the gRPC bulk path via mirror %s "
              "(transport %s)", store.instance_id, store.arena_name, mirror.name,
              transport.value)
-    return MappedStore(MirroredStore(client, channel, mirror, timeout_s=timeout_s),
-                       attached.first_host_block, mirror.name)
+    return RoutedStore(client, attached.first_host_block,
+                       MirroredStore(client, channel, mirror, timeout_s=timeout_s))

@@ -38,9 +38,10 @@ from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from services.kvstore.redis_storage import AsyncRedisClient, Namespace
 from services.kvstore.registry import InstanceEntry, parse_entries
-from services.scheduler.host_router import HostRouter, RoutedStore, StoreIdentity
-from services.scheduler.remote_host import RemoteHostKV
-from services.scheduler.remote_tier import MappedStore, Transport, map_store
+from services.scheduler.host_router import HostRouter, RoutedStore
+from services.scheduler.host_tier import HostTier
+from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
+from services.scheduler.remote_tier import Transport, map_store
 
 log = logging.getLogger("fastswitch.scheduler.kvstore")
 T = TypeVar("T")
@@ -55,7 +56,7 @@ class _Link:
     address: str
     channel: grpc.aio.Channel
     index_backend: str  # "memory" or "redis"
-    mapped: MappedStore
+    tier: HostTier  # closed when the store leaves
     num_blocks: int
 
 
@@ -169,7 +170,7 @@ class StoreMembership:
     async def close(self) -> None:
         for link in self._links.values():
             await link.channel.close()
-            link.mapped.close()
+            link.tier.close()
         self._links.clear()
 
     async def _gone(self, instance_id: str, entry: InstanceEntry | None, now: float) -> bool:
@@ -180,7 +181,7 @@ class StoreMembership:
         if store is None or entry is None or entry.arena_name != store.identity.arena_name \
                 or entry.address not in ("", self._links[instance_id].address):
             return True
-        return not entry.serving(now) and await store.client.identity() != store.identity
+        return not entry.serving(now) and await store.client.describe() != store.identity
 
     async def _join_as(self, instance_id: str, address: str) -> StoreIdentity:
         """Joins the store at `address` if it is `instance_id`."""
@@ -210,17 +211,17 @@ class StoreMembership:
                 kv.DescribeRequest(), timeout=wait_s or self._call_timeout_s,
                 wait_for_ready=wait_s > 0)
             self._check(address, store, expect, replacing)
-            client = RemoteHostKV(channel, fingerprint=self.desc.model_fingerprint,
+            client = RemoteHostKV(channel, StoreIdentity.of(store),
+                                  fingerprint=self.desc.model_fingerprint,
                                   timeout_s=self._call_timeout_s)
-            mapped = await map_store(self.executor, channel, store, client,
+            routed = await map_store(self.executor, channel, store, client,
                                      transport=self._transport, timeout_s=self._call_timeout_s)
         except BaseException:
             await channel.close()
             raise
         self._failing.pop(address, None)
-        identity = StoreIdentity(store.instance_id, store.arena_name)
-        routed = RoutedStore(mapped.client, identity, mapped.first_block, mapped.mapped_arena)
-        return _Link(address, channel, store.index_backend, mapped, store.num_blocks), routed
+        link = _Link(address, channel, store.index_backend, routed.tier, store.num_blocks)
+        return link, routed
 
     async def _admit(self, link: _Link, routed: RoutedStore) -> StoreIdentity:
         """Adds a connected store to the router (its id is free: `_check`, `_leave`), or
@@ -230,7 +231,7 @@ class StoreMembership:
         except (ValueError, RuntimeError) as e:
             await link.channel.close()
             await self._unmap(routed.arena)
-            link.mapped.close()
+            link.tier.close()
             raise StoreRefused(str(e)) from e
         self._links[routed.identity.instance_id] = link
         log.info("KV store %s at %s joined: arena %s, host blocks %d..%d (%s index)",
@@ -263,7 +264,7 @@ class StoreMembership:
         routed = self.router.remove(instance_id)
         await link.channel.close(grace=self._call_timeout_s)  # its batches out end first
         await self._unmap(routed.arena)
-        link.mapped.close()
+        link.tier.close()
         log.info("KV store %s at %s left: arena %s unmapped; its conversations move to the "
                  "others", instance_id, link.address, routed.arena)
 

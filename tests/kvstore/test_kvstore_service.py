@@ -34,14 +34,8 @@ from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.batch_wire import ops_to_proto, replies_from_proto
 from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, to_proto, write_chunks
 from services.kvstore.service import HEARTBEAT_S, LEASE_BEATS, SERVICE_NAME
-from services.scheduler.host_router import (
-    HostRouter,
-    RoutedStore,
-    StoreAnswer,
-    StoreIdentity,
-    rendezvous_owner,
-)
-from services.scheduler.remote_host import RemoteHostKV
+from services.scheduler.host_router import HostRouter, RoutedStore, rendezvous_owner
+from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
 from tests.support.redis_server import RedisServer
 from tests.support.stores import Geometry, InProcessStore, store_starter
 
@@ -271,7 +265,7 @@ def chain_of(tokens: list[int]) -> tuple[bytes, ...]:
 
 
 def client_of(running: InProcessStore) -> RemoteHostKV:
-    return RemoteHostKV(running.channel, fingerprint=FP, timeout_s=5.0)
+    return running.client()
 
 
 async def test_a_batch_is_one_round_trip_answered_in_order(start: Callable[..., object]) -> None:
@@ -279,24 +273,22 @@ async def test_a_batch_is_one_round_trip_answered_in_order(start: Callable[..., 
     client, stub = client_of(running), running.stub
     desc = await stub.Describe(kvstore_pb2.DescribeRequest())
     tokens = list(range(10))
-    first = await client.execute([Reserve(1, "c", chain_of(tokens), 10),
-                                  Pin(2, "d", chain_of([5]), 1)])
-    assert first.answered_by == StoreIdentity(desc.instance_id, desc.arena_name)
-    [reserved, missed] = first.replies
+    assert client.identity == StoreIdentity(desc.instance_id, desc.arena_name)
+    [reserved, missed] = await client.execute([Reserve(1, "c", chain_of(tokens), 10),
+                                               Pin(2, "d", chain_of([5]), 1)])
     res = reserved.reservation
     assert (res.conversation, res.num_tokens, res.valid_tokens) == ("c", 10, 0)
     assert len(res.new_blocks) == 3 and missed.hit == MISS
     data = np.random.default_rng(1).integers(0, 256, 3 * BLOCK_BYTES, np.uint8).tobytes()
     await stub.WriteBlocks(iter(list(write_chunks(res.reservation_id, res.new_extents, data))))
-    second = await client.execute([Commit(res.reservation_id), Pin(3, "c", chain_of(tokens), 10)])
-    [pinned] = second.replies
+    [pinned] = await client.execute([Commit(res.reservation_id),
+                                     Pin(3, "c", chain_of(tokens), 10)])
     assert pinned.hit.num_tokens == 10 and pinned.hit.blocks == res.new_blocks
-    assert second.holders == {3: desc.instance_id}
+    assert pinned.holder == desc.instance_id
     read = stub.ReadBlocks(kvstore_pb2.ReadBlocksRequest(extents=to_proto(res.new_extents)))
     assert b"".join([c.data async for c in read]) == data
-    third = await client.execute([Unpin(pinned.pin.pin_id), Unpin(pinned.pin.pin_id),
-                                  Unpin(missed.pin.pin_id), Abort(999), Release("c")])
-    assert third.replies == [] and third.answered_by is not None
+    assert await client.execute([Unpin(pinned.pin.pin_id), Unpin(pinned.pin.pin_id),
+                                 Unpin(missed.pin.pin_id), Abort(999), Release("c")]) == []
     stats = await stub.Stats(kvstore_pb2.StatsRequest())
     assert (stats.used_blocks, stats.pinned_blocks, stats.pending_reservations) == (0, 0, 0)
 
@@ -332,17 +324,17 @@ async def test_a_full_store_answers_no_room_and_a_dead_one_unanswered(
     client = client_of(running)
     many = list(range(BLOCK_SIZE * NUM_BLOCKS + 1))
     answer = await client.execute([Reserve(1, "c", chain_of(many), len(many))])
-    assert answer.replies == [Reserved(1, None)] and answer.answered_by is not None
-    unreachable: list[bool] = []
+    assert answer == [Reserved(1, None)]
+    unreachable: list[str] = []
     async with grpc.aio.insecure_channel("127.0.0.1:1") as nowhere:  # nothing listens
-        dead = RemoteHostKV(nowhere, fingerprint=FP, timeout_s=5.0)
-        dead.on_unreachable = lambda: unreachable.append(True)
+        dead = RemoteHostKV(nowhere, client.identity, fingerprint=FP, timeout_s=5.0)
+        dead.on_down = unreachable.append
         ops = [Pin(2, "c", chain_of([1]), 1), Release("c"), Reserve(3, "d", chain_of([1]), 1)]
         for _ in range(2):
-            assert await dead.execute(ops) == StoreAnswer(unanswered(ops), {}, None)
-        assert unreachable == [True, True]
+            assert await dead.execute(ops) == unanswered(ops)
+        assert unreachable == ["is unreachable"] * 2
         assert len([r for r in caplog.records if "Batch failed" in r.message]) == 1
-        assert await dead.identity() is None
+        assert await dead.describe() is None
 
 
 @pytest.mark.parametrize("index", ["redis_server", "redis_cluster"])
@@ -352,27 +344,22 @@ async def test_a_batch_pin_on_another_instance_names_the_holder(
     url = request.getfixturevalue(index).url
     a, b = await start(redis_url=url), await start(redis_url=url)
     tokens = list(range(8))
-    [reserved] = (await client_of(a).execute([Reserve(1, "c", chain_of(tokens), 8)])).replies
+    [reserved] = await client_of(a).execute([Reserve(1, "c", chain_of(tokens), 8)])
     # The commit's write lands with a's next round, which a reply handing out blocks
     # waits for.
     await client_of(a).execute([Commit(reserved.reservation.reservation_id),
                                 Reserve(3, "d", chain_of(tokens), 8)])
-    answer = await client_of(b).execute([Pin(2, "c", chain_of(tokens), 8)])
-    [pinned] = answer.replies
+    [pinned] = await client_of(b).execute([Pin(2, "c", chain_of(tokens), 8)])
     assert pinned.hit == MISS  # b holds none of it itself
-    assert answer.holders == {2: a.server.store.instance_id}
-    assert answer.answered_by.instance_id == b.server.store.instance_id
+    assert pinned.holder == a.server.store.instance_id
 
 
 async def test_a_router_over_two_stores_sends_one_batch_each(
     start: Callable[..., object],
 ) -> None:
     stores = [await start(), await start()]
-    routed = []
-    for k, running in enumerate(stores):
-        desc = await running.stub.Describe(kvstore_pb2.DescribeRequest())
-        identity = StoreIdentity(desc.instance_id, desc.arena_name)
-        routed.append(RoutedStore(client_of(running), identity, k * NUM_BLOCKS))
+    routed = [RoutedStore(client_of(running), k * NUM_BLOCKS)
+              for k, running in enumerate(stores)]
     router = HostRouter(routed, fingerprint=FP, block_size=BLOCK_SIZE)
     ids = [r.identity.instance_id for r in routed]
     convs = [next(c for c in (f"conv-{n}" for n in range(100))

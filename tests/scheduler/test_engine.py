@@ -1,6 +1,6 @@
 """The scheduler's driver (`Engine`) in-process: the real planner and policies, a fake
 executor whose sampled token is a pure function of the sequence's tokens, and an embedded
-store behind a gateway whose replies the test can hold back."""
+store behind a host tier whose replies the test can hold back."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import PriorityPolicy
 from services.scheduler.core.request import Request, RequestState
 from services.scheduler.engine import Engine, EngineLimits
-from services.scheduler.host_gateway import LocalHost
+from services.scheduler.local_host import LocalHost
 from services.scheduler.token_stream import Failed, Finished, TokenEvent, TokenStream
 
 BS = 4
@@ -123,20 +123,16 @@ class FakeExecutor:
         return ex.AttachHostArenaResponse(num_host_blocks=256, first_host_block=0)
 
 
-class HeldHost:
+class HeldHost(LocalHost):
     """`LocalHost` that records each `execute` and, while `gate` is clear, answers none."""
 
     def __init__(self) -> None:
-        self.index = ReuseIndex(fingerprint=FINGERPRINT, block_size=BS, num_blocks=256)
-        self.local = LocalHost(self.index, ARENA)
-        self.arenas = self.local.arenas
-        self.remap = self.local.remap
-        self.store_counts = self.local.store_counts
+        super().__init__(ReuseIndex(fingerprint=FINGERPRINT, block_size=BS, num_blocks=256),
+                         ARENA)
         self.calls: list[tuple[HostOp, ...]] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.waiting = asyncio.Event()  # set while a call waits at the gate
-        self.degraded = False
         self.delay_s = 0.0  # how long each reply takes
 
     async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]:
@@ -146,7 +142,7 @@ class HeldHost:
             await self.gate.wait()
             self.waiting.clear()
         await asyncio.sleep(self.delay_s)
-        return await self.local.execute(ops)
+        return await super().execute(ops)
 
 
 @dataclass
@@ -226,7 +222,7 @@ async def test_a_request_streams_every_token_and_finishes(rig: Rig) -> None:
     assert not rig.engine.planner.requests
 
 
-async def test_each_plans_host_ops_reach_the_gateway_in_order_in_one_call(rig: Rig) -> None:
+async def test_each_plans_host_ops_reach_the_tier_in_order_in_one_call(rig: Rig) -> None:
     first = make("t1", n=12, max_tokens=4, conv="conv")
     tokens, _ = await collect(await submit(rig, first))
     history = first.prompt + tokens

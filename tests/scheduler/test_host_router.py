@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import settings
@@ -30,6 +31,7 @@ from common.kv.host_ops import (
     Abort,
     Commit,
     HostOp,
+    HostReply,
     Pin,
     Pinned,
     Release,
@@ -39,15 +41,15 @@ from common.kv.host_ops import (
     unanswered,
 )
 from common.kv.reuse_index import ID_BITS, Hit, ReuseIndex
-from services.scheduler.host_gateway import HostGateway, LocalHost
 from services.scheduler.host_router import (
     LOCAL_MASK,
     HostRouter,
     RoutedStore,
-    StoreAnswer,
-    StoreIdentity,
     rendezvous_owner,
 )
+from services.scheduler.host_tier import HostTier
+from services.scheduler.local_host import LocalHost
+from services.scheduler.remote_host import StoreIdentity
 
 FINGERPRINT = "fp"
 BLOCK_SIZE = 4
@@ -71,35 +73,39 @@ def new_index(num_blocks: int = 10) -> ReuseIndex:
     return ReuseIndex(fingerprint=FINGERPRINT, block_size=BLOCK_SIZE, num_blocks=num_blocks)
 
 
-class FakeStore:
-    """A store that answers like RemoteHostKV; unreachable, it degrades the same way."""
+class FakeStore(HostTier):
+    """A store's tier that answers like RemoteHostKV opened for `identity`: unreachable, or
+    answering from another arena (`identity_now`), it degrades the same way."""
 
     def __init__(self, instance_id: str, num_blocks: int, shared: dict[str, FakeStore]) -> None:
         self.instance_id = instance_id
-        self.identity_now = StoreIdentity(instance_id, f"arena-{instance_id}")
+        self.identity = self.identity_now = StoreIdentity(instance_id, f"arena-{instance_id}")
         self.index = new_index(num_blocks)
         self.shared = shared
         shared[instance_id] = self
         self.reachable = True
-        self.on_unreachable = None
         self.batches: list[list[HostOp]] = []
+
+    @property
+    def arenas(self) -> tuple[str, ...]:
+        return (self.identity.arena_name,)
 
     def hold(self, conv: str, tokens: Sequence[int]) -> None:
         """Puts a committed chain here directly, as an earlier scheduler would have."""
         self.index.commit(self.index.reserve(conv, tokens).reservation_id)
 
-    async def identity(self) -> StoreIdentity | None:
+    async def describe(self) -> StoreIdentity | None:
         return self.identity_now if self.reachable else None
 
-    async def execute(self, ops: Sequence[HostOp]) -> StoreAnswer:
+    async def execute(self, ops: Sequence[HostOp]) -> list[HostReply]:
         self.batches.append(list(ops))
-        if not self.reachable:
-            if self.on_unreachable is not None:
-                self.on_unreachable()
-            return StoreAnswer(unanswered(ops), {}, None)
-        replies = host_ops.apply(self.index, ops)
-        holders = {op.op_id: self._holder(op) for op in ops if isinstance(op, Pin)}
-        return StoreAnswer(replies, holders, self.identity_now)
+        if not self.reachable or self.identity_now != self.identity:
+            if self.on_down is not None:
+                self.on_down("is unreachable" if not self.reachable else "moved")
+            return unanswered(ops)
+        pins = {op.op_id: op for op in ops if isinstance(op, Pin)}
+        return [replace(r, holder=self._holder(pins[r.op_id])) if isinstance(r, Pinned) else r
+                for r in host_ops.apply(self.index, ops)]
 
     def _holder(self, op: Pin) -> str:
         """The instance holding most of `op`'s prefix (this one on ties), as a store names
@@ -126,7 +132,7 @@ def make(ids: Sequence[str], blocks: int = 10, clock: Clock | None = None
     shared: dict[str, FakeStore] = {}
     stores = [FakeStore(i, blocks, shared) for i in ids]
     router = HostRouter(
-        [RoutedStore(s, s.identity_now, k * blocks) for k, s in enumerate(stores)],
+        [RoutedStore(s, k * blocks) for k, s in enumerate(stores)],
         fingerprint=FINGERPRINT, block_size=BLOCK_SIZE, retry_s=5.0, clock=clock or Clock(),
     )
     return router, shared
@@ -166,14 +172,14 @@ def test_the_rule_spreads_evenly_and_moves_only_a_lost_instances_conversations()
 
 async def test_one_store_keeps_its_own_ids_and_answers_as_the_embedded_store() -> None:
     router, shared = make(["only"])
-    local: HostGateway = LocalHost(new_index(), "arena-local")
-    gateways: list[HostGateway] = [router, local]
+    local = LocalHost(new_index(), "arena-local")
+    tiers: list[HostTier] = [router, local]
     answers = []
-    for gateway in gateways:
-        [res] = await gateway.execute([reserve(1, "c")])
+    for tier in tiers:
+        [res] = await tier.execute([reserve(1, "c")])
         assert isinstance(res, Reserved) and res.reservation is not None
         answers.append(res)
-        answers.extend(await gateway.execute(
+        answers.extend(await tier.execute(
             [Commit(res.reservation.reservation_id), pin(2, "c"), reserve(3, "c", LONGER)]))
     # Ids are random (unguessable), so the two answer alike but for them; the router's
     # ids are the store's own.
@@ -303,7 +309,8 @@ async def test_a_store_back_with_another_arena_stays_out_until_it_is_replaced() 
     [res] = await router.execute([reserve(2, conv_owned_by("kv-b", ids))])
     assert all(b < 10 for b in res.reservation.new_blocks) and router.degraded
     router.remove("kv-b")
-    router.add(RoutedStore(shared["kv-b"], identity, 20))  # after a's and b's old arena
+    shared["kv-b"].identity = identity  # its driver opens it anew
+    router.add(RoutedStore(shared["kv-b"], 20))  # after a's and b's old arena
     assert not router.degraded
     assert router.stores[1].identity == identity
     assert router.arenas == ("arena-kv-a", "arena-kv-b-restarted")
@@ -332,7 +339,8 @@ async def test_an_arena_gone_at_an_executor_restart_takes_its_store_out_until_re
     assert all(b < 10 for b in res.reservation.new_blocks)
     [identity] = await router.probe_down()  # probed at once, not after retry_s
     router.remove("kv-b")
-    router.add(RoutedStore(shared["kv-b"], identity, 10))
+    shared["kv-b"].identity = identity
+    router.add(RoutedStore(shared["kv-b"], 10))
     assert not router.degraded
 
 
@@ -358,7 +366,7 @@ async def test_no_live_store_means_recompute() -> None:
 def test_instance_ids_must_be_distinct() -> None:
     shared: dict[str, FakeStore] = {}
     store = FakeStore("kv-a", 10, shared)
-    same = RoutedStore(store, StoreIdentity("kv-a", "x"), 0)
+    same = RoutedStore(store, 0)
     with pytest.raises(ValueError, match="repeat"):
         HostRouter([same, same], fingerprint=FINGERPRINT, block_size=BLOCK_SIZE)
 
@@ -367,7 +375,7 @@ async def test_a_store_that_joins_takes_its_share_and_one_that_leaves_is_forgott
     router, shared = make(["kv-a"])
     assert router.arenas == ("arena-kv-a",)
     b = FakeStore("kv-b", 10, shared)
-    router.add(RoutedStore(b, b.identity_now, 10))
+    router.add(RoutedStore(b, 10))
     ids = ["kv-a", "kv-b"]
     conv = conv_owned_by("kv-b", ids)
     res = (await put(router, conv)).reservation
@@ -387,7 +395,7 @@ async def test_a_store_that_joins_takes_its_share_and_one_that_leaves_is_forgott
     with pytest.raises(KeyError):
         router.remove("kv-b")
     c = FakeStore("kv-c", 10, shared)
-    router.add(RoutedStore(c, c.identity_now, 20))
+    router.add(RoutedStore(c, 20))
     [res] = await router.execute([reserve(5, conv_owned_by("kv-c", ["kv-a", "kv-c"]))])
     assert res.reservation.reservation_id >> ID_BITS == 2  # slot 1 is never used again
 
@@ -422,7 +430,7 @@ class MembershipMachine(RuleBasedStateMachine):
     def join(self) -> None:
         store = FakeStore(f"kv-{len(self.slot)}", self.STORE_BLOCKS, self.shared)
         self.slot[store.instance_id] = len(self.slot)
-        self.router.add(RoutedStore(store, store.identity_now, self.next_block))
+        self.router.add(RoutedStore(store, self.next_block))
         self.first[store.instance_id] = self.next_block
         self.next_block += self.STORE_BLOCKS
 

@@ -21,7 +21,7 @@ from protos import executor_pb2 as ex
 from services.kvstore.redis_connect import async_redis_client
 from services.kvstore.redis_storage import Namespace
 from services.kvstore.registry import InstanceEntry
-from services.scheduler.host_router import HostRouter, StoreIdentity
+from services.scheduler.host_router import HostRouter
 from services.scheduler.remote_host import RemoteHostKV
 from services.scheduler.store_membership import StoreMembership
 from tests.support.redis_server import RedisServer
@@ -85,10 +85,6 @@ async def membership(executor: FakeExecutor) -> AsyncIterator[StoreMembership]:
     await m.close()
 
 
-def describe(store: InProcessStore) -> StoreIdentity:
-    return StoreIdentity(store.server.store.instance_id, store.server.store.arena.name)
-
-
 def entry(store: InProcessStore, lease_until: float) -> InstanceEntry:
     s = store.server.store
     return InstanceEntry(instance_id=s.instance_id, arena_name=s.arena.name, host="h",
@@ -111,17 +107,16 @@ async def test_a_restarted_store_stays_down_until_its_new_arena_can_be_mapped(
     port = int(old.address.rsplit(":", 1)[1])
     await old.stop()
     new = await start(name="fastswitch-membertest-restart", port=port)  # a new arena
-    assert describe(new) != describe(old) and describe(new).instance_id == describe(
-        old).instance_id
+    assert new.identity != old.identity and new.identity.instance_id == old.identity.instance_id
     assert (await reserve(membership.router, "c")).reservation is None  # marks it down
     executor.refuse = grpc.StatusCode.UNAVAILABLE  # the executor is restarting, say
     await membership.probe_once()
-    assert membership.router.arenas == (describe(old).arena_name,)  # kept, down
+    assert membership.router.arenas == (old.identity.arena_name,)  # kept, down
     assert membership.router.degraded
     executor.refuse = None
     await membership.probe_once()  # named again, and now replaced
-    assert membership.router.arenas == (describe(new).arena_name,)
-    assert list(executor.mapped) == [describe(new).arena_name]  # the old one unmapped
+    assert membership.router.arenas == (new.identity.arena_name,)
+    assert list(executor.mapped) == [new.identity.arena_name]  # the old one unmapped
     assert not membership.router.degraded
     assert (await reserve(membership.router, "c")).reservation is not None
 
@@ -140,7 +135,7 @@ async def test_a_store_that_leaves_while_a_batch_is_out_answers_nothing(
     store.server.servicer.run = slow  # type: ignore[method-assign]
     batch = asyncio.create_task(reserve(membership.router, "c"))
     await asyncio.sleep(0.1)
-    await membership.leave(describe(store).instance_id)
+    await membership.leave(store.identity.instance_id)
     assert (await batch).reservation is None  # its answer came from a store that left
     assert membership.router.stores == () and membership.router.degraded
     assert await membership.router.execute([Commit(1)]) == []  # nowhere to go
@@ -151,7 +146,7 @@ async def test_a_closed_channel_is_an_unanswered_batch_not_an_error(
 ) -> None:
     store = await start()
     channel = grpc.aio.insecure_channel(store.address)
-    client = RemoteHostKV(channel, fingerprint=FP, timeout_s=2.0)
+    client = RemoteHostKV(channel, store.identity, fingerprint=FP, timeout_s=2.0)
     ops = [Reserve(1, "c", tuple(block_hashes(TOKENS, 4, FP)), 8)]
     run = store.server.servicer.run
 
@@ -163,8 +158,8 @@ async def test_a_closed_channel_is_an_unanswered_batch_not_an_error(
     batch = asyncio.create_task(client.execute(ops))
     await asyncio.sleep(0.1)
     await channel.close()  # no grace: the call in flight is cancelled
-    assert (await batch).replies == unanswered(ops)
-    assert (await client.execute(ops)).replies == unanswered(ops)  # closed: UsageError
+    assert await batch == unanswered(ops)
+    assert await client.execute(ops) == unanswered(ops)  # closed: UsageError
 
 
 async def test_a_lapsed_lease_keeps_a_store_that_still_answers(
@@ -172,11 +167,11 @@ async def test_a_lapsed_lease_keeps_a_store_that_still_answers(
 ) -> None:
     store = await start()
     now = time.time()
-    await membership.sync({describe(store).instance_id: entry(store, now + 6)}, now)
-    assert membership.router.arenas == (describe(store).arena_name,)
-    lapsed = {describe(store).instance_id: entry(store, now - 1)}  # Redis was away, say
+    await membership.sync({store.identity.instance_id: entry(store, now + 6)}, now)
+    assert membership.router.arenas == (store.identity.arena_name,)
+    lapsed = {store.identity.instance_id: entry(store, now - 1)}  # Redis was away, say
     await membership.sync(lapsed, now)
-    assert membership.router.arenas == (describe(store).arena_name,)
+    assert membership.router.arenas == (store.identity.arena_name,)
     await store.stop()
     await membership.sync(lapsed, now)  # lapsed and silent: it leaves
     assert membership.router.arenas == ()
@@ -190,8 +185,8 @@ async def test_a_registry_entry_must_name_the_store_at_its_address(
     wrong = entry(store, now + 6)
     await membership.sync({"someone-else": wrong}, now)
     assert membership.router.arenas == ()
-    await membership.sync({describe(store).instance_id: wrong}, now)
-    assert membership.router.arenas == (describe(store).arena_name,)
+    await membership.sync({store.identity.instance_id: wrong}, now)
+    assert membership.router.arenas == (store.identity.arena_name,)
 
 
 async def test_an_unmap_the_executor_cannot_take_is_retried(
@@ -200,9 +195,9 @@ async def test_an_unmap_the_executor_cannot_take_is_retried(
     store = await start()
     await membership.join(store.address)
     executor.refuse = grpc.StatusCode.UNAVAILABLE
-    await membership.leave(describe(store).instance_id)
+    await membership.leave(store.identity.instance_id)
     assert membership.router.arenas == () and list(executor.mapped) == [
-        describe(store).arena_name]
+        store.identity.arena_name]
     executor.refuse = None
     await membership.probe_once()
     assert executor.mapped == {}
@@ -218,7 +213,7 @@ async def test_the_watcher_skips_a_registry_entry_it_cannot_read(
     index.hset(key, mapping={
         "from-the-future": json.dumps({"instance_id": "x", "new_field": 1}),
         "garbage": "{not json",
-        describe(store).instance_id: json.dumps(asdict(entry(store, time.time() + 6))),
+        store.identity.instance_id: json.dumps(asdict(entry(store, time.time() + 6))),
     })
     client = async_redis_client(redis_server.url)
     try:
@@ -226,4 +221,4 @@ async def test_the_watcher_skips_a_registry_entry_it_cannot_read(
     finally:
         await client.aclose()
         index.delete(key)
-    assert membership.router.arenas == (describe(store).arena_name,)
+    assert membership.router.arenas == (store.identity.arena_name,)

@@ -15,6 +15,7 @@ from protos import kvstore_pb2_grpc
 from services.kvstore.assemble import open_store
 from services.kvstore.config import StoreConfig
 from services.kvstore.service import StoreServer
+from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,15 @@ class InProcessStore:
     @property
     def stub(self) -> kvstore_pb2_grpc.KVStoreStub:
         return kvstore_pb2_grpc.KVStoreStub(self.channel)
+
+    @property
+    def identity(self) -> StoreIdentity:
+        return StoreIdentity(self.server.store.instance_id, self.server.store.arena.name)
+
+    def client(self, timeout_s: float = 5.0) -> RemoteHostKV:
+        """The scheduler's tier of this store, as a driver opens it."""
+        return RemoteHostKV(self.channel, self.identity,
+                            fingerprint=self.server.store.fingerprint, timeout_s=timeout_s)
 
     async def stop(self) -> None:
         """Stops serving and unlinks the arena (a clean stop); idempotent."""

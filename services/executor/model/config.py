@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.executor.options import DTYPE_NAMES
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_ROPE_THETA = 10000.0  # HF's when a config names none
 # The parameters each RoPE type's frequencies depend on, as `RopeScaling` fields.
 ROPE_PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -246,6 +247,6 @@ def _eos_ids(raw: dict[str, Any]) -> list[int]:
 def _dtype(raw: dict[str, Any]) -> str | None:
     """transformers 5's `dtype`, else transformers 4's `torch_dtype`."""
     name = raw.get("dtype") or raw.get("torch_dtype")
-    if name is not None and name not in SUPPORTED_DTYPES:
-        raise ConfigError(f"dtype {name!r} is not one of {SUPPORTED_DTYPES}")
+    if name is not None and name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype {name!r} is not one of {DTYPE_NAMES}")
     return name
