@@ -22,6 +22,10 @@ class HostGateway(Protocol):
         """Some store is down: its conversations recompute."""
 
     @property
+    def degraded_seconds(self) -> float:
+        """Seconds it has been degraded, over its life."""
+
+    @property
     def store_counts(self) -> tuple[int, int]:
         """KV store instances in use, and how many of them are down."""
 
@@ -42,6 +46,7 @@ class LocalHost:
     must be the executor's first; never degraded."""
 
     degraded = False
+    degraded_seconds = 0.0
     store_counts = (0, 0)  # no store process
 
     def __init__(self, index: ReuseIndex, arena: str) -> None:

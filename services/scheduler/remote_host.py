@@ -7,35 +7,59 @@ preemption to recompute instead of failing requests: the batch is answered `unan
 (no room, nothing pinned). One that cannot be reached at all (unavailable, or past the
 deadline) also calls `on_unreachable`; one whose channel was closed (it left) answers
 `unanswered` too. A failing store is logged once, until it answers.
+
+Leases. The client has an id of its own (`client_id`), and every call a request id. The
+store leases each reservation and pin to the client that made it; the client keeps the
+ones it holds (made, not yet committed, aborted or unpinned) and `renew` extends them all
+in one call, which the scheduler makes every `--kvstore-renew` seconds. A call that failed
+is abandoned by its request id with the next call that gets through: whatever it made on
+the store is undone there, and if it had not arrived yet it is refused when it does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import grpc
 
-from common.kv.host_ops import HostOp, unanswered
+from common.kv.host_ops import NO_PIN, Abort, Commit, HostOp, Pinned, Reserved, Unpin, unanswered
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
-from services.kvstore.batch_wire import ops_to_proto, replies_from_proto
+from services.kvstore.batch_wire import replies_from_proto, request_to_proto
+from services.kvstore.store import StoreRequest
 from services.scheduler.host_router import StoreAnswer, StoreIdentity
 
 log = logging.getLogger("fastswitch.scheduler.kvstore")
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+MAX_ABANDONED = 1 << 12  # older abandoned requests' leases have lapsed anyway
 
 
 class RemoteHostKV:
     def __init__(
-        self, channel: grpc.aio.Channel, *, fingerprint: str, timeout_s: float = 1.0
+        self, channel: grpc.aio.Channel, *, fingerprint: str, timeout_s: float = 1.0,
+        client_id: str = "",
     ) -> None:
+        """`client_id`: this client's id at the store (default: a random one)."""
         self._stub = kv_grpc.KVStoreStub(channel)
         self.fingerprint = fingerprint
+        self.client_id = client_id or uuid.uuid4().hex
         self._timeout = timeout_s
         self._failing = False
+        self._request_ids = itertools.count(1)
+        self._reservations: set[int] = set()  # held: made, not yet committed or aborted
+        self._pins: set[int] = set()  # held: made, not yet unpinned
+        self._abandoned: deque[int] = deque(maxlen=MAX_ABANDONED)  # to tell the store
         self.on_unreachable: Callable[[], None] | None = None
+
+    @property
+    def held(self) -> tuple[int, int]:
+        """Reservations and pins this client holds on the store, as far as it knows."""
+        return len(self._reservations), len(self._pins)
 
     async def identity(self) -> StoreIdentity | None:
         try:
@@ -46,27 +70,71 @@ class RemoteHostKV:
         return StoreIdentity(reply.instance_id, reply.arena_name)
 
     async def execute(self, ops: Sequence[HostOp]) -> StoreAnswer:
-        request = kv.BatchRequest(model_fingerprint=self.fingerprint, ops=ops_to_proto(ops))
+        for op in ops:
+            match op:
+                case Commit() | Abort():
+                    self._reservations.discard(op.reservation_id)
+                case Unpin():
+                    self._pins.discard(op.pin_id)
+        request_id, response = await self._call(ops)
+        if response is None:
+            return StoreAnswer(unanswered(ops), {}, None)
         try:
-            response = await self._stub.Batch(request, timeout=self._timeout)
             replies, holders = replies_from_proto(response.replies, ops)
+        except ValueError as e:
+            self._abandoned.append(request_id)
+            self._failed(f"bad reply: {e}")
+            return StoreAnswer(unanswered(ops), {}, None)
+        for reply in replies:
+            match reply:
+                case Reserved(_, res) if res is not None:
+                    self._reservations.add(res.reservation_id)
+                case Pinned(_, _, pin) if pin.pin_id != NO_PIN:
+                    self._pins.add(pin.pin_id)
+        return StoreAnswer(replies, holders,
+                           StoreIdentity(response.instance_id, response.arena_name))
+
+    async def renew(self) -> None:
+        """Extends the leases of every reservation and pin this client holds (forgetting
+        those the store no longer holds), and tells the store of abandoned requests."""
+        if not (self._reservations or self._pins or self._abandoned):
+            return
+        _, response = await self._call((), renew=True)
+        if response is not None:
+            self._reservations.difference_update(response.lapsed_reservations)
+            self._pins.difference_update(response.lapsed_pins)
+
+    async def _call(self, ops: Sequence[HostOp], *,
+                    renew: bool = False) -> tuple[int, kv.BatchResponse | None]:
+        """One Batch: its request id, and its response, None if it failed (it is then
+        abandoned with the next call that gets through)."""
+        abandon = tuple(self._abandoned)
+        request = StoreRequest(
+            self.client_id, next(self._request_ids), ops,
+            renew_reservations=tuple(self._reservations) if renew else (),
+            renew_pins=tuple(self._pins) if renew else (), abandon=abandon)
+        try:
+            response = await self._stub.Batch(request_to_proto(self.fingerprint, request),
+                                              timeout=self._timeout)
         except (asyncio.CancelledError, grpc.aio.UsageError) as e:
+            self._abandoned.append(request.request_id)
             task = asyncio.current_task()
             if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # this call itself is being cancelled
             self._failed("its channel closed: the store left")  # the call, not us, was
-            return StoreAnswer(unanswered(ops), {}, None)
+            return request.request_id, None
         except grpc.aio.AioRpcError as e:
+            self._abandoned.append(request.request_id)
             self._failed(f"{e.code().name}: {e.details()}")
             if e.code() in _UNREACHABLE and self.on_unreachable is not None:
                 self.on_unreachable()
-            return StoreAnswer(unanswered(ops), {}, None)
-        except ValueError as e:
-            self._failed(f"bad reply: {e}")
-            return StoreAnswer(unanswered(ops), {}, None)
+            return request.request_id, None
+        if abandon:  # told; any abandoned since stay
+            told = set(abandon)
+            self._abandoned = deque((r for r in self._abandoned if r not in told),
+                                    maxlen=MAX_ABANDONED)
         self._failing = False
-        return StoreAnswer(replies, holders,
-                           StoreIdentity(response.instance_id, response.arena_name))
+        return request.request_id, response
 
     def _failed(self, why: str) -> None:
         if not self._failing:

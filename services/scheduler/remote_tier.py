@@ -90,8 +90,15 @@ class MirroredStore:
     def on_unreachable(self, callback: Callable[[], None] | None) -> None:
         self.client.on_unreachable = callback
 
+    @property
+    def client_id(self) -> str:
+        return self.client.client_id
+
     async def identity(self) -> StoreIdentity | None:
         return await self.client.identity()
+
+    async def renew(self) -> None:
+        await self.client.renew()
 
     async def execute(self, ops: Sequence[HostOp]) -> StoreAnswer:
         ops = await self._push_commits(ops)
@@ -136,8 +143,9 @@ class MirroredStore:
         with self.mirror.view() as view:
             payload = b"".join(view[e.start * bb : (e.start + e.length) * bb] for e in extents)
         try:
-            reply = await self._stub.WriteBlocks(write_chunks(reservation_id, extents, payload),
-                                                 timeout=self._deadline(len(payload)))
+            reply = await self._stub.WriteBlocks(
+                write_chunks(self.client_id, reservation_id, extents, payload),
+                timeout=self._deadline(len(payload)))
         except grpc.aio.AioRpcError as e:
             self._failed(f"WriteBlocks {e.code().name}: {e.details()}")
             return False
