@@ -78,8 +78,8 @@ async def test_error_codes(start: Callable[..., object]) -> None:
     res = await calls.reserve("c", list(range(8)))
     await calls(Commit(res.reservation_id))
     invalid = grpc.StatusCode.INVALID_ARGUMENT
-    await expect_status(invalid, stub.Batch(BatchCalls(stub, "other", BLOCK_SIZE, "other-client").request(
-        calls.pin_op("c", [1]))), "other")
+    other = BatchCalls(stub, "other", BLOCK_SIZE, "other-client")
+    await expect_status(invalid, stub.Batch(other.request(calls.pin_op("c", [1]))), "other")
     await expect_status(invalid, calls(Reserve(1, "c", (), 0)), "empty token list")
     no_client = calls.request(Release("c"))
     no_client.client_id = ""
