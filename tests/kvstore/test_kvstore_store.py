@@ -137,12 +137,13 @@ StoreFactory = Callable[..., KVStore]
 def _factory(redis_url: str | None, arena_base: str, clock: FakeClock) -> Iterator[StoreFactory]:
     opened: list[KVStore] = []
 
-    def make(instance_id: str = "a", num_blocks: int = NUM_BLOCKS) -> KVStore:
+    def make(instance_id: str = "a", num_blocks: int = NUM_BLOCKS,
+             namespace: str = "") -> KVStore:
         config = StoreConfig(
             host="127.0.0.1", port=0, redis_url=redis_url, num_blocks=num_blocks,
             block_bytes=BLOCK_BYTES, block_size=BLOCK_SIZE, fingerprint=FP,
             arena_name=f"{arena_base}-{instance_id}", instance_id=f"{arena_base}-{instance_id}",
-            lease_seconds=10.0,
+            lease_seconds=10.0, namespace=namespace,
         )
         store = open_store(config, clock=clock)
         opened.append(store)
@@ -599,6 +600,21 @@ def test_a_batch_pin_names_the_peer_that_holds_more(make_redis_store: StoreFacto
                   Pin(2, "c", chain_of(list(range(4))), 4))
     assert [r.hit.num_tokens for r in result.replies] == [4, 4]  # pinned here, on b
     assert result.holders == {1: a.instance_id, 2: b.instance_id}
+
+
+def test_stacks_under_other_namespaces_never_see_each_others_stores(
+    make_redis_store: StoreFactory, redis_url: str
+) -> None:
+    a, b = make_redis_store("a", namespace="stack-1"), make_redis_store("b", namespace="stack-2")
+    put(a, "c", list(range(8)), seed=1)
+    a.backend.heartbeat("a:1", lease_s=60.0)
+    assert b.backend.registry.entries().keys() == {b.instance_id}
+    assert call(b, Pin(1, "c", chain_of(list(range(8))), 8)).holders[1] == b.instance_id
+    same = make_redis_store("c", namespace="stack-1")
+    assert call(same, Pin(1, "c", chain_of(list(range(8))), 8)).holders[1] == a.instance_id
+    client = redis_client(redis_url)
+    assert client.exists(Namespace(FP, a.instance_id, "stack-1").chain("c"))
+    assert not client.exists(Namespace(FP, a.instance_id).chain("c"))
 
 
 def test_redis_outage_fails_calls_then_resyncs(
