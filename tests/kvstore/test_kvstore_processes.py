@@ -42,7 +42,7 @@ def span(block: int) -> slice:
 
 
 def _calls(stub: kvstore_pb2_grpc.KVStoreStub) -> BatchCalls:
-    return BatchCalls(stub, FP, BLOCK_SIZE, f"client-{uuid.uuid4().hex[:8]}")
+    return BatchCalls(stub, FP, BLOCK_SIZE)
 
 
 def _blocks(extents: list[kvstore_pb2.Extent]) -> list[int]:

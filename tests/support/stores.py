@@ -27,14 +27,16 @@ from services.kvstore.store import StoreRequest
 class BatchCalls:
     """One test client's Batch requests to a store: a fixed client id and fresh request
     ids, Reserve and Pin ops by token lists (a scheduler's RemoteHostKV, without its
-    bookkeeping). `stub` may be sync or asyncio; only an asyncio one can be called."""
+    bookkeeping). `stub` may be sync or asyncio; only an asyncio one can be called.
+    `client_id` defaults to a fresh random one: two clients under one id would have their
+    request ids answered from each other's answers."""
 
     def __init__(self, stub: Any, fingerprint: str, block_size: int,
-                 client_id: str = "test-client") -> None:
+                 client_id: str = "") -> None:
         self.stub = stub
         self.fingerprint = fingerprint
         self.block_size = block_size
-        self.client_id = client_id
+        self.client_id = client_id or f"test-client-{uuid.uuid4().hex[:8]}"
         self._request_ids = itertools.count(1)
 
     def request(self, *ops: HostOp, **upkeep: Sequence[int]) -> kvstore_pb2.BatchRequest:
@@ -80,8 +82,8 @@ class InProcessStore:
     def stub(self) -> kvstore_pb2_grpc.KVStoreStub:
         return kvstore_pb2_grpc.KVStoreStub(self.channel)
 
-    def calls(self, client_id: str = "test-client") -> BatchCalls:
-        """Batch requests of client `client_id` to this store."""
+    def calls(self, client_id: str = "") -> BatchCalls:
+        """Batch requests of client `client_id` (default: a fresh one) to this store."""
         store = self.server.store
         return BatchCalls(self.stub, store.fingerprint, store.block_size, client_id)
 
