@@ -1,11 +1,12 @@
-"""Lookup, Reserve and Commit round trips per second against a real KV store process.
+"""Pin, Reserve and Commit round trips per second against a real KV store process.
 
 For each index backend, the embedded one and Redis (a throwaway redis-server on a free
 port), one `python -m services.kvstore` process serves 1, 8 and 64 concurrent clients, each
-for a fixed time. Every client plays a scheduler serving one conversation at a time: a turn
-looks up the prompt's cached prefix (Lookup), then swaps the request out twice while it
-decodes (Reserve of the grown token list, then Commit); after a few hundred tokens the
-conversation ends (Release, untimed) and a new one starts. The arena has room for every
+for a fixed time. Every client is a scheduler's store client (`RemoteHostKV`: one Batch
+call per op here) serving one conversation at a time: a turn pins the prompt's cached
+prefix (Pin), then swaps the request out twice while it decodes (Reserve of the grown token
+list, carrying the turn's Unpin the first time, then Commit); after a few hundred tokens
+the conversation ends (Release, untimed) and a new one starts. The arena has room for every
 conversation twice over, so the cells measure the operations, not eviction.
 
 Clients are grpc.aio stubs in this one process, each on its own channel and its own
@@ -44,12 +45,15 @@ import uvloop
 
 from benchmarks.cli import write_json
 from benchmarks.redis_process import RedisProcess
+from common.kv.block_hash import block_hashes
+from common.kv.host_ops import Commit, HostOp, HostReply, Pin, Release, Reserve, Unpin
 from common.latency import percentile
 from common.shm.arena import ARENA_PREFIX, SHM_DIR
 from protos import kvstore_pb2, kvstore_pb2_grpc
+from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
 
 T = TypeVar("T")
-OPS = ("Lookup", "Reserve", "Commit")
+OPS = ("Pin", "Reserve", "Commit")
 BACKENDS = ("memory", "redis")
 FINGERPRINT = "bench-kvstore-ops"
 BLOCK_SIZE = 16
@@ -117,33 +121,37 @@ class StoreProcess:
 
 
 async def play_conversation(
-    stub: kvstore_pb2_grpc.KVStoreStub, conversation: str, rng: random.Random,
-    deadline: float, recorder: Recorder,
+    client: RemoteHostKV, conversation: str, rng: random.Random, deadline: float,
+    recorder: Recorder,
 ) -> None:
     tokens: list[int] = []
     while len(tokens) < CONVERSATION_TOKENS and time.perf_counter() < deadline:
         tokens += _random_tokens(rng, USER_TOKENS_PER_TURN if tokens else FIRST_PROMPT_TOKENS)
-        await recorder.timed("Lookup", stub.Lookup(_tokens_request(conversation, tokens)))
+        [pinned] = await recorder.timed("Pin", _answered(client, [Pin(1, conversation,
+                                                                       *_chain(tokens))]))
+        unpin: list[HostOp] = [Unpin(pinned.pin.pin_id)]
         for _ in range(SWAPS_PER_TURN):
             tokens += _random_tokens(rng, DECODE_TOKENS_PER_SWAP)
-            reservation = await recorder.timed(
-                "Reserve", stub.Reserve(_tokens_request(conversation, tokens))
-            )
+            [reserved] = await recorder.timed("Reserve", _answered(
+                client, [*unpin, Reserve(2, conversation, *_chain(tokens))]))
+            unpin = []
+            reservation = reserved.reservation
+            if reservation is None:
+                raise RuntimeError("the store had no room: the arena is sized for every "
+                                   "conversation twice over")
             recorder.reserved_tokens += len(tokens)
             recorder.reused_tokens += reservation.valid_tokens
-            ref = kvstore_pb2.ReservationRef(reservation_id=reservation.reservation_id)
-            await recorder.timed("Commit", stub.Commit(ref))
-    await stub.Release(kvstore_pb2.ReleaseRequest(conversation_id=conversation))
+            await recorder.timed("Commit", _answered(client, [Commit(reservation.reservation_id)]))
+    await _answered(client, [Release(conversation)])
 
 
 async def run_client(
-    stub: kvstore_pb2_grpc.KVStoreStub, name: str, seed: int, deadline: float,
-    recorder: Recorder,
+    client: RemoteHostKV, name: str, seed: int, deadline: float, recorder: Recorder,
 ) -> None:
     rng = random.Random(seed)
     n = 0
     while time.perf_counter() < deadline:
-        await play_conversation(stub, f"{name}-conv{n}", rng, deadline, recorder)
+        await play_conversation(client, f"{name}-conv{n}", rng, deadline, recorder)
         n += 1
 
 
@@ -164,9 +172,11 @@ async def measure_cell(
         recorder = Recorder()
         start = time.perf_counter()
         await asyncio.gather(*(
-            run_client(stub, f"{backend}-c{clients}-{i}", seed=i,
-                       deadline=start + seconds, recorder=recorder)
-            for i, stub in enumerate(stubs)
+            run_client(RemoteHostKV(channel, StoreIdentity.of(desc), fingerprint=FINGERPRINT,
+                                    timeout_s=STOP_TIMEOUT_S),
+                       f"{backend}-c{clients}-{i}", seed=i, deadline=start + seconds,
+                       recorder=recorder)
+            for i, (channel, desc) in enumerate(zip(channels, described, strict=True))
         ))
         elapsed = time.perf_counter() - start
     finally:
@@ -322,10 +332,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
-def _tokens_request(conversation: str, tokens: list[int]) -> kvstore_pb2.TokensRequest:
-    return kvstore_pb2.TokensRequest(
-        conversation_id=conversation, token_ids=tokens, model_fingerprint=FINGERPRINT
-    )
+def _chain(tokens: list[int]) -> tuple[tuple[bytes, ...], int]:
+    """The hash chain of `tokens` and their number: a Pin's or Reserve's last fields."""
+    return tuple(block_hashes(tokens, BLOCK_SIZE, FINGERPRINT)), len(tokens)
+
+
+async def _answered(client: RemoteHostKV, ops: list[HostOp]) -> list[HostReply]:
+    """The replies of one Batch; raises if the store did not answer it."""
+    replies = await client.execute(ops)
+    if client.failing:
+        raise RuntimeError("the KV store did not answer a Batch (see the log)")
+    return replies
 
 
 def _random_tokens(rng: random.Random, n: int) -> list[int]:

@@ -19,7 +19,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("instance_id", "arena_name", "num_blocks", "block_bytes", "block_size", "model_fingerprint", "index_backend")
+    __slots__ = ("instance_id", "arena_name", "num_blocks", "block_bytes", "block_size", "model_fingerprint", "index_backend", "lease_seconds")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ARENA_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class DescribeResponse(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INDEX_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     arena_name: str
     num_blocks: int
@@ -34,55 +35,14 @@ class DescribeResponse(_message.Message):
     block_size: int
     model_fingerprint: str
     index_backend: str
-    def __init__(self, instance_id: _Optional[str] = ..., arena_name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., index_backend: _Optional[str] = ...) -> None: ...
-
-class TokensRequest(_message.Message):
-    __slots__ = ("conversation_id", "token_ids", "model_fingerprint")
-    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
-    conversation_id: str
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    model_fingerprint: str
-    def __init__(self, conversation_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
-
-class LookupResponse(_message.Message):
-    __slots__ = ("valid_tokens", "extents", "instance_id")
-    VALID_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    EXTENTS_FIELD_NUMBER: _ClassVar[int]
-    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
-    valid_tokens: int
-    extents: _containers.RepeatedCompositeFieldContainer[Extent]
-    instance_id: str
-    def __init__(self, valid_tokens: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., instance_id: _Optional[str] = ...) -> None: ...
-
-class ReserveResponse(_message.Message):
-    __slots__ = ("reservation_id", "valid_tokens", "valid_extents", "new_extents")
-    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
-    VALID_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    VALID_EXTENTS_FIELD_NUMBER: _ClassVar[int]
-    NEW_EXTENTS_FIELD_NUMBER: _ClassVar[int]
-    reservation_id: int
-    valid_tokens: int
-    valid_extents: _containers.RepeatedCompositeFieldContainer[Extent]
-    new_extents: _containers.RepeatedCompositeFieldContainer[Extent]
-    def __init__(self, reservation_id: _Optional[int] = ..., valid_tokens: _Optional[int] = ..., valid_extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., new_extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ...) -> None: ...
+    lease_seconds: float
+    def __init__(self, instance_id: _Optional[str] = ..., arena_name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., index_backend: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class ReservationRef(_message.Message):
     __slots__ = ("reservation_id",)
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     reservation_id: int
     def __init__(self, reservation_id: _Optional[int] = ...) -> None: ...
-
-class PinResponse(_message.Message):
-    __slots__ = ("pin_id", "valid_tokens", "extents")
-    PIN_ID_FIELD_NUMBER: _ClassVar[int]
-    VALID_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    EXTENTS_FIELD_NUMBER: _ClassVar[int]
-    pin_id: int
-    valid_tokens: int
-    extents: _containers.RepeatedCompositeFieldContainer[Extent]
-    def __init__(self, pin_id: _Optional[int] = ..., valid_tokens: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ...) -> None: ...
 
 class PinRef(_message.Message):
     __slots__ = ("pin_id",)
@@ -95,10 +55,6 @@ class ReleaseRequest(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     def __init__(self, conversation_id: _Optional[str] = ...) -> None: ...
-
-class Empty(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
 
 class ChainOp(_message.Message):
     __slots__ = ("op_id", "conversation_id", "chain", "num_tokens")
@@ -129,12 +85,22 @@ class BatchOp(_message.Message):
     def __init__(self, reserve: _Optional[_Union[ChainOp, _Mapping]] = ..., pin: _Optional[_Union[ChainOp, _Mapping]] = ..., commit: _Optional[_Union[ReservationRef, _Mapping]] = ..., abort: _Optional[_Union[ReservationRef, _Mapping]] = ..., unpin: _Optional[_Union[PinRef, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
-    __slots__ = ("model_fingerprint", "ops")
+    __slots__ = ("model_fingerprint", "ops", "client_id", "request_id", "renew_reservations", "renew_pins", "abandon_requests")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RENEW_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    RENEW_PINS_FIELD_NUMBER: _ClassVar[int]
+    ABANDON_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     ops: _containers.RepeatedCompositeFieldContainer[BatchOp]
-    def __init__(self, model_fingerprint: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ...) -> None: ...
+    client_id: str
+    request_id: int
+    renew_reservations: _containers.RepeatedScalarFieldContainer[int]
+    renew_pins: _containers.RepeatedScalarFieldContainer[int]
+    abandon_requests: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ..., client_id: _Optional[str] = ..., request_id: _Optional[int] = ..., renew_reservations: _Optional[_Iterable[int]] = ..., renew_pins: _Optional[_Iterable[int]] = ..., abandon_requests: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReservedReply(_message.Message):
     __slots__ = ("op_id", "ok", "reservation_id", "valid_tokens", "valid_extents", "new_extents")
@@ -175,14 +141,18 @@ class BatchReply(_message.Message):
     def __init__(self, reserved: _Optional[_Union[ReservedReply, _Mapping]] = ..., pinned: _Optional[_Union[PinnedReply, _Mapping]] = ...) -> None: ...
 
 class BatchResponse(_message.Message):
-    __slots__ = ("replies", "instance_id", "arena_name")
+    __slots__ = ("replies", "instance_id", "arena_name", "lapsed_reservations", "lapsed_pins")
     REPLIES_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ARENA_NAME_FIELD_NUMBER: _ClassVar[int]
+    LAPSED_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    LAPSED_PINS_FIELD_NUMBER: _ClassVar[int]
     replies: _containers.RepeatedCompositeFieldContainer[BatchReply]
     instance_id: str
     arena_name: str
-    def __init__(self, replies: _Optional[_Iterable[_Union[BatchReply, _Mapping]]] = ..., instance_id: _Optional[str] = ..., arena_name: _Optional[str] = ...) -> None: ...
+    lapsed_reservations: _containers.RepeatedScalarFieldContainer[int]
+    lapsed_pins: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, replies: _Optional[_Iterable[_Union[BatchReply, _Mapping]]] = ..., instance_id: _Optional[str] = ..., arena_name: _Optional[str] = ..., lapsed_reservations: _Optional[_Iterable[int]] = ..., lapsed_pins: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -225,18 +195,20 @@ class BlockChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class WriteBlocksChunk(_message.Message):
-    __slots__ = ("reservation_id", "extents", "offset", "data", "crc32c")
+    __slots__ = ("reservation_id", "extents", "offset", "data", "crc32c", "client_id")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     reservation_id: int
     extents: _containers.RepeatedCompositeFieldContainer[Extent]
     offset: int
     data: bytes
     crc32c: int
-    def __init__(self, reservation_id: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
+    client_id: str
+    def __init__(self, reservation_id: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class WriteBlocksResponse(_message.Message):
     __slots__ = ("bytes_written",)

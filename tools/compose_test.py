@@ -57,7 +57,8 @@ HOST_PORTS = [f"FASTSWITCH_HOST_PORT_{s}{m}" for s in ("SCHEDULER", "EXECUTOR", 
               for m in ("", "_METRICS")]
 REPLICAS = 3  # of the KV store, in the scale case
 SCALE_CONVS = 6  # conversations of the scale case, each with a twin run before the stop
-KEY_ROOT = "fastswitch:kv"  # services/kvstore/redis_storage.py's layout
+# services/kvstore/redis_storage.py's layout, under the CPU set's namespace (compose file)
+KEY_ROOT = "fastswitch:kv:cpu"
 _started = time.monotonic()
 TENANTS = ("ct", "ct-0", "ct-1", "ct-2")
 KEYS = {tenant: secrets.token_hex(16) for tenant in TENANTS}

@@ -17,7 +17,8 @@ def open_store(config: StoreConfig, clock: Callable[[], float] = time.monotonic)
     backend: MemoryBackend | RedisBackend
     if config.redis_url:
         backend = RedisBackend(
-            redis_client(config.redis_url), Namespace(config.fingerprint, config.instance_id),
+            redis_client(config.redis_url),
+            Namespace(config.fingerprint, config.instance_id, config.namespace),
             async_redis_client(config.redis_url))
         arena = backend.open_arena(
             config.arena_name, config.num_blocks, config.block_bytes, config.block_size

@@ -1,7 +1,7 @@
 """Host intents (`common.kv.host_ops`) on the wire: the KV store's Batch RPC messages.
 
-Both ends use it: the scheduler encodes ops and decodes replies, the store decodes ops and
-encodes replies. Blocks travel as extents of the answering store's arena; a reply names
+Both ends use it: the scheduler encodes requests and decodes replies, the store decodes
+requests and encodes replies. Blocks travel as extents of the answering store's arena; a reply names
 its op by `op_id`, and a Reservation takes its conversation and length from that op.
 """
 
@@ -24,6 +24,24 @@ from common.kv.host_ops import (
 )
 from common.kv.reuse_index import ID_BITS, Hit, PinHandle, Reservation
 from protos import kvstore_pb2 as kv
+from services.kvstore.store import StoreRequest
+
+
+def request_to_proto(fingerprint: str, request: StoreRequest) -> kv.BatchRequest:
+    return kv.BatchRequest(
+        model_fingerprint=fingerprint, ops=ops_to_proto(request.ops),
+        client_id=request.client, request_id=request.request_id,
+        renew_reservations=request.renew_reservations, renew_pins=request.renew_pins,
+        abandon_requests=request.abandon)
+
+
+def request_from_proto(request: kv.BatchRequest) -> StoreRequest:
+    """The request; a BatchOp with no op set raises ValueError."""
+    return StoreRequest(
+        client=request.client_id, request_id=request.request_id,
+        ops=ops_from_proto(request.ops),
+        renew_reservations=tuple(request.renew_reservations),
+        renew_pins=tuple(request.renew_pins), abandon=tuple(request.abandon_requests))
 
 
 def ops_to_proto(ops: Sequence[HostOp]) -> list[kv.BatchOp]:

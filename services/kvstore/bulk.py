@@ -34,14 +34,16 @@ def from_proto(extents: Sequence[kvstore_pb2.Extent]) -> list[Extent]:
 
 
 def write_chunks(
-    reservation_id: int, extents: Sequence[Extent], payload: bytes
+    client_id: str, reservation_id: int, extents: Sequence[Extent], payload: bytes
 ) -> Iterator[kvstore_pb2.WriteBlocksChunk]:
-    """A WriteBlocks request stream; the first chunk names the reservation and extents."""
+    """A WriteBlocks request stream; the first chunk names the reservation, its owner and
+    the extents."""
     view = memoryview(payload)
     for offset, length in chunk_spans(len(payload)):
         data = view[offset : offset + length]
         chunk = kvstore_pb2.WriteBlocksChunk(offset=offset, data=bytes(data), crc32c=checksum(data))
         if offset == 0:
             chunk.reservation_id = reservation_id
+            chunk.client_id = client_id
             chunk.extents.extend(to_proto(extents))
         yield chunk

@@ -28,10 +28,12 @@ from common.metrics import add_metrics_token_flags, metrics_token
 from common.tls import ClientTls, ServerTls, add_client_flags, add_server_flags, sync_channel
 from protos import executor_pb2, executor_pb2_grpc
 from services.kvstore.arena_setup import default_arena_base
+from services.kvstore.redis_storage import check_stack_namespace
 
 NO_TLS = ServerTls()
 DEFAULT_PORT = 50053
 DEFAULT_BLOCK_SIZE = 16
+DEFAULT_LEASE_SECONDS = 10.0  # schedulers renew theirs every 2 s (--kvstore-renew)
 # Reconnect quickly while the executor comes up, rather than backing off to minutes.
 _WAIT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -51,6 +53,7 @@ class StoreConfig:
     arena_name: str  # segment base name; each start appends a random epoch
     instance_id: str
     lease_seconds: float
+    namespace: str = ""  # the stack's namespace in a shared Redis (redis_storage.Namespace)
     metrics_port: int = 0  # 0: no /metrics endpoint
     metrics_token: str = ""  # scrapes must send it (empty: /metrics is open)
     internal_token: str = ""  # given as a value; `token()` also reads the file
@@ -132,8 +135,15 @@ def parse_config(
     p.add_argument("--arena-name", default=env_default("KVSTORE_ARENA_NAME"),
                    help="shared-memory base name (default: fastswitch-kvstore-<instance id>)")
     p.add_argument("--lease-seconds", type=float,
-                   default=env_default("KVSTORE_LEASE_SECONDS", "60"),
-                   help="reservations and pins not finished within this are dropped")
+                   default=env_default("KVSTORE_LEASE_SECONDS", str(DEFAULT_LEASE_SECONDS)),
+                   help="reservations and pins neither finished nor renewed by their holder "
+                        "within this are dropped, and repeated request ids are answered "
+                        "from the first answer for this long "
+                        "[env FASTSWITCH_KVSTORE_LEASE_SECONDS]")
+    p.add_argument("--kvstore-namespace", default=env_default("KVSTORE_NAMESPACE", ""),
+                   help="this stack's namespace in a shared Redis: stores and schedulers "
+                        "under another one never see these chains or stores (default: none) "
+                        "[env FASTSWITCH_KVSTORE_NAMESPACE]")
     p.add_argument("--metrics-port", type=int, default=env_default("KVSTORE_METRICS_PORT", "0"),
                    help="port of the Prometheus /metrics endpoint (0: off)")
     p.add_argument("--internal-token", default=env_default("INTERNAL_TOKEN", ""),
@@ -173,6 +183,10 @@ def parse_config(
     for flag in ("num_blocks", "block_bytes", "block_size", "lease_seconds"):
         if getattr(a, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive")
+    try:
+        check_stack_namespace(a.kvstore_namespace)
+    except ValueError as e:
+        p.error(str(e))
     instance_id = a.instance_id or f"{socket.gethostname()}-{a.port}"
     return StoreConfig(
         host=a.host,
@@ -185,6 +199,7 @@ def parse_config(
         arena_name=a.arena_name or default_arena_base(instance_id),
         instance_id=instance_id,
         lease_seconds=a.lease_seconds,
+        namespace=a.kvstore_namespace,
         metrics_port=a.metrics_port,
         metrics_token=metrics_token(a.metrics_token, a.metrics_token_file),
         internal_token=a.internal_token,

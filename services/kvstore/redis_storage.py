@@ -9,14 +9,17 @@ whole, old or new, never half of it. If a flush fails, the mirror stays consiste
 arena and the index is marked out of date (`dirty`); the next flush rewrites this
 instance's keys whole from the mirror. Until then callers report the index unavailable.
 
-Layout: `fastswitch:kv:{<fingerprint>:<conversation>}:<instance>` holds the conversation's
-packed ChainRecord after its use counter (the LRU order). The hash tag puts every
-instance's chain of one conversation in one cluster slot, so a peer lookup reads one node.
+Layout: `fastswitch:kv:[<stack>:]{<fingerprint>:<conversation>}:<instance>` holds the
+conversation's packed ChainRecord after its use counter (the LRU order). The hash tag puts
+every instance's chain of one conversation in one cluster slot, so a peer lookup reads one
+node. `<stack>` is the stack's namespace (`--kvstore-namespace`; none when empty): stacks
+that share one Redis under different namespaces never see each other's chains or stores.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,32 +41,46 @@ SCAN_COUNT = 1000
 _USE = struct.Struct("<Q")
 _RECORD_HEAD = struct.Struct("<QIB")  # num_tokens, number of blocks, bytes per hash
 _GLOB_SPECIAL = str.maketrans({c: f"\\{c}" for c in "*?[]\\"})
+_STACK_NAME = re.compile(r"[A-Za-z0-9_.-]*")
+
+
+def check_stack_namespace(stack: str) -> str:
+    """`stack` if it is a valid stack namespace (letters, digits, `_`, `.`, `-`; may be
+    empty), else ValueError."""
+    if not _STACK_NAME.fullmatch(stack):
+        raise ValueError(f"KV store namespace {stack!r}: use letters, digits, '_', '.', '-'")
+    return stack
 
 
 @dataclass(frozen=True, slots=True)
 class Namespace:
     fingerprint: str
     instance_id: str
+    stack: str = ""  # the stack's namespace; checked by check_stack_namespace
+
+    @property
+    def _root(self) -> str:
+        return f"{KEY_ROOT}:{self.stack}:" if self.stack else f"{KEY_ROOT}:"
 
     def chain(self, conv: str, instance_id: str | None = None) -> str:
         """The key of `conv`'s chain held by `instance_id` (default: this instance)."""
-        return f"{KEY_ROOT}:{{{self.fingerprint}:{conv}}}:{instance_id or self.instance_id}"
+        return f"{self._root}{{{self.fingerprint}:{conv}}}:{instance_id or self.instance_id}"
 
     @property
     def own_chains(self) -> str:
         """A SCAN pattern matching this instance's chain keys."""
         fp, inst = self.fingerprint.translate(_GLOB_SPECIAL), self.instance_id.translate(
             _GLOB_SPECIAL)
-        return f"{KEY_ROOT}:{{{fp}:*}}:{inst}"
+        return f"{self._root}{{{fp}:*}}:{inst}"
 
     def conv_of(self, key: str) -> str:
-        head, tail = f"{KEY_ROOT}:{{{self.fingerprint}:", f"}}:{self.instance_id}"
+        head, tail = f"{self._root}{{{self.fingerprint}:", f"}}:{self.instance_id}"
         return key[len(head) : len(key) - len(tail)]
 
     @property
     def registry(self) -> str:
-        """Shared by every instance serving this fingerprint."""
-        return f"{KEY_ROOT}:{{{self.fingerprint}}}:instances"
+        """Shared by every instance of this stack serving this fingerprint."""
+        return f"{self._root}{{{self.fingerprint}}}:instances"
 
 
 def encode_record(record: ChainRecord) -> bytes:

@@ -21,7 +21,6 @@ import grpc
 
 from common.auth import token_interceptors
 from common.grpc_serving import RefuseUndecodable, add_health_and_reflection, mark_serving
-from common.kv.extent import runs
 from common.kv.host_ops import Reserve
 from common.kv.reuse_index import (
     FingerprintMismatch,
@@ -33,10 +32,11 @@ from common.kv.reuse_index import (
 from common.tls import ServerTls, listen
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.backend import RedisBackend
-from services.kvstore.batch_wire import ops_from_proto, replies_to_proto
-from services.kvstore.bulk import checksum, from_proto, to_proto
+from services.kvstore.batch_wire import replies_to_proto, request_from_proto
+from services.kvstore.bulk import checksum, from_proto
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
 from services.kvstore.group_commit import GroupCommit
+from services.kvstore.leases import AbandonedRequest, NotOwner
 from services.kvstore.metrics import StoreMetrics
 from services.kvstore.store import BlockWrite, KVStore
 
@@ -55,6 +55,8 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
         "KV store has no host blocks to spare, recompute instead: ",
     ),
     (StaleReservation, grpc.StatusCode.ABORTED, ""),
+    (AbandonedRequest, grpc.StatusCode.ABORTED, ""),
+    (NotOwner, grpc.StatusCode.PERMISSION_DENIED, ""),
     (UnknownReservation, grpc.StatusCode.INVALID_ARGUMENT, ""),
     (UnknownPin, grpc.StatusCode.INVALID_ARGUMENT, ""),
     (FingerprintMismatch, grpc.StatusCode.INVALID_ARGUMENT, ""),
@@ -112,59 +114,27 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             block_size=d.block_size,
             model_fingerprint=d.model_fingerprint,
             index_backend=d.index_backend,
+            lease_seconds=d.lease_seconds,
         )
-
-    async def Lookup(self, request, context):
-        hit = await self._call(context, self.store.lookup, *_tokens_args(request))
-        return kvstore_pb2.LookupResponse(
-            valid_tokens=hit.valid_tokens,
-            extents=to_proto(hit.extents),
-            instance_id=hit.instance_id,
-        )
-
-    async def Reserve(self, request, context):
-        res = await self._call(context, self.store.reserve, *_tokens_args(request),
-                               hands_out=True)
-        return kvstore_pb2.ReserveResponse(
-            reservation_id=res.reservation_id,
-            valid_tokens=res.valid_tokens,
-            valid_extents=to_proto(list(runs(res.valid_blocks))),
-            new_extents=to_proto(res.new_extents),
-        )
-
-    async def Commit(self, request, context):
-        await self._call(context, self.store.commit, request.reservation_id)
-        return kvstore_pb2.Empty()
-
-    async def Abort(self, request, context):
-        await self._call(context, self.store.abort, request.reservation_id)
-        return kvstore_pb2.Empty()
-
-    async def Pin(self, request, context):
-        pin = await self._call(context, self.store.pin, *_tokens_args(request))
-        return kvstore_pb2.PinResponse(
-            pin_id=pin.pin_id, valid_tokens=pin.valid_tokens, extents=to_proto(pin.extents)
-        )
-
-    async def Unpin(self, request, context):
-        await self._call(context, self.store.unpin, request.pin_id)
-        return kvstore_pb2.Empty()
-
-    async def Release(self, request, context):
-        await self._call(context, self.store.release, request.conversation_id)
-        return kvstore_pb2.Empty()
 
     async def Batch(self, request, context):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # Its caller gave up before it got here: doing it now would orphan what it makes.
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"request {request.request_id} arrived after its deadline")
         try:
-            ops = ops_from_proto(request.ops)
+            call = request_from_proto(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        result = await self._call(context, self.store.execute, request.model_fingerprint, ops,
-                                  hands_out=any(isinstance(op, Reserve) for op in ops))
+        result = await self._call(context, self.store.execute, request.model_fingerprint, call,
+                                  hands_out=any(isinstance(op, Reserve) for op in call.ops))
         return kvstore_pb2.BatchResponse(
             replies=replies_to_proto(result.replies, result.holders),
             instance_id=self.store.instance_id,
             arena_name=self.store.arena.name,
+            lapsed_reservations=result.lapsed_reservations,
+            lapsed_pins=result.lapsed_pins,
         )
 
     async def Stats(self, request, context):
@@ -193,7 +163,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             if write is None:
                 write = await self._call(
                     context,
-                    lambda c=chunk: self.store.begin_write(c.reservation_id, from_proto(c.extents)),
+                    lambda c=chunk: self.store.begin_write(c.client_id, c.reservation_id,
+                                                           from_proto(c.extents)),
                 )
             await self._call(context, write.write, chunk.offset, chunk.data, chunk.crc32c)
         if write is None:
@@ -290,6 +261,3 @@ class StoreServer:
                 log.warning("lease expiry waits for the index (retried in %.1f s): %s",
                             self._reap_interval, e)
 
-
-def _tokens_args(request: kvstore_pb2.TokensRequest) -> tuple[str, str, list[int]]:
-    return request.model_fingerprint, request.conversation_id, list(request.token_ids)

@@ -1,24 +1,28 @@
 """The KV store's state machine: reuse index, host arena, leases and stats.
 
-It opens no socket itself; its only I/O is through its index backend. With the in-memory
-backend a call touches nothing outside the process; with Redis (`RedisBackend`) a call
-sends its index writes in one round trip before it returns, or, when the service defers
-them to a `GroupCommit`, leaves them for the service to land before it answers.
+It opens no socket itself and reads no clock but the one it is given (`clock`); its only
+I/O is through its index backend. With the in-memory backend a call touches nothing outside
+the process; with Redis (`RedisBackend`) a call sends its index writes in one round trip
+before it returns, or, when the service defers them to a `GroupCommit`, leaves them for the
+service to land before it answers.
 
 Contract (the service maps each error to a gRPC status):
 
-- Every call is validated before anything changes, so a rejected call leaves the index and
-  the arena as they were; `execute` validates a whole batch before its first op. Bad input
-  raises `InvalidRequest`, `FingerprintMismatch`, `UnknownReservation` (also on a second
-  commit), `UnknownPin` or `ValueError`.
-- The `*_chain` calls take the chain the caller hashed (`common.kv.host_ops`); the token
-  calls hash the tokens and delegate to them.
-- `reserve` raises `HostCapacityExhausted` when even eviction cannot make room; `commit`
-  raises `StaleReservation` when the conversation's prefix changed under the reservation.
-- Reservations and pins are leases: a client that dies leaves them to `expire_leases`,
-  which aborts or unpins them so that their blocks return. Writing renews a reservation.
+- `execute` is the one data-path call: a client's request (`StoreRequest`) of host ops,
+  lease renewals and abandoned earlier requests. It is validated whole before anything
+  changes, so a rejected request leaves the index and the arena as they were. Bad input
+  raises `InvalidRequest`, `FingerprintMismatch` or `ValueError`; naming another client's
+  reservation or pin raises `NotOwner`; a request its client abandoned raises
+  `AbandonedRequest`; a request id seen in the last lease period is answered from its first
+  answer, not done again.
+- Reservations and pins are leases owned by the client that made them: each lapses
+  `lease_seconds` after it was made, last renewed or (a reservation) last written, and
+  `expire_leases` then aborts or unpins it, so that its blocks return. A committed
+  reservation is no lease any more and never lapses.
+- Abandoning a request aborts the reservations and unpins the pins it made that are still
+  held, and refuses the request if it arrives later.
 - Bytes reach the arena only through `begin_write`, and only into a pending reservation's
-  new blocks, which no reader can see until `commit`.
+  new blocks (its owner's), which no reader can see until its commit.
 - With a Redis index a call raises `IndexUnavailable` when the shared index is behind; the
   local state stays consistent and Redis is rewritten when it answers again.
 """
@@ -33,9 +37,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.kv import host_ops
-from common.kv.block_hash import HASH_BYTES, block_hashes, matching_blocks, tokens_in_blocks
-from common.kv.extent import Extent, flatten, runs
-from common.kv.host_ops import Abort, Commit, HostOp, HostReply, Pin, Pinned, Release, Reserve
+from common.kv.block_hash import HASH_BYTES, matching_blocks, tokens_in_blocks
+from common.kv.extent import Extent, flatten
+from common.kv.host_ops import (
+    Abort,
+    Commit,
+    HostOp,
+    HostReply,
+    Pin,
+    Pinned,
+    Release,
+    Reserve,
+    Reserved,
+    Unpin,
+)
 from common.kv.reuse_index import (
     Hit,
     PinHandle,
@@ -48,6 +63,7 @@ from common.shm.arena import HostArena
 from services.kvstore.backend import IndexBackend
 from services.kvstore.bulk import CHUNK_BYTES, checksum, chunk_spans
 from services.kvstore.errors import IndexUnavailable, InvalidRequest
+from services.kvstore.leases import LeaseTable, RecentRequests
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,31 +75,32 @@ class Description:
     block_size: int
     model_fingerprint: str
     index_backend: str
+    lease_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
-class LookupResult:
-    valid_tokens: int
-    extents: list[Extent]
-    instance_id: str  # whose arena the extents are in
+class StoreRequest:
+    """One client request: `abandon` first, then the renewals, then `ops` in order."""
 
-
-@dataclass(frozen=True, slots=True)
-class PinResult:
-    pin_id: int
-    valid_tokens: int
-    extents: list[Extent]
+    client: str
+    request_id: int
+    ops: Sequence[HostOp] = ()
+    renew_reservations: Sequence[int] = ()
+    renew_pins: Sequence[int] = ()
+    abandon: Sequence[int] = ()  # the client's earlier request ids
 
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
     replies: list[HostReply]  # as `host_ops.apply` answers
     holders: dict[int, str]  # a Pin's op id -> the instance holding most of its prefix
+    lapsed_reservations: tuple[int, ...] = ()  # renewed, but no longer held
+    lapsed_pins: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
 class StoreStats:
-    """`hit_tokens`/`miss_tokens` count Lookup and Reserve tokens found valid or not;
+    """`hit_tokens`/`miss_tokens` count Reserve and Pin tokens found valid or not;
     `bytes_saved_by_reuse` counts the valid blocks a Reserve spared from being copied."""
 
     capacity_blocks: int = 0
@@ -105,8 +122,9 @@ class KVStore:
         block_size: int,
         arena: HostArena,
         backend: IndexBackend,
-        lease_seconds: float = 60.0,
+        lease_seconds: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        max_recent_requests: int = 1 << 16,
     ) -> None:
         self.instance_id = instance_id
         self.arena = arena
@@ -121,8 +139,9 @@ class KVStore:
         self._clock = clock
         self._bytes = np.frombuffer(arena.view(), dtype=np.uint8)  # the arena's bytes, shared
         self._reservations: dict[int, Reservation] = {}
-        self._reservation_deadlines: dict[int, float] = {}
-        self._pin_deadlines: dict[int, float] = {}
+        self._reservation_leases = LeaseTable("reservation")
+        self._pin_leases = LeaseTable("pin")
+        self._requests: RecentRequests[BatchResult] = RecentRequests(max_recent_requests)
         self._hit_tokens = 0
         self._miss_tokens = 0
         self._bytes_saved = 0
@@ -144,101 +163,55 @@ class KVStore:
             block_size=self.block_size,
             model_fingerprint=self.fingerprint,
             index_backend=self.backend.name,
+            lease_seconds=self.lease_seconds,
         )
 
-    def lookup(self, fingerprint: str, conv: str, tokens: Sequence[int]) -> LookupResult:
-        chain = self._validated_chain(fingerprint, conv, tokens)
-        with self._synced():
-            hit = self.index.lookup(conv, tokens, chain)
-            best = self._best_holder(
-                conv, chain, len(tokens),
-                LookupResult(hit.num_tokens, list(runs(hit.blocks)), self.instance_id))
-        self._count(best.valid_tokens, len(tokens))
-        return best
-
-    def reserve(self, fingerprint: str, conv: str, tokens: Sequence[int]) -> Reservation:
-        chain = self._validated_chain(fingerprint, conv, tokens)
-        return self.reserve_chain(conv, chain, len(tokens))
-
-    def reserve_chain(self, conv: str, chain: Sequence[bytes], num_tokens: int) -> Reservation:
-        """`reserve` by the tokens' chain; the caller checked the fingerprint."""
-        self._check_chain(conv, chain, num_tokens)
-        with self._synced():
-            res = self.index.reserve_chain(conv, chain, num_tokens)
-        self._reservations[res.reservation_id] = res
-        self._reservation_deadlines[res.reservation_id] = self._clock() + self.lease_seconds
-        self._count(res.valid_tokens, num_tokens)
-        self._bytes_saved += len(res.valid_blocks) * self.arena.block_bytes
-        return res
-
-    def commit(self, reservation_id: int) -> None:
-        with self._synced():
-            self._forget_reservation(reservation_id)
-            self.index.commit(reservation_id)
-
-    def abort(self, reservation_id: int) -> None:
-        with self._synced():
-            self._forget_reservation(reservation_id)
-            self.index.abort(reservation_id)
-
-    def pin(self, fingerprint: str, conv: str, tokens: Sequence[int]) -> PinResult:
-        chain = self._validated_chain(fingerprint, conv, tokens)
-        hit, handle = self.pin_chain(conv, chain, len(tokens))
-        return PinResult(handle.pin_id, hit.num_tokens, list(runs(hit.blocks)))
-
-    def pin_chain(
-        self, conv: str, chain: Sequence[bytes], num_tokens: int
-    ) -> tuple[Hit, PinHandle]:
-        """`pin` by the tokens' chain; the caller checked the fingerprint."""
-        self._check_chain(conv, chain, num_tokens)
-        with self._synced():
-            hit, handle = self.index.pin_chain(conv, chain, num_tokens)
-        self._pin_deadlines[handle.pin_id] = self._clock() + self.lease_seconds
-        return hit, handle
-
-    def execute(self, fingerprint: str, ops: Sequence[HostOp]) -> BatchResult:
-        """One scheduler batch: validated whole first, so that a bad op changes nothing,
-        then carried out in order by `host_ops.apply`. Each Pin also names its holder, as
-        `lookup` does. A Redis outage mid-batch raises `IndexUnavailable`; what the batch
-        had done by then is undone by lease expiry."""
+    def execute(self, fingerprint: str, request: StoreRequest) -> BatchResult:
+        """One client request (see the module's contract). Each Pin also names the
+        instance holding the longest valid prefix (this one, or a peer through a shared
+        Redis index). A Redis outage mid-request raises `IndexUnavailable`; what the
+        request had done by then is undone by lease expiry, or by its abandonment."""
+        now = self._clock()
+        if not request.client:
+            raise InvalidRequest("a request needs a client id")
+        if request.request_id <= 0:
+            raise InvalidRequest("request ids start at 1")
+        first = self._requests.answer(request.client, request.request_id, now)
+        if first is not None:
+            return first
         self.index.check_fingerprint(fingerprint)
-        self._check_ops(ops)
-        replies = host_ops.apply(self, ops)
-        pins = {op.op_id: op for op in ops if isinstance(op, Pin)}
+        self._check_request(request)
+        until = now + self.lease_seconds
+        self._abandon(request.client, request.abandon, until)
+        lapsed_reservations = tuple(r for r in request.renew_reservations
+                                    if not self._reservation_leases.extend(r, until))
+        lapsed_pins = tuple(p for p in request.renew_pins
+                            if not self._pin_leases.extend(p, until))
+        replies = host_ops.apply(_ClientIndex(self, request.client), request.ops)
+        pins = {op.op_id: op for op in request.ops if isinstance(op, Pin)}
         holders: dict[int, str] = {}
         for reply in replies:
             if isinstance(reply, Pinned):
                 op = pins[reply.op_id]
-                here = LookupResult(reply.hit.num_tokens, [], self.instance_id)
                 try:
-                    best = self._best_holder(op.conv, op.chain, op.num_tokens, here)
+                    holders[reply.op_id] = self._best_holder(
+                        op.conv, op.chain, op.num_tokens, reply.hit.num_tokens)
                 except IndexUnavailable:
-                    best = here  # the pin stands; peers are only a hint
-                holders[reply.op_id] = best.instance_id
-        return BatchResult(replies, holders)
-
-    def unpin(self, pin_id: int) -> None:
-        if self._pin_deadlines.pop(pin_id, None) is None:
-            raise UnknownPin(f"no pin {pin_id} (never made, unpinned, or its lease expired)")
-        self.index.unpin(pin_id)
-
-    def release(self, conv: str) -> None:
-        if not conv:
-            raise InvalidRequest("empty conversation id")
-        with self._synced():
-            self.index.release(conv)
+                    holders[reply.op_id] = self.instance_id  # the pin stands; peers are a hint
+        result = BatchResult(replies, holders, lapsed_reservations, lapsed_pins)
+        self._requests.record(request.client, request.request_id, result, until)
+        return result
 
     def expire_leases(self) -> int:
         """Aborts reservations and drops pins whose lease ran out; returns how many."""
         now = self._clock()
-        expired = [r for r, t in self._reservation_deadlines.items() if t <= now]
-        dropped = [p for p, t in self._pin_deadlines.items() if t <= now]
+        expired = self._reservation_leases.lapsed(now)
+        dropped = self._pin_leases.lapsed(now)
         for reservation_id in expired:
-            self._forget_reservation(reservation_id)
-            self.index.abort(reservation_id)
+            self._abort(reservation_id)
         for pin_id in dropped:
-            del self._pin_deadlines[pin_id]
-            self.index.unpin(pin_id)
+            self._unpin(pin_id)
+        self._requests.forget_lapsed(now)
         return len(expired) + len(dropped)
 
     def stats(self) -> StoreStats:
@@ -269,8 +242,11 @@ class KVStore:
 
         return chunks()
 
-    def begin_write(self, reservation_id: int, extents: Sequence[Extent]) -> BlockWrite:
-        """A write into `extents`, which must be new blocks of a pending reservation."""
+    def begin_write(self, client: str, reservation_id: int,
+                    extents: Sequence[Extent]) -> BlockWrite:
+        """A write into `extents`, which must be new blocks of `client`'s pending
+        reservation."""
+        self._reservation_leases.check_owner(reservation_id, client)
         res = self._pending(reservation_id)
         blocks = flatten(extents)
         if not blocks:
@@ -294,7 +270,7 @@ class KVStore:
     def _write(self, reservation_id: int, extents: Sequence[Extent], offset: int,
                data: bytes) -> None:
         self._pending(reservation_id)  # still pending: not committed, aborted or expired
-        self._reservation_deadlines[reservation_id] = self._clock() + self.lease_seconds
+        self._reservation_leases.extend(reservation_id, self._clock() + self.lease_seconds)
         view = memoryview(data)
         for at, n, src in self._spans(extents, offset, len(data)):
             self._bytes[at : at + n] = view[src : src + n]
@@ -314,14 +290,6 @@ class KVStore:
                 yield extent.start * bb + lo - base, hi - lo, lo - offset
             base += size
 
-    def _validated_chain(
-        self, fingerprint: str, conv: str, tokens: Sequence[int]
-    ) -> list[bytes]:
-        self.index.check_fingerprint(fingerprint)
-        chain = block_hashes(tokens, self.block_size, self.fingerprint)
-        self._check_chain(conv, chain, len(tokens))
-        return chain
-
     def _check_chain(self, conv: str, chain: Sequence[bytes], num_tokens: int) -> None:
         if not conv:
             raise InvalidRequest("empty conversation id")
@@ -334,9 +302,10 @@ class KVStore:
         if any(len(h) != HASH_BYTES for h in chain):
             raise InvalidRequest(f"conversation {conv!r}: block hashes are {HASH_BYTES} bytes")
 
-    def _check_ops(self, ops: Sequence[HostOp]) -> None:
+    def _check_request(self, request: StoreRequest) -> None:
+        client = request.client
         answered: set[int] = set()
-        for op in ops:
+        for op in request.ops:
             match op:
                 case Reserve() | Pin():
                     self._check_chain(op.conv, op.chain, op.num_tokens)
@@ -346,21 +315,82 @@ class KVStore:
                 case Commit() | Abort():
                     if op.reservation_id <= 0:
                         raise InvalidRequest("reservation ids start at 1")
+                    self._reservation_leases.check_owner(op.reservation_id, client)
+                case Unpin():
+                    self._pin_leases.check_owner(op.pin_id, client)
                 case Release():
                     if not op.conv:
                         raise InvalidRequest("empty conversation id")
+        for reservation_id in request.renew_reservations:
+            self._reservation_leases.check_owner(reservation_id, client)
+        for pin_id in request.renew_pins:
+            self._pin_leases.check_owner(pin_id, client)
+        if any(r <= 0 for r in request.abandon):
+            raise InvalidRequest("request ids start at 1")
+
+    def _abandon(self, client: str, request_ids: Sequence[int], until: float) -> None:
+        """Ends what the client's abandoned requests made that is still held."""
+        for result in self._requests.abandon(client, request_ids, until):
+            for reply in result.replies:
+                match reply:
+                    case Reserved(_, res) if res is not None:
+                        if res.reservation_id in self._reservation_leases:
+                            self._abort(res.reservation_id)
+                    case Pinned(_, _, pin) if pin.pin_id in self._pin_leases:
+                        self._unpin(pin.pin_id)
+
+    # The ops, for `host_ops.apply` through a `_ClientIndex`: validated, and owned.
+
+    def _reserve_chain(self, client: str, conv: str, chain: Sequence[bytes],
+                       num_tokens: int) -> Reservation:
+        with self._synced():
+            res = self.index.reserve_chain(conv, chain, num_tokens)
+            self._reservations[res.reservation_id] = res
+            self._reservation_leases.grant(res.reservation_id, client,
+                                           self._clock() + self.lease_seconds)
+            self._count(res.valid_tokens, num_tokens)
+            self._bytes_saved += len(res.valid_blocks) * self.arena.block_bytes
+        return res
+
+    def _pin_chain(self, client: str, conv: str, chain: Sequence[bytes],
+                   num_tokens: int) -> tuple[Hit, PinHandle]:
+        with self._synced():
+            hit, handle = self.index.pin_chain(conv, chain, num_tokens)
+            self._pin_leases.grant(handle.pin_id, client, self._clock() + self.lease_seconds)
+            self._count(hit.num_tokens, num_tokens)
+        return hit, handle
+
+    def _commit(self, reservation_id: int) -> None:
+        with self._synced():
+            self._forget_reservation(reservation_id)
+            self.index.commit(reservation_id)
+
+    def _abort(self, reservation_id: int) -> None:
+        with self._synced():
+            self._forget_reservation(reservation_id)
+            self.index.abort(reservation_id)
+
+    def _unpin(self, pin_id: int) -> None:
+        if not self._pin_leases.end(pin_id):
+            raise UnknownPin(f"no pin {pin_id} (never made, unpinned, or its lease expired)")
+        self.index.unpin(pin_id)
+
+    def _release(self, conv: str) -> None:
+        with self._synced():
+            self.index.release(conv)
 
     def _best_holder(
-        self, conv: str, chain: Sequence[bytes], num_tokens: int, best: LookupResult
-    ) -> LookupResult:
-        """`best`, or a peer's longer valid prefix of the chain (Redis index only)."""
-        if best.valid_tokens < num_tokens:
+        self, conv: str, chain: Sequence[bytes], num_tokens: int, valid_here: int
+    ) -> str:
+        """This instance, or the peer holding a longer valid prefix (Redis index only)."""
+        best, holder = valid_here, self.instance_id
+        if best < num_tokens:
             for peer, record in self.backend.peer_records(conv):
-                n = matching_blocks(record.hashes, chain)
-                valid = tokens_in_blocks(n, num_tokens, self.block_size)
-                if valid > best.valid_tokens:
-                    best = LookupResult(valid, list(runs(record.blocks[:n])), peer)
-        return best
+                valid = tokens_in_blocks(
+                    matching_blocks(record.hashes, chain), num_tokens, self.block_size)
+                if valid > best:
+                    best, holder = valid, peer
+        return holder
 
     def _check_in_arena(self, extents: Sequence[Extent]) -> None:
         if not extents:
@@ -381,7 +411,7 @@ class KVStore:
     def _forget_reservation(self, reservation_id: int) -> None:
         self._pending(reservation_id)
         del self._reservations[reservation_id]
-        del self._reservation_deadlines[reservation_id]
+        self._reservation_leases.end(reservation_id)
 
     def _count(self, valid: int, total: int) -> None:
         self._hit_tokens += valid
@@ -422,3 +452,32 @@ class BlockWrite:
             raise InvalidRequest(f"wrote {self.written} of the extents' {self.total} bytes")
         return self.written
 
+
+
+class _ClientIndex:
+    """The store as `host_ops.apply`'s index, for one client's validated request: what
+    its ops make is leased to the client."""
+
+    def __init__(self, store: KVStore, client: str) -> None:
+        self._store = store
+        self._client = client
+
+    def reserve_chain(self, conv: str, chain: Sequence[bytes], num_tokens: int) -> Reservation:
+        return self._store._reserve_chain(self._client, conv, chain, num_tokens)
+
+    def pin_chain(
+        self, conv: str, chain: Sequence[bytes], num_tokens: int
+    ) -> tuple[Hit, PinHandle]:
+        return self._store._pin_chain(self._client, conv, chain, num_tokens)
+
+    def commit(self, reservation_id: int) -> None:
+        self._store._commit(reservation_id)
+
+    def abort(self, reservation_id: int) -> None:
+        self._store._abort(reservation_id)
+
+    def unpin(self, pin_id: int) -> None:
+        self._store._unpin(pin_id)
+
+    def release(self, conv: str) -> None:
+        self._store._release(conv)

@@ -58,6 +58,7 @@ from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from services.kvstore.redis_connect import async_redis_client, is_redis_url
+from services.kvstore.redis_storage import check_stack_namespace
 from services.scheduler.conversations import ConversationLimits
 from services.scheduler.core.config import Mode, SchedulerConfig, Switches
 from services.scheduler.core.planner import Planner
@@ -150,6 +151,12 @@ FLAGS = [
          "path through a local mirror if it is on another host) or bulk (always the bulk path)"),
     Flag("kvstore-timeout", "FASTSWITCH_KVSTORE_TIMEOUT_S", "1",
          "deadline of each KV store call; a store that misses it is probed in the background"),
+    Flag("kvstore-renew", "FASTSWITCH_KVSTORE_RENEW_S", "2",
+         "seconds between renewals of the KV stores' leases on the reservations and pins "
+         "this scheduler holds; keep it well under the stores' --lease-seconds"),
+    Flag("kvstore-namespace", "FASTSWITCH_KVSTORE_NAMESPACE", "",
+         "the stack's namespace in the stores' shared Redis: only stores registered under "
+         "it are found (the stores' --kvstore-namespace; default: none)"),
     Flag("shutdown-grace", "FASTSWITCH_SHUTDOWN_GRACE_S", "5",
          "seconds that requests in flight get to finish on SIGTERM before they are cancelled"),
     Flag("metrics-port", "FASTSWITCH_SCHEDULER_METRICS_PORT", "0",
@@ -179,6 +186,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.kvstore_transport not in {t.value for t in Transport}:
         parser.error(f"--kvstore-transport must be one of {[t.value for t in Transport]}, "
                      f"got {args.kvstore_transport!r}")
+    try:
+        check_stack_namespace(args.kvstore_namespace)
+    except ValueError as e:
+        parser.error(f"--kvstore-namespace: {e}")
+    try:
+        if float(args.kvstore_renew) <= 0:
+            raise ValueError(args.kvstore_renew)
+    except ValueError:
+        parser.error(f"--kvstore-renew must be positive seconds, got {args.kvstore_renew!r}")
     if args.policy not in POLICIES:
         parser.error(f"--policy must be one of {sorted(POLICIES)}, got {args.policy!r}")
     if args.preemption not in PREEMPTION_POLICIES:
@@ -251,8 +267,9 @@ async def connect_stores(
         lambda address: aio_channel(address, tls, options=CHANNEL_OPTIONS,
                                     interceptors=bearer_interceptors(token)),
         call_timeout_s=float(args.kvstore_timeout),
-        transport=Transport(args.kvstore_transport))
-    tasks = [asyncio.create_task(membership.probe())]
+        transport=Transport(args.kvstore_transport), namespace=args.kvstore_namespace)
+    tasks = [asyncio.create_task(membership.probe()),
+             asyncio.create_task(membership.renew(float(args.kvstore_renew)))]
     if is_redis_url(source):
         registry = async_redis_client(source)
         await membership.watch_once(registry)

@@ -30,6 +30,10 @@ restarted with a new arena is named by `probe_down`, and its driver replaces it
 (`remove`, then `add` with the arena the executor mapped: the chains it held before are
 gone, unless it inherited them through Redis). `rebase` follows a restarted executor that
 mapped the arenas at other first blocks. With no store at all, every op is `unanswered`.
+`degraded_seconds` adds up the time the router was degraded.
+
+Leases. The stores lease what they hold for the router's clients; `renew` has every live
+store's tier renew its leases (the driver calls it every renew interval).
 """
 
 from __future__ import annotations
@@ -140,6 +144,8 @@ class HostRouter(HostTier):
         self._max_holders = max_holders
         # Held by whoever changes the membership (StoreMembership) and across `remap`.
         self.lock = asyncio.Lock()
+        self._degraded_total = 0.0  # seconds degraded before `_degraded_since`
+        self._degraded_since: float | None = clock()  # None: not degraded; no store yet
         for store in stores:
             self.add(store)
 
@@ -170,6 +176,7 @@ class HostRouter(HostTier):
         self._next_slot += 1
         store.tier.on_down = lambda why: self._mark_down(inst, why)
         self._by_slot[inst.slot] = self._by_id[instance_id] = inst
+        self._note_degraded()
 
     def remove(self, instance_id: str) -> RoutedStore:
         """Lets a store go: its conversations move to the others (they recompute), and ops
@@ -179,12 +186,23 @@ class HostRouter(HostTier):
         inst.store.tier.on_down = None
         for conv in [c for c, holder in self._holders.items() if holder is inst]:
             del self._holders[conv]
+        self._note_degraded()
         return inst.store
 
     @property
     def degraded(self) -> bool:
         """Some store is down, or there is none: their conversations recompute."""
         return not self._by_slot or any(inst.retry_at is not None for inst in self._instances)
+
+    @property
+    def degraded_seconds(self) -> float:
+        """Seconds this router has been degraded, over its life."""
+        since = self._degraded_since
+        return self._degraded_total + (0.0 if since is None else self._clock() - since)
+
+    async def renew(self) -> None:
+        """Has each live store's tier renew its leases there, all at once."""
+        await asyncio.gather(*(inst.store.tier.renew() for inst in self._live()))
 
     @property
     def store_counts(self) -> tuple[int, int]:
@@ -318,6 +336,7 @@ class HostRouter(HostTier):
             first = first_blocks[inst.store.arena]
             if first is None:
                 inst.retry_at = self._clock()
+                self._note_degraded()
                 moved = True
             elif first != inst.store.first_block:
                 inst.store = replace(inst.store, first_block=first)
@@ -331,6 +350,7 @@ class HostRouter(HostTier):
         """Back if it answered with its arena; True if it answered with another."""
         if identity == inst.store.identity:
             inst.retry_at = None
+            self._note_degraded()
             log.info("KV store %s answers again; new conversations may go to it",
                      inst.instance_id)
             return False
@@ -349,6 +369,16 @@ class HostRouter(HostTier):
             log.warning("KV store %s %s: its conversations recompute; probing it every "
                         "%.0f s", inst.instance_id, why, self.retry_s)
         inst.retry_at = self._clock() + self.retry_s
+        self._note_degraded()
+
+    def _note_degraded(self) -> None:
+        """Follows `degraded` after a change that may have flipped it."""
+        now = self._clock()
+        if self.degraded and self._degraded_since is None:
+            self._degraded_since = now
+        elif not self.degraded and self._degraded_since is not None:
+            self._degraded_total += now - self._degraded_since
+            self._degraded_since = None
 
     def _remember(self, conv: str, inst: _Instance) -> None:
         self._holders[conv] = inst

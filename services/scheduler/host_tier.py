@@ -36,6 +36,8 @@ Contract (what every tier promises its caller, the engine or a router):
 - `remap(attach)` follows a restarted executor: it has `attach` (an AttachHostArena: the
   arena's first block, None if it is gone) map each of `arenas` again and returns True if
   any landed elsewhere, which makes every host block id held stale.
+- `renew()`, called every renew interval, extends the store leases of the reservations
+  and pins the tier holds (a store frees what is not renewed, committed or released).
 - `close()` releases what the tier owns (a mirror arena); the ops it was sent stay done.
 
 A disk tier plugs in as a tier of its own, the way `MirroredStore` does: it owns a local
@@ -74,6 +76,11 @@ class HostTier(ABC):
         return False
 
     @property
+    def degraded_seconds(self) -> float:
+        """Seconds it has been degraded, over its life."""
+        return 0.0
+
+    @property
     def store_counts(self) -> tuple[int, int]:
         """The KV store instances a router holds, and how many are down; (0, 0) else."""
         return (0, 0)
@@ -83,6 +90,10 @@ class HostTier(ABC):
         arena that must be the executor's first."""
         [arena] = self.arenas
         return await attach(arena) != 0
+
+    async def renew(self) -> None:
+        """Extends the leases its stores hold on what it reserved and pinned there; the
+        default holds nothing on lease."""
 
     def close(self) -> None:
         """Releases what the tier owns; the default owns nothing."""

@@ -121,6 +121,9 @@ def stats_families(s: pb.StatsResponse) -> Iterator[Metric]:
     yield GaugeMetricFamily(PREFIX + "kvstore_degraded",
                             "1 while KV store calls fail and preemption falls back to recompute",
                             value=int(s.kvstore_degraded))
+    yield CounterMetricFamily(PREFIX + "kvstore_degraded_seconds",
+                              "Seconds the KV store tier was degraded (kvstore_degraded 1)",
+                              value=s.kvstore_degraded_seconds)
     yield CounterMetricFamily(PREFIX + "preemptions", "Requests preempted (swap or recompute)",
                               value=s.preemptions)
     yield CounterMetricFamily(PREFIX + "reuse_hit_tokens",

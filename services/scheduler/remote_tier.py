@@ -93,6 +93,9 @@ class MirroredStore(HostTier):
     def on_down(self, callback: Callable[[str], None] | None) -> None:
         self.client.on_down = callback
 
+    async def renew(self) -> None:
+        await self.client.renew()
+
     @property
     def arenas(self) -> tuple[str, ...]:
         return (self.mirror.name,)
@@ -137,8 +140,9 @@ class MirroredStore(HostTier):
         with self.mirror.view() as view:
             payload = b"".join(view[e.start * bb : (e.start + e.length) * bb] for e in extents)
         try:
-            reply = await self._stub.WriteBlocks(write_chunks(reservation_id, extents, payload),
-                                                 timeout=self._deadline(len(payload)))
+            reply = await self._stub.WriteBlocks(
+                write_chunks(self.client.client_id, reservation_id, extents, payload),
+                timeout=self._deadline(len(payload)))
         except grpc.aio.AioRpcError as e:
             self._failed(f"WriteBlocks {e.code().name}: {e.details()}")
             return False

@@ -383,6 +383,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             kvstore_degraded=self.engine.host.degraded,
             kvstores=self.engine.host.store_counts[0],
             kvstores_down=self.engine.host.store_counts[1],
+            kvstore_degraded_seconds=self.engine.host.degraded_seconds,
         )
 
 

@@ -17,7 +17,9 @@ at an address joins (if the store there is the one the entry names), one that is
 leaves, one with a new arena or address is replaced, and one whose lease ran out leaves
 unless the store still answers with its arena (its heartbeats may only have missed an
 unreachable Redis). A Redis that does not answer changes nothing: the stores known stay,
-down or up as they answer. The background loops log what fails and go on.
+down or up as they answer. Only entries under the stack's namespace are read. `renew`
+renews the stores' leases of what the scheduler holds. The background loops log what fails
+and go on.
 """
 
 from __future__ import annotations
@@ -70,16 +72,18 @@ class StoreMembership:
         *,
         call_timeout_s: float = 1.0,
         transport: Transport = Transport.AUTO,
+        namespace: str = "",
     ) -> None:
         """`channel` opens a channel to a store's address (with the internal token and
         TLS); `call_timeout_s` is the deadline of each host-op batch; `transport` how the
-        executor reaches a store's blocks."""
+        executor reaches a store's blocks; `namespace` the stack's in a shared Redis."""
         self.router = router
         self.executor = executor
         self.desc = desc
         self._channel = channel
         self._call_timeout_s = call_timeout_s
         self._transport = transport
+        self._registry_key = Namespace(desc.model_fingerprint, "", namespace).registry
         self._links: dict[str, _Link] = {}  # by instance id
         self._failing: dict[str, str] = {}  # address -> why it last failed to join
         self._unmapped_late: set[str] = set()  # arenas of stores gone, still to unmap
@@ -142,6 +146,15 @@ class StoreMembership:
             for name in list(self._unmapped_late):
                 await self._unmap(name)
 
+    async def renew(self, interval_s: float) -> None:
+        """Forever: renews the leases on what the scheduler holds in the live stores."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.router.renew()
+            except Exception:
+                log.exception("renewing the KV stores' leases failed; trying again")
+
     async def watch(self, client: AsyncRedisClient, poll_s: float = 1.0) -> None:
         """Forever: follows the registry of the stores serving the executor's model."""
         readable = True
@@ -158,7 +171,7 @@ class StoreMembership:
     async def watch_once(self, client: AsyncRedisClient, quiet: bool = False) -> bool:
         """One read of the registry, and `sync`; False if Redis did not answer."""
         try:
-            raw = await client.hgetall(Namespace(self.desc.model_fingerprint, "").registry)
+            raw = await client.hgetall(self._registry_key)
         except redis.RedisError as e:
             if not quiet:
                 log.warning("KV store registry unreadable (%s): keeping the %d stores known",

@@ -91,3 +91,17 @@ def test_geometry_flags_and_from_executor_exclude_each_other(
 def test_explicit_geometry_still_works_without_an_executor() -> None:
     config = parse_config(["--block-bytes", "4096", "--fingerprint", "fp"], {})
     assert (config.block_bytes, config.block_size, config.fingerprint) == (4096, 16, "fp")
+
+
+def test_the_lease_and_namespace_come_from_flags_or_the_environment() -> None:
+    geometry = ["--block-bytes", "4096", "--fingerprint", "fp"]
+    config = parse_config(geometry, {})
+    assert (config.lease_seconds, config.namespace) == (10.0, "")
+    config = parse_config(geometry, {"FASTSWITCH_KVSTORE_LEASE_SECONDS": "2",
+                                     "FASTSWITCH_KVSTORE_NAMESPACE": "gpu"})
+    assert (config.lease_seconds, config.namespace) == (2.0, "gpu")
+    config = parse_config([*geometry, "--kvstore-namespace", "cpu"], {})
+    assert config.namespace == "cpu"
+    for bad in (["--kvstore-namespace", "a{b}"], ["--lease-seconds", "0"]):
+        with pytest.raises(SystemExit):
+            parse_config([*geometry, *bad], {})

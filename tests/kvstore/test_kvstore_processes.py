@@ -17,9 +17,11 @@ import grpc
 import pytest
 
 from common.kv.extent import Extent, flatten
+from common.kv.host_ops import Commit, Unpin
 from common.shm.arena import SHM_DIR, HostArena
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from tests.support.redis_server import RedisServer
+from tests.support.stores import BatchCalls
 
 pytestmark = pytest.mark.process
 
@@ -39,8 +41,8 @@ def span(block: int) -> slice:
     return slice(block * BLOCK_BYTES, (block + 1) * BLOCK_BYTES)
 
 
-def _request() -> kvstore_pb2.TokensRequest:
-    return kvstore_pb2.TokensRequest(conversation_id="conv", token_ids=TOKENS, model_fingerprint=FP)
+def _calls(stub: kvstore_pb2_grpc.KVStoreStub) -> BatchCalls:
+    return BatchCalls(stub, FP, BLOCK_SIZE)
 
 
 def _blocks(extents: list[kvstore_pb2.Extent]) -> list[int]:
@@ -52,13 +54,14 @@ def executor_writes(port: int) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = kvstore_pb2_grpc.KVStoreStub(channel)
         arena = HostArena.attach(stub.Describe(kvstore_pb2.DescribeRequest()).arena_name)
-        res = stub.Reserve(_request())
-        assert res.valid_tokens == 0
+        calls = _calls(stub)
+        res = stub.Batch(calls.request(calls.reserve_op("conv", TOKENS))).replies[0].reserved
+        assert res.ok and res.valid_tokens == 0
         with arena.view() as view:
             for i, block in enumerate(_blocks(res.new_extents)):
                 view[span(block)] = pattern(i)
         arena.close()
-        stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+        stub.Batch(calls.request(Commit(res.reservation_id)))
 
 
 def executor_reads(port: int) -> None:
@@ -66,13 +69,14 @@ def executor_reads(port: int) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = kvstore_pb2_grpc.KVStoreStub(channel)
         arena = HostArena.attach(stub.Describe(kvstore_pb2.DescribeRequest()).arena_name)
-        pin = stub.Pin(_request())
+        calls = _calls(stub)
+        pin = stub.Batch(calls.request(calls.pin_op("conv", TOKENS))).replies[0].pinned
         with arena.view() as view:
             same = pin.valid_tokens == len(TOKENS) and all(
                 view[span(block)] == pattern(i) for i, block in enumerate(_blocks(pin.extents))
             )
         arena.close()
-        stub.Unpin(kvstore_pb2.PinRef(pin_id=pin.pin_id))
+        stub.Batch(calls.request(Unpin(pin.pin_id)))
     if not same:
         sys.exit(3)
 
@@ -105,7 +109,11 @@ class StoreProcess:
 
     def valid_tokens(self) -> int:
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            return kvstore_pb2_grpc.KVStoreStub(channel).Lookup(_request()).valid_tokens
+            stub = kvstore_pb2_grpc.KVStoreStub(channel)
+            calls = _calls(stub)
+            pin = stub.Batch(calls.request(calls.pin_op("conv", TOKENS))).replies[0].pinned
+            stub.Batch(calls.request(Unpin(pin.pin_id)))
+            return pin.valid_tokens
 
     def stop(self, sig: signal.Signals) -> int:
         self.process.send_signal(sig)

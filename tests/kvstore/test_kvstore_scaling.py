@@ -18,12 +18,14 @@ import grpc
 import pytest
 
 from common.client import FastSwitchClient, Generation
+from common.kv.host_ops import Unpin
 from common.shm.arena import SHM_DIR
 from protos import kvstore_pb2 as kv
 from protos import kvstore_pb2_grpc as kv_grpc
 from services.launch import LocalStack, StackConfig
 from services.scheduler.host_router import rendezvous_owner
 from tests.support.redis_server import RedisServer
+from tests.support.stores import BatchCalls
 
 pytestmark = pytest.mark.process
 
@@ -49,6 +51,7 @@ class Stores:
     def __init__(self, stack: LocalStack) -> None:
         assert stack.describe is not None
         self.fingerprint = stack.describe.model_fingerprint
+        self.block_size = stack.describe.geometry.block_size
         self.address: dict[str, str] = {}
         self.arena: dict[str, str] = {}
         for address in stack.kvstore_addresses:
@@ -58,10 +61,14 @@ class Stores:
             self.arena[desc.instance_id] = desc.arena_name
         self.ids = list(self.address)
 
-    def lookup(self, via: str, conv: str, tokens: list[int]) -> kv.LookupResponse:
+    def lookup(self, via: str, conv: str, tokens: list[int]) -> kv.PinnedReply:
+        """A Pin (and its Unpin) through `via`: its valid tokens there, and the holder."""
         with grpc.insecure_channel(self.address[via]) as channel:
-            return kv_grpc.KVStoreStub(channel).Lookup(kv.TokensRequest(
-                conversation_id=conv, token_ids=tokens, model_fingerprint=self.fingerprint))
+            stub = kv_grpc.KVStoreStub(channel)
+            calls = BatchCalls(stub, self.fingerprint, self.block_size)
+            pinned = stub.Batch(calls.request(calls.pin_op(conv, tokens))).replies[0].pinned
+            stub.Batch(calls.request(Unpin(pinned.pin_id)))
+            return pinned
 
     def used_blocks(self, instance: str) -> int:
         with grpc.insecure_channel(self.address[instance]) as channel:
@@ -71,8 +78,8 @@ class Stores:
         """The instance holding `conv`'s prompt, once the finished turn's offload landed."""
         for _ in range(100):
             reply = await asyncio.to_thread(self.lookup, via, conv, tokens)
-            if reply.valid_tokens:
-                return reply.instance_id
+            if reply.valid_tokens or reply.holder_id != via:  # a peer holds more
+                return reply.holder_id
             await asyncio.sleep(0.05)
         raise AssertionError(f"no instance holds {conv!r} after its turn finished")
 
@@ -113,7 +120,7 @@ async def test_two_stores_place_serve_and_survive_one_stopping(stack: LocalStack
                 history[conv] = tokens + ids_of(gen)
                 assert await stores.holder(first, conv, tokens) == owner
                 assert (await asyncio.to_thread(stores.lookup, second, conv, tokens)
-                        ).instance_id == owner  # either instance names the same holder
+                        ).holder_id == owner  # either instance names the same holder
         assert stores.used_blocks(first) > 0 and stores.used_blocks(second) > 0
 
         # (b) Next turns are served from the holder's arena, and match a cold run.
@@ -132,7 +139,8 @@ async def test_two_stores_place_serve_and_survive_one_stopping(stack: LocalStack
         assert stack.stop_child(child) == 0
         assert not (SHM_DIR / stores.arena[second]).exists()
         for conv in convs[second]:
-            assert stores.lookup(first, conv, history[conv]).valid_tokens == 0
+            gone = stores.lookup(first, conv, history[conv])
+            assert (gone.valid_tokens, gone.holder_id) == (0, first)
         for conv in convs[second]:  # its conversations recompute, with correct output
             extended = history[conv] + [4, 5, 6]
             after = await turn(conv, extended)

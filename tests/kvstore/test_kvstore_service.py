@@ -31,23 +31,19 @@ from common.kv.host_ops import (
 from common.kv.reuse_index import ID_BITS, PinHandle
 from common.shm.arena import SHM_DIR
 from protos import kvstore_pb2, kvstore_pb2_grpc
-from services.kvstore.batch_wire import ops_to_proto, replies_from_proto
+from services.kvstore.batch_wire import replies_from_proto
 from services.kvstore.bulk import CHUNK_BYTES, checksum, from_proto, to_proto, write_chunks
 from services.kvstore.service import HEARTBEAT_S, LEASE_BEATS, SERVICE_NAME
 from services.scheduler.host_router import HostRouter, RoutedStore, rendezvous_owner
 from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
 from tests.support.redis_server import RedisServer
-from tests.support.stores import Geometry, InProcessStore, store_starter
+from tests.support.stores import BatchCalls, Geometry, InProcessStore, store_starter
 
 FP = "model-a"
 BLOCK_SIZE = 4
 BLOCK_BYTES = 384 * 1024  # three blocks span more than one 1 MiB chunk
 NUM_BLOCKS = 6
 
-
-
-def tokens_request(conv: str, tokens: list[int], fp: str = FP) -> kvstore_pb2.TokensRequest:
-    return kvstore_pb2.TokensRequest(conversation_id=conv, token_ids=tokens, model_fingerprint=fp)
 
 
 async def expect_status(code: grpc.StatusCode, call: object, match: str = "") -> str:
@@ -58,6 +54,12 @@ async def expect_status(code: grpc.StatusCode, call: object, match: str = "") ->
     return info.value.details()
 
 
+async def held(stub: kvstore_pb2_grpc.KVStoreStub) -> tuple[int, int, int]:
+    """Blocks used, blocks pinned, reservations pending."""
+    s = await stub.Stats(kvstore_pb2.StatsRequest())
+    return s.used_blocks, s.pinned_blocks, s.pending_reservations
+
+
 @pytest.fixture
 async def start() -> AsyncIterator[Callable[..., object]]:
     async with store_starter(Geometry(NUM_BLOCKS, BLOCK_BYTES, BLOCK_SIZE, FP)) as run:
@@ -65,42 +67,80 @@ async def start() -> AsyncIterator[Callable[..., object]]:
 
 
 async def test_error_codes(start: Callable[..., object]) -> None:
-    stub = (await start()).stub
-    res = await stub.Reserve(tokens_request("c", list(range(8))))
-    await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+    running = await start()
+    stub, calls = running.stub, running.calls()
+    res = await calls.reserve("c", list(range(8)))
+    await calls(Commit(res.reservation_id))
     invalid = grpc.StatusCode.INVALID_ARGUMENT
-    await expect_status(invalid, stub.Commit(kvstore_pb2.ReservationRef(
-        reservation_id=res.reservation_id)), "no pending reservation")  # double commit
-    await expect_status(invalid, stub.Abort(kvstore_pb2.ReservationRef(reservation_id=999)))
-    await expect_status(invalid, stub.Lookup(tokens_request("c", [1], fp="other")), "other")
-    await expect_status(invalid, stub.Reserve(tokens_request("c", [])), "empty token list")
+    other = BatchCalls(stub, "other", BLOCK_SIZE, "other-client")
+    await expect_status(invalid, stub.Batch(other.request(calls.pin_op("c", [1]))), "other")
+    await expect_status(invalid, calls(Reserve(1, "c", (), 0)), "empty token list")
+    no_client = calls.request(Release("c"))
+    no_client.client_id = ""
+    await expect_status(invalid, stub.Batch(no_client), "client id")
+    no_id = calls.request(Release("c"))
+    no_id.request_id = 0
+    await expect_status(invalid, stub.Batch(no_id), "request ids start at 1")
     far = kvstore_pb2.ReadBlocksRequest(extents=[kvstore_pb2.Extent(start=5, length=2)])
     await expect_status(invalid, stub.ReadBlocks(far).read(), "exceeds")
     empty = kvstore_pb2.ReadBlocksRequest(extents=[kvstore_pb2.Extent(start=0, length=0)])
     await expect_status(invalid, stub.ReadBlocks(empty).read(), "bad extent")
-    await expect_status(invalid, stub.Unpin(kvstore_pb2.PinRef(pin_id=5)), "no pin")
     # The arena holds 6 blocks: 2 committed and pinned, 4 in a pending reservation.
-    await stub.Pin(tokens_request("c", list(range(8))))
-    await stub.Reserve(tokens_request("d", list(range(100, 116))))
-    details = await expect_status(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, stub.Reserve(tokens_request("e", [1]))
-    )
-    assert "recompute instead" in details and "0 evictable" in details
-    stats = await stub.Stats(kvstore_pb2.StatsRequest())
-    assert (stats.used_blocks, stats.pinned_blocks, stats.pending_reservations) == (6, 2, 1)
+    await calls.pin("c", list(range(8)))
+    await calls.reserve("d", list(range(100, 116)))
+    assert not (await calls.reserve("e", [1])).ok  # no room: recompute instead
+    assert await held(stub) == (6, 2, 1)
+
+
+async def test_another_clients_abort_is_refused_and_its_owner_still_commits(
+    start: Callable[..., object],
+) -> None:
+    running = await start()
+    owner, other = running.calls("scheduler-a"), running.calls("scheduler-b")
+    res = await owner.reserve("c", list(range(8)))
+    pin = await owner.pin("c", list(range(8)))
+    before = await held(running.stub)
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    for op in (Abort(res.reservation_id), Commit(res.reservation_id), Unpin(pin.pin_id)):
+        await expect_status(denied, other(Release("c"), op), "another client")
+    await expect_status(denied, other(renew_reservations=[res.reservation_id]), "another client")
+    chunks = write_chunks("scheduler-b", res.reservation_id, from_proto(res.new_extents),
+                          bytes(2 * BLOCK_BYTES))
+    await expect_status(denied, running.stub.WriteBlocks(iter(list(chunks))), "another client")
+    assert await held(running.stub) == before
+    await owner(Commit(res.reservation_id), Unpin(pin.pin_id))
+    assert (await owner.pin("c", list(range(8)))).valid_tokens == 8
+
+
+async def test_a_repeated_request_is_done_once_and_an_abandoned_one_never(
+    start: Callable[..., object],
+) -> None:
+    running = await start()
+    calls = running.calls()
+    request = calls.request(calls.reserve_op("c", list(range(8))))
+    first = await running.stub.Batch(request)
+    assert await running.stub.Batch(request) == first  # answered again, not done twice
+    assert await held(running.stub) == (2, 0, 1)
+    late = calls.request(calls.reserve_op("d", list(range(8))))
+    await calls(abandon=[request.request_id, late.request_id])
+    assert await held(running.stub) == (0, 0, 0)
+    for abandoned in (request, late):
+        await expect_status(grpc.StatusCode.ABORTED, running.stub.Batch(abandoned), "abandoned")
+    assert await held(running.stub) == (0, 0, 0)
 
 
 async def test_bulk_write_then_read_is_bit_identical(start: Callable[..., object]) -> None:
-    stub = (await start()).stub
-    res = await stub.Reserve(tokens_request("c", list(range(12))))
+    running = await start()
+    stub, calls = running.stub, running.calls()
+    res = await calls.reserve("c", list(range(12)))
     extents = from_proto(res.new_extents)
     data = np.random.default_rng(0).integers(0, 256, 3 * BLOCK_BYTES, np.uint8).tobytes()
-    chunks = list(write_chunks(res.reservation_id, extents, data))
+    chunks = list(write_chunks(calls.client_id, res.reservation_id, extents, data))
     assert len(chunks) == 2 and all(len(c.data) <= CHUNK_BYTES for c in chunks)
     written = await stub.WriteBlocks(iter(chunks))
     assert written.bytes_written == len(data)
-    await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
-    hit = await stub.Lookup(tokens_request("c", list(range(12))))
+    await calls(Commit(res.reservation_id))
+    hit = await calls.pin("c", list(range(12)))
     read = b""
     async for chunk in stub.ReadBlocks(kvstore_pb2.ReadBlocksRequest(extents=hit.extents)):
         assert chunk.offset == len(read) and chunk.crc32c == checksum(chunk.data)
@@ -111,39 +151,45 @@ async def test_bulk_write_then_read_is_bit_identical(start: Callable[..., object
 async def test_writes_land_only_in_a_pending_reservations_new_blocks(
     start: Callable[..., object],
 ) -> None:
-    stub = (await start()).stub
-    res = await stub.Reserve(tokens_request("c", list(range(4))))
-    await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+    running = await start()
+    stub, calls = running.stub, running.calls()
+    res = await calls.reserve("c", list(range(4)))
+    await calls(Commit(res.reservation_id))
     committed = from_proto(res.new_extents)
     junk = b"\x01" * BLOCK_BYTES
     await expect_status(
         grpc.StatusCode.INVALID_ARGUMENT,
-        stub.WriteBlocks(iter(list(write_chunks(res.reservation_id, committed, junk)))),
+        stub.WriteBlocks(iter(list(write_chunks(calls.client_id, res.reservation_id,
+                                                committed, junk)))),
         "no pending reservation",
     )
-    other = await stub.Reserve(tokens_request("d", list(range(50, 54))))
+    other = await calls.reserve("d", list(range(50, 54)))
     await expect_status(
         grpc.StatusCode.INVALID_ARGUMENT,
-        stub.WriteBlocks(iter(list(write_chunks(other.reservation_id, committed, junk)))),
+        stub.WriteBlocks(iter(list(write_chunks(calls.client_id, other.reservation_id,
+                                                committed, junk)))),
         "not distinct new blocks",
     )
     read = stub.ReadBlocks(kvstore_pb2.ReadBlocksRequest(extents=res.new_extents))
     assert b"".join([c.data async for c in read]) == bytes(BLOCK_BYTES)
 
 
-async def test_a_dead_clients_reservation_times_out(start: Callable[..., object]) -> None:
-    stub = (await start(lease_seconds=0.2)).stub
-    res = await stub.Reserve(tokens_request("c", list(range(16))))
-    for _ in range(100):  # the reaper runs every 50 ms
-        if (await stub.Stats(kvstore_pb2.StatsRequest())).used_blocks == 0:
-            break
+async def test_a_dead_clients_reservation_times_out_and_a_renewed_one_does_not(
+    start: Callable[..., object],
+) -> None:
+    running = await start(lease_seconds=0.3)
+    dead, alive = running.calls("dead"), running.calls("alive")
+    await dead.reserve("c", list(range(16)))
+    kept = await alive.reserve("d", list(range(4)))
+    deadline = time.monotonic() + 5
+    while (await held(running.stub))[2] > 1:  # the reaper runs every 50 ms
+        assert time.monotonic() < deadline, "the dead client's reservation stayed"
+        renewed = await alive(renew_reservations=[kept.reservation_id])
+        assert list(renewed.lapsed_reservations) == []
         await asyncio.sleep(0.05)
-    stats = await stub.Stats(kvstore_pb2.StatsRequest())
-    assert (stats.used_blocks, stats.pending_reservations) == (0, 0)
-    await expect_status(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id)),
-    )
+    assert await held(running.stub) == (1, 0, 1)
+    await alive(Commit(kept.reservation_id))
+    assert (await alive.pin("d", list(range(4)))).valid_tokens == 4
 
 
 async def test_health_reflection_and_describe(start: Callable[..., object]) -> None:
@@ -167,25 +213,20 @@ async def test_redis_outage_is_unavailable_and_the_store_recovers(
 ) -> None:
     server = redis_server
     try:
-        stub = (await start(redis_url=server.url)).stub
-        res = await stub.Reserve(tokens_request("c", list(range(8))))
-        await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
-        await stub.Reserve(tokens_request("x", list(range(4))))  # waits for c's commit
+        calls = (await start(redis_url=server.url)).calls()
+        res = await calls.reserve("c", list(range(8)))
+        await calls(Commit(res.reservation_id))
+        await calls.reserve("x", list(range(4)))  # waits for c's commit
         server.stop()
         # A call that stages no write needs no Redis; a commit answers before its write
         # lands; a reply that hands out blocks waits for it, and its failed round leaves
         # the index behind, so every call fails until Redis is back.
-        res = await stub.Reserve(tokens_request("d", list(range(4))))
-        await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
-        await expect_status(
-            grpc.StatusCode.UNAVAILABLE, stub.Reserve(tokens_request("e", list(range(4))))
-        )
-        await expect_status(
-            grpc.StatusCode.UNAVAILABLE, stub.Lookup(tokens_request("c", list(range(8))))
-        )
+        res = await calls.reserve("d", list(range(4)))
+        await calls(Commit(res.reservation_id))
+        await expect_status(grpc.StatusCode.UNAVAILABLE, calls.reserve("e", list(range(4))))
+        await expect_status(grpc.StatusCode.UNAVAILABLE, calls.pin("c", list(range(8))))
         server.start()
-        hit = await stub.Lookup(tokens_request("c", list(range(8))))
-        assert hit.valid_tokens == 8
+        assert (await calls.pin("c", list(range(8)))).valid_tokens == 8
     finally:
         server.start()  # back for the module's other tests
 
@@ -196,18 +237,18 @@ async def test_blocks_are_handed_out_only_once_their_old_chain_is_gone_from_redi
     """A release's write is not awaited, but the next Reserve waits for it: were it to
     answer first, a store restarted before the write landed would serve the released
     chain over the new reservation's bytes."""
-    stub = (await start(redis_url=redis_server.url)).stub
+    calls = (await start(redis_url=redis_server.url)).calls()
     convs = [f"full-{i}" for i in range(NUM_BLOCKS - 1)]  # a block each
     for conv in convs:
-        res = await stub.Reserve(tokens_request(conv, list(range(4))))
-        await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
-    await stub.Reserve(tokens_request("flush", list(range(4))))  # the last block: lands them
+        res = await calls.reserve(conv, list(range(4)))
+        await calls(Commit(res.reservation_id))
+    await calls.reserve("flush", list(range(4)))  # the last block: lands them
     index = redis.Redis(port=redis_server.port)
     released = f"fastswitch:kv:{{{FP}:{convs[0]}}}"
     assert index.keys(f"{released}*")
     index.client_pause(300, all=False)  # writes stall for 0.3 s
-    await stub.Release(kvstore_pb2.ReleaseRequest(conversation_id=convs[0]))
-    res = await stub.Reserve(tokens_request("taker", list(range(4))))  # takes its block
+    await calls(Release(convs[0]))
+    res = await calls.reserve("taker", list(range(4)))  # takes its block
     assert res.new_extents
     assert not index.keys(f"{released}*")
 
@@ -221,19 +262,16 @@ def round_trips(server: RedisServer) -> int:
 async def test_concurrent_calls_share_redis_round_trips(
     start: Callable[..., object], redis_server: RedisServer
 ) -> None:
-    stub = (await start(redis_url=redis_server.url)).stub
+    calls = (await start(redis_url=redis_server.url)).calls()
     convs = [f"c{i}" for i in range(NUM_BLOCKS)]  # a block each
-    reserved = await asyncio.gather(
-        *(stub.Reserve(tokens_request(c, list(range(4)))) for c in convs))
+    reserved = await asyncio.gather(*(calls.reserve(c, list(range(4))) for c in convs))
     before = round_trips(redis_server)
-    await asyncio.gather(*(
-        stub.Commit(kvstore_pb2.ReservationRef(reservation_id=r.reservation_id))
-        for r in reserved))
+    await asyncio.gather(*(calls(Commit(r.reservation_id)) for r in reserved))
     assert round_trips(redis_server) - before < len(convs)  # group-committed
-    hits = await asyncio.gather(*(stub.Lookup(tokens_request(c, list(range(4)))) for c in convs))
-    assert all(h.valid_tokens == 4 for h in hits)
-    await stub.Release(kvstore_pb2.ReleaseRequest(conversation_id=convs[0]))
-    await stub.Reserve(tokens_request("next", list(range(4))))  # waits for what came before
+    pins = await asyncio.gather(*(calls.pin(c, list(range(4))) for c in convs))
+    assert all(p.valid_tokens == 4 for p in pins)
+    await calls(Release(convs[0]), *(Unpin(p.pin_id) for p in pins))
+    await calls.reserve("next", list(range(4)))  # waits for what came before
     keys = redis.Redis(port=redis_server.port).keys(f"fastswitch:kv:{{{FP}:c*")
     assert len(keys) == len(convs) - 1  # every commit, and the release, landed before it
 
@@ -280,7 +318,8 @@ async def test_a_batch_is_one_round_trip_answered_in_order(start: Callable[..., 
     assert (res.conversation, res.num_tokens, res.valid_tokens) == ("c", 10, 0)
     assert len(res.new_blocks) == 3 and missed.hit == MISS
     data = np.random.default_rng(1).integers(0, 256, 3 * BLOCK_BYTES, np.uint8).tobytes()
-    await stub.WriteBlocks(iter(list(write_chunks(res.reservation_id, res.new_extents, data))))
+    await stub.WriteBlocks(iter(list(write_chunks(client.client_id, res.reservation_id,
+                                                  res.new_extents, data))))
     [pinned] = await client.execute([Commit(res.reservation_id),
                                      Pin(3, "c", chain_of(tokens), 10)])
     assert pinned.hit.num_tokens == 10 and pinned.hit.blocks == res.new_blocks
@@ -296,7 +335,8 @@ async def test_a_batch_is_one_round_trip_answered_in_order(start: Callable[..., 
 async def test_a_bad_batch_is_invalid_argument_and_changes_nothing(
     start: Callable[..., object],
 ) -> None:
-    stub = (await start()).stub
+    running = await start()
+    stub, calls = running.stub, running.calls()
     good = Reserve(1, "c", chain_of(list(range(8))), 8)
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     for bad, match in [
@@ -306,12 +346,11 @@ async def test_a_bad_batch_is_invalid_argument_and_changes_nothing(
         (Pin(1, "d", chain_of([1]), 1), "op id 1 repeats"),
         (Abort(0), "start at 1"),
     ]:
-        request = kvstore_pb2.BatchRequest(model_fingerprint=FP, ops=ops_to_proto([good, bad]))
-        await expect_status(invalid, stub.Batch(request), match)
-    other = kvstore_pb2.BatchRequest(model_fingerprint="other", ops=ops_to_proto([good]))
+        await expect_status(invalid, calls(good, bad), match)
+    other = BatchCalls(stub, "other", BLOCK_SIZE, "other-client").request(good)
     await expect_status(invalid, stub.Batch(other), "other")
-    unset = kvstore_pb2.BatchRequest(model_fingerprint=FP, ops=[*ops_to_proto([good]),
-                                                                kvstore_pb2.BatchOp()])
+    unset = calls.request(good)
+    unset.ops.append(kvstore_pb2.BatchOp())
     await expect_status(invalid, stub.Batch(unset), "names no operation")
     stats = await stub.Stats(kvstore_pb2.StatsRequest())
     assert (stats.used_blocks, stats.pending_reservations, stats.miss_tokens) == (0, 0, 0)
@@ -344,11 +383,12 @@ async def test_a_batch_pin_on_another_instance_names_the_holder(
     url = request.getfixturevalue(index).url
     a, b = await start(redis_url=url), await start(redis_url=url)
     tokens = list(range(8))
-    [reserved] = await client_of(a).execute([Reserve(1, "c", chain_of(tokens), 8)])
+    on_a = client_of(a)
+    [reserved] = await on_a.execute([Reserve(1, "c", chain_of(tokens), 8)])
     # The commit's write lands with a's next round, which a reply handing out blocks
     # waits for.
-    await client_of(a).execute([Commit(reserved.reservation.reservation_id),
-                                Reserve(3, "d", chain_of(tokens), 8)])
+    await on_a.execute([Commit(reserved.reservation.reservation_id),
+                        Reserve(3, "d", chain_of(tokens), 8)])
     [pinned] = await client_of(b).execute([Pin(2, "c", chain_of(tokens), 8)])
     assert pinned.hit == MISS  # b holds none of it itself
     assert pinned.holder == a.server.store.instance_id
@@ -424,10 +464,59 @@ async def test_a_round_that_fails_oddly_leaves_the_index_to_be_rewritten(
         await send(writes)  # type: ignore[arg-type]
 
     commit._send = failing
-    res = await running.stub.Reserve(tokens_request("c", list(range(8))))
-    await running.stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+    calls = running.calls()
+    res = await calls.reserve("c", list(range(8)))
+    await calls(Commit(res.reservation_id))
     while failures:  # the commit's round, in the background
         await asyncio.sleep(0.01)
-    await running.stub.Reserve(tokens_request("d", list(range(4))))  # rewrites the index
+    await calls.reserve("d", list(range(4)))  # rewrites the index
     assert redis.Redis(port=redis_server.port).keys(f"fastswitch:kv:{{{FP}:c}}*")
     assert not commit.storage.dirty
+
+
+async def test_a_client_renews_what_it_holds_and_forgets_what_lapsed(
+    start: Callable[..., object],
+) -> None:
+    running = await start(lease_seconds=0.3)
+    client = client_of(running)
+    tokens = list(range(8))
+    [reserved, _] = (await client.execute([Reserve(1, "c", chain_of(tokens), 8),
+                                           Pin(2, "d", chain_of([1]), 1)])).replies
+    assert client.held == (1, 1)
+    for _ in range(10):  # a second: three lease periods
+        await client.renew()
+        await asyncio.sleep(0.1)
+    assert await held(running.stub) == (2, 0, 1)
+    await client.execute([Commit(reserved.reservation.reservation_id)])
+    assert client.held == (0, 1)
+    await asyncio.sleep(0.5)  # the pin lapses unrenewed
+    await client.renew()
+    assert client.held == (0, 0)
+    assert await held(running.stub) == (2, 0, 0)
+
+
+async def test_a_call_that_timed_out_is_undone_by_the_next_one(
+    start: Callable[..., object],
+) -> None:
+    """The store carries a Batch out after its caller gave up on it: the caller abandons
+    it with its next call, and what it made is aborted and unpinned."""
+    running = await start()
+    servicer = running.server.servicer
+    run = servicer.run
+
+    async def late(*args: object, **kwargs: object) -> object:
+        result = await run(*args, **kwargs)  # type: ignore[arg-type]
+        await asyncio.sleep(0.5)  # answered after the caller's deadline
+        return result
+
+    servicer.run = late  # type: ignore[method-assign]
+    client = running.client(timeout_s=0.2)
+    tokens = list(range(8))
+    ops = [Reserve(1, "c", chain_of(tokens), 8), Pin(2, "d", chain_of([1]), 1)]
+    assert await client.execute(ops) == unanswered(ops)
+    assert client.failing and client.held == (0, 0)
+    await asyncio.sleep(0.5)
+    assert await held(running.stub) == (2, 0, 1)  # done on the store, owned by no one
+    servicer.run = run  # type: ignore[method-assign]
+    await client.execute([Release("x")])  # carries the abandonment
+    assert await held(running.stub) == (0, 0, 0)

@@ -271,6 +271,7 @@ async def test_a_store_that_fails_is_left_out_then_probed_back() -> None:
     [pending] = await router.execute([reserve(1, conv_owned_by("kv-b", ids, "pending"))])
     shared["kv-b"].reachable = False
     ops = [pin(2, conv), reserve(3, conv_owned_by("kv-a", ids))]
+    assert router.degraded_seconds == 0.0
     replies = await router.execute(ops)  # b is asked, fails: marked down
     assert replies[0] == unanswered(ops[:1])[0] and replies[1].reservation is not None
     assert router.degraded and router.store_counts == (2, 1)
@@ -287,6 +288,9 @@ async def test_a_store_that_fails_is_left_out_then_probed_back() -> None:
     clock.now += 0.2
     assert await router.probe_down() == []
     assert not router.degraded
+    assert router.degraded_seconds == pytest.approx(5.1)
+    clock.now += 100
+    assert router.degraded_seconds == pytest.approx(5.1)  # only while degraded
     [later] = await router.execute([reserve(6, conv_owned_by("kv-b", ids, "later"))])
     assert later.reservation.reservation_id >> ID_BITS == 1
     [back] = await router.execute([pin(7, conv)])

@@ -26,6 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.client import FastSwitchClient, Generation, Sampling
+from common.kv.host_ops import Abort, Release
 from common.tls import ClientTls, aio_channel, sync_channel
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
@@ -35,6 +36,7 @@ from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
 from services.launch import LocalStack, StackConfig, free_port
 from tests.support.stacks import executor_and_stores
+from tests.support.stores import BatchCalls
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.process
@@ -286,19 +288,18 @@ def test_executor_and_kvstore_refuse_calls_without_the_internal_token(
         assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status \
             == health_pb2.HealthCheckResponse.SERVING
     fingerprint = stack.describe.model_fingerprint
-    tokens = kv.TokensRequest(conversation_id="tenant-a/shared-id", token_ids=list(range(40)),
-                              model_fingerprint=fingerprint)
+    block_size = stack.describe.geometry.block_size
     with stack.channel(stack.kvstore_address) as channel:
         store = kv_grpc.KVStoreStub(channel)
+        batch = BatchCalls(store, fingerprint, block_size)
+        tokens = list(range(40))
         calls = {
             "Describe": lambda m: store.Describe(kv.DescribeRequest(), metadata=m),
             "Stats": lambda m: store.Stats(kv.StatsRequest(), metadata=m),
-            "Lookup": lambda m: store.Lookup(tokens, metadata=m),
-            "Reserve": lambda m: store.Reserve(tokens, metadata=m),
-            "Pin": lambda m: store.Pin(tokens, metadata=m),
-            "Release": lambda m: store.Release(kv.ReleaseRequest(conversation_id="x"),
-                                               metadata=m),
-            "Abort": lambda m: store.Abort(kv.ReservationRef(reservation_id=1), metadata=m),
+            "Batch": lambda m: store.Batch(batch.request(
+                batch.reserve_op("tenant-a/shared-id", tokens),
+                batch.pin_op("tenant-a/shared-id", tokens, op_id=2), Release("x"),
+                Abort(1)), metadata=m),
             "ReadBlocks": lambda m: store.ReadBlocks(
                 kv.ReadBlocksRequest(extents=[kv.Extent(start=0, length=4)]), metadata=m),
             "WriteBlocks": lambda m: store.WriteBlocks(
@@ -316,11 +317,10 @@ def test_executor_and_kvstore_refuse_calls_without_the_internal_token(
         # Reservation ids are random, not a count another caller could walk.
         ids = []
         for i in range(3):
-            request = kv.TokensRequest(conversation_id=f"ids-{i}", token_ids=list(range(20)),
-                                       model_fingerprint=fingerprint)
-            ids.append(store.Reserve(request, metadata=good).reservation_id)
-        for reservation_id in ids:
-            store.Abort(kv.ReservationRef(reservation_id=reservation_id), metadata=good)
+            reply = store.Batch(batch.request(batch.reserve_op(f"ids-{i}", list(range(20)))),
+                                metadata=good).replies[0].reserved
+            ids.append(reply.reservation_id)
+        store.Batch(batch.request(*(Abort(i) for i in ids)), metadata=good)
     assert len(set(ids)) == 3 and all(0 < i < 2**48 for i in ids)
     assert max(ids) - min(ids) > 1000
 

@@ -15,11 +15,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.client import FastSwitchClient
+from common.kv.host_ops import Abort, Commit, Unpin
 from common.metrics import ScrapeTimeCollector
 from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.service import StoreServer
 from services.launch import LocalStack, StackConfig, free_port
-from tests.support.stores import Geometry, serve_store
+from tests.support.stores import BatchCalls, Geometry, serve_store
 
 pytestmark = pytest.mark.process
 
@@ -67,21 +68,20 @@ async def store() -> AsyncIterator[tuple[StoreServer, kvstore_pb2_grpc.KVStoreSt
     await served.stop()
 
 
-def tokens(conv: str, ids: list[int]) -> kvstore_pb2.TokensRequest:
-    return kvstore_pb2.TokensRequest(conversation_id=conv, token_ids=ids, model_fingerprint="fp")
-
-
 async def test_store_counts_errors_by_code_and_exports_its_stats(
     store: tuple[StoreServer, kvstore_pb2_grpc.KVStoreStub],
 ) -> None:
     server, stub = store
-    res = await stub.Reserve(tokens("c", list(range(12))))  # 3 blocks
-    await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
-    await stub.Lookup(tokens("c", list(range(12))))
-    await stub.Reserve(tokens("d", list(range(8))))  # left pending
-    for _ in range(2):  # committing twice: unary errors
+    calls = BatchCalls(stub, "fp", 4)
+    res = await calls.reserve("c", list(range(12)))  # 3 blocks
+    await calls(Commit(res.reservation_id))
+    pin = await calls.pin("c", list(range(12)))
+    await calls(Unpin(pin.pin_id))
+    pending = await calls.reserve("d", list(range(8)))  # left pending
+    other = BatchCalls(stub, "fp", 4, "another-client")
+    for _ in range(2):  # another client's abort: unary errors
         with pytest.raises(grpc.aio.AioRpcError):
-            await stub.Commit(kvstore_pb2.ReservationRef(reservation_id=res.reservation_id))
+            await other(Abort(pending.reservation_id))
     far = kvstore_pb2.ReadBlocksRequest(extents=[kvstore_pb2.Extent(start=7, length=4)])
     with pytest.raises(grpc.aio.AioRpcError):  # a server-streaming handler's error
         await stub.ReadBlocks(far).read()
@@ -94,7 +94,7 @@ async def test_store_counts_errors_by_code_and_exports_its_stats(
     errors = {labels: v for (name, labels), v in scraped.items()
               if name == "fastswitch_kvstore_rpc_errors_total"}
     assert errors == {
-        (("code", "INVALID_ARGUMENT"), ("method", "Commit")): 2.0,
+        (("code", "PERMISSION_DENIED"), ("method", "Batch")): 2.0,
         (("code", "INVALID_ARGUMENT"), ("method", "ReadBlocks")): 1.0,
     }
     assert value(scraped, "fastswitch_kvstore_blocks", state="used") == 5  # 3 + 2 reserved

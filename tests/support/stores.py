@@ -1,21 +1,67 @@
 """KV stores served in the test's own process and event loop, on a free port: what the
-service, router, remote-tier and membership tests run their clients against."""
+service, router, remote-tier and membership tests run their clients against; and
+`BatchCalls`, a test client's Batch requests by token lists."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
+from common.kv.block_hash import block_hashes
+from common.kv.host_ops import HostOp, Pin, Reserve
 from common.shm.arena import SHM_DIR
-from protos import kvstore_pb2_grpc
+from protos import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.assemble import open_store
+from services.kvstore.batch_wire import request_to_proto
 from services.kvstore.config import StoreConfig
 from services.kvstore.service import StoreServer
+from services.kvstore.store import StoreRequest
 from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
+
+
+class BatchCalls:
+    """One test client's Batch requests to a store: a fixed client id and fresh request
+    ids, Reserve and Pin ops by token lists (a scheduler's RemoteHostKV, without its
+    bookkeeping). `stub` may be sync or asyncio; only an asyncio one can be called.
+    `client_id` defaults to a fresh random one: two clients under one id would have their
+    request ids answered from each other's answers."""
+
+    def __init__(self, stub: Any, fingerprint: str, block_size: int,
+                 client_id: str = "") -> None:
+        self.stub = stub
+        self.fingerprint = fingerprint
+        self.block_size = block_size
+        self.client_id = client_id or f"test-client-{uuid.uuid4().hex[:8]}"
+        self._request_ids = itertools.count(1)
+
+    def request(self, *ops: HostOp, **upkeep: Sequence[int]) -> kvstore_pb2.BatchRequest:
+        return request_to_proto(self.fingerprint, StoreRequest(
+            self.client_id, next(self._request_ids), ops, **upkeep))
+
+    def chain(self, tokens: Sequence[int]) -> tuple[bytes, ...]:
+        return tuple(block_hashes(tokens, self.block_size, self.fingerprint))
+
+    def reserve_op(self, conv: str, tokens: Sequence[int], op_id: int = 1) -> Reserve:
+        return Reserve(op_id, conv, self.chain(tokens), len(tokens))
+
+    def pin_op(self, conv: str, tokens: Sequence[int], op_id: int = 1) -> Pin:
+        return Pin(op_id, conv, self.chain(tokens), len(tokens))
+
+    async def __call__(self, *ops: HostOp, **upkeep: Sequence[int]
+                       ) -> kvstore_pb2.BatchResponse:
+        return await self.stub.Batch(self.request(*ops, **upkeep))
+
+    async def reserve(self, conv: str, tokens: Sequence[int]) -> kvstore_pb2.ReservedReply:
+        return (await self(self.reserve_op(conv, tokens))).replies[0].reserved
+
+    async def pin(self, conv: str, tokens: Sequence[int]) -> kvstore_pb2.PinnedReply:
+        return (await self(self.pin_op(conv, tokens))).replies[0].pinned
 
 
 @dataclass(frozen=True)
@@ -45,6 +91,11 @@ class InProcessStore:
         """The scheduler's tier of this store, as a driver opens it."""
         return RemoteHostKV(self.channel, self.identity,
                             fingerprint=self.server.store.fingerprint, timeout_s=timeout_s)
+
+    def calls(self, client_id: str = "") -> BatchCalls:
+        """Batch requests of client `client_id` (default: a fresh one) to this store."""
+        store = self.server.store
+        return BatchCalls(self.stub, store.fingerprint, store.block_size, client_id)
 
     async def stop(self) -> None:
         """Stops serving and unlinks the arena (a clean stop); idempotent."""
