@@ -10,15 +10,20 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from common.kv.extent import runs
+from common.kv.host_ops import Pinned, Release
 from services.kvstore.errors import IndexUnavailable
 from services.kvstore.redis_connect import redis_client
 from services.kvstore.redis_storage import Namespace, RedisIndexStorage
+from services.kvstore.store import KVStore
 from tests.kvstore import test_kvstore_store
 from tests.kvstore.test_kvstore_store import (
     FP,
     FakeClock,
     StoreFactory,
     _factory,
+    call,
+    pin,
     put,
     read_all,
 )
@@ -69,19 +74,17 @@ def test_cluster_master_dying_costs_recomputes_never_stale_kv(
         for conv in CONVERSATIONS:
             for store in (a, b):  # b finds a's chains through the index, or degrades
                 try:
-                    hit = store.lookup(FP, conv, tokens)
+                    served = pin(store, conv, tokens)
                 except IndexUnavailable:
                     outcomes.add("unavailable")
                     continue
                 outcomes.add("served")
-                if hit.instance_id == a.instance_id and hit.valid_tokens:
-                    assert hit.valid_tokens == 8
-                    assert read_all(a, hit.extents) == data[conv]  # never another's bytes
+                assert_never_stale(a, b, store, served, data[conv])
         assert "unavailable" in outcomes  # the dead slots were noticed, not papered over
         # Writes go on in the mirror; conversations move on, and old blocks are reused.
         for conv in on_victim:
             with contextlib.suppress(IndexUnavailable):
-                a.release(conv)
+                call(a, Release(conv))
     finally:
         victim.start()
         redis_cluster.wait_ok()
@@ -101,9 +104,19 @@ def test_cluster_master_dying_costs_recomputes_never_stale_kv(
         client.close()
     assert dict(mirror.items()) == dict(a.index.storage.items())
     for conv in CONVERSATIONS:
-        hit = b.lookup(FP, conv, tokens)
-        if hit.instance_id == a.instance_id and hit.valid_tokens:
-            assert read_all(a, hit.extents) == data[conv]
+        for store in (a, b):
+            assert_never_stale(a, b, store, pin(store, conv, tokens), data[conv])
+
+
+def assert_never_stale(a: KVStore, b: KVStore, via: KVStore, served: Pinned,
+                       data: bytes) -> None:
+    """What `via` answered for a conversation `a` holds: `a`'s own bytes, whole, or a
+    miss; from `b`, a miss naming `a` as the holder, or nobody (it degraded)."""
+    if via is a and served.hit.num_tokens:
+        assert served.hit.num_tokens == 8
+        assert read_all(a, list(runs(served.hit.blocks))) == data  # never another's bytes
+    elif via is b:
+        assert served.hit.num_tokens == 0 and served.holder in ("", a.instance_id)
 
 
 def test_cluster_url_names_any_node(redis_cluster: RedisClusterServer) -> None:
