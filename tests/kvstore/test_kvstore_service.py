@@ -480,8 +480,8 @@ async def test_a_client_renews_what_it_holds_and_forgets_what_lapsed(
     running = await start(lease_seconds=0.3)
     client = client_of(running)
     tokens = list(range(8))
-    [reserved, _] = (await client.execute([Reserve(1, "c", chain_of(tokens), 8),
-                                           Pin(2, "d", chain_of([1]), 1)])).replies
+    [reserved, _] = await client.execute([Reserve(1, "c", chain_of(tokens), 8),
+                                          Pin(2, "d", chain_of([1]), 1)])
     assert client.held == (1, 1)
     for _ in range(10):  # a second: three lease periods
         await client.renew()
