@@ -41,7 +41,7 @@ class SimCost:
         return cls(step_model, link, LAYOUT_OF[mode])
 
     def step_seconds(self, plan: StepPlan) -> float:
-        return self.step_model.step_time_s([(s.start, len(s.token_ids)) for s in plan.batch])
+        return self.step_model.step_time_s([(s.start, s.num_tokens) for s in plan.batch])
 
     def transfers(self, order: SwapOrder) -> list[Transfer]:
         """The physical copies behind one swap order, in this cost model's layout."""

@@ -5,8 +5,10 @@ Step and copy durations come from a `CostModel`. Copies run on two FIFO copy que
 mode) makes the step wait for every copy in flight, which is the stall FastSwitch removes.
 Each plan costs `HostCosts.plan_s` of scheduler time, and its host operations are carried
 out on an in-process index, answered one `HostCosts.round_trip_s` later, as the real
-driver's one store round trip per plan is. The planner and policies are the real ones;
-only time is simulated.
+driver's one store round trip per plan is. With `lookahead` (the real driver's default),
+step N+1 is planned when step N is launched, so its planning is charged only where it
+outlasts step N; without it, every plan waits for the last step's tokens. The planner and
+policies are the real ones; only time is simulated.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class VirtualDriver:
         priority_updates: RandomPriorityUpdates | None = None,
         follow_up: FollowUp | None = None,
         on_iteration: Callable[[VirtualDriver, StepPlan], None] | None = None,
+        lookahead: bool = True,
     ) -> None:
         self.planner = planner
         self.cost = cost
@@ -122,7 +125,9 @@ class VirtualDriver:
         self.priority_updates = priority_updates
         self.follow_up = follow_up
         self.on_iteration = on_iteration
+        self.lookahead = lookahead
         self.now = 0.0
+        self._running: tuple[float, dict[str, int]] | None = None  # the step in flight
         self._arrivals: list[tuple[float, int, Request]] = []
         self._inflight: list[tuple[float, int, SwapOrder, float]] = []  # done, id, order, start
         self._replies: list[tuple[float, int, list[HostReply]]] = []  # due, seq, replies
@@ -146,9 +151,15 @@ class VirtualDriver:
                 break
             self._apply_priority_updates()
             plan = self.planner.plan()
-            self.now += self.host_costs.plan_s
+            overlapped = self.lookahead and self._running is not None
+            if not overlapped:  # planning waits for the last step's tokens
+                self.now += self.host_costs.plan_s
+            ready = self.now + (self.host_costs.plan_s if overlapped else 0.0)
             self._send_host_ops(plan)
-            self._start_swaps(plan.swaps)
+            # A copy waits for the step launched before it (the executor's step fence).
+            self._start_swaps(plan.swaps, not_before=self._running[0] if overlapped else 0.0)
+            ran = self._complete_running()
+            self.now = max(self.now, ready)
             if plan.barrier and self._inflight:
                 done = max(t for t, *_ in self._inflight)
                 self._stall += done - self.now
@@ -156,8 +167,8 @@ class VirtualDriver:
                 self._deliver_swaps(until=done)
                 plan = self.planner.runnable(plan)
             if plan.batch:
-                self._run_batch(plan)
-            elif not (plan.preemptions or plan.swaps or plan.host_ops
+                self._launch(plan)
+            elif not (ran or plan.preemptions or plan.swaps or plan.host_ops
                       or self._idle_until_next_event()):
                 raise RuntimeError(f"scheduler stuck at iteration {plan.iteration}: {plan}")
             if self.on_iteration:
@@ -198,9 +209,9 @@ class VirtualDriver:
         while self._replies and self._replies[0][0] <= until:
             self.planner.host_replied(heapq.heappop(self._replies)[2])
 
-    def _start_swaps(self, orders: Iterable[SwapOrder]) -> None:
+    def _start_swaps(self, orders: Iterable[SwapOrder], *, not_before: float) -> None:
         for order in orders:  # swap-outs come first in a plan
-            start = max(self.now, self._queue_free[order.direction])
+            start = max(self.now, not_before, self._queue_free[order.direction])
             done = start + self.cost.swap_seconds(order)
             self._queue_free[order.direction] = done
             heapq.heappush(self._inflight, (done, order.swap_id, order, self.now))
@@ -216,22 +227,38 @@ class VirtualDriver:
                 self._switch.append(done - submitted)
             self.planner.swap_done(order.swap_id)
 
-    def _run_batch(self, plan: StepPlan) -> None:
+    def _launch(self, plan: StepPlan) -> None:
+        """Starts the plan's step now; without lookahead it also completes at once."""
         if self.executor is not None:
             truth = {s.request_id: self.planner.requests[s.request_id].tokens for s in plan.batch}
             sampled = self.executor.step(plan.batch, truth)
         else:
             sampled = {s.request_id: 0 for s in plan.batch if s.sample}
         seconds = self.cost.step_seconds(plan)
-        self.now += seconds
         self._busy += seconds
-        for request_id in sampled:
+        self._running = (self.now + seconds, sampled)
+        if not self.lookahead:
+            self._complete_running()
+
+    def _complete_running(self) -> bool:
+        """Completes the step in flight, if any, at its end: its tokens reach the clients
+        (not those of requests that finished at an earlier step: wasted)."""
+        if self._running is None:
+            return False
+        end, sampled = self._running
+        self._running = None
+        self.now = max(self.now, end)
+        if self.executor is not None:
+            self.executor.finish_step()
+        served = [request_id for request_id in sampled if request_id in self.planner.requests]
+        for request_id in served:
             self._times[request_id].tokens.append(self.now)
-        self._output_tokens += len(sampled)
+        self._output_tokens += len(served)
         for request in self.planner.complete_step(sampled):
             self._finished.append(request)
             for at, nxt in self.follow_up(request, self.now) if self.follow_up else ():
                 self.submit(at, nxt)
+        return True
 
     def _idle_until_next_event(self) -> bool:
         """Nothing ran: jump to the next swap completion, host reply or arrival. False if

@@ -19,7 +19,9 @@ class PreemptBy(Enum):
 @dataclass(frozen=True, slots=True)
 class ScheduledSeq:
     """Feed `token_ids` at positions `start`...; sample a token when `sample` is set, never
-    one of `banned_token_ids` (the request's stop tokens, before its `min_tokens`)."""
+    one of `banned_token_ids` (the request's stop tokens, before its `min_tokens`). With
+    `from_last_step`, `token_ids` is empty and the one token fed at `start` is the one the
+    executor sampled for this request in the step before (lookahead: it is not known yet)."""
 
     request_id: str
     block_table: tuple[int, ...]
@@ -27,6 +29,11 @@ class ScheduledSeq:
     token_ids: tuple[int, ...]
     sample: bool
     banned_token_ids: tuple[int, ...] = ()
+    from_last_step: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + self.from_last_step
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +47,9 @@ class StepPlan:
     """One iteration. Send `host_ops` to the host KV (in order; feed the replies back with
     `Planner.host_replied` whenever they come, see `common.kv.host_ops`), start `swaps`
     (swap-outs before swap-ins), run `batch`, then report the sampled tokens with
-    `Planner.complete_step`. Nothing in a plan waits for the host.
+    `Planner.complete_step` (or `Planner.steps_refused` if it did not run). Nothing in a
+    plan waits for the host. The next plan may be made before this one's step completes
+    (lookahead: see `steps_in_flight`); at most two steps are in flight.
 
     With `barrier` set (baseline mode) every swap in flight, these included, must complete
     and be reported before the batch runs; the batch may then use blocks swapped in by this
@@ -57,4 +66,4 @@ class StepPlan:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.batch)
+        return sum(s.num_tokens for s in self.batch)

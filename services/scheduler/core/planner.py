@@ -32,6 +32,7 @@ from services.scheduler.core.request import Request, RequestState
 from services.scheduler.core.request_kv import Purpose
 from services.scheduler.core.selection import Candidate, choose
 from services.scheduler.core.stats import PlannerStats
+from services.scheduler.core.steps_in_flight import PENDING, StepsInFlight
 from services.scheduler.core.transfers import Transfers
 
 S, E, P = RequestState, Event, Purpose
@@ -56,7 +57,7 @@ class Planner:
         self.transfers = Transfers(self.config, self.fingerprint, self.memory, self.asks,
                                    self.stats)
         self._kv = self.transfers.kv
-        self._scheduled: tuple[ScheduledSeq, ...] = ()
+        self.steps = StepsInFlight(self.memory)
         self._arrivals = itertools.count()
 
     # ---- events in -------------------------------------------------------------------
@@ -124,7 +125,7 @@ class Planner:
     def reset_device(self) -> list[Request]:
         """The executor lost device memory (it restarted): requests whose KV was there, or
         in flight, fail; swaps in flight are dropped. The others stay."""
-        self._scheduled = ()
+        self.steps.clear()
         cancelled = self.transfers.device_lost()
         failed = [r for r in self.requests.values() if r.state in ON_DEVICE]
         for r in failed:
@@ -144,35 +145,39 @@ class Planner:
             self.transfers.replied(reply)
 
     def complete_step(self, sampled: Mapping[str, int]) -> list[Request]:
-        """Applies the last plan's results; returns the requests that finished."""
+        """Applies the oldest step in flight's tokens; returns the requests that finished.
+        A row whose request left meanwhile (it finished at an earlier step) is wasted."""
         finished: list[Request] = []
-        scheduled, self._scheduled = self._scheduled, ()
-        for seq in scheduled:
-            r = self.requests.get(seq.request_id)
-            if r is None or r.state not in RESIDENT:
-                continue  # cancelled while the step ran
-            r.num_computed = seq.start + len(seq.token_ids)
+        rows = self.steps.complete()
+        for row in rows:
+            r, seq = row.request, row.seq
+            if self.requests.get(seq.request_id) is not r:
+                self.stats.wasted_tokens += seq.sample
+                continue
             # A recomputed prompt token is served again but charged once.
-            prefilled = min(r.num_computed, len(r.prompt))
+            prefilled = min(row.end, len(r.prompt))
             new_prompt = max(0, prefilled - max(seq.start, r.prompt_charged))
             r.prompt_charged = max(r.prompt_charged, prefilled)
-            if not seq.sample:
+            if row.sampled_at is None:
                 self.policy.on_served(r, new_prompt, 0)
                 continue
-            token = sampled[seq.request_id]
-            r.output.append(token)
+            token = r.output[row.sampled_at] = sampled[seq.request_id]
             self.policy.on_served(r, new_prompt, 1)
             if r.state is S.PREFILLING:
                 r.handle(E.FIRST_TOKEN)
-            stopped = token in r.stop_token_ids and len(r.output) > r.min_tokens
-            if len(r.output) >= r.max_tokens or stopped:
+            stopped = token in r.stop_token_ids and row.sampled_at >= r.min_tokens
+            if row.sampled_at + 1 >= r.max_tokens or stopped:
                 self._finish(r)
                 finished.append(r)
-        for seq in scheduled if self.config.on.eager_offload else ():
-            r = self.requests.get(seq.request_id)
-            if r is not None and r.state in RESIDENT:
-                self.transfers.store(r)
+        for row in rows if self.config.on.eager_offload else ():
+            if self.requests.get(row.seq.request_id) is row.request:
+                self.transfers.store(row.request, row.end)
         return finished
+
+    def steps_refused(self) -> None:
+        """The steps in flight did not run (the executor refused the oldest; the later
+        ones depend on it): each is undone, as if never planned."""
+        self.steps.refuse_all()
 
     # ---- the decision ----------------------------------------------------------------
 
@@ -180,7 +185,8 @@ class Planner:
         iteration = self.stats.iterations
         self.stats.iterations += 1
         chosen = self._select()
-        keep = {r.request_id for r, _ in chosen}
+        # A request with a row in a step in flight stays until the step is back.
+        keep = {r.request_id for r, _ in chosen} | self.steps.busy()
         preemptions = [self._preempt(r) for r in list(self.requests.values())
                        if r.state in RESIDENT and r.request_id not in keep]
         swaps, self.transfers.orders = self.transfers.orders, []
@@ -192,7 +198,8 @@ class Planner:
                     batch.append(self._seq(r, chunk))
             elif admitting:
                 admitting = self._bring_in(r, chunk, swaps, batch)
-        self._scheduled = tuple(batch)
+        if batch:
+            self.steps.issue(iteration, tuple(batch), self.requests)
         host_ops = self.asks.drain()
         self.stats.host_ops += len(host_ops)
         return StepPlan(iteration, tuple(batch), tuple(swaps), tuple(preemptions), host_ops,
@@ -200,14 +207,17 @@ class Planner:
 
     def runnable(self, plan: StepPlan) -> StepPlan:
         """The plan less the sequences whose requests left its batch while its barrier
-        waited (a swap-in that failed, a cancel): what the driver runs after a barrier."""
-        batch = tuple(s for s in plan.batch if (r := self.requests.get(s.request_id))
-                      is not None and r.state in RESIDENT)
-        self._scheduled = batch
-        return replace(plan, batch=batch)
+        waited (a swap-in that failed, a cancel), or none if its step was refused
+        meanwhile: what the driver runs after a barrier."""
+        resident = {s.request_id for s in plan.batch if (r := self.requests.get(s.request_id))
+                    is not None and r.state in RESIDENT}
+        kept = self.steps.keep_only(plan.iteration, resident) if plan.batch else set()
+        return replace(plan, batch=tuple(s for s in plan.batch if s.request_id in kept))
 
     def _select(self) -> list[tuple[Request, int]]:
-        live = [r for r in self.requests.values() if r.state in SELECTABLE]
+        # Not one whose last pending token is its last: it finishes when its step is back.
+        live = [r for r in self.requests.values()
+                if r.state in SELECTABLE and len(r.output) < r.max_tokens]
         room = self.memory.room(r for r in live if r.state in RESIDENT)
         offloading = self.transfers.offloading()
         order = self.preemption.order(live, self.policy)
@@ -262,6 +272,7 @@ class Planner:
     # ---- helpers ---------------------------------------------------------------------
 
     def _finish(self, r: Request) -> None:
+        self.steps.discard(r)  # its rows in flight are wasted
         del self.requests[r.request_id]
         r.handle(E.FINISH)
         self.stats.finished += 1
@@ -278,9 +289,12 @@ class Planner:
         start, end = r.num_computed, r.num_computed + chunk
         sample = end == r.num_tokens
         early = sample and len(r.output) < r.min_tokens  # stop tokens are not sampled yet
+        tokens = tuple(r.token_slice(start, end))
+        pending = tokens[-1] == PENDING  # a step in flight samples it
         return ScheduledSeq(r.request_id, self.memory.table(r), start,
-                            tuple(r.token_slice(start, end)), sample,
-                            banned_token_ids=tuple(sorted(r.stop_token_ids)) if early else ())
+                            tokens[:-1] if pending else tokens, sample,
+                            banned_token_ids=tuple(sorted(r.stop_token_ids)) if early else (),
+                            from_last_step=pending)
 
     # ---- what the drivers read -------------------------------------------------------
 
@@ -297,4 +311,4 @@ class Planner:
     def has_work(self) -> bool:
         """Live requests, swaps in flight, or swaps, host operations or replies pending."""
         return bool(self.requests or len(self.memory.swaps) or self.transfers.orders
-                    or self.asks)
+                    or self.asks or self.steps)

@@ -21,5 +21,6 @@ class PlannerStats:
     device_hit_tokens: int = 0  # prompt tokens taken from the device prefix cache
     blocks_stored: int = 0  # eager offload: blocks copied to the host while running
     host_ops: int = 0
+    wasted_tokens: int = 0  # lookahead: sampled for a request that had finished meanwhile
     finished: int = 0
     cancelled: int = 0

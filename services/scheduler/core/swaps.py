@@ -13,6 +13,10 @@ Contract (as vLLM's offload manager states its own):
   waits. Without them (the baseline) every plan made while any swap is in flight carries a
   barrier: the step waits for all of them, and may then use what they swapped in.
 - A swap-in cancelled mid-copy leaves its blocks draining until the copy ends.
+- A step sent to the executor and not yet completed holds every block of its batch's
+  block tables (`hold_step` to `step_done`): one freed meanwhile drains until the step ends,
+  as under a copy. With lookahead a step still runs after the next plan was made (and its
+  finishes and cancels applied), so no block is reused while a queued step may write it.
 - Each swap is reported done exactly once, `ok` or not; `done` hands back what the swap
   held, and its `Purpose`, so that the planner can commit, abort or unpin its host side.
 - The manager is bound to one allocator: when the device is lost, both are replaced.
@@ -41,6 +45,14 @@ class Swap:
     reservation_id: int | None = None  # swap-out: the host reservation it fills
 
 
+@dataclass(slots=True, eq=False)
+class StepHold:
+    """A step in flight: the blocks its batch reads and writes."""
+
+    reads: frozenset[int]
+    draining: list[int] = field(default_factory=list)
+
+
 class SwapManager:
     def __init__(
         self, allocator: BlockAllocator, *, merge_copies: bool, async_swaps: bool
@@ -49,6 +61,7 @@ class SwapManager:
         self.merge_copies = merge_copies
         self.async_swaps = async_swaps
         self._swaps: dict[int, Swap] = {}
+        self._steps: dict[int, StepHold] = {}
         self._ids = itertools.count(1)
 
     def swap_out(
@@ -79,16 +92,20 @@ class SwapManager:
         return swap
 
     def claim(self, blocks: Collection[int]) -> list[int]:
-        """Of `blocks`, about to be freed, those that copies in flight still read: they
-        are the copies' to free when they end (the caller releases them draining)."""
-        wanted = set(blocks)
-        claimed: list[int] = []
-        for swap in self._swaps.values():
-            if swap.order.direction is Direction.OUT:
-                mine = [b for b in swap.reads if b in wanted and b not in swap.draining]
-                swap.draining += mine
-                claimed += mine
-        return claimed
+        """Of `blocks`, about to be freed, those that copies or steps in flight still read:
+        they are theirs to free when they end (the caller releases them draining)."""
+        wanted, claimed = set(blocks), set()
+        for reader in self._readers():
+            mine = [b for b in reader.reads if b in wanted and b not in claimed]
+            reader.draining += mine
+            claimed.update(mine)
+        return [b for b in blocks if b in claimed]
+
+    def hold_step(self, step_id: int, blocks: Collection[int]) -> None:
+        self._steps[step_id] = StepHold(frozenset(blocks))
+
+    def step_done(self, step_id: int) -> None:
+        self._end(self._steps.pop(step_id))
 
     def swap_in(self, r: Request, kv: RequestKV, device_blocks: Sequence[int]) -> Swap:
         """Copies the host blocks `kv.pin` holds into the first of `device_blocks`."""
@@ -106,12 +123,16 @@ class SwapManager:
         self.allocator.release(r, draining=swap.draining)
 
     def done(self, swap_id: int) -> Swap:
-        """Ends a swap: the blocks it drained are freed, unless another copy in flight
-        still reads them (that one frees them when it ends)."""
+        """Ends a swap: the blocks it drained are freed, unless another copy or step in
+        flight still reads them (that one frees them when it ends)."""
         swap = self._swaps.pop(swap_id)
+        self._end(swap)
+        return swap
+
+    def _end(self, ended: Swap | StepHold) -> None:
         free = []
-        for block in swap.draining:
-            other = next((s for s in self._swaps.values() if block in s.reads), None)
+        for block in ended.draining:
+            other = next((r for r in self._readers() if block in r.reads), None)
             if other is not None:
                 if block not in other.draining:
                     other.draining.append(block)
@@ -119,12 +140,17 @@ class SwapManager:
                 free.append(block)
         if free:
             self.allocator.release_draining(free)
-        return swap
+
+    def _readers(self) -> Iterator[Swap | StepHold]:
+        """What reads device blocks: swap-outs and steps in flight."""
+        yield from (s for s in self._swaps.values() if s.order.direction is Direction.OUT)
+        yield from self._steps.values()
 
     def reset(self) -> list[Swap]:
         """The device was lost: every swap in flight is dropped, unreported."""
         dropped = list(self._swaps.values())
         self._swaps.clear()
+        self._steps.clear()
         return dropped
 
     def barrier(self) -> bool:
@@ -135,6 +161,7 @@ class SwapManager:
         return {s.kv.host_key for s in self._swaps.values() if s.purpose is Purpose.OFFLOAD}
 
     def __len__(self) -> int:
+        """Swaps in flight."""
         return len(self._swaps)
 
     def __iter__(self) -> Iterator[Swap]:

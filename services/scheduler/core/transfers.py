@@ -268,10 +268,11 @@ class Transfers:
             self.asks.ask(r, kv, P.OFFLOAD, r.num_computed)
         self.drop(r)
 
-    def store(self, r: Request) -> None:
-        """Eager offload: a running request's newly full blocks go to the host."""
+    def store(self, r: Request, computed: int) -> None:
+        """Eager offload: a running request's newly full blocks (of its first `computed`
+        tokens, whose steps have completed) go to the host."""
         kv = self.kv[r.request_id]
-        full = r.num_computed // self.config.block_size
+        full = computed // self.config.block_size
         if kv.storing or kv.private or full <= kv.stored_blocks:
             return
         kv.storing = full
