@@ -32,3 +32,28 @@ class LatencyWindow:
     def record(self, ttft: float, tbts: Iterable[float]) -> None:
         self.ttfts.append(ttft)
         self.tbts.extend(tbts)
+
+
+class BusyTime:
+    """How much of the time between the first busy interval's start and the last one's
+    end was busy, each moment counted once: intervals are added in order of their ends (a
+    step's run, as the executor times it, ending when its reply arrives)."""
+
+    def __init__(self) -> None:
+        self.busy_s = 0.0
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def add(self, start: float, end: float) -> None:
+        if self.first is None:
+            self.first = start
+        begin = start if self.last is None else max(start, self.last)
+        self.busy_s += max(0.0, end - begin)
+        self.last = end if self.last is None else max(self.last, end)
+
+    @property
+    def idle_fraction(self) -> float:
+        """Time between intervals over the whole span; 0.0 before two ends."""
+        if self.first is None or self.last is None or self.last <= self.first:
+            return 0.0
+        return max(0.0, 1.0 - self.busy_s / (self.last - self.first))

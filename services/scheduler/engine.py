@@ -33,7 +33,7 @@ import grpc
 
 from common.kv.extent import Extent
 from common.kv.host_ops import HostOp, unanswered
-from common.latency import LatencyWindow, gaps
+from common.latency import BusyTime, LatencyWindow, gaps
 from common.refusal import executor_lost, refused_request
 from common.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import executor_pb2 as ex
@@ -63,6 +63,7 @@ class AdmissionError(Exception):
 @dataclass(frozen=True)
 class EngineLimits:
     max_model_len: int
+    lookahead: bool = True  # send step N+1 before step N's tokens are back
     outage_wait_s: float = 2.0  # how long a request waits for a lost executor
     probe_s: float = 1.0  # how often an idle engine checks that the executor answers
 
@@ -106,6 +107,10 @@ class Engine:
         self.copies = 0
         self.step_overheads: deque[float] = deque(maxlen=10_000)
         self.steps = 0
+        # Steps sent and not yet completed, oldest first: at most the running one and, with
+        # lookahead, one queued behind it.
+        self._steps_sent: deque[tuple[StepPlan, asyncio.Future[ex.StepResponse], float]] = deque()
+        self.executor_busy = BusyTime()
         self.executor_ok = True
         self._executor_back = asyncio.Event()
         self._executor_back.set()
@@ -257,22 +262,28 @@ class Engine:
                         break  # nothing can run until a swap completes or a request arrives
 
     async def _iteration(self) -> bool:
+        """Plans one step and sends it; then, with lookahead, completes the step before it
+        (sent last iteration: the executor queued this one behind it, so it never waits
+        for this loop), else this one."""
         plan = self.planner.plan()
         if plan.host_ops:
             self._host_ops.put_nowait(plan.host_ops)
         try:
             if plan.swaps and not await self._submit_swaps(plan.swaps):
-                return True  # re-planned without the refused request
+                self.planner.skip(plan)  # re-planned without the refused request
+                return await self._complete_steps(keep=0)
             if plan.barrier:
+                await self._complete_steps(keep=0)
                 await asyncio.gather(*list(self._swaps.values()))
                 plan = self.planner.runnable(plan)
             if plan.batch:
-                await self._run_batch(plan)
-                return True
+                self._send_step(plan)
+            ahead = self.limits.lookahead and bool(plan.batch)  # this one runs meanwhile
+            completed = await self._complete_steps(keep=1 if ahead else 0)
         except grpc.aio.AioRpcError as e:
             await self._executor_lost(e)
             return False
-        return bool(plan.preemptions)
+        return bool(plan.batch or completed or plan.preemptions)
 
     async def _submit_swaps(self, orders: Sequence[SwapOrder]) -> bool:
         """Starts the swaps; False if the executor refused them (then none started)."""
@@ -299,7 +310,8 @@ class Engine:
             return False
         return True
 
-    async def _run_batch(self, plan: StepPlan) -> None:
+    def _send_step(self, plan: StepPlan) -> None:
+        """Sends the plan's step: the executor runs it after those sent before it."""
         request = ex.StepRequest(iteration=plan.iteration)
         for seq in plan.batch:
             tracked = self._tracked.get(seq.request_id)
@@ -309,31 +321,51 @@ class Engine:
                     block_table=seq.block_table,
                     start=seq.start,
                     token_ids=seq.token_ids,
+                    from_last_step=seq.from_last_step,
                     sample=seq.sample,
                     sampling=tracked.sampling if tracked is not None else None,
                     banned_token_ids=seq.banned_token_ids,
                 )
             )
-        started = time.monotonic()
-        try:
-            response = await self.executor.Step(request)
-        except grpc.aio.AioRpcError as e:
-            if executor_lost(e):
-                raise
-            # Nothing ran: the others' plan is simply made again next iteration.
-            await self._fail_refused(e, [seq.request_id for seq in plan.batch])
-            return
+        call = asyncio.ensure_future(self.executor.Step(request))
+        self._steps_sent.append((plan, call, time.monotonic()))
+
+    async def _complete_steps(self, keep: int) -> bool:
+        """Completes the steps sent, oldest first, until `keep` are left in flight; False
+        if there were none. A step the executor refused ran nothing, and those sent after
+        it are undone with it (they build on its tokens)."""
+        completed = False
+        while len(self._steps_sent) > keep:
+            plan, call, sent = self._steps_sent.popleft()
+            completed = True
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as e:
+                if executor_lost(e):
+                    raise
+                later = [c for _, c, _ in self._steps_sent]
+                self._steps_sent.clear()
+                await asyncio.gather(*later, return_exceptions=True)  # outcomes moot
+                self.planner.steps_refused()
+                await self._fail_refused(e, [seq.request_id for seq in plan.batch])
+                return True
+            self._stepped(response, sent)
+        return completed
+
+    def _stepped(self, response: ex.StepResponse, sent: float) -> None:
+        """Applies a completed step's tokens and streams them out."""
+        now = time.monotonic()
         self.steps += 1
-        self.step_overheads.append(time.monotonic() - started - response.duration_s)
-        self.metrics.step.observe(time.monotonic() - started)
+        self.step_overheads.append(now - sent - response.duration_s)
+        self.metrics.step.observe(now - sent)
+        self.executor_busy.add(now - response.duration_s, now)
         sampled = {t.request_id: t.token_id for t in response.tokens}
         finished = self.planner.complete_step(sampled)
-        now = time.monotonic()
         done = {r.request_id for r in finished}
         for token in response.tokens:
             tracked = self._tracked.get(token.request_id)
             if tracked is None:
-                continue
+                continue  # cancelled, or its row was wasted (it finished a step earlier)
             tracked.timings.append(now)
             self.usage.tokens[tracked.tenant] += 1
             self.metrics.observe_token(tracked.timings)
@@ -430,6 +462,9 @@ class Engine:
         self._executor_back.clear()
         await self._set_health(False)
         failed = self.planner.reset_device()
+        for _, call, _ in self._steps_sent:
+            call.cancel()
+        self._steps_sent.clear()
         for future in self._swaps.values():
             future.cancel()
         self._swaps.clear()

@@ -384,6 +384,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             kvstores=self.engine.host.store_counts[0],
             kvstores_down=self.engine.host.store_counts[1],
             kvstore_degraded_seconds=self.engine.host.degraded_seconds,
+            executor_idle_fraction=self.engine.executor_busy.idle_fraction,
+            wasted_tokens=planner.stats.wasted_tokens,
         )
 
 

@@ -71,6 +71,7 @@ class FakeExecutor:
     fail_step: dict[str, grpc.aio.AioRpcError] = field(default_factory=dict)
     attached: list[str] = field(default_factory=list)
     call: SwapEventCall = field(default_factory=SwapEventCall)
+    last_sampled: dict[str, int] = field(default_factory=dict)  # by the step before
 
     async def Step(self, request: ex.StepRequest) -> ex.StepResponse:
         await asyncio.sleep(0)  # a call suspends its caller, as a real one does
@@ -79,15 +80,17 @@ class FakeExecutor:
                 raise self.fail_step.pop(seq.request_id)
         self.steps.append(request)
         response = ex.StepResponse()
+        last, self.last_sampled = self.last_sampled, {}
         for seq in request.sequences:
             table = list(seq.block_table)
             fed = [self.slots[DEVICE, table[p // BS]][p % BS] for p in range(seq.start)]
             assert EMPTY not in fed, f"{seq.request_id}: its KV before {seq.start} is missing"
-            fed += seq.token_ids
+            fed += [last[seq.request_id]] if seq.from_last_step else seq.token_ids
             for p in range(seq.start, len(fed)):
                 self.slots[DEVICE, table[p // BS]][p % BS] = fed[p]
             if seq.sample:
-                response.tokens.add(request_id=seq.request_id, token_id=next_token(fed, VOCAB))
+                token = self.last_sampled[seq.request_id] = next_token(fed, VOCAB)
+                response.tokens.add(request_id=seq.request_id, token_id=token)
         return response
 
     async def SubmitSwaps(self, request: ex.SubmitSwapsRequest) -> ex.SubmitSwapsResponse:

@@ -174,6 +174,11 @@ class Planner:
                 self.transfers.store(row.request, row.end)
         return finished
 
+    def skip(self, plan: StepPlan) -> None:
+        """The driver will not run the plan's batch (its swaps were refused): undone."""
+        if plan.batch:
+            self.steps.keep_only(plan.iteration, set())
+
     def steps_refused(self) -> None:
         """The steps in flight did not run (the executor refused the oldest; the later
         ones depend on it): each is undone, as if never planned."""

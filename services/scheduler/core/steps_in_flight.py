@@ -80,6 +80,7 @@ class StepsInFlight:
         for row in rows:
             if row.seq.request_id not in kept:
                 _drop_pending(row)
+                row.request.num_computed = min(row.request.num_computed, row.seq.start)
         if kept:
             self._steps.append((step_id, [r for r in rows if r.seq.request_id in kept]))
         else:
