@@ -1,7 +1,10 @@
 """The executor's gRPC face (grpc.aio): protobuf in, engine calls, status codes out.
 
-Steps run on one worker thread so the event loop keeps serving SubmitSwaps and streaming
-SwapEvents while a forward pass is in progress.
+Steps run on worker threads so the event loop keeps serving SubmitSwaps and streaming
+SwapEvents while a forward pass is in progress: one prepares steps (host work), one launches
+them (device work) and one collects them (waits for their tokens), each in the order the
+steps arrived. So a Step that arrives while another runs is prepared meanwhile, launched right
+after it and answered after it; one more is refused by the engine ("already queued").
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -26,8 +29,10 @@ from services.executor.engine import (
     ExecutorEngine,
     InvalidInput,
     PreconditionFailed,
+    PreparedStep,
     Refused,
     StepClaim,
+    StepResult,
     StepSequence,
     SwapDone,
     SwapOrder,
@@ -49,8 +54,10 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: ExecutorEngine, metrics: ExecutorMetrics | None = None) -> None:
         self._engine = engine
         self._metrics = metrics or ExecutorMetrics()
-        self._step_worker = ThreadPoolExecutor(1, thread_name_prefix="step")
-        self._step_lock = asyncio.Lock()
+        # One thread each, so that each stage takes the steps in the order they arrived.
+        self._prepare_worker = ThreadPoolExecutor(1, thread_name_prefix="step-prepare")
+        self._launch_worker = ThreadPoolExecutor(1, thread_name_prefix="step-launch")
+        self._collect_worker = ThreadPoolExecutor(1, thread_name_prefix="step-collect")
         self._streams: set[CompletionStream] = set()
 
     async def Describe(
@@ -122,18 +129,15 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             sequences = [_sequence(i, s) for i, s in enumerate(request.sequences)]
         except Refused as exc:
             await _abort(context, exc)
-        await self._step_lock.acquire()  # held until the step's thread is done
-        try:
-            claim = await self._begin_step(sequences, context)
-        except BaseException:
-            self._step_lock.release()
-            raise
-        running = asyncio.get_running_loop().run_in_executor(
-            self._step_worker, self._engine.run_step, claim
-        )
-        running.add_done_callback(lambda _: self._step_lock.release())
-        try:
-            result = await asyncio.shield(running)  # a cancelled call lets the step finish
+        claim = await self._begin_step(sequences, context)
+        # Submitted before any await: the workers take the steps in the order they began.
+        prepared = self._prepare_worker.submit(self._engine.prepare_step, claim)
+        launched = self._launch_worker.submit(self._launch, prepared)
+        try:  # shielded: a cancelled call lets the step finish
+            collected = await asyncio.shield(asyncio.wrap_future(launched))
+            result = await asyncio.shield(asyncio.wrap_future(collected))
+        except Refused as exc:  # the step before, whose tokens it feeds, failed
+            await _abort(context, exc)
         except Exception as exc:
             log.exception("step %d failed", request.iteration)
             await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")
@@ -150,6 +154,12 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             ],
             duration_s=result.duration_s,
         )
+
+    def _launch(self, prepared: Future[PreparedStep]) -> Future[StepResult]:
+        """On the launch worker: launches the step once prepared, and hands it to the collect
+        worker."""
+        launched = self._engine.launch_step(prepared.result())
+        return self._collect_worker.submit(self._engine.collect_step, launched)
 
     async def _begin_step(
         self, sequences: list[StepSequence], context: grpc.aio.ServicerContext
@@ -194,8 +204,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             stream.close()
 
     def close(self) -> None:
-        """After the server stopped: waits for a step still running."""
-        self._step_worker.shutdown(wait=True)
+        """After the server stopped: waits for the steps still running or queued."""
+        for worker in (self._prepare_worker, self._launch_worker, self._collect_worker):
+            worker.shutdown(wait=True)
 
 
 def add_to_server(service: ExecutorService, server: grpc.aio.Server) -> health_aio.HealthServicer:
@@ -243,6 +254,7 @@ def _sequence(index: int, seq: executor_pb2.SequenceInput) -> StepSequence:
         sample=seq.sample,
         sampling=sampling,
         banned_token_ids=tuple(seq.banned_token_ids),
+        from_last_step=seq.from_last_step,
     )
 
 
