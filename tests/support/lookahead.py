@@ -5,12 +5,13 @@ explicitly, as a scheduler without lookahead would."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from services.executor.engine import ExecutorEngine, LaunchedStep, SampledToken, StepSequence
 
 Tokens = tuple[SampledToken, ...]
+Drive = Callable[[ExecutorEngine, Sequence[Sequence[StepSequence]]], list[Tokens]]
 
 
 def run_explicitly(engine: ExecutorEngine, steps: Sequence[Sequence[StepSequence]]
