@@ -135,6 +135,10 @@ class SampledToken:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
+    """`duration_s`: from the step's start (its host work, or the collection of the step
+    before it, whichever is later) to its tokens on the host: the executor's time on this
+    step alone, so that the durations of pipelined steps never overlap."""
+
     tokens: tuple[SampledToken, ...]
     duration_s: float
 
@@ -316,6 +320,7 @@ class ExecutorEngine:
         self._steps: list[StepClaim] = []  # begun and not ended, in order: running, queued
         self._begun_last: StepClaim | None = None  # None: it failed, or none was begun
         self._launched_last: _LastSampled | None = None  # None: it failed, or none launched
+        self._collected_s = 0.0  # perf_counter when the step collected last was
         self._inflight: dict[int, _InFlight] = {}
         self._hub = CompletionHub()
 
@@ -560,7 +565,10 @@ class ExecutorEngine:
             failed = False
         finally:
             self._end_step(launched.claim, failed=failed)
-        return StepResult(tokens, time.perf_counter() - launched.started_s)
+        collected = time.perf_counter()
+        started = max(launched.started_s, self._collected_s)
+        self._collected_s = collected
+        return StepResult(tokens, collected - started)
 
     def _check_launch_order(self, claim: StepClaim) -> None:
         """Every step begun before `claim` is launched: of two begun, the first is the step

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from common.kv.swap_plan import Copy, plan_copies
 from common.shm.arena import HostArena
 from common.tokenizer import ByteTokenizer
+from services.executor import engine as engine_module
 from services.executor.copy import CpuCopyEngine, Direction
 from services.executor.copy.engine import Swap, Ticket
 from services.executor.engine import (
@@ -241,7 +243,9 @@ class FenceRecorder(CpuCopyEngine):
         return super().submit(direction, request_id, copies, after)
 
 
-def test_swaps_both_ways_wait_for_the_fence_of_the_last_step_launched(checkpoint: Path) -> None:
+@pytest.fixture
+def fenced(checkpoint: Path) -> Iterator[ExecutorEngine]:
+    """An engine with an arena attached, on a copy engine that records its fences."""
     config, model = load_checkpoint(checkpoint)
     cache = KVCacheGeometry.for_model(config, num_blocks=16, block_size=BLOCK_SIZE).allocate()
     engine = ExecutorEngine(config, model, cache, backend="cpu", copy_engine=FenceRecorder)
@@ -249,16 +253,20 @@ def test_swaps_both_ways_wait_for_the_fence_of_the_last_step_launched(checkpoint
     FenceRecorder.waits.clear()
     with HostArena.local(8, engine.geometry.block_bytes) as arena:
         engine.attach_host_arena(arena.name)
-        try:
-            for first in (0, 4):
-                step(engine, seq(f"a{first}", [first, first + 1], 0, 5))
-                fence = FenceRecorder.fences[-1]
-                engine.submit_swaps([order(first + 1, "x", "out", [first], [first]),
-                                     order(first + 2, "y", "in", [first + 1], [8 + first])])
-                assert FenceRecorder.waits[-2:] == [("out", fence), ("in", fence)]
-            assert len(FenceRecorder.fences) == 2  # one per step
-        finally:
-            engine.close()
+        yield engine
+        engine.close()
+
+
+def test_swaps_both_ways_wait_for_the_fence_of_the_last_step_launched(
+    fenced: ExecutorEngine,
+) -> None:
+    for first in (0, 4):
+        step(fenced, seq(f"a{first}", [first, first + 1], 0, 5))
+        fence = FenceRecorder.fences[-1]
+        fenced.submit_swaps([order(first + 1, "x", "out", [first], [first]),
+                             order(first + 2, "y", "in", [first + 1], [8 + first])])
+        assert FenceRecorder.waits[-2:] == [("out", fence), ("in", fence)]
+    assert len(FenceRecorder.fences) == 2  # one per step
 
 
 def test_an_arena_the_copy_engine_cannot_take_is_released(checkpoint: Path) -> None:
@@ -344,27 +352,28 @@ def test_one_step_queues_behind_the_running_one_and_a_third_is_refused(
     step(engine, seq("d", [5], 0, 2))
 
 
-def test_a_swap_beside_a_queued_step_waits_for_the_fence_of_the_step_launched_last(
-    checkpoint: Path,
+def test_the_durations_of_a_step_and_the_one_queued_behind_it_do_not_overlap(
+    engine: ExecutorEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config, model = load_checkpoint(checkpoint)
-    cache = KVCacheGeometry.for_model(config, num_blocks=16, block_size=BLOCK_SIZE).allocate()
-    engine = ExecutorEngine(config, model, cache, backend="cpu", copy_engine=FenceRecorder)
-    FenceRecorder.fences.clear()
-    FenceRecorder.waits.clear()
-    with HostArena.local(8, engine.geometry.block_bytes) as arena:
-        engine.attach_host_arena(arena.name)
-        try:
-            launched = engine.launch_step(engine.prepare_step(engine.begin_step(
-                [seq("a", [0, 1], 0, 5)])))
-            fence = FenceRecorder.fences[-1]
-            queued = engine.begin_step([seq("b", [2, 3], 0, 5)])
-            engine.submit_swaps([order(1, "x", "out", [4], [0]), order(2, "y", "in", [1], [5])])
-            assert FenceRecorder.waits[-2:] == [("out", fence), ("in", fence)]
-            engine.collect_step(launched)
-            engine.run_step(queued)
-        finally:
-            engine.close()
+    ticks = iter(range(1, 100))
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    first = engine.launch_step(engine.prepare_step(engine.begin_step([seq("a", [0], 0, 2)])))  # 1
+    second = engine.launch_step(engine.prepare_step(engine.begin_step([seq("b", [1], 0, 2)])))  # 2
+    assert engine.collect_step(first).duration_s == 3 - 1
+    assert engine.collect_step(second).duration_s == 4 - 3  # from the first's end, not from 2
+
+
+def test_a_swap_beside_a_queued_step_waits_for_the_fence_of_the_step_launched_last(
+    fenced: ExecutorEngine,
+) -> None:
+    launched = fenced.launch_step(fenced.prepare_step(fenced.begin_step(
+        [seq("a", [0, 1], 0, 5)])))
+    fence = FenceRecorder.fences[-1]
+    queued = fenced.begin_step([seq("b", [2, 3], 0, 5)])
+    fenced.submit_swaps([order(1, "x", "out", [4], [0]), order(2, "y", "in", [1], [5])])
+    assert FenceRecorder.waits[-2:] == [("out", fence), ("in", fence)]
+    fenced.collect_step(launched)
+    fenced.run_step(queued)
 
 
 def test_a_bad_from_last_step_entry_is_refused_and_changes_nothing(
