@@ -471,8 +471,8 @@ class ExecutorEngine:
         return claim
 
     def run_step(self, claim: StepClaim) -> StepResult:
-        """The forward pass and sampling, blocking: prepared, launched and collected at once
-        (so the step must be the only one begun, or the one queued after a collected one)."""
+        """The forward pass and sampling, blocking: prepared, launched and collected at once,
+        so every step begun before it must have been launched."""
         return self.collect_step(self.launch_step(self.prepare_step(claim)))
 
     def prepare_step(self, claim: StepClaim) -> PreparedStep:
@@ -517,9 +517,10 @@ class ExecutorEngine:
     def launch_step(self, prepared: PreparedStep) -> LaunchedStep:
         """Queues the step's device work and the one copy back of its sampled tokens, with no
         host sync, and records every arena's step fence after it on the stream it ran on.
-        Steps are launched in the order they were begun. A step whose from_last_step
-        entries follow a step that failed is refused (PreconditionFailed naming the first
-        such entry's request), nothing of it run. Ends the step if it raises."""
+        Steps are launched in the order they were begun (RuntimeError, nothing changed,
+        otherwise). A step whose from_last_step entries follow a step that failed is
+        refused (PreconditionFailed naming the first such entry's request), nothing of it
+        run. Ends the step if anything else raises."""
         claim = prepared.claim
         self._check_launch_order(claim)
         try:
