@@ -3,8 +3,12 @@
 Steps run on worker threads so the event loop keeps serving SubmitSwaps and streaming
 SwapEvents while a forward pass is in progress: one prepares steps (host work), one launches
 them (device work) and one collects them (waits for their tokens), each in the order the
-steps arrived. So a Step that arrives while another runs is prepared meanwhile, launched right
+steps began. So a Step that arrives while another runs is prepared meanwhile, launched right
 after it and answered after it; one more is refused by the engine ("already queued").
+
+Steps sent at once on one channel may arrive in either order (a large one's message takes
+longer). So a Step whose from_last_step entry finds no token for it waits, up to
+`FOLLOW_WAIT_S`, for another Step to begin, and is validated again each time one does.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from services.executor.engine import (
     DeviceFailure,
     ExecutorEngine,
     InvalidInput,
+    NoLastToken,
     PreconditionFailed,
     PreparedStep,
     Refused,
@@ -48,6 +53,7 @@ _DIRECTIONS: dict[int, Direction] = {executor_pb2.DIRECTION_OUT: Direction.OUT,
                                      executor_pb2.DIRECTION_IN: Direction.IN}
 _DIRECTION_ENUM = {name: value for value, name in _DIRECTIONS.items()}
 T = TypeVar("T")
+FOLLOW_WAIT_S = 1.0  # how long a Step may wait for the one its from_last_step entries follow
 
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
@@ -59,6 +65,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         self._launch_worker = ThreadPoolExecutor(1, thread_name_prefix="step-launch")
         self._collect_worker = ThreadPoolExecutor(1, thread_name_prefix="step-collect")
         self._streams: set[CompletionStream] = set()
+        self._begun = asyncio.Condition()  # notified whenever a step begins
 
     async def Describe(
         self, request: executor_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -169,10 +176,21 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step ran"
             )
-        try:
-            return self._engine.begin_step(sequences)
-        except Refused as exc:
-            await _abort(context, exc)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + FOLLOW_WAIT_S
+        async with self._begun:
+            while True:
+                try:
+                    claim = self._engine.begin_step(sequences)
+                except NoLastToken as exc:
+                    # The step it follows may be on its way: wait for the next to begin.
+                    if not await _wait(self._begun, until - loop.time()):
+                        await _abort(context, exc)
+                except Refused as exc:
+                    await _abort(context, exc)
+                else:
+                    self._begun.notify_all()
+                    return claim
 
     async def SubmitSwaps(
         self, request: executor_pb2.SubmitSwapsRequest, context: grpc.aio.ServicerContext
@@ -213,6 +231,15 @@ def add_to_server(service: ExecutorService, server: grpc.aio.Server) -> health_a
     """Registers the executor, grpc.health.v1 and reflection; returns the health servicer."""
     executor_pb2_grpc.add_ExecutorServicer_to_server(service, server)
     return add_health_and_reflection(server, SERVICE_NAME)
+
+
+async def _wait(condition: asyncio.Condition, timeout: float) -> bool:
+    """Waits (holding `condition`) to be notified within `timeout` seconds; False if not."""
+    try:
+        await asyncio.wait_for(condition.wait(), max(timeout, 0))
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Refused) -> NoReturn:
