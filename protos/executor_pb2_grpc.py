@@ -97,6 +97,10 @@ class ExecutorServicer:
 
     def Step(self, request, context):
         """One batched forward pass (prefill chunks and decodes) over the given block tables.
+        One Step may be queued behind the running one: it is accepted while that one runs, runs
+        right after it on the device and returns after it. A Step arriving while one runs and
+        one is queued is refused with FAILED_PRECONDITION ("a step is already queued"), naming
+        no request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -11,9 +11,17 @@ reservation or pin never spans two arenas, so neither does a swap. A detached ar
 store restarted with a new one) keeps its range of ids, never reused, and swaps into it
 are refused.
 
-Threads: `step` runs on one worker thread (steps are serialized there); the other calls run
-on the event loop's thread. One lock guards what they share: the step in progress and the
-swaps in flight, which is what keeps a step and the copies it conflicts with apart.
+Steps: at most two are begun at once, the running one and one queued behind it
+(`begin_step`). Each is prepared (host work), launched (device work queued, no host sync)
+and collected (its tokens read back), launches and collections in the order the steps were
+begun; the queued step may be prepared while the running one runs. A row of a step may feed
+the token its request sampled in the step begun before it (`StepSequence.from_last_step`):
+that token is taken from the earlier step's tokens on the device, so the later step can be
+launched before the earlier one's tokens reach the host.
+
+Threads: steps are prepared, launched and collected on worker threads; the other calls run on
+the event loop's thread. One lock guards what they share: the steps begun and the swaps in
+flight, which is what keeps a step and the copies it conflicts with apart.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from services.executor.model import (
     load_checkpoint,
     sample_rows,
 )
+from services.executor.model.batch import StepInputs
 from services.executor.model.cuda_graphs import DecodeGraphs
 from services.executor.options import Backend
 
@@ -86,6 +95,11 @@ def blame(request_id: str) -> Iterator[None]:
         raise
 
 
+class NoLastToken(PreconditionFailed):
+    """A from_last_step entry whose request's token the step begun last did not sample (for
+    that position): the step it follows failed, was never sent, or has not arrived yet."""
+
+
 class DeviceFailure(RuntimeError):
     """The device or its driver failed an operation (a CUDA error); what the call had set up
     is released."""
@@ -97,7 +111,11 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class StepSequence:
-    """One entry of a step; the fields mirror the proto so that errors can name them."""
+    """One entry of a step; the fields mirror the proto so that errors can name them.
+
+    `from_last_step`: `token_ids` is empty and the entry feeds one token at `start`, the one
+    sampled for `request_id` in the step begun before this one (it must have sampled it for
+    position `start`); filled in on the device when the step is launched."""
 
     request_id: str
     block_table: Sequence[int]
@@ -106,10 +124,11 @@ class StepSequence:
     sample: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     banned_token_ids: tuple[int, ...] = ()  # never sampled this step
+    from_last_step: bool = False
 
     @property
     def end(self) -> int:
-        return self.start + len(self.token_ids)
+        return self.start + (1 if self.from_last_step else len(self.token_ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +140,10 @@ class SampledToken:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
+    """`duration_s`: from the step's start (its host work, or the collection of the step
+    before it, whichever is later) to its tokens on the host: the executor's time on this
+    step alone, so that the durations of pipelined steps never overlap."""
+
     tokens: tuple[SampledToken, ...]
     duration_s: float
 
@@ -177,11 +200,26 @@ class Description:
 @dataclass(frozen=True, slots=True, eq=False)
 class StepClaim:
     """A validated step and the device blocks it reads and writes, each with the block-table
-    entry (sequence, index) that names it first (for the messages of refused swaps)."""
+    entry (sequence, index) that names it first (for the messages of refused swaps).
+
+    `samples`: per request it samples, its row among the step's sampled tokens and the
+    position the token is sampled for. `follows`: the step begun before it, whose tokens its
+    `from_last_step` entries feed; None when it has no such entry."""
 
     sequences: tuple[StepSequence, ...]
     reads: dict[int, TableEntry]
     writes: dict[int, TableEntry]
+    samples: dict[str, tuple[int, int]]
+    follows: StepClaim | None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _LastSampled:
+    """The step launched last and its sampled tokens on the device (int64, in the order of
+    its sampled entries; None if it samples nothing)."""
+
+    claim: StepClaim
+    tokens: torch.Tensor | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +322,10 @@ class ExecutorEngine:
         self._swap_finished = threading.Condition(self._lock)
         self._attach_lock = threading.Lock()  # attaches one at a time, so offsets are unique
         self._hosts: list[_HostSide] = []  # in attach order; only ever appended to
-        self._running: StepClaim | None = None
+        self._steps: list[StepClaim] = []  # begun and not ended, in order: running, queued
+        self._begun_last: StepClaim | None = None  # None: it failed, or none was begun
+        self._launched_last: _LastSampled | None = None  # None: it failed, or none launched
+        self._collected_s = 0.0  # perf_counter when the step collected last was
         self._inflight: dict[int, _InFlight] = {}
         self._hub = CompletionHub()
 
@@ -417,31 +458,44 @@ class ExecutorEngine:
         return next((h for h in self._hosts if h.arena.name == name and not h.detached), None)
 
     def begin_step(self, sequences: Sequence[StepSequence]) -> StepClaim:
-        """Validates a step and claims its blocks: from now until `run_step` returns, swaps
-        that would race with it are refused. Call it where swaps are submitted."""
+        """Validates a step and claims its blocks: from now until it is collected (or fails),
+        swaps that would race with it are refused. Call it where swaps are submitted.
+
+        One step may be begun while another runs: it is queued, to be launched and collected
+        after it. With one running and one queued, a further step is refused
+        (PreconditionFailed naming no request)."""
         with self._lock:
-            if self._running is not None:
-                raise RuntimeError("a step is already running: steps must be serialized")
+            if len(self._steps) > 1:
+                raise PreconditionFailed(
+                    "a step is already queued behind the running one: send the next after "
+                    "one of them returns"
+                )
             claim = self._validate_step(sequences)
-            self._running = claim
+            self._steps.append(claim)
+            self._begun_last = claim
         return claim
 
     def run_step(self, claim: StepClaim) -> StepResult:
-        """The forward pass and sampling, blocking: call it on the step worker thread."""
+        """The forward pass and sampling, blocking: prepared, launched and collected at once,
+        so every step begun before it must have been launched."""
         return self.collect_step(self.launch_step(self.prepare_step(claim)))
 
     def prepare_step(self, claim: StepClaim) -> PreparedStep:
         """The step's host work: its layout, its sampling draws and the one buffer that
-        carries them to the device. Ends the step if it raises."""
-        if self._running is not claim:
-            raise RuntimeError("prepare_step needs the claim of the step begun last")
+        carries them to the device. It may run while the step before it runs. Ends the step
+        if it raises."""
+        with self._lock:
+            if claim not in self._steps:
+                raise RuntimeError("prepare_step needs a step begun and not ended")
         started = time.perf_counter()
         try:
             sequences = claim.sequences
             sampled = tuple(seq for seq in sequences if seq.sample)
             plan = self.model.plan_step(
                 self.geometry,
-                [SequenceStep(s.block_table, s.start, s.token_ids) for s in sequences],
+                # A from_last_step entry's token is a placeholder until the device fills it.
+                [SequenceStep(s.block_table, s.start, [0] if s.from_last_step else s.token_ids)
+                 for s in sequences],
                 validated=True,  # by `begin_step`, field by field
             )
             plan = replace(plan, output_rows=[
@@ -450,16 +504,17 @@ class ExecutorEngine:
             sampling = SamplingInputs.build(
                 [seq.sampling for seq in sampled],
                 # The index of the token being sampled in the request's whole token list: the
-                # same whether or not the request was preempted or its prompt chunked.
+                # same whether or not the request was preempted, its prompt chunked, or its
+                # last token fed from the step before.
                 [seq.end for seq in sampled],
                 [seq.banned_token_ids for seq in sampled],
                 self.config.vocab_size,
             )
-            extra = sampling.named()
+            extra = sampling.named() | _from_last_step_fields(claim, plan.query_start)
             graphed = self._graphs.pack(plan, extra) if self._graphs is not None else None
             packed = graphed or self.model.pack(plan, extra)
         except BaseException:
-            self._end_step()
+            self._end_step(claim, failed=True)
             raise
         return PreparedStep(claim, sampled, packed, started,
                             self._graphs if graphed is not None else None)
@@ -467,46 +522,98 @@ class ExecutorEngine:
     def launch_step(self, prepared: PreparedStep) -> LaunchedStep:
         """Queues the step's device work and the one copy back of its sampled tokens, with no
         host sync, and records every arena's step fence after it on the stream it ran on.
-        Ends the step if it raises."""
-        if self._running is not prepared.claim:
-            raise RuntimeError("launch_step needs the step begun last")
+        Steps are launched in the order they were begun (RuntimeError, nothing changed,
+        otherwise). A step whose from_last_step entries follow a step that failed is
+        refused (PreconditionFailed naming the first such entry's request), nothing of it
+        run. Ends the step if anything else raises."""
+        claim = prepared.claim
+        self._check_launch_order(claim)
         try:
+            last_tokens = self._tokens_followed(claim)
+            fill = None if last_tokens is None else (
+                lambda inputs: _feed_last_tokens(inputs, last_tokens))
             if prepared.graphs is not None:
-                logits, inputs = prepared.graphs.launch(prepared.packed, len(prepared.sampled))
+                logits, inputs = prepared.graphs.launch(prepared.packed, len(prepared.sampled),
+                                                        fill)
             else:
                 inputs = prepared.packed.to(self.model.device)
+                if fill is not None:
+                    fill(inputs)
                 logits = self.model.forward(self.cache, inputs)
-            copied = None
+            tokens = copied = None
             if prepared.sampled:
-                copied = _sample_to_host(logits, SamplingInputs.from_named(inputs.tensors),
-                                         [seq.sampling for seq in prepared.sampled])
+                tokens, copied = _sample_to_host(
+                    logits, SamplingInputs.from_named(inputs.tensors),
+                    [seq.sampling for seq in prepared.sampled])
             # Blocking: the wait for it sleeps rather than spins a core the copies need.
             done = torch.cuda.Event(blocking=True) if _on_cuda(logits) else None
             if done is not None:
                 done.record()
             with self._lock:
+                self._launched_last = _LastSampled(claim, tokens)
                 for side in self._hosts:
                     if not side.detached:
                         side.fence = side.copy.step_fence()
         except BaseException:
-            self._end_step()
+            self._end_step(claim, failed=True)
             raise
-        return LaunchedStep(prepared.claim, prepared.sampled, copied, done, prepared.started_s)
+        return LaunchedStep(claim, prepared.sampled, copied, done, prepared.started_s)
 
     def collect_step(self, launched: LaunchedStep) -> StepResult:
         """Waits for the step's copy back and ends the step: its blocks are free for swaps
-        again (which still wait for its fence on the device)."""
+        again (which still wait for its fence on the device). Steps are collected in the
+        order they were launched."""
+        failed = True
         try:
             if launched.done is not None:
                 launched.done.synchronize()
             tokens = _tokens(launched.sampled, launched.copied)
+            failed = False
         finally:
-            self._end_step()
-        return StepResult(tokens, time.perf_counter() - launched.started_s)
+            self._end_step(launched.claim, failed=failed)
+        collected = time.perf_counter()
+        started = max(launched.started_s, self._collected_s)
+        self._collected_s = collected
+        return StepResult(tokens, collected - started)
 
-    def _end_step(self) -> None:
+    def _check_launch_order(self, claim: StepClaim) -> None:
+        """Every step begun before `claim` is launched: of two begun, the first is the step
+        launched last."""
         with self._lock:
-            self._running = None
+            if claim not in self._steps:
+                raise RuntimeError("launch_step needs a step begun and not ended")
+            first = self._steps[0]
+            if first is not claim and (self._launched_last is None
+                                       or self._launched_last.claim is not first):
+                raise RuntimeError("launch_step: the step begun before this one is not "
+                                   "launched yet")
+
+    def _tokens_followed(self, claim: StepClaim) -> torch.Tensor | None:
+        """The sampled tokens, on the device, of the step the from_last_step entries of
+        `claim` follow; None if it has none."""
+        with self._lock:
+            if claim.follows is None:
+                return None
+            last = self._launched_last
+            if last is None or last.claim is not claim.follows or last.tokens is None:
+                i, seq = next((i, s) for i, s in enumerate(claim.sequences) if s.from_last_step)
+                with blame(seq.request_id):
+                    raise PreconditionFailed(
+                        f"sequences[{i}].from_last_step: the step before this one failed, so "
+                        f"{seq.request_id!r} has no sampled token to feed"
+                    )
+            return last.tokens
+
+    def _end_step(self, claim: StepClaim, *, failed: bool) -> None:
+        """Frees the step's blocks; a failed step leaves no tokens for a next step's
+        from_last_step entries."""
+        with self._lock:
+            self._steps.remove(claim)
+            if failed:
+                if self._begun_last is claim:
+                    self._begun_last = None
+                if self._launched_last is not None and self._launched_last.claim is claim:
+                    self._launched_last = None
 
     def submit_swaps(self, orders: Sequence[SwapOrder]) -> list[int]:
         """Starts every order as one swap on its arena's copy engine, in the arena's own
@@ -514,7 +621,11 @@ class ExecutorEngine:
 
         Every swap waits for the fence of the last step launched before it: a swap-out never
         reads KV a step is still writing, and a swap-in never writes blocks a step may still
-        read or write. Completions of every arena reach `subscribe()` streams.
+        read or write. A step begun and not yet launched (queued) has no fence to wait for;
+        its claim covers it instead, as the running step's covers that one: a swap-out of a
+        block either step writes, or a swap-in to a block either reads or writes, is refused
+        (PreconditionFailed) until that step returns. Completions of every arena reach
+        `subscribe()` streams.
         """
         with self._lock:
             if not any(not h.detached for h in self._hosts):
@@ -572,7 +683,30 @@ class ExecutorEngine:
         for i, seq in enumerate(sequences):
             with blame(seq.request_id):
                 self._validate_sequence(i, seq, first_of_request, slot_writer, reads, writes)
-        return StepClaim(tuple(sequences), reads, writes)
+                if seq.from_last_step:
+                    self._check_follows(i, seq)
+        samples = {seq.request_id: (row, seq.end)
+                   for row, seq in enumerate(s for s in sequences if s.sample)}
+        follows = self._begun_last if any(s.from_last_step for s in sequences) else None
+        return StepClaim(tuple(sequences), reads, writes, samples, follows)
+
+    def _check_follows(self, i: int, seq: StepSequence) -> None:
+        """A from_last_step entry feeds the token the step begun last sampled for its request,
+        at the position it was sampled for."""
+        where = f"sequences[{i}]"
+        previous = self._begun_last
+        sampled = previous.samples.get(seq.request_id) if previous is not None else None
+        if sampled is None:
+            raise NoLastToken(
+                f"{where}.from_last_step: the step before this one sampled no token for "
+                f"{seq.request_id!r} (or failed)"
+            )
+        if sampled[1] != seq.start:
+            raise NoLastToken(
+                f"{where}.start={seq.start}: the step before this one sampled "
+                f"{seq.request_id!r}'s token for position {sampled[1]}, which from_last_step "
+                "feeds there"
+            )
 
     def _validate_sequence(
         self,
@@ -596,7 +730,10 @@ class ExecutorEngine:
                 f"sequences[{first_of_request[seq.request_id]}]"
             )
         first_of_request[seq.request_id] = i
-        if not seq.token_ids:
+        if seq.from_last_step and seq.token_ids:
+            raise InvalidInput(f"{where}.token_ids is not empty: with from_last_step the entry "
+                               "feeds the token sampled for it in the step before, no other")
+        if not seq.token_ids and not seq.from_last_step:
             raise InvalidInput(f"{where}.token_ids is empty: an entry feeds at least one token")
         if seq.start < 0:
             raise InvalidInput(f"{where}.start={seq.start} is negative")
@@ -756,14 +893,13 @@ class ExecutorEngine:
     ) -> None:
         """Device blocks may be shared by readers only; the copy engine orders one request's
         own swaps, so those never conflict with each other."""
-        running = self._running
-        if running is not None:
-            touched = running.writes if swap.direction == "out" else running.reads
+        for state, step in zip(("running", "queued"), self._steps, strict=False):
+            touched = step.writes if swap.direction == "out" else step.reads
             clash = swap.device_blocks & touched.keys()
             if clash:
                 block = min(clash)
                 raise PreconditionFailed(
-                    f"{where}: device block {block} is used by the running step "
+                    f"{where}: device block {block} is used by the {state} step "
                     f"({_table_field(touched[block])}); submit after the step returns"
                 )
         for other in (*self._inflight.values(), *earlier):
@@ -782,9 +918,10 @@ class ExecutorEngine:
 
 def _sample_to_host(
     logits: torch.Tensor, inputs: SamplingInputs, params: Sequence[SamplingParams]
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chooses every sampled row's token on the device and starts their one copy to the
-    host: `[1 or 2, rows]` int64, tokens then (when asked for) float64 logprobs' bits."""
+    host. Returns the tokens on the device (int64 `[rows]`) and the host copy: `[1 or 2,
+    rows]` int64, tokens then (when asked for) float64 logprobs' bits."""
     token_ids, logprobs = sample_rows(
         logits,
         inputs,
@@ -792,7 +929,31 @@ def _sample_to_host(
         want_logprobs=any(p.logprobs for p in params),
     )
     parts = [token_ids] if logprobs is None else [token_ids, logprobs.view(torch.int64)]
-    return torch.stack(parts).to("cpu", non_blocking=True)
+    return token_ids, torch.stack(parts).to("cpu", non_blocking=True)
+
+
+def _from_last_step_fields(claim: StepClaim, query_start: Sequence[int]
+                           ) -> dict[str, torch.Tensor]:
+    """For a step with from_last_step entries, the fields `_feed_last_tokens` reads: each
+    entry's row, and its request's row among the tokens of the step it follows."""
+    if claim.follows is None:
+        return {}
+    follows = claim.follows
+    entries = [(i, seq) for i, seq in enumerate(claim.sequences) if seq.from_last_step]
+    return {
+        "from_last_step.rows": torch.tensor([query_start[i] for i, _ in entries]),
+        "from_last_step.sources": torch.tensor(
+            [follows.samples[seq.request_id][0] for _, seq in entries]),
+    }
+
+
+def _feed_last_tokens(inputs: StepInputs, last_tokens: torch.Tensor) -> None:
+    """Writes, on the device and with no host sync, the tokens of the step before into the
+    token ids of the rows fed from it."""
+    inputs["token_ids"].index_copy_(
+        0, inputs["from_last_step.rows"],
+        last_tokens.index_select(0, inputs["from_last_step.sources"]),
+    )
 
 
 def _tokens(sampled: Sequence[StepSequence], copied: torch.Tensor | None

@@ -1,7 +1,14 @@
 """The executor's gRPC face (grpc.aio): protobuf in, engine calls, status codes out.
 
-Steps run on one worker thread so the event loop keeps serving SubmitSwaps and streaming
-SwapEvents while a forward pass is in progress.
+Steps run on worker threads so the event loop keeps serving SubmitSwaps and streaming
+SwapEvents while a forward pass is in progress: one prepares steps (host work), one launches
+them (device work) and one collects them (waits for their tokens), each in the order the
+steps began. So a Step that arrives while another runs is prepared meanwhile, launched right
+after it and answered after it; one more is refused by the engine ("already queued").
+
+Steps sent at once on one channel may arrive in either order (a large one's message takes
+longer). So a Step whose from_last_step entry finds no token for it waits, up to
+`FOLLOW_WAIT_S`, for another Step to begin, and is validated again each time one does.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -25,9 +32,12 @@ from services.executor.engine import (
     DeviceFailure,
     ExecutorEngine,
     InvalidInput,
+    NoLastToken,
     PreconditionFailed,
+    PreparedStep,
     Refused,
     StepClaim,
+    StepResult,
     StepSequence,
     SwapDone,
     SwapOrder,
@@ -43,15 +53,19 @@ _DIRECTIONS: dict[int, Direction] = {executor_pb2.DIRECTION_OUT: Direction.OUT,
                                      executor_pb2.DIRECTION_IN: Direction.IN}
 _DIRECTION_ENUM = {name: value for value, name in _DIRECTIONS.items()}
 T = TypeVar("T")
+FOLLOW_WAIT_S = 1.0  # how long a Step may wait for the one its from_last_step entries follow
 
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: ExecutorEngine, metrics: ExecutorMetrics | None = None) -> None:
         self._engine = engine
         self._metrics = metrics or ExecutorMetrics()
-        self._step_worker = ThreadPoolExecutor(1, thread_name_prefix="step")
-        self._step_lock = asyncio.Lock()
+        # One thread each, so that each stage takes the steps in the order they arrived.
+        self._prepare_worker = ThreadPoolExecutor(1, thread_name_prefix="step-prepare")
+        self._launch_worker = ThreadPoolExecutor(1, thread_name_prefix="step-launch")
+        self._collect_worker = ThreadPoolExecutor(1, thread_name_prefix="step-collect")
         self._streams: set[CompletionStream] = set()
+        self._begun = asyncio.Condition()  # notified whenever a step begins
 
     async def Describe(
         self, request: executor_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -122,18 +136,15 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             sequences = [_sequence(i, s) for i, s in enumerate(request.sequences)]
         except Refused as exc:
             await _abort(context, exc)
-        await self._step_lock.acquire()  # held until the step's thread is done
-        try:
-            claim = await self._begin_step(sequences, context)
-        except BaseException:
-            self._step_lock.release()
-            raise
-        running = asyncio.get_running_loop().run_in_executor(
-            self._step_worker, self._engine.run_step, claim
-        )
-        running.add_done_callback(lambda _: self._step_lock.release())
-        try:
-            result = await asyncio.shield(running)  # a cancelled call lets the step finish
+        claim = await self._begin_step(sequences, context)
+        # Submitted before any await: the workers take the steps in the order they began.
+        prepared = self._prepare_worker.submit(self._engine.prepare_step, claim)
+        launched = self._launch_worker.submit(self._launch, prepared)
+        try:  # shielded: a cancelled call lets the step finish
+            collected = await asyncio.shield(asyncio.wrap_future(launched))
+            result = await asyncio.shield(asyncio.wrap_future(collected))
+        except Refused as exc:  # the step before, whose tokens it feeds, failed
+            await _abort(context, exc)
         except Exception as exc:
             log.exception("step %d failed", request.iteration)
             await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")
@@ -151,6 +162,12 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             duration_s=result.duration_s,
         )
 
+    def _launch(self, prepared: Future[PreparedStep]) -> Future[StepResult]:
+        """On the launch worker: launches the step once prepared, and hands it to the collect
+        worker."""
+        launched = self._engine.launch_step(prepared.result())
+        return self._collect_worker.submit(self._engine.collect_step, launched)
+
     async def _begin_step(
         self, sequences: list[StepSequence], context: grpc.aio.ServicerContext
     ) -> StepClaim:
@@ -159,10 +176,21 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step ran"
             )
-        try:
-            return self._engine.begin_step(sequences)
-        except Refused as exc:
-            await _abort(context, exc)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + FOLLOW_WAIT_S
+        async with self._begun:
+            while True:
+                try:
+                    claim = self._engine.begin_step(sequences)
+                except NoLastToken as exc:
+                    # The step it follows may be on its way: wait for the next to begin.
+                    if not await _wait(self._begun, until - loop.time()):
+                        await _abort(context, exc)
+                except Refused as exc:
+                    await _abort(context, exc)
+                else:
+                    self._begun.notify_all()
+                    return claim
 
     async def SubmitSwaps(
         self, request: executor_pb2.SubmitSwapsRequest, context: grpc.aio.ServicerContext
@@ -194,14 +222,24 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             stream.close()
 
     def close(self) -> None:
-        """After the server stopped: waits for a step still running."""
-        self._step_worker.shutdown(wait=True)
+        """After the server stopped: waits for the steps still running or queued."""
+        for worker in (self._prepare_worker, self._launch_worker, self._collect_worker):
+            worker.shutdown(wait=True)
 
 
 def add_to_server(service: ExecutorService, server: grpc.aio.Server) -> health_aio.HealthServicer:
     """Registers the executor, grpc.health.v1 and reflection; returns the health servicer."""
     executor_pb2_grpc.add_ExecutorServicer_to_server(service, server)
     return add_health_and_reflection(server, SERVICE_NAME)
+
+
+async def _wait(condition: asyncio.Condition, timeout: float) -> bool:
+    """Waits (holding `condition`) to be notified within `timeout` seconds; False if not."""
+    try:
+        await asyncio.wait_for(condition.wait(), max(timeout, 0))
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Refused) -> NoReturn:
@@ -243,6 +281,7 @@ def _sequence(index: int, seq: executor_pb2.SequenceInput) -> StepSequence:
         sample=seq.sample,
         sampling=sampling,
         banned_token_ids=tuple(seq.banned_token_ids),
+        from_last_step=seq.from_last_step,
     )
 
 

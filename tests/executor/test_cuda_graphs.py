@@ -3,8 +3,9 @@ bucket and, with the Triton kernels under the interpreter (tests/conftest.py) an
 stand-in for the captured graph, that a replayed step gives the eager step's logits and KV
 and puts in the static buffer what `PackedInputs.to` would move; a graph that fails runs its
 step eagerly, writes nothing of its own and turns graphs off after one warning; the engine
-replays decode steps to the tokens it samples without graphs, and without CUDA never
-replays. With a CUDA device, the same checks run on real captures (`-k cuda`)."""
+replays decode steps to the tokens it samples without graphs, also when their tokens are fed
+from the step before (filled into the static buffer before the replay), and without CUDA
+never replays. With a CUDA device, the same checks run on real captures (`-k cuda`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from services.executor.copy import CpuCopyEngine
-from services.executor.engine import ExecutorEngine, SampledToken, StepSequence
+from services.executor.engine import ExecutorEngine, StepSequence
 from services.executor.model import (
     DecoderModel,
     KVCacheGeometry,
@@ -35,6 +36,7 @@ from services.executor.model.cuda_graphs import (
     pad_decode_plan,
     replayable,
 )
+from tests.support.lookahead import Drive, run_explicitly, run_pipelined
 
 BLOCK = 4
 NUM_BLOCKS = 24
@@ -231,19 +233,15 @@ def test_steps_past_the_extra_capacity_run_eagerly(model: DecoderModel) -> None:
     assert graphs.pack(plan, sampling(model, plan.num_seqs)) is not None
 
 
-def decode_tokens(engine: ExecutorEngine) -> list[tuple[SampledToken, ...]]:
-    """The tokens of a prefill (eager) and two decode steps, greedy and seeded."""
+def decode_steps() -> list[list[StepSequence]]:
+    """A prefill (eager) and two decode steps fed from the step before, greedy and seeded."""
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=5, logprobs=True)
-    sequences = [StepSequence(f"r{i}", table, 0, list(range(7, 7 + length)), sample=True,
-                              sampling=seeded if i else SamplingParams(),
-                              banned_token_ids=(i,))
-                 for i, (table, length) in enumerate(SEQUENCES)]
-    steps = []
-    for _ in range(3):
-        result = engine.run_step(engine.begin_step(sequences))
-        steps.append(result.tokens)
-        sequences = [replace(seq, start=seq.end, token_ids=[token.token_id])
-                     for seq, token in zip(sequences, result.tokens, strict=True)]
+    steps = [[StepSequence(f"r{i}", table, 0, list(range(7, 7 + length)), sample=True,
+                           sampling=seeded if i else SamplingParams(), banned_token_ids=(i,))
+              for i, (table, length) in enumerate(SEQUENCES)]]
+    for _ in range(2):
+        steps.append([replace(seq, start=seq.end, token_ids=(), from_last_step=True)
+                      for seq in steps[-1]])
     return steps
 
 
@@ -255,23 +253,32 @@ def graphed_and_plain(model: DecoderModel) -> list[ExecutorEngine]:
             for graphs in (True, False)]
 
 
+# How the graphed engine is driven: each step to its end, or each decode step launched before
+# the step before is collected, its tokens filled into the static buffer before the replay.
+DRIVERS = pytest.mark.parametrize("drive", [run_explicitly, run_pipelined],
+                                  ids=["explicit", "pipelined"])
+
+
+@DRIVERS
 def test_the_engine_replays_decode_steps_to_the_same_tokens(
-    checkpoint: Path, captures: list[int], monkeypatch: pytest.MonkeyPatch
+    checkpoint: Path, captures: list[int], monkeypatch: pytest.MonkeyPatch, drive: Drive
 ) -> None:
     monkeypatch.setattr(DecodeGraphs, "supported", staticmethod(lambda model, cache: True))
     engines = graphed_and_plain(triton_model(checkpoint, batch_invariant=True))
     assert [engine.cuda_graphs for engine in engines] == [True, False]
-    assert decode_tokens(engines[0]) == decode_tokens(engines[1])
+    assert drive(engines[0], decode_steps()) == run_explicitly(engines[1], decode_steps())
     assert captures == [4]
     assert engines[0].cuda_graphs  # no replay failed
     assert torch.equal(engines[0].cache, engines[1].cache)
 
 
 @CUDA
-def test_cuda_engine_replays_decode_steps_to_the_same_tokens(checkpoint: Path) -> None:
+@DRIVERS
+def test_cuda_engine_replays_decode_steps_to_the_same_tokens(checkpoint: Path,
+                                                             drive: Drive) -> None:
     engines = graphed_and_plain(triton_model(checkpoint, True, "cuda"))
     assert [engine.cuda_graphs for engine in engines] == [True, False]
-    assert decode_tokens(engines[0]) == decode_tokens(engines[1])
+    assert drive(engines[0], decode_steps()) == run_explicitly(engines[1], decode_steps())
     assert engines[0].cuda_graphs  # no capture or replay failed
     assert torch.equal(engines[0].cache, engines[1].cache)
 

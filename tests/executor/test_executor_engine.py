@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
@@ -21,12 +22,14 @@ import torch
 from common.kv.swap_plan import Copy, plan_copies
 from common.shm.arena import HostArena
 from common.tokenizer import ByteTokenizer
+from services.executor import engine as engine_module
 from services.executor.copy import CpuCopyEngine, Direction
 from services.executor.copy.engine import Swap, Ticket
 from services.executor.engine import (
     BackendUnavailable,
     DeviceFailure,
     ExecutorEngine,
+    InvalidInput,
     PreconditionFailed,
     StepSequence,
     SwapDone,
@@ -41,6 +44,7 @@ from services.executor.model import (
     load_checkpoint,
     sample_rows,
 )
+from tests.support.lookahead import run_explicitly, run_pipelined
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 4
@@ -239,7 +243,9 @@ class FenceRecorder(CpuCopyEngine):
         return super().submit(direction, request_id, copies, after)
 
 
-def test_swaps_both_ways_wait_for_the_fence_of_the_last_step_launched(checkpoint: Path) -> None:
+@pytest.fixture
+def fenced(checkpoint: Path) -> Iterator[ExecutorEngine]:
+    """An engine with an arena attached, on a copy engine that records its fences."""
     config, model = load_checkpoint(checkpoint)
     cache = KVCacheGeometry.for_model(config, num_blocks=16, block_size=BLOCK_SIZE).allocate()
     engine = ExecutorEngine(config, model, cache, backend="cpu", copy_engine=FenceRecorder)
@@ -247,16 +253,20 @@ def test_swaps_both_ways_wait_for_the_fence_of_the_last_step_launched(checkpoint
     FenceRecorder.waits.clear()
     with HostArena.local(8, engine.geometry.block_bytes) as arena:
         engine.attach_host_arena(arena.name)
-        try:
-            for first in (0, 4):
-                step(engine, seq(f"a{first}", [first, first + 1], 0, 5))
-                fence = FenceRecorder.fences[-1]
-                engine.submit_swaps([order(first + 1, "x", "out", [first], [first]),
-                                     order(first + 2, "y", "in", [first + 1], [8 + first])])
-                assert FenceRecorder.waits[-2:] == [("out", fence), ("in", fence)]
-            assert len(FenceRecorder.fences) == 2  # one per step
-        finally:
-            engine.close()
+        yield engine
+        engine.close()
+
+
+def test_swaps_both_ways_wait_for_the_fence_of_the_last_step_launched(
+    fenced: ExecutorEngine,
+) -> None:
+    for first in (0, 4):
+        step(fenced, seq(f"a{first}", [first, first + 1], 0, 5))
+        fence = FenceRecorder.fences[-1]
+        fenced.submit_swaps([order(first + 1, "x", "out", [first], [first]),
+                             order(first + 2, "y", "in", [first + 1], [8 + first])])
+        assert FenceRecorder.waits[-2:] == [("out", fence), ("in", fence)]
+    assert len(FenceRecorder.fences) == 2  # one per step
 
 
 def test_an_arena_the_copy_engine_cannot_take_is_released(checkpoint: Path) -> None:
@@ -274,3 +284,140 @@ def test_an_arena_the_copy_engine_cannot_take_is_released(checkpoint: Path) -> N
         engine._make_copy_engine = CpuCopyEngine  # the device recovered: the same arena attaches
         assert engine.attach_host_arena(arena.name).first_block == 0
     engine.close()
+
+
+def follow(request_id: str, table: list[int], start: int,
+           sampling: SamplingParams | None = None) -> StepSequence:
+    """An entry fed the token its request sampled in the step before, sampling the next."""
+    return StepSequence(request_id, table, start, (), sample=True,
+                        sampling=sampling or SamplingParams(), from_last_step=True)
+
+
+def lookahead_steps() -> list[list[StepSequence]]:
+    """Four steps of greedy and seeded requests, prefill chunks among them, their decodes fed
+    from the step before, in another order from step to step."""
+    seeded = SamplingParams(temperature=0.9, top_k=40, seed=11, logprobs=True)
+    chunked = SamplingParams(temperature=1.2, top_p=0.8, seed=3)
+    a, b, c, d = [1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11]
+    return [
+        [StepSequence("a", a, 0, [5, 6, 7, 8, 9], sample=True),
+         StepSequence("b", b, 0, list(range(20, 29)), sample=True, sampling=seeded),
+         seq("c", c, 0, 6)],
+        [follow("a", a, 5), follow("b", b, 9, seeded),
+         StepSequence("c", c, 6, [31, 32, 33], sample=True, sampling=chunked,
+                      banned_token_ids=(4,))],
+        [follow("a", a, 6), follow("b", b, 10, seeded), follow("c", c, 9, chunked)],
+        [follow("c", c, 10, chunked), StepSequence("d", d, 0, [40, 41, 42, 43], sample=True),
+         follow("a", a, 7)],
+    ]
+
+
+def twin(engine: ExecutorEngine) -> ExecutorEngine:
+    """Another engine over the same model and a copy of the cache."""
+    return ExecutorEngine(engine.config, engine.model, engine.cache.clone(), backend="cpu",
+                          copy_engine=CpuCopyEngine, fingerprint="twin")
+
+
+def test_from_last_step_entries_sample_as_the_tokens_given_explicitly(
+    engine: ExecutorEngine,
+) -> None:
+    explicit = twin(engine)
+    expected = run_explicitly(explicit, lookahead_steps())
+    assert len({token.token_id for tokens in expected for token in tokens}) > 3
+    assert run_pipelined(engine, lookahead_steps()) == expected
+    assert torch.equal(engine.cache, explicit.cache)
+
+
+def test_one_step_queues_behind_the_running_one_and_a_third_is_refused(
+    engine: ExecutorEngine,
+) -> None:
+    running = engine.begin_step([seq("a", [0, 1], 0, 6)])
+    queued = engine.begin_step([seq("b", [2, 3], 0, 6)])
+    with pytest.raises(PreconditionFailed, match="a step is already queued") as refused:
+        engine.begin_step([seq("c", [4], 0, 2)])
+    assert refused.value.request_id == ""
+    with pytest.raises(PreconditionFailed, match=r"device block 3 is used by the queued step "
+                                                 r"\(sequences\[0\]\.block_table\[1\]\)"):
+        engine.submit_swaps([order(1, "b", "out", [3], [0])])
+    with pytest.raises(PreconditionFailed, match="device block 1 is used by the running step"):
+        engine.submit_swaps([order(2, "x", "in", [0], [1])])
+    engine.submit_swaps([order(3, "c", "in", [0], [4])])  # the refused step claimed nothing
+    prepared = engine.prepare_step(queued)  # host work while the running step waits
+    with pytest.raises(RuntimeError, match="the step begun before this one is not launched"):
+        engine.launch_step(prepared)
+    first = engine.launch_step(engine.prepare_step(running))
+    second = engine.launch_step(prepared)
+    engine.collect_step(first)
+    engine.collect_step(second)
+    step(engine, seq("d", [5], 0, 2))
+
+
+def test_the_durations_of_a_step_and_the_one_queued_behind_it_do_not_overlap(
+    engine: ExecutorEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks = iter(range(1, 100))
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    first = engine.launch_step(engine.prepare_step(engine.begin_step([seq("a", [0], 0, 2)])))  # 1
+    second = engine.launch_step(engine.prepare_step(engine.begin_step([seq("b", [1], 0, 2)])))  # 2
+    assert engine.collect_step(first).duration_s == 3 - 1
+    assert engine.collect_step(second).duration_s == 4 - 3  # from the first's end, not from 2
+
+
+def test_a_swap_beside_a_queued_step_waits_for_the_fence_of_the_step_launched_last(
+    fenced: ExecutorEngine,
+) -> None:
+    launched = fenced.launch_step(fenced.prepare_step(fenced.begin_step(
+        [seq("a", [0, 1], 0, 5)])))
+    fence = FenceRecorder.fences[-1]
+    queued = fenced.begin_step([seq("b", [2, 3], 0, 5)])
+    fenced.submit_swaps([order(1, "x", "out", [4], [0]), order(2, "y", "in", [1], [5])])
+    assert FenceRecorder.waits[-2:] == [("out", fence), ("in", fence)]
+    fenced.collect_step(launched)
+    fenced.run_step(queued)
+
+
+def test_a_bad_from_last_step_entry_is_refused_and_changes_nothing(
+    engine: ExecutorEngine,
+) -> None:
+    step(engine, StepSequence("a", [0, 1], 0, [5, 6, 7], sample=True), seq("chunk", [2], 0, 4))
+    before = engine.cache.clone()
+    bad = [
+        (replace(follow("a", [0, 1], 3), token_ids=[9]), InvalidInput,
+         r"sequences\[1\]\.token_ids is not empty: with from_last_step"),
+        (follow("chunk", [2, 3], 4), PreconditionFailed,
+         r"sequences\[1\]\.from_last_step: the step before this one sampled no token for "
+         r"'chunk'"),
+        (follow("a", [0, 1], 4), PreconditionFailed,
+         r"sequences\[1\]\.start=4: the step before this one sampled 'a''s token for position 3"),
+    ]
+    for entry, error, message in bad:
+        with pytest.raises(error, match=message) as refused:
+            engine.begin_step([seq("other", [5], 0, 3), entry])
+        assert refused.value.request_id == entry.request_id
+    assert torch.equal(engine.cache, before)
+    step(engine, follow("a", [0, 1], 3))  # the refusals left the step before as it was
+
+
+def test_entries_that_follow_a_failed_step_are_refused(
+    engine: ExecutorEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step(engine, StepSequence("a", [0, 1], 0, [5, 6, 7], sample=True))
+    failing = engine.prepare_step(engine.begin_step([follow("a", [0, 1], 3)]))
+    queued = engine.prepare_step(engine.begin_step([follow("a", [0, 1], 4)]))
+
+    def lost(*args: object) -> torch.Tensor:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.model, "forward", lost)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.launch_step(failing)
+    monkeypatch.undo()
+    before = engine.cache.clone()
+    with pytest.raises(PreconditionFailed, match=r"sequences\[0\]\.from_last_step: the step "
+                                                 r"before this one failed") as refused:
+        engine.launch_step(queued)
+    assert refused.value.request_id == "a"
+    assert torch.equal(engine.cache, before)
+    with pytest.raises(PreconditionFailed, match=r"sampled no token for 'a' \(or failed\)"):
+        engine.begin_step([follow("a", [0, 1], 5)])
+    step(engine, StepSequence("a", [0, 1], 3, [8], sample=True))  # the engine goes on

@@ -122,14 +122,41 @@ class Generation:
         """Generates until `until` tokens follow the prompt; returns the generated ones."""
         while len(self.tokens) - len(PROMPT) < until:
             response = await stub.Step(pb.StepRequest(sequences=[self.step_input()]))
-            (sampled,) = response.tokens
-            assert sampled.request_id == self.request_id
             self.cached = len(self.tokens)
-            self.tokens.append(sampled.token_id)
+            self.tokens.append(only_token(response, self.request_id))
+        return self.tokens[len(PROMPT):]
+
+    async def run_pipelined(self, stub: executor_pb2_grpc.ExecutorStub, until: int
+                            ) -> list[int]:
+        """As `run` from the prompt, a scheduler with lookahead driving it: every Step after
+        the first feeds the token sampled in the one before (from_last_step), and is sent
+        before that one's reply is awaited."""
+        assert self.cached == 0
+        steps = [self.step_input()] + [
+            pb.SequenceInput(request_id=self.request_id, block_table=self.block_table,
+                             start=len(self.tokens) + k, sample=True, sampling=self.sampling,
+                             from_last_step=True)
+            for k in range(until - 1)
+        ]
+        pending: asyncio.Future[pb.StepResponse] | None = None
+        for step in steps:
+            sent = asyncio.ensure_future(stub.Step(pb.StepRequest(sequences=[step])))
+            if pending is not None:
+                self.tokens.append(only_token(await pending, self.request_id))
+            pending = sent
+        assert pending is not None
+        self.tokens.append(only_token(await pending, self.request_id))
+        self.cached = len(self.tokens) - 1
         return self.tokens[len(PROMPT):]
 
     def used_blocks(self, block_size: int = 16) -> list[int]:
         return self.block_table[: -(-self.cached // block_size)]
+
+
+def only_token(response: pb.StepResponse, request_id: str) -> int:
+    (sampled,) = response.tokens
+    assert sampled.request_id == request_id
+    return sampled.token_id
 
 
 def swap_order(swap_id: int, request_id: str, direction: int, src: Sequence[int],
@@ -295,6 +322,9 @@ async def test_generation_is_deterministic(
     assert len(set(expected)) > 3  # a real generation, not one token repeated
     again = await Generation(f"again-{name}", [9, 17, 5, 6, 8], sampling).run(stub, GENERATED)
     assert again == expected
+    # Each step sent before the one before returns, its token fed from it (from_last_step).
+    ahead = Generation(f"ahead-{name}", [40, 41, 42, 43, 44], sampling)
+    assert await ahead.run_pipelined(stub, GENERATED) == expected
 
 
 async def test_seed_and_temperature_change_the_draw(
@@ -352,6 +382,8 @@ BAD_STEPS = [
     ([POISON_STEP, _seq("b", [100], 0, [5, 6, 5000])],
      r"sequences\[1\]\.token_ids\[2\]=5000 out of range \[0, 264\)"),
     ([POISON_STEP, _seq("b", [100], 0, [])], r"sequences\[1\]\.token_ids is empty"),
+    ([POISON_STEP, _seq("b", [100], 0, [5], sample=True, from_last_step=True)],
+     r"sequences\[1\]\.token_ids is not empty: with from_last_step"),
     ([POISON_STEP, _seq("poison", [100], 0, [5])],
      r"sequences\[1\]\.request_id='poison' repeats sequences\[0\]"),
     ([POISON_STEP, _seq("b", [100], 0, [5], sample=True,
@@ -371,6 +403,16 @@ BAD_STEPS = [
     ([POISON_STEP, _seq("b", [VICTIM_BLOCKS[0]], 3, [5])],
      r"sequences\[1\]\.block_table\[0\]=80: sequences\[0\] writes the same slot 3"),
     ([], r"sequences is empty"),
+]
+# Well formed, but the step before them (the victim's last, its token for position 49) did
+# not sample their token.
+BAD_FOLLOWERS = [
+    ([POISON_STEP, _seq("b", [100], 0, [], sample=True, from_last_step=True)],
+     r"sequences\[1\]\.from_last_step: the step before this one sampled no token for 'b'"),
+    ([POISON_STEP, _seq("victim", [*VICTIM_BLOCKS, 84], 60, [], sample=True,
+                        from_last_step=True)],
+     r"sequences\[1\]\.start=60: the step before this one sampled 'victim''s token for "
+     r"position 49"),
 ]
 # Valid on its own: copies garbage from the host arena over the victim's first block.
 POISON_SWAP = swap_order(900, "poison", pb.DIRECTION_IN, [0], VICTIM_BLOCKS[:1])
@@ -406,12 +448,16 @@ async def test_invalid_input_names_the_field_and_touches_nothing(
     expected = await reference(stub, references, "greedy", GREEDY)
     victim = Generation("victim", [*VICTIM_BLOCKS, 84], GREEDY)
     await victim.run(stub, 10)
-    calls = [(stub.Step, pb.StepRequest(sequences=s), m) for s, m in BAD_STEPS]
-    calls += [(stub.SubmitSwaps, pb.SubmitSwapsRequest(swaps=s), m) for s, m in BAD_SWAPS]
-    for call, request, message in calls:
+    invalid, precondition = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+    calls = [(stub.Step, pb.StepRequest(sequences=s), invalid, m) for s, m in BAD_STEPS]
+    calls += [(stub.Step, pb.StepRequest(sequences=s), precondition, m)
+              for s, m in BAD_FOLLOWERS]
+    calls += [(stub.SubmitSwaps, pb.SubmitSwapsRequest(swaps=s), invalid, m)
+              for s, m in BAD_SWAPS]
+    for call, request, code, message in calls:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call(request)
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert refused.value.code() == code, refused.value.details()
         assert re.search(message, refused.value.details()), refused.value.details()
         entries = getattr(request, "sequences", None) or getattr(request, "swaps", None)
         # The entry at fault is always the second, so the scheduler fails its request alone.
@@ -424,17 +470,45 @@ async def test_invalid_input_names_the_field_and_touches_nothing(
     assert await control.run(stub, GENERATED) != expected
 
 
+LONG_PROMPT = [(7 * i) % 250 + 3 for i in range(2800)]  # a step of about a second
+LONG_TABLE = list(range(NUM_GPU_BLOCKS - 176, NUM_GPU_BLOCKS))
+
+
+async def test_a_step_queues_behind_the_running_one_and_a_third_is_refused(
+    stub: executor_pb2_grpc.ExecutorStub,
+) -> None:
+    """The follower is sent first and waits for the step it follows, which runs for about a
+    second; a third step is refused once the follower is queued."""
+    follower = asyncio.ensure_future(stub.Step(pb.StepRequest(sequences=[
+        _seq("queuer", LONG_TABLE, len(LONG_PROMPT), [], sample=True, from_last_step=True)])))
+    await asyncio.sleep(0.05)  # lets it arrive first; either order gives the same outcome
+    running = asyncio.ensure_future(stub.Step(pb.StepRequest(
+        sequences=[_seq("queuer", LONG_TABLE, 0, LONG_PROMPT, sample=True)])))
+    # Refused before its validation once two are begun, for its bad entry until then.
+    third = pb.StepRequest(sequences=[_seq("bad", [110], 0, [5000])])
+    for _ in range(500):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Step(third)
+        if "out of range" not in refused.value.details():
+            break
+        await asyncio.sleep(0.01)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "a step is already queued" in refused.value.details()
+    assert refused_request(refused.value) is None
+    first, second = await running, await follower
+    assert [t.request_id for t in (*first.tokens, *second.tokens)] == ["queuer", "queuer"]
+
+
 async def test_swap_events_stream_while_a_step_runs(
     server: Server, stub: executor_pb2_grpc.ExecutorStub
 ) -> None:
     """Evidence by ordering: a swap touching the step's blocks is refused both before and
     after another swap's event arrives, so that event was delivered while the step ran."""
-    long_prompt = [(7 * i) % 250 + 3 for i in range(2800)]  # a step of about a second
-    table = list(range(NUM_GPU_BLOCKS - 176, NUM_GPU_BLOCKS))
+    table = LONG_TABLE
     events = stub.SwapEvents(pb.SwapEventsRequest())
     await events.initial_metadata()
     step = asyncio.ensure_future(
-        stub.Step(pb.StepRequest(sequences=[_seq("long", table, 0, long_prompt)])))
+        stub.Step(pb.StepRequest(sequences=[_seq("long", table, 0, LONG_PROMPT)])))
     await asyncio.sleep(0.1)  # let the server pick the step up; the checks below do not time
 
     async def assert_step_running(swap_id: int) -> None:

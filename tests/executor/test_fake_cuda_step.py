@@ -66,3 +66,30 @@ def test_a_step_runs_on_a_cuda_device_and_reads_back_once(
         rows = 2 if any(seq.sampling.logprobs for seq in sequences) else 1
         assert tuple(launched.copied.shape) == (rows, sampled)
         assert launched.copied.device.type == "cpu"
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["fast", "invariant"])
+def test_a_step_fed_from_the_step_before_launches_before_that_one_is_collected(
+    checkpoint: Path, batch_invariant: bool
+) -> None:
+    """Its from_last_step entries take their tokens from the step before on the device: no
+    device mismatch, and still the one read back, of its own tokens."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    engine = _engine(checkpoint, mode, batch_invariant=batch_invariant)
+    first = engine.prepare_step(engine.begin_step(STEPS["mixed"]))
+    with mode:
+        engine.launch_step(first)  # never collected: its tokens cannot be read
+    seeded = SamplingParams(temperature=1.0, seed=9, logprobs=True)
+    sequences = [
+        StepSequence("seeded", list(range(12, 16)), 18, (), sample=True, sampling=seeded,
+                     from_last_step=True),
+        StepSequence("chunk", list(range(0, 4)), 40, [5] * 8),
+        StepSequence("greedy", list(range(8, 12)), 51, (), sample=True, from_last_step=True),
+    ]
+    prepared = engine.prepare_step(engine.begin_step(sequences))
+    with mode, StepCounter() as counted:
+        launched = engine.launch_step(prepared)
+    assert counted.host_syncs == 1
+    assert launched.copied is not None
+    assert tuple(launched.copied.shape) == (2, 2)
+    assert launched.copied.device.type == "cpu"

@@ -28,6 +28,7 @@ eager step's bits; in the fast one the bucket's matrix shapes may round differen
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -134,11 +135,14 @@ class DecodeGraphs:
         packed = self.model.pack(pad_decode_plan(plan, bucket, self.width), extra)
         return packed if len(packed.buffer) <= len(self._static) else None
 
-    def launch(self, packed: PackedInputs, rows: int) -> tuple[torch.Tensor, StepInputs]:
+    def launch(self, packed: PackedInputs, rows: int,
+               fill: Callable[[StepInputs], None] | None = None
+               ) -> tuple[torch.Tensor, StepInputs]:
         """Device work of a step from `pack`: the logits of its first `rows` rows (float32,
-        valid until the next replay) and its inputs on the device. Replays the bucket's
-        graph, captured on first use; if that raises, logs one warning and turns graphs
-        off. With graphs off the padded step runs eagerly."""
+        valid until the next replay) and its inputs on the device. `fill` writes into those
+        inputs on the device (in the static buffer) before the forward reads them. Replays
+        the bucket's graph, captured on first use; if that raises, logs one warning and
+        turns graphs off. With graphs off the padded step runs eagerly."""
         bucket = packed.plan.num_seqs
         if self.enabled:
             try:
@@ -146,6 +150,8 @@ class DecodeGraphs:
                 if packed.layout[:len(captured.layout)] != captured.layout:
                     raise RuntimeError(f"a bucket-{bucket} step's fields moved since capture")
                 inputs = packed.into(self._static)
+                if fill is not None:
+                    fill(inputs)
                 captured.graph.replay()
                 return captured.logits.narrow(0, 0, rows), inputs
             except Exception as exc:
@@ -154,6 +160,8 @@ class DecodeGraphs:
                 self.enabled = False
                 self._graphs.clear()
         inputs = packed.to(self.cache.device)
+        if fill is not None:
+            fill(inputs)
         return self.model.forward(self.cache, inputs).narrow(0, 0, rows), inputs
 
     def _capture(self, bucket: int) -> _Captured:
