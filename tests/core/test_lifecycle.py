@@ -105,8 +105,7 @@ def state_assignments(source: str) -> list[tuple[int, str]]:
 def _assigns_state(node: ast.AST) -> bool:
     if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        return any(isinstance(t, ast.Attribute) and t.attr == "state"
-                   for target in targets for t in ast.walk(target))
+        return any(_sets_state(target) for target in targets)
     if isinstance(node, ast.Call):
         name = ast.unparse(node.func)
         args = node.args
@@ -115,10 +114,19 @@ def _assigns_state(node: ast.AST) -> bool:
     return False
 
 
+def _sets_state(target: ast.expr) -> bool:
+    """The target stores into an attribute `state` (not merely reads one, as an index)."""
+    if isinstance(target, ast.Tuple | ast.List):
+        return any(map(_sets_state, target.elts))
+    if isinstance(target, ast.Starred):
+        return _sets_state(target.value)
+    return isinstance(target, ast.Attribute) and target.attr == "state"
+
+
 @pytest.mark.parametrize("line", [
     "r.state = RequestState.RUNNING",
     "self.requests[i].state: RequestState = S.FAILED",
-    "a, b.state = 1, 2",
+    "a, *b.state = 1, 2",
     "setattr(r, 'state', S.WAITING)",
     "object.__setattr__(r, 'state', S.WAITING)",
 ])
@@ -128,7 +136,8 @@ def test_the_scan_sees_an_assignment(line: str) -> None:
 
 
 def test_the_scan_ignores_reads_and_comparisons() -> None:
-    source = "x = r.state\nif r.state == S.RUNNING:\n    y = {r.state: 1}\nstate = 3\n"
+    source = ("x = r.state\nif r.state == S.RUNNING:\n    y = {r.state: 1}\nstate = 3\n"
+              "counts[r.state in RESIDENT] += 1\nr.state.value = 2\n")
     assert state_assignments(source) == []
 
 
