@@ -22,6 +22,11 @@ from services.scheduler.core.policy import (
     RandomPriorityUpdates,
     VirtualTokenCounter,
 )
+from services.scheduler.core.preemption import (
+    PREEMPTION_POLICIES,
+    OnOrderChange,
+    PreemptionPolicy,
+)
 from services.scheduler.core.request import Request, RequestState
 
 BS = 4
@@ -47,12 +52,15 @@ class Answered:
 
 
 def make_planner(mode: Mode, *, device_blocks: int = 16, host_blocks: int = 256, policy=None,
-                 max_seqs: int = 8, budget: int = 64, switches: str = "") -> Planner:
+                 max_seqs: int = 8, budget: int = 64, switches: str = "",
+                 preemption: PreemptionPolicy | None = None) -> Planner:
     config = SchedulerConfig(mode=mode, block_size=BS, num_device_blocks=device_blocks,
                              max_num_seqs=max_seqs, max_batched_tokens=budget,
                              switches=mode.switches.with_spec(switches))
     host = ReuseIndex(fingerprint="test", block_size=BS, num_blocks=host_blocks)
-    return Answered(Planner(config, policy or PriorityPolicy(), host.fingerprint), host)
+    planner = Planner(config, policy or PriorityPolicy(), host.fingerprint,
+                      preemption or OnOrderChange())
+    return Answered(planner, host)
 
 
 def req(rid: str, n_prompt: int, max_tokens: int, *, client: str = "c", priority: int = 0,
@@ -313,10 +321,10 @@ class JitteryCost(UnitCost):
 
 
 def run_workload(mode: Mode, *, seed: int, device_blocks: int, n_requests: int,
-                 update_every: int, policy=None,
+                 update_every: int, policy=None, preemption: PreemptionPolicy | None = None,
                  lookahead: bool = True) -> tuple[dict[str, list[int]], Planner]:
     p = make_planner(mode, device_blocks=device_blocks, policy=policy or PriorityPolicy(),
-                     host_blocks=4096, budget=48)
+                     host_blocks=4096, budget=48, preemption=preemption)
     executor = CheckedExecutor(BS, device_blocks, 4096, vocab=100)
     rng = random.Random(seed)
     driver = VirtualDriver(p.planner, JitteryCost(seed=seed), p.host, executor=executor,
@@ -334,10 +342,14 @@ def run_workload(mode: Mode, *, seed: int, device_blocks: int, n_requests: int,
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), mode=st.sampled_from(list(Mode)),
-       policy=st.sampled_from([PriorityPolicy, VirtualTokenCounter, FCFS]))
-def test_random_workloads_are_exact_and_leak_nothing(seed: int, mode: Mode, policy) -> None:
+       policy=st.sampled_from([PriorityPolicy, VirtualTokenCounter, FCFS]),
+       preemption=st.sampled_from(sorted(PREEMPTION_POLICIES)))
+def test_random_workloads_are_exact_and_leak_nothing(
+    seed: int, mode: Mode, policy, preemption: str
+) -> None:
     tight, planner = run_workload(mode, seed=seed, device_blocks=14, n_requests=8,
-                                  update_every=3, policy=policy())
+                                  update_every=3, policy=policy(),
+                                  preemption=PREEMPTION_POLICIES[preemption]())
     roomy, _ = run_workload(mode, seed=seed, device_blocks=512, n_requests=8,
                             update_every=10_000, policy=policy(), lookahead=False)
     assert tight == roomy  # bit-identical with and without preemption and lookahead

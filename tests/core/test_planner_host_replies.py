@@ -8,6 +8,7 @@ import random
 from collections import deque
 from dataclasses import fields
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -18,9 +19,11 @@ from services.scheduler.core.config import Mode, SchedulerConfig, Switches
 from services.scheduler.core.plan import SwapOrder
 from services.scheduler.core.planner import Planner, PlannerStats
 from services.scheduler.core.policy import PriorityPolicy
+from services.scheduler.core.preemption import PREEMPTION_POLICIES
 from services.scheduler.core.request import Request
 
 BS, DEVICE, HOST = 4, 14, 40
+PREEMPTIONS = st.sampled_from(sorted(PREEMPTION_POLICIES))  # a new policy is run too
 
 
 def _faulty(host: ReuseIndex, replies: list[HostReply], rng: random.Random) -> list[HostReply]:
@@ -43,45 +46,52 @@ def _faulty(host: ReuseIndex, replies: list[HostReply], rng: random.Random) -> l
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 100_000), mode=st.sampled_from(list(Mode)),
-       faults=st.booleans(), lookahead=st.booleans())
+       faults=st.booleans(), preemption=PREEMPTIONS, lookahead=st.booleans())
 # Cancelled while swapping out, its preemption copy done and a store copy still in flight:
 # the store's end must finish the cancel.
-@example(seed=13180, mode=Mode.FASTSWITCH, faults=True, lookahead=False)
-def test_late_lost_and_reordered_replies_leak_nothing(seed: int, mode: Mode, faults: bool,
-                                                      lookahead: bool) -> None:
-    run(seed, mode, faults, lookahead=lookahead)
+@example(seed=13180, mode=Mode.FASTSWITCH, faults=True, preemption="on-order-change",
+         lookahead=False)
+def test_late_lost_and_reordered_replies_leak_nothing(
+    seed: int, mode: Mode, faults: bool, preemption: str, lookahead: bool
+) -> None:
+    run(seed, mode, faults, preemption=preemption, lookahead=lookahead)
 
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 100_000), flips=st.sets(st.sampled_from(
-    [f.name for f in fields(Switches)])))
-def test_every_combination_of_switches_leaks_nothing(seed: int, flips: set[str]) -> None:
+    [f.name for f in fields(Switches)])), preemption=PREEMPTIONS)
+def test_every_combination_of_switches_leaks_nothing(
+    seed: int, flips: set[str], preemption: str
+) -> None:
     on = Switches()
     try:
         switches = on.with_spec(",".join(("-" if getattr(on, f) else "+") + f for f in flips))
     except ValueError:
         return  # not a valid combination (offload without reuse)
-    run(seed, Mode.FASTSWITCH, seed % 2 == 1, switches)
+    run(seed, Mode.FASTSWITCH, seed % 2 == 1, switches, preemption=preemption)
 
 
-def test_such_runs_really_preempt_recompute_and_reuse() -> None:
-    stats = [run(seed, mode, faults) for seed in range(6) for mode in Mode
-             for faults in (False, True)]
+@pytest.mark.parametrize("preemption", sorted(PREEMPTION_POLICIES))
+def test_such_runs_really_preempt_recompute_and_reuse(preemption: str) -> None:
+    stats = [run(seed, mode, faults, preemption=preemption) for seed in range(6)
+             for mode in Mode for faults in (False, True)]
     assert sum(s.preempted_by_swap for s in stats) > 0
     assert sum(s.preempted_by_recompute for s in stats) > 0
     assert sum(s.reuse_saved_blocks + s.prefix_hit_tokens for s in stats) > 0
 
 
-def run(seed: int, mode: Mode, faults: bool, switches: Switches | None = None,
-        lookahead: bool = False) -> PlannerStats:
-    """One random run to its end; checks that nothing is left and that every finished
-    request got its own tokens, and returns its stats. With `lookahead` the next step is
-    mostly planned before the last one completes, as the real driver does."""
+def run(seed: int, mode: Mode, faults: bool, switches: Switches | None = None, *,
+        preemption: str = "on-order-change", lookahead: bool = False) -> PlannerStats:
+    """One random run to its end, under the named preemption policy; checks that nothing
+    is left and that every finished request got its own tokens, and returns its stats.
+    With `lookahead` the next step is mostly planned before the last one completes, as the
+    real driver does."""
     rng = random.Random(seed)
     config = SchedulerConfig(mode=mode, block_size=BS, num_device_blocks=DEVICE,
                              max_num_seqs=6, max_batched_tokens=24, switches=switches)
     host = ReuseIndex(fingerprint="fp", block_size=BS, num_blocks=HOST)
-    planner = Planner(config, PriorityPolicy(), host.fingerprint)
+    planner = Planner(config, PriorityPolicy(), host.fingerprint,
+                      PREEMPTION_POLICIES[preemption]())
     executor = CheckedExecutor(BS, DEVICE, HOST, vocab=50)
     replies: deque[list[HostReply]] = deque()
     copies: list[SwapOrder] = []

@@ -472,7 +472,7 @@ async def test_undecodable_requests_get_invalid_argument(
     address, method = {
         "scheduler": (scheduler.address, "/fastswitch.scheduler.v1.Scheduler/Cancel"),
         "executor": (stack.executor_address, "/fastswitch.executor.v1.Executor/AttachHostArena"),
-        "kvstore": (stack.kvstore_address, "/fastswitch.kvstore.v1.KVStore/Release"),
+        "kvstore": (stack.kvstore_address, "/fastswitch.kvstore.v1.KVStore/Batch"),
     }[service]
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(method, request_serializer=None,

@@ -117,8 +117,10 @@ class SwapManager:
         return swap
 
     def cancel_in(self, r: Request) -> None:
-        """The request of a swap-in in flight is gone: its blocks drain until the copy ends."""
-        swap = next(s for s in self._swaps.values() if s.request is r)
+        """The request of a swap-in in flight is gone: its blocks drain until the copy ends.
+        (A store of its earlier residency may still be in flight too: that one is left be.)"""
+        swap = next(s for s in self._swaps.values()
+                    if s.request is r and s.order.direction is Direction.IN)
         swap.draining = list(self.allocator.table(r))
         self.allocator.release(r, draining=swap.draining)
 

@@ -1,0 +1,151 @@
+"""Preemption policies: the order each gives the selection pass, alone and in the planner.
+Every registered policy is run here and by the planner's property tests."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.kv.host_ops import apply
+from services.scheduler.core.config import Mode
+from services.scheduler.core.lifecycle import RESIDENT, Event
+from services.scheduler.core.plan import PreemptBy
+from services.scheduler.core.policy import FCFS, POLICIES, FairnessPolicy, PriorityPolicy
+from services.scheduler.core.preemption import (
+    PREEMPTION_POLICIES,
+    OnAllocationFailure,
+    OnOrderChange,
+    PreemptionPolicy,
+)
+from services.scheduler.core.request import Request, RequestState
+from tests.core.test_planner import finish_swaps, make_planner, req, run_step, state
+
+S, E = RequestState, Event
+# Events that take a new request to each state a selection pass considers.
+TO = {S.WAITING: (), S.QUEUED: (E.ASK_HOST, E.HOST_MISS), S.PREFILLING: (E.ADMIT,),
+      S.RUNNING: (E.ADMIT, E.FIRST_TOKEN), S.SWAPPED: (E.ASK_HOST, E.PINNED)}
+
+
+def live(*specs: tuple[str, RequestState, int]) -> list[Request]:
+    """Requests (name, state, priority), arriving in the order given."""
+    out = []
+    for arrival, (name, to, priority) in enumerate(specs):
+        r = Request(name, "c", [1], 1, priority=priority, arrival=arrival)
+        for event in TO[to]:
+            r.handle(event)
+        out.append(r)
+    return out
+
+
+MIX = (("low", S.RUNNING, 0), ("mid", S.PREFILLING, 1), ("high", S.WAITING, 5),
+       ("back", S.SWAPPED, 3), ("next", S.QUEUED, 2))
+
+
+@pytest.mark.parametrize(("policy", "fairness", "expected"), [
+    (OnOrderChange, PriorityPolicy, ["high", "back", "next", "mid", "low"]),
+    (OnOrderChange, FCFS, ["low", "mid", "high", "back", "next"]),
+    (OnAllocationFailure, PriorityPolicy, ["mid", "low", "high", "back", "next"]),
+    (OnAllocationFailure, FCFS, ["low", "mid", "high", "back", "next"]),
+])
+def test_order(policy: type[PreemptionPolicy], fairness: type[FairnessPolicy],
+               expected: list[str]) -> None:
+    """On a change of order, a preemptive fairness policy ranks a waiting request above
+    residents; otherwise (and always on allocation failure) residents come first."""
+    order = policy().order(live(*MIX), fairness())
+    assert [r.request_id for r in order] == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(policy=st.sampled_from(sorted(PREEMPTION_POLICIES)),
+       fairness=st.sampled_from(sorted(POLICIES)),
+       specs=st.lists(st.tuples(st.sampled_from(list(TO)), st.integers(0, 3)), max_size=8))
+def test_every_policy_orders_every_live_request_once(
+    policy: str, fairness: str, specs: list[tuple[RequestState, int]]
+) -> None:
+    requests = live(*((f"r{i}", to, p) for i, (to, p) in enumerate(specs)))
+    order = PREEMPTION_POLICIES[policy]().order(requests, POLICIES[fairness]())
+    assert sorted(map(id, order)) == sorted(map(id, requests))
+
+
+@pytest.mark.parametrize("name", sorted(PREEMPTION_POLICIES))
+def test_every_policy_swaps_when_it_can(name: str) -> None:
+    policy, (r,) = PREEMPTION_POLICIES[name](), live(("r", S.RUNNING, 0))
+    assert policy.by(r, can_swap=True) is PreemptBy.SWAP
+    assert policy.by(r, can_swap=False) is PreemptBy.RECOMPUTE
+
+
+# ---- in the planner --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "preempted"), [(OnOrderChange, ["low"]),
+                                                   (OnAllocationFailure, [])])
+def test_a_higher_priority_arrival_preempts_only_on_a_change_of_order(
+    policy: type[PreemptionPolicy], preempted: list[str]
+) -> None:
+    """Two running requests have room to grow; a higher-priority arrival does not fit
+    beside them."""
+    p = make_planner(Mode.FASTSWITCH, device_blocks=8, preemption=policy())
+    p.add(req("low", 12, 18, priority=0))
+    p.add(req("mid", 12, 18, priority=1))
+    run_step(p, p.plan())
+    p.add(req("high", 12, 18, priority=5))
+    plan = p.plan()
+    assert [x.request_id for x in plan.preemptions] == preempted
+    assert "mid" in {s.request_id for s in plan.batch}
+    if not preempted:
+        assert {s.request_id for s in plan.batch} == {"low", "mid"}
+        assert state(p, "high") is S.WAITING
+
+
+def test_on_allocation_failure_the_worst_ranked_resident_gives_way_when_they_cannot_grow() -> None:
+    p = make_planner(Mode.FASTSWITCH, device_blocks=8, preemption=OnAllocationFailure())
+    p.add(req("low", 12, 18, priority=0))
+    p.add(req("mid", 12, 18, priority=1))
+    run_step(p, p.plan())
+    p.add(req("high", 4, 4, priority=5))
+    while not (plan := p.plan()).preemptions:
+        assert state(p, "high") is S.WAITING  # never for the arrival
+        run_step(p, plan)
+    assert [x.request_id for x in plan.preemptions] == ["low"]
+    assert state(p, "high") is S.WAITING  # nothing comes in while a resident goes
+
+
+def preempting_plans_that_bring_in(policy: PreemptionPolicy, fairness: FairnessPolicy,
+                                   seed: int) -> int:
+    """Runs random requests to their end; the plans that preempt a resident and also bring
+    in (admit, swap in, or ask the host for) a request that was not resident."""
+    rng = random.Random(seed)
+    p = make_planner(Mode.FASTSWITCH, device_blocks=12, policy=fairness, preemption=policy)
+    pending = [req(f"r{i}", rng.randint(2, 16), rng.randint(2, 16), priority=rng.randrange(4),
+                   conv=f"conv{i % 2}" if i % 3 else None, seed=seed) for i in range(8)]
+    count = 0
+    for _ in range(2000):
+        if pending and rng.random() < 0.4:
+            p.add(pending.pop())
+        if not (pending or p.has_work()):
+            return count
+        if rng.random() < 0.2:
+            p.set_priority(rng.randrange(6), request_id=f"r{rng.randrange(8)}")
+        waiting = {r: r.state for r in p.live() if r.state not in RESIDENT}
+        plan = p.planner.plan()
+        count += bool(plan.preemptions) and any(r.state is not was for r, was in waiting.items())
+        p.planner.host_replied(apply(p.host, plan.host_ops))
+        run_step(p, plan)
+        finish_swaps(p, plan)
+    raise AssertionError("the run did not end")
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), fairness=st.sampled_from(sorted(POLICIES)))
+def test_on_allocation_failure_never_preempts_to_bring_a_request_in(
+    seed: int, fairness: str
+) -> None:
+    assert preempting_plans_that_bring_in(OnAllocationFailure(), POLICIES[fairness](), seed) == 0
+
+
+def test_on_order_change_preempts_to_bring_a_higher_priority_request_in() -> None:
+    assert sum(preempting_plans_that_bring_in(OnOrderChange(), PriorityPolicy(), seed)
+               for seed in range(10)) > 0
