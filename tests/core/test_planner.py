@@ -209,26 +209,6 @@ def test_vtc_does_not_starve_a_light_client() -> None:
     assert len(waits) == 6 and max(waits) <= 10  # never behind more than one heavy request
 
 
-def test_vtc_counts_tokens_per_client_and_lifts_returning_clients() -> None:
-    vtc = VirtualTokenCounter(input_weight=1, output_weight=2)
-    a = req("a", 10, 5, client="A")
-    vtc.on_arrival(a, [])
-    vtc.on_served(a, 10, 1)
-    assert vtc.counters["A"] == 12
-    b = req("b", 10, 5, client="B")
-    vtc.on_arrival(b, [a])
-    assert vtc.counters["B"] == 12  # lifted to the backlogged minimum, no banked credit
-
-
-def test_random_priority_updates_are_periodic_and_seeded() -> None:
-    live = [req(f"r{i}", 4, 4) for i in range(5)]
-    u1, u2 = RandomPriorityUpdates(every=3, seed=1), RandomPriorityUpdates(every=3, seed=1)
-    assert u1.updates(1, live) == {} and u1.updates(2, live) == {}
-    first = u1.updates(3, live)
-    assert set(first) == {r.request_id for r in live}
-    assert first == u2.updates(3, live)
-
-
 @pytest.mark.parametrize("mode", SWAP_MODES)
 def test_recompute_when_host_is_full(mode: Mode) -> None:
     p = make_planner(mode, device_blocks=8, host_blocks=2)

@@ -57,6 +57,10 @@ class VirtualTokenCounter(FairnessPolicy):
     output_weight: float = 2.0
     counters: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.input_weight < 0 or self.output_weight < 0:
+            raise ValueError(f"token weights must not be negative, got {self}")
+
     def rank(self, request: Request) -> tuple:
         return (self.counters.get(request.client_id, 0.0), request.arrival)
 
