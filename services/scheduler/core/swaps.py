@@ -12,6 +12,8 @@ Contract (as vLLM's offload manager states its own):
   swaps the request is not scheduled until its own copy is reported done, and nothing else
   waits. Without them (the baseline) every plan made while any swap is in flight carries a
   barrier: the step waits for all of them, and may then use what they swapped in.
+  A `hold` (vLLM v1 waiting for a preempted request's stores) puts a barrier on the
+  next plan alone.
 - A swap-in cancelled mid-copy leaves its blocks draining until the copy ends.
 - Each swap is reported done exactly once, `ok` or not; `done` hands back what the swap
   held, and its `Purpose`, so that the planner can commit, abort or unpin its host side.
@@ -50,6 +52,7 @@ class SwapManager:
         self.async_swaps = async_swaps
         self._swaps: dict[int, Swap] = {}
         self._ids = itertools.count(1)
+        self._hold = False
 
     def swap_out(
         self,
@@ -127,8 +130,15 @@ class SwapManager:
         self._swaps.clear()
         return dropped
 
+    def hold(self) -> None:
+        """The next plan carries a barrier even with async swaps (a store must end before
+        its blocks are reused)."""
+        self._hold = True
+
     def barrier(self) -> bool:
-        return not self.async_swaps and bool(self._swaps)
+        """Whether the plan being made waits for every swap in flight; ends a `hold`."""
+        held, self._hold = self._hold, False
+        return (held or not self.async_swaps) and bool(self._swaps)
 
     def offloading(self) -> set[str]:
         """Host keys a finished turn's KV is being copied to."""
