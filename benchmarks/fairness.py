@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cli import parse_modes
+from benchmarks.sim.fairness_stats import jain, largest_gap
 from benchmarks.sim.hardware import A10, LLAMA3_8B, Deployment
 from benchmarks.sim.simulate import SimOptions, simulate
 from benchmarks.sim.workload import TurnSpec
@@ -51,22 +52,6 @@ from services.scheduler.core.policy import (
 from services.scheduler.core.request import Request
 
 QUEUED_STATES = "waiting", "swapped"  # queued for the device, not running on it
-
-
-def jain(values: Sequence[float]) -> float:
-    """Jain's fairness index: 1 when all are equal, 1/n when one gets everything."""
-    total, squares = sum(values), sum(v * v for v in values)
-    return total * total / (len(values) * squares) if squares else 1.0
-
-
-def largest_gap(series: Sequence[Sequence[float]]) -> float:
-    """The largest |service_a(t1, t2) - service_b(t1, t2)| over intervals and client pairs,
-    from cumulative service samples (one row per instant, one column per client)."""
-    gap = 0.0
-    for a, b in itertools.combinations(range(len(series[0]) if series else 0), 2):
-        diffs = [0.0, *(row[a] - row[b] for row in series)]  # 0: before anyone was served
-        gap = max(gap, max(diffs) - min(diffs))
-    return gap
 
 
 @dataclass

@@ -20,23 +20,35 @@ from benchmarks.sim.copy_engine import LinkModel
 from benchmarks.sim.hardware import GPUS, MODELS, Deployment, DoesNotFit, GpuSpec
 from benchmarks.sim.report import (
     Point,
+    modes_table,
     paper_table,
     point_label,
     points_table,
     write_json,
     write_plots,
 )
-from benchmarks.sim.simulate import ConservationError, SimOptions, simulate
+from benchmarks.sim.simulate import (
+    SWITCH_COSTS,
+    ConservationError,
+    ModeResult,
+    SimOptions,
+    simulate,
+)
 from benchmarks.sim.trace import load_trace
 from benchmarks.sim.virtual_driver import HostCosts
-from benchmarks.sim.workload import TurnSpec, WorkloadConfig, generate
+from benchmarks.sim.workload import LogNormal, TurnSpec, WorkloadConfig, generate
 from services.scheduler.core.config import Mode
 from services.scheduler.core.policy import POLICIES
+from services.scheduler.core.preemption import PREEMPTION_POLICIES
 
-DEFAULT_SETTINGS = "a10:llama-3-8b,a100:qwen-2.5-32b,a100:llama-3-8b"
-# Small enough for about a minute on two cores; explicit flags still override it.
-QUICK = {"settings": "a10:llama-3-8b", "rates": "0.5,2", "update_every": "20"}
+DEFAULT_SETTINGS = "a10:llama-3-8b,a100:qwen-2.5-32b,h100:llama-3-8b"
+# Small enough for a few minutes on two cores; explicit flags still override it.
+QUICK = {"settings": "a10:llama-3-8b", "rates": "0.5,2", "update_every": "25",
+         "num_conversations": 60}
 MODES = tuple(Mode)  # every mode, side by side
+# Outputs as reasoning models produce them (`--workload long-decode`).
+LONG_DECODE = {"min_output_tokens": 2048, "max_output_tokens": 8000,
+               "response_tokens": LogNormal(mean=4000, sigma=0.5)}
 
 
 @dataclass(frozen=True)
@@ -54,8 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"MODEL in {sorted(MODELS)}")
     parser.add_argument("--rates", default="0.5,1,2",
                         help="new conversations per second, comma list (ignored with --trace)")
-    parser.add_argument("--update-every", default="20,100",
-                        help="iterations between priority reshuffles, comma list (priority policy)")
+    parser.add_argument("--update-every", default="25,50",
+                        help="iterations between priority reshuffles, comma list (priority "
+                        "policy; the paper's are 25 and 50)")
+    parser.add_argument("--workload", choices=("sharegpt", "long-decode"), default="sharegpt",
+                        help="long-decode: outputs of 2-8k tokens, as reasoning models write")
     parser.add_argument("--policy", choices=sorted(POLICIES), default="priority")
     parser.add_argument("--priority-levels", type=int, default=4)
     parser.add_argument("--trace", type=Path, help="replay this JSONL trace instead (trace.py)")
@@ -80,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compute-efficiency", type=float, default=0.6)
     parser.add_argument("--memory-efficiency", type=float, default=0.85)
     parser.add_argument("--step-overhead-ms", type=float, default=4.0)
+    parser.add_argument("--switch-cost", choices=SWITCH_COSTS, default="real",
+                        help="zero: free copies, store round trips and planning (the limit)")
+    parser.add_argument("--no-limit", action="store_true",
+                        help="skip each mode's run at zero switch cost (and its overheads)")
+    parser.add_argument("--preemption", choices=sorted(PREEMPTION_POLICIES), default="",
+                        help="every mode's preemption policy (default: each mode's own)")
     parser.add_argument("--switches", default="",
                         help="ablation: changes to fastswitch's switches, e.g. -turn_offload "
                              "or -host_reuse,-block_groups (see Switches.with_spec)")
@@ -131,11 +152,17 @@ def workloads(args: argparse.Namespace) -> dict[float | None, list[TurnSpec]]:
             mean_turns=args.mean_turns,
             mean_think_time_s=args.think_time,
             max_context=args.max_context,
-            max_output_tokens=min(2048, args.max_context // 2),
             seed=args.seed,
+            **_shape(args),
         ))
         for rate in (float(r) for r in args.rates.split(","))
     }
+
+
+def _shape(args: argparse.Namespace) -> dict[str, Any]:
+    if args.workload == "long-decode":
+        return LONG_DECODE
+    return {"max_output_tokens": min(2048, args.max_context // 2)}
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         [int(e) for e in args.update_every.split(",")] if args.policy == "priority" else [None]
     )
     loads = workloads(args)
-    total = len(settings) * len(loads) * len(everys) * len(MODES)
+    runs = [(mode, args.switch_cost) for mode in MODES]
+    runs += [] if args.no_limit or args.switch_cost == "zero" else [
+        (mode, "zero") for mode in MODES]
+    total = len(settings) * len(loads) * len(everys) * len(runs)
     started, done = time.perf_counter(), 0
     points: list[Point] = []
     for setting in settings:
@@ -175,24 +205,28 @@ def main(argv: list[str] | None = None) -> int:
                     step_overhead_s=args.step_overhead_ms * 1e-3,
                     seed=args.seed,
                     host_costs=HostCosts(args.host_rtt_us * 1e-6, args.plan_us * 1e-6),
+                    preemption=args.preemption,
                 )
                 label = point_label(setting.name, rate, every)
-                results = {}
-                for mode in MODES:
+                results: dict[str, dict[Mode, ModeResult]] = {"real": {}, "zero": {}}
+                for mode, cost in runs:
                     run_start = time.perf_counter()
                     try:
                         switches = args.switches if mode is Mode.FASTSWITCH else ""
-                        results[mode] = simulate(setting.deployment, mode, turns,
-                                                 replace(options, switches=switches))
+                        results[cost][mode] = simulate(
+                            setting.deployment, mode, turns,
+                            replace(options, switches=switches, switch_cost=cost))
                     except (ConservationError, ValueError) as error:
                         print(f"error: {label} {mode.value}: {error}", file=sys.stderr)
                         return 1
                     done += 1
                     now = time.perf_counter()
-                    print(f"[{done:>3}/{total}] {label} {mode.value:<10} "
+                    print(f"[{done:>3}/{total}] {label} {mode.value:<19} {cost:<4} "
                           f"{now - run_start:6.1f} s  (elapsed {now - started:6.1f} s)",
                           file=sys.stderr, flush=True)
-                points.append(Point(setting.name, rate, every, results))
+                points.append(Point(setting.name, rate, every,
+                                    results[args.switch_cost], results["zero"]
+                                    if args.switch_cost == "real" else {}))
 
     point_docs = [p.to_json() for p in points]
     print("\nPer point (x = baseline / FastSwitch for latencies, FastSwitch / baseline for "
@@ -200,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     print(points_table(point_docs))
     print("\nAgainst the paper (FastSwitch, arXiv 2411.18424):")
     print(paper_table(point_docs))
+    print("\nPer mode: the top and bottom priority classes, fairness, and the overhead over "
+          "zero switch cost (metric / limit - 1):")
+    print(modes_table(point_docs))
     if args.json is not None:
         write_json(args.json, run_config(args), point_docs)
         print(f"\nwrote {args.json}", file=sys.stderr)

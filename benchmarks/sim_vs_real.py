@@ -188,8 +188,12 @@ def run_sim(mode: Mode, turns: list[TurnSpec], calibration: dict[str, Any],
                          vocab=config["vocab_size"], link=link, host_costs=HostCosts())
     result = simulate(deployment, mode, turns, options,
                       cost=SimCost(step, link, KvLayout.BLOCK_MAJOR))
-    r = result.report
-    return metrics(r.ttfts, r.tbts, r.output_tokens, r.makespan_s)
+    r, st = result.report, result.stats
+    # The planner's own counts: each mode's run is its own, even where the latencies tie
+    # (no preemption, and copies that overlap the steps entirely).
+    return {**metrics(r.ttfts, r.tbts, r.output_tokens, r.makespan_s),
+            "iterations": st.iterations, "copies": result.swaps.copies,
+            "preemptions": st.preempted_by_swap + st.preempted_by_recompute}
 
 
 def compare(real: dict[str, float], sim: dict[str, float]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ LAYOUT_OF: dict[Mode, KvLayout] = {
     # vLLM v1's CPU offload copies each block contiguous across layers (PR #27743), one
     # copy per block: block-major, without FastSwitch's runs of blocks.
     Mode.VLLM_V1: KvLayout.BLOCK_MAJOR,
+    Mode.VLLM_V1_OFFLOAD_ALL: KvLayout.BLOCK_MAJOR,
 }
 
 # A sweep prices millions of copies of a few distinct lengths.

@@ -87,6 +87,13 @@ H200_SXM = GpuSpec(
     "H200 141GB SXM", memory_bytes=141 * GIB, hbm_bytes_per_s=4800e9, fp16_tensor_flops=989e12,
     host_link_bytes_per_s=50e9, copy_overhead_s=4e-6,
 )
+# Grace Hopper: the GPU reaches host memory over NVLink-C2C, about 300 GB/s measured one
+# way (the figure; 450 GB/s per direction on paper), so a copy's fixed cost
+# dominates sooner than on PCIe.
+GH200 = GpuSpec(
+    "GH200 96GB", memory_bytes=96 * GIB, hbm_bytes_per_s=4000e9, fp16_tensor_flops=989e12,
+    host_link_bytes_per_s=300e9, copy_overhead_s=4e-6,
+)
 
 LLAMA3_8B = ModelSpec(
     "LLaMA-3-8B",
@@ -112,9 +119,27 @@ QWEN25_32B = ModelSpec(
     max_context=32768,
     qkv_bias=True,
 )
+# A small-KV model: 16 layers x 8 KV heads x 64 dims, 32 KiB per token, 0.5 MiB per block
+# of 16 (HF config of meta-llama/Llama-3.2-1B; context capped at 8k here).
+LLAMA32_1B = ModelSpec(
+    "LLaMA-3.2-1B",
+    num_layers=16,
+    hidden_size=2048,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    intermediate_size=8192,
+    vocab_size=128256,
+    max_context=8192,
+    qkv_bias=False,
+)
 
-GPUS: dict[str, GpuSpec] = {"a10": A10, "a100": A100_80GB, "h100": H100_SXM, "h200": H200_SXM}
-MODELS: dict[str, ModelSpec] = {"llama-3-8b": LLAMA3_8B, "qwen-2.5-32b": QWEN25_32B}
+GPUS: dict[str, GpuSpec] = {
+    "a10": A10, "a100": A100_80GB, "h100": H100_SXM, "h200": H200_SXM, "gh200": GH200,
+}
+MODELS: dict[str, ModelSpec] = {
+    "llama-3-8b": LLAMA3_8B, "qwen-2.5-32b": QWEN25_32B, "llama-3.2-1b": LLAMA32_1B,
+}
 
 # cuBLAS workspaces, CUDA graph pools and allocator slack that profiling a forward pass misses.
 RUNTIME_WORKSPACE_BYTES = 512 * 1024**2

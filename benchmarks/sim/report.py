@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,20 @@ def mode_metrics(result: ModeResult) -> dict[str, float | int]:
         "reuse_saved_bytes": s.reuse_saved_blocks * result.deployment.block_bytes,
         "prefix_hit_tokens": s.prefix_hit_tokens,
         "device_blocks": result.num_device_blocks,
+        **result.fairness.to_json(
+            r.times, result.num_device_blocks * result.deployment.block_size),
     }
+
+
+CLASS_KEYS = ("top_p95_ttft_s", "bottom_p95_ttft_s", "top_p99_tbt_s", "bottom_p99_tbt_s")
+
+# What each mode pays for context switches: metric / the same at zero switch cost - 1.
+OVERHEAD_KEYS = ("p95_ttft_s", "p999_tbt_s", "top_p95_ttft_s", "top_p99_tbt_s", "makespan_s")
+
+
+def overhead(metrics: dict[str, Any], limit: dict[str, Any]) -> dict[str, float | None]:
+    """Each `OVERHEAD_KEYS` metric over the limit's, minus 1 (None when the limit is 0)."""
+    return {k: metrics[k] / limit[k] - 1 if limit[k] else None for k in OVERHEAD_KEYS}
 
 
 def point_label(setting: str, rate: float | None, update_every: int | None) -> str:
@@ -68,12 +81,14 @@ def ratio(fastswitch: float, baseline: float) -> float | None:
 
 @dataclass
 class Point:
-    """One point of the sweep: both modes on the same workload."""
+    """One point of the sweep: every mode on the same workload, and each at zero switch
+    cost (`limits`, possibly empty)."""
 
     setting: str
     rate: float | None
     update_every: int | None
     results: dict[Mode, ModeResult]
+    limits: dict[Mode, ModeResult] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -82,12 +97,18 @@ class Point:
     def to_json(self) -> dict[str, Any]:
         modes = {m.value: mode_metrics(r) for m, r in self.results.items()}
         fs, base = modes[Mode.FASTSWITCH.value], modes[Mode.BASELINE.value]
+        limits = {m.value: mode_metrics(r) for m, r in self.limits.items()}
         return {
             "setting": self.setting,
             "arrival_rate": self.rate,
             "update_every": self.update_every,
             "modes": modes,
             "ratios": {k: ratio(fs[k], base[k]) for k in RATIO_KEYS},
+            # fastswitch / each other mode, as "ratios" is against the baseline
+            "ratios_vs": {m: {k: ratio(fs[k], other[k]) for k in (*RATIO_KEYS, *CLASS_KEYS)}
+                          for m, other in modes.items() if m != Mode.FASTSWITCH.value},
+            "zero_switch_cost": limits,
+            "overhead_over_limit": {m: overhead(modes[m], limit) for m, limit in limits.items()},
         }
 
 
@@ -166,6 +187,33 @@ def points_table(points: Sequence[dict[str, Any]]) -> str:
             f"{fs['preemptions']:>7}/{base['preemptions']:<8}"
         )
     return "\n".join(lines)
+
+
+def modes_table(points: Sequence[dict[str, Any]]) -> str:
+    """Per point and mode: the top and bottom classes' latencies, fairness, and the overhead
+    over the mode's own run at zero switch cost."""
+    header = (f"{'point':<34} {'mode':<19} {'top P95 TTFT':>12} {'bot P95 TTFT':>12} "
+              f"{'top P99 TBT':>11} {'bot P99 TBT':>11} {'inversions (s)':>16} "
+              f"{'VTC gap/2U':>10} {'Jain':>5} {'TTFT ovh':>8} {'TBT ovh':>8}")
+    lines = [header]
+    for p in points:
+        label = point_label(p["setting"], p["arrival_rate"], p["update_every"])
+        for mode, m in p["modes"].items():
+            over = p["overhead_over_limit"].get(mode, {})
+            lines.append(
+                f"{label:<34} {mode:<19} {m['top_p95_ttft_s']:>12.3f} "
+                f"{m['bottom_p95_ttft_s']:>12.3f} {m['top_p99_tbt_s']:>11.3f} "
+                f"{m['bottom_p99_tbt_s']:>11.3f} "
+                f"{m['priority_inversions']:>7} ({m['priority_inversion_s']:>6.1f}) "
+                f"{m['vtc_max_gap'] / m['vtc_bound_2u']:>10.2f} {m['jain_index'] or 0:>5.2f} "
+                f"{_change(_plus_one(over.get('p95_ttft_s'))):>8} "
+                f"{_change(_plus_one(over.get('p999_tbt_s'))):>8}"
+            )
+    return "\n".join(lines)
+
+
+def _plus_one(value: float | None) -> float | None:
+    return None if value is None else value + 1
 
 
 def _speedup(value: float | None) -> str:

@@ -7,12 +7,13 @@ executor and the copy engine are replaced, by `SimCost` on the `VirtualDriver`'s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from benchmarks.sim.checked_executor import CheckedExecutor
 from benchmarks.sim.copy_engine import LinkModel
 from benchmarks.sim.cost_model import StepCostModel
 from benchmarks.sim.costs import SimCost
+from benchmarks.sim.fairness_stats import FairnessStats
 from benchmarks.sim.hardware import Deployment
 from benchmarks.sim.replay import Replay, request_id
 from benchmarks.sim.virtual_driver import HostCosts, RunReport, VirtualDriver
@@ -22,6 +23,10 @@ from services.scheduler.core.config import Mode, SchedulerConfig
 from services.scheduler.core.plan import Direction, StepPlan
 from services.scheduler.core.planner import Planner, PlannerStats
 from services.scheduler.core.policy import POLICIES, FairnessPolicy, RandomPriorityUpdates
+from services.scheduler.core.preemption import PREEMPTION_POLICIES
+
+SWITCH_COSTS = ("real", "zero")
+FREE_LINK = LinkModel(0.0, float("inf"))
 
 
 class ConservationError(AssertionError):
@@ -49,6 +54,17 @@ class SimOptions:
     an ablation."""
     host_costs: HostCosts = field(default_factory=HostCosts)
     """The scheduler's own costs: a KV store round trip per plan, and planning time."""
+    preemption: str = ""
+    """A `PREEMPTION_POLICIES` name; empty: the mode's own (`Mode.preemption`)."""
+    switch_cost: str = "real"
+    """"zero": the limit, free copies, store round trips and planning (`SWITCH_COSTS`)."""
+
+    def __post_init__(self) -> None:
+        if self.switch_cost not in SWITCH_COSTS:
+            raise ValueError(f"switch_cost must be one of {SWITCH_COSTS}, got {self.switch_cost!r}")
+        if self.preemption and self.preemption not in PREEMPTION_POLICIES:
+            raise ValueError(f"preemption must be one of {sorted(PREEMPTION_POLICIES)}, "
+                             f"got {self.preemption!r}")
 
 
 @dataclass
@@ -84,6 +100,7 @@ class ModeResult:
     stats: PlannerStats
     swaps: SwapTally
     num_turns: int
+    fairness: FairnessStats
 
 
 def simulate(
@@ -98,7 +115,7 @@ def simulate(
 ) -> ModeResult:
     """`check_tokens` runs the token-checking executor too: exact, and much slower. `policy`
     replaces a fresh `options.policy` (to observe what it is told); `cost` replaces the
-    roofline and link models (e.g. a calibrated CPU one)."""
+    roofline and link models (e.g. a calibrated CPU one; at zero switch cost its link is free)."""
     device_blocks = options.device_blocks or deployment.num_gpu_blocks
     host_blocks = max(1, int(options.host_kv_multiple * device_blocks))
     _check_fits(deployment, device_blocks, turns)
@@ -113,15 +130,24 @@ def simulate(
     host = ReuseIndex(
         fingerprint=deployment.model.name, block_size=deployment.block_size, num_blocks=host_blocks
     )
-    planner = Planner(config, policy or POLICIES[options.policy](), host.fingerprint)
+    planner = Planner(config, policy or POLICIES[options.policy](), host.fingerprint,
+                      PREEMPTION_POLICIES[options.preemption or mode.preemption]())
+    zero = options.switch_cost == "zero"
+    link, host_costs = (FREE_LINK, HostCosts()) if zero else (options.link, options.host_costs)
     step_model = StepCostModel(
         deployment,
         compute_efficiency=options.compute_efficiency,
         memory_efficiency=options.memory_efficiency,
         step_overhead_s=options.step_overhead_s,
     )
-    cost = cost or SimCost.for_mode(step_model, options.link, mode)
-    tally = SwapTally()
+    cost = replace(cost, link=link) if cost is not None else SimCost.for_mode(
+        step_model, link, mode)
+    tally, fairness = SwapTally(), FairnessStats()
+
+    def observe(driver: VirtualDriver, plan: StepPlan) -> None:
+        tally.add(cost, plan)
+        fairness.observe(driver.now, plan, planner)
+
     replay = Replay(turns, options.seed, options.vocab)
     updates = (
         RandomPriorityUpdates(options.update_every, options.priority_levels, options.seed)
@@ -137,16 +163,17 @@ def simulate(
         planner,
         cost,
         host,
-        host_costs=options.host_costs,
+        host_costs=host_costs,
         executor=executor,
         priority_updates=updates,
         follow_up=replay.follow_up,
-        on_iteration=lambda _driver, plan: tally.add(cost, plan),
+        on_iteration=observe,
     )
     for at, request in replay.first_turns():
         driver.submit(at, request)
     report = driver.run()
-    result = ModeResult(mode, deployment, device_blocks, report, planner.stats, tally, len(turns))
+    result = ModeResult(mode, deployment, device_blocks, report, planner.stats, tally, len(turns),
+                        fairness)
     check_conservation(result)
     return result
 

@@ -68,6 +68,7 @@ class WorkloadConfig:
     mean_think_time_s: float = 10.0
     max_context: int = 8192
     max_output_tokens: int = 2048
+    min_output_tokens: int = 1  # e.g. 2048 for a reasoning model's long decodes
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,8 +83,8 @@ class WorkloadConfig:
             )
         if self.mean_turns < 1 or self.mean_think_time_s < 0:
             raise ValueError("need mean_turns >= 1 and mean_think_time_s >= 0")
-        if not 1 <= self.max_output_tokens < self.max_context:
-            raise ValueError("need 1 <= max_output_tokens < max_context")
+        if not 1 <= self.min_output_tokens <= self.max_output_tokens < self.max_context:
+            raise ValueError("need 1 <= min_output_tokens <= max_output_tokens < max_context")
 
 
 def _num_turns(rng: random.Random, mean: float) -> int:
@@ -94,8 +95,8 @@ def _num_turns(rng: random.Random, mean: float) -> int:
     return 1 + int(math.log(u) / math.log(1.0 - 1.0 / mean))
 
 
-def _tokens(rng: random.Random, dist: LogNormal, limit: int) -> int:
-    return min(limit, max(1, round(dist.sample(rng))))
+def _tokens(rng: random.Random, dist: LogNormal, limit: int, floor: int = 1) -> int:
+    return min(limit, max(floor, round(dist.sample(rng))))
 
 
 def generate(config: WorkloadConfig) -> list[TurnSpec]:
@@ -113,7 +114,8 @@ def generate(config: WorkloadConfig) -> list[TurnSpec]:
         client_id = rng.choices(clients, weights=config.client_weights)[0]
         history = 0
         for turn in range(_num_turns(rng, config.mean_turns)):
-            output = _tokens(rng, config.response_tokens, config.max_output_tokens)
+            output = _tokens(rng, config.response_tokens, config.max_output_tokens,
+                             config.min_output_tokens)
             prompt = _tokens(rng, config.user_tokens, config.max_context - output)
             think = (
                 rng.expovariate(1.0 / config.mean_think_time_s)

@@ -130,8 +130,9 @@ FLAGS = [
          "ablation: changes to the mode's switches, e.g. -turn_offload or +async_swaps "
          f"({', '.join(f.name for f in fields(Switches))})"),
     Flag("policy", "FASTSWITCH_POLICY", "priority", ", ".join(sorted(POLICIES))),
-    Flag("preemption", "FASTSWITCH_PREEMPTION", "on-order-change",
-         f"when running requests give way: {', '.join(PREEMPTION_POLICIES)}"),
+    Flag("preemption", "FASTSWITCH_PREEMPTION", "",
+         f"when running requests give way: {', '.join(PREEMPTION_POLICIES)} (default: the "
+         "mode's own)"),
     Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
     Flag("max-batched-tokens", "FASTSWITCH_MAX_BATCHED_TOKENS", "256", "tokens per step"),
     Flag("max-waiting", "FASTSWITCH_MAX_WAITING", "256", "queued requests before refusing"),
@@ -197,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--kvstore-renew must be positive seconds, got {args.kvstore_renew!r}")
     if args.policy not in POLICIES:
         parser.error(f"--policy must be one of {sorted(POLICIES)}, got {args.policy!r}")
-    if args.preemption not in PREEMPTION_POLICIES:
+    if args.preemption and args.preemption not in PREEMPTION_POLICIES:
         parser.error(f"--preemption must be one of {sorted(PREEMPTION_POLICIES)}, "
                      f"got {args.preemption!r}")
     try:
@@ -358,7 +359,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_waiting=int(args.max_waiting),
     )
     planner = Planner(config, POLICIES[args.policy](), desc.model_fingerprint,
-                      PREEMPTION_POLICIES[args.preemption]())
+                      PREEMPTION_POLICIES[args.preemption or config.mode.preemption]())
     metrics = SchedulerMetrics()
     server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()])
     health_servicer = add_health_and_reflection(server, SERVICE)

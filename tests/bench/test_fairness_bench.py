@@ -47,6 +47,8 @@ def test_report_runs_small_and_the_policies_keep_their_promises(tmp_path: Path) 
         assert vtc["window_samples"] > 0, mode
         assert vtc["max_gap"] <= vtc["bound_2u"], mode
         assert vtc["jain_index"] > fcfs["jain_index"], mode
-        assert p["priority"]["inversions"] == 0, mode
+        # vLLM v1 as shipped never preempts for priority (vllm#40004): inversions show.
+        preempts_for_priority = Mode(mode).preemption == "on-order-change"
+        assert (p["priority"]["inversions"] == 0) is preempts_for_priority, mode
         assert p["priority_fcfs_contrast"]["inversions"] > 0, "the check can see inversions"
         assert vtc["double_charged_tokens"] == p["priority"]["double_charged_tokens"] == 0, mode

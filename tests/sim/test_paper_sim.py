@@ -38,6 +38,10 @@ REQUIRED_METRICS = {
     "p95_ttft_s", "p99_tbt_s", "p999_tbt_s", "throughput_tok_s", "swap_out_bytes",
     "swap_in_bytes", "copies", "preemptions", "context_switch_s_p99", "gpu_idle_frac",
 }
+FAIRNESS_METRICS = {
+    "top_p95_ttft_s", "bottom_p95_ttft_s", "top_p99_tbt_s", "bottom_p99_tbt_s", "vtc_max_gap",
+    "vtc_bound_2u", "jain_index", "priority_inversions", "priority_inversion_s",
+}
 
 
 def short_workload(n: int = 8, rate: float = 20.0, seed: int = 3, **overrides) -> list[TurnSpec]:
@@ -260,15 +264,21 @@ def test_main_writes_json_for_every_setting_and_mode_deterministically(
     assert paper_sim.main([*TINY_ARGS, "--json", str(tmp_path / "a.json")]) == 0
     out = capsys.readouterr()
     assert "P95 TTFT speedup" in out.out and "4.3-5.8x" in out.out
-    assert f"[{4 * len(Mode):>3}/{4 * len(Mode)}]" in out.err
+    runs = 4 * 2 * len(Mode)  # 4 points, each mode at its cost and at zero switch cost
+    assert f"[{runs:>3}/{runs}]" in out.err
     doc = json.loads((tmp_path / "a.json").read_text())
     seen = {(p["setting"], p["arrival_rate"]) for p in doc["points"]}
     assert seen == {(s, r) for s in ("a10/llama-3-8b", "a100/llama-3-8b") for r in (10.0, 40.0)}
     for point in doc["points"]:
         assert set(point["modes"]) == {m.value for m in Mode}
         for metrics in point["modes"].values():
-            assert metrics.keys() >= REQUIRED_METRICS
+            assert metrics.keys() >= REQUIRED_METRICS | FAIRNESS_METRICS
         assert point["ratios"].keys() >= REQUIRED_METRICS
+        assert set(point["zero_switch_cost"]) == set(point["overhead_over_limit"]) == {
+            m.value for m in Mode}
+        for metrics in point["zero_switch_cost"].values():
+            assert metrics["context_switch_s_p99"] == 0  # free copies
+        assert set(point["ratios_vs"]) == {m.value for m in Mode} - {"fastswitch"}
     assert {c["paper"] for c in doc["paper_comparison"].values()} >= {"4.3-5.8x", "3.11x"}
 
     assert paper_sim.main([*TINY_ARGS, "--json", str(tmp_path / "b.json")]) == 0

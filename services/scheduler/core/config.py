@@ -23,6 +23,13 @@ class Switches:
     # a later swap-out then copies only the tail. On for fastswitch too: measured, it cuts
     # P95 TTFT by 17-20% in `paper_sim --quick` (see the README's ablations).
     eager_offload: bool = True
+    # Stores only the prompt's blocks, eagerly and at a turn's end: vLLM v1's
+    # OffloadingConnector default (`offload_prompt_only`, vllm#43797). Decode KV stays on the
+    # device, or is recomputed.
+    offload_prompt_only: bool = False
+    # A preempted request's stores in flight finish before the next step runs (vLLM v1's
+    # worker blocks on them before the blocks are reused, vllm#29870).
+    wait_stores_on_preempt: bool = False
 
     def __post_init__(self) -> None:
         for needs in ("turn_offload", "eager_offload"):
@@ -50,19 +57,33 @@ class Switches:
 class Mode(Enum):
     FASTSWITCH = "fastswitch"  # every mechanism: FastSwitch's, a device prefix cache, eager offload
     BASELINE = "baseline"  # vLLM 0.3: single blocks, swaps behind a global barrier, no reuse
-    # vLLM v1 with prefix caching and the OffloadingConnector (see
-    # benchmarks/sim/VLLM_V1.md): recompute preemption, a device prefix cache, and each
-    # full block stored to the host as it fills, one copy per block, loaded on a prefix hit.
+    # vLLM v1 as shipped, with prefix caching and the OffloadingConnector (see
+    # benchmarks/sim/VLLM_V1.md): preemption only when a running request cannot grow, by
+    # recompute; a device prefix cache; each full prompt block stored to the host as it
+    # fills, one copy per block; a preempted request's stores waited for; whole loads.
     VLLM_V1 = "vllm-v1"
+    VLLM_V1_OFFLOAD_ALL = "vllm-v1-offload-all"  # the same, decode blocks stored too
 
     @property
     def switches(self) -> Switches:
         if self is Mode.FASTSWITCH:
             return Switches()
-        if self is Mode.VLLM_V1:
-            return Switches(block_groups=False, swap_preemption=False)
+        if self in VLLM_V1_MODES:
+            return Switches(block_groups=False, swap_preemption=False, turn_offload=False,
+                            offload_prompt_only=self is Mode.VLLM_V1,
+                            wait_stores_on_preempt=True)
         return Switches(block_groups=False, async_swaps=False, host_reuse=False,
                         turn_offload=False, device_cache=False, eager_offload=False)
+
+    @property
+    def preemption(self) -> str:
+        """The mode's own preemption policy: a `preemption.PREEMPTION_POLICIES` name."""
+        if self in VLLM_V1_MODES:
+            return "on-allocation-failure"
+        return "on-order-change"
+
+
+VLLM_V1_MODES = frozenset({Mode.VLLM_V1, Mode.VLLM_V1_OFFLOAD_ALL})
 
 
 @dataclass(frozen=True)

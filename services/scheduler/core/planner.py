@@ -27,7 +27,7 @@ from services.scheduler.core.host_asks import HostAsks
 from services.scheduler.core.lifecycle import ON_DEVICE, RESIDENT, SELECTABLE, UNADMITTED, Event
 from services.scheduler.core.plan import PreemptBy, Preemption, ScheduledSeq, StepPlan, SwapOrder
 from services.scheduler.core.policy import FairnessPolicy
-from services.scheduler.core.preemption import OnOrderChange, PreemptionPolicy
+from services.scheduler.core.preemption import PREEMPTION_POLICIES, PreemptionPolicy
 from services.scheduler.core.request import Request, RequestState
 from services.scheduler.core.request_kv import Purpose
 from services.scheduler.core.selection import Candidate, choose
@@ -47,11 +47,12 @@ class Planner:
     config: SchedulerConfig
     policy: FairnessPolicy
     fingerprint: str  # the model's, which every host KV chain starts from
-    preemption: PreemptionPolicy = field(default_factory=OnOrderChange)
+    preemption: PreemptionPolicy | None = None  # None: the mode's own (`Mode.preemption`)
     requests: dict[str, Request] = field(default_factory=dict)
     stats: PlannerStats = field(default_factory=PlannerStats)
 
     def __post_init__(self) -> None:
+        self._preemption = self.preemption or PREEMPTION_POLICIES[self.config.mode.preemption]()
         self.memory = DeviceMemory(self.config)
         self.asks = HostAsks()
         self.transfers = Transfers(self.config, self.fingerprint, self.memory, self.asks,
@@ -225,7 +226,7 @@ class Planner:
                 if r.state in SELECTABLE and len(r.output) < r.max_tokens]
         room = self.memory.room(r for r in live if r.state in RESIDENT)
         offloading = self.transfers.offloading()
-        order = self.preemption.order(live, self.policy)
+        order = self._preemption.order(live, self.policy)
         return choose((self._candidate(r, offloading) for r in order), room, self.config)
 
     def _candidate(self, r: Request, offloading: set[str]) -> Candidate:
@@ -241,7 +242,7 @@ class Planner:
     def _preempt(self, r: Request) -> Preemption:
         r.preemptions += 1
         can_swap = bool(r.num_computed) and self.config.on.swap_preemption
-        if not can_swap or self.preemption.by(r, can_swap=True) is PreemptBy.RECOMPUTE:
+        if not can_swap or self._preemption.by(r, can_swap=True) is PreemptBy.RECOMPUTE:
             self.transfers.recompute(r)
             self.stats.preempted_by_recompute += 1
             return Preemption(r.request_id, PreemptBy.RECOMPUTE)

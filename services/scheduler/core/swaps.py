@@ -12,6 +12,8 @@ Contract (as vLLM's offload manager states its own):
   swaps the request is not scheduled until its own copy is reported done, and nothing else
   waits. Without them (the baseline) every plan made while any swap is in flight carries a
   barrier: the step waits for all of them, and may then use what they swapped in.
+  A `hold` (vLLM v1 waiting for a preempted request's stores) puts a barrier on the
+  next plan alone.
 - A swap-in cancelled mid-copy leaves its blocks draining until the copy ends.
 - A step sent to the executor and not yet completed holds every block of its batch's
   block tables (`hold_step` to `step_done`): one freed meanwhile drains until the step ends,
@@ -63,6 +65,7 @@ class SwapManager:
         self._swaps: dict[int, Swap] = {}
         self._steps: dict[int, StepHold] = {}
         self._ids = itertools.count(1)
+        self._hold = False
 
     def swap_out(
         self,
@@ -155,8 +158,15 @@ class SwapManager:
         self._steps.clear()
         return dropped
 
+    def hold(self) -> None:
+        """The next plan carries a barrier even with async swaps (a store must end before
+        its blocks are reused)."""
+        self._hold = True
+
     def barrier(self) -> bool:
-        return not self.async_swaps and bool(self._swaps)
+        """Whether the plan being made waits for every swap in flight; ends a `hold`."""
+        held, self._hold = self._hold, False
+        return (held or not self.async_swaps) and bool(self._swaps)
 
     def offloading(self) -> set[str]:
         """Host keys a finished turn's KV is being copied to."""

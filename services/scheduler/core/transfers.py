@@ -270,9 +270,11 @@ class Transfers:
 
     def store(self, r: Request, computed: int) -> None:
         """Eager offload: a running request's newly full blocks (of its first `computed`
-        tokens, whose steps have completed) go to the host."""
+        tokens, whose steps have completed; `offload_prompt_only`: of its prompt) go to
+        the host."""
         kv = self.kv[r.request_id]
-        full = computed // self.config.block_size
+        upto = min(computed, len(r.prompt)) if self.config.on.offload_prompt_only else computed
+        full = upto // self.config.block_size
         if kv.storing or kv.private or full <= kv.stored_blocks:
             return
         kv.storing = full
@@ -291,8 +293,12 @@ class Transfers:
 
     def recompute(self, r: Request, *, keep_kv: bool = True) -> None:
         """Back to waiting, its KV gone, or (`keep_kv`: it is sound) left in the device
-        prefix cache."""
+        prefix cache. With `wait_stores_on_preempt`, the next step first waits for the
+        stores in flight (among them its own)."""
         kv = self.kv[r.request_id]
+        if self.config.on.wait_stores_on_preempt and any(
+                s.request is r and s.purpose is P.STORE for s in self.memory.swaps):
+            self.memory.swaps.hold()
         if keep_kv and self.config.on.device_cache and r.num_computed >= self.config.block_size:
             tokens = r.token_slice(0, r.num_computed)
             self.memory.cache_put(r, kv.host_key, kv.hashes(tokens), len(tokens))

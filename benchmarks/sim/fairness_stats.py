@@ -1,0 +1,132 @@
+"""What fairness buys, observed step by step in a simulated run.
+
+`FairnessStats.observe` is called after every step with the virtual clock and the plan; it
+records:
+
+- each request's TTFT and TBTs under the priority it had when each token came (its
+  *class*), so that the top and bottom classes' latencies can be told apart even when
+  priorities are reshuffled during the run;
+- priority inversions: steps in which a strictly higher-priority request waited (not yet
+  admitted, or swapped out) while a lower-priority one ran; counted, and timed as the
+  steps' durations;
+- service per client (1 per prompt token computed, 2 per output token: VTC's weights,
+  recomputed tokens counted again): the largest difference between two clients' service
+  over any interval in which both were backlogged, against VTC's 2U bound (Sheng et al.,
+  OSDI'24, Theorem 4.3), and Jain's index of the service of the clients ever backlogged.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks.sim.virtual_driver import RequestTimes
+from common.latency import percentile
+from services.scheduler.core.lifecycle import UNADMITTED, RequestState
+from services.scheduler.core.plan import StepPlan
+from services.scheduler.core.planner import Planner
+
+INPUT_WEIGHT, OUTPUT_WEIGHT = 1.0, 2.0  # VTC's default weights
+QUEUED = frozenset({*UNADMITTED, RequestState.SWAPPED})  # waiting for the device
+
+
+def jain(values: Sequence[float]) -> float:
+    """Jain's fairness index: 1 when all are equal, 1/n when one gets everything."""
+    total, squares = sum(values), sum(v * v for v in values)
+    return total * total / (len(values) * squares) if squares else 1.0
+
+
+def largest_gap(series: Sequence[Sequence[float]]) -> float:
+    """The largest |service_a(t1, t2) - service_b(t1, t2)| over intervals and client pairs,
+    from cumulative service samples (one row per instant, one column per client)."""
+    gap = 0.0
+    for a, b in itertools.combinations(range(len(series[0]) if series else 0), 2):
+        diffs = [0.0, *(row[a] - row[b] for row in series)]  # 0: before anyone was served
+        gap = max(gap, max(diffs) - min(diffs))
+    return gap
+
+
+@dataclass
+class _Pair:
+    """Two clients' service difference while both stay backlogged: its range so far."""
+
+    low: float
+    high: float
+
+
+@dataclass
+class FairnessStats:
+    inversions: int = 0
+    inversion_s: float = 0.0
+    service: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    max_gap: float = 0.0
+    longest_input: int = 0  # the longest context run, a bound on the longest prompt
+    token_classes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    """Per request, the priority it had at each of its tokens."""
+    _who: dict[str, tuple[str, int]] = field(default_factory=dict)  # id: (client, priority)
+    _pairs: dict[tuple[str, str], _Pair] = field(default_factory=dict)
+    _backlogged_ever: set[str] = field(default_factory=set)
+    _last_now: float = 0.0
+
+    def observe(self, now: float, plan: StepPlan, planner: Planner) -> None:
+        """The step of `plan` ended at `now` (its finished requests have left the planner)."""
+        step_s, self._last_now = now - self._last_now, now
+        live = list(planner.requests.values())
+        for r in live:
+            self._who[r.request_id] = (r.client_id, r.priority)
+        ran = [self._who[s.request_id] for s in plan.batch if s.request_id in self._who]
+        queued = [r for r in live if r.state in QUEUED]
+        if queued and ran and max(q.priority for q in queued) > min(p for _, p in ran):
+            self.inversions += 1
+            self.inversion_s += step_s
+        for seq in (s for s in plan.batch if s.request_id in self._who):
+            client, priority = self._who[seq.request_id]
+            self.longest_input = max(self.longest_input, seq.start + len(seq.token_ids))
+            self.service[client] += INPUT_WEIGHT * (len(seq.token_ids) - seq.sample) \
+                + OUTPUT_WEIGHT * seq.sample
+            if seq.sample:
+                self.token_classes[seq.request_id].append(priority)
+        self._track_gaps({r.client_id for r in queued} | {c for c, _ in ran})
+
+    def _track_gaps(self, backlogged: set[str]) -> None:
+        self._backlogged_ever |= backlogged
+        kept: dict[tuple[str, str], _Pair] = {}
+        for a, b in itertools.combinations(sorted(backlogged), 2):
+            diff = self.service[a] - self.service[b]
+            pair = self._pairs.get((a, b)) or _Pair(diff, diff)
+            pair.low, pair.high = min(pair.low, diff), max(pair.high, diff)
+            self.max_gap = max(self.max_gap, pair.high - pair.low)
+            kept[(a, b)] = pair
+        self._pairs = kept
+
+    def to_json(self, times: dict[str, RequestTimes], kv_tokens: int) -> dict[str, Any]:
+        """`times`: each request's arrival and token times; `kv_tokens`: what the device's
+        KV holds (M in VTC's bound)."""
+        ttfts: dict[int, list[float]] = defaultdict(list)
+        tbts: dict[int, list[float]] = defaultdict(list)
+        for rid, classes in self.token_classes.items():
+            t = times[rid]
+            ttfts[classes[0]].append(t.tokens[0] - t.arrival)
+            for priority, gap in zip(classes[1:], t.tbts, strict=True):
+                tbts[priority].append(gap)
+        classes = sorted(ttfts)
+        top, bottom = (classes[-1], classes[0]) if classes else (0, 0)
+        bound = 2 * max(INPUT_WEIGHT * self.longest_input, OUTPUT_WEIGHT * kv_tokens)
+        served = [self.service[c] for c in sorted(self._backlogged_ever)]
+        return {
+            "top_class": top,
+            "bottom_class": bottom,
+            "top_p95_ttft_s": percentile(ttfts[top], 95),
+            "bottom_p95_ttft_s": percentile(ttfts[bottom], 95),
+            "top_p99_tbt_s": percentile(tbts[top], 99),
+            "bottom_p99_tbt_s": percentile(tbts[bottom], 99),
+            "vtc_max_gap": self.max_gap,
+            "vtc_bound_2u": bound,
+            "vtc_within_bound": self.max_gap <= bound,
+            "jain_index": jain(served) if served else None,
+            "priority_inversions": self.inversions,
+            "priority_inversion_s": self.inversion_s,
+        }
