@@ -24,7 +24,6 @@ from services.scheduler.core.policy import (
 )
 from services.scheduler.core.preemption import (
     PREEMPTION_POLICIES,
-    OnOrderChange,
     PreemptionPolicy,
 )
 from services.scheduler.core.request import Request, RequestState
@@ -54,12 +53,12 @@ class Answered:
 def make_planner(mode: Mode, *, device_blocks: int = 16, host_blocks: int = 256, policy=None,
                  max_seqs: int = 8, budget: int = 64, switches: str = "",
                  preemption: PreemptionPolicy | None = None) -> Planner:
+    """A planner answered by an in-process host; `preemption` None: the mode's own."""
     config = SchedulerConfig(mode=mode, block_size=BS, num_device_blocks=device_blocks,
                              max_num_seqs=max_seqs, max_batched_tokens=budget,
                              switches=mode.switches.with_spec(switches))
     host = ReuseIndex(fingerprint="test", block_size=BS, num_blocks=host_blocks)
-    planner = Planner(config, policy or PriorityPolicy(), host.fingerprint,
-                      preemption or OnOrderChange())
+    planner = Planner(config, policy or PriorityPolicy(), host.fingerprint, preemption)
     return Answered(planner, host)
 
 

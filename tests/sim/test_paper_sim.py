@@ -276,8 +276,10 @@ def test_main_writes_json_for_every_setting_and_mode_deterministically(
         assert point["ratios"].keys() >= REQUIRED_METRICS
         assert set(point["zero_switch_cost"]) == set(point["overhead_over_limit"]) == {
             m.value for m in Mode}
-        for metrics in point["zero_switch_cost"].values():
-            assert metrics["context_switch_s_p99"] == 0  # free copies
+        for mode, metrics in point["zero_switch_cost"].items():
+            # Free copies: a swap-in waits only for the step launched before it (its fence).
+            paid = point["modes"][mode]["context_switch_s_p99"]
+            assert metrics["context_switch_s_p99"] <= paid or paid == 0
         assert set(point["ratios_vs"]) == {m.value for m in Mode} - {"fastswitch"}
     assert {c["paper"] for c in doc["paper_comparison"].values()} >= {"4.3-5.8x", "3.11x"}
 
