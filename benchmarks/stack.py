@@ -6,9 +6,13 @@ embedded index), drives them with the load generator (multi-turn conversations a
 priority updates, with device KV memory small enough to force preemption), and reads the
 scheduler's counters. `--trace FILE` replays a simulator trace instead (stack_trace.py),
 `--limit` conversations of it at `--time-scale` times its pace. `--switches` ablates
-fastswitch's mechanisms. The table compares the modes side by side, and `--json FILE` records
-every mode's metrics and the ratios to fastswitch. With greedy sampling all modes must return
-the same tokens; the run fails if they do not. Timings are real but noisy on a shared 2-core
+fastswitch's mechanisms; `--lookahead-ablation` also runs fastswitch with the scheduler
+sending one step at a time, to measure what the lookahead buys (the executor's idle
+fraction, tokens/s) and costs (tokens wasted at finishes); `--steady-decode` makes the
+load one long decode per client with no think time and no priority updates. The table
+compares the modes side by side, and `--json FILE` records every mode's metrics and the
+ratios to fastswitch. With greedy sampling all modes (and the ablation) must return the
+same tokens; the run fails if they do not. Timings are real but noisy on a shared 2-core
 machine: read the ratios, not the digits.
 """
 
@@ -20,6 +24,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.cli import parse_modes
@@ -34,6 +39,7 @@ from services.scheduler.core.config import Mode
 from services.scheduler.core.policy import POLICIES
 
 FASTSWITCH = Mode.FASTSWITCH.value
+NO_LOOKAHEAD = "fastswitch-lookahead-0"  # the ablation's row: one step at a time
 
 # key: (label, scale for the table, True if higher is better)
 METRICS = {
@@ -49,6 +55,8 @@ METRICS = {
     "copies": ("copies issued", 1, False),
     "reuse_hit_tokens": ("reuse hit tokens", 1, True),
     "step_overhead_mean_s": ("gRPC overhead per step (ms)", 1e3, False),
+    "executor_idle_fraction": ("executor idle (%)", 1e2, False),
+    "wasted_tokens": ("tokens wasted (lookahead)", 1, False),
     "wall_s": ("wall time (s)", 1, False),
 }
 
@@ -70,17 +78,21 @@ def metrics(report: LoadReport, stats) -> dict[str, float]:
         "reuse_hit_tokens": stats.reuse_hit_tokens,
         "step_overhead_mean_s": stats.step_overhead_mean_s,
         "step_overhead_p99_s": stats.step_overhead_p99_s,
+        "executor_idle_fraction": stats.executor_idle_fraction,
+        "wasted_tokens": stats.wasted_tokens,
         "steps": stats.steps,
         "wall_s": report.wall_s,
     }
 
 
-async def one_mode(mode: str, args: argparse.Namespace, log_dir: str):
+async def one_mode(mode: str, args: argparse.Namespace, log_dir: str, *,
+                   lookahead: bool = True):
     switches = args.switches if mode == FASTSWITCH else ""
     config = StackConfig(mode=mode, batch_invariant=True, num_gpu_blocks=args.gpu_blocks,
                          num_host_blocks=args.host_blocks, log_dir=log_dir,
                          backend=args.backend, checkpoint=args.checkpoint, dtype=args.dtype,
-                         policy=args.policy, extra_env={"FASTSWITCH_SWITCHES": switches})
+                         policy=args.policy, lookahead=lookahead,
+                         extra_env={"FASTSWITCH_SWITCHES": switches})
     t0 = time.monotonic()
     print(f"[{mode}] starting executor, kvstore and scheduler (logs in {log_dir}) ...",
           file=sys.stderr, flush=True)
@@ -92,6 +104,9 @@ async def one_mode(mode: str, args: argparse.Namespace, log_dir: str):
             print(f"[{mode}] {line}", file=sys.stderr, flush=True)
         if args.trace_turns is None:
             spec = LoadSpec(clients=args.clients, turns=args.turns, seed=args.seed)
+            if args.steady_decode:
+                spec = replace(spec, turns=1, message_words=(4, 8), max_tokens=(192, 192),
+                               think_s=(0.0, 0.0), priority_update_every_s=0.0)
             report = await run_load(stack.scheduler_address, spec, progress=progress)
         else:
             assert stack.describe is not None
@@ -104,6 +119,20 @@ async def one_mode(mode: str, args: argparse.Namespace, log_dir: str):
             stats = await client.stats()
     return metrics(report, stats), [(t.conversation_id, t.turn, t.token_ids)
                                     for t in report.turns]
+
+
+def lookahead_report(on: dict[str, float], off: dict[str, float]) -> dict[str, float | None]:
+    """What the lookahead buys and costs, fastswitch with it against without, one run."""
+    return {
+        "executor_idle_fraction_on": on["executor_idle_fraction"],
+        "executor_idle_fraction_off": off["executor_idle_fraction"],
+        "tokens_per_s_on": on["throughput_tok_s"],
+        "tokens_per_s_off": off["throughput_tok_s"],
+        "tokens_per_s_on_over_off": gain(off["throughput_tok_s"], on["throughput_tok_s"], True),
+        "wasted_tokens_on": on["wasted_tokens"],
+        "wasted_share_on": on["wasted_tokens"] / on["output_tokens"]
+        if on["output_tokens"] else None,
+    }
 
 
 def gain(mode_value: float, fastswitch_value: float, higher_is_better: bool) -> float | None:
@@ -135,6 +164,9 @@ async def main_async(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fastswitch-stack-") as log_dir:
         for mode in args.modes:
             rows[mode], outputs[mode] = await one_mode(mode, args, f"{log_dir}/{mode}")
+        if args.lookahead_ablation:
+            rows[NO_LOOKAHEAD], outputs[NO_LOOKAHEAD] = await one_mode(
+                FASTSWITCH, args, f"{log_dir}/no-lookahead", lookahead=False)
     table = format_table(rows)
     print(f"\n{table}")
     first = outputs[args.modes[0]]
@@ -147,6 +179,8 @@ async def main_async(args: argparse.Namespace) -> int:
             doc[f"{mode}_over_fastswitch"] = {
                 key: rows[mode][key] / fs[key] if fs[key] else None for key in fs
             }
+        if NO_LOOKAHEAD in rows and fs:
+            doc["lookahead"] = lookahead_report(fs, rows[NO_LOOKAHEAD])
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str))
         print(f"wrote {args.json}")
@@ -183,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="with --trace: multiplies arrival and think times (0: no waits)")
     parser.add_argument("--json", default="", help="write every mode's metrics and ratios here")
+    parser.add_argument("--lookahead-ablation", action="store_true",
+                        help="also run fastswitch with --lookahead 0 (JSON key: lookahead)")
+    parser.add_argument("--steady-decode", action="store_true",
+                        help="one long decode per client, no think time, no priority updates")
     args = parser.parse_args(argv)
     args.trace_turns = None
     if args.trace is not None:

@@ -30,7 +30,7 @@ class LoadSpec:
     message_words: tuple[int, int] = (12, 40)
     max_tokens: tuple[int, int] = (32, 96)
     think_s: tuple[float, float] = (0.0, 0.3)
-    priority_update_every_s: float = 0.25
+    priority_update_every_s: float = 0.25  # 0: no priority updates
     priority_levels: int = 4
     seed: int = 0
 
@@ -94,7 +94,7 @@ async def run_load(
 
         async def reshuffle_priorities() -> None:
             rng = random.Random(f"{spec.seed}/priorities")
-            while not done.is_set():
+            while spec.priority_update_every_s > 0 and not done.is_set():
                 await asyncio.sleep(spec.priority_update_every_s)
                 for i in range(spec.clients):
                     await client.set_priority(rng.randrange(spec.priority_levels),

@@ -71,6 +71,7 @@ class StackConfig:
     discover_kvstores: bool = False
     max_num_seqs: int = 32
     max_batched_tokens: int = 256
+    lookahead: bool = True  # the scheduler sends step N+1 while step N runs
     scheduler_port: int = 0  # 0: a free port
     http_port: int | None = None  # the HTTP front door's; None: none, 0: a free port
     log_dir: str = ""  # empty: children inherit stderr
@@ -214,6 +215,7 @@ class LocalStack:
             "--mode", mode or c.mode, f"--switches={c.switches}", "--policy", c.policy,
             "--max-num-seqs", str(c.max_num_seqs),
             "--max-batched-tokens", str(c.max_batched_tokens),
+            "--lookahead", "1" if c.lookahead else "0",
             *(["--api-keys", c.api_keys_file] if c.api_keys_file else []),
             *(["--host", c.scheduler_host] if c.scheduler_host else []),
             *extra_args,
@@ -323,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switches", default=os.environ.get("FASTSWITCH_SWITCHES", ""),
                         help="ablation: changes to the mode's switches, e.g. -device_cache")
     parser.add_argument("--policy", default=d.policy, choices=sorted(POLICIES))
+    parser.add_argument("--lookahead", default=os.environ.get("FASTSWITCH_LOOKAHEAD", "1"),
+                        choices=["0", "1"],
+                        help="1: the scheduler sends step N+1 while step N runs [env "
+                             "FASTSWITCH_LOOKAHEAD, default 1]")
     parser.add_argument("--num-gpu-blocks", type=int, default=d.num_gpu_blocks)
     parser.add_argument("--num-host-blocks", type=int, default=d.num_host_blocks)
     parser.add_argument("--checkpoint", default=os.environ.get("FASTSWITCH_CHECKPOINT", ""))
@@ -364,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-mutual needs --tls-cert, --tls-key and --tls-ca")
     config = StackConfig(
         mode=args.mode, switches=args.switches, policy=args.policy,
-        num_gpu_blocks=args.num_gpu_blocks,
+        lookahead=args.lookahead == "1", num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks, checkpoint=args.checkpoint,
         backend=args.backend, dtype=args.dtype, batch_invariant=args.batch_invariant,
         redis_url=args.redis_url, num_kvstores=args.num_kvstores,

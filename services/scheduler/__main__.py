@@ -133,6 +133,9 @@ FLAGS = [
     Flag("preemption", "FASTSWITCH_PREEMPTION", "",
          f"when running requests give way: {', '.join(PREEMPTION_POLICIES)} (default: the "
          "mode's own)"),
+    Flag("lookahead", "FASTSWITCH_LOOKAHEAD", "1",
+         "1: plan and send step N+1 while step N runs, so the executor never waits for this "
+         "loop (a token is wasted where a request finishes); 0: one step at a time"),
     Flag("max-num-seqs", "FASTSWITCH_MAX_NUM_SEQS", "32", "sequences per step"),
     Flag("max-batched-tokens", "FASTSWITCH_MAX_BATCHED_TOKENS", "256", "tokens per step"),
     Flag("max-waiting", "FASTSWITCH_MAX_WAITING", "256", "queued requests before refusing"),
@@ -198,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--kvstore-renew must be positive seconds, got {args.kvstore_renew!r}")
     if args.policy not in POLICIES:
         parser.error(f"--policy must be one of {sorted(POLICIES)}, got {args.policy!r}")
+    if args.lookahead not in ("0", "1"):
+        parser.error(f"--lookahead must be 0 or 1, got {args.lookahead!r}")
     if args.preemption and args.preemption not in PREEMPTION_POLICIES:
         parser.error(f"--preemption must be one of {sorted(PREEMPTION_POLICIES)}, "
                      f"got {args.preemption!r}")
@@ -373,7 +378,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     engine = Engine(
         planner, executor, host, tokenizer=prompts.tokenizer,
-        limits=EngineLimits(max_model_len=desc.max_model_len,
+        limits=EngineLimits(max_model_len=desc.max_model_len, lookahead=args.lookahead == "1",
                             outage_wait_s=float(args.outage_wait)),
         metrics=metrics, on_health=on_health,
     )
