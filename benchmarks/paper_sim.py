@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="one batched KV store round trip per plan (local gRPC)")
     parser.add_argument("--plan-us", type=float, default=150.0,
                         help="the planner's own time per plan")
+    parser.add_argument("--lookahead", type=int, choices=[0, 1], default=1,
+                        help="1: each step is planned while the one before runs (the real "
+                             "driver's default), so planning costs only what outlasts it")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     parser.add_argument("--quick", action="store_true", help=f"preset: {QUICK}")
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed,
                     host_costs=HostCosts(args.host_rtt_us * 1e-6, args.plan_us * 1e-6),
                     preemption=args.preemption,
+                    lookahead=bool(args.lookahead),
                 )
                 label = point_label(setting.name, rate, every)
                 results: dict[str, dict[Mode, ModeResult]] = {"real": {}, "zero": {}}

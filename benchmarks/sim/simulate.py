@@ -58,6 +58,9 @@ class SimOptions:
     """A `PREEMPTION_POLICIES` name; empty: the mode's own (`Mode.preemption`)."""
     switch_cost: str = "real"
     """"zero": the limit, free copies, store round trips and planning (`SWITCH_COSTS`)."""
+    lookahead: bool = True
+    """Plan step N+1 while step N runs, as the real driver does: planning is charged only
+    where it outlasts the step (`VirtualDriver`)."""
 
     def __post_init__(self) -> None:
         if self.switch_cost not in SWITCH_COSTS:
@@ -168,6 +171,7 @@ def simulate(
         priority_updates=updates,
         follow_up=replay.follow_up,
         on_iteration=observe,
+        lookahead=options.lookahead,
     )
     for at, request in replay.first_turns():
         driver.submit(at, request)

@@ -356,7 +356,9 @@ class Engine:
         """Applies a completed step's tokens and streams them out."""
         now = time.monotonic()
         self.steps += 1
-        self.step_overheads.append(now - sent - response.duration_s)
+        # From when the executor could take it up (sent, or the step before it back).
+        ready = max(sent, self.executor_busy.last or sent)
+        self.step_overheads.append(now - ready - response.duration_s)
         self.metrics.step.observe(now - sent)
         self.executor_busy.add(now - response.duration_s, now)
         sampled = {t.request_id: t.token_id for t in response.tokens}
