@@ -38,9 +38,11 @@ from common.refusal import executor_lost, refused_request
 from common.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
+from services.scheduler.core import admission
+from services.scheduler.core.admission import QueueFull
 from services.scheduler.core.lifecycle import RESIDENT
 from services.scheduler.core.plan import Direction, StepPlan, SwapOrder
-from services.scheduler.core.planner import Planner, QueueFull
+from services.scheduler.core.planner import Planner
 from services.scheduler.core.request import Request
 from services.scheduler.host_tier import HostTier
 from services.scheduler.metrics import SchedulerMetrics
@@ -211,7 +213,7 @@ class Engine:
         """Raises AdmissionError(RESOURCE_EXHAUSTED) if the queue, or `tenant`'s share of it
         (`max_queued`, 0: no cap), has no room for one more request."""
         try:
-            self.planner.check_queue()
+            admission.check_queue(self.planner.requests, self.planner.config)
         except QueueFull as e:
             raise AdmissionError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
                                  limit="max_waiting") from e

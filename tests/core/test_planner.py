@@ -338,7 +338,7 @@ def test_random_workloads_are_exact_and_leak_nothing(
     planner.memory.evict(DEVICE_ALL)
     assert planner.memory.allocator.metrics().used == 0
     assert planner.host.stats().pinned == 0
-    assert not planner._kv and not len(planner.memory.swaps) and not planner.has_work()
+    assert not planner.transfers.kv and not len(planner.memory.swaps) and not planner.has_work()
 
 
 def test_tight_memory_really_preempts() -> None:

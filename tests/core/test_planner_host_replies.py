@@ -176,5 +176,5 @@ def run(seed: int, mode: Mode, faults: bool, switches: Switches | None = None, *
     assert planner.memory.allocator.metrics().used == 0
     stats = host.stats()
     assert stats.pinned == 0 and not host._pending
-    assert not planner._kv
+    assert not planner.transfers.kv
     return planner.stats

@@ -9,9 +9,11 @@ driver a batch, swap orders and host operations.
 Events come back whenever the driver has them: sampled tokens (`complete_step`), finished
 copies (`swap_done`) and host replies (`host_replied`). A decision that needs a reply waits
 in a named state (`lifecycle`) for a later plan; `transfers` carries KV moves through their
-replies and copies. Who holds what: `Request.state` (moved only by `Request.handle`), host
-KV per request (`RequestKV`), awaited replies (`HostAsks`), and device blocks, copies in
-flight and the prefix cache (`DeviceMemory`).
+replies and copies. A plan's step applies at once (`steps_in_flight`), so the next plan
+may be made while it runs (lookahead). Who holds what: `Request.state` (moved only by
+`Request.handle`), host KV per request (`RequestKV`), awaited replies (`HostAsks`), steps
+in flight (`StepsInFlight`), and device blocks, copies in flight and the prefix cache
+(`DeviceMemory`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from common.kv.host_ops import HostReply, Release
+from common.kv.host_ops import HostReply
+from services.scheduler.core import admission
 from services.scheduler.core.config import SchedulerConfig
 from services.scheduler.core.device_memory import DeviceMemory
 from services.scheduler.core.host_asks import HostAsks
-from services.scheduler.core.lifecycle import ON_DEVICE, RESIDENT, SELECTABLE, UNADMITTED, Event
+from services.scheduler.core.lifecycle import ON_DEVICE, RESIDENT, SELECTABLE, Event
 from services.scheduler.core.plan import PreemptBy, Preemption, ScheduledSeq, StepPlan, SwapOrder
 from services.scheduler.core.policy import FairnessPolicy
 from services.scheduler.core.preemption import PREEMPTION_POLICIES, PreemptionPolicy
@@ -36,10 +39,6 @@ from services.scheduler.core.steps_in_flight import PENDING, StepsInFlight
 from services.scheduler.core.transfers import Transfers
 
 S, E, P = RequestState, Event, Purpose
-
-
-class QueueFull(RuntimeError):
-    """`add` refused a request: `SchedulerConfig.max_waiting` requests already wait."""
 
 
 @dataclass
@@ -57,24 +56,14 @@ class Planner:
         self.asks = HostAsks()
         self.transfers = Transfers(self.config, self.fingerprint, self.memory, self.asks,
                                    self.stats)
-        self._kv = self.transfers.kv
         self.steps = StepsInFlight(self.memory)
         self._arrivals = itertools.count()
 
     # ---- events in -------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        """Raises ValueError for a request that can never run, `QueueFull` when too many
-        wait; nothing changes then."""
-        if request.request_id in self.requests:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
-        if request.state is not S.WAITING:
-            raise ValueError(f"new request {request.request_id!r} is {request.state.value}")
-        need = self._longest(request)
-        if need > self.config.num_device_blocks:
-            raise ValueError(f"request needs {need} KV blocks at its longest; the device "
-                             f"holds {self.config.num_device_blocks}")
-        self.check_queue()
+        """Raises ValueError or `QueueFull` (`admission.check`), changing nothing."""
+        admission.check(request, self.requests, self.config)
         request.arrival = next(self._arrivals)
         self.policy.on_arrival(request, self.requests.values())
         self.requests[request.request_id] = request
@@ -111,8 +100,7 @@ class Planner:
         if (any(r.conversation_id == conversation_id for r in self.requests.values())
                 or self.transfers.in_use(conversation_id)):
             return False
-        self.memory.cache_drop(conversation_id)
-        self.asks.send(Release(conversation_id))
+        self.transfers.forget(conversation_id)
         return True
 
     def stop(self, request_id: str) -> bool:
@@ -230,7 +218,7 @@ class Planner:
         return choose((self._candidate(r, offloading) for r in order), room, self.config)
 
     def _candidate(self, r: Request, offloading: set[str]) -> Candidate:
-        kv = self._kv[r.request_id]
+        kv = self.transfers.kv[r.request_id]
         cached = self.transfers.cached_tokens(r)
         host = kv.host_tokens if r.state is S.SWAPPED else 0
         # It runs once the host has answered, or once its own swap-in is done.
@@ -255,7 +243,7 @@ class Planner:
         """Swaps in, asks the host about, or admits one request; False when it did not
         fit (admissions stop)."""
         if r.state is S.SWAPPED:
-            order = self.transfers.swap_in(r, chunk, self._longest(r))
+            order = self.transfers.swap_in(r, chunk, admission.longest(r, self.config))
             swaps += [order] if order is not None else []
             if order is not None and chunk:  # synchronous swaps: runs behind the barrier
                 batch.append(self._seq(r, chunk))
@@ -285,11 +273,8 @@ class Planner:
         self.transfers.finished(r)
 
     def _grow(self, r: Request, num_tokens: int) -> bool:
-        return self.memory.grow(r, self.config.blocks_for(num_tokens), self._longest(r))
-
-    def _longest(self, r: Request) -> int:
-        """Blocks the request needs at its longest: sizes its block group."""
-        return self.config.blocks_for(len(r.prompt) + r.max_tokens)
+        blocks = self.config.blocks_for(num_tokens)
+        return self.memory.grow(r, blocks, admission.longest(r, self.config))
 
     def _seq(self, r: Request, chunk: int) -> ScheduledSeq:
         start, end = r.num_computed, r.num_computed + chunk
@@ -306,13 +291,6 @@ class Planner:
 
     def live(self) -> Iterable[Request]:
         return self.requests.values()
-
-    def check_queue(self) -> None:
-        """Raises `QueueFull` when no more requests may wait (`add` calls it too)."""
-        limit = self.config.max_waiting
-        waiting = sum(r.state in UNADMITTED for r in self.requests.values())
-        if limit is not None and waiting >= limit:
-            raise QueueFull(f"queue full: {waiting} requests waiting (limit max_waiting={limit})")
 
     def has_work(self) -> bool:
         """Live requests, swaps in flight, or swaps, host operations or replies pending."""

@@ -137,6 +137,11 @@ class Transfers:
         self.asks.forget(lambda a: a.request.state in ON_DEVICE or a.purpose in DEVICE_SOURCED)
         return [s.request for s in dropped if s.request.state is S.CANCELLED]
 
+    def forget(self, host_key: str) -> None:
+        """Releases a conversation's KV: its device prefix cache entry, its host copy."""
+        self.memory.cache_drop(host_key)
+        self.asks.send(Release(host_key))
+
     def in_use(self, host_key: str) -> bool:
         """A copy in flight or an awaited reply still uses the host key's KV."""
         return (any(s.kv.host_key == host_key for s in self.memory.swaps)
