@@ -4,6 +4,7 @@ token-checking executor verifies every step's KV against the tokens)."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections import deque
 from dataclasses import fields
@@ -23,6 +24,8 @@ from services.scheduler.core.preemption import PREEMPTION_POLICIES
 from services.scheduler.core.request import Request
 
 BS, DEVICE, HOST = 4, 14, 40
+# Examples per property run; FASTSWITCH_PROPERTY_EXAMPLES=2000 for a thorough pass.
+EXAMPLES = int(os.environ.get("FASTSWITCH_PROPERTY_EXAMPLES", "60"))
 PREEMPTIONS = st.sampled_from(sorted(PREEMPTION_POLICIES))  # a new policy is run too
 
 
@@ -44,7 +47,7 @@ def _faulty(host: ReuseIndex, replies: list[HostReply], rng: random.Random) -> l
     return out
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(seed=st.integers(0, 100_000), mode=st.sampled_from(list(Mode)),
        faults=st.booleans(), preemption=PREEMPTIONS, lookahead=st.booleans())
 # Cancelled while swapping out, its preemption copy done and a store copy still in flight:
