@@ -155,9 +155,10 @@ class VirtualDriver:
             if not overlapped:  # planning waits for the last step's tokens
                 self.now += self.host_costs.plan_s
             ready = self.now + (self.host_costs.plan_s if overlapped else 0.0)
-            self._send_host_ops(plan)
+            self._send_host_ops(plan, at=ready)
             # A copy waits for the step launched before it (the executor's step fence).
-            self._start_swaps(plan.swaps, not_before=self._running[0] if overlapped else 0.0)
+            fence = self._running[0] if overlapped and self._running else 0.0
+            self._start_swaps(plan.swaps, not_before=max(ready, fence))
             ran = self._complete_running()
             self.now = max(self.now, ready)
             if plan.barrier and self._inflight:
@@ -198,11 +199,12 @@ class VirtualDriver:
         for request_id, priority in updates.items():
             self.planner.set_priority(priority, request_id=request_id)
 
-    def _send_host_ops(self, plan: StepPlan) -> None:
-        """Carries the plan's host operations out now; the replies arrive a round trip on."""
+    def _send_host_ops(self, plan: StepPlan, *, at: float) -> None:
+        """Carries the plan's host operations out, sent at `at` (once it is planned); the
+        replies arrive a round trip on."""
         if plan.host_ops:
             replies = apply(self.host, plan.host_ops)
-            due = self.now + self.host_costs.round_trip_s
+            due = at + self.host_costs.round_trip_s
             heapq.heappush(self._replies, (due, next(self._seq), replies))
 
     def _deliver_replies(self, *, until: float) -> None:

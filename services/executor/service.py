@@ -65,7 +65,8 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         self._launch_worker = ThreadPoolExecutor(1, thread_name_prefix="step-launch")
         self._collect_worker = ThreadPoolExecutor(1, thread_name_prefix="step-collect")
         self._streams: set[CompletionStream] = set()
-        self._begun = asyncio.Condition()  # notified whenever a step begins
+        self._begun = asyncio.Condition()  # notified whenever a step begins, or is refused
+        self._refused_begins = 0
 
     async def Describe(
         self, request: executor_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -178,15 +179,20 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             )
         loop = asyncio.get_running_loop()
         until = loop.time() + FOLLOW_WAIT_S
+        refusals = self._refused_begins
         async with self._begun:
             while True:
                 try:
                     claim = self._engine.begin_step(sequences)
                 except NoLastToken as exc:
-                    # The step it follows may be on its way: wait for the next to begin.
-                    if not await _wait(self._begun, until - loop.time()):
+                    # The step it follows may be on its way: wait for the next to begin,
+                    # unless one was refused meanwhile (it may be that one).
+                    if (self._refused_begins != refusals
+                            or not await _wait(self._begun, until - loop.time())):
                         await _abort(context, exc)
                 except Refused as exc:
+                    self._refused_begins += 1
+                    self._begun.notify_all()  # its followers need not wait for it
                     await _abort(context, exc)
                 else:
                     self._begun.notify_all()

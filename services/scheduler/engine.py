@@ -80,6 +80,10 @@ class _Tracked:
     timings: list[float] = field(default_factory=list)
 
 
+# A step sent: its plan, its call, when it was sent, and whose each of its rows is.
+SentStep = tuple[StepPlan, asyncio.Future[ex.StepResponse], float, dict[str, _Tracked | None]]
+
+
 class Engine:
     def __init__(
         self,
@@ -111,7 +115,7 @@ class Engine:
         self.steps = 0
         # Steps sent and not yet completed, oldest first: at most the running one and, with
         # lookahead, one queued behind it.
-        self._steps_sent: deque[tuple[StepPlan, asyncio.Future[ex.StepResponse], float]] = deque()
+        self._steps_sent: deque[SentStep] = deque()
         self.executor_busy = BusyTime()
         self.executor_ok = True
         self._executor_back = asyncio.Event()
@@ -273,7 +277,8 @@ class Engine:
         try:
             if plan.swaps and not await self._submit_swaps(plan.swaps):
                 self.planner.skip(plan)  # re-planned without the refused request
-                return await self._complete_steps(keep=0)
+                await self._complete_steps(keep=0)
+                return True
             if plan.barrier:
                 await self._complete_steps(keep=0)
                 await asyncio.gather(*list(self._swaps.values()))
@@ -330,7 +335,10 @@ class Engine:
                 )
             )
         call = asyncio.ensure_future(self.executor.Step(request))
-        self._steps_sent.append((plan, call, time.monotonic()))
+        # Whose each row is: a token reaches only the request it was sampled for, not a
+        # later one under the same id (a discarded row's request left before it was back).
+        owners = {seq.request_id: self._tracked.get(seq.request_id) for seq in plan.batch}
+        self._steps_sent.append((plan, call, time.monotonic(), owners))
 
     async def _complete_steps(self, keep: int) -> bool:
         """Completes the steps sent, oldest first, until `keep` are left in flight; False
@@ -338,23 +346,24 @@ class Engine:
         it are undone with it (they build on its tokens)."""
         completed = False
         while len(self._steps_sent) > keep:
-            plan, call, sent = self._steps_sent.popleft()
+            plan, call, sent, owners = self._steps_sent.popleft()
             completed = True
             try:
                 response = await call
             except grpc.aio.AioRpcError as e:
                 if executor_lost(e):
                     raise
-                later = [c for _, c, _ in self._steps_sent]
+                later = [c for _, c, _, _ in self._steps_sent]
                 self._steps_sent.clear()
                 await asyncio.gather(*later, return_exceptions=True)  # outcomes moot
                 self.planner.steps_refused()
                 await self._fail_refused(e, [seq.request_id for seq in plan.batch])
                 return True
-            self._stepped(response, sent)
+            self._stepped(response, sent, owners)
         return completed
 
-    def _stepped(self, response: ex.StepResponse, sent: float) -> None:
+    def _stepped(self, response: ex.StepResponse, sent: float,
+                 owners: dict[str, _Tracked | None]) -> None:
         """Applies a completed step's tokens and streams them out."""
         now = time.monotonic()
         self.steps += 1
@@ -368,7 +377,7 @@ class Engine:
         done = {r.request_id for r in finished}
         for token in response.tokens:
             tracked = self._tracked.get(token.request_id)
-            if tracked is None:
+            if tracked is None or tracked is not owners.get(token.request_id):
                 continue  # cancelled, or its row was wasted (it finished a step earlier)
             tracked.timings.append(now)
             self.usage.tokens[tracked.tenant] += 1
@@ -466,7 +475,7 @@ class Engine:
         self._executor_back.clear()
         await self._set_health(False)
         failed = self.planner.reset_device()
-        for _, call, _ in self._steps_sent:
+        for _, call, _, _ in self._steps_sent:
             call.cancel()
         self._steps_sent.clear()
         for future in self._swaps.values():

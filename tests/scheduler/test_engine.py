@@ -72,9 +72,11 @@ class FakeExecutor:
     attached: list[str] = field(default_factory=list)
     call: SwapEventCall = field(default_factory=SwapEventCall)
     last_sampled: dict[str, int] = field(default_factory=dict)  # by the step before
+    step_delay_s: float = 0.0  # how long a step runs
+    refuse_swaps: grpc.aio.AioRpcError | None = None  # raised by the next SubmitSwaps
 
     async def Step(self, request: ex.StepRequest) -> ex.StepResponse:
-        await asyncio.sleep(0)  # a call suspends its caller, as a real one does
+        await asyncio.sleep(self.step_delay_s)  # a call suspends its caller, as a real one does
         for seq in request.sequences:
             if seq.request_id in self.fail_step:
                 raise self.fail_step.pop(seq.request_id)
@@ -94,6 +96,9 @@ class FakeExecutor:
         return response
 
     async def SubmitSwaps(self, request: ex.SubmitSwapsRequest) -> ex.SubmitSwapsResponse:
+        if self.refuse_swaps is not None:
+            error, self.refuse_swaps = self.refuse_swaps, None
+            raise error
         self.held += request.swaps
         for order in request.swaps:
             if order.direction not in self.hold:
@@ -314,3 +319,45 @@ async def test_close_lets_swaps_and_host_ops_land(rig: Rig) -> None:
     assert not rig.engine.planner.has_work()
     assert rig.host.calls == [plan.host_ops for plan in rig.plans if plan.host_ops]
     assert rig.host.index.stats().pinned == 0 and not rig.host.index._pending
+
+
+async def test_a_refused_swap_in_recomputes_and_the_loop_goes_on(rig: Rig) -> None:
+    first = make("t1", n=12, max_tokens=4, conv="conv")
+    tokens, _ = await collect(await submit(rig, first))
+    history = first.prompt + tokens
+    rig.executor.refuse_swaps = rpc_error(grpc.StatusCode.FAILED_PRECONDITION,
+                                          "clash with a copy in flight", refused="t2")
+    second = make("t2", conv="conv", prompt=[*history, 9], max_tokens=3, history=len(history))
+    tokens, final = await asyncio.wait_for(collect(await submit(rig, second)), 10)
+    assert tokens == expected([*history, 9], 3) and isinstance(final, Finished)
+    assert rig.executor.refuse_swaps is None  # it was refused once, then recomputed
+
+
+async def test_a_discarded_rows_token_never_reaches_a_request_that_reuses_its_id(
+    rig: Rig,
+) -> None:
+    rig.executor.step_delay_s = 0.02  # the next step is in flight when one finishes
+    prompt = [(7 * i + 3) % VOCAB for i in range(10)]
+    stop = expected(prompt, 8)[2]
+    first = Request("same-id", "client", prompt, 8, stop_token_ids=frozenset({stop}))
+    tokens, final = await collect(await submit(rig, first))
+    assert isinstance(final, Finished) and tokens[-1] == stop
+    reused = Request("same-id", "client", [(5 * i + 1) % VOCAB for i in range(9)], 4)
+    tokens, final = await collect(await submit(rig, reused))
+    assert tokens == expected(reused.prompt, 4)
+    assert isinstance(final, Finished) and final.completion_tokens == 4
+    assert rig.engine.planner.stats.wasted_tokens >= 1
+
+
+async def test_a_cancel_counts_only_the_tokens_it_streamed(rig: Rig) -> None:
+    rig.executor.step_delay_s = 0.01
+    stream = await submit(rig, make("r1", n=10, max_tokens=50))
+    streamed = 0
+    async for item in stream:
+        if isinstance(item, TokenEvent):
+            streamed += 1
+            if streamed == 5:
+                await rig.engine.cancel("r1")
+        else:
+            assert isinstance(item, Finished) and item.completion_tokens == streamed
+            break

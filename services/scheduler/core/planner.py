@@ -86,6 +86,7 @@ class Planner:
         if r is None:
             return False
         self.asks.forget(lambda ask: ask.request is r)  # their replies will be undone
+        self.steps.discard(r)  # its rows in flight are wasted; no pending output is left
         was = r.state
         r.handle(E.CANCEL)
         self.stats.cancelled += 1
