@@ -87,8 +87,7 @@ class CheckedExecutor:
         self.steps.popleft()
 
     def start_swap(self, order: SwapOrder) -> None:
-        out = order.direction is Direction.OUT
-        device = {b for c in order.copies for b in (c.src if out else c.dst).blocks()}
+        out, device = order.direction is Direction.OUT, order.device_blocks
         for reads, writes in self.steps:
             if device & (writes if out else reads | writes):
                 raise KVMismatch(f"swap {order.swap_id} ({order.direction.value}, "
@@ -118,10 +117,7 @@ class CheckedExecutor:
 
     def _check_fences(self, seq: ScheduledSeq, reads: set[int], writes: set[int]) -> None:
         for order in self.in_flight.values():
-            device = {
-                b for c in order.copies
-                for b in (c.src if order.direction is Direction.OUT else c.dst).blocks()
-            }
+            device = order.device_blocks
             touched = writes if order.direction is Direction.OUT else reads
             if device & touched:
                 raise KVMismatch(

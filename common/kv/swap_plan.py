@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from common.kv.extent import Extent
+from common.kv.extent import Extent, flatten
 
 
 class Direction(StrEnum):
@@ -46,6 +46,12 @@ class SwapOrder:
     @property
     def num_blocks(self) -> int:
         return sum(c.num_blocks for c in self.copies)
+
+    @property
+    def device_blocks(self) -> set[int]:
+        """The device blocks its copies read (a swap-out) or write (a swap-in)."""
+        out = self.direction is Direction.OUT
+        return set(flatten(c.src if out else c.dst for c in self.copies))
 
 
 def plan_copies(src: Sequence[int], dst: Sequence[int], *, merge: bool = True) -> list[Copy]:

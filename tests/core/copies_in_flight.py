@@ -7,15 +7,13 @@ from collections.abc import Iterable
 
 from common.kv.allocator import BlockAllocator
 from common.kv.block_hash import TokenChain
-from common.kv.extent import flatten
-from common.kv.swap_plan import Direction, SwapOrder
+from common.kv.swap_plan import SwapOrder
 from services.scheduler.core.request_kv import RequestKV
 
 
 def touched(orders: Iterable[SwapOrder]) -> set[int]:
     """Device blocks the copies read (swap-outs) or write (swap-ins)."""
-    return {b for o in orders for b in flatten(
-        c.src if o.direction is Direction.OUT else c.dst for c in o.copies)}
+    return {b for o in orders for b in o.device_blocks}
 
 
 def assert_never_handed_out(allocator: BlockAllocator, busy: set[int]) -> None:

@@ -22,7 +22,7 @@ Contract:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.scheduler.core.device_memory import DeviceMemory
@@ -111,9 +111,6 @@ class StepsInFlight:
     def busy(self) -> set[str]:
         """Requests with a row in flight."""
         return {row.seq.request_id for _, rows in self._steps for row in rows}
-
-    def __iter__(self) -> Iterator[IssuedRow]:
-        return (row for _, rows in self._steps for row in rows)
 
     def __bool__(self) -> bool:
         return bool(self._steps)
