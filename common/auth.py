@@ -164,6 +164,13 @@ def bearer(metadata: Metadata) -> str | None:
     return None
 
 
+def bearer_matches(metadata: Metadata, token: str) -> bool:
+    """Whether `metadata` carries `authorization: Bearer <token>`, compared in constant
+    time."""
+    credential = bearer(metadata)
+    return credential is not None and hmac.compare_digest(credential.encode(), token.encode())
+
+
 def _digest(key: str) -> bytes:
     """Keys are looked up by hash, so that the lookup's timing tells nothing of a key."""
     return hashlib.sha256(key.encode()).digest()
@@ -310,11 +317,10 @@ class RequireToken(grpc.aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("RequireToken needs a token")
-        self._token = token.encode()
+        self._token = token
 
     def allows(self, metadata: Metadata) -> bool:
-        credential = bearer(metadata)
-        return credential is not None and hmac.compare_digest(credential.encode(), self._token)
+        return bearer_matches(metadata, self._token)
 
     async def intercept_service(
         self,

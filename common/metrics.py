@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import logging
 import socket
 import threading
@@ -31,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from common.auth import AUTHORIZATION, bearer
+from common.auth import AUTHORIZATION, bearer_matches
 from common.grpc_serving import before_each_call, handler_kind
 
 log = logging.getLogger("fastswitch.metrics")
@@ -76,8 +75,7 @@ def authorized(authorization: str | None, token: str) -> bool:
     """Whether a scrape with this `Authorization` header may read the metrics."""
     if not token:
         return True
-    credential = bearer([(AUTHORIZATION, authorization)]) if authorization else None
-    return credential is not None and hmac.compare_digest(credential.encode(), token.encode())
+    return bool(authorization) and bearer_matches([(AUTHORIZATION, authorization)], token)
 
 
 def metrics_app(registry: CollectorRegistry, token: str = "") -> Callable[..., Any]:
