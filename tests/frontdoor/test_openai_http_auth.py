@@ -146,7 +146,7 @@ async def test_tenant_limits_are_429_and_403_and_metrics_serve_on_the_api_port(
     scheduler = stack.start_scheduler(extra_args=[
         "--max-num-seqs", "1", "--tenant-max-queued", "1", "--tenant-max-priority", "1"])
     http = stack.spawn("http", ["--scheduler", scheduler.address, "--client-id=",
-                                "--metrics-token", token])
+                                f"--metrics-token={token}"])
     try:
         async with client(stack, ALICE, http.address) as alice, \
                 FastSwitchClient(scheduler.address, api_key=ALICE) as grpc_alice:

@@ -471,7 +471,7 @@ def capped(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
     port = free_port()
     child = stack.start_scheduler(extra_args=[
         "--api-keys", str(keys), "--max-num-seqs", "1", "--tenant-max-priority", "2",
-        "--metrics-port", str(port), "--metrics-token", METRICS_TOKEN])
+        "--metrics-port", str(port), f"--metrics-token={METRICS_TOKEN}"])
     yield Capped(child.address, stack.config.tls_ca, port)
     assert stack.stop_child(child) == 0
 
