@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/executor.proto\x12\x16\x66\x61stswitch.executor.v1\"\x7f\n\rBlockGeometry\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\x06 \x01(\x04\"\x11\n\x0f\x44\x65scribeRequest\"\xf0\x02\n\x10\x44\x65scribeResponse\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x37\n\x08geometry\x18\x02 \x01(\x0b\x32%.fastswitch.executor.v1.BlockGeometry\x12\x16\n\x0enum_gpu_blocks\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nhost_arena\x18\x07 \x01(\t\x12\x17\n\x0fnum_host_blocks\x18\x08 \x01(\x04\x12\x14\n\x0c\x65os_token_id\x18\t \x01(\r\x12\x13\n\x0bhost_arenas\x18\n \x03(\t\x12\x12\n\ncheckpoint\x18\x0b \x01(\t\x12\x18\n\x10tokenizer_sha256\x18\x0c \x01(\t\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x17\n\x0f\x62\x61tch_invariant\x18\x0e \x01(\x08\"&\n\x16\x41ttachHostArenaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x17\x41ttachHostArenaResponse\x12\x17\n\x0fnum_host_blocks\x18\x01 \x01(\r\x12\x18\n\x10\x66irst_host_block\x18\x02 \x01(\x04\"&\n\x16\x44\x65tachHostArenaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x17\x44\x65tachHostArenaResponse\x12\x17\n\x0fnum_host_blocks\x18\x01 \x01(\r\x12\x18\n\x10\x66irst_host_block\x18\x02 \x01(\x04\"c\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x10\n\x08logprobs\x18\x04 \x01(\x08\x12\r\n\x05top_k\x18\x05 \x01(\r\"\xd6\x01\n\rSequenceInput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62lock_table\x18\x02 \x03(\r\x12\r\n\x05start\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x38\n\x08sampling\x18\x06 \x01(\x0b\x32&.fastswitch.executor.v1.SamplingParams\x12\x18\n\x10\x62\x61nned_token_ids\x18\x07 \x03(\r\x12\x16\n\x0e\x66rom_last_step\x18\x08 \x01(\x08\"Z\n\x0bStepRequest\x12\x11\n\titeration\x18\x01 \x01(\x04\x12\x38\n\tsequences\x18\x02 \x03(\x0b\x32%.fastswitch.executor.v1.SequenceInput\"E\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"X\n\x0cStepResponse\x12\x34\n\x06tokens\x18\x01 \x03(\x0b\x32$.fastswitch.executor.v1.SampledToken\x12\x12\n\nduration_s\x18\x02 \x01(\x01\"\'\n\x06\x45xtent\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\r\"d\n\x08SwapCopy\x12+\n\x03src\x18\x01 \x01(\x0b\x32\x1e.fastswitch.executor.v1.Extent\x12+\n\x03\x64st\x18\x02 \x01(\x0b\x32\x1e.fastswitch.executor.v1.Extent\"\x98\x01\n\tSwapOrder\x12\x0f\n\x07swap_id\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x34\n\tdirection\x18\x03 \x01(\x0e\x32!.fastswitch.executor.v1.Direction\x12\x30\n\x06\x63opies\x18\x04 \x03(\x0b\x32 .fastswitch.executor.v1.SwapCopy\"F\n\x12SubmitSwapsRequest\x12\x30\n\x05swaps\x18\x01 \x03(\x0b\x32!.fastswitch.executor.v1.SwapOrder\"&\n\x13SubmitSwapsResponse\x12\x0f\n\x07tickets\x18\x01 \x03(\x04\"\x13\n\x11SwapEventsRequest\"\x97\x01\n\tSwapEvent\x12\x0e\n\x06ticket\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x34\n\tdirection\x18\x03 \x01(\x0e\x32!.fastswitch.executor.v1.Direction\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t*K\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x11\n\rDIRECTION_OUT\x10\x01\x12\x10\n\x0c\x44IRECTION_IN\x10\x02\x32\xea\x04\n\x08\x45xecutor\x12]\n\x08\x44\x65scribe\x12\'.fastswitch.executor.v1.DescribeRequest\x1a(.fastswitch.executor.v1.DescribeResponse\x12r\n\x0f\x41ttachHostArena\x12..fastswitch.executor.v1.AttachHostArenaRequest\x1a/.fastswitch.executor.v1.AttachHostArenaResponse\x12r\n\x0f\x44\x65tachHostArena\x12..fastswitch.executor.v1.DetachHostArenaRequest\x1a/.fastswitch.executor.v1.DetachHostArenaResponse\x12Q\n\x04Step\x12#.fastswitch.executor.v1.StepRequest\x1a$.fastswitch.executor.v1.StepResponse\x12\x66\n\x0bSubmitSwaps\x12*.fastswitch.executor.v1.SubmitSwapsRequest\x1a+.fastswitch.executor.v1.SubmitSwapsResponse\x12\\\n\nSwapEvents\x12).fastswitch.executor.v1.SwapEventsRequest\x1a!.fastswitch.executor.v1.SwapEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/executor.proto\x12\x16\x66\x61stswitch.executor.v1\"\x7f\n\rBlockGeometry\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\x06 \x01(\x04\"\x11\n\x0f\x44\x65scribeRequest\"\xf0\x02\n\x10\x44\x65scribeResponse\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x37\n\x08geometry\x18\x02 \x01(\x0b\x32%.fastswitch.executor.v1.BlockGeometry\x12\x16\n\x0enum_gpu_blocks\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nhost_arena\x18\x07 \x01(\t\x12\x17\n\x0fnum_host_blocks\x18\x08 \x01(\x04\x12\x14\n\x0c\x65os_token_id\x18\t \x01(\r\x12\x13\n\x0bhost_arenas\x18\n \x03(\t\x12\x12\n\ncheckpoint\x18\x0b \x01(\t\x12\x18\n\x10tokenizer_sha256\x18\x0c \x01(\t\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x17\n\x0f\x62\x61tch_invariant\x18\x0e \x01(\x08\"&\n\x16\x41ttachHostArenaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x17\x41ttachHostArenaResponse\x12\x17\n\x0fnum_host_blocks\x18\x01 \x01(\r\x12\x18\n\x10\x66irst_host_block\x18\x02 \x01(\x04\"&\n\x16\x44\x65tachHostArenaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x17\x44\x65tachHostArenaResponse\x12\x17\n\x0fnum_host_blocks\x18\x01 \x01(\r\x12\x18\n\x10\x66irst_host_block\x18\x02 \x01(\x04\"c\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x10\n\x08logprobs\x18\x04 \x01(\x08\x12\r\n\x05top_k\x18\x05 \x01(\r\"\xd6\x01\n\rSequenceInput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62lock_table\x18\x02 \x03(\r\x12\r\n\x05start\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x38\n\x08sampling\x18\x06 \x01(\x0b\x32&.fastswitch.executor.v1.SamplingParams\x12\x18\n\x10\x62\x61nned_token_ids\x18\x07 \x03(\r\x12\x16\n\x0e\x66rom_last_step\x18\x08 \x01(\x08\"|\n\x0bStepRequest\x12\x11\n\titeration\x18\x01 \x01(\x04\x12\x38\n\tsequences\x18\x02 \x03(\x0b\x32%.fastswitch.executor.v1.SequenceInput\x12\x14\n\x07\x66ollows\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\n\n\x08_follows\"E\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"X\n\x0cStepResponse\x12\x34\n\x06tokens\x18\x01 \x03(\x0b\x32$.fastswitch.executor.v1.SampledToken\x12\x12\n\nduration_s\x18\x02 \x01(\x01\"\'\n\x06\x45xtent\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\r\"d\n\x08SwapCopy\x12+\n\x03src\x18\x01 \x01(\x0b\x32\x1e.fastswitch.executor.v1.Extent\x12+\n\x03\x64st\x18\x02 \x01(\x0b\x32\x1e.fastswitch.executor.v1.Extent\"\x98\x01\n\tSwapOrder\x12\x0f\n\x07swap_id\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x34\n\tdirection\x18\x03 \x01(\x0e\x32!.fastswitch.executor.v1.Direction\x12\x30\n\x06\x63opies\x18\x04 \x03(\x0b\x32 .fastswitch.executor.v1.SwapCopy\"F\n\x12SubmitSwapsRequest\x12\x30\n\x05swaps\x18\x01 \x03(\x0b\x32!.fastswitch.executor.v1.SwapOrder\"&\n\x13SubmitSwapsResponse\x12\x0f\n\x07tickets\x18\x01 \x03(\x04\"\x13\n\x11SwapEventsRequest\"\x97\x01\n\tSwapEvent\x12\x0e\n\x06ticket\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x34\n\tdirection\x18\x03 \x01(\x0e\x32!.fastswitch.executor.v1.Direction\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t*K\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x11\n\rDIRECTION_OUT\x10\x01\x12\x10\n\x0c\x44IRECTION_IN\x10\x02\x32\xea\x04\n\x08\x45xecutor\x12]\n\x08\x44\x65scribe\x12\'.fastswitch.executor.v1.DescribeRequest\x1a(.fastswitch.executor.v1.DescribeResponse\x12r\n\x0f\x41ttachHostArena\x12..fastswitch.executor.v1.AttachHostArenaRequest\x1a/.fastswitch.executor.v1.AttachHostArenaResponse\x12r\n\x0f\x44\x65tachHostArena\x12..fastswitch.executor.v1.DetachHostArenaRequest\x1a/.fastswitch.executor.v1.DetachHostArenaResponse\x12Q\n\x04Step\x12#.fastswitch.executor.v1.StepRequest\x1a$.fastswitch.executor.v1.StepResponse\x12\x66\n\x0bSubmitSwaps\x12*.fastswitch.executor.v1.SubmitSwapsRequest\x1a+.fastswitch.executor.v1.SubmitSwapsResponse\x12\\\n\nSwapEvents\x12).fastswitch.executor.v1.SwapEventsRequest\x1a!.fastswitch.executor.v1.SwapEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DIRECTION']._serialized_start=1960
-  _globals['_DIRECTION']._serialized_end=2035
+  _globals['_DIRECTION']._serialized_start=1994
+  _globals['_DIRECTION']._serialized_end=2069
   _globals['_BLOCKGEOMETRY']._serialized_start=49
   _globals['_BLOCKGEOMETRY']._serialized_end=176
   _globals['_DESCRIBEREQUEST']._serialized_start=178
@@ -52,25 +52,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEQUENCEINPUT']._serialized_start=906
   _globals['_SEQUENCEINPUT']._serialized_end=1120
   _globals['_STEPREQUEST']._serialized_start=1122
-  _globals['_STEPREQUEST']._serialized_end=1212
-  _globals['_SAMPLEDTOKEN']._serialized_start=1214
-  _globals['_SAMPLEDTOKEN']._serialized_end=1283
-  _globals['_STEPRESPONSE']._serialized_start=1285
-  _globals['_STEPRESPONSE']._serialized_end=1373
-  _globals['_EXTENT']._serialized_start=1375
-  _globals['_EXTENT']._serialized_end=1414
-  _globals['_SWAPCOPY']._serialized_start=1416
-  _globals['_SWAPCOPY']._serialized_end=1516
-  _globals['_SWAPORDER']._serialized_start=1519
-  _globals['_SWAPORDER']._serialized_end=1671
-  _globals['_SUBMITSWAPSREQUEST']._serialized_start=1673
-  _globals['_SUBMITSWAPSREQUEST']._serialized_end=1743
-  _globals['_SUBMITSWAPSRESPONSE']._serialized_start=1745
-  _globals['_SUBMITSWAPSRESPONSE']._serialized_end=1783
-  _globals['_SWAPEVENTSREQUEST']._serialized_start=1785
-  _globals['_SWAPEVENTSREQUEST']._serialized_end=1804
-  _globals['_SWAPEVENT']._serialized_start=1807
-  _globals['_SWAPEVENT']._serialized_end=1958
-  _globals['_EXECUTOR']._serialized_start=2038
-  _globals['_EXECUTOR']._serialized_end=2656
+  _globals['_STEPREQUEST']._serialized_end=1246
+  _globals['_SAMPLEDTOKEN']._serialized_start=1248
+  _globals['_SAMPLEDTOKEN']._serialized_end=1317
+  _globals['_STEPRESPONSE']._serialized_start=1319
+  _globals['_STEPRESPONSE']._serialized_end=1407
+  _globals['_EXTENT']._serialized_start=1409
+  _globals['_EXTENT']._serialized_end=1448
+  _globals['_SWAPCOPY']._serialized_start=1450
+  _globals['_SWAPCOPY']._serialized_end=1550
+  _globals['_SWAPORDER']._serialized_start=1553
+  _globals['_SWAPORDER']._serialized_end=1705
+  _globals['_SUBMITSWAPSREQUEST']._serialized_start=1707
+  _globals['_SUBMITSWAPSREQUEST']._serialized_end=1777
+  _globals['_SUBMITSWAPSRESPONSE']._serialized_start=1779
+  _globals['_SUBMITSWAPSRESPONSE']._serialized_end=1817
+  _globals['_SWAPEVENTSREQUEST']._serialized_start=1819
+  _globals['_SWAPEVENTSREQUEST']._serialized_end=1838
+  _globals['_SWAPEVENT']._serialized_start=1841
+  _globals['_SWAPEVENT']._serialized_end=1992
+  _globals['_EXECUTOR']._serialized_start=2072
+  _globals['_EXECUTOR']._serialized_end=2690
 # @@protoc_insertion_point(module_scope)

@@ -131,12 +131,14 @@ class SequenceInput(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., banned_token_ids: _Optional[_Iterable[int]] = ..., from_last_step: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("iteration", "sequences")
+    __slots__ = ("iteration", "sequences", "follows")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceInput]
-    def __init__(self, iteration: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInput, _Mapping]]] = ...) -> None: ...
+    follows: int
+    def __init__(self, iteration: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInput, _Mapping]]] = ..., follows: _Optional[int] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("request_id", "token_id", "logprob")

@@ -95,11 +95,6 @@ def blame(request_id: str) -> Iterator[None]:
         raise
 
 
-class NoLastToken(PreconditionFailed):
-    """A from_last_step entry whose request's token the step begun last did not sample (for
-    that position): the step it follows failed, was never sent, or has not arrived yet."""
-
-
 class DeviceFailure(RuntimeError):
     """The device or its driver failed an operation (a CUDA error); what the call had set up
     is released."""
@@ -697,12 +692,12 @@ class ExecutorEngine:
         previous = self._begun_last
         sampled = previous.samples.get(seq.request_id) if previous is not None else None
         if sampled is None:
-            raise NoLastToken(
+            raise PreconditionFailed(
                 f"{where}.from_last_step: the step before this one sampled no token for "
                 f"{seq.request_id!r} (or failed)"
             )
         if sampled[1] != seq.start:
-            raise NoLastToken(
+            raise PreconditionFailed(
                 f"{where}.start={seq.start}: the step before this one sampled "
                 f"{seq.request_id!r}'s token for position {sampled[1]}, which from_last_step "
                 "feeds there"

@@ -7,8 +7,9 @@ steps began. So a Step that arrives while another runs is prepared meanwhile, la
 after it and answered after it; one more is refused by the engine ("already queued").
 
 Steps sent at once on one channel may arrive in either order (a large one's message takes
-longer). So a Step whose from_last_step entry finds no token for it waits, up to
-`FOLLOW_WAIT_S`, for another Step to begin, and is validated again each time one does.
+longer). So a Step that names the step it follows (`StepRequest.follows`) begins only once
+that one has begun or been refused, waiting up to `FOLLOW_WAIT_S` for it: steps begin in the
+order the scheduler sent them, whatever order they arrive in.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from services.executor.engine import (
     DeviceFailure,
     ExecutorEngine,
     InvalidInput,
-    NoLastToken,
     PreconditionFailed,
     PreparedStep,
     Refused,
@@ -53,7 +53,7 @@ _DIRECTIONS: dict[int, Direction] = {executor_pb2.DIRECTION_OUT: Direction.OUT,
                                      executor_pb2.DIRECTION_IN: Direction.IN}
 _DIRECTION_ENUM = {name: value for value, name in _DIRECTIONS.items()}
 T = TypeVar("T")
-FOLLOW_WAIT_S = 1.0  # how long a Step may wait for the one its from_last_step entries follow
+FOLLOW_WAIT_S = 1.0  # how long a Step may wait for the one it follows to arrive
 
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
@@ -65,8 +65,8 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         self._launch_worker = ThreadPoolExecutor(1, thread_name_prefix="step-launch")
         self._collect_worker = ThreadPoolExecutor(1, thread_name_prefix="step-collect")
         self._streams: set[CompletionStream] = set()
-        self._begun = asyncio.Condition()  # notified whenever a step begins, or is refused
-        self._refused_begins = 0
+        self._settled = asyncio.Condition()  # notified whenever a step begins, or is refused
+        self._last_settled: int | None = None  # the iteration of the step that did so last
 
     async def Describe(
         self, request: executor_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -133,11 +133,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
     async def Step(
         self, request: executor_pb2.StepRequest, context: grpc.aio.ServicerContext
     ) -> executor_pb2.StepResponse:
-        try:
-            sequences = [_sequence(i, s) for i, s in enumerate(request.sequences)]
-        except Refused as exc:
-            await _abort(context, exc)
-        claim = await self._begin_step(sequences, context)
+        claim = await self._begin_step(request, context)
         # Submitted before any await: the workers take the steps in the order they began.
         prepared = self._prepare_worker.submit(self._engine.prepare_step, claim)
         launched = self._launch_worker.submit(self._launch, prepared)
@@ -150,7 +146,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             log.exception("step %d failed", request.iteration)
             await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")
         self._metrics.step.observe(result.duration_s)
-        self._metrics.step_sequences.observe(len(sequences))
+        self._metrics.step_sequences.observe(len(request.sequences))
         return executor_pb2.StepResponse(
             tokens=[
                 executor_pb2.SampledToken(
@@ -170,33 +166,32 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         return self._collect_worker.submit(self._engine.collect_step, launched)
 
     async def _begin_step(
-        self, sequences: list[StepSequence], context: grpc.aio.ServicerContext
+        self, request: executor_pb2.StepRequest, context: grpc.aio.ServicerContext
     ) -> StepClaim:
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step ran"
-            )
-        loop = asyncio.get_running_loop()
-        until = loop.time() + FOLLOW_WAIT_S
-        refusals = self._refused_begins
-        async with self._begun:
-            while True:
+        """Begins the step once the one it follows has begun or been refused; either way
+        it is then settled, and the step that follows it may begin."""
+        async with self._settled:
+            try:
+                if request.HasField("follows") and not await _wait_for(
+                        self._settled, lambda: self._last_settled == request.follows,
+                        FOLLOW_WAIT_S):
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"follows: step {request.follows}, which this one follows, did not "
+                        f"arrive within {FOLLOW_WAIT_S:g} s")
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step ran"
+                    )
                 try:
-                    claim = self._engine.begin_step(sequences)
-                except NoLastToken as exc:
-                    # The step it follows may be on its way: wait for the next to begin,
-                    # unless one was refused meanwhile (it may be that one).
-                    if (self._refused_begins != refusals
-                            or not await _wait(self._begun, until - loop.time())):
-                        await _abort(context, exc)
+                    sequences = [_sequence(i, s) for i, s in enumerate(request.sequences)]
+                    return self._engine.begin_step(sequences)
                 except Refused as exc:
-                    self._refused_begins += 1
-                    self._begun.notify_all()  # its followers need not wait for it
                     await _abort(context, exc)
-                else:
-                    self._begun.notify_all()
-                    return claim
+            finally:
+                self._last_settled = request.iteration
+                self._settled.notify_all()
 
     async def SubmitSwaps(
         self, request: executor_pb2.SubmitSwapsRequest, context: grpc.aio.ServicerContext
@@ -239,10 +234,12 @@ def add_to_server(service: ExecutorService, server: grpc.aio.Server) -> health_a
     return add_health_and_reflection(server, SERVICE_NAME)
 
 
-async def _wait(condition: asyncio.Condition, timeout: float) -> bool:
-    """Waits (holding `condition`) to be notified within `timeout` seconds; False if not."""
+async def _wait_for(condition: asyncio.Condition, predicate: Callable[[], bool],
+                    timeout: float) -> bool:
+    """Waits (holding `condition`) until `predicate` holds, for up to `timeout` seconds;
+    False if it still does not."""
     try:
-        await asyncio.wait_for(condition.wait(), max(timeout, 0))
+        await asyncio.wait_for(condition.wait_for(predicate), timeout)
     except TimeoutError:
         return False
     return True

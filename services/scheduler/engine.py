@@ -318,8 +318,11 @@ class Engine:
         return True
 
     def _send_step(self, plan: StepPlan) -> None:
-        """Sends the plan's step: the executor runs it after those sent before it."""
+        """Sends the plan's step: the executor begins it after the one still in flight,
+        whichever arrives first."""
         request = ex.StepRequest(iteration=plan.iteration)
+        if self._steps_sent:
+            request.follows = self._steps_sent[-1][0].iteration
         for seq in plan.batch:
             tracked = self._tracked.get(seq.request_id)
             request.sequences.append(

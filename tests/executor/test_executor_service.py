@@ -479,11 +479,11 @@ async def test_a_step_queues_behind_the_running_one_and_a_third_is_refused(
 ) -> None:
     """The follower is sent first and waits for the step it follows, which runs for about a
     second; a third step is refused once the follower is queued."""
-    follower = asyncio.ensure_future(stub.Step(pb.StepRequest(sequences=[
+    follower = asyncio.ensure_future(stub.Step(pb.StepRequest(iteration=2, follows=1, sequences=[
         _seq("queuer", LONG_TABLE, len(LONG_PROMPT), [], sample=True, from_last_step=True)])))
     await asyncio.sleep(0.05)  # lets it arrive first; either order gives the same outcome
     running = asyncio.ensure_future(stub.Step(pb.StepRequest(
-        sequences=[_seq("queuer", LONG_TABLE, 0, LONG_PROMPT, sample=True)])))
+        iteration=1, sequences=[_seq("queuer", LONG_TABLE, 0, LONG_PROMPT, sample=True)])))
     # Refused before its validation once two are begun, for its bad entry until then.
     third = pb.StepRequest(sequences=[_seq("bad", [110], 0, [5000])])
     for _ in range(500):
@@ -497,6 +497,22 @@ async def test_a_step_queues_behind_the_running_one_and_a_third_is_refused(
     assert refused_request(refused.value) is None
     first, second = await running, await follower
     assert [t.request_id for t in (*first.tokens, *second.tokens)] == ["queuer", "queuer"]
+
+
+async def test_a_step_whose_predecessor_never_arrives_is_refused_and_its_follower_runs(
+    stub: executor_pb2_grpc.ExecutorStub,
+) -> None:
+    """Steps begin in the order sent; one whose predecessor is lost waits a second for it,
+    is refused then, and counts as settled for the step that follows it."""
+    orphan = pb.StepRequest(iteration=8, follows=7,
+                            sequences=[_seq("orphan", [120], 0, [5, 6], sample=True)])
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Step(orphan)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "step 7, which this one follows, did not arrive" in refused.value.details()
+    response = await stub.Step(pb.StepRequest(
+        iteration=9, follows=8, sequences=[_seq("next", [121], 0, [5, 6], sample=True)]))
+    assert [t.request_id for t in response.tokens] == ["next"]
 
 
 async def test_swap_events_stream_while_a_step_runs(
