@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import Awaitable
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -395,6 +396,9 @@ async def serve(args: argparse.Namespace) -> None:
     expirer = (asyncio.create_task(expire_conversations(service, float(args.conversation_ttl)))
                if float(args.conversation_ttl) else None)
     key_watcher = asyncio.create_task(keys.watch()) if keys is not None else None
+    if keys is None:  # SIGHUP asks for a reload; without a key file it must not stop the process
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, log.warning, "SIGHUP: no key file to reload (--api-keys is unset)")
     metrics.watch(service.snapshot, service.tenant_report)
     serve_metrics(int(args.metrics_port), args.host, metrics.registry,
                   metrics_token(args.metrics_token, args.metrics_token_file))

@@ -141,6 +141,19 @@ async def test_without_the_device_cache_the_next_turn_swaps_in_its_host_prefix(
         stack.stop_child(child)
 
 
+async def test_sighup_without_a_key_file_is_logged_and_stops_nothing(
+        stack: LocalStack, scheduler: Child) -> None:
+    """SIGHUP asks for a key reload; with no key file it is a no-op, not a hangup."""
+    log = Path(stack.config.log_dir) / "scheduler.log"
+    scheduler.process.send_signal(signal.SIGHUP)
+    async with FastSwitchClient(scheduler.address) as client:
+        await client.wait_ready()
+        done = await client.generate("still here", client_id="a", max_tokens=4).collect()
+        assert done.final.completion_tokens == 4
+    assert scheduler.process.poll() is None
+    assert "SIGHUP: no key file to reload" in log.read_text()
+
+
 async def test_stop_token_ids_and_min_tokens(scheduler: Child) -> None:
     prompt = list(range(40, 90))
     async with FastSwitchClient(scheduler.address) as client:
