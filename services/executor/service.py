@@ -9,7 +9,8 @@ after it and answered after it; one more is refused by the engine ("already queu
 Steps sent at once on one channel may arrive in either order (a large one's message takes
 longer). So a Step that names the step it follows (`StepRequest.follows`) begins only once
 that one has begun or been refused, waiting up to `FOLLOW_WAIT_S` for it: steps begin in the
-order the scheduler sent them, whatever order they arrive in.
+order the scheduler sent them, whatever order they arrive in. A step refused or past its
+deadline is settled too, so one lost call holds up the next for at most its deadline.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ _DIRECTIONS: dict[int, Direction] = {executor_pb2.DIRECTION_OUT: Direction.OUT,
                                      executor_pb2.DIRECTION_IN: Direction.IN}
 _DIRECTION_ENUM = {name: value for value, name in _DIRECTIONS.items()}
 T = TypeVar("T")
-FOLLOW_WAIT_S = 1.0  # how long a Step may wait for the one it follows to arrive
+FOLLOW_WAIT_S = 10.0  # how long a Step may wait for the one it follows (within its deadline)
 
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
@@ -172,18 +173,20 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         it is then settled, and the step that follows it may begin."""
         async with self._settled:
             try:
-                if request.HasField("follows") and not await _wait_for(
-                        self._settled, lambda: self._last_settled == request.follows,
-                        FOLLOW_WAIT_S):
-                    await context.abort(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"follows: step {request.follows}, which this one follows, did not "
-                        f"arrive within {FOLLOW_WAIT_S:g} s")
+                remaining = context.time_remaining()
+                followed = not request.HasField("follows") or await _wait_for(
+                    self._settled, lambda: self._last_settled == request.follows,
+                    FOLLOW_WAIT_S if remaining is None else min(remaining, FOLLOW_WAIT_S))
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
                     await context.abort(
                         grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step ran"
                     )
+                if not followed:
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"follows: step {request.follows}, which this one follows, did not "
+                        f"arrive within {FOLLOW_WAIT_S:g} s")
                 try:
                     sequences = [_sequence(i, s) for i, s in enumerate(request.sequences)]
                     return self._engine.begin_step(sequences)
