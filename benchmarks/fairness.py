@@ -17,15 +17,15 @@
    beyond that, and the preemptions by recompute that could cause it.
 
 The simulator (default) runs the real planner on a virtual clock; `--stack` also runs part 1
-through the real CPU stack, where service is counted per finished turn (so the gap carries
-one turn of granularity). Writes JSON with `--json`.
+through the real CPU stack, where service is counted per token as the clients saw it and a
+client is backlogged while it has a request unfinished (`benchmarks.stack_fairness`, as
+`benchmarks.stack` reports it). Writes JSON with `--json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import sys
 import tempfile
@@ -39,7 +39,9 @@ from benchmarks.sim.fairness_stats import jain, largest_gap
 from benchmarks.sim.hardware import A10, LLAMA3_8B, Deployment
 from benchmarks.sim.simulate import SimOptions, simulate
 from benchmarks.sim.workload import TurnSpec
+from benchmarks.stack_fairness import stack_fairness
 from benchmarks.stack_trace import replay_trace
+from common.client import FastSwitchClient
 from common.latency import percentile
 from services.launch import LocalStack, StackConfig
 from services.scheduler.core.config import Mode
@@ -184,9 +186,9 @@ def priority_report(setup: Setup, mode: Mode, policy: str = "priority") -> dict[
 
 
 async def stack_vtc_report(setup: Setup, mode: Mode, gpu_blocks: int) -> dict[str, Any]:
-    """Part 1 through the real CPU stack: service counted when each turn finishes."""
+    """Part 1 through the real CPU stack, as `benchmarks.stack` reports it (per token, from
+    the clients' timestamps: `stack_fairness`)."""
     turns = vtc_workload(setup.num_clients, setup.stack_per_client)
-    clients = [f"client-{k}" for k in range(setup.num_clients)]
     with tempfile.TemporaryDirectory(prefix="fastswitch-fairness-") as log_dir:
         config = StackConfig(mode=mode.value, policy="vtc", num_gpu_blocks=gpu_blocks,
                              log_dir=log_dir)
@@ -194,32 +196,12 @@ async def stack_vtc_report(setup: Setup, mode: Mode, gpu_blocks: int) -> dict[st
             assert stack.describe is not None
             report = await replay_trace(stack.scheduler_address, turns, seed=0,
                                         vocab=stack.describe.vocab_size, time_scale=0.0)
-    spec = {f"conv-{t.conversation_id}": t for t in turns}
-    events: list[tuple[float, str, float]] = []  # (time, client, service)
-    started: dict[str, float] = {}  # each client's last first token: the end of its backlog
-    for r in report.turns:
-        t = spec[r.conversation_id]
-        client = f"client-{t.client_id}"
-        times = list(itertools.accumulate(reversed(r.tbts), lambda at, g: at - g,
-                                          initial=r.finished_s))[::-1]
-        events += [(at, client, 2.0 + (t.prompt_tokens if i == 0 else 0))
-                   for i, at in enumerate(times)]
-        started[client] = max(started.get(client, 0.0), times[0])
-    served = dict.fromkeys(clients, 0.0)
-    series: list[tuple[float, ...]] = []
-    for at, client, cost in sorted(events):
-        if at > min(started.values()):
-            break
-        served[client] += cost
-        series.append(tuple(served[c] for c in clients))
-    bound = 2 * max(max(t.prompt_tokens for t in turns), 2.0 * gpu_blocks * 16)
-    return {
-        "max_gap": largest_gap(series),
-        "bound_2u": bound,
-        "within_bound": largest_gap(series) <= bound,
-        "jain_index": jain(series[-1]) if series else None,
-        "window_samples": len(series),
-    }
+            async with FastSwitchClient(stack.scheduler_address) as client:
+                stats = await client.stats()
+    figures = stack_fairness(report, gpu_blocks * config.block_size,
+                             stats.priority_inversions, stats.priority_inversion_s)
+    return {key: figures[f"vtc_{key}"] for key in ("max_gap", "bound_2u", "within_bound")} \
+        | {"jain_index": figures["jain_index"]}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

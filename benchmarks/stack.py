@@ -4,12 +4,15 @@ Each run starts the three services as local processes (by default the tiny check
 the CPU backend; `--backend cupy`, `--checkpoint DIR` and `--dtype` choose others; the
 embedded index), drives them with the load generator (multi-turn conversations and random
 priority updates, with device KV memory small enough to force preemption), and reads the
-scheduler's counters. `--trace FILE` replays a simulator trace instead (stack_trace.py),
-`--limit` conversations of it at `--time-scale` times its pace. `--switches` ablates
-fastswitch's mechanisms; `--lookahead-ablation` also runs fastswitch with the scheduler
-sending one step at a time, to measure what the lookahead buys (the executor's idle
-fraction, tokens/s) and costs (tokens wasted at finishes); `--steady-decode` makes the
-load one long decode per client with no think time and no priority updates. The table
+scheduler's counters. It also reports what fairness buys, as the simulator defines it
+(`stack_fairness`): the top and bottom priority classes' latencies, VTC's service gap and
+Jain's index, and the scheduler's priority inversions. `--trace FILE` replays a simulator
+trace instead (stack_trace.py), `--limit` conversations of it at `--time-scale` times its
+pace. `--switches` ablates fastswitch's mechanisms; `--lookahead-ablation` also runs
+fastswitch with the scheduler sending one step at a time, to measure what the lookahead
+buys (the executor's idle fraction, tokens/s) and costs (tokens wasted at finishes);
+`--steady-decode` makes the load one long decode per client with no think time and no
+priority updates. The table
 compares the modes side by side, and `--json FILE` records every mode's metrics and the
 ratios to fastswitch. With greedy sampling all modes (and the ablation) must return the
 same tokens; the run fails if they do not. Timings are real but noisy on a shared 2-core
@@ -26,9 +29,11 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from benchmarks.cli import parse_modes
 from benchmarks.sim.trace import load_trace
+from benchmarks.stack_fairness import stack_fairness
 from benchmarks.stack_trace import check_fits, first_conversations, replay_trace
 from common.client import FastSwitchClient
 from common.latency import percentile
@@ -41,7 +46,7 @@ from services.scheduler.core.policy import POLICIES
 FASTSWITCH = Mode.FASTSWITCH.value
 NO_LOOKAHEAD = "fastswitch-lookahead-0"  # the ablation's row: one step at a time
 
-# key: (label, scale for the table, True if higher is better)
+# key: (label, scale for the table, True if higher is better; None: not a comparison)
 METRICS = {
     "p50_ttft_s": ("P50 TTFT (ms)", 1e3, False),
     "p95_ttft_s": ("P95 TTFT (ms)", 1e3, False),
@@ -58,10 +63,23 @@ METRICS = {
     "executor_idle_fraction": ("executor idle (%)", 1e2, False),
     "wasted_tokens": ("tokens wasted (lookahead)", 1, False),
     "wall_s": ("wall time (s)", 1, False),
+    # What fairness buys (benchmarks/stack_fairness.py); classes are priorities
+    "top_class": ("top class", 1, None),
+    "top_p95_ttft_s": ("top class P95 TTFT (ms)", 1e3, False),
+    "top_p99_tbt_s": ("top class P99 TBT (ms)", 1e3, False),
+    "bottom_class": ("bottom class", 1, None),
+    "bottom_p95_ttft_s": ("bottom class P95 TTFT (ms)", 1e3, False),
+    "bottom_p99_tbt_s": ("bottom class P99 TBT (ms)", 1e3, False),
+    "vtc_max_gap": ("VTC largest service gap", 1, False),
+    "vtc_bound_2u": ("VTC 2U bound", 1, None),
+    "jain_index": ("Jain's index of service", 1, True),
+    "priority_inversions": ("priority inversions (steps)", 1, False),
+    "priority_inversion_s": ("priority inversion time (s)", 1, False),
 }
 
 
-def metrics(report: LoadReport, stats) -> dict[str, float]:
+def metrics(report: LoadReport, stats, kv_tokens: int) -> dict[str, Any]:
+    """`kv_tokens`: what the device's KV holds (VTC's bound)."""
     ttfts = [t.ttft_s for t in report.turns]
     tbts = [g for t in report.turns for g in t.tbts]
     return {
@@ -82,6 +100,8 @@ def metrics(report: LoadReport, stats) -> dict[str, float]:
         "wasted_tokens": stats.wasted_tokens,
         "steps": stats.steps,
         "wall_s": report.wall_s,
+        **stack_fairness(report, kv_tokens, stats.priority_inversions,
+                         stats.priority_inversion_s),
     }
 
 
@@ -117,7 +137,8 @@ async def one_mode(mode: str, args: argparse.Namespace, log_dir: str, *,
             )
         async with FastSwitchClient(stack.scheduler_address) as client:
             stats = await client.stats()
-    return metrics(report, stats), [(t.conversation_id, t.turn, t.token_ids)
+    kv_tokens = config.num_gpu_blocks * config.block_size
+    return metrics(report, stats, kv_tokens), [(t.conversation_id, t.turn, t.token_ids)
                                     for t in report.turns]
 
 
@@ -149,9 +170,10 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     head = "".join(f"  {m:>12}" for m in rows) + "".join(f"  {'vs ' + m:>12}" for m in others)
     lines = [f"{'':{width}}{head}"]
     for key, (label, scale, higher) in METRICS.items():
-        cells = "".join(f"  {row[key] * scale:>12.2f}" for row in rows.values())
+        cells = "".join(f"  {'-':>12}" if row[key] is None else f"  {row[key] * scale:>12.2f}"
+                        for row in rows.values())
         for m in others:
-            g = gain(rows[m][key], rows[FASTSWITCH][key], higher)
+            g = None if higher is None else gain(rows[m][key], rows[FASTSWITCH][key], higher)
             cells += f"  {g:11.2f}x" if g is not None else f"  {'-':>12}"
         lines.append(f"{label:{width}}{cells}")
     if others:
@@ -177,7 +199,8 @@ async def main_async(args: argparse.Namespace) -> int:
         fs = rows.get(FASTSWITCH, {})
         for mode in (m for m in rows if fs and m != FASTSWITCH):
             doc[f"{mode}_over_fastswitch"] = {
-                key: rows[mode][key] / fs[key] if fs[key] else None for key in fs
+                key: rows[mode][key] / fs[key] if fs[key] and rows[mode][key] is not None
+                else None for key in fs
             }
         if NO_LOOKAHEAD in rows and fs:
             doc["lookahead"] = lookahead_report(fs, rows[NO_LOOKAHEAD])

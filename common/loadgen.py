@@ -9,6 +9,7 @@ sampling they must also get the same tokens back.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -46,6 +47,26 @@ class TurnResult:
     bytes_swapped: int
     reused_prompt_tokens: int
     finished_s: float = 0.0  # since the load started
+    client_id: str = ""
+    sent_s: float = 0.0  # since the load started
+    prompt_tokens: int = 0  # as the scheduler counted them
+
+    @property
+    def token_times(self) -> list[float]:
+        """When each token came, since the load started."""
+        if not self.token_ids:
+            return []
+        return list(itertools.accumulate(self.tbts, initial=self.sent_s + self.ttft_s))
+
+
+@dataclass(frozen=True)
+class PriorityUpdate:
+    """At `at_s` (since the load started, when the call returned), the client's live
+    requests were given `priority`; its later requests start at the default, 0."""
+
+    at_s: float
+    client_id: str
+    priority: int
 
 
 @dataclass
@@ -53,6 +74,7 @@ class LoadReport:
     wall_s: float
     turns: list[TurnResult] = field(default_factory=list)
     priority_updates: int = 0
+    priority_log: list[PriorityUpdate] = field(default_factory=list)
 
     @property
     def output_tokens(self) -> int:
@@ -85,7 +107,8 @@ async def run_load(
                 report.turns.append(TurnResult(
                     conv, turn, [t.id for t in gen.tokens], times[0] - sent if times else 0.0,
                     gaps(times), gen.final.preemptions, gen.final.bytes_swapped,
-                    gen.final.reused_prompt_tokens,
+                    gen.final.reused_prompt_tokens, time.monotonic() - start, f"client-{i}",
+                    sent - start, gen.final.prompt_tokens,
                 ))
                 progress(f"[{time.monotonic() - start:6.1f}s] {len(report.turns)}/{total} turns"
                          f" done ({conv} turn {turn + 1}: {len(gen.tokens)} tokens,"
@@ -97,8 +120,10 @@ async def run_load(
             while spec.priority_update_every_s > 0 and not done.is_set():
                 await asyncio.sleep(spec.priority_update_every_s)
                 for i in range(spec.clients):
-                    await client.set_priority(rng.randrange(spec.priority_levels),
-                                              client_id=f"client-{i}")
+                    priority = rng.randrange(spec.priority_levels)
+                    await client.set_priority(priority, client_id=f"client-{i}")
+                    report.priority_log.append(
+                        PriorityUpdate(time.monotonic() - start, f"client-{i}", priority))
                 report.priority_updates += 1
 
         updater = asyncio.create_task(reshuffle_priorities())

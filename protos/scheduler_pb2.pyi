@@ -179,7 +179,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("mode", "waiting", "running", "swapped", "running_blocks", "swapped_blocks", "draining_blocks", "free_blocks", "swaps_in_flight", "preemptions", "reuse_hit_tokens", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "tbt_p999_s", "finished", "swap_out_bytes", "copies", "steps", "step_overhead_mean_s", "step_overhead_p99_s", "executor_available", "kvstore_degraded", "model", "cached_blocks", "kvstores", "kvstores_down", "kvstore_degraded_seconds", "executor_idle_fraction", "wasted_tokens")
+    __slots__ = ("mode", "waiting", "running", "swapped", "running_blocks", "swapped_blocks", "draining_blocks", "free_blocks", "swaps_in_flight", "preemptions", "reuse_hit_tokens", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "tbt_p999_s", "finished", "swap_out_bytes", "copies", "steps", "step_overhead_mean_s", "step_overhead_p99_s", "executor_available", "kvstore_degraded", "model", "cached_blocks", "kvstores", "kvstores_down", "kvstore_degraded_seconds", "executor_idle_fraction", "wasted_tokens", "priority_inversions", "priority_inversion_s")
     MODE_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,8 @@ class StatsResponse(_message.Message):
     KVSTORE_DEGRADED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_IDLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     WASTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_INVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_INVERSION_S_FIELD_NUMBER: _ClassVar[int]
     mode: str
     waiting: int
     running: int
@@ -244,4 +246,6 @@ class StatsResponse(_message.Message):
     kvstore_degraded_seconds: float
     executor_idle_fraction: float
     wasted_tokens: int
-    def __init__(self, mode: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., swapped: _Optional[int] = ..., running_blocks: _Optional[int] = ..., swapped_blocks: _Optional[int] = ..., draining_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., swaps_in_flight: _Optional[int] = ..., preemptions: _Optional[int] = ..., reuse_hit_tokens: _Optional[int] = ..., ttft_p50_s: _Optional[float] = ..., ttft_p95_s: _Optional[float] = ..., ttft_p99_s: _Optional[float] = ..., tbt_p50_s: _Optional[float] = ..., tbt_p99_s: _Optional[float] = ..., tbt_p999_s: _Optional[float] = ..., finished: _Optional[int] = ..., swap_out_bytes: _Optional[int] = ..., copies: _Optional[int] = ..., steps: _Optional[int] = ..., step_overhead_mean_s: _Optional[float] = ..., step_overhead_p99_s: _Optional[float] = ..., executor_available: _Optional[bool] = ..., kvstore_degraded: _Optional[bool] = ..., model: _Optional[str] = ..., cached_blocks: _Optional[int] = ..., kvstores: _Optional[int] = ..., kvstores_down: _Optional[int] = ..., kvstore_degraded_seconds: _Optional[float] = ..., executor_idle_fraction: _Optional[float] = ..., wasted_tokens: _Optional[int] = ...) -> None: ...
+    priority_inversions: int
+    priority_inversion_s: float
+    def __init__(self, mode: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., swapped: _Optional[int] = ..., running_blocks: _Optional[int] = ..., swapped_blocks: _Optional[int] = ..., draining_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., swaps_in_flight: _Optional[int] = ..., preemptions: _Optional[int] = ..., reuse_hit_tokens: _Optional[int] = ..., ttft_p50_s: _Optional[float] = ..., ttft_p95_s: _Optional[float] = ..., ttft_p99_s: _Optional[float] = ..., tbt_p50_s: _Optional[float] = ..., tbt_p99_s: _Optional[float] = ..., tbt_p999_s: _Optional[float] = ..., finished: _Optional[int] = ..., swap_out_bytes: _Optional[int] = ..., copies: _Optional[int] = ..., steps: _Optional[int] = ..., step_overhead_mean_s: _Optional[float] = ..., step_overhead_p99_s: _Optional[float] = ..., executor_available: _Optional[bool] = ..., kvstore_degraded: _Optional[bool] = ..., model: _Optional[str] = ..., cached_blocks: _Optional[int] = ..., kvstores: _Optional[int] = ..., kvstores_down: _Optional[int] = ..., kvstore_degraded_seconds: _Optional[float] = ..., executor_idle_fraction: _Optional[float] = ..., wasted_tokens: _Optional[int] = ..., priority_inversions: _Optional[int] = ..., priority_inversion_s: _Optional[float] = ...) -> None: ...

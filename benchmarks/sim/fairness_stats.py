@@ -1,36 +1,37 @@
-"""What fairness buys, observed step by step in a simulated run.
+"""What fairness buys: the figures, defined once, for the simulator and the real stack.
 
-`FairnessStats.observe` is called after every step with the virtual clock and the plan; it
-records:
+`fairness_figures` turns what a run observed into the report's keys:
 
 - each request's TTFT and TBTs under the priority it had when each token came (its
   *class*), so that the top and bottom classes' latencies can be told apart even when
   priorities are reshuffled during the run;
 - priority inversions: steps in which a strictly higher-priority request waited (not yet
-  admitted, or swapped out) while a lower-priority one ran; counted, and timed as the
-  steps' durations;
-- service per client (1 per prompt token computed, 2 per output token: VTC's weights,
-  recomputed tokens counted again): the largest difference between two clients' service
-  over any interval in which both were backlogged, against VTC's 2U bound (Sheng et al.,
-  OSDI'24, Theorem 4.3), and Jain's index of the service of the clients ever backlogged.
+  admitted, or swapped out) while a lower-priority one ran (`StepPlan.inverted`, defined in
+  the scheduler's core); counted, and timed as the steps' durations;
+- service per client (`ServiceGaps`: 1 per prompt token computed, 2 per output token,
+  VTC's weights): the largest difference between two clients' service over any interval
+  in which both were backlogged, against VTC's 2U bound (Sheng et al., OSDI'24, Theorem
+  4.3), and Jain's index of the service of the clients ever backlogged.
+
+`FairnessStats` observes a simulated run step by step; `benchmarks.stack_fairness` feeds the
+same figures from what the real stack's clients and scheduler saw.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.sim.virtual_driver import RequestTimes
 from common.latency import percentile
-from services.scheduler.core.lifecycle import UNADMITTED, RequestState
+from services.scheduler.core.inversion import QUEUED
 from services.scheduler.core.plan import StepPlan
 from services.scheduler.core.planner import Planner
 
 INPUT_WEIGHT, OUTPUT_WEIGHT = 1.0, 2.0  # VTC's default weights
-QUEUED = frozenset({*UNADMITTED, RequestState.SWAPPED})  # waiting for the device
 
 
 def jain(values: Sequence[float]) -> float:
@@ -49,6 +50,12 @@ def largest_gap(series: Sequence[Sequence[float]]) -> float:
     return gap
 
 
+def vtc_bound(longest_input: int, kv_tokens: int) -> float:
+    """VTC's 2U: `longest_input` bounds a prompt, `kv_tokens` is what the device's KV holds
+    (M in the paper)."""
+    return 2 * max(INPUT_WEIGHT * longest_input, OUTPUT_WEIGHT * kv_tokens)
+
+
 @dataclass
 class _Pair:
     """Two clients' service difference while both stay backlogged: its range so far."""
@@ -58,17 +65,79 @@ class _Pair:
 
 
 @dataclass
-class FairnessStats:
-    inversions: int = 0
-    inversion_s: float = 0.0
+class ServiceGaps:
+    """Service per client, and the largest gap between two clients over any interval in
+    which both stayed backlogged. Contract: at each instant, `serve` what was served, then
+    `observe` who is backlogged."""
+
     service: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     max_gap: float = 0.0
+    _pairs: dict[tuple[str, str], _Pair] = field(default_factory=dict)
+    _backlogged_ever: set[str] = field(default_factory=set)
+
+    def serve(self, client: str, prompt_tokens: int, output_tokens: int) -> None:
+        self.service[client] += INPUT_WEIGHT * prompt_tokens + OUTPUT_WEIGHT * output_tokens
+
+    def observe(self, backlogged: Iterable[str]) -> None:
+        """A pair's interval ends when either client stops being backlogged."""
+        clients = sorted(set(backlogged))
+        self._backlogged_ever.update(clients)
+        kept: dict[tuple[str, str], _Pair] = {}
+        for a, b in itertools.combinations(clients, 2):
+            diff = self.service[a] - self.service[b]
+            pair = self._pairs.get((a, b)) or _Pair(diff, diff)
+            pair.low, pair.high = min(pair.low, diff), max(pair.high, diff)
+            self.max_gap = max(self.max_gap, pair.high - pair.low)
+            kept[(a, b)] = pair
+        self._pairs = kept
+
+    def jain_index(self) -> float | None:
+        """Of the service of the clients ever backlogged; None if none was."""
+        served = [self.service[c] for c in sorted(self._backlogged_ever)]
+        return jain(served) if served else None
+
+
+def fairness_figures(token_classes: Mapping[str, Sequence[int]],
+                     times: Mapping[str, RequestTimes], gaps: ServiceGaps, bound_2u: float,
+                     inversions: int, inversion_s: float) -> dict[str, Any]:
+    """The report's keys. `token_classes`: per request, its priority at each of its tokens
+    (as many as `times[request].tokens`)."""
+    ttfts: dict[int, list[float]] = defaultdict(list)
+    tbts: dict[int, list[float]] = defaultdict(list)
+    for rid, classes in token_classes.items():
+        t = times[rid]
+        ttfts[classes[0]].append(t.tokens[0] - t.arrival)
+        for priority, gap in zip(classes[1:], t.tbts, strict=True):
+            tbts[priority].append(gap)
+    classes = sorted(ttfts)
+    top, bottom = (classes[-1], classes[0]) if classes else (0, 0)
+    return {
+        "top_class": top,
+        "bottom_class": bottom,
+        "top_p95_ttft_s": percentile(ttfts[top], 95),
+        "bottom_p95_ttft_s": percentile(ttfts[bottom], 95),
+        "top_p99_tbt_s": percentile(tbts[top], 99),
+        "bottom_p99_tbt_s": percentile(tbts[bottom], 99),
+        "vtc_max_gap": gaps.max_gap,
+        "vtc_bound_2u": bound_2u,
+        "vtc_within_bound": gaps.max_gap <= bound_2u,
+        "jain_index": gaps.jain_index(),
+        "priority_inversions": inversions,
+        "priority_inversion_s": inversion_s,
+    }
+
+
+@dataclass
+class FairnessStats:
+    """Observes a simulated run: `observe` after every step."""
+
+    inversions: int = 0
+    inversion_s: float = 0.0
+    gaps: ServiceGaps = field(default_factory=ServiceGaps)
     longest_input: int = 0  # the longest context run, a bound on the longest prompt
     token_classes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     """Per request, the priority it had at each of its tokens."""
     _who: dict[str, tuple[str, int]] = field(default_factory=dict)  # id: (client, priority)
-    _pairs: dict[tuple[str, str], _Pair] = field(default_factory=dict)
-    _backlogged_ever: set[str] = field(default_factory=set)
     _last_now: float = 0.0
 
     def observe(self, now: float, plan: StepPlan, planner: Planner) -> None:
@@ -77,56 +146,22 @@ class FairnessStats:
         live = list(planner.requests.values())
         for r in live:
             self._who[r.request_id] = (r.client_id, r.priority)
-        ran = [self._who[s.request_id] for s in plan.batch if s.request_id in self._who]
-        queued = [r for r in live if r.state in QUEUED]
-        if queued and ran and max(q.priority for q in queued) > min(p for _, p in ran):
+        if plan.inverted:
             self.inversions += 1
             self.inversion_s += step_s
-        for seq in (s for s in plan.batch if s.request_id in self._who):
+        ran = [s for s in plan.batch if s.request_id in self._who]
+        for seq in ran:
             client, priority = self._who[seq.request_id]
             self.longest_input = max(self.longest_input, seq.start + len(seq.token_ids))
-            self.service[client] += INPUT_WEIGHT * (len(seq.token_ids) - seq.sample) \
-                + OUTPUT_WEIGHT * seq.sample
+            self.gaps.serve(client, len(seq.token_ids) - seq.sample, seq.sample)
             if seq.sample:
                 self.token_classes[seq.request_id].append(priority)
-        self._track_gaps({r.client_id for r in queued} | {c for c, _ in ran})
-
-    def _track_gaps(self, backlogged: set[str]) -> None:
-        self._backlogged_ever |= backlogged
-        kept: dict[tuple[str, str], _Pair] = {}
-        for a, b in itertools.combinations(sorted(backlogged), 2):
-            diff = self.service[a] - self.service[b]
-            pair = self._pairs.get((a, b)) or _Pair(diff, diff)
-            pair.low, pair.high = min(pair.low, diff), max(pair.high, diff)
-            self.max_gap = max(self.max_gap, pair.high - pair.low)
-            kept[(a, b)] = pair
-        self._pairs = kept
+        self.gaps.observe({r.client_id for r in live if r.state in QUEUED}
+                          | {self._who[s.request_id][0] for s in ran})
 
     def to_json(self, times: dict[str, RequestTimes], kv_tokens: int) -> dict[str, Any]:
         """`times`: each request's arrival and token times; `kv_tokens`: what the device's
         KV holds (M in VTC's bound)."""
-        ttfts: dict[int, list[float]] = defaultdict(list)
-        tbts: dict[int, list[float]] = defaultdict(list)
-        for rid, classes in self.token_classes.items():
-            t = times[rid]
-            ttfts[classes[0]].append(t.tokens[0] - t.arrival)
-            for priority, gap in zip(classes[1:], t.tbts, strict=True):
-                tbts[priority].append(gap)
-        classes = sorted(ttfts)
-        top, bottom = (classes[-1], classes[0]) if classes else (0, 0)
-        bound = 2 * max(INPUT_WEIGHT * self.longest_input, OUTPUT_WEIGHT * kv_tokens)
-        served = [self.service[c] for c in sorted(self._backlogged_ever)]
-        return {
-            "top_class": top,
-            "bottom_class": bottom,
-            "top_p95_ttft_s": percentile(ttfts[top], 95),
-            "bottom_p95_ttft_s": percentile(ttfts[bottom], 95),
-            "top_p99_tbt_s": percentile(tbts[top], 99),
-            "bottom_p99_tbt_s": percentile(tbts[bottom], 99),
-            "vtc_max_gap": self.max_gap,
-            "vtc_bound_2u": bound,
-            "vtc_within_bound": self.max_gap <= bound,
-            "jain_index": jain(served) if served else None,
-            "priority_inversions": self.inversions,
-            "priority_inversion_s": self.inversion_s,
-        }
+        return fairness_figures(self.token_classes, times, self.gaps,
+                                vtc_bound(self.longest_input, kv_tokens), self.inversions,
+                                self.inversion_s)

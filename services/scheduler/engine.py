@@ -113,6 +113,10 @@ class Engine:
         self.copies = 0
         self.step_overheads: deque[float] = deque(maxlen=10_000)
         self.steps = 0
+        # Steps whose plan was inverted (`core.inversion`), and their time, as step_overheads
+        # times a step: from when the executor could take it up until it came back.
+        self.inversions = 0
+        self.inversion_s = 0.0
         # Steps sent and not yet completed, oldest first: at most the running one and, with
         # lookahead, one queued behind it.
         self._steps_sent: deque[SentStep] = deque()
@@ -362,10 +366,10 @@ class Engine:
                 self.planner.steps_refused()
                 await self._fail_refused(e, [seq.request_id for seq in plan.batch])
                 return True
-            self._stepped(response, sent, owners)
+            self._stepped(plan, response, sent, owners)
         return completed
 
-    def _stepped(self, response: ex.StepResponse, sent: float,
+    def _stepped(self, plan: StepPlan, response: ex.StepResponse, sent: float,
                  owners: dict[str, _Tracked | None]) -> None:
         """Applies a completed step's tokens and streams them out."""
         now = time.monotonic()
@@ -373,6 +377,9 @@ class Engine:
         # From when the executor could take it up (sent, or the step before it back).
         ready = max(sent, self.executor_busy.last or sent)
         self.step_overheads.append(now - ready - response.duration_s)
+        if plan.inverted:
+            self.inversions += 1
+            self.inversion_s += now - ready
         self.metrics.step.observe(now - sent)
         self.executor_busy.add(now - response.duration_s, now)
         sampled = {t.request_id: t.token_id for t in response.tokens}

@@ -386,6 +386,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             kvstore_degraded_seconds=self.engine.host.degraded_seconds,
             executor_idle_fraction=self.engine.executor_busy.idle_fraction,
             wasted_tokens=planner.stats.wasted_tokens,
+            priority_inversions=self.engine.inversions,
+            priority_inversion_s=self.engine.inversion_s,
         )
 
 

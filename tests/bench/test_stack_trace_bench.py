@@ -56,3 +56,12 @@ def test_trace_replay_returns_the_traces_output_lengths(tmp_path: Path) -> None:
     assert doc["modes"]["fastswitch"]["output_tokens"] == 12 + 9 + 10
     assert doc["workload"]["switches"] == "-turn_offload"
     assert doc["identical_tokens"] is True
+    fs = doc["modes"]["fastswitch"]
+    # what fairness buys, from the stack's clients and counters: one class (no updates) ...
+    assert fs["top_class"] == fs["bottom_class"] == 0
+    assert fs["top_p95_ttft_s"] == fs["bottom_p95_ttft_s"] > 0
+    # ... so no request can outrank another: no inversion, whatever waited
+    assert fs["priority_inversions"] == fs["priority_inversion_s"] == 0
+    assert 0 < fs["vtc_max_gap"] <= fs["vtc_bound_2u"] == 2 * 2 * 8 * 16
+    assert 0.5 <= fs["jain_index"] <= 1
+    assert "priority inversions (steps)" in doc["table"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import pytest
@@ -228,6 +228,22 @@ async def test_a_request_streams_every_token_and_finishes(rig: Rig) -> None:
     assert isinstance(final, Finished)
     assert (final.finish_reason, final.prompt_tokens, final.completion_tokens) == ("length", 10, 6)
     assert not rig.engine.planner.requests
+
+
+async def test_the_steps_of_inverted_plans_are_counted_and_timed(rig: Rig) -> None:
+    """The core marks a plan inverted (`core.inversion`); the engine counts and times the
+    steps that ran it. Here every other plan is marked."""
+    plan, marked = rig.engine.planner.plan, []
+
+    def every_other() -> StepPlan:
+        p = plan()
+        marked.append(bool(p.batch) and p.iteration % 2 == 0)
+        return replace(p, inverted=marked[-1])
+
+    rig.engine.planner.plan = every_other  # type: ignore[method-assign]
+    await collect(await submit(rig, make("r1", n=10, max_tokens=6)))
+    assert rig.engine.inversions == sum(marked) >= 2
+    assert rig.engine.inversion_s > 0
 
 
 async def test_each_plans_host_ops_reach_the_tier_in_order_in_one_call(rig: Rig) -> None:

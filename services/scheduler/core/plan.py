@@ -55,6 +55,9 @@ class StepPlan:
     and be reported before the batch runs; the batch may then use blocks swapped in by this
     very plan, and is `Planner.runnable(plan).batch` (a failed swap-in drops its request).
     Without it, the batch touches no block that an unfinished swap touches.
+
+    `inverted`: a request that outranks one in `batch` waits for the device meanwhile
+    (`inversion`); a driver counts such steps and times them.
     """
 
     iteration: int
@@ -63,6 +66,7 @@ class StepPlan:
     preemptions: tuple[Preemption, ...]
     host_ops: tuple[HostOp, ...]
     barrier: bool
+    inverted: bool = False
 
     @property
     def num_tokens(self) -> int:

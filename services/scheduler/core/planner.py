@@ -27,6 +27,7 @@ from services.scheduler.core import admission
 from services.scheduler.core.config import SchedulerConfig
 from services.scheduler.core.device_memory import DeviceMemory
 from services.scheduler.core.host_asks import HostAsks
+from services.scheduler.core.inversion import inverted
 from services.scheduler.core.lifecycle import ON_DEVICE, RESIDENT, SELECTABLE, Event
 from services.scheduler.core.plan import PreemptBy, Preemption, ScheduledSeq, StepPlan, SwapOrder
 from services.scheduler.core.policy import FairnessPolicy
@@ -198,7 +199,8 @@ class Planner:
         host_ops = self.asks.drain()
         self.stats.host_ops += len(host_ops)
         return StepPlan(iteration, tuple(batch), tuple(swaps), tuple(preemptions), host_ops,
-                        self.memory.swaps.barrier())
+                        self.memory.swaps.barrier(),
+                        inverted(self.requests.values(), {s.request_id for s in batch}))
 
     def runnable(self, plan: StepPlan) -> StepPlan:
         """The plan less the sequences whose requests left its batch while its barrier
