@@ -158,7 +158,7 @@ def vtc_report(setup: Setup, mode: Mode, policy: str) -> dict[str, Any]:
         "within_bound": largest_gap(ledger.window) <= bound,
         "jain_index": jain(window) if window else None,
         "window_samples": len(ledger.window),
-        "service_in_window": dict(zip(clients, window, strict=True)),
+        "service_in_window": dict(zip(clients, window, strict=True)) if window else {},
         "double_charged_tokens": ledger.double_charged_tokens(),
         "preempted_by_recompute": result.stats.preempted_by_recompute,
         "preempted_by_swap": result.stats.preempted_by_swap,
@@ -227,10 +227,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(doc: dict[str, Any]) -> None:
     print(f"{'mode':<12} {'VTC gap':>9} {'2U':>9} {'Jain':>6} {'FCFS Jain':>9} "
           f"{'inversions':>10} {'charged twice':>13}")
+    def index(jain: float | None) -> str:  # None: no instant had every client backlogged
+        return "-" if jain is None else f"{jain:.3f}"
+
     for mode, p in doc["points"][0]["modes"].items():
         twice = sum(p[k]["double_charged_tokens"] for k in ("vtc", "priority"))
         print(f"{mode:<12} {p['vtc']['max_gap']:>9.0f} {p['vtc']['bound_2u']:>9.0f} "
-              f"{p['vtc']['jain_index'] or 0:>6.3f} {p['fcfs_contrast']['jain_index'] or 0:>9.3f} "
+              f"{index(p['vtc']['jain_index']):>6} {index(p['fcfs_contrast']['jain_index']):>9} "
               f"{p['priority']['inversions']:>10} {twice:>13}")
 
 

@@ -1,9 +1,9 @@
 """What fairness buys, as the real stack showed it: `fairness_stats`' figures (one definition
 of each) fed from the clients' timestamps and the scheduler's counters.
 
-- A request's class at a token is the priority its client last set on it: the latest
-  `PriorityUpdate` of its client after it was sent and before the token; 0 (the default)
-  before any.
+- A request's class at a token is its client's priority then: the latest
+  `PriorityUpdate` of its client before the token (a client's turns are sent at its
+  priority, `common.loadgen`); 0 (the default) before any.
 - Service: when a request's first token comes, its prompt tokens that were computed (the
   scheduler's count less those reused); one output token per token. A prompt computed
   again after a preemption by recompute is not seen from the client, so service is a
@@ -40,10 +40,10 @@ class PriorityLog:
             self._priority[u.client_id].append(u.priority)
 
     def priority(self, turn: TurnResult, at_s: float) -> int:
-        """The priority `turn`'s request had at `at_s`."""
+        """The priority `turn`'s request had at `at_s`: its client's then."""
         times = self._at.get(turn.client_id, [])
         i = bisect.bisect_right(times, at_s) - 1
-        return self._priority[turn.client_id][i] if i >= 0 and times[i] >= turn.sent_s else 0
+        return self._priority[turn.client_id][i] if i >= 0 else 0
 
 
 def _request_id(turn: TurnResult) -> str:

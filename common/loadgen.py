@@ -1,5 +1,7 @@
 """A load generator over the public API: clients holding multi-turn conversations, plus
-random external priority updates. Latencies are measured here, on the client side.
+random external priority updates. A client keeps its priority: an update reaches its live
+requests, and its later turns are sent at it. Latencies are measured here, on the client
+side.
 
 Conversation texts, lengths and think times come from a seeded RNG per (conversation,
 turn), so two runs send the same turns whatever the server's schedule; with greedy
@@ -62,7 +64,8 @@ class TurnResult:
 @dataclass(frozen=True)
 class PriorityUpdate:
     """At `at_s` (since the load started, when the call returned), the client's live
-    requests were given `priority`; its later requests start at the default, 0."""
+    requests were given `priority`, and its later requests are sent at it (before its first
+    update, at the default, 0)."""
 
     at_s: float
     client_id: str
@@ -90,6 +93,7 @@ async def run_load(
         total = spec.clients * spec.turns
         start = time.monotonic()
         done = asyncio.Event()
+        priorities = [0] * spec.clients  # each client's, as last set
 
         async def conversation(i: int) -> None:
             conv = f"conv-{spec.seed}-{i}"
@@ -100,7 +104,8 @@ async def run_load(
                 sent = time.monotonic()
                 times: list[float] = []
                 gen = client.chat(conv, message, client_id=f"client-{i}",
-                                  max_tokens=rng.randint(*spec.max_tokens))
+                                  max_tokens=rng.randint(*spec.max_tokens),
+                                  priority=priorities[i])
                 async for _ in gen:
                     times.append(time.monotonic())
                 assert gen.final is not None
@@ -120,7 +125,7 @@ async def run_load(
             while spec.priority_update_every_s > 0 and not done.is_set():
                 await asyncio.sleep(spec.priority_update_every_s)
                 for i in range(spec.clients):
-                    priority = rng.randrange(spec.priority_levels)
+                    priority = priorities[i] = rng.randrange(spec.priority_levels)
                     await client.set_priority(priority, client_id=f"client-{i}")
                     report.priority_log.append(
                         PriorityUpdate(time.monotonic() - start, f"client-{i}", priority))

@@ -134,3 +134,11 @@ def stats_families(s: pb.StatsResponse) -> Iterator[Metric]:
     yield CounterMetricFamily(PREFIX + "steps", "Executor steps run", value=s.steps)
     yield CounterMetricFamily(PREFIX + "swap_copies", "Copies submitted (one per extent)",
                               value=s.copies)
+    yield CounterMetricFamily(PREFIX + "wasted_tokens",
+                              "Tokens computed for a request that had finished the step before "
+                              "(the cost of lookahead)", value=s.wasted_tokens)
+    yield CounterMetricFamily(PREFIX + "priority_inversions",
+                              "Steps run while a request of higher priority than one in the "
+                              "batch waited for the device", value=s.priority_inversions)
+    yield CounterMetricFamily(PREFIX + "priority_inversion_seconds",
+                              "Time spent in those steps", value=s.priority_inversion_s)

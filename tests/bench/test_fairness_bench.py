@@ -52,3 +52,12 @@ def test_report_runs_small_and_the_policies_keep_their_promises(tmp_path: Path) 
         assert (p["priority"]["inversions"] == 0) is preempts_for_priority, mode
         assert p["priority_fcfs_contrast"]["inversions"] > 0, "the check can see inversions"
         assert vtc["double_charged_tokens"] == p["priority"]["double_charged_tokens"] == 0, mode
+
+
+def test_a_run_with_no_instant_of_all_backlogged_reports_no_index(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Too few requests for every client to wait at once: no window, so no Jain's index
+    (shown as "-"), rather than a crash."""
+    assert fairness.main(["--per-client", "4", "--modes", "fastswitch"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[0] == "fastswitch" and row[3:5] == ["-", "-"]

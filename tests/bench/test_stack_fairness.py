@@ -22,12 +22,12 @@ def test_classes_service_gaps_and_inversions_from_client_timestamps() -> None:
         _turn("b", 1, 6.0, [11.0], prompt=4, reused=2),
     ], priority_log=[
         PriorityUpdate(0.5, "a", 3),  # before a's first token: its whole request is class 3
-        PriorityUpdate(5.5, "b", 2),  # b's live request had finished; its next starts at 0
+        PriorityUpdate(5.5, "b", 2),  # b's live request had finished; its next is sent at 2
     ])
     f = stack_fairness(report, kv_tokens=64, inversions=3, inversion_s=0.25)
     assert (f["top_class"], f["bottom_class"]) == (3, 0)
     assert (f["top_p95_ttft_s"], f["top_p99_tbt_s"]) == (1.0, 1.0)
-    assert (f["bottom_p95_ttft_s"], f["bottom_p99_tbt_s"]) == (5.0, 1.0)  # b: 4 s, then 5 s
+    assert (f["bottom_p95_ttft_s"], f["bottom_p99_tbt_s"]) == (4.0, 1.0)  # b's first turn
     # a: 10 prompt + 3 x 2 = 16 by t=3 while b, backlogged too, had none; b ends at 18
     assert f["vtc_max_gap"] == 16.0
     assert f["vtc_bound_2u"] == 2 * max(10 + 3, 2 * 64)

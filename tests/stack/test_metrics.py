@@ -168,6 +168,7 @@ async def test_every_service_is_scraped_during_a_run_with_preemptions(
             await asyncio.sleep(0.02)
         during = await asyncio.to_thread(scrape, metrics_ports["scheduler"])
         await asyncio.gather(*tasks)
+        stats = await client.stats()
     assert value(during, "fastswitch_scheduler_ttft_seconds_count") >= 1
     assert value(during, "fastswitch_scheduler_blocks", state="used") > 0
 
@@ -180,6 +181,10 @@ async def test_every_service_is_scraped_during_a_run_with_preemptions(
     assert value(sched, "fastswitch_scheduler_step_seconds_count") == steps
     assert value(execu, "fastswitch_executor_step_seconds_count") == steps
     assert value(sched, "fastswitch_scheduler_preemptions_total") > 0
+    for name, expected in (("wasted_tokens", stats.wasted_tokens),
+                          ("priority_inversions", stats.priority_inversions),
+                          ("priority_inversion_seconds", stats.priority_inversion_s)):
+        assert value(sched, f"fastswitch_scheduler_{name}_total") == pytest.approx(expected), name
     for direction in ("out", "in"):
         swaps = value(sched, "fastswitch_scheduler_swap_seconds_count", direction=direction)
         assert swaps > 0
