@@ -1,37 +1,51 @@
 """The simulator checked against the real CPU stack, on one workload, in every mode.
 
 1. **Calibrate** a cost model of this machine's CPU executor (the tiny model, batch-invariant
-   as the stack runs it) from microbenchmarks of the executor engine in process:
-   - step time against batch tokens and context, fitted by least squares as
-     `base + per_token * new tokens + per_attended * sum(new * (start + new))`;
+   as the stack runs it, on the executor's thread count) from microbenchmarks of the
+   executor engine in process:
+   - step time, fitted by least squares of the relative error on the executor's mechanism
+     (`step_features`): `base + per_tile * tiles of 32 rows + per_width_block * width +
+     per_row_block * rows * width`, width being the widest sequence's blocks;
    - copy time against bytes and copies, fitted as `copies * per_copy + bytes / bandwidth`
-     (the simulator's `LinkModel`).
+     (the simulator's `LinkModel`);
+   - what copies take from a step running beside them (`copy_cpu_share`: on a CPU executor
+     a copy is a memcpy on the step's cores, and it holds the GIL between ranges).
 2. **Run** one seeded multi-turn workload through the real stack (`stack_trace.py`, all
-   arrivals and think times real) and through the simulator with that model. The real
-   executor's cache is block-major in every mode, so the simulator prices every mode's
-   copies block-major; the scheduler's per-step gRPC cost is `--step-overhead-ms`.
+   arrivals and think times real, lookahead on as the stack runs it), then through the
+   simulator. From the same mode's real run the simulator is given:
+   - the load factor: the executor's timed seconds over the model's for the very batches it
+     ran (its scheduler's step log). The machine's cores are shared, and their speed changes
+     by the minute; a calibration made before the run cannot know it;
+   - the scheduler's measured per-step overhead (Stats `step_overhead_mean_s`);
+   - the store's round trip, timed against the run's store.
+   The real executor's cache is block-major in every mode, so the simulator prices every
+   mode's copies block-major.
 3. **Report** per mode the relative error (sim - real) / real of P50 and P95 TTFT, P99 TBT and
-   throughput, under keys ending in `_error`. The goal is |error| <= 0.2 for each.
+   throughput, under keys ending in `_error`. The goal is |error| <= 0.2 for each. Beside
+   them: what the real run measured (`real_measured`) and the simulator's counts, load
+   factor and step fit (`sim`).
 
-Timings on a shared, loaded machine are noise: run the calibration and the comparison on a
-quiet one. Writes JSON with `--json`.
+About 4 minutes on two shared cores. Writes JSON with `--json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
+import torch
 
 from benchmarks.cli import parse_modes
 from benchmarks.sim.copy_engine import KvLayout, LinkModel
@@ -42,22 +56,37 @@ from benchmarks.sim.simulate import SimOptions, simulate
 from benchmarks.sim.virtual_driver import HostCosts
 from benchmarks.sim.workload import TurnSpec, WorkloadConfig, generate
 from benchmarks.stack_trace import replay_trace
+from common.client import FastSwitchClient
+from common.kv.block_hash import block_hashes
 from common.kv.extent import Extent
+from common.kv.host_ops import Pin
 from common.kv.swap_plan import Copy, Direction, SwapOrder
 from common.latency import percentile
 from common.shm.arena import HostArena
-from services.executor.__main__ import tiny_checkpoint
+from protos import kvstore_pb2 as kv
+from protos import kvstore_pb2_grpc as kv_grpc
+from services.executor.__main__ import cpu_threads, tiny_checkpoint
 from services.executor.engine import ExecutorEngine, StepSequence
+from services.executor.model.decoder import ROWS_PER_TILE
 from services.launch import LocalStack, StackConfig
 from services.scheduler.core.config import Mode
+from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
+from services.scheduler.step_log import LoggedStep, read_step_log
 
 BLOCK_SIZE = 16
 GOAL = 0.2
-# (sequences, context before the step, new tokens per sequence)
-STEP_GRID = [(1, 0, 16), (1, 0, 64), (1, 0, 128), (1, 64, 1), (4, 64, 1), (8, 64, 1),
-             (8, 256, 1), (16, 128, 1), (4, 0, 32)]
+# Batches of (context before the step, new tokens): single prefill chunks up to the stack's
+# 256-token budget, at no context and behind one; decode batches up to 32 rows and 32 blocks
+# wide; and mixes, where a long sequence widens every row's attention.
+STEP_GRID: list[list[tuple[int, int]]] = [
+    [(0, 16)], [(0, 33)], [(0, 128)], [(0, 256)], [(128, 64)], [(256, 256)],
+    [(64, 1)], [(496, 1)], [(64, 1)] * 8, [(256, 1)] * 8, [(128, 1)] * 32, [(400, 1)] * 16,
+    [(400, 1)] + [(16, 1)] * 15, [(128, 1)] * 8 + [(0, 128)], [(64, 1)] * 4 + [(256, 64)],
+]
 # (copies, blocks per copy)
 COPY_GRID = [(1, 1), (1, 8), (1, 32), (8, 1), (32, 1), (4, 8)]
+# The step run against a stream of copies to measure what they take from it (a mixed one).
+CONTENDED_STEP = [(128, 1)] * 8 + [(0, 64)]
 
 
 def tiny_model_spec(config: dict[str, Any], max_model_len: int) -> ModelSpec:
@@ -71,75 +100,177 @@ def tiny_model_spec(config: dict[str, Any], max_model_len: int) -> ModelSpec:
     )
 
 
+def step_features(batch: Sequence[SequenceWork], block_size: int = BLOCK_SIZE) -> list[float]:
+    """What the batch-invariant CPU executor's step time follows (decoder.py, attention.py):
+    a fixed part; the row-wise ops, run once per `ROWS_PER_TILE`-row tile; and the tiled
+    attention, which loops over the widest sequence's blocks (`width`) with every row of the
+    step in each iteration, so its Python cost is per block of width and its arithmetic per
+    row and block. A short decode beside a long one pays the long one's width."""
+    rows = sum(new for _, new in batch)
+    width = max(-(-(start + new) // block_size) for start, new in batch)
+    return [1.0, float(-(-rows // ROWS_PER_TILE)), float(width), float(rows * width)]
+
+
 @dataclass(frozen=True, slots=True)
 class FittedStepModel(StepCostModel):
-    """Step time as fitted on this machine, not as a roofline."""
+    """Step time as fitted on this machine (`step_features`), not as a roofline; plus the
+    real stack's measured per-step overhead (gRPC, the scheduler's turn), which the
+    executor's own timing leaves out."""
 
     base_s: float = 0.0
-    per_token_s: float = 0.0
-    per_attended_s: float = 0.0
+    per_tile_s: float = 0.0
+    per_width_block_s: float = 0.0
+    per_row_block_s: float = 0.0
+    overhead_s: float = 0.0
+
+    def executor_s(self, batch: Sequence[SequenceWork]) -> float:
+        """The executor's own time for the step, as it times it (`StepResponse.duration_s`)."""
+        _, tiles, width, row_blocks = step_features(batch, self.deployment.block_size)
+        return (self.base_s + self.per_tile_s * tiles + self.per_width_block_s * width
+                + self.per_row_block_s * row_blocks)
 
     def step_time_s(self, batch: Sequence[SequenceWork]) -> float:
-        tokens = sum(new for _, new in batch)
-        attended = sum(new * (start + new) for start, new in batch)
-        return self.base_s + self.per_token_s * tokens + self.per_attended_s * attended
+        return self.executor_s(batch) + self.overhead_s
+
+    def slowed(self, factor: float, overhead_s: float) -> FittedStepModel:
+        """The executor `factor` times slower (the machine's load), plus `overhead_s`."""
+        return replace(self, base_s=self.base_s * factor, per_tile_s=self.per_tile_s * factor,
+                       per_width_block_s=self.per_width_block_s * factor,
+                       per_row_block_s=self.per_row_block_s * factor, overhead_s=overhead_s)
+
+
+def load_factor(model: FittedStepModel, steps: Sequence[LoggedStep]) -> dict[str, float]:
+    """How much slower the executor ran the real run's steps than the model prices them:
+    their timed seconds over the model's for the same batches (the machine's load during
+    the run; the calibration ran at another moment). Also the median relative error of the
+    slowed model per step, which says whether the model's shape holds."""
+    timed = [s.duration_s for s in steps]
+    priced = [model.executor_s(s.batch) for s in steps]
+    factor = sum(timed) / sum(priced) if steps else 1.0
+    return {"load_factor": factor, "executor_step_mean_s": statistics.fmean(timed) if timed
+            else 0.0, "step_fit_median_abs_error": statistics.median(
+                abs(factor * p - t) / t for p, t in zip(priced, timed, strict=True) if t > 0)
+            if steps else 0.0}
 
 
 def _fit(rows: list[list[float]], seconds: list[float]) -> list[float]:
-    """Least squares, with coefficients clamped at zero (a cost is never negative)."""
-    solution, *_ = np.linalg.lstsq(np.array(rows), np.array(seconds), rcond=None)
-    return [max(0.0, float(c)) for c in solution]
+    """Least squares of the relative error (each point weighs by 1/its time, so small decode
+    steps are fitted as well as long prefills), with no negative coefficient: one that comes
+    out negative is dropped and the rest refitted (a cost is never negative)."""
+    a = np.array(rows) / np.array(seconds)[:, None]
+    b = np.ones(len(seconds))
+    keep = list(range(a.shape[1]))
+    while True:
+        solution, *_ = np.linalg.lstsq(a[:, keep], b, rcond=None)
+        if (solution >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(np.argmin(solution)))
+    coefficients = [0.0] * a.shape[1]
+    for column, value in zip(keep, solution, strict=True):
+        coefficients[column] = max(0.0, float(value))
+    return coefficients
+
+
+async def _time_step(engine: ExecutorEngine, batch: Sequence[SequenceWork],
+                     first_block: int = 0) -> float:
+    """One step of `batch` on blocks from `first_block` on; the executor's time for it."""
+    tables, next_block = [], first_block
+    for start, new in batch:
+        blocks = -(-(start + new) // BLOCK_SIZE)
+        tables.append(list(range(next_block, next_block + blocks)))
+        next_block += blocks
+    claim = engine.begin_step([StepSequence(f"s{i}", table, start, [1] * new, sample=True)
+                               for i, (table, (start, new)) in enumerate(zip(tables, batch,
+                                                                             strict=True))])
+    return (await asyncio.to_thread(engine.run_step, claim)).duration_s
 
 
 async def calibrate(checkpoint: Path, repeats: int) -> dict[str, Any]:
-    """Microbenchmarks of the in-process engine: step and copy fits, and their inputs."""
-    engine = ExecutorEngine.load(checkpoint, num_gpu_blocks=512, block_size=BLOCK_SIZE,
+    """Microbenchmarks of the in-process engine with the executor's own thread count: the
+    step and copy fits, their inputs, and what a stream of copies takes from a step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+    try:
+        return await _calibrate(checkpoint, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+async def _calibrate(checkpoint: Path, repeats: int) -> dict[str, Any]:
+    engine = ExecutorEngine.load(checkpoint, num_gpu_blocks=1024, block_size=BLOCK_SIZE,
                                  batch_invariant=True)
-    warm = engine.begin_step([StepSequence("warm", [0], 0, [1] * 8, sample=True)])
-    await asyncio.to_thread(engine.run_step, warm)
-    step_rows, step_s = [], []
-    for seqs, context, new in STEP_GRID:
-        per_seq = -(-(context + new) // BLOCK_SIZE)
-        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(seqs)]
-        times = []
-        for _ in range(repeats):
-            claim = engine.begin_step([
-                StepSequence(f"s{i}", table, context, [1] * new, sample=True)
-                for i, table in enumerate(tables)
-            ])
-            times.append((await asyncio.to_thread(engine.run_step, claim)).duration_s)
-        step_rows.append([1.0, seqs * new, seqs * new * (context + new)])
-        step_s.append(statistics.median(times))
-    base, per_token, per_attended = _fit(step_rows, step_s)
+    await _time_step(engine, [(0, 8)])
+    # Round robin, so that a burst of load elsewhere on the machine spreads over the points.
+    samples: list[list[float]] = [[] for _ in STEP_GRID]
+    for _ in range(repeats):
+        for times, batch in zip(samples, STEP_GRID, strict=True):
+            times.append(await _time_step(engine, batch))
+    step_s = [statistics.median(times) for times in samples]
+    base, per_tile, per_width, per_row_block = _fit(
+        [step_features(batch) for batch in STEP_GRID], step_s)
 
     block_bytes = engine.geometry.block_bytes
     copy_rows, copy_s = [], []
     with HostArena.local(256, block_bytes) as arena, engine.subscribe() as completions:
         engine.attach_host_arena(arena.name)
-        swap_id = 0
-        for copies, blocks in COPY_GRID:
+        swap_ids = itertools.count(1)
+
+        async def swap(copies: int, blocks: int) -> float:
+            """One swap-out of `copies` copies of `blocks` blocks each; its copy time."""
             plan = tuple(Copy(Extent(2 * i * blocks, blocks), Extent(2 * i * blocks, blocks))
                          for i in range(copies))
-            times = []
-            for _ in range(repeats):
-                swap_id += 1
-                engine.submit_swaps([SwapOrder(swap_id, "calib", Direction.OUT, plan)])
-                done = await anext(aiter(completions))
-                if done.error is not None:  # type: ignore[attr-defined]
-                    raise RuntimeError(f"calibration swap failed: {done.error}")  # type: ignore[attr-defined]
-                times.append(done.duration_s)  # type: ignore[attr-defined]
+            engine.submit_swaps([SwapOrder(next(swap_ids), "calib", Direction.OUT, plan)])
+            done = await anext(aiter(completions))
+            if done.error is not None:  # type: ignore[attr-defined]
+                raise RuntimeError(f"calibration swap failed: {done.error}")  # type: ignore[attr-defined]
+            return done.duration_s  # type: ignore[attr-defined]
+
+        for copies, blocks in COPY_GRID:
             copy_rows.append([copies, copies * blocks * block_bytes])
-            copy_s.append(statistics.median(times))
+            copy_s.append(statistics.median([await swap(copies, blocks)
+                                             for _ in range(repeats)]))
+        contention = await _copy_contention(engine, swap, repeats)
     engine.close()
     per_copy, per_byte = _fit(copy_rows, copy_s)
     return {
-        "step_base_s": base, "step_per_token_s": per_token, "step_per_attended_s": per_attended,
+        "torch_threads": cpu_threads(),
+        "step_base_s": base, "step_per_tile_s": per_tile,
+        "step_per_width_block_s": per_width, "step_per_row_block_s": per_row_block,
         "copy_overhead_s": per_copy,
         "copy_bandwidth_bytes_per_s": 1 / per_byte if per_byte else float("inf"),
         "block_bytes": block_bytes,
-        "step_points": [[*point, t] for point, t in zip(STEP_GRID, step_s, strict=True)],
+        **contention,
+        "step_points": [[batch, t] for batch, t in zip(STEP_GRID, step_s, strict=True)],
         "copy_points": [[*point, t] for point, t in zip(COPY_GRID, copy_s, strict=True)],
     }
+
+
+async def _copy_contention(engine: ExecutorEngine, swap: Callable[[int, int], Awaitable[float]],
+                           repeats: int) -> dict[str, float]:
+    """What copying takes from a step on this machine's shared cores: one step timed alone
+    and with swaps copying back to back beside it (round robin, medians); the step's extra
+    seconds over the copy seconds that ran meanwhile."""
+    async def copy_until(stop: asyncio.Event) -> float:
+        busy = 0.0
+        while not stop.is_set():
+            busy += await swap(8, 8)
+        return busy
+
+    alone, together, copying = [], [], []
+    for _ in range(repeats):
+        alone.append(await _time_step(engine, CONTENDED_STEP, first_block=512))
+        stop = asyncio.Event()
+        copier = asyncio.ensure_future(copy_until(stop))
+        await asyncio.sleep(0)  # the first swap is submitted before the step starts
+        # On blocks the swaps leave alone: they copy the cache's first 128.
+        together.append(await _time_step(engine, CONTENDED_STEP, first_block=512))
+        stop.set()
+        copying.append(await copier)
+    extra = statistics.median(together) - statistics.median(alone)
+    return {"contended_step_alone_s": statistics.median(alone),
+            "contended_step_copying_s": statistics.median(together),
+            "contended_copy_s": statistics.median(copying),
+            "copy_cpu_share": max(0.0, extra) / statistics.median(copying)}
 
 
 def workload(args: argparse.Namespace) -> list[TurnSpec]:
@@ -158,34 +289,95 @@ def metrics(ttfts: Sequence[float], tbts: Sequence[float], tokens: int, wall_s: 
     }
 
 
-async def run_real(mode: Mode, turns: list[TurnSpec], args: argparse.Namespace
-                   ) -> tuple[dict[str, float], int]:
+async def store_round_trip_s(address: str, repeats: int) -> float:
+    """The median of `repeats` round trips of one host operation (a Pin of a block no one
+    stored: it misses and changes nothing) to the store at `address`, from a scheduler's
+    store client."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        described = await kv_grpc.KVStoreStub(channel).Describe(kv.DescribeRequest())
+        fingerprint = described.model_fingerprint
+        client = RemoteHostKV(channel, StoreIdentity.of(described), fingerprint=fingerprint)
+        chain = tuple(block_hashes([0] * BLOCK_SIZE, BLOCK_SIZE, fingerprint))
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            await client.execute([Pin(i, "sim-vs-real", chain, BLOCK_SIZE)])
+            times.append(time.perf_counter() - start)
+        if client.failing:
+            raise RuntimeError("the KV store did not answer")
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class RealRun:
+    """One mode on the real stack: the compared metrics, what its scheduler's Stats and the
+    store measured, and every step it ran (batch and executor seconds)."""
+
+    metrics: dict[str, float]
+    measured: dict[str, float]
+    steps: list[LoggedStep]
+    max_model_len: int
+
+
+async def run_real(mode: Mode, turns: list[TurnSpec], args: argparse.Namespace) -> RealRun:
     with tempfile.TemporaryDirectory(prefix="fastswitch-simvsreal-") as log_dir:
-        config = StackConfig(mode=mode.value, num_gpu_blocks=args.gpu_blocks, log_dir=log_dir)
+        step_log = Path(log_dir) / "steps.jsonl"
+        config = StackConfig(mode=mode.value, num_gpu_blocks=args.gpu_blocks, log_dir=log_dir,
+                             extra_env={"FASTSWITCH_STEP_LOG": str(step_log)})
         with LocalStack(config) as stack:
             assert stack.describe is not None
             report = await replay_trace(stack.scheduler_address, turns, seed=args.seed,
                                         vocab=stack.describe.vocab_size)
+            async with FastSwitchClient(stack.scheduler_address) as client:
+                stats = await client.stats()
+            round_trip = await store_round_trip_s(stack.kvstore_address, 4 * args.repeats)
             max_len = stack.describe.max_model_len
+        steps = read_step_log(step_log)
     found = metrics([t.ttft_s for t in report.turns], [g for t in report.turns for g in t.tbts],
                     report.output_tokens, report.wall_s)
-    return found, max_len
+    measured = {
+        "step_overhead_mean_s": stats.step_overhead_mean_s,
+        "step_overhead_p99_s": stats.step_overhead_p99_s,
+        "store_round_trip_s": round_trip,
+        "steps": stats.steps, "copies": stats.copies, "preemptions": stats.preemptions,
+        "executor_idle_fraction": stats.executor_idle_fraction,
+    }
+    return RealRun(found, measured, steps, max_len)
 
 
-def run_sim(mode: Mode, turns: list[TurnSpec], calibration: dict[str, Any],
-            args: argparse.Namespace, max_model_len: int) -> dict[str, float]:
+def cpu_deployment(max_model_len: int) -> Deployment:
+    """The tiny model on this machine, with the stack's step limits."""
     config = json.loads((tiny_checkpoint() / "config.json").read_text())
     cpu = GpuSpec("this machine's CPU", memory_bytes=64 * GIB, hbm_bytes_per_s=1e10,
                   fp16_tensor_flops=1e11)
-    deployment = Deployment(cpu, tiny_model_spec(config, max_model_len),
-                            max_batched_tokens=256, max_num_seqs=32)
-    step = FittedStepModel(deployment, base_s=calibration["step_base_s"] + args.step_overhead_ms
-                           * 1e-3, per_token_s=calibration["step_per_token_s"],
-                           per_attended_s=calibration["step_per_attended_s"])
+    stack = StackConfig()
+    return Deployment(cpu, tiny_model_spec(config, max_model_len),
+                      max_batched_tokens=stack.max_batched_tokens, max_num_seqs=stack.max_num_seqs)
+
+
+def fitted_model(calibration: dict[str, Any], deployment: Deployment) -> FittedStepModel:
+    return FittedStepModel(
+        deployment, base_s=calibration["step_base_s"], per_tile_s=calibration["step_per_tile_s"],
+        per_width_block_s=calibration["step_per_width_block_s"],
+        per_row_block_s=calibration["step_per_row_block_s"])
+
+
+def run_sim(mode: Mode, turns: list[TurnSpec], calibration: dict[str, Any], real: RealRun,
+            args: argparse.Namespace) -> dict[str, float]:
+    """The simulator on the calibrated model, slowed by the load the same mode's real run
+    met, with the per-step overhead and the store round trip measured there, the copy CPU
+    share the calibration measured, and the real stack's lookahead."""
+    deployment = cpu_deployment(real.max_model_len)
+    fitted = fitted_model(calibration, deployment)
+    load = load_factor(fitted, real.steps)
+    step = fitted.slowed(load["load_factor"], real.measured["step_overhead_mean_s"])
     link = LinkModel(calibration["copy_overhead_s"], calibration["copy_bandwidth_bytes_per_s"])
+    host_costs = HostCosts(round_trip_s=real.measured["store_round_trip_s"],
+                           copy_cpu_share=calibration["copy_cpu_share"])
     options = SimOptions(policy="priority", update_every=None, device_blocks=args.gpu_blocks,
-                         host_kv_multiple=4096 / args.gpu_blocks, seed=args.seed,
-                         vocab=config["vocab_size"], link=link, host_costs=HostCosts())
+                         host_kv_multiple=StackConfig().num_host_blocks / args.gpu_blocks,
+                         seed=args.seed, vocab=deployment.model.vocab_size, link=link,
+                         host_costs=host_costs, lookahead=StackConfig().lookahead)
     result = simulate(deployment, mode, turns, options,
                       cost=SimCost(step, link, KvLayout.BLOCK_MAJOR))
     r, st = result.report, result.stats
@@ -193,14 +385,18 @@ def run_sim(mode: Mode, turns: list[TurnSpec], calibration: dict[str, Any],
     # (no preemption, and copies that overlap the steps entirely).
     return {**metrics(r.ttfts, r.tbts, r.output_tokens, r.makespan_s),
             "iterations": st.iterations, "copies": result.swaps.copies,
-            "preemptions": st.preempted_by_swap + st.preempted_by_recompute}
+            "preemptions": st.preempted_by_swap + st.preempted_by_recompute,
+            "step_mean_s": r.busy_s / st.iterations if st.iterations else 0.0, **load}
 
 
-def compare(real: dict[str, float], sim: dict[str, float]) -> dict[str, Any]:
+def compare(real: dict[str, float], sim: dict[str, float],
+            measured: dict[str, float] | None = None) -> dict[str, Any]:
+    """Per metric of `real`, (sim - real) / real under its name ending `_error`."""
     errors = {f"{key.removesuffix('_s')}_error": (sim[key] - real[key]) / real[key]
               if real[key] else None for key in real}
     within = all(e is not None and abs(e) <= GOAL for e in errors.values())
-    return {"real": real, "sim": sim, **errors, "all_errors_within_goal": within}
+    return {"real": real, "sim": sim, "real_measured": measured or {}, **errors,
+            "all_errors_within_goal": within}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -210,8 +406,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     turns = workload(args)
     modes: dict[str, Any] = {}
     for mode in args.modes:
-        real, max_len = await run_real(mode, turns, args)
-        modes[mode.value] = compare(real, run_sim(mode, turns, calibration, args, max_len))
+        real = await run_real(mode, turns, args)
+        modes[mode.value] = compare(real.metrics, run_sim(mode, turns, calibration, real, args),
+                                    real.measured)
         print(f"[{mode.value}] {json.dumps(modes[mode.value])}", file=sys.stderr)
     return {"config": {k: v if k != "modes" else [m.value for m in v]
                        for k, v in vars(args).items() if k != "json"},
@@ -221,14 +418,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", type=parse_modes, default=list(Mode))
-    parser.add_argument("--conversations", type=int, default=12)
+    parser.add_argument("--conversations", type=int, default=30)
     parser.add_argument("--rate", type=float, default=2.0, help="new conversations per second")
     parser.add_argument("--mean-turns", type=float, default=2.5)
     parser.add_argument("--think-time", type=float, default=0.5)
     parser.add_argument("--gpu-blocks", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5, help="samples per calibration point")
-    parser.add_argument("--step-overhead-ms", type=float, default=2.0,
-                        help="the scheduler's gRPC cost per step (benchmarks.stack reports it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

@@ -7,8 +7,10 @@ Each plan costs `HostCosts.plan_s` of scheduler time, and its host operations ar
 out on an in-process index, answered one `HostCosts.round_trip_s` later, as the real
 driver's one store round trip per plan is. With `lookahead` (the real driver's default),
 step N+1 is planned when step N is launched, so its planning is charged only where it
-outlasts step N; without it, every plan waits for the last step's tokens. The planner and
-policies are the real ones; only time is simulated.
+outlasts step N; without it, every plan waits for the last step's tokens. Where copies are
+memcpys on the cores that run the steps (a CPU executor), a step is lengthened by
+`HostCosts.copy_cpu_share` of the copy time that runs beside it. The planner and policies are
+the real ones; only time is simulated.
 """
 
 from __future__ import annotations
@@ -30,11 +32,18 @@ from services.scheduler.core.request import Request
 
 @dataclass(frozen=True)
 class HostCosts:
-    """What the scheduler side costs: one store round trip per plan that has host
-    operations, and the planner's own time per plan (both default to free)."""
+    """What the host side costs (all default to free): one store round trip per plan that
+    has host operations; the planner's own time per plan; and the step time lost per second
+    of copying beside a step, where copies take the cores the step runs on (a CPU executor;
+    a GPU's copy engines take none, and 0 is right there)."""
 
     round_trip_s: float = 0.0
     plan_s: float = 0.0
+    copy_cpu_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.round_trip_s, self.plan_s, self.copy_cpu_share) < 0:
+            raise ValueError(f"host costs are never negative: {self}")
 
 
 class CostModel(Protocol):
@@ -132,6 +141,7 @@ class VirtualDriver:
         self._inflight: list[tuple[float, int, SwapOrder, float]] = []  # done, id, order, start
         self._replies: list[tuple[float, int, list[HostReply]]] = []  # due, seq, replies
         self._queue_free = {Direction.OUT: 0.0, Direction.IN: 0.0}
+        self._copying: list[tuple[float, float]] = []  # (start, end) of each copy queued
         self._seq = itertools.count()
         self._times: dict[str, RequestTimes] = {}
         self._switch: list[float] = []
@@ -216,6 +226,8 @@ class VirtualDriver:
             start = max(self.now, not_before, self._queue_free[order.direction])
             done = start + self.cost.swap_seconds(order)
             self._queue_free[order.direction] = done
+            if self.host_costs.copy_cpu_share:
+                self._copying.append((start, done))
             heapq.heappush(self._inflight, (done, order.swap_id, order, self.now))
             if self.executor is not None:
                 self.executor.start_swap(order)
@@ -237,10 +249,19 @@ class VirtualDriver:
         else:
             sampled = {s.request_id: 0 for s in plan.batch if s.sample}
         seconds = self.cost.step_seconds(plan)
+        seconds += self.host_costs.copy_cpu_share * self._copy_overlap(self.now, seconds)
         self._busy += seconds
         self._running = (self.now + seconds, sampled)
         if not self.lookahead:
             self._complete_running()
+
+    def _copy_overlap(self, start: float, seconds: float) -> float:
+        """Copy seconds queued so far that run within [start, start + seconds): every copy
+        that can overlap a step is queued by its launch (later plans' copies wait for its
+        fence, or, behind a barrier, it waits for them)."""
+        self._copying = [(a, b) for a, b in self._copying if b > start]
+        end = start + seconds
+        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in self._copying)
 
     def _complete_running(self) -> bool:
         """Completes the step in flight, if any, at its end: its tokens reach the clients

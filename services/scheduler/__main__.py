@@ -73,6 +73,7 @@ from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.prompts import Prompts
 from services.scheduler.remote_tier import Transport
 from services.scheduler.service import SchedulerService
+from services.scheduler.step_log import StepLog
 from services.scheduler.store_membership import StoreMembership, StoreRefused
 
 log = logging.getLogger("fastswitch.scheduler")
@@ -164,6 +165,9 @@ FLAGS = [
          "it are found (the stores' --kvstore-namespace; default: none)"),
     Flag("shutdown-grace", "FASTSWITCH_SHUTDOWN_GRACE_S", "5",
          "seconds that requests in flight get to finish on SIGTERM before they are cancelled"),
+    Flag("step-log", "FASTSWITCH_STEP_LOG", "",
+         "file to append a JSON line to per completed step (each sequence's start and new "
+         "tokens, the executor's seconds), as benchmarks.sim_vs_real reads it; empty: none"),
     Flag("metrics-port", "FASTSWITCH_SCHEDULER_METRICS_PORT", "0",
          "port of the Prometheus /metrics endpoint (0: off)"),
 ]
@@ -377,11 +381,12 @@ async def serve(args: argparse.Namespace) -> None:
             health_pb2.HealthCheckResponse.NOT_SERVING
         await health_servicer.set(SERVICE, status)
 
+    step_log = StepLog(args.step_log) if args.step_log else None
     engine = Engine(
         planner, executor, host, tokenizer=prompts.tokenizer,
         limits=EngineLimits(max_model_len=desc.max_model_len, lookahead=args.lookahead == "1",
                             outage_wait_s=float(args.outage_wait)),
-        metrics=metrics, on_health=on_health,
+        metrics=metrics, on_health=on_health, on_step=step_log.record if step_log else None,
     )
     await engine.start()
 
@@ -418,6 +423,8 @@ async def serve(args: argparse.Namespace) -> None:
     if not await engine.drain(float(args.shutdown_grace)):
         log.warning("grace period over: cancelling the requests still in flight")
     await engine.close()  # fails what is left with UNAVAILABLE, lets swaps land
+    if step_log is not None:
+        step_log.close()
     for task in (*keepers, expirer, key_watcher):
         if task is not None:
             task.cancel()

@@ -95,7 +95,10 @@ class Engine:
         limits: EngineLimits,
         metrics: SchedulerMetrics | None = None,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
+        on_step: Callable[[StepPlan, float], None] | None = None,
     ) -> None:
+        """`on_step`: called with each completed step's plan and the executor's seconds
+        on it (e.g. `StepLog.record`)."""
         self.planner = planner
         self.executor = executor
         self.host = host
@@ -126,6 +129,7 @@ class Engine:
         self._executor_back.set()
         self._busy = asyncio.Lock()  # held by the loop's iterations and by a recovery
         self.on_health = on_health
+        self.on_step = on_step
         self.metrics = metrics or SchedulerMetrics()
         self.usage = TenantUsage()
         self.accepting = True
@@ -367,6 +371,8 @@ class Engine:
                 await self._fail_refused(e, [seq.request_id for seq in plan.batch])
                 return True
             self._stepped(plan, response, sent, owners)
+            if self.on_step is not None:
+                self.on_step(plan, response.duration_s)
         return completed
 
     def _stepped(self, plan: StepPlan, response: ex.StepResponse, sent: float,

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import sim_vs_real
 from benchmarks.sim.hardware import A10, LLAMA3_8B, Deployment
+from services.scheduler.step_log import LoggedStep
 
 
 def test_the_fit_recovers_known_costs_and_never_goes_negative() -> None:
@@ -18,12 +19,29 @@ def test_the_fit_recovers_known_costs_and_never_goes_negative() -> None:
     assert sim_vs_real._fit([[1.0, 1.0], [1.0, 2.0]], [2.0, 1.0])[1] == 0.0
 
 
-def test_fitted_step_time_counts_tokens_and_attended_context() -> None:
-    model = sim_vs_real.FittedStepModel(Deployment(A10, LLAMA3_8B), base_s=1e-3,
-                                        per_token_s=1e-4, per_attended_s=1e-6)
-    # two decodes at contexts 9 and 19, and a 10-token prefill: 12 tokens, 10 + 20 + 100
-    assert model.step_time_s([(9, 1), (19, 1), (0, 10)]) == pytest.approx(
-        1e-3 + 12e-4 + 130e-6)
+def fitted() -> sim_vs_real.FittedStepModel:
+    return sim_vs_real.FittedStepModel(Deployment(A10, LLAMA3_8B), base_s=1e-3, per_tile_s=1e-2,
+                                       per_width_block_s=1e-4, per_row_block_s=1e-6)
+
+
+def test_fitted_step_time_counts_tiles_and_the_widest_sequences_blocks_for_every_row() -> None:
+    # two decodes at contexts 9 and 40, and a 31-token prefill: 33 rows, 2 tiles of 32;
+    # the widest sequence ends at token 41, 3 blocks of 16, and every row attends over them
+    batch = [(9, 1), (40, 1), (0, 31)]
+    assert sim_vs_real.step_features(batch) == [1.0, 2.0, 3.0, 99.0]
+    assert fitted().step_time_s(batch) == pytest.approx(1e-3 + 2e-2 + 3e-4 + 99e-6)
+
+
+def test_the_load_factor_is_the_timed_over_the_priced_seconds_of_the_real_steps() -> None:
+    model = fitted()
+    batches = [((0, 16),), ((16, 1), (0, 40))]
+    steps = [LoggedStep(i, b, 3 * model.executor_s(b)) for i, b in enumerate(batches)]
+    load = sim_vs_real.load_factor(model, steps)
+    assert load["load_factor"] == pytest.approx(3.0)
+    assert load["step_fit_median_abs_error"] == pytest.approx(0.0, abs=1e-12)
+    slowed = model.slowed(load["load_factor"], overhead_s=2e-3)
+    assert [slowed.step_time_s(b) for b in batches] == pytest.approx(
+        [s.duration_s + 2e-3 for s in steps])
 
 
 def test_errors_are_relative_and_named_error() -> None:
@@ -40,6 +58,8 @@ def test_a_small_run_reports_every_error(tmp_path: Path) -> None:
                              "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["calibration"]["copy_bandwidth_bytes_per_s"] > 0
+    row = doc["modes"]["fastswitch"]
+    assert row["sim"]["load_factor"] > 0 and row["real_measured"]["steps"] > 0
     errors = [k for k in doc["modes"]["fastswitch"] if "error" in k]
     assert {"p50_ttft_error", "p95_ttft_error", "p99_tbt_error", "throughput_tok_error"} <= set(
         errors)

@@ -8,6 +8,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -26,6 +27,7 @@ from services.scheduler.core.policy import PriorityPolicy
 from services.scheduler.core.request import Request, RequestState
 from services.scheduler.engine import Engine, EngineLimits
 from services.scheduler.local_host import LocalHost
+from services.scheduler.step_log import StepLog, read_step_log
 from services.scheduler.token_stream import Failed, Finished, TokenEvent, TokenStream
 
 BS = 4
@@ -81,7 +83,7 @@ class FakeExecutor:
             if seq.request_id in self.fail_step:
                 raise self.fail_step.pop(seq.request_id)
         self.steps.append(request)
-        response = ex.StepResponse()
+        response = ex.StepResponse(duration_s=1e-3 * len(self.steps))  # distinct per step
         last, self.last_sampled = self.last_sampled, {}
         for seq in request.sequences:
             table = list(seq.block_table)
@@ -244,6 +246,23 @@ async def test_the_steps_of_inverted_plans_are_counted_and_timed(rig: Rig) -> No
     await collect(await submit(rig, make("r1", n=10, max_tokens=6)))
     assert rig.engine.inversions == sum(marked) >= 2
     assert rig.engine.inversion_s > 0
+
+
+async def test_the_step_log_has_every_completed_step_its_batch_and_executor_time(
+    rig: Rig, tmp_path: Path
+) -> None:
+    log = StepLog(tmp_path / "steps.jsonl")
+    rig.engine.on_step = log.record
+    await collect(await submit(rig, make("r1", n=40, max_tokens=4)))
+    await collect(await submit(rig, make("r2", n=9, max_tokens=3)))
+    log.close()
+    logged = read_step_log(tmp_path / "steps.jsonl")
+    assert [(s.iteration, s.batch) for s in logged] == [
+        (step.iteration, tuple((seq.start, len(seq.token_ids) or 1) for seq in step.sequences))
+        for step in rig.executor.steps
+    ]
+    assert [s.duration_s for s in logged] == pytest.approx(
+        [1e-3 * (i + 1) for i in range(len(logged))])
 
 
 async def test_each_plans_host_ops_reach_the_tier_in_order_in_one_call(rig: Rig) -> None:

@@ -18,6 +18,7 @@ from benchmarks.sim.replay import Replay, message_tokens
 from benchmarks.sim.report import PAPER_CLAIMS, Point, ratio
 from benchmarks.sim.simulate import ConservationError, SimOptions, check_conservation, simulate
 from benchmarks.sim.trace import load_trace, write_trace
+from benchmarks.sim.virtual_driver import HostCosts
 from benchmarks.sim.workload import LogNormal, TurnSpec, WorkloadConfig, generate
 from common.kv.swap_plan import plan_copies
 from services.scheduler.core.config import Mode
@@ -170,6 +171,26 @@ def test_pressure_shows_the_two_modes_copy_granularity() -> None:
     assert base.swaps.copies == blocks * LLAMA3_8B.num_layers * 2
     assert fs.swaps.copies == fs.stats.copies_out + fs.stats.copies_in
     assert base.report.stall_s > 0 and fs.report.stall_s == 0
+
+
+def test_copies_cost_a_cpu_executors_step_only_where_they_run_beside_it() -> None:
+    turns = short_workload()
+    shared = options(host_costs=HostCosts(copy_cpu_share=1.0))
+    fs_free = simulate(A10_LLAMA, Mode.FASTSWITCH, turns, options())
+    fs_shared = simulate(A10_LLAMA, Mode.FASTSWITCH, turns, shared)
+    assert fs_free.swaps.copies > 0
+    assert fs_shared.report.busy_s > fs_free.report.busy_s  # its copies overlap the steps
+    # The baseline's barrier runs no step beside a copy: nothing changes.
+    base_free = simulate(A10_LLAMA, Mode.BASELINE, turns, options())
+    base_shared = simulate(A10_LLAMA, Mode.BASELINE, turns, shared)
+    assert base_free.swaps.copies > 0
+    assert base_shared.report.busy_s == base_free.report.busy_s
+    assert base_shared.report.ttfts == base_free.report.ttfts
+
+
+def test_a_negative_host_cost_is_refused() -> None:
+    with pytest.raises(ValueError, match="never negative"):
+        HostCosts(copy_cpu_share=-0.1)
 
 
 class LastComeFirstServed(FCFS):

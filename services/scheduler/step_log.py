@@ -1,0 +1,50 @@
+"""A log of the steps the scheduler completed, for calibrating the simulator on a real run.
+
+One JSON line per completed step: its iteration, each sequence's `[start, new tokens]` and
+the executor's own time for it (`StepResponse.duration_s`). `benchmarks/sim_vs_real.py`
+prices the same batches with its cost model to learn how fast the machine ran during the
+run: on shared cores the speed changes by the minute, and a calibration run before it cannot
+know. Written line by line, so that a scheduler stopped by a signal leaves whole lines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.scheduler.core.plan import StepPlan
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedStep:
+    iteration: int
+    batch: tuple[tuple[int, int], ...]  # (start, new tokens) per sequence
+    duration_s: float
+
+
+class StepLog:
+    """Appends to `path`; call `close` when done."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def record(self, plan: StepPlan, duration_s: float) -> None:
+        self._file.write(json.dumps({
+            "iteration": plan.iteration,
+            "batch": [[s.start, s.num_tokens] for s in plan.batch],
+            "duration_s": duration_s,
+        }) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_step_log(path: str | Path) -> list[LoggedStep]:
+    """The steps logged at `path`, in the order they completed."""
+    steps = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        steps.append(LoggedStep(row["iteration"], tuple((s, n) for s, n in row["batch"]),
+                                row["duration_s"]))
+    return steps
