@@ -172,6 +172,16 @@ def test_pressure_shows_the_two_modes_copy_granularity() -> None:
     assert base.report.stall_s > 0 and fs.report.stall_s == 0
 
 
+@pytest.mark.parametrize("seed", [1, 3, 4])
+def test_a_barrier_never_runs_the_clock_back(seed: int) -> None:
+    # vLLM v1 waits for a preempted request's stores; copies that ended during the step
+    # before were once "waited for" by moving the clock back to their end.
+    turns = short_workload(n=12, seed=seed)
+    result = simulate(A10_LLAMA, Mode.VLLM_V1_OFFLOAD_ALL, turns, options(seed=seed))
+    assert result.report.stall_s >= 0
+    assert min(result.report.tbts) >= step_model().step_time_s([(0, 1)])
+
+
 class LastComeFirstServed(FCFS):
     def rank(self, request: Request) -> tuple:
         return (-request.arrival,)
