@@ -123,6 +123,8 @@ class FairnessStats:
             "bottom_p95_ttft_s": percentile(ttfts[bottom], 95),
             "top_p99_tbt_s": percentile(tbts[top], 99),
             "bottom_p99_tbt_s": percentile(tbts[bottom], 99),
+            "top_p999_tbt_s": percentile(tbts[top], 99.9),
+            "bottom_p999_tbt_s": percentile(tbts[bottom], 99.9),
             "vtc_max_gap": self.max_gap,
             "vtc_bound_2u": bound,
             "vtc_within_bound": self.max_gap <= bound,

@@ -39,7 +39,8 @@ REQUIRED_METRICS = {
     "swap_in_bytes", "copies", "preemptions", "context_switch_s_p99", "gpu_idle_frac",
 }
 FAIRNESS_METRICS = {
-    "top_p95_ttft_s", "bottom_p95_ttft_s", "top_p99_tbt_s", "bottom_p99_tbt_s", "vtc_max_gap",
+    "top_p95_ttft_s", "bottom_p95_ttft_s", "top_p99_tbt_s", "bottom_p99_tbt_s",
+    "top_p999_tbt_s", "bottom_p999_tbt_s", "vtc_max_gap",
     "vtc_bound_2u", "jain_index", "priority_inversions", "priority_inversion_s",
 }
 
@@ -291,6 +292,18 @@ def test_main_writes_json_for_every_setting_and_mode_deterministically(
             paid = point["modes"][mode]["context_switch_s_p99"]
             assert metrics["context_switch_s_p99"] <= paid or paid == 0
         assert set(point["ratios_vs"]) == {m.value for m in Mode} - {"fastswitch"}
+        goals = {(g["key"], g["against"]): g for g in point["goals"]}
+        assert len(goals) == 7
+        fs, v1 = point["modes"]["fastswitch"], point["modes"]["vllm-v1"]
+        tbt = goals[("p999_tbt_s", "vllm-v1")]
+        assert tbt["figure"] == pytest.approx(v1["p999_tbt_s"] / fs["p999_tbt_s"])
+        assert tbt["met"] == (tbt["figure"] >= 1.5)
+        tput = goals[("throughput_tok_s", "vllm-v1-offload-all")]
+        assert tput["figure"] == pytest.approx(
+            fs["throughput_tok_s"] / point["modes"]["vllm-v1-offload-all"]["throughput_tok_s"])
+        limit = goals[("p999_tbt_s", "limit")]
+        assert limit["figure"] == point["overhead_over_limit"]["fastswitch"]["p999_tbt_s"]
+        assert limit["met"] == (limit["figure"] <= 0.10)
     assert {c["paper"] for c in doc["paper_comparison"].values()} >= {"4.3-5.8x", "3.11x"}
 
     assert paper_sim.main([*TINY_ARGS, "--json", str(tmp_path / "b.json")]) == 0
@@ -313,6 +326,14 @@ def test_the_host_link_is_the_gpus_unless_a_flag_overrides_it() -> None:
     assert paper_sim.host_link(GPUS["h200"], defaults) == LinkModel(4e-6, 50e9)
     narrow = paper_sim.parse_args(["--link-bandwidth-gbs", "12"])
     assert paper_sim.host_link(GPUS["h100"], narrow) == LinkModel(4e-6, 12e9)
+
+
+def test_a_setting_may_override_its_own_device_blocks() -> None:
+    a10, h100 = paper_sim.parse_settings("a10:llama-3-8b,h100:llama-3-8b:3000")
+    assert (a10.name, a10.device_blocks) == ("a10/llama-3-8b", None)
+    assert (h100.name, h100.device_blocks) == ("h100/llama-3-8b:3000", 3000)
+    with pytest.raises(ValueError, match="GPU:MODEL"):
+        paper_sim.parse_settings("h100:llama-3-8b:many")
 
 
 def test_main_rejects_a_model_that_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
