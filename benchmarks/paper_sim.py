@@ -20,6 +20,7 @@ from benchmarks.sim.copy_engine import LinkModel
 from benchmarks.sim.hardware import GPUS, MODELS, Deployment, DoesNotFit, GpuSpec
 from benchmarks.sim.report import (
     Point,
+    goals_table,
     modes_table,
     paper_table,
     point_label,
@@ -55,6 +56,8 @@ LONG_DECODE = {"min_output_tokens": 2048, "max_output_tokens": 8000,
 class Setting:
     name: str
     deployment: Deployment
+    device_blocks: int | None = None
+    """Overrides the deployment's device KV blocks for this setting alone."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,8 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--settings", default=DEFAULT_SETTINGS,
-                        help=f"comma list of GPU:MODEL; GPU in {sorted(GPUS)}, "
-                        f"MODEL in {sorted(MODELS)}")
+                        help=f"comma list of GPU:MODEL[:BLOCKS]; GPU in {sorted(GPUS)}, "
+                        f"MODEL in {sorted(MODELS)}; BLOCKS overrides that setting's device KV "
+                        "blocks (as --device-blocks does for all)")
     parser.add_argument("--rates", default="0.5,1,2",
                         help="new conversations per second, comma list (ignored with --trace)")
     parser.add_argument("--update-every", default="25,50",
@@ -124,11 +128,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def parse_settings(text: str) -> list[Setting]:
     settings = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        gpu, _, model = item.partition(":")
-        if gpu not in GPUS or model not in MODELS:
-            raise ValueError(f"unknown setting {item!r}: use GPU:MODEL with GPU in "
+        gpu, _, rest = item.partition(":")
+        model, _, blocks = rest.partition(":")
+        if gpu not in GPUS or model not in MODELS or not (blocks.isdigit() or not blocks):
+            raise ValueError(f"unknown setting {item!r}: use GPU:MODEL[:BLOCKS] with GPU in "
                              f"{sorted(GPUS)} and MODEL in {sorted(MODELS)}")
-        settings.append(Setting(f"{gpu}/{model}", Deployment(GPUS[gpu], MODELS[model])))
+        name = f"{gpu}/{model}" + (f":{blocks}" if blocks else "")
+        settings.append(Setting(name, Deployment(GPUS[gpu], MODELS[model]),
+                                int(blocks) if blocks else None))
     if not settings:
         raise ValueError("no settings given")
     return settings
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     update_every=every,
                     priority_levels=args.priority_levels,
                     host_kv_multiple=args.host_kv_multiple,
-                    device_blocks=args.device_blocks,
+                    device_blocks=setting.device_blocks or args.device_blocks,
                     link=link,
                     compute_efficiency=args.compute_efficiency,
                     memory_efficiency=args.memory_efficiency,
@@ -241,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nPer mode: the top and bottom priority classes, fairness, and the overhead over "
           "zero switch cost (metric / limit - 1):")
     print(modes_table(point_docs))
+    print("\nIssue 27's goals for fastswitch (factor: how much better; limit: overhead):")
+    print(goals_table(point_docs))
     if args.json is not None:
         write_json(args.json, run_config(args), point_docs)
         print(f"\nwrote {args.json}", file=sys.stderr)

@@ -57,15 +57,60 @@ def mode_metrics(result: ModeResult) -> dict[str, float | int]:
     }
 
 
-CLASS_KEYS = ("top_p95_ttft_s", "bottom_p95_ttft_s", "top_p99_tbt_s", "bottom_p99_tbt_s")
+CLASS_KEYS = ("top_p95_ttft_s", "bottom_p95_ttft_s", "top_p99_tbt_s", "bottom_p99_tbt_s",
+              "top_p999_tbt_s", "bottom_p999_tbt_s")
 
 # What each mode pays for context switches: metric / the same at zero switch cost - 1.
-OVERHEAD_KEYS = ("p95_ttft_s", "p999_tbt_s", "top_p95_ttft_s", "top_p99_tbt_s", "makespan_s")
+OVERHEAD_KEYS = ("p95_ttft_s", "p999_tbt_s", "top_p95_ttft_s", "top_p99_tbt_s",
+                 "top_p999_tbt_s", "throughput_tok_s", "makespan_s")
 
 
 def overhead(metrics: dict[str, Any], limit: dict[str, Any]) -> dict[str, float | None]:
     """Each `OVERHEAD_KEYS` metric over the limit's, minus 1 (None when the limit is 0)."""
     return {k: metrics[k] / limit[k] - 1 if limit[k] else None for k in OVERHEAD_KEYS}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One of issue 27's goals for fastswitch at a point. Against a mode: the factor by which
+    fastswitch is better (the other's latency over fastswitch's, fastswitch's throughput over
+    the other's) must be at least `bound`. Against the limit (`against` None): fastswitch's
+    overhead over its own zero-switch-cost run must be at most `bound`."""
+
+    name: str
+    key: str
+    against: str | None
+    bound: float
+    higher_is_better: bool = False
+
+    def figure(self, point: dict[str, Any]) -> float | None:
+        fs = point["modes"][Mode.FASTSWITCH.value][self.key]
+        if self.against is None:
+            return point["overhead_over_limit"].get(Mode.FASTSWITCH.value, {}).get(self.key)
+        other = point["modes"][self.against][self.key]
+        num, den = (fs, other) if self.higher_is_better else (other, fs)
+        return num / den if den else None
+
+    def to_json(self, point: dict[str, Any]) -> dict[str, Any]:
+        value = self.figure(point)
+        met = None if value is None else (
+            value <= self.bound if self.against is None else value >= self.bound)
+        return {"goal": self.name, "key": self.key, "against": self.against or "limit",
+                "bound": self.bound, "figure": value, "met": met}
+
+
+_V1, _ALL = Mode.VLLM_V1.value, Mode.VLLM_V1_OFFLOAD_ALL.value
+GOALS = (
+    Goal("top-class P95 TTFT >= 3x better than vllm-v1", "top_p95_ttft_s", _V1, 3.0),
+    Goal("P99.9 TBT >= 1.5x better than vllm-v1", "p999_tbt_s", _V1, 1.5),
+    Goal("throughput >= 1.0x vllm-v1", "throughput_tok_s", _V1, 1.0, higher_is_better=True),
+    Goal("top-class P95 TTFT no worse than vllm-v1-offload-all", "top_p95_ttft_s", _ALL, 1.0),
+    Goal("P99.9 TBT no worse than vllm-v1-offload-all", "p999_tbt_s", _ALL, 1.0),
+    Goal("throughput no worse than vllm-v1-offload-all", "throughput_tok_s", _ALL, 1.0,
+         higher_is_better=True),
+    Goal("P99.9 TBT within 10% of the limit", "p999_tbt_s", None, 0.10),
+)
+"""Issue 27's "Done when" goals, as each point's `goals` block states them."""
 
 
 def point_label(setting: str, rate: float | None, update_every: int | None) -> str:
@@ -98,7 +143,7 @@ class Point:
         modes = {m.value: mode_metrics(r) for m, r in self.results.items()}
         fs, base = modes[Mode.FASTSWITCH.value], modes[Mode.BASELINE.value]
         limits = {m.value: mode_metrics(r) for m, r in self.limits.items()}
-        return {
+        doc = {
             "setting": self.setting,
             "arrival_rate": self.rate,
             "update_every": self.update_every,
@@ -110,6 +155,7 @@ class Point:
             "zero_switch_cost": limits,
             "overhead_over_limit": {m: overhead(modes[m], limit) for m, limit in limits.items()},
         }
+        return {**doc, "goals": [g.to_json(doc) for g in GOALS]}
 
 
 @dataclass(frozen=True)
@@ -193,8 +239,9 @@ def modes_table(points: Sequence[dict[str, Any]]) -> str:
     """Per point and mode: the top and bottom classes' latencies, fairness, and the overhead
     over the mode's own run at zero switch cost."""
     header = (f"{'point':<34} {'mode':<19} {'top P95 TTFT':>12} {'bot P95 TTFT':>12} "
-              f"{'top P99 TBT':>11} {'bot P99 TBT':>11} {'inversions (s)':>16} "
-              f"{'VTC gap/2U':>10} {'Jain':>5} {'TTFT ovh':>8} {'TBT ovh':>8}")
+              f"{'P99.9 TBT':>9} {'top P99.9 TBT':>13} {'bot P99.9 TBT':>13} {'tok/s':>6} "
+              f"{'preempt':>7} {'inversions (s)':>16} {'VTC gap/2U':>10} {'Jain':>5} "
+              f"{'TTFT ovh':>8} {'TBT ovh':>8}")
     lines = [header]
     for p in points:
         label = point_label(p["setting"], p["arrival_rate"], p["update_every"])
@@ -202,13 +249,28 @@ def modes_table(points: Sequence[dict[str, Any]]) -> str:
             over = p["overhead_over_limit"].get(mode, {})
             lines.append(
                 f"{label:<34} {mode:<19} {m['top_p95_ttft_s']:>12.3f} "
-                f"{m['bottom_p95_ttft_s']:>12.3f} {m['top_p99_tbt_s']:>11.3f} "
-                f"{m['bottom_p99_tbt_s']:>11.3f} "
+                f"{m['bottom_p95_ttft_s']:>12.3f} {m['p999_tbt_s']:>9.3f} "
+                f"{m['top_p999_tbt_s']:>13.3f} {m['bottom_p999_tbt_s']:>13.3f} "
+                f"{m['throughput_tok_s']:>6.0f} {m['preemptions']:>7} "
                 f"{m['priority_inversions']:>7} ({m['priority_inversion_s']:>6.1f}) "
                 f"{m['vtc_max_gap'] / m['vtc_bound_2u']:>10.2f} {m['jain_index'] or 0:>5.2f} "
-                f"{_change(_plus_one(over.get('p95_ttft_s'))):>8} "
+                f"{_change(_plus_one(over.get('top_p95_ttft_s'))):>8} "
                 f"{_change(_plus_one(over.get('p999_tbt_s'))):>8}"
             )
+    return "\n".join(lines)
+
+
+def goals_table(points: Sequence[dict[str, Any]]) -> str:
+    """Per point, each goal's figure (a factor, or the overhead over the limit) and whether
+    it was met."""
+    lines = []
+    for p in points:
+        lines.append(point_label(p["setting"], p["arrival_rate"], p["update_every"]))
+        for g in p["goals"]:
+            value, met = g["figure"], {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
+            shown = "n/a" if value is None else (
+                f"{100 * value:+.1f}%" if g["against"] == "limit" else f"{value:.2f}x")
+            lines.append(f"  {g['goal']:<56} {shown:>8}  {met}")
     return "\n".join(lines)
 
 

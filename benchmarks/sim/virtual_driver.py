@@ -172,7 +172,9 @@ class VirtualDriver:
             ran = self._complete_running()
             self.now = max(self.now, ready)
             if plan.barrier and self._inflight:
-                done = max(t for t, *_ in self._inflight)
+                # Copies that ended while the last step ran are only delivered here: the
+                # clock never runs back to them.
+                done = max(self.now, *(t for t, *_ in self._inflight))
                 self._stall += done - self.now
                 self.now = done
                 self._deliver_swaps(until=done)

@@ -40,7 +40,8 @@ REQUIRED_METRICS = {
     "swap_in_bytes", "copies", "preemptions", "context_switch_s_p99", "gpu_idle_frac",
 }
 FAIRNESS_METRICS = {
-    "top_p95_ttft_s", "bottom_p95_ttft_s", "top_p99_tbt_s", "bottom_p99_tbt_s", "vtc_max_gap",
+    "top_p95_ttft_s", "bottom_p95_ttft_s", "top_p99_tbt_s", "bottom_p99_tbt_s",
+    "top_p999_tbt_s", "bottom_p999_tbt_s", "vtc_max_gap",
     "vtc_bound_2u", "jain_index", "priority_inversions", "priority_inversion_s",
 }
 
@@ -193,6 +194,16 @@ def test_a_negative_host_cost_is_refused() -> None:
         HostCosts(copy_cpu_share=-0.1)
 
 
+@pytest.mark.parametrize("seed", [1, 3, 4])
+def test_a_barrier_never_runs_the_clock_back(seed: int) -> None:
+    # vLLM v1 waits for a preempted request's stores; copies that ended during the step
+    # before were once "waited for" by moving the clock back to their end.
+    turns = short_workload(n=12, seed=seed)
+    result = simulate(A10_LLAMA, Mode.VLLM_V1_OFFLOAD_ALL, turns, options(seed=seed))
+    assert result.report.stall_s >= 0
+    assert min(result.report.tbts) >= step_model().step_time_s([(0, 1)])
+
+
 class LastComeFirstServed(FCFS):
     def rank(self, request: Request) -> tuple:
         return (-request.arrival,)
@@ -302,6 +313,18 @@ def test_main_writes_json_for_every_setting_and_mode_deterministically(
             paid = point["modes"][mode]["context_switch_s_p99"]
             assert metrics["context_switch_s_p99"] <= paid or paid == 0
         assert set(point["ratios_vs"]) == {m.value for m in Mode} - {"fastswitch"}
+        goals = {(g["key"], g["against"]): g for g in point["goals"]}
+        assert len(goals) == 7
+        fs, v1 = point["modes"]["fastswitch"], point["modes"]["vllm-v1"]
+        tbt = goals[("p999_tbt_s", "vllm-v1")]
+        assert tbt["figure"] == pytest.approx(v1["p999_tbt_s"] / fs["p999_tbt_s"])
+        assert tbt["met"] == (tbt["figure"] >= 1.5)
+        tput = goals[("throughput_tok_s", "vllm-v1-offload-all")]
+        assert tput["figure"] == pytest.approx(
+            fs["throughput_tok_s"] / point["modes"]["vllm-v1-offload-all"]["throughput_tok_s"])
+        limit = goals[("p999_tbt_s", "limit")]
+        assert limit["figure"] == point["overhead_over_limit"]["fastswitch"]["p999_tbt_s"]
+        assert limit["met"] == (limit["figure"] <= 0.10)
     assert {c["paper"] for c in doc["paper_comparison"].values()} >= {"4.3-5.8x", "3.11x"}
 
     assert paper_sim.main([*TINY_ARGS, "--json", str(tmp_path / "b.json")]) == 0
@@ -324,6 +347,14 @@ def test_the_host_link_is_the_gpus_unless_a_flag_overrides_it() -> None:
     assert paper_sim.host_link(GPUS["h200"], defaults) == LinkModel(4e-6, 50e9)
     narrow = paper_sim.parse_args(["--link-bandwidth-gbs", "12"])
     assert paper_sim.host_link(GPUS["h100"], narrow) == LinkModel(4e-6, 12e9)
+
+
+def test_a_setting_may_override_its_own_device_blocks() -> None:
+    a10, h100 = paper_sim.parse_settings("a10:llama-3-8b,h100:llama-3-8b:3000")
+    assert (a10.name, a10.device_blocks) == ("a10/llama-3-8b", None)
+    assert (h100.name, h100.device_blocks) == ("h100/llama-3-8b:3000", 3000)
+    with pytest.raises(ValueError, match="GPU:MODEL"):
+        paper_sim.parse_settings("h100:llama-3-8b:many")
 
 
 def test_main_rejects_a_model_that_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
