@@ -165,8 +165,8 @@ def read_sse(address: str, body: dict) -> list[str]:
 
 async def test_stream_ends_with_done(stack: LocalStack, api: openai.AsyncOpenAI) -> None:
     events = await asyncio.to_thread(read_sse, stack.http_address, {
-        "model": await model(api), "messages": HISTORY, "max_tokens": 4, "stream": True,
-        "stream_options": {"include_usage": True}})
+        "model": await model(api), "messages": HISTORY, "max_tokens": 4, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True}})
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4

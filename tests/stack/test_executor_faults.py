@@ -21,7 +21,7 @@ from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2
 from services.launch import Child, LocalStack, StackConfig
 from tests.support.executor_proxy import executor_proxy
-from tests.support.stacks import executor_and_stores
+from tests.support.stacks import executor_and_stores, settled_scheduler, settled_store
 
 pytestmark = pytest.mark.process
 
@@ -103,15 +103,10 @@ async def test_refused_step_and_swap_fail_only_their_own_request(
         after = await client.chat("conv", "the conversation goes on", client_id="p",
                                   max_tokens=8).collect()
         assert after.final.completion_tokens > 0
-        for _ in range(100):  # the last turn's copy to the host may still be landing
-            s = await client.stats()
-            if not (s.swaps_in_flight or s.running_blocks or s.draining_blocks):
-                break
-            await asyncio.sleep(0.1)
+        s = await settled_scheduler(client)
     assert (s.waiting, s.running, s.swapped, s.swaps_in_flight) == (0, 0, 0, 0)
     assert (s.running_blocks, s.swapped_blocks, s.draining_blocks) == (0, 0, 0)
-    with grpc.insecure_channel(stack.kvstore_address) as channel:
-        store = kv_grpc.KVStoreStub(channel).Stats(kv.StatsRequest())
+    store = await settled_store(stack.kvstore_address)
     assert store.pinned_blocks == 0 and store.pending_reservations == 0
 
 

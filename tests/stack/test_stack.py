@@ -17,11 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.client import FastSwitchClient, Generation, Sampling
-from protos import kvstore_pb2 as kv
-from protos import kvstore_pb2_grpc as kv_grpc
 from protos import scheduler_pb2
 from services.launch import Child, LocalStack, StackConfig, free_port, supervise, wait_serving
-from tests.support.stacks import executor_and_stores
+from tests.support.stacks import executor_and_stores, settled_scheduler, settled_store
 
 pytestmark = pytest.mark.process
 
@@ -215,21 +213,12 @@ async def test_nothing_leaks_after_cancels_disconnects_and_preemptions(
         for i in range(4, 10):
             assert not isinstance(results[i], BaseException), results[i]
             assert results[i].final.finish_reason in ("length", "stop")
-        for _ in range(100):
-            s = await client.stats()
-            if not (s.swaps_in_flight or s.running_blocks or s.draining_blocks):
-                break
-            await asyncio.sleep(0.1)
+        s = await settled_scheduler(client)
     assert s.preemptions > 0
     assert (s.waiting, s.running, s.swapped) == (0, 0, 0)
     assert (s.running_blocks, s.swapped_blocks, s.draining_blocks) == (0, 0, 0)
     assert s.free_blocks + s.cached_blocks == 24 and s.swaps_in_flight == 0
-    with grpc.insecure_channel(stack.kvstore_address) as channel:
-        for _ in range(50):  # the scheduler's last host operations may still be on the way
-            store = kv_grpc.KVStoreStub(channel).Stats(kv.StatsRequest())
-            if not (store.pinned_blocks or store.pending_reservations):
-                break
-            time.sleep(0.1)
+    store = await settled_store(stack.kvstore_address)
     assert store.pinned_blocks == 0 and store.pending_reservations == 0
 
 
