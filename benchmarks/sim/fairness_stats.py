@@ -27,7 +27,6 @@ from typing import Any
 
 from benchmarks.sim.virtual_driver import RequestTimes
 from common.latency import percentile
-from services.scheduler.core.inversion import QUEUED
 from services.scheduler.core.plan import StepPlan
 from services.scheduler.core.planner import Planner
 
@@ -139,27 +138,28 @@ class FairnessStats:
     longest_input: int = 0  # the longest context run, a bound on the longest prompt
     token_classes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     """Per request, the priority it had at each of its tokens."""
-    _who: dict[str, tuple[str, int]] = field(default_factory=dict)  # id: (client, priority)
-    _last_now: float = 0.0
+    # id: (client, priority, prompt tokens)
+    _who: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
-    def observe(self, now: float, plan: StepPlan, planner: Planner) -> None:
-        """The step of `plan` ended at `now` (its finished requests have left the planner)."""
-        step_s, self._last_now = now - self._last_now, now
+    def observe(self, plan: StepPlan, step_s: float, planner: Planner) -> None:
+        """`plan` was just made, and its step (`step_s` long, 0 if none) launched."""
         live = list(planner.requests.values())
         for r in live:
-            self._who[r.request_id] = (r.client_id, r.priority)
+            self._who[r.request_id] = (r.client_id, r.priority, len(r.prompt))
         if plan.inverted:
             self.inversions += 1
             self.inversion_s += step_s
         ran = [s for s in plan.batch if s.request_id in self._who]
         for seq in ran:
-            client, priority = self._who[seq.request_id]
-            self.longest_input = max(self.longest_input, seq.start + len(seq.token_ids))
-            self.gaps.serve(client, len(seq.token_ids) - seq.sample, seq.sample)
+            client, priority, prompt = self._who[seq.request_id]
+            end = seq.start + seq.num_tokens
+            self.longest_input = max(self.longest_input, end)
+            # As the stack counts it: the prompt tokens computed, and each sampled token.
+            self.gaps.serve(client, max(0, min(end, prompt) - seq.start), seq.sample)
             if seq.sample:
                 self.token_classes[seq.request_id].append(priority)
-        self.gaps.observe({r.client_id for r in live if r.state in QUEUED}
-                          | {self._who[s.request_id][0] for s in ran})
+        # Backlogged: every client with a request in the system, as the stack counts it.
+        self.gaps.observe({r.client_id for r in live} | {self._who[s.request_id][0] for s in ran})
 
     def to_json(self, times: dict[str, RequestTimes], kv_tokens: int) -> dict[str, Any]:
         """`times`: each request's arrival and token times; `kv_tokens`: what the device's

@@ -149,7 +149,7 @@ def simulate(
 
     def observe(driver: VirtualDriver, plan: StepPlan) -> None:
         tally.add(cost, plan)
-        fairness.observe(driver.now, plan, planner)
+        fairness.observe(plan, driver.step_s, planner)
 
     replay = Replay(turns, options.seed, options.vocab)
     updates = (

@@ -148,6 +148,7 @@ class VirtualDriver:
         self._finished: list[Request] = []
         self._busy = self._stall = 0.0
         self._output_tokens = 0
+        self.step_s = 0.0  # the step launched this iteration, in seconds (0: none)
 
     def submit(self, at: float, request: Request) -> None:
         heapq.heappush(self._arrivals, (at, next(self._seq), request))
@@ -161,6 +162,7 @@ class VirtualDriver:
                 break
             self._apply_priority_updates()
             plan = self.planner.plan()
+            self.step_s = 0.0
             overlapped = self.lookahead and self._running is not None
             if not overlapped:  # planning waits for the last step's tokens
                 self.now += self.host_costs.plan_s
@@ -253,6 +255,7 @@ class VirtualDriver:
         seconds = self.cost.step_seconds(plan)
         seconds += self.host_costs.copy_cpu_share * self._copy_overlap(self.now, seconds)
         self._busy += seconds
+        self.step_s = seconds
         self._running = (self.now + seconds, sampled)
         if not self.lookahead:
             self._complete_running()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NoReturn, TypeVar
@@ -54,6 +55,7 @@ _DIRECTIONS: dict[int, Direction] = {executor_pb2.DIRECTION_OUT: Direction.OUT,
                                      executor_pb2.DIRECTION_IN: Direction.IN}
 _DIRECTION_ENUM = {name: value for value, name in _DIRECTIONS.items()}
 T = TypeVar("T")
+SETTLED_KEPT = 64  # iterations of the steps settled last, that a follower may name
 FOLLOW_WAIT_S = 10.0  # how long a Step may wait for the one it follows (within its deadline)
 
 
@@ -67,7 +69,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         self._collect_worker = ThreadPoolExecutor(1, thread_name_prefix="step-collect")
         self._streams: set[CompletionStream] = set()
         self._settled = asyncio.Condition()  # notified whenever a step begins, or is refused
-        self._last_settled: int | None = None  # the iteration of the step that did so last
+        self._recently_settled: deque[int] = deque(maxlen=SETTLED_KEPT)  # their iterations
 
     async def Describe(
         self, request: executor_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -175,7 +177,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             try:
                 remaining = context.time_remaining()
                 followed = not request.HasField("follows") or await _wait_for(
-                    self._settled, lambda: self._last_settled == request.follows,
+                    self._settled, lambda: request.follows in self._recently_settled,
                     FOLLOW_WAIT_S if remaining is None else min(remaining, FOLLOW_WAIT_S))
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
@@ -185,15 +187,15 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                 if not followed:
                     await context.abort(
                         grpc.StatusCode.FAILED_PRECONDITION,
-                        f"follows: step {request.follows}, which this one follows, did not "
-                        f"arrive within {FOLLOW_WAIT_S:g} s")
+                        f"follows: step {request.follows}, which this one follows, has not "
+                        f"begun or been refused within {FOLLOW_WAIT_S:g} s")
                 try:
                     sequences = [_sequence(i, s) for i, s in enumerate(request.sequences)]
                     return self._engine.begin_step(sequences)
                 except Refused as exc:
                     await _abort(context, exc)
             finally:
-                self._last_settled = request.iteration
+                self._recently_settled.append(request.iteration)
                 self._settled.notify_all()
 
     async def SubmitSwaps(

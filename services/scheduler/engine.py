@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -123,6 +124,9 @@ class Engine:
         # Steps sent and not yet completed, oldest first: at most the running one and, with
         # lookahead, one queued behind it.
         self._steps_sent: deque[SentStep] = deque()
+        # A step's id at the executor: its iteration plus a random base, so that a restarted
+        # scheduler's steps never follow steps an earlier one sent (StepRequest.follows).
+        self._step_id_base = secrets.randbits(62)
         self.executor_busy = BusyTime()
         self.executor_ok = True
         self._executor_back = asyncio.Event()
@@ -328,9 +332,9 @@ class Engine:
     def _send_step(self, plan: StepPlan) -> None:
         """Sends the plan's step: the executor begins it after the one still in flight,
         whichever arrives first."""
-        request = ex.StepRequest(iteration=plan.iteration)
+        request = ex.StepRequest(iteration=self._step_id_base + plan.iteration)
         if self._steps_sent:
-            request.follows = self._steps_sent[-1][0].iteration
+            request.follows = self._step_id_base + self._steps_sent[-1][0].iteration
         for seq in plan.batch:
             tracked = self._tracked.get(seq.request_id)
             request.sequences.append(

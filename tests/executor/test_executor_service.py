@@ -516,6 +516,25 @@ async def test_a_step_whose_predecessor_never_arrives_is_refused_and_its_followe
     assert [t.request_id for t in response.tokens] == ["next"]
 
 
+async def test_a_follower_begins_though_another_step_settles_right_after_its_own(
+    stub: executor_pb2_grpc.ExecutorStub,
+) -> None:
+    """The step a follower waits for, and a stray refused one, settle in the same tick: the
+    follower still sees its own (it is not only the last one settled that counts)."""
+    follower = asyncio.ensure_future(stub.Step(pb.StepRequest(
+        iteration=21, follows=20, sequences=[_seq("f", [122], 0, [5, 6], sample=True)]),
+        timeout=5))
+    await asyncio.sleep(0.05)
+    stray = pb.StepRequest(iteration=99, sequences=[_seq("stray", [1, 9000], 0, [5])])
+    ran, refused = await asyncio.gather(
+        stub.Step(pb.StepRequest(
+            iteration=20, sequences=[_seq("g", [123], 0, [5, 6], sample=True)])),
+        stub.Step(stray), return_exceptions=True)
+    assert isinstance(refused, grpc.aio.AioRpcError), refused
+    assert [t.request_id for t in ran.tokens] == ["g"]  # type: ignore[union-attr]
+    assert [t.request_id for t in (await follower).tokens] == ["f"]
+
+
 async def test_swap_events_stream_while_a_step_runs(
     server: Server, stub: executor_pb2_grpc.ExecutorStub
 ) -> None:

@@ -5,6 +5,7 @@ store behind a host tier whose replies the test can hold back."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -257,12 +258,28 @@ async def test_the_step_log_has_every_completed_step_its_batch_and_executor_time
     await collect(await submit(rig, make("r2", n=9, max_tokens=3)))
     log.close()
     logged = read_step_log(tmp_path / "steps.jsonl")
-    assert [(s.iteration, s.batch) for s in logged] == [
+    # The executor knows a step by its iteration plus the scheduler's random base.
+    base = rig.executor.steps[0].iteration - logged[0].iteration
+    assert [(s.iteration + base, s.batch) for s in logged] == [
         (step.iteration, tuple((seq.start, len(seq.token_ids) or 1) for seq in step.sequences))
         for step in rig.executor.steps
     ]
     assert [s.duration_s for s in logged] == pytest.approx(
         [1e-3 * (i + 1) for i in range(len(logged))])
+
+
+async def test_a_step_sent_while_one_is_in_flight_names_it_as_the_one_it_follows(
+        rig: Rig) -> None:
+    """With lookahead a step goes out before the one before it is back; the executor begins
+    them in the order sent only if each names the one it follows."""
+    await collect(await submit(rig, make("r1", n=10, max_tokens=8)))
+    steps = rig.executor.steps
+    followers = [(before, step) for before, step in itertools.pairwise(steps)
+                 if step.HasField("follows")]
+    assert followers and all(step.follows == before.iteration for before, step in followers)
+    assert not steps[0].HasField("follows")
+    assert all(s.HasField("follows") for s in steps if any(q.from_last_step
+                                                              for q in s.sequences))
 
 
 async def test_each_plans_host_ops_reach_the_tier_in_order_in_one_call(rig: Rig) -> None:

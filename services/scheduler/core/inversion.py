@@ -2,18 +2,19 @@
 simulator and the real stack's engine count and time.
 
 A step is inverted when a request of strictly higher priority than one in its batch waits
-for the device meanwhile: not admitted yet, or swapped out (vllm#40004 asks vLLM to avoid
-the same). A request moving to or from the host is neither waiting nor running here.
+for the device meanwhile: queued for admission, or swapped out (vllm#40004 asks vLLM to
+avoid the same). A request moving to or from the host, or waiting for the host's answer
+about its prefix (which any scheduler must wait for), is neither waiting nor running here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
-from services.scheduler.core.lifecycle import UNADMITTED, RequestState
+from services.scheduler.core.lifecycle import UNPLACED, RequestState
 from services.scheduler.core.request import Request
 
-QUEUED = frozenset({*UNADMITTED, RequestState.SWAPPED})  # waiting for the device
+QUEUED = frozenset({*UNPLACED, RequestState.SWAPPED})  # waiting for the device
 
 
 def inverted(live: Iterable[Request], batch: Collection[str]) -> bool:

@@ -209,7 +209,8 @@ class Planner:
         resident = {s.request_id for s in plan.batch if (r := self.requests.get(s.request_id))
                     is not None and r.state in RESIDENT}
         kept = self.steps.keep_only(plan.iteration, resident) if plan.batch else set()
-        return replace(plan, batch=tuple(s for s in plan.batch if s.request_id in kept))
+        return replace(plan, batch=tuple(s for s in plan.batch if s.request_id in kept),
+                       inverted=plan.inverted and inverted(self.requests.values(), kept))
 
     def _select(self) -> list[tuple[Request, int]]:
         # Not one whose last pending token is its last: it finishes when its step is back.
