@@ -10,8 +10,9 @@
    load as a contrast.
 2. **Priority** with `max_num_seqs` as the binding limit (device KV to spare): a
    higher-priority request must not wait while a lower-priority one runs (vllm#40004 asks
-   for the same in vLLM). Reported: serves of a request while a strictly higher-priority
-   one waited, and the high-priority turns' TTFT.
+   for the same in vLLM). Reported: steps in which a strictly higher-priority request
+   waited while a lower-priority one ran (`StepPlan.inverted`, the core's one definition),
+   and the high-priority turns' TTFT.
 3. **Charged once**: a request's prompt and output tokens are charged to the policy at most
    once, even when a preemption makes them be computed again. Reported: tokens charged
    beyond that, and the preemptions by recompute that could cause it.
@@ -45,6 +46,7 @@ from common.client import FastSwitchClient
 from common.latency import percentile
 from services.launch import LocalStack, StackConfig
 from services.scheduler.core.config import Mode
+from services.scheduler.core.inversion import QUEUED
 from services.scheduler.core.policy import (
     FCFS,
     FairnessPolicy,
@@ -52,8 +54,6 @@ from services.scheduler.core.policy import (
     VirtualTokenCounter,
 )
 from services.scheduler.core.request import Request
-
-QUEUED_STATES = "waiting", "swapped"  # queued for the device, not running on it
 
 
 @dataclass
@@ -72,7 +72,6 @@ class Ledger(FairnessPolicy):
     service: dict[str, float] = field(default_factory=dict)
     window: list[tuple[float, ...]] = field(default_factory=list)  # while all are backlogged
     window_open: bool = True
-    inversions: int = 0
 
     def __post_init__(self) -> None:
         self.preemptive = self.inner.preemptive
@@ -94,11 +93,8 @@ class Ledger(FairnessPolicy):
         self.service[request.client_id] += (
             self.input_weight * prompt_tokens + self.output_weight * output_tokens
         )
-        queued = [r for r in self.requests.values() if r.state.value in QUEUED_STATES]
-        if any(q.priority > request.priority for q in queued):
-            self.inversions += 1
         if self.window_open:
-            backlogged = {r.client_id for r in queued}
+            backlogged = {r.client_id for r in self.requests.values() if r.state in QUEUED}
             self.window_open = backlogged.issuperset(self.clients)
             if self.window_open:
                 self.window.append(tuple(self.service[c] for c in self.clients))
@@ -177,7 +173,7 @@ def priority_report(setup: Setup, mode: Mode, policy: str = "priority") -> dict[
             if r.client_id == "client-1"]
     return {
         "max_num_seqs": deployment.max_num_seqs,
-        "inversions": ledger.inversions,
+        "inversions": result.fairness.inversions,
         "high_priority_p95_ttft_s": percentile([t for t in high if t is not None], 95),
         "double_charged_tokens": ledger.double_charged_tokens(),
         "preempted_by_recompute": result.stats.preempted_by_recompute,

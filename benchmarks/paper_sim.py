@@ -130,9 +130,10 @@ def parse_settings(text: str) -> list[Setting]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         gpu, _, rest = item.partition(":")
         model, _, blocks = rest.partition(":")
-        if gpu not in GPUS or model not in MODELS or not (blocks.isdigit() or not blocks):
+        if gpu not in GPUS or model not in MODELS or not (
+                not blocks or (blocks.isdigit() and int(blocks) > 0)):
             raise ValueError(f"unknown setting {item!r}: use GPU:MODEL[:BLOCKS] with GPU in "
-                             f"{sorted(GPUS)} and MODEL in {sorted(MODELS)}")
+                             f"{sorted(GPUS)}, MODEL in {sorted(MODELS)} and BLOCKS > 0")
         name = f"{gpu}/{model}" + (f":{blocks}" if blocks else "")
         settings.append(Setting(name, Deployment(GPUS[gpu], MODELS[model]),
                                 int(blocks) if blocks else None))
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                     update_every=every,
                     priority_levels=args.priority_levels,
                     host_kv_multiple=args.host_kv_multiple,
-                    device_blocks=setting.device_blocks or args.device_blocks,
+                    device_blocks=(setting.device_blocks if setting.device_blocks is not None
+                                   else args.device_blocks),
                     link=link,
                     compute_efficiency=args.compute_efficiency,
                     memory_efficiency=args.memory_efficiency,

@@ -163,6 +163,18 @@ def gain(mode_value: float, fastswitch_value: float, higher_is_better: bool) -> 
     return fastswitch_value / mode_value if higher_is_better else mode_value / fastswitch_value
 
 
+def over_fastswitch(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """`{mode}_over_fastswitch`: each other mode's metric over fastswitch's, for the metrics
+    that compare (not the class labels); None where either is missing or fastswitch's is 0."""
+    fs = rows.get(FASTSWITCH)
+    if fs is None:
+        return {}
+    return {f"{mode}_over_fastswitch": {
+        key: row[key] / fs[key] if fs[key] and row[key] is not None else None
+        for key, (_, _, higher) in METRICS.items() if higher is not None
+    } for mode, row in rows.items() if mode != FASTSWITCH}
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """The modes side by side, one metric a line, then each mode against fastswitch."""
     width = max(len(label) for label, _, _ in METRICS.values())
@@ -196,12 +208,8 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"workload": {k: v for k, v in vars(args).items() if k != "trace_turns"},
                "modes": rows, "identical_tokens": same, "table": table}
+        doc |= over_fastswitch(rows)
         fs = rows.get(FASTSWITCH, {})
-        for mode in (m for m in rows if fs and m != FASTSWITCH):
-            doc[f"{mode}_over_fastswitch"] = {
-                key: rows[mode][key] / fs[key] if fs[key] and rows[mode][key] is not None
-                else None for key in fs
-            }
         if NO_LOOKAHEAD in rows and fs:
             doc["lookahead"] = lookahead_report(fs, rows[NO_LOOKAHEAD])
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

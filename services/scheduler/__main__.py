@@ -324,9 +324,21 @@ def load_keys(args: argparse.Namespace) -> ReloadingKeys | None:
     return keys
 
 
+def open_step_log(path: str) -> StepLog | None:
+    """The step log, opened before anything is acquired, so that a bad path stops the
+    scheduler with nothing to undo."""
+    if not path:
+        return None
+    try:
+        return StepLog(path)
+    except OSError as e:
+        raise SystemExit(f"--step-log {path}: {e.strerror or e}") from e
+
+
 async def serve(args: argparse.Namespace) -> None:
     timeout = float(args.connect_timeout)
     keys = load_keys(args)
+    step_log = open_step_log(args.step_log)
     check_bind(args.host, service="scheduler", credentials=keys is not None,
                insecure=args.insecure, what="API keys (--api-keys, FASTSWITCH_API_KEYS_FILE)")
     token = internal_token(args.internal_token, args.internal_token_file)
@@ -381,7 +393,6 @@ async def serve(args: argparse.Namespace) -> None:
             health_pb2.HealthCheckResponse.NOT_SERVING
         await health_servicer.set(SERVICE, status)
 
-    step_log = StepLog(args.step_log) if args.step_log else None
     engine = Engine(
         planner, executor, host, tokenizer=prompts.tokenizer,
         limits=EngineLimits(max_model_len=desc.max_model_len, lookahead=args.lookahead == "1",

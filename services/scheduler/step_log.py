@@ -4,16 +4,23 @@ One JSON line per completed step: its iteration, each sequence's `[start, new to
 the executor's own time for it (`StepResponse.duration_s`). `benchmarks/sim_vs_real.py`
 prices the same batches with its cost model to learn how fast the machine ran during the
 run: on shared cores the speed changes by the minute, and a calibration run before it cannot
-know. Written line by line, so that a scheduler stopped by a signal leaves whole lines.
+know. Written line by line, so that a scheduler stopped by a signal leaves whole lines (one
+killed mid-write may leave a partial last line, which the reader skips). A log that cannot be
+opened stops the scheduler before it starts; one that fails later (a full disk) is given up
+with one warning, never the steps it would have recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.scheduler.core.plan import StepPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,26 +31,38 @@ class LoggedStep:
 
 
 class StepLog:
-    """Appends to `path`; call `close` when done."""
+    """Appends to `path` (raises OSError if it cannot be opened); call `close` when done."""
 
     def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
     def record(self, plan: StepPlan, duration_s: float) -> None:
-        self._file.write(json.dumps({
-            "iteration": plan.iteration,
-            "batch": [[s.start, s.num_tokens] for s in plan.batch],
-            "duration_s": duration_s,
-        }) + "\n")
+        if self._file.closed:
+            return
+        try:
+            self._file.write(json.dumps({
+                "iteration": plan.iteration,
+                "batch": [[s.start, s.num_tokens] for s in plan.batch],
+                "duration_s": duration_s,
+            }) + "\n")
+        except OSError as e:
+            log.warning("step log %s: %s; no more steps are logged", self.path, e)
+            self.close()
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # what was buffered is lost, the steps are not
+            self._file.close()
 
 
 def read_step_log(path: str | Path) -> list[LoggedStep]:
-    """The steps logged at `path`, in the order they completed."""
+    """The steps logged at `path`, in the order they completed (a partial last line, from
+    a scheduler killed mid-write, is left out)."""
+    text = Path(path).read_text(encoding="utf-8")
     steps = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
         row = json.loads(line)
         steps.append(LoggedStep(row["iteration"], tuple((s, n) for s, n in row["batch"]),
                                 row["duration_s"]))

@@ -44,6 +44,12 @@ def test_the_load_factor_is_the_timed_over_the_priced_seconds_of_the_real_steps(
         [s.duration_s + 2e-3 for s in steps])
 
 
+def test_a_run_with_no_timed_steps_has_a_neutral_load_factor() -> None:
+    for steps in ([], [LoggedStep(0, ((0, 16),), 0.0)]):
+        assert sim_vs_real.load_factor(fitted(), steps) == {
+            "load_factor": 1.0, "executor_step_mean_s": 0.0, "step_fit_median_abs_error": 0.0}
+
+
 def test_errors_are_relative_and_named_error() -> None:
     row = sim_vs_real.compare({"p50_ttft_s": 2.0, "throughput_tok_s": 10.0},
                               {"p50_ttft_s": 2.2, "throughput_tok_s": 5.0})

@@ -355,6 +355,8 @@ def test_a_setting_may_override_its_own_device_blocks() -> None:
     assert (h100.name, h100.device_blocks) == ("h100/llama-3-8b:3000", 3000)
     with pytest.raises(ValueError, match="GPU:MODEL"):
         paper_sim.parse_settings("h100:llama-3-8b:many")
+    with pytest.raises(ValueError, match="BLOCKS > 0"):
+        paper_sim.parse_settings("h100:llama-3-8b:0")
 
 
 def test_main_rejects_a_model_that_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
