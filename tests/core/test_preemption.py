@@ -18,6 +18,7 @@ from services.scheduler.core.preemption import (
     PREEMPTION_POLICIES,
     OnAllocationFailure,
     OnOrderChange,
+    OnTopClass,
     PreemptionPolicy,
 )
 from services.scheduler.core.request import Request, RequestState
@@ -49,6 +50,8 @@ MIX = (("low", S.RUNNING, 0), ("mid", S.PREFILLING, 1), ("high", S.WAITING, 5),
     (OnOrderChange, FCFS, ["low", "mid", "high", "back", "next"]),
     (OnAllocationFailure, PriorityPolicy, ["mid", "low", "high", "back", "next"]),
     (OnAllocationFailure, FCFS, ["low", "mid", "high", "back", "next"]),
+    (OnTopClass, PriorityPolicy, ["high", "mid", "low", "back", "next"]),
+    (OnTopClass, FCFS, ["low", "mid", "high", "back", "next"]),
 ])
 def test_order(policy: type[PreemptionPolicy], fairness: type[FairnessPolicy],
                expected: list[str]) -> None:
@@ -81,7 +84,8 @@ def test_every_policy_swaps_when_it_can(name: str) -> None:
 
 
 @pytest.mark.parametrize(("policy", "preempted"), [(OnOrderChange, ["low"]),
-                                                   (OnAllocationFailure, [])])
+                                                   (OnAllocationFailure, []),
+                                                   (OnTopClass, ["low"])])
 def test_a_higher_priority_arrival_preempts_only_on_a_change_of_order(
     policy: type[PreemptionPolicy], preempted: list[str]
 ) -> None:
@@ -98,6 +102,28 @@ def test_a_higher_priority_arrival_preempts_only_on_a_change_of_order(
     if not preempted:
         assert {s.request_id for s in plan.batch} == {"low", "mid"}
         assert state(p, "high") is S.WAITING
+
+
+@pytest.mark.parametrize(("policy", "preempted"), [(OnOrderChange, ["low"]),
+                                                   (OnTopClass, [])])
+def test_on_top_class_only_the_top_class_displaces(
+    policy: type[PreemptionPolicy], preempted: list[str]
+) -> None:
+    """A waiting request that outranks a resident displaces it on a change of order, but on
+    the top class only once it is of the top class itself."""
+    p = make_planner(Mode.FASTSWITCH, device_blocks=8, preemption=policy())
+    p.add(req("low", 12, 18, priority=0))
+    p.add(req("top", 12, 18, priority=5))
+    run_step(p, p.plan())
+    p.add(req("mid", 12, 18, priority=1))
+    plan = p.plan()
+    assert [x.request_id for x in plan.preemptions] == preempted
+    if preempted:
+        return
+    assert {s.request_id for s in plan.batch} == {"low", "top"}
+    run_step(p, plan)
+    p.set_priority(5, request_id="mid")  # now of the top class: it displaces the lowest
+    assert [x.request_id for x in p.plan().preemptions] == ["low"]
 
 
 def test_on_allocation_failure_the_worst_ranked_resident_gives_way_when_they_cannot_grow() -> None:

@@ -53,6 +53,22 @@ class OnAllocationFailure(PreemptionPolicy):
         return residents_first(live, fairness.rank)
 
 
+class OnTopClass(PreemptionPolicy):
+    """Only the top class displaces: under a preemptive fairness policy, the requests of
+    the highest `Request.priority` among the live ones come first, in rank order, resident
+    or not; then the other residents, then the other waiting requests, each by rank. So a
+    waiting request that outranks a resident without being of the top class waits for
+    room, and a reshuffle below the top class displaces no one. Under the other fairness
+    policies, residents come first, as with `OnOrderChange`."""
+
+    def order(self, live: Sequence[Request], fairness: FairnessPolicy) -> list[Request]:
+        if not fairness.preemptive:
+            return residents_first(live, fairness.rank)
+        top = max((r.priority for r in live), default=0)
+        first = sorted((r for r in live if r.priority == top), key=fairness.rank)
+        return first + residents_first([r for r in live if r.priority != top], fairness.rank)
+
+
 def residents_first(live: Sequence[Request], rank: Callable[[Request], tuple]) -> list[Request]:
     resident = sorted((r for r in live if r.state in RESIDENT), key=rank)
     return resident + sorted((r for r in live if r.state not in RESIDENT), key=rank)
@@ -61,4 +77,5 @@ def residents_first(live: Sequence[Request], rank: Callable[[Request], tuple]) -
 PREEMPTION_POLICIES: dict[str, type[PreemptionPolicy]] = {
     "on-order-change": OnOrderChange,
     "on-allocation-failure": OnAllocationFailure,
+    "on-top-class": OnTopClass,
 }
