@@ -359,10 +359,10 @@ def test_a_setting_may_override_its_own_device_blocks() -> None:
 
 def test_preemption_is_one_policy_for_every_mode_or_one_per_mode_named() -> None:
     assert paper_sim.parse_preemption("") == {}
-    assert paper_sim.parse_preemption("on-top-class") == dict.fromkeys(Mode, "on-top-class")
-    assert paper_sim.parse_preemption("fastswitch=on-top-class, vllm-v1=on-order-change") == {
-        Mode.FASTSWITCH: "on-top-class", Mode.VLLM_V1: "on-order-change"}
-    for bad in ("no-such-policy", "fastswitch=no-such-policy", "no-such-mode=on-top-class"):
+    assert paper_sim.parse_preemption("on-order-change") == dict.fromkeys(Mode, "on-order-change")
+    assert paper_sim.parse_preemption("fastswitch=on-top-class-ttft, vllm-v1=on-order-change") == {
+        Mode.FASTSWITCH: "on-top-class-ttft", Mode.VLLM_V1: "on-order-change"}
+    for bad in ("no-such-policy", "fastswitch=no-such-policy", "no-such-mode=on-order-change"):
         with pytest.raises(ValueError, match="MODE=POLICY"):
             paper_sim.parse_preemption(bad)
 
