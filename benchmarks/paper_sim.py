@@ -103,8 +103,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="zero: free copies, store round trips and planning (the limit)")
     parser.add_argument("--no-limit", action="store_true",
                         help="skip each mode's run at zero switch cost (and its overheads)")
-    parser.add_argument("--preemption", choices=sorted(PREEMPTION_POLICIES), default="",
-                        help="every mode's preemption policy (default: each mode's own)")
+    parser.add_argument("--preemption", default="",
+                        help="every mode's preemption policy, or MODE=POLICY pairs (comma "
+                        f"list) for some modes; POLICY in {sorted(PREEMPTION_POLICIES)} "
+                        "(default: each mode's own)")
     parser.add_argument("--switches", default="",
                         help="ablation: changes to fastswitch's switches, e.g. -turn_offload "
                              "or -host_reuse,-block_groups (see Switches.with_spec)")
@@ -140,6 +142,23 @@ def parse_settings(text: str) -> list[Setting]:
     if not settings:
         raise ValueError("no settings given")
     return settings
+
+
+def parse_preemption(text: str) -> dict[Mode, str]:
+    """`--preemption`: a policy name for every mode, or MODE=POLICY pairs for some; each
+    mode left out keeps its own."""
+    if "=" not in text:
+        pairs = [(mode.value, text) for mode in MODES] if text else []
+    else:
+        pairs = [item.strip().partition("=")[::2] for item in text.split(",") if item.strip()]
+    modes = {mode.value: mode for mode in MODES}
+    chosen: dict[Mode, str] = {}
+    for mode, policy in pairs:
+        if mode not in modes or policy not in PREEMPTION_POLICIES:
+            raise ValueError(f"bad --preemption {text!r}: use POLICY or MODE=POLICY pairs, "
+                             f"MODE in {sorted(modes)}, POLICY in {sorted(PREEMPTION_POLICIES)}")
+        chosen[modes[mode]] = policy
+    return chosen
 
 
 def host_link(gpu: GpuSpec, args: argparse.Namespace) -> LinkModel:
@@ -187,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = parse_settings(args.settings)
+        preemption = parse_preemption(args.preemption)
     except (ValueError, DoesNotFit) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -217,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
                     step_overhead_s=args.step_overhead_ms * 1e-3,
                     seed=args.seed,
                     host_costs=HostCosts(args.host_rtt_us * 1e-6, args.plan_us * 1e-6),
-                    preemption=args.preemption,
                     lookahead=bool(args.lookahead),
                 )
                 label = point_label(setting.name, rate, every)
@@ -228,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                         switches = args.switches if mode is Mode.FASTSWITCH else ""
                         results[cost][mode] = simulate(
                             setting.deployment, mode, turns,
-                            replace(options, switches=switches, switch_cost=cost))
+                            replace(options, switches=switches, switch_cost=cost,
+                                    preemption=preemption.get(mode, "")))
                     except (ConservationError, ValueError) as error:
                         print(f"error: {label} {mode.value}: {error}", file=sys.stderr)
                         return 1

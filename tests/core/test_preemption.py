@@ -18,6 +18,7 @@ from services.scheduler.core.preemption import (
     PREEMPTION_POLICIES,
     OnAllocationFailure,
     OnOrderChange,
+    OnTopClassTTFT,
     PreemptionPolicy,
 )
 from services.scheduler.core.request import Request, RequestState
@@ -49,6 +50,8 @@ MIX = (("low", S.RUNNING, 0), ("mid", S.PREFILLING, 1), ("high", S.WAITING, 5),
     (OnOrderChange, FCFS, ["low", "mid", "high", "back", "next"]),
     (OnAllocationFailure, PriorityPolicy, ["mid", "low", "high", "back", "next"]),
     (OnAllocationFailure, FCFS, ["low", "mid", "high", "back", "next"]),
+    (OnTopClassTTFT, PriorityPolicy, ["high", "mid", "low", "back", "next"]),
+    (OnTopClassTTFT, FCFS, ["low", "mid", "high", "back", "next"]),
 ])
 def test_order(policy: type[PreemptionPolicy], fairness: type[FairnessPolicy],
                expected: list[str]) -> None:
@@ -81,7 +84,8 @@ def test_every_policy_swaps_when_it_can(name: str) -> None:
 
 
 @pytest.mark.parametrize(("policy", "preempted"), [(OnOrderChange, ["low"]),
-                                                   (OnAllocationFailure, [])])
+                                                   (OnAllocationFailure, []),
+                                                   (OnTopClassTTFT, ["low"])])
 def test_a_higher_priority_arrival_preempts_only_on_a_change_of_order(
     policy: type[PreemptionPolicy], preempted: list[str]
 ) -> None:
@@ -98,6 +102,45 @@ def test_a_higher_priority_arrival_preempts_only_on_a_change_of_order(
     if not preempted:
         assert {s.request_id for s in plan.batch} == {"low", "mid"}
         assert state(p, "high") is S.WAITING
+
+
+@pytest.mark.parametrize(("policy", "preempted"), [(OnOrderChange, ["low"]),
+                                                   (OnTopClassTTFT, [])])
+def test_below_the_top_class_a_waiting_request_displaces_only_on_a_change_of_order(
+    policy: type[PreemptionPolicy], preempted: list[str]
+) -> None:
+    p = make_planner(Mode.FASTSWITCH, device_blocks=8, preemption=policy())
+    p.add(req("low", 12, 18, priority=0))
+    p.add(req("top", 12, 18, priority=5))
+    run_step(p, p.plan())
+    p.add(req("mid", 12, 18, priority=1))  # outranks "low", below the top class
+    assert [x.request_id for x in p.plan().preemptions] == preempted
+
+
+@pytest.mark.parametrize(("policy", "victim", "displaces"), [(OnOrderChange, "short", True),
+                                                             (OnTopClassTTFT, "long", False)])
+def test_on_top_class_ttft_the_longest_gives_way_and_a_preempted_one_does_not_displace(
+    policy: type[PreemptionPolicy], victim: str, displaces: bool
+) -> None:
+    """A top-class newcomer that does not fit displaces the resident holding the most KV
+    (not the lowest-ranked); raised to the top class, that victim waits for room instead of
+    displacing in turn."""
+    p = make_planner(Mode.FASTSWITCH, device_blocks=10, preemption=policy())
+    p.add(req("long", 20, 18, priority=1))
+    p.add(req("short", 8, 18, priority=0))
+    run_step(p, p.plan())
+    p.add(req("new", 8, 18, priority=5))
+    plan = p.plan()
+    assert [x.request_id for x in plan.preemptions] == [victim]
+    while state(p, victim) is not S.SWAPPED:
+        run_step(p, plan)
+        finish_swaps(p, plan)
+        plan = p.plan()
+    run_step(p, plan)
+    p.set_priority(9, request_id=victim)
+    plan = p.plan()
+    assert bool(plan.preemptions) is displaces
+    assert state(p, victim) is S.SWAPPED  # nothing comes in while a resident goes
 
 
 def test_on_allocation_failure_the_worst_ranked_resident_gives_way_when_they_cannot_grow() -> None:

@@ -359,6 +359,16 @@ def test_a_setting_may_override_its_own_device_blocks() -> None:
         paper_sim.parse_settings("h100:llama-3-8b:0")
 
 
+def test_preemption_is_one_policy_for_every_mode_or_one_per_mode_named() -> None:
+    assert paper_sim.parse_preemption("") == {}
+    assert paper_sim.parse_preemption("on-order-change") == dict.fromkeys(Mode, "on-order-change")
+    assert paper_sim.parse_preemption("fastswitch=on-top-class-ttft, vllm-v1=on-order-change") == {
+        Mode.FASTSWITCH: "on-top-class-ttft", Mode.VLLM_V1: "on-order-change"}
+    for bad in ("no-such-policy", "fastswitch=no-such-policy", "no-such-mode=on-order-change"):
+        with pytest.raises(ValueError, match="MODE=POLICY"):
+            paper_sim.parse_preemption(bad)
+
+
 def test_main_rejects_a_model_that_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
     assert paper_sim.main(["--settings", "a10:qwen-2.5-32b"]) == 2
     assert "does not fit" in capsys.readouterr().err

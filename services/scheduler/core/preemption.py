@@ -53,6 +53,34 @@ class OnAllocationFailure(PreemptionPolicy):
         return residents_first(live, fairness.rank)
 
 
+class OnTopClassTTFT(PreemptionPolicy):
+    """A resident gives way for priority only to a request of the top class (the highest
+    `Request.priority` among the live ones) that has not sampled a token yet, whose wait is
+    its TTFT. A request below the top class never displaces one, nor does one that has
+    sampled tokens: its wait is a gap in its stream, and displacing another would open a
+    second gap. Under a preemptive fairness policy the order is:
+
+    1. the top class's residents and its requests without tokens, by rank;
+    2. the other residents, shortest first: the one holding the most KV (prompt and output)
+       gives way first, so that an admission preempts as few as it can;
+    3. the other waiting requests, by rank (the top class's preempted ones first).
+
+    Under the other fairness policies, residents come first, as with `OnOrderChange`."""
+
+    def order(self, live: Sequence[Request], fairness: FairnessPolicy) -> list[Request]:
+        if not fairness.preemptive:
+            return residents_first(live, fairness.rank)
+        top = max((r.priority for r in live), default=0)
+        first, others = [], []
+        for r in live:
+            (first if r.priority == top and (r.state in RESIDENT or not r.output)
+             else others).append(r)
+        stay = sorted((r for r in others if r.state in RESIDENT),
+                      key=lambda r: (r.num_tokens, fairness.rank(r)))
+        return (sorted(first, key=fairness.rank) + stay
+                + sorted((r for r in others if r.state not in RESIDENT), key=fairness.rank))
+
+
 def residents_first(live: Sequence[Request], rank: Callable[[Request], tuple]) -> list[Request]:
     resident = sorted((r for r in live if r.state in RESIDENT), key=rank)
     return resident + sorted((r for r in live if r.state not in RESIDENT), key=rank)
@@ -61,4 +89,5 @@ def residents_first(live: Sequence[Request], rank: Callable[[Request], tuple]) -
 PREEMPTION_POLICIES: dict[str, type[PreemptionPolicy]] = {
     "on-order-change": OnOrderChange,
     "on-allocation-failure": OnAllocationFailure,
+    "on-top-class-ttft": OnTopClassTTFT,
 }
