@@ -1,19 +1,18 @@
 """The step planner: events in, `StepPlan`s out, and no calls to anything.
 
-Each `plan()` ranks the live requests (the fairness policy's ranks, in the preemption
-policy's order) and makes one selection pass (`selection.choose`): those that fit in device
-KV memory and the token budget stay or come in. Residents left out are preempted, by swap
-or by recompute (`preemption`). The plan then swaps in or admits the chosen and hands the
-driver a batch, swap orders and host operations.
+Each `plan()` ranks the live requests (the fairness policy's ranks, in the preemption policy's
+order) and makes one selection pass (`selection.choose`): those that fit in device KV memory and
+the token budget stay or come in. Residents left out are preempted, by swap or by recompute
+(`preemption`). The plan then swaps in or admits the chosen and hands the driver a batch, swap
+orders and host operations.
 
-Events come back whenever the driver has them: sampled tokens (`complete_step`), finished
-copies (`swap_done`) and host replies (`host_replied`). A decision that needs a reply waits
-in a named state (`lifecycle`) for a later plan; `transfers` carries KV moves through their
-replies and copies. A plan's step applies at once (`steps_in_flight`), so the next plan
-may be made while it runs (lookahead). Who holds what: `Request.state` (moved only by
-`Request.handle`), host KV per request (`RequestKV`), awaited replies (`HostAsks`), steps
-in flight (`StepsInFlight`), and device blocks, copies in flight and the prefix cache
-(`DeviceMemory`).
+Events come back whenever the driver has them: sampled tokens (`complete_step`), finished copies
+(`swap_done`) and host replies (`host_replied`). A decision that needs a reply waits in a named
+state (`lifecycle`) for a later plan; `transfers` carries KV moves through their replies and
+copies. A plan's step applies at once (`steps_in_flight`), so the next plan may be made while it
+runs (lookahead). Who holds what: `Request.state` (moved only by `Request.handle`), host KV per
+request (`RequestKV`), awaited replies (`HostAsks`), steps in flight (`StepsInFlight`), and device
+blocks, copies in flight and the prefix cache (`DeviceMemory`).
 """
 
 from __future__ import annotations
@@ -244,8 +243,7 @@ class Planner:
     def _bring_in(
         self, r: Request, chunk: int, swaps: list[SwapOrder], batch: list[ScheduledSeq]
     ) -> bool:
-        """Swaps in, asks the host about, or admits one request; False when it did not
-        fit (admissions stop)."""
+        """Swaps in, asks the host about, or admits `r`; False: no fit, admissions stop."""
         if r.state is S.SWAPPED:
             order = self.transfers.swap_in(r, chunk, admission.longest(r, self.config))
             swaps += [order] if order is not None else []
