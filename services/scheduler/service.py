@@ -323,7 +323,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             waiting=sum(s in UNADMITTED for s in states),
             running=sum(s in RESIDENT for s in states),
             swapped=sum(s in SWAP_PHASES for s in states),
-            running_blocks=sum(planner.memory.allocator.num_blocks_of(r) for r in mine
+            running_blocks=sum(planner.memory.blocks_of(r) for r in mine
                                if r.state in RESIDENT),
             executor_available=self.engine.executor_ok,
             kvstore_degraded=self.engine.host.degraded,
