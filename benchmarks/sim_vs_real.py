@@ -31,7 +31,9 @@
    - the scheduler's measured per-step overhead (Stats `step_overhead_mean_s`);
    - the store's round trip, timed against the run's store.
    The real executor's cache is block-major in every mode, so the simulator prices every
-   mode's copies block-major.
+   mode's copies block-major. The real run's requests are Generate calls of token ids, which
+   do not say how much of the prompt is history, so the simulator's do not either: with
+   host reuse every turn asks the host first, the first turn too.
 3. **Report** per mode the relative error (sim - real) / real of P50 and P95 TTFT, P99 TBT and
    throughput, under keys ending in `_error`. The goal is |error| <= 0.2 for each. Beside
    them: what the real run measured (`real_measured`), the simulator's counts and both step
@@ -482,7 +484,9 @@ def run_sim(mode: Mode, turns: list[TurnSpec], calibration: dict[str, Any], real
             args: argparse.Namespace) -> dict[str, Any]:
     """The simulator on the step model of the same mode's real run (`step_models`), with the
     per-step overhead and the store round trip measured there, the copies and their CPU share
-    as the calibration measured them, and the real stack's lookahead. Its TTFTs are the
+    as the calibration measured them, and the real stack's lookahead. Its requests, as the
+    real run's Generate calls of token ids, do not say how much of the prompt is history:
+    with host reuse every turn asks the host first, the first turn too. Its TTFTs are the
     client's: the run's client hop is added to each (the simulator leaves out the client's
     way to the scheduler and back; where the request reaches the scheduler, and when the
     next turn's think time starts, are off by the same few milliseconds)."""
@@ -496,7 +500,8 @@ def run_sim(mode: Mode, turns: list[TurnSpec], calibration: dict[str, Any], real
     options = SimOptions(policy="priority", update_every=None, device_blocks=args.gpu_blocks,
                          host_kv_multiple=StackConfig().num_host_blocks / args.gpu_blocks,
                          seed=args.seed, vocab=deployment.model.vocab_size, link=link,
-                         host_costs=host_costs, lookahead=StackConfig().lookahead)
+                         host_costs=host_costs, lookahead=StackConfig().lookahead,
+                         history_known=False)
     result = simulate(deployment, mode, turns, options,
                       cost=SimCost(step, link, KvLayout.BLOCK_MAJOR))
     r, st = result.report, result.stats
