@@ -5,7 +5,9 @@
    executor engine in process:
    - step time, fitted by least squares of the relative error on the executor's mechanism
      (`step_features`): `base + per_tile * tiles of 32 rows + per_width_block * width +
-     per_row_block * rows * width`, width being the widest sequence's blocks;
+     per_row_block * rows * width`, width being the widest sequence's blocks (the
+     simulator steps at the same features refitted on the real run, part 2; this fit is
+     kept as the check on that one's shape);
    - copy time against bytes and copies, fitted as `copies * per_copy + bytes / bandwidth`
      (the simulator's `LinkModel`);
    - what copies take from a step running beside them (`copy_cpu_share`: on a CPU executor
@@ -13,20 +15,29 @@
 2. **Run** one seeded multi-turn workload through the real stack (`stack_trace.py`, all
    arrivals and think times real, lookahead on as the stack runs it), then through the
    simulator. From the same mode's real run the simulator is given:
-   - the load factor: the executor's timed seconds over the model's for the very batches it
-     ran (its scheduler's step log). The machine's cores are shared, and their speed changes
-     by the minute; a calibration made before the run cannot know it. So the simulator's
-     executor seconds for the real run's batches equal the real ones by construction, and
-     throughput, which they mostly decide, is matched in part by this fit rather than
-     predicted (the JSON lists what was taken from the run under `taken_from_the_real_run`);
+   - the step model's shape and speed: its coefficients refitted (the same features, the same
+     fit) on the steps the run's executor timed, from its scheduler's step log. The machine's
+     cores are shared, and their speed changes by the minute; a calibration made before the
+     run cannot know it, and the microbenchmark grid does not weigh the batches as the run
+     does. So the simulator prices steps as the run being checked ran them, and throughput,
+     which they mostly decide, is matched in part by this fit rather than predicted (the
+     JSON lists what was taken from the run under `taken_from_the_real_run`).
+     `--step-shape calibration` keeps the microbenchmark shape and takes only the speed
+     from the run: the load factor, the executor's timed seconds over the model's for the
+     run's batches. Both fits' median step errors are reported either way;
+   - the client's hop: its TTFT less the scheduler's own (`Finished.ttft_s`), mean over the
+     run's turns, about 5 ms under load. The simulator's clock starts at the scheduler, so
+     this is added to every simulated TTFT;
    - the scheduler's measured per-step overhead (Stats `step_overhead_mean_s`);
    - the store's round trip, timed against the run's store.
    The real executor's cache is block-major in every mode, so the simulator prices every
-   mode's copies block-major.
+   mode's copies block-major. The real run's requests are Generate calls of token ids, which
+   do not say how much of the prompt is history, so the simulator's do not either: with
+   host reuse every turn asks the host first, the first turn too.
 3. **Report** per mode the relative error (sim - real) / real of P50 and P95 TTFT, P99 TBT and
    throughput, under keys ending in `_error`. The goal is |error| <= 0.2 for each. Beside
-   them: what the real run measured (`real_measured`) and the simulator's counts, load
-   factor and step fit (`sim`).
+   them: what the real run measured (`real_measured`), the simulator's counts and both step
+   fits (`sim`), and the TTFT deciles of both.
 
 About 4 minutes on two shared cores. Writes JSON with `--json`.
 """
@@ -80,11 +91,18 @@ BLOCK_SIZE = 16
 GOAL = 0.2
 # What the simulator is given from each mode's real run rather than predicting it (part 2).
 TAKEN_FROM_THE_REAL_RUN = {
-    "load_factor": "executor seconds over the model's for the run's own batches: the total "
-                   "executor time matches by construction",
+    "step_model": "the step model's coefficients, fitted on the steps the run's executor timed "
+                  "(its step log): the shape and speed of a step are the run's own; with "
+                  "--step-shape calibration only the speed (the load factor: total executor "
+                  "time matches by construction)",
+    "client_hop_s": "the client's share of its TTFT: the request's way to the scheduler and "
+                    "the first token's way back (the client's TTFT less the scheduler's, mean "
+                    "over the run's turns), added to every simulated TTFT",
     "step_overhead_mean_s": "the scheduler's measured per-step overhead",
     "store_round_trip_s": "a host operation's round trip, timed against the run's store",
 }
+STEP_SHAPES = ("log", "calibration")
+FIT_ITERATIONS = 50  # reweighted fits at most (`_fit`); they settle in about ten
 # Batches of (context before the step, new tokens): single prefill chunks up to the stack's
 # 256-token budget, at no context and behind one; decode batches up to 32 rows and 32 blocks
 # wide; and mixes, where a long sequence widens every row's attention.
@@ -142,43 +160,125 @@ class FittedStepModel(StepCostModel):
     def step_time_s(self, batch: Sequence[SequenceWork]) -> float:
         return self.executor_s(batch) + self.overhead_s
 
-    def slowed(self, factor: float, overhead_s: float) -> FittedStepModel:
-        """The executor `factor` times slower (the machine's load), plus `overhead_s`."""
+    def slowed(self, factor: float) -> FittedStepModel:
+        """The executor `factor` times slower (the machine's load)."""
         return replace(self, base_s=self.base_s * factor, per_tile_s=self.per_tile_s * factor,
                        per_width_block_s=self.per_width_block_s * factor,
-                       per_row_block_s=self.per_row_block_s * factor, overhead_s=overhead_s)
+                       per_row_block_s=self.per_row_block_s * factor)
 
 
-def load_factor(model: FittedStepModel, steps: Sequence[LoggedStep]) -> dict[str, float]:
-    """How much slower the executor ran the real run's steps than the model prices them:
-    their timed seconds over the model's for the same batches (the machine's load during
-    the run; the calibration ran at another moment). Also the median relative error of the
-    slowed model per step, which says whether the model's shape holds."""
-    timed = [s.duration_s for s in steps]
-    priced = [model.executor_s(s.batch) for s in steps]
-    factor = sum(timed) / sum(priced) if sum(priced) > 0 and sum(timed) > 0 else 1.0
-    errors = [abs(factor * p - t) / t for p, t in zip(priced, timed, strict=True) if t > 0]
-    return {"load_factor": factor,
-            "executor_step_mean_s": statistics.fmean(timed) if timed else 0.0,
-            "step_fit_median_abs_error": statistics.median(errors) if errors else 0.0}
+def step_errors(model: FittedStepModel, steps: Sequence[LoggedStep]) -> list[float]:
+    """The relative error (priced - timed) / timed of `model` on each timed step."""
+    return [(model.executor_s(s.batch) - s.duration_s) / s.duration_s
+            for s in steps if s.duration_s > 0]
+
+
+def step_fit_error(model: FittedStepModel, steps: Sequence[LoggedStep]) -> float:
+    """The median relative error of `model`'s executor seconds against each timed step."""
+    errors = [abs(e) for e in step_errors(model, steps)]
+    return statistics.median(errors) if errors else 0.0
+
+
+def multi_tile_error(model: FittedStepModel, steps: Sequence[LoggedStep]) -> float | None:
+    """The median signed relative error on the steps of more than one tile of rows: those
+    that carry a prefill chunk, and make the TBT tail (a shape that prices them too high
+    against the rest over-predicts it); None where there are none."""
+    errors = step_errors(model, [s for s in steps if step_features(s.batch)[1] > 1])
+    return statistics.median(errors) if errors else None
+
+
+def load_factor(model: FittedStepModel, steps: Sequence[LoggedStep]) -> float:
+    """How much slower the executor ran the real run's steps than `model` prices them: their
+    timed seconds over the model's for the same batches (the machine's load during the run;
+    the calibration ran at another moment); 1.0 where nothing was timed."""
+    timed = sum(s.duration_s for s in steps)
+    priced = sum(model.executor_s(s.batch) for s in steps)
+    return timed / priced if priced > 0 and timed > 0 else 1.0
+
+
+def fit_step_log(deployment: Deployment, steps: Sequence[LoggedStep]) -> FittedStepModel | None:
+    """The step model fitted on a real run's own timed steps (`step_features`, `_fit`), so
+    its shape and speed are the run's; None where fewer steps were timed than the model has
+    coefficients (nothing to fit)."""
+    timed = [s for s in steps if s.duration_s > 0]
+    if len(timed) < len(step_features([(0, 1)])):
+        return None
+    base, per_tile, per_width, per_row_block = _fit(
+        [step_features(s.batch, deployment.block_size) for s in timed],
+        [s.duration_s for s in timed])
+    return FittedStepModel(deployment, base_s=base, per_tile_s=per_tile,
+                           per_width_block_s=per_width, per_row_block_s=per_row_block)
+
+
+def step_coefficients(model: FittedStepModel) -> dict[str, float]:
+    return {"base_s": model.base_s, "per_tile_s": model.per_tile_s,
+            "per_width_block_s": model.per_width_block_s,
+            "per_row_block_s": model.per_row_block_s}
+
+
+def step_models(calibrated: FittedStepModel, steps: Sequence[LoggedStep], shape: str
+                ) -> tuple[FittedStepModel, dict[str, Any]]:
+    """The executor model the simulator runs on for a real run's `steps`: the fit on the
+    steps themselves (`shape` "log", where there are enough), or the calibrated shape slowed
+    by the run's load factor ("calibration"). Beside it, both fits compared on the steps:
+    coefficients, median step error (and signed, on the steps of more than one tile), and
+    priced over timed seconds in all."""
+    if shape not in STEP_SHAPES:
+        raise ValueError(f"step shape must be one of {STEP_SHAPES}, got {shape!r}")
+    factor = load_factor(calibrated, steps)
+    fits = {"calibration": calibrated.slowed(factor)}
+    logged = fit_step_log(calibrated.deployment, steps)
+    if logged is not None:
+        fits["log"] = logged
+    timed = sum(s.duration_s for s in steps)
+    report: dict[str, Any] = {
+        "load_factor": factor,
+        "executor_step_mean_s": timed / len(steps) if steps else 0.0,
+        "step_shape": shape if shape in fits else "calibration",
+    }
+    for name, model in fits.items():
+        priced = sum(model.executor_s(s.batch) for s in steps)
+        report[f"{name}_fit"] = {
+            **step_coefficients(model), "median_abs_step_error": step_fit_error(model, steps),
+            "multi_tile_median_error": multi_tile_error(model, steps),
+            "priced_over_timed": priced / timed if timed > 0 else 1.0}
+    return fits[report["step_shape"]], report
 
 
 def _fit(rows: list[list[float]], seconds: list[float]) -> list[float]:
-    """Least squares of the relative error (each point weighs by 1/its time, so small decode
-    steps are fitted as well as long prefills), with no negative coefficient: one that comes
-    out negative is dropped and the rest refitted (a cost is never negative)."""
-    a = np.array(rows) / np.array(seconds)[:, None]
-    b = np.ones(len(seconds))
+    """Least squares of the error relative to the fit's own price, with no negative
+    coefficient. Iterated: the first fit weighs every point alike, each next one weighs a
+    point by 1 / its price under the last (a gamma regression's weights). So small decode
+    steps are fitted as well as long prefills; where a time's noise is proportional to it
+    the fit is unbiased in the mean (weighing by 1 / the timed seconds instead prices too
+    low, 6-10% on the real runs' steps); and a step timed near zero (the executor counts
+    its time in the step before when it collects that one late) cannot outweigh the rest,
+    as it would at 1 / its seconds. A coefficient that comes out negative is dropped and
+    the rest refitted (a cost is never negative)."""
+    features, timed = np.array(rows, dtype=float), np.array(seconds, dtype=float)
+    weights = np.full(len(timed), 1 / timed.mean())
+    coefficients = np.zeros(features.shape[1])
+    for _ in range(FIT_ITERATIONS):
+        coefficients = _nonnegative_lstsq(features * weights[:, None], timed * weights)
+        priced = features @ coefficients
+        if not (priced > 0).all() or np.allclose(1 / priced, weights, rtol=1e-9):
+            break
+        weights = 1 / priced
+    return [float(c) for c in coefficients]
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares of `a @ x = b` with no negative x: a column whose coefficient comes out
+    negative is dropped (the most negative first) and the rest refitted."""
     keep = list(range(a.shape[1]))
     while True:
         solution, *_ = np.linalg.lstsq(a[:, keep], b, rcond=None)
         if (solution >= 0).all() or len(keep) == 1:
             break
         keep.pop(int(np.argmin(solution)))
-    coefficients = [0.0] * a.shape[1]
-    for column, value in zip(keep, solution, strict=True):
-        coefficients[column] = max(0.0, float(value))
-    return coefficients
+    x = np.zeros(a.shape[1])
+    x[keep] = np.maximum(solution, 0.0)
+    return x
 
 
 async def _time_step(engine: ExecutorEngine, batch: Sequence[SequenceWork],
@@ -299,6 +399,11 @@ def metrics(ttfts: Sequence[float], tbts: Sequence[float], tokens: int, wall_s: 
     }
 
 
+def deciles(values: Sequence[float]) -> list[float]:
+    """The 10th, 20th, ... 90th nearest-rank percentiles of `values`."""
+    return [percentile(values, q) for q in range(10, 100, 10)]
+
+
 async def store_round_trip_s(address: str, repeats: int) -> float:
     """The median of `repeats` round trips of one host operation (a Pin of a block no one
     stored: it misses and changes nothing) to the store at `address`, from a scheduler's
@@ -324,7 +429,7 @@ class RealRun:
     store measured, and every step it ran (batch and executor seconds)."""
 
     metrics: dict[str, float]
-    measured: dict[str, float]
+    measured: dict[str, Any]
     steps: list[LoggedStep]
     max_model_len: int
 
@@ -346,6 +451,9 @@ async def run_real(mode: Mode, turns: list[TurnSpec], args: argparse.Namespace) 
     found = metrics([t.ttft_s for t in report.turns], [g for t in report.turns for g in t.tbts],
                     report.output_tokens, report.wall_s)
     measured = {
+        "ttft_deciles_s": deciles([t.ttft_s for t in report.turns]),
+        "client_hop_s": statistics.fmean(t.ttft_s - t.scheduler_ttft_s for t in report.turns)
+        if report.turns else 0.0,
         "step_overhead_mean_s": stats.step_overhead_mean_s,
         "step_overhead_p99_s": stats.step_overhead_p99_s,
         "store_round_trip_s": round_trip,
@@ -373,34 +481,43 @@ def fitted_model(calibration: dict[str, Any], deployment: Deployment) -> FittedS
 
 
 def run_sim(mode: Mode, turns: list[TurnSpec], calibration: dict[str, Any], real: RealRun,
-            args: argparse.Namespace) -> dict[str, float]:
-    """The simulator on the calibrated model, slowed by the load the same mode's real run
-    met, with the per-step overhead and the store round trip measured there, the copy CPU
-    share the calibration measured, and the real stack's lookahead."""
+            args: argparse.Namespace) -> dict[str, Any]:
+    """The simulator on the step model of the same mode's real run (`step_models`), with the
+    per-step overhead and the store round trip measured there, the copies and their CPU share
+    as the calibration measured them, and the real stack's lookahead. Its requests, as the
+    real run's Generate calls of token ids, do not say how much of the prompt is history:
+    with host reuse every turn asks the host first, the first turn too. Its TTFTs are the
+    client's: the run's client hop is added to each (the simulator leaves out the client's
+    way to the scheduler and back; where the request reaches the scheduler, and when the
+    next turn's think time starts, are off by the same few milliseconds)."""
     deployment = cpu_deployment(real.max_model_len)
-    fitted = fitted_model(calibration, deployment)
-    load = load_factor(fitted, real.steps)
-    step = fitted.slowed(load["load_factor"], real.measured["step_overhead_mean_s"])
+    executor, fits = step_models(fitted_model(calibration, deployment), real.steps,
+                                 args.step_shape)
+    step = replace(executor, overhead_s=real.measured["step_overhead_mean_s"])
     link = LinkModel(calibration["copy_overhead_s"], calibration["copy_bandwidth_bytes_per_s"])
     host_costs = HostCosts(round_trip_s=real.measured["store_round_trip_s"],
                            copy_cpu_share=calibration["copy_cpu_share"])
     options = SimOptions(policy="priority", update_every=None, device_blocks=args.gpu_blocks,
                          host_kv_multiple=StackConfig().num_host_blocks / args.gpu_blocks,
                          seed=args.seed, vocab=deployment.model.vocab_size, link=link,
-                         host_costs=host_costs, lookahead=StackConfig().lookahead)
+                         host_costs=host_costs, lookahead=StackConfig().lookahead,
+                         history_known=False)
     result = simulate(deployment, mode, turns, options,
                       cost=SimCost(step, link, KvLayout.BLOCK_MAJOR))
     r, st = result.report, result.stats
+    # As the client sees them: the simulator's clock starts at the scheduler.
+    ttfts = [t + real.measured["client_hop_s"] for t in r.ttfts]
     # The planner's own counts: each mode's run is its own, even where the latencies tie
     # (no preemption, and copies that overlap the steps entirely).
-    return {**metrics(r.ttfts, r.tbts, r.output_tokens, r.makespan_s),
+    return {**metrics(ttfts, r.tbts, r.output_tokens, r.makespan_s),
             "iterations": st.iterations, "copies": result.swaps.copies,
             "preemptions": st.preempted_by_swap + st.preempted_by_recompute,
-            "step_mean_s": r.busy_s / st.iterations if st.iterations else 0.0, **load}
+            "step_mean_s": r.busy_s / st.iterations if st.iterations else 0.0,
+            "ttft_deciles_s": deciles(ttfts), **fits}
 
 
-def compare(real: dict[str, float], sim: dict[str, float],
-            measured: dict[str, float] | None = None) -> dict[str, Any]:
+def compare(real: dict[str, float], sim: dict[str, Any],
+            measured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per metric of `real`, (sim - real) / real under its name ending `_error`."""
     errors = {f"{key.removesuffix('_s')}_error": (sim[key] - real[key]) / real[key]
               if real[key] else None for key in real}
@@ -436,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-blocks", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5, help="samples per calibration point")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-shape", choices=STEP_SHAPES, default="log",
+                        help="log: the step model fitted on each mode's real steps; "
+                             "calibration: the microbenchmark fit, slowed by the run's load")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     doc = asyncio.run(main_async(args))

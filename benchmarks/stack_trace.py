@@ -96,7 +96,7 @@ async def replay_trace(
                     times[0] - sent if times else 0.0, gaps(times), gen.final.preemptions,
                     gen.final.bytes_swapped, gen.final.reused_prompt_tokens,
                     time.monotonic() - start, f"client-{spec.client_id}", sent - start,
-                    gen.final.prompt_tokens,
+                    gen.final.prompt_tokens, gen.final.ttft_s,
                 ))
                 history = prompt + tokens
                 progress(f"[{time.monotonic() - start:6.1f}s] {len(report.turns)}/{len(turns)} "

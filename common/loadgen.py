@@ -52,6 +52,7 @@ class TurnResult:
     client_id: str = ""
     sent_s: float = 0.0  # since the load started
     prompt_tokens: int = 0  # as the scheduler counted them
+    scheduler_ttft_s: float = 0.0  # the scheduler's own: from the request's arrival there
 
     @property
     def token_times(self) -> list[float]:
@@ -113,7 +114,7 @@ async def run_load(
                     conv, turn, [t.id for t in gen.tokens], times[0] - sent if times else 0.0,
                     gaps(times), gen.final.preemptions, gen.final.bytes_swapped,
                     gen.final.reused_prompt_tokens, time.monotonic() - start, f"client-{i}",
-                    sent - start, gen.final.prompt_tokens,
+                    sent - start, gen.final.prompt_tokens, gen.final.ttft_s,
                 ))
                 progress(f"[{time.monotonic() - start:6.1f}s] {len(report.turns)}/{total} turns"
                          f" done ({conv} turn {turn + 1}: {len(gen.tokens)} tokens,"

@@ -32,6 +32,10 @@ class Replay:
     turns: Sequence[TurnSpec]
     seed: int
     vocab: int = 32000
+    history_known: bool = True
+    """Each request says how much of its prompt is its conversation's history, as a Chat
+    request does; False: it does not, as a Generate of token ids does not (the scheduler
+    then asks the host about every turn's prefix, the first turn's too)."""
     _specs: dict[tuple[int, int], TurnSpec] = field(init=False, repr=False)
     _spec_of: dict[str, TurnSpec] = field(init=False, repr=False)
 
@@ -69,7 +73,7 @@ class Replay:
             prompt=history + message,
             max_tokens=spec.output_tokens,
             conversation_id=f"conv-{spec.conversation_id}",
-            history_tokens=len(history),
+            history_tokens=len(history) if self.history_known else None,
         )
         self._spec_of[request.request_id] = spec
         return request

@@ -61,6 +61,8 @@ class SimOptions:
     lookahead: bool = True
     """Plan step N+1 while step N runs, as the real driver does: planning is charged only
     where it outlasts the step (`VirtualDriver`)."""
+    history_known: bool = True
+    """Requests say how much of their prompt is history (`Replay.history_known`)."""
 
     def __post_init__(self) -> None:
         if self.switch_cost not in SWITCH_COSTS:
@@ -151,7 +153,7 @@ def simulate(
         tally.add(cost, plan)
         fairness.observe(plan, driver.step_s, planner)
 
-    replay = Replay(turns, options.seed, options.vocab)
+    replay = Replay(turns, options.seed, options.vocab, options.history_known)
     updates = (
         RandomPriorityUpdates(options.update_every, options.priority_levels, options.seed)
         if options.policy == "priority" and options.update_every

@@ -2,8 +2,8 @@
 
 One JSON line per completed step: its iteration, each sequence's `[start, new tokens]` and
 the executor's own time for it (`StepResponse.duration_s`). `benchmarks/sim_vs_real.py`
-prices the same batches with its cost model to learn how fast the machine ran during the
-run: on shared cores the speed changes by the minute, and a calibration run before it cannot
+fits its step model on these steps, so that the simulator steps at the run's own shape and
+speed: on shared cores the speed changes by the minute, and a calibration run before it cannot
 know. Written line by line, so that a scheduler stopped by a signal leaves whole lines (one
 killed mid-write may leave a partial last line, which the reader skips). A log that cannot be
 opened stops the scheduler before it starts; one that fails later (a full disk) is given up

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from benchmarks import sim_vs_real
 from benchmarks.sim.hardware import A10, LLAMA3_8B, Deployment
+from services.scheduler.core.config import Mode
 from services.scheduler.step_log import LoggedStep
 
 
@@ -17,6 +20,25 @@ def test_the_fit_recovers_known_costs_and_never_goes_negative() -> None:
     seconds = [0.002 + 1e-4 * n + 1e-6 * n * n for n in (1, 4, 16, 64)]
     assert sim_vs_real._fit(rows, seconds) == pytest.approx([0.002, 1e-4, 1e-6], rel=1e-6)
     assert sim_vs_real._fit([[1.0, 1.0], [1.0, 2.0]], [2.0, 1.0])[1] == 0.0
+
+
+def test_the_fit_is_unbiased_in_the_mean_under_proportional_noise() -> None:
+    # Each time once 20% under and once 20% over its true 1 + n: weighing by 1 / the timed
+    # seconds would fit low (the fast points weigh more); weighing by the price does not.
+    ns = [1.0, 2.0, 4.0, 8.0]
+    rows = [[1.0, n] for n in ns for _ in (0, 1)]
+    seconds = [(1 + n) * f for n in ns for f in (0.8, 1.2)]
+    assert sim_vs_real._fit(rows, seconds) == pytest.approx([1.0, 1.0], rel=1e-6)
+
+
+def test_a_step_timed_near_zero_does_not_outweigh_the_rest() -> None:
+    rows = [[1.0, n] for n in (1, 2, 4, 8, 16, 32) for _ in range(5)]
+    seconds = [0.01 + 1e-3 * n for _, n in rows]
+    # one step's time counted in its neighbour's: it took 30 us, the one before it double
+    rows += [[1.0, 4.0], [1.0, 4.0]]
+    seconds += [3e-5, 2 * (0.01 + 4e-3) - 3e-5]
+    base, per_n = sim_vs_real._fit(rows, seconds)
+    assert base == pytest.approx(0.01, rel=0.05) and per_n == pytest.approx(1e-3, rel=0.05)
 
 
 def fitted() -> sim_vs_real.FittedStepModel:
@@ -36,18 +58,99 @@ def test_the_load_factor_is_the_timed_over_the_priced_seconds_of_the_real_steps(
     model = fitted()
     batches = [((0, 16),), ((16, 1), (0, 40))]
     steps = [LoggedStep(i, b, 3 * model.executor_s(b)) for i, b in enumerate(batches)]
-    load = sim_vs_real.load_factor(model, steps)
-    assert load["load_factor"] == pytest.approx(3.0)
-    assert load["step_fit_median_abs_error"] == pytest.approx(0.0, abs=1e-12)
-    slowed = model.slowed(load["load_factor"], overhead_s=2e-3)
-    assert [slowed.step_time_s(b) for b in batches] == pytest.approx(
-        [s.duration_s + 2e-3 for s in steps])
+    assert sim_vs_real.load_factor(model, steps) == pytest.approx(3.0)
+    slowed = model.slowed(3.0)
+    assert sim_vs_real.step_fit_error(slowed, steps) == pytest.approx(0.0, abs=1e-12)
+    assert [slowed.executor_s(b) for b in batches] == pytest.approx(
+        [s.duration_s for s in steps])
 
 
 def test_a_run_with_no_timed_steps_has_a_neutral_load_factor() -> None:
     for steps in ([], [LoggedStep(0, ((0, 16),), 0.0)]):
-        assert sim_vs_real.load_factor(fitted(), steps) == {
-            "load_factor": 1.0, "executor_step_mean_s": 0.0, "step_fit_median_abs_error": 0.0}
+        assert sim_vs_real.load_factor(fitted(), steps) == 1.0
+        assert sim_vs_real.step_fit_error(fitted(), steps) == 0.0
+
+
+# A real run's mix: decodes of 1 to 32 rows at several widths, prefill chunks up to 256
+# tokens at no context and behind one, and chunks beside decodes.
+LOGGED_BATCHES = [
+    *[((start, 1),) * rows for rows in (1, 4, 12, 32) for start in (20, 150, 400)],
+    *[((start, new),) for new in (16, 100, 256) for start in (0, 256)],
+    *[((64, 1),) * rows + ((0, new),) for rows in (3, 20) for new in (40, 236)],
+]
+
+
+def run_steps(model: sim_vs_real.FittedStepModel) -> list[LoggedStep]:
+    return [LoggedStep(i, b, model.executor_s(b)) for i, b in enumerate(LOGGED_BATCHES)]
+
+
+def test_the_log_fit_recovers_the_shape_the_run_stepped_at() -> None:
+    truth = sim_vs_real.FittedStepModel(Deployment(A10, LLAMA3_8B), base_s=2e-3,
+                                        per_tile_s=8e-3, per_width_block_s=3e-4,
+                                        per_row_block_s=2e-6)
+    model = sim_vs_real.fit_step_log(truth.deployment, run_steps(truth))
+    assert model is not None
+    assert sim_vs_real.step_coefficients(model) == pytest.approx(
+        sim_vs_real.step_coefficients(truth), rel=1e-6)
+
+
+def test_the_simulator_steps_at_the_runs_own_shape_and_reports_both_fits() -> None:
+    calibrated = fitted()  # prices a tile ten times a decode step's base: a chunk too high
+    truth = replace(calibrated, base_s=4e-3, per_tile_s=4e-3, per_row_block_s=4e-6)
+    steps = run_steps(truth)
+    model, report = sim_vs_real.step_models(calibrated, steps, "log")
+    assert report["step_shape"] == "log"
+    assert sim_vs_real.step_coefficients(model) == pytest.approx(
+        sim_vs_real.step_coefficients(truth), rel=1e-6)
+    assert report["log_fit"]["median_abs_step_error"] == pytest.approx(0.0, abs=1e-9)
+    assert report["log_fit"]["priced_over_timed"] == pytest.approx(1.0)
+    # the calibrated shape, however slowed, misses these steps; in all it prices them right
+    assert report["calibration_fit"]["median_abs_step_error"] > 0.1
+    # its tiles cost more than the run's: the steps of several tiles are priced too high
+    assert report["calibration_fit"]["multi_tile_median_error"] > 0.1
+    assert report["log_fit"]["multi_tile_median_error"] == pytest.approx(0.0, abs=1e-9)
+    assert report["calibration_fit"]["priced_over_timed"] == pytest.approx(1.0)
+    slowed, report = sim_vs_real.step_models(calibrated, steps, "calibration")
+    assert report["step_shape"] == "calibration"
+    assert slowed == calibrated.slowed(report["load_factor"])
+    assert "log_fit" in report
+
+
+def test_a_log_too_short_to_fit_keeps_the_calibrated_shape() -> None:
+    steps = run_steps(fitted())[:3]
+    model, report = sim_vs_real.step_models(fitted(), steps, "log")
+    assert sim_vs_real.fit_step_log(fitted().deployment, steps) is None
+    assert report["step_shape"] == "calibration" and "log_fit" not in report
+    assert report["calibration_fit"]["multi_tile_median_error"] is None  # no prefill chunk
+    assert model == fitted().slowed(1.0)
+    with pytest.raises(ValueError, match="step shape"):
+        sim_vs_real.step_models(fitted(), steps, "roofline")
+
+
+def test_the_simulated_ttfts_are_the_clients_the_run_s_hop_added() -> None:
+    args = argparse.Namespace(conversations=4, rate=2.0, mean_turns=2.0, think_time=0.5,
+                              gpu_blocks=96, seed=0, step_shape="log")
+    calibration = {"copy_overhead_s": 1e-4, "copy_bandwidth_bytes_per_s": 6e9,
+                   "copy_cpu_share": 0.0, **{f"step_{k}": v for k, v in
+                                             sim_vs_real.step_coefficients(fitted()).items()}}
+    truth = replace(fitted(), deployment=sim_vs_real.cpu_deployment(512))
+
+    def sim(hop_s: float) -> dict:
+        real = sim_vs_real.RealRun({}, {"step_overhead_mean_s": 0.0, "store_round_trip_s": 1e-3,
+                                        "client_hop_s": hop_s}, run_steps(truth), 512)
+        return sim_vs_real.run_sim(Mode.FASTSWITCH, sim_vs_real.workload(args), calibration,
+                                   real, args)
+
+    at_the_scheduler, at_the_client = sim(0.0), sim(0.005)
+    assert at_the_client["p50_ttft_s"] == pytest.approx(at_the_scheduler["p50_ttft_s"] + 0.005)
+    assert at_the_client["ttft_deciles_s"] == pytest.approx(
+        [t + 0.005 for t in at_the_scheduler["ttft_deciles_s"]])
+    assert at_the_client["p99_tbt_s"] == at_the_scheduler["p99_tbt_s"]
+
+
+def test_deciles_are_the_nearest_rank_tenths() -> None:
+    assert sim_vs_real.deciles([float(v) for v in range(1, 21)]) == [
+        2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0]
 
 
 def test_errors_are_relative_and_named_error() -> None:
@@ -66,6 +169,8 @@ def test_a_small_run_reports_every_error(tmp_path: Path) -> None:
     assert doc["calibration"]["copy_bandwidth_bytes_per_s"] > 0
     row = doc["modes"]["fastswitch"]
     assert row["sim"]["load_factor"] > 0 and row["real_measured"]["steps"] > 0
+    assert row["sim"]["step_shape"] in {"log", "calibration"}
+    assert len(row["sim"]["ttft_deciles_s"]) == len(row["real_measured"]["ttft_deciles_s"]) == 9
     errors = [k for k in doc["modes"]["fastswitch"] if "error" in k]
     assert {"p50_ttft_error", "p95_ttft_error", "p99_tbt_error", "throughput_tok_error"} <= set(
         errors)

@@ -189,6 +189,24 @@ def test_copies_cost_a_cpu_executors_step_only_where_they_run_beside_it() -> Non
     assert base_shared.report.ttfts == base_free.report.ttfts
 
 
+def test_a_turn_that_does_not_say_its_history_asks_the_host_first_its_first_turn_too() -> None:
+    # A Generate of token ids does not say which part of the prompt is history: with host
+    # reuse the scheduler asks the host about every turn's prefix before admitting it.
+    turns = [TurnSpec(0, 0, 0.0, prompt_tokens=40, output_tokens=4, client_id=0,
+                      history_tokens=0)]
+    [(_, request)] = Replay(turns, seed=0, history_known=False).first_turns()
+    assert request.history_tokens is None
+    slow_store = options(host_costs=HostCosts(round_trip_s=0.05))
+    for mode, asks in ((Mode.FASTSWITCH, True), (Mode.BASELINE, False)):
+        told = simulate(A10_LLAMA, mode, turns, slow_store).report.ttfts
+        untold = simulate(A10_LLAMA, mode, turns,
+                          replace(slow_store, history_known=False)).report.ttfts
+        if asks:  # one round trip more before its prefill
+            assert untold[0] == pytest.approx(told[0] + 0.05)
+        else:  # no host reuse: nothing to ask
+            assert untold == told
+
+
 def test_a_negative_host_cost_is_refused() -> None:
     with pytest.raises(ValueError, match="never negative"):
         HostCosts(copy_cpu_share=-0.1)
