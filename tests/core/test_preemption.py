@@ -13,6 +13,7 @@ from common.kv.host_ops import apply
 from services.scheduler.core.config import Mode
 from services.scheduler.core.lifecycle import RESIDENT, Event
 from services.scheduler.core.plan import PreemptBy
+from services.scheduler.core.planner import Planner
 from services.scheduler.core.policy import FCFS, POLICIES, FairnessPolicy, PriorityPolicy
 from services.scheduler.core.preemption import (
     PREEMPTION_POLICIES,
@@ -83,6 +84,17 @@ def test_every_policy_swaps_when_it_can(name: str) -> None:
 # ---- in the planner --------------------------------------------------------------------
 
 
+def arrival_beside_two_running(policy: PreemptionPolicy, device_blocks: int,
+                               running: tuple[Request, Request], arrival: Request) -> Planner:
+    """A planner whose `running` pair has run one step, with `arrival` added after it."""
+    p = make_planner(Mode.FASTSWITCH, device_blocks=device_blocks, preemption=policy)
+    for r in running:
+        p.add(r)
+    run_step(p, p.plan())
+    p.add(arrival)
+    return p
+
+
 @pytest.mark.parametrize(("policy", "preempted"), [(OnOrderChange, ["low"]),
                                                    (OnAllocationFailure, []),
                                                    (OnTopClassTTFT, ["low"])])
@@ -91,11 +103,9 @@ def test_a_higher_priority_arrival_preempts_only_on_a_change_of_order(
 ) -> None:
     """Two running requests have room to grow; a higher-priority arrival does not fit
     beside them."""
-    p = make_planner(Mode.FASTSWITCH, device_blocks=8, preemption=policy())
-    p.add(req("low", 12, 18, priority=0))
-    p.add(req("mid", 12, 18, priority=1))
-    run_step(p, p.plan())
-    p.add(req("high", 12, 18, priority=5))
+    p = arrival_beside_two_running(policy(), 8, (req("low", 12, 18, priority=0),
+                                                 req("mid", 12, 18, priority=1)),
+                                   req("high", 12, 18, priority=5))
     plan = p.plan()
     assert [x.request_id for x in plan.preemptions] == preempted
     assert "mid" in {s.request_id for s in plan.batch}
@@ -109,11 +119,9 @@ def test_a_higher_priority_arrival_preempts_only_on_a_change_of_order(
 def test_below_the_top_class_a_waiting_request_displaces_only_on_a_change_of_order(
     policy: type[PreemptionPolicy], preempted: list[str]
 ) -> None:
-    p = make_planner(Mode.FASTSWITCH, device_blocks=8, preemption=policy())
-    p.add(req("low", 12, 18, priority=0))
-    p.add(req("top", 12, 18, priority=5))
-    run_step(p, p.plan())
-    p.add(req("mid", 12, 18, priority=1))  # outranks "low", below the top class
+    p = arrival_beside_two_running(policy(), 8, (req("low", 12, 18, priority=0),
+                                                 req("top", 12, 18, priority=5)),
+                                   req("mid", 12, 18, priority=1))  # above "low", below top
     assert [x.request_id for x in p.plan().preemptions] == preempted
 
 
@@ -125,11 +133,9 @@ def test_on_top_class_ttft_the_longest_gives_way_and_a_preempted_one_does_not_di
     """A top-class newcomer that does not fit displaces the resident holding the most KV
     (not the lowest-ranked); raised to the top class, that victim waits for room instead of
     displacing in turn."""
-    p = make_planner(Mode.FASTSWITCH, device_blocks=10, preemption=policy())
-    p.add(req("long", 20, 18, priority=1))
-    p.add(req("short", 8, 18, priority=0))
-    run_step(p, p.plan())
-    p.add(req("new", 8, 18, priority=5))
+    p = arrival_beside_two_running(policy(), 10, (req("long", 20, 18, priority=1),
+                                                  req("short", 8, 18, priority=0)),
+                                   req("new", 8, 18, priority=5))
     plan = p.plan()
     assert [x.request_id for x in plan.preemptions] == [victim]
     while state(p, victim) is not S.SWAPPED:
@@ -144,11 +150,9 @@ def test_on_top_class_ttft_the_longest_gives_way_and_a_preempted_one_does_not_di
 
 
 def test_on_allocation_failure_the_worst_ranked_resident_gives_way_when_they_cannot_grow() -> None:
-    p = make_planner(Mode.FASTSWITCH, device_blocks=8, preemption=OnAllocationFailure())
-    p.add(req("low", 12, 18, priority=0))
-    p.add(req("mid", 12, 18, priority=1))
-    run_step(p, p.plan())
-    p.add(req("high", 4, 4, priority=5))
+    p = arrival_beside_two_running(OnAllocationFailure(), 8, (req("low", 12, 18, priority=0),
+                                                              req("mid", 12, 18, priority=1)),
+                                   req("high", 4, 4, priority=5))
     while not (plan := p.plan()).preemptions:
         assert state(p, "high") is S.WAITING  # never for the arrival
         run_step(p, plan)
