@@ -74,6 +74,31 @@ def test_every_policy_orders_every_live_request_once(
     assert sorted(map(id, order)) == sorted(map(id, requests))
 
 
+@settings(max_examples=200, deadline=None)
+@given(specs=st.lists(st.tuples(st.sampled_from(list(TO)), st.integers(0, 3), st.booleans(),
+                                st.integers(1, 40)), max_size=8))
+def test_on_top_class_ttft_only_top_class_newcomers_pass_a_resident(
+    specs: list[tuple[RequestState, int, bool, int]]
+) -> None:
+    """Before the last resident come only residents and top-class requests without tokens
+    that rank ahead of every waiting top-class request with tokens; the residents that may
+    give way are ordered by the KV they hold, the most last."""
+    requests = live(*((f"r{i}", to, p) for i, (to, p, _, _) in enumerate(specs)))
+    for r, (_, _, sampled, length) in zip(requests, specs, strict=True):
+        r.prompt, r.output = [1] * length, [7] if sampled else []
+    fairness = PriorityPolicy()
+    order = OnTopClassTTFT().order(requests, fairness)
+    top = max((r.priority for r in requests), default=0)
+    resumed = [fairness.rank(r) for r in requests
+               if r.priority == top and r.output and r.state not in RESIDENT]
+    residents = [i for i, r in enumerate(order) if r.state in RESIDENT]
+    for r in order[:max(residents, default=0)]:
+        assert r.state in RESIDENT or (
+            r.priority == top and not r.output and fairness.rank(r) < min(resumed, default=(1,)))
+    others = [r.num_tokens for r in order if r.state in RESIDENT and r.priority != top]
+    assert others == sorted(others)
+
+
 @pytest.mark.parametrize("name", sorted(PREEMPTION_POLICIES))
 def test_every_policy_swaps_when_it_can(name: str) -> None:
     policy, (r,) = PREEMPTION_POLICIES[name](), live(("r", S.RUNNING, 0))
@@ -138,7 +163,9 @@ def test_on_top_class_ttft_the_longest_gives_way_and_a_preempted_one_does_not_di
                                    req("new", 8, 18, priority=5))
     plan = p.plan()
     assert [x.request_id for x in plan.preemptions] == [victim]
-    while state(p, victim) is not S.SWAPPED:
+    for _ in range(50):
+        if state(p, victim) is S.SWAPPED:
+            break
         run_step(p, plan)
         finish_swaps(p, plan)
         plan = p.plan()
@@ -147,6 +174,28 @@ def test_on_top_class_ttft_the_longest_gives_way_and_a_preempted_one_does_not_di
     plan = p.plan()
     assert bool(plan.preemptions) is displaces
     assert state(p, victim) is S.SWAPPED  # nothing comes in while a resident goes
+
+
+@pytest.mark.parametrize("policy", [OnOrderChange, OnTopClassTTFT])
+def test_a_preempted_request_comes_back_though_its_class_keeps_arriving(
+    policy: type[PreemptionPolicy],
+) -> None:
+    """x, displaced by a higher class that then finishes, is of the top class again but has
+    tokens: newcomers of its class keep arriving, and must not take its room for ever."""
+    p = arrival_beside_two_running(policy(), 20, (req("x", 12, 40, priority=1),
+                                                  req("a", 8, 10, priority=1)),
+                                   req("hi", 56, 4, priority=5))
+    arrivals = 0
+    for _ in range(100):
+        plan = p.plan()
+        run_step(p, plan)
+        finish_swaps(p, plan)
+        if "x" not in p.requests:
+            return
+        while sum(r.state in (S.WAITING, S.QUEUED) for r in p.requests.values()) < 2:
+            arrivals += 1
+            p.add(req(f"n{arrivals}", 32, 8, priority=1))
+    raise AssertionError(f"x is still {state(p, 'x')} after 100 steps and {arrivals} arrivals")
 
 
 def test_on_allocation_failure_the_worst_ranked_resident_gives_way_when_they_cannot_grow() -> None:

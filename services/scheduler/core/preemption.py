@@ -55,15 +55,19 @@ class OnAllocationFailure(PreemptionPolicy):
 
 class OnTopClassTTFT(PreemptionPolicy):
     """A resident gives way for priority only to a request of the top class (the highest
-    `Request.priority` among the live ones) that has not sampled a token yet, whose wait is
-    its TTFT. A request below the top class never displaces one, nor does one that has
-    sampled tokens: its wait is a gap in its stream, and displacing another would open a
-    second gap. Under a preemptive fairness policy the order is:
+    `Request.priority` among the requests the selection pass considers: one of a higher
+    priority that waits for the host meanwhile is not among them) that has not sampled a
+    token yet, whose wait is its TTFT. A request below the top class never displaces one,
+    nor does one that has sampled tokens: its wait is a gap in its stream, and displacing
+    another would open a second gap. Under a preemptive fairness policy the order is:
 
-    1. the top class's residents and its requests without tokens, by rank;
+    1. the top class's residents, and its requests without tokens that rank ahead of every
+       waiting top-class request with tokens, by rank;
     2. the other residents, shortest first: the one holding the most KV (prompt and output)
        gives way first, so that an admission preempts as few as it can;
-    3. the other waiting requests, by rank (the top class's preempted ones first).
+    3. the other waiting requests, by rank: a preempted top-class request comes back before
+       the top-class newcomers behind it, which never take its room (under a steady stream
+       of them it would otherwise wait forever).
 
     Under the other fairness policies, residents come first, as with `OnOrderChange`."""
 
@@ -71,10 +75,13 @@ class OnTopClassTTFT(PreemptionPolicy):
         if not fairness.preemptive:
             return residents_first(live, fairness.rank)
         top = max((r.priority for r in live), default=0)
+        resumed = min((fairness.rank(r) for r in live if r.priority == top and r.output
+                       and r.state not in RESIDENT), default=None)  # the first to come back
         first, others = [], []
         for r in live:
-            (first if r.priority == top and (r.state in RESIDENT or not r.output)
-             else others).append(r)
+            ahead = r.state in RESIDENT or (
+                not r.output and (resumed is None or fairness.rank(r) < resumed))
+            (first if r.priority == top and ahead else others).append(r)
         stay = sorted((r for r in others if r.state in RESIDENT),
                       key=lambda r: (r.num_tokens, fairness.rank(r)))
         return (sorted(first, key=fairness.rank) + stay
