@@ -147,13 +147,17 @@ def parse_settings(text: str) -> list[Setting]:
 def parse_preemption(text: str) -> dict[Mode, str]:
     """`--preemption`: a policy name for every mode, or MODE=POLICY pairs for some; each
     mode left out keeps its own."""
+    text = text.strip()
     if "=" not in text:
         pairs = [(mode.value, text) for mode in MODES] if text else []
     else:
-        pairs = [item.strip().partition("=")[::2] for item in text.split(",") if item.strip()]
+        pairs = [tuple(part.strip() for part in item.partition("=")[::2])
+                 for item in text.split(",") if item.strip()]
     modes = {mode.value: mode for mode in MODES}
     chosen: dict[Mode, str] = {}
     for mode, policy in pairs:
+        if mode in modes and modes[mode] in chosen:
+            raise ValueError(f"bad --preemption {text!r}: {mode} is given twice")
         if mode not in modes or policy not in PREEMPTION_POLICIES:
             raise ValueError(f"bad --preemption {text!r}: use POLICY or MODE=POLICY pairs, "
                              f"MODE in {sorted(modes)}, POLICY in {sorted(PREEMPTION_POLICIES)}")

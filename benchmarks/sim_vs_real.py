@@ -230,6 +230,9 @@ def step_models(calibrated: FittedStepModel, steps: Sequence[LoggedStep], shape:
     logged = fit_step_log(calibrated.deployment, steps)
     if logged is not None:
         fits["log"] = logged
+    if shape not in fits:
+        print(f"sim_vs_real: {len(steps)} logged steps are too few to fit the step shape on; "
+              "the calibration's shape is used, at the run's load factor", file=sys.stderr)
     timed = sum(s.duration_s for s in steps)
     report: dict[str, Any] = {
         "load_factor": factor,

@@ -36,6 +36,8 @@ class StepLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        if self._file.tell() and not _ends_a_line(self.path):  # a killed scheduler's partial
+            self._file.write("\n")                            # line ends here, not in ours
 
     def record(self, plan: StepPlan, duration_s: float) -> None:
         if self._file.closed:
@@ -55,15 +57,23 @@ class StepLog:
             self._file.close()
 
 
+def _ends_a_line(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
 def read_step_log(path: str | Path) -> list[LoggedStep]:
-    """The steps logged at `path`, in the order they completed (a partial last line, from
-    a scheduler killed mid-write, is left out)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """The steps logged at `path`, in the order they completed. A partial line, from a
+    scheduler killed mid-write (the last line, or one a later scheduler wrote after), is
+    left out."""
     steps = []
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
-        row = json.loads(line)
-        steps.append(LoggedStep(row["iteration"], tuple((s, n) for s, n in row["batch"]),
-                                row["duration_s"]))
+    for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row = json.loads(line) if line.endswith("\n") else None
+        except json.JSONDecodeError:
+            row = None
+        if row is not None:
+            steps.append(LoggedStep(row["iteration"], tuple((s, n) for s, n in row["batch"]),
+                                    row["duration_s"]))
     return steps

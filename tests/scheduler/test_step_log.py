@@ -1,6 +1,6 @@
 """The step log's failures: a path that cannot be opened stops the scheduler before it starts,
-a write that fails gives the log up with one warning (never the step), and a partial last
-line, from a scheduler killed mid-write, is left out when read."""
+a write that fails gives the log up with one warning (never the step), and a partial line,
+from a scheduler killed mid-write, is left out when read, also once another has appended."""
 
 from __future__ import annotations
 
@@ -48,3 +48,7 @@ def test_a_partial_last_line_is_left_out(tmp_path: Path) -> None:
     with path.open("a") as f:
         f.write('{"iteration": 8, "batch": [[8,')
     assert read_step_log(path) == [LoggedStep(7, ((7, 1),), 0.5)]
+    again = StepLog(path)  # a restarted scheduler appends after the partial line
+    again.record(plan(9), 0.25)
+    again.close()
+    assert read_step_log(path) == [LoggedStep(7, ((7, 1),), 0.5), LoggedStep(9, ((9, 1),), 0.25)]

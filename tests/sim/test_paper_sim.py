@@ -382,9 +382,13 @@ def test_preemption_is_one_policy_for_every_mode_or_one_per_mode_named() -> None
     assert paper_sim.parse_preemption("on-order-change") == dict.fromkeys(Mode, "on-order-change")
     assert paper_sim.parse_preemption("fastswitch=on-top-class-ttft, vllm-v1=on-order-change") == {
         Mode.FASTSWITCH: "on-top-class-ttft", Mode.VLLM_V1: "on-order-change"}
+    assert paper_sim.parse_preemption(" fastswitch = on-top-class-ttft ") == {
+        Mode.FASTSWITCH: "on-top-class-ttft"}
     for bad in ("no-such-policy", "fastswitch=no-such-policy", "no-such-mode=on-order-change"):
         with pytest.raises(ValueError, match="MODE=POLICY"):
             paper_sim.parse_preemption(bad)
+    with pytest.raises(ValueError, match="fastswitch is given twice"):
+        paper_sim.parse_preemption("fastswitch=on-order-change,fastswitch=on-top-class-ttft")
 
 
 def test_main_rejects_a_model_that_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
