@@ -240,11 +240,10 @@ def step_models(calibrated: FittedStepModel, steps: Sequence[LoggedStep], shape:
         "step_shape": shape if shape in fits else "calibration",
     }
     for name, model in fits.items():
-        priced = sum(model.executor_s(s.batch) for s in steps)
         report[f"{name}_fit"] = {
             **step_coefficients(model), "median_abs_step_error": step_fit_error(model, steps),
             "multi_tile_median_error": multi_tile_error(model, steps),
-            "priced_over_timed": priced / timed if timed > 0 else 1.0}
+            "priced_over_timed": 1 / load_factor(model, steps)}
     return fits[report["step_shape"]], report
 
 
