@@ -175,12 +175,16 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         it is then settled, and the step that follows it may begin."""
         async with self._settled:
             try:
-                remaining = context.time_remaining()
+                limit = context.time_remaining()
+                deadline_first = limit is not None and limit < FOLLOW_WAIT_S
                 followed = not request.HasField("follows") or await _wait_for(
                     self._settled, lambda: request.follows in self._recently_settled,
-                    FOLLOW_WAIT_S if remaining is None else min(remaining, FOLLOW_WAIT_S))
+                    limit if deadline_first else FOLLOW_WAIT_S)
                 remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
+                # A wait cut short by the deadline is the deadline's doing, whatever the
+                # two clocks say just after it (gRPC's may still show a little left).
+                if (not followed and deadline_first) or (remaining is not None
+                                                         and remaining <= 0):
                     await context.abort(
                         grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step ran"
                     )
