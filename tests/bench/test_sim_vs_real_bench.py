@@ -135,17 +135,36 @@ def test_the_simulated_ttfts_are_the_clients_the_run_s_hop_added() -> None:
                                              sim_vs_real.step_coefficients(fitted()).items()}}
     truth = replace(fitted(), deployment=sim_vs_real.cpu_deployment(512))
 
-    def sim(hop_s: float) -> dict:
-        real = sim_vs_real.RealRun({}, {"step_overhead_mean_s": 0.0, "store_round_trip_s": 1e-3,
-                                        "client_hop_s": hop_s}, run_steps(truth), 512)
-        return sim_vs_real.run_sim(Mode.FASTSWITCH, sim_vs_real.workload(args), calibration,
-                                   real, args)
+    def sim(hop_s: float) -> sim_vs_real.Latencies:
+        real = sim_vs_real.RealRun(
+            sim_vs_real.Latencies([], [], 0, 0.0),
+            {"step_overhead_mean_s": 0.0, "store_round_trip_s": 1e-3, "client_hop_s": hop_s},
+            run_steps(truth), 512)
+        latencies, _ = sim_vs_real.run_sim(Mode.FASTSWITCH, sim_vs_real.workload(args),
+                                           calibration, real, args)
+        return latencies
 
     at_the_scheduler, at_the_client = sim(0.0), sim(0.005)
-    assert at_the_client["p50_ttft_s"] == pytest.approx(at_the_scheduler["p50_ttft_s"] + 0.005)
-    assert at_the_client["ttft_deciles_s"] == pytest.approx(
-        [t + 0.005 for t in at_the_scheduler["ttft_deciles_s"]])
-    assert at_the_client["p99_tbt_s"] == at_the_scheduler["p99_tbt_s"]
+    assert at_the_client.ttfts == pytest.approx([t + 0.005 for t in at_the_scheduler.ttfts])
+    assert at_the_client.tbts == at_the_scheduler.tbts
+
+
+def test_runs_are_pooled_before_the_percentiles_are_taken() -> None:
+    # Each run alone has a median TTFT of 1 s or 2 s; pooled, the median is 1 s, taken
+    # over all six turns, and throughput is all tokens over both spans.
+    one = sim_vs_real.Latencies([1.0, 1.0, 1.0], [0.1], 30, 2.0)
+    two = sim_vs_real.Latencies([2.0, 2.0, 9.0], [0.3], 10, 3.0)
+    pooled = sim_vs_real.Latencies.pooled([one, two])
+    assert pooled.ttfts == [1.0, 1.0, 1.0, 2.0, 2.0, 9.0] and pooled.tbts == [0.1, 0.3]
+    assert pooled.metrics() == {"p50_ttft_s": 1.0, "p95_ttft_s": 9.0, "p99_tbt_s": 0.3,
+                                "throughput_tok_s": 8.0}
+
+
+def test_seeds_are_distinct_integers() -> None:
+    assert sim_vs_real.parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("", "1,1", "a"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            sim_vs_real.parse_seeds(bad)
 
 
 def test_deciles_are_the_nearest_rank_tenths() -> None:
@@ -164,12 +183,17 @@ def test_errors_are_relative_and_named_error() -> None:
 def test_a_small_run_reports_every_error(tmp_path: Path) -> None:
     out = tmp_path / "sim_vs_real.json"
     assert sim_vs_real.main(["--conversations", "2", "--modes", "fastswitch", "--repeats", "1",
-                             "--json", str(out)]) == 0
+                             "--seeds", "0,1", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["calibration"]["copy_bandwidth_bytes_per_s"] > 0
     row = doc["modes"]["fastswitch"]
-    assert row["sim"]["load_factor"] > 0 and row["real_measured"]["steps"] > 0
-    assert row["sim"]["step_shape"] in {"log", "calibration"}
+    assert [run["seed"] for run in row["runs"]] == [0, 1]
+    for run in row["runs"]:
+        assert run["sim"]["load_factor"] > 0 and run["real_measured"]["steps"] > 0
+        assert run["sim"]["step_shape"] in {"log", "calibration"}
+    # the pooled row is taken over both seeds' turns
+    assert row["real_measured"]["turns"] == sum(run["real_measured"]["turns"]
+                                                for run in row["runs"]) > 0
     assert len(row["sim"]["ttft_deciles_s"]) == len(row["real_measured"]["ttft_deciles_s"]) == 9
     errors = [k for k in doc["modes"]["fastswitch"] if "error" in k]
     assert {"p50_ttft_error", "p95_ttft_error", "p99_tbt_error", "throughput_tok_error"} <= set(

@@ -154,7 +154,11 @@ def test_a_step_samples_only_its_sampling_rows(engine: ExecutorEngine) -> None:
                                           -torch.inf).argmax())
     assert [(t.request_id, t.token_id) for t in result.tokens] == [
         ("greedy", runner_up), ("seeded", int(drawn[0]))]
-    assert result.tokens[0].logprob == float(logits[0].double().log_softmax(-1)[runner_up])
+    # The fast mode's logits depend on the rows beside them in their last bits (the step
+    # projects only its sampling rows, the reference all three; some CPUs' GEMMs block
+    # two rows and three differently).
+    assert result.tokens[0].logprob == pytest.approx(
+        float(logits[0].double().log_softmax(-1)[runner_up]), rel=1e-6)
     assert result.tokens[1].logprob is None
 
 

@@ -503,19 +503,23 @@ async def test_a_call_that_timed_out_is_undone_by_the_next_one(
     running = await start()
     servicer = running.server.servicer
     run = servicer.run
+    done = asyncio.Event()
 
     async def late(*args: object, **kwargs: object) -> object:
         result = await run(*args, **kwargs)  # type: ignore[arg-type]
-        await asyncio.sleep(0.5)  # answered after the caller's deadline
+        done.set()
+        await asyncio.sleep(2.0)  # answered after the caller's deadline
         return result
 
     servicer.run = late  # type: ignore[method-assign]
-    client = running.client(timeout_s=0.2)
+    # A deadline long enough for the call to reach the store on a loaded machine (a call
+    # still queued when it passes is never run, and there is nothing to undo).
+    client = running.client(timeout_s=1.0)
     tokens = list(range(8))
     ops = [Reserve(1, "c", chain_of(tokens), 8), Pin(2, "d", chain_of([1]), 1)]
     assert await client.execute(ops) == unanswered(ops)
     assert client.failing and client.held == (0, 0)
-    await asyncio.sleep(0.5)
+    await asyncio.wait_for(done.wait(), 10)
     assert await held(running.stub) == (2, 0, 1)  # done on the store, owned by no one
     servicer.run = run  # type: ignore[method-assign]
     await client.execute([Release("x")])  # carries the abandonment

@@ -20,8 +20,9 @@ class Switches:
     swap_preemption: bool = True  # preempt by swapping out; off: recompute (vLLM v1)
     device_cache: bool = True  # finished and recomputed KV stays on the device, evictable
     # Each block goes to the host once it is full, in the background (vLLM v1's offload):
-    # a later swap-out then copies only the tail. On for fastswitch too: measured, it cuts
-    # P95 TTFT by 17-20% in `paper_sim --quick` (see the README's ablations).
+    # a later swap-out then copies only the tail. On for fastswitch too: measured, it cut
+    # P95 TTFT by 17-20% in `paper_sim --quick`; on the paper's load its effect is mixed
+    # (the README's ablations).
     eager_offload: bool = True
     # Stores only the prompt's blocks, eagerly and at a turn's end: vLLM v1's
     # OffloadingConnector default (`offload_prompt_only`, vllm#43797). Decode KV stays on the
