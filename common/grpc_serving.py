@@ -1,6 +1,6 @@
 """What every FastSwitch gRPC server carries: grpc.health.v1, reflection (so `grpcurl`
-works), SERVING once ready, a stop on SIGTERM or SIGINT, and requests that do not parse
-refused with INVALID_ARGUMENT."""
+works), SERVING once ready, a stop on SIGTERM or SIGINT, requests that do not parse refused
+with INVALID_ARGUMENT, and a port of its own (`SERVER_OPTIONS`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# grpc sets SO_REUSEPORT by default, so a second server could bind a port a live one holds,
+# and the kernel would split new connections between the two: a client of one service
+# would reach another (UNIMPLEMENTED), or a stale process, at random. Off, the second bind
+# fails (`tls.listen`).
+SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 log = logging.getLogger("fastswitch.grpc")
 Before = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]

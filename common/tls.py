@@ -66,10 +66,16 @@ class ServerTls:
 
 
 def listen(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
-    """Adds `address` to `server`, over TLS when `tls` is enabled; returns the port."""
-    if tls is not None and tls.enabled:
-        return server.add_secure_port(address, tls.credentials())
-    return server.add_insecure_port(address)
+    """Adds `address` to `server`, over TLS when `tls` is enabled; returns the port. Exits
+    with the address where it cannot be bound (held by another process, or not this
+    host's)."""
+    try:
+        if tls is not None and tls.enabled:
+            return server.add_secure_port(address, tls.credentials())
+        return server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise SystemExit(f"cannot listen on {address}: it is in use or not an address of "
+                         f"this host ({error})") from None
 
 
 @dataclass(frozen=True, slots=True)

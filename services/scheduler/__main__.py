@@ -36,6 +36,7 @@ from common.auth import (
 )
 from common.chat_template import ChatTemplate, ChatTemplateError, find_template
 from common.grpc_serving import (
+    SERVER_OPTIONS,
     RefuseUndecodable,
     add_health_and_reflection,
     mark_serving,
@@ -383,7 +384,8 @@ async def serve(args: argparse.Namespace) -> None:
     planner = Planner(config, POLICIES[args.policy](), desc.model_fingerprint,
                       PREEMPTION_POLICIES[args.preemption or config.mode.preemption]())
     metrics = SchedulerMetrics()
-    server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()])
+    server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()],
+                             options=SERVER_OPTIONS)
     health_servicer = add_health_and_reflection(server, SERVICE)
 
     async def on_health(ok: bool) -> None:
