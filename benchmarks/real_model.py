@@ -1,10 +1,12 @@
 """The stack against HF `generate` on the real SmolLM2-135M-Instruct checkpoint, in one run.
 
-HF first (alone on the machine), then the stack (LocalStack: fast path, fastswitch mode):
+HF alone on the machine, then the stack (LocalStack: fast path, fastswitch mode), then HF
+again (the ratios take HF's mean):
 greedy decoding of `--max-tokens` tokens, at batch 1 on both and with `--concurrency`
-requests at once on the stack. Prompts go to the scheduler as HF-tokenized ids. Both sides
-generate exactly `--max-tokens` (HF's `min_new_tokens`, the stack's `ignore_eos`); every rate
-is generated tokens over wall time, prefill included.
+requests at once on the stack, its executor on as many threads as HF. Prompts go to the
+scheduler as HF-tokenized ids. Both sides generate exactly `--max-tokens` (HF's
+`min_new_tokens`, the stack's `ignore_eos`); every rate is generated tokens over wall time,
+prefill included.
 `--json FILE` records the raw rates and `stack_over_hf_batch1`, `stack8_over_hf_batch1`.
 Timings are real but noisy on a shared 2-core machine.
 """
@@ -39,6 +41,13 @@ PROMPTS = [
 
 def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def hf_threads() -> int:
+    """The intra-op threads HF `generate` runs on in this process."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def hf_batch1(folder: Path, prompts: list[list[int]], max_tokens: int) -> float:
@@ -79,8 +88,11 @@ async def stack_rate(
 async def stack_rates(
     folder: Path, prompts: list[list[int]], max_tokens: int, concurrency: int, log_dir: str
 ) -> tuple[float, float]:
+    # The executor computes on as many threads as HF does here (torch's default: every
+    # core), not on its own default, which leaves one core to the scheduler.
     config = StackConfig(checkpoint=str(folder), batch_invariant=False, log_dir=log_dir,
-                         num_gpu_blocks=64 + concurrency * 16)
+                         num_gpu_blocks=64 + concurrency * 16,
+                         extra_env={"FASTSWITCH_EXECUTOR_THREADS": str(hf_threads())})
     log(f"[stack] starting (logs in {log_dir}) ...")
     with LocalStack(config) as stack:
         async with FastSwitchClient(stack.scheduler_address) as client:
@@ -103,19 +115,27 @@ def main(argv: list[str] | None = None) -> int:
     folder = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
+    # HF before and after the stack: the machine's speed drifts by tens of percent within
+    # minutes here, and the ratios take HF's mean of the two.
     log(f"[hf] batch 1, {args.max_tokens} tokens per prompt ...")
-    hf = hf_batch1(folder, prompts[:2], args.max_tokens)
+    hf_before = hf_batch1(folder, prompts[:2], args.max_tokens)
     with tempfile.TemporaryDirectory(prefix="fastswitch-real-") as log_dir:
         batch1, many = asyncio.run(
             stack_rates(folder, prompts, args.max_tokens, args.concurrency, log_dir)
         )
+    log("[hf] again, after the stack ...")
+    hf_after = hf_batch1(folder, prompts[:2], args.max_tokens)
+    hf = (hf_before + hf_after) / 2
     result: dict[str, Any] = {
         "checkpoint": str(folder),
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
         "hf_batch1_tok_s": hf,
+        "hf_batch1_tok_s_before": hf_before,
+        "hf_batch1_tok_s_after": hf_after,
         "stack_batch1_tok_s": batch1,
         "stack_concurrent_tok_s": many,
+        "threads": hf_threads(),
         "stack_over_hf_batch1": batch1 / hf,
         "stack8_over_hf_batch1": many / hf,
         "load_average": os.getloadavg(),

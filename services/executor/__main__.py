@@ -8,8 +8,7 @@ Steps take the fast path unless --batch-invariant (FASTSWITCH_EXECUTOR_BATCH_INV
 asks for bit-identical results whatever the batch, as bit-exact preemption tests need.
 With --backend cupy and Triton attention, decode-only steps replay CUDA graphs unless
 --no-cuda-graphs (FASTSWITCH_EXECUTOR_CUDA_GRAPHS=0); the CPU backend ignores the flag.
-On the CPU backend it computes on every core but one (every core on two or fewer) unless
---threads says otherwise.
+On the CPU backend it computes on every core but one unless --threads says otherwise.
 
 It serves only the scheduler: it listens on 127.0.0.1 unless --listen says otherwise, and
 with an internal token (FASTSWITCH_INTERNAL_TOKEN or FASTSWITCH_INTERNAL_TOKEN_FILE, shared
@@ -125,15 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cpu_threads() -> int:
-    """Every core this process may use but one, or every core where there are at most two.
-    With lookahead the scheduler plans while a step runs, and needs little of a core, so on
-    two cores leaving one to it costs the executor half its compute for little: SmolLM2
-    through the stack (`benchmarks.real_model`) ran 17.6-17.9 tokens/s at batch 1 and 75-84
-    with 8 requests at once on 2 threads, against 12.9-13.6 and 45-52 on 1. (Before
-    lookahead it was the other way round: 37.5 tokens/s with 8 requests on 2 threads, 53 on
-    1.) On more cores one is left to the scheduler and the KV store."""
-    cores = len(os.sched_getaffinity(0))
-    return cores if cores <= 2 else cores - 1
+    """Every core this process may use but one, at least one: the scheduler and the KV store
+    keep a core, and OpenMP's workers, spinning after each parallel region, do not steal it.
+    Which is faster depends on the model. On 2 cores, with lookahead, the tiny model in the
+    batch-invariant mode ran a multi-turn load (`benchmarks.sim_vs_real`, vllm-v1, one seed)
+    at 107 and 130 tokens/s on 1 thread, and at 78 and 94 on 2, its steps of small parallel
+    regions stalling whenever the scheduler took a core; SmolLM2 in the fast mode
+    (`benchmarks.real_model`) ran 15.7-17.9 tokens/s at batch 1 and 66-84 with 8 requests
+    at once on 2 threads, against 9.6-13.6 and 36-52 on 1. `--threads` picks per
+    deployment."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 async def serve(args: argparse.Namespace, engine: ExecutorEngine, token: str = "",
