@@ -37,12 +37,12 @@
    host reuse every turn asks the host first, the first turn too.
 3. **Report** per mode the relative error (sim - real) / real of P50 and P95 TTFT, P99 TBT and
    throughput, under keys ending in `_error`, taken over every seed's turns (the runs pooled:
-   one seed's 75 turns make its P95 TTFT their fourth largest, which a few turns that queue
+   one seed's 57 turns make its P95 TTFT their third largest, which a few turns that queue
    behind a prefill or not move by 25%). The goal is |error| <= 0.2 for each. Beside them,
    the TTFT deciles of both, and under `runs` each seed's own comparison: what its real run
    measured (`real_measured`), the simulator's counts and both step fits (`sim`).
 
-About 8 minutes on two shared cores. Writes JSON with `--json`.
+About 7 minutes on two shared cores. Writes JSON with `--json`.
 """
 
 from __future__ import annotations
