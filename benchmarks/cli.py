@@ -22,15 +22,28 @@ def parse_modes(text: str) -> list[Mode]:
     return modes
 
 
-def parse_ints(text: str) -> list[int]:
-    """A comma list of positive integers (`--batch 1,8,32`)."""
+def comma_ints(text: str) -> list[int]:
+    """A comma list of integers, possibly empty."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+
+
+def parse_ints(text: str) -> list[int]:
+    """A comma list of positive integers (`--batch 1,8,32`)."""
+    values = comma_ints(text)
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive integers")
     return values
+
+
+def parse_seeds(text: str) -> list[int]:
+    """A comma list of distinct integers (`--seeds 0,1,2`)."""
+    seeds = comma_ints(text)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"give distinct seeds, got {text!r}")
+    return seeds
 
 
 def write_json(path: Path, document: Any) -> None:

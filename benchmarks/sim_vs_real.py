@@ -64,7 +64,7 @@ import grpc
 import numpy as np
 import torch
 
-from benchmarks.cli import parse_modes
+from benchmarks.cli import parse_modes, parse_seeds
 from benchmarks.sim.copy_engine import KvLayout, LinkModel
 from benchmarks.sim.cost_model import SequenceWork, StepCostModel
 from benchmarks.sim.costs import SimCost
@@ -580,17 +580,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                        for k, v in vars(args).items() if k != "json"},
             "calibration": calibration, "goal_abs_error_at_most": GOAL,
             "taken_from_the_real_run": TAKEN_FROM_THE_REAL_RUN, "modes": modes}
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds are a comma list of integers, got {text!r}"
-                                         ) from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"give distinct seeds, got {text!r}")
-    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import sim_vs_real
+from benchmarks.cli import parse_seeds
 from benchmarks.sim.hardware import A10, LLAMA3_8B, Deployment
 from services.scheduler.core.config import Mode
 from services.scheduler.step_log import LoggedStep
@@ -161,10 +162,10 @@ def test_runs_are_pooled_before_the_percentiles_are_taken() -> None:
 
 
 def test_seeds_are_distinct_integers() -> None:
-    assert sim_vs_real.parse_seeds("0, 1,2") == [0, 1, 2]
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
     for bad in ("", "1,1", "a"):
         with pytest.raises(argparse.ArgumentTypeError):
-            sim_vs_real.parse_seeds(bad)
+            parse_seeds(bad)
 
 
 def test_deciles_are_the_nearest_rank_tenths() -> None:
