@@ -15,8 +15,9 @@ the executor engine (`begin_step` then `run_step`, as the service runs a step), 
                        bandwidth measured in the same run by a device-to-device copy; null
                        on a CPU (a dry run computes it anyway, to run the code)
   hf_ms_per_step       with `--hf`: HF `generate` with a static cache at the same shapes, on
-                       the model's own weight tensors: (time for steps+1 new tokens - time
-                       for 1) / steps; eager (`disable_compile`), as the engine is
+                       the model's own weight tensors: the time from its first new token to
+                       its last over the `steps` forwards between, in one run; eager
+                       (`disable_compile`), as the engine is
   over_hf              hf_ms_per_step / ms_per_step
 
 Weight bytes are those a step reads: every parameter but the embedding table, of which a
@@ -318,27 +319,36 @@ def hf_peer(config: ModelConfig, model: DecoderModel) -> nn.Module:
     return hf.eval()
 
 
-def hf_generate_s(hf: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for HF `generate` to add exactly `new_tokens` to every row of `ids`."""
-    synchronize(ids.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                    disable_compile=True, pad_token_id=0)
-    synchronize(ids.device)
-    return time.perf_counter() - started
+class StepClock:
+    """A logits processor that only notes when HF's generate calls it: once per new token,
+    right after that token's forward (synchronized on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def hf_ms_per_step(hf: nn.Module, shape: Shape, steps: int, vocab: int,
                    device: torch.device) -> float:
-    """HF's decode step at `shape`: the prefill cancels out of the difference."""
+    """HF's decode step at `shape`: generate `steps + 1` tokens and time the `steps` forwards
+    between the first token's (which is the prefill's) and the last's. Timed within the one
+    run: a difference of two runs would carry the noise of two prefills."""
     generator = torch.Generator().manual_seed(shape.batch * 100_003 + shape.context)
     ids = torch.randint(1, vocab, (shape.batch, shape.context), generator=generator)
     ids = ids.to(device)
-    one = hf_generate_s(hf, ids, 1)
-    many = hf_generate_s(hf, ids, steps + 1)
-    return (many - one) / steps * 1e3
+    clock = StepClock(device)
+    with torch.inference_mode():
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
+                    min_new_tokens=steps + 1, do_sample=False, cache_implementation="static",
+                    disable_compile=True, pad_token_id=0, logits_processor=[clock])
+    if len(clock.times) != steps + 1:
+        raise RuntimeError(f"HF generate made {len(clock.times)} steps, not {steps + 1}")
+    return (clock.times[-1] - clock.times[0]) / steps * 1e3
 
 
 def goal_row(rows: Sequence[Row], batch: int, contexts: Sequence[int]) -> Row | None:
@@ -499,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hf:
         try:
             hf = hf_peer(config, model)
-            hf_generate_s(hf, torch.ones((1, 8), dtype=torch.int64, device=device), 2)  # warm-up
+            hf_ms_per_step(hf, Shape(1, 8, 11), 2, config.vocab_size, device)  # warm-up
         except ImportError as exc:
             hf, hf_missing = None, f"transformers is not importable: {exc}"
         except Exception as exc:  # the peer's failure is no verdict on the engine

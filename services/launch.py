@@ -43,11 +43,27 @@ from services.executor.options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from services.scheduler.core.config import Mode
 from services.scheduler.core.policy import POLICIES
 
+PORT_TRIES = 3  # ports `spawn` picks for a child before it gives up
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_taken(port: int) -> bool:
+    """Whether another socket holds `port` on the loopback address."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+class ChildExited(RuntimeError):
+    """A child process ended before it served."""
 
 
 @dataclass
@@ -244,8 +260,21 @@ class LocalStack:
     def spawn(self, name: str, args: Sequence[str], timeout_s: float = 120.0,
               port: int | None = None) -> Child:
         """Starts `python -m services.<name> --port P ARGS` and waits until it serves; if it
-        does not, kills it and raises."""
-        port = port or free_port()
+        does not, kills it and raises. Without `port` it picks a free one; where another
+        process takes that port before the child binds it (the child exits saying so), it
+        picks again, `PORT_TRIES` times in all."""
+        tried = 0
+        while True:
+            chosen = port or free_port()
+            tried += 1
+            try:
+                return self._spawn_on(name, args, timeout_s, chosen)
+            except ChildExited:
+                if port or tried == PORT_TRIES or not port_taken(chosen):
+                    raise
+
+    def _spawn_on(self, name: str, args: Sequence[str], timeout_s: float, port: int
+                  ) -> Child:
         log = None
         if self.config.log_dir:
             Path(self.config.log_dir).mkdir(parents=True, exist_ok=True)
@@ -296,7 +325,7 @@ def wait_serving(child: Child, timeout_s: float, tls: ClientTls | None = None) -
     if child.name == "http":
         while (problem := check_http(child.address, timeout_s=1)) is not None:
             if child.process.poll() is not None:
-                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+                raise ChildExited(f"{child.name} exited with code {child.process.returncode}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{child.name} not serving after {timeout_s:.0f} s: {problem}")
             time.sleep(0.2)
@@ -305,7 +334,7 @@ def wait_serving(child: Child, timeout_s: float, tls: ClientTls | None = None) -
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if child.process.poll() is not None:
-                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+                raise ChildExited(f"{child.name} exited with code {child.process.returncode}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

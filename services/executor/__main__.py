@@ -126,13 +126,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def cpu_threads() -> int:
     """Every core this process may use but one, at least one: the scheduler and the KV store
     keep a core, and OpenMP's workers, spinning after each parallel region, do not steal it.
-    Which is faster depends on the model. On 2 cores, with lookahead, the tiny model in the
-    batch-invariant mode ran a multi-turn load (`benchmarks.sim_vs_real`, vllm-v1, one seed)
-    at 107 and 130 tokens/s on 1 thread, and at 78 and 94 on 2, its steps of small parallel
-    regions stalling whenever the scheduler took a core; SmolLM2 in the fast mode
-    (`benchmarks.real_model`) ran 15.7-17.9 tokens/s at batch 1 and 66-84 with 8 requests
-    at once on 2 threads, against 9.6-13.6 and 36-52 on 1. `--threads` picks per
-    deployment."""
+    Which is faster depends on the model. On 2 cores, with lookahead and steps computed on
+    one thread (`ExecutorService(step_threads=...)`): SmolLM2 in the fast mode ran 21.8
+    tokens/s at batch 1 and 87 with 8 requests at once on 2 threads, against 13.8 and 63.5 on
+    1; the tiny model in the batch-invariant mode (`benchmarks.stack`, fastswitch and
+    vllm-v1, 8 clients) ran 46-51 tokens/s either way. `--threads` picks per deployment."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
@@ -144,7 +142,7 @@ async def serve(args: argparse.Namespace, engine: ExecutorEngine, token: str = "
     recording = asyncio.create_task(metrics.record_swaps(completions))
     server = grpc.aio.server(interceptors=[metrics.rpc_errors, *token_interceptors(token),
                                            RefuseUndecodable()], options=SERVER_OPTIONS)
-    service = ExecutorService(engine, metrics)
+    service = ExecutorService(engine, metrics, step_threads=args.threads)
     health = add_to_server(service, server)
     serve_metrics(args.metrics_port, args.listen, metrics.registry,
                   metrics_token(args.metrics_token, args.metrics_token_file))
@@ -172,9 +170,9 @@ def main(argv: list[str] | None = None) -> None:
                what="an internal token (FASTSWITCH_INTERNAL_TOKEN or "
                     "FASTSWITCH_INTERNAL_TOKEN_FILE) or mutual TLS")
     checkpoint = args.checkpoint or tiny_checkpoint()
-    threads = args.threads or (cpu_threads() if args.backend == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
+    args.threads = args.threads or (cpu_threads() if args.backend == "cpu" else 0)
+    if args.threads:  # the model loads on one; steps run on `threads` (ExecutorService)
+        torch.set_num_threads(1)
     try:
         engine = ExecutorEngine.load(
             checkpoint,

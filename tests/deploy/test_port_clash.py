@@ -1,17 +1,26 @@
 """A service never shares its port: where a live server holds it, the service exits saying
-so, instead of the kernel splitting connections between the two (grpc's SO_REUSEPORT)."""
+so, instead of the kernel splitting connections between the two (grpc's SO_REUSEPORT); a
+local stack whose pick of a free port was taken first picks another."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from common.grpc_serving import SERVER_OPTIONS
 from common.tls import listen
+from services import launch
+from services.launch import ChildExited, LocalStack, StackConfig
+
+KVSTORE_ARGS = ["--num-blocks", "4", "--block-bytes", "64", "--block-size", "16",
+                "--fingerprint", "port-clash"]
+fresh_port = launch.free_port
 
 
 @pytest.fixture
@@ -34,9 +43,32 @@ async def test_grpcs_default_would_share_the_port_ours_refuses_it(held_port: int
 
 async def test_a_service_started_on_a_held_port_exits_saying_so(held_port: int) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "services.kvstore", "--port", str(held_port), "--num-blocks",
-         "4", "--block-bytes", "64", "--block-size", "16", "--fingerprint", "port-clash"],
+        [sys.executable, "-m", "services.kvstore", "--port", str(held_port), *KVSTORE_ARGS],
         capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{held_port}: it is in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_stack_picks_another_port_when_its_pick_is_taken_first(
+    held_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race `free_port` leaves open: another process binds the port between the pick and
+    the child's bind. The child exits saying so, and the stack picks again."""
+    picks = iter([held_port])
+    monkeypatch.setattr(launch, "free_port", lambda: next(picks, None) or fresh_port())
+    stack = LocalStack(StackConfig(log_dir=str(tmp_path)))
+    try:
+        child = await asyncio.to_thread(stack.spawn, "kvstore", KVSTORE_ARGS, 60)
+        assert child.port != held_port and child.process.poll() is None
+    finally:
+        stack.stop()
+    assert f"cannot listen on 127.0.0.1:{held_port}" in (tmp_path / "kvstore.log").read_text()
+
+
+async def test_a_port_asked_for_is_not_swapped_for_another(held_port: int, tmp_path: Path
+                                                          ) -> None:
+    stack = LocalStack(StackConfig(log_dir=str(tmp_path)))
+    with pytest.raises(ChildExited, match="kvstore exited with code 1"):
+        await asyncio.to_thread(stack.spawn, "kvstore", KVSTORE_ARGS, 60, held_port)
+    assert not stack.children

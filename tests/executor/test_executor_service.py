@@ -581,3 +581,24 @@ def test_threads_default_to_every_core_but_one_and_refuse_a_negative_count(
     assert cpu_threads() == threads
     with pytest.raises(SystemExit):
         parse_args(["--threads", "-1"])
+
+
+def test_steps_compute_on_their_threads_and_every_other_thread_on_one() -> None:
+    """`compute_on`, in a process of its own: it sets torch's process-wide count. The launch
+    thread keeps its count after torch's first setup of that thread (which would reset it),
+    and neither this thread nor one started later opens a team of OpenMP threads."""
+    script = (
+        "import json, torch\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from services.executor.service import compute_on\n"
+        "torch.set_num_threads(2)\n"
+        "launch = ThreadPoolExecutor(1)\n"
+        "compute_on(launch, 3)\n"
+        "later = ThreadPoolExecutor(1)\n"
+        "counts = [launch.submit(torch.get_num_threads).result(), torch.get_num_threads(),\n"
+        "          later.submit(torch.get_num_threads).result()]\n"
+        "print(json.dumps(counts))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert json.loads(done.stdout) == [3, 1, 1]

@@ -15,6 +15,7 @@ from services.executor.model import (
     SequenceStep,
     load_checkpoint,
 )
+from services.executor.model.layers import Projection
 from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 BLOCK = 16
@@ -217,6 +218,29 @@ def assert_near(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_the_fast_path_is_the_default(fast: DecoderModel) -> None:
     assert not fast.batch_invariant
     assert not DecoderModel(fast.config).batch_invariant
+
+
+def test_cpu_projections_of_four_rows_and_more_read_a_column_major_copy(tmp_path: Path
+                                                                       ) -> None:
+    """`Projection`: HF's row-major weight stays the parameter (ties and state_dict as they
+    were); 4 rows or more multiply a column-major copy, made once and again after the
+    weight changes, to the same values as `F.linear` on the weight."""
+    _, model = load_checkpoint(make_tiny_checkpoint(tmp_path, arch="qwen2", seed=4))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as Qwen2's are
+    assert not [name for name in model.state_dict() if "by_column" in name]
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, Projection) and q.bias is not None and q.weight.is_contiguous()
+    for rows in (1, 3, 4, 32):
+        x = torch.randn(rows, q.in_features)
+        torch.testing.assert_close(q(x), F.linear(x, q.weight, q.bias))
+    by_column = q.weight_by_column()
+    assert by_column.is_contiguous() and torch.equal(by_column, q.weight.t())
+    assert q.weight_by_column() is by_column
+    with torch.no_grad():
+        q.weight.mul_(2)
+    assert torch.equal(q.weight_by_column(), q.weight.t())
+    x = torch.randn(8, q.in_features)
+    torch.testing.assert_close(q(x), F.linear(x, q.weight, q.bias))
 
 
 def test_fast_path_matches_the_invariant_path(model: DecoderModel, fast: DecoderModel) -> None:

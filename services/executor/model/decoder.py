@@ -40,7 +40,7 @@ from services.executor.model.batch import PackedInputs, SequenceStep, StepInputs
 from services.executor.model.config import ModelConfig
 from services.executor.model.fingerprint import weights_digest
 from services.executor.model.kv_cache import KVCacheGeometry
-from services.executor.model.layers import DecoderLayer, RMSNorm, RotaryTable
+from services.executor.model.layers import DecoderLayer, Projection, RMSNorm, RotaryTable
 
 ROWS_PER_TILE = 32
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -83,7 +83,7 @@ class DecoderModel(nn.Module):
         self.attention = attention  # a name from ATTENTION_BACKENDS
         self._backends: dict[torch.device, PagedAttention] = {}
         self.model = DecoderBody(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Projection(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryTable(config)

@@ -9,6 +9,42 @@ from torch import nn
 from services.executor.model.config import ModelConfig
 from services.executor.model.rope import rope_frequencies
 
+BY_COLUMN_FROM_ROWS = 4  # a CPU projection of this many rows or more reads its weight by column
+
+
+class Projection(nn.Linear):
+    """`nn.Linear`, with HF's row-major `[out, in]` weight (the one it loads, saves and
+    names), that on a CPU multiplies `BY_COLUMN_FROM_ROWS` or more rows by a column-major
+    copy of that weight.
+
+    MKL repacks a row-major weight on every GEMM of 4 rows or more, but reads an
+    `[in, out]`-contiguous one as it lies; from 1 to 3 rows it runs a GEMV-like kernel that
+    is faster on the row-major weight. Measured on 2 cores (SmolLM2's projections, fp32, 30
+    layers of distinct weights): by column, 1.6x faster at 4-8 rows and 2-2.4x at 16-32;
+    by row, 1.2x faster at 2-3 rows, and a batch-1 step 1.2x faster while another process
+    takes a core (as the scheduler does, beside the executor). The copy costs the weight's
+    bytes again; it is made at the first such call, and again once the weight has changed.
+    """
+
+    _by_column: torch.Tensor | None = None
+    _by_column_of: tuple[int, int] = (0, -1)  # the weight's (data pointer, version) then
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.numel() < BY_COLUMN_FROM_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        out = torch.matmul(x, self.weight_by_column())
+        return out if self.bias is None else out + self.bias
+
+    def weight_by_column(self) -> torch.Tensor:
+        """The weight as `[in, out]`, contiguous: its transpose, copied."""
+        weight = self.weight
+        # An inference tensor has no version counter: it changes only in inference mode.
+        source = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+        if self._by_column is None or self._by_column_of != source:
+            self._by_column = weight.detach().t().contiguous()
+            self._by_column_of = source
+        return self._by_column
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -62,19 +98,19 @@ class SelfAttentionProjections(nn.Module):
         hidden, head_dim = config.hidden_size, config.head_dim
         q_size = config.num_attention_heads * head_dim
         kv_size = config.num_key_value_heads * head_dim
-        self.q_proj = nn.Linear(hidden, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, hidden, bias=config.o_proj_bias)
+        self.q_proj = Projection(hidden, q_size, bias=config.attention_bias)
+        self.k_proj = Projection(hidden, kv_size, bias=config.attention_bias)
+        self.v_proj = Projection(hidden, kv_size, bias=config.attention_bias)
+        self.o_proj = Projection(q_size, hidden, bias=config.o_proj_bias)
 
 
 class GatedMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=bias)
-        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.gate_proj = Projection(hidden, inner, bias=bias)
+        self.up_proj = Projection(hidden, inner, bias=bias)
+        self.down_proj = Projection(inner, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
