@@ -13,7 +13,9 @@ to expect in the server's certificate when the address does not carry it
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,17 +67,33 @@ class ServerTls:
         return grpc.ssl_server_credentials([pair])
 
 
+ADDRESS_UNAVAILABLE = errno.EADDRINUSE  # the exit status of a service that cannot listen
+
+
+class AddressUnavailable(SystemExit):
+    """Exits with `ADDRESS_UNAVAILABLE`, after writing `message` to stderr (an integer exit
+    status prints nothing), so a launcher can tell a port taken from other failures."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ADDRESS_UNAVAILABLE)
+        self.message = message
+        print(message, file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def listen(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
     """Adds `address` to `server`, over TLS when `tls` is enabled; returns the port. Exits
-    with the address where it cannot be bound (held by another process, or not this
-    host's)."""
+    with the address, status `ADDRESS_UNAVAILABLE`, where it cannot be bound (held by
+    another process, or not this host's)."""
     try:
         if tls is not None and tls.enabled:
             return server.add_secure_port(address, tls.credentials())
         return server.add_insecure_port(address)
     except RuntimeError as error:
-        raise SystemExit(f"cannot listen on {address}: it is in use or not an address of "
-                         f"this host ({error})") from None
+        raise AddressUnavailable(f"cannot listen on {address}: it is in use or not an address "
+                                 f"of this host ({error})") from None
 
 
 @dataclass(frozen=True, slots=True)

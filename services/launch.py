@@ -35,8 +35,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.auth import bearer_metadata, env_flag
 from common.health_probe import check_http
 from common.shm.arena import cleanup_stale
+from common.tls import ADDRESS_UNAVAILABLE, ClientTls, sync_channel
 from common.tls import ENV as TLS_ENV
-from common.tls import ClientTls, sync_channel
 from protos import executor_pb2 as ex
 from protos import executor_pb2_grpc as ex_grpc
 from services.executor.options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
@@ -52,18 +52,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_taken(port: int) -> bool:
-    """Whether another socket holds `port` on the loopback address."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 class ChildExited(RuntimeError):
-    """A child process ended before it served."""
+    """A child process ended before it served, with `returncode`."""
+
+    def __init__(self, name: str, returncode: int) -> None:
+        super().__init__(f"{name} exited with code {returncode}")
+        self.returncode = returncode
 
 
 @dataclass
@@ -265,12 +259,11 @@ class LocalStack:
         picks again, `PORT_TRIES` times in all."""
         tried = 0
         while True:
-            chosen = port or free_port()
             tried += 1
             try:
-                return self._spawn_on(name, args, timeout_s, chosen)
-            except ChildExited:
-                if port or tried == PORT_TRIES or not port_taken(chosen):
+                return self._spawn_on(name, args, timeout_s, port or free_port())
+            except ChildExited as exited:
+                if port or tried == PORT_TRIES or exited.returncode != ADDRESS_UNAVAILABLE:
                     raise
 
     def _spawn_on(self, name: str, args: Sequence[str], timeout_s: float, port: int
@@ -325,7 +318,7 @@ def wait_serving(child: Child, timeout_s: float, tls: ClientTls | None = None) -
     if child.name == "http":
         while (problem := check_http(child.address, timeout_s=1)) is not None:
             if child.process.poll() is not None:
-                raise ChildExited(f"{child.name} exited with code {child.process.returncode}")
+                raise ChildExited(child.name, child.process.returncode)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{child.name} not serving after {timeout_s:.0f} s: {problem}")
             time.sleep(0.2)
@@ -334,7 +327,7 @@ def wait_serving(child: Child, timeout_s: float, tls: ClientTls | None = None) -
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if child.process.poll() is not None:
-                raise ChildExited(f"{child.name} exited with code {child.process.returncode}")
+                raise ChildExited(child.name, child.process.returncode)
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

@@ -69,7 +69,9 @@ def compute_on(worker: ThreadPoolExecutor, threads: int) -> None:
     its threads outnumber the cores. So a second team (the one the loading thread kept, say)
     slows every step: SmolLM2 at batch 1 on 2 cores and 2 threads took 85-96 ms a step
     launched on a worker thread after the main thread had loaded the model with 2, against
-    42-56 ms with the main thread on 1 (measured side by side, in fresh processes)."""
+    42-56 ms with the main thread on 1 (measured side by side, in fresh processes). Call it
+    before other threads compute: between its two settings the process-wide count is
+    `threads`, which a thread's first parallel op in that gap would keep."""
     worker.submit(_set_threads, threads).result()
     torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from common.grpc_serving import SERVER_OPTIONS
-from common.tls import listen
+from common.tls import ADDRESS_UNAVAILABLE, listen
 from services import launch
 from services.launch import ChildExited, LocalStack, StackConfig
 
@@ -45,7 +45,7 @@ async def test_a_service_started_on_a_held_port_exits_saying_so(held_port: int) 
     done = subprocess.run(
         [sys.executable, "-m", "services.kvstore", "--port", str(held_port), *KVSTORE_ARGS],
         capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode != 0
+    assert done.returncode == ADDRESS_UNAVAILABLE
     assert f"cannot listen on 127.0.0.1:{held_port}: it is in use" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -54,13 +54,19 @@ async def test_a_stack_picks_another_port_when_its_pick_is_taken_first(
     held_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The race `free_port` leaves open: another process binds the port between the pick and
-    the child's bind. The child exits saying so, and the stack picks again."""
+    the child's bind. The child exits saying so (`ADDRESS_UNAVAILABLE`), and the stack picks
+    again; a child that exits for another reason is not started again."""
     picks = iter([held_port])
     monkeypatch.setattr(launch, "free_port", lambda: next(picks, None) or fresh_port())
     stack = LocalStack(StackConfig(log_dir=str(tmp_path)))
     try:
         child = await asyncio.to_thread(stack.spawn, "kvstore", KVSTORE_ARGS, 60)
         assert child.port != held_port and child.process.poll() is None
+        picked: list[int] = []
+        monkeypatch.setattr(launch, "free_port", lambda: picked.append(fresh_port()) or picked[-1])
+        with pytest.raises(ChildExited, match="kvstore exited with code 2"):  # argparse's
+            await asyncio.to_thread(stack.spawn, "kvstore", ["--num-blocks", "many"], 60)
+        assert len(picked) == 1
     finally:
         stack.stop()
     assert f"cannot listen on 127.0.0.1:{held_port}" in (tmp_path / "kvstore.log").read_text()
@@ -69,6 +75,6 @@ async def test_a_stack_picks_another_port_when_its_pick_is_taken_first(
 async def test_a_port_asked_for_is_not_swapped_for_another(held_port: int, tmp_path: Path
                                                           ) -> None:
     stack = LocalStack(StackConfig(log_dir=str(tmp_path)))
-    with pytest.raises(ChildExited, match="kvstore exited with code 1"):
+    with pytest.raises(ChildExited, match=f"kvstore exited with code {ADDRESS_UNAVAILABLE}"):
         await asyncio.to_thread(stack.spawn, "kvstore", KVSTORE_ARGS, 60, held_port)
     assert not stack.children

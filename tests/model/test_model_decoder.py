@@ -231,16 +231,28 @@ def test_cpu_projections_of_four_rows_and_more_read_a_column_major_copy(tmp_path
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, Projection) and q.bias is not None and q.weight.is_contiguous()
     for rows in (1, 3, 4, 32):
-        x = torch.randn(rows, q.in_features)
-        torch.testing.assert_close(q(x), F.linear(x, q.weight, q.bias))
+        assert_same_product(q, rows)
+        assert (q._by_column is not None) == (rows >= 4)  # 1-3 rows never make the copy
     by_column = q.weight_by_column()
     assert by_column.is_contiguous() and torch.equal(by_column, q.weight.t())
     assert q.weight_by_column() is by_column
     with torch.no_grad():
         q.weight.mul_(2)
     assert torch.equal(q.weight_by_column(), q.weight.t())
-    x = torch.randn(8, q.in_features)
-    torch.testing.assert_close(q(x), F.linear(x, q.weight, q.bias))
+    assert_same_product(q, 8)
+    q.weight = torch.nn.Parameter(q.weight.detach() + 1, requires_grad=False)  # another one
+    assert_same_product(q, 8)
+    q.weight.requires_grad_(True)  # with gradients, HF's weight: the copy has no gradient
+    q(torch.ones(8, q.in_features)).sum().backward()
+    assert q.weight.grad is not None
+
+
+def assert_same_product(projection: Projection, rows: int) -> None:
+    """`projection` on `rows` rows gives `F.linear`'s values, to float rounding."""
+    x = torch.randn(rows, projection.in_features, generator=torch.Generator().manual_seed(rows))
+    expected = F.linear(x, projection.weight, projection.bias)
+    torch.testing.assert_close(projection(x), expected, rtol=0,
+                               atol=1e-6 * expected.abs().max().item())
 
 
 def test_fast_path_matches_the_invariant_path(model: DecoderModel, fast: DecoderModel) -> None:

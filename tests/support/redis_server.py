@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 from benchmarks.redis_process import RedisProcess
-from services.launch import free_port, port_taken
+from services.launch import free_port
 
 CLUSTER_NODE_TIMEOUT_MS = 1000
 CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on port + 10000
@@ -31,11 +32,20 @@ def cluster_ports(n: int) -> list[int]:
     while len(ports) < n:
         port = free_port()
         bus = port + CLUSTER_BUS_OFFSET
-        if bus > 65535 or {port, bus} & taken or port_taken(bus):
+        if bus > 65535 or {port, bus} & taken or not _bindable(bus):
             continue
         taken |= {port, bus}
         ports.append(port)
     return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def redis_binary(name: str = "redis-server") -> str:

@@ -27,22 +27,27 @@ class Projection(nn.Linear):
     """
 
     _by_column: torch.Tensor | None = None
-    _by_column_of: tuple[int, int] = (0, -1)  # the weight's (data pointer, version) then
+    _by_column_of: tuple[torch.Tensor, int, int] | None = None  # (weight, pointer, version)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.numel() < BY_COLUMN_FROM_ROWS * x.shape[-1]:
+        if (x.device.type != "cpu" or x.numel() < BY_COLUMN_FROM_ROWS * x.shape[-1]
+                or (torch.is_grad_enabled() and self.weight.requires_grad)):  # the copy has none
             return F.linear(x, self.weight, self.bias)
         out = torch.matmul(x, self.weight_by_column())
         return out if self.bias is None else out + self.bias
 
     def weight_by_column(self) -> torch.Tensor:
-        """The weight as `[in, out]`, contiguous: its transpose, copied."""
+        """The weight as `[in, out]`, contiguous: its transpose, copied. Copied again once the
+        weight is another tensor, holds other memory or was written in place, but not after a
+        write through `weight.data` (a version counter of its own) or to an inference tensor
+        (which has none): write the parameter itself."""
         weight = self.weight
-        # An inference tensor has no version counter: it changes only in inference mode.
-        source = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
-        if self._by_column is None or self._by_column_of != source:
+        version = 0 if weight.is_inference() else weight._version
+        source = self._by_column_of
+        if (self._by_column is None or source is None or source[0] is not weight
+                or source[1:] != (weight.data_ptr(), version)):
             self._by_column = weight.detach().t().contiguous()
-            self._by_column_of = source
+            self._by_column_of = (weight, weight.data_ptr(), version)
         return self._by_column
 
 
