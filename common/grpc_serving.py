@@ -1,6 +1,6 @@
 """What every FastSwitch gRPC server carries: grpc.health.v1, reflection (so `grpcurl`
 works), SERVING once ready, a stop on SIGTERM or SIGINT, requests that do not parse refused
-with INVALID_ARGUMENT, and a port of its own (`SERVER_OPTIONS`)."""
+with INVALID_ARGUMENT, and a port of its own (`SERVER_OPTIONS`); `new_server` makes one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +92,13 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
             request_deserializer=lenient,
             **{kind: before_each_call(getattr(handler, kind), refuse)},
         )
+
+
+def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A FastSwitch gRPC server: `interceptors`, then `RefuseUndecodable`, on a port of its
+    own (`SERVER_OPTIONS`)."""
+    return grpc.aio.server(interceptors=[*interceptors, RefuseUndecodable()],
+                           options=SERVER_OPTIONS)
 
 
 def add_health_and_reflection(

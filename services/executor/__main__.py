@@ -24,17 +24,11 @@ import logging
 import os
 from pathlib import Path
 
-import grpc
 import torch
 import uvloop
 
 from common.auth import check_bind, env_flag, internal_token, token_interceptors
-from common.grpc_serving import (
-    SERVER_OPTIONS,
-    RefuseUndecodable,
-    mark_serving,
-    wait_for_stop_signal,
-)
+from common.grpc_serving import mark_serving, new_server, wait_for_stop_signal
 from common.metrics import add_metrics_token_flags, metrics_token, serve_metrics
 from common.tls import ServerTls, add_server_flags, listen, server_tls
 from services.executor.engine import BackendUnavailable, ExecutorEngine, PreconditionFailed
@@ -140,8 +134,7 @@ async def serve(args: argparse.Namespace, engine: ExecutorEngine, token: str = "
     metrics.watch(engine)
     completions = engine.subscribe()
     recording = asyncio.create_task(metrics.record_swaps(completions))
-    server = grpc.aio.server(interceptors=[metrics.rpc_errors, *token_interceptors(token),
-                                           RefuseUndecodable()], options=SERVER_OPTIONS)
+    server = new_server([metrics.rpc_errors, *token_interceptors(token)])
     service = ExecutorService(engine, metrics, step_threads=args.threads)
     health = add_to_server(service, server)
     serve_metrics(args.metrics_port, args.listen, metrics.registry,

@@ -20,12 +20,7 @@ from typing import TypeVar
 import grpc
 
 from common.auth import token_interceptors
-from common.grpc_serving import (
-    SERVER_OPTIONS,
-    RefuseUndecodable,
-    add_health_and_reflection,
-    mark_serving,
-)
+from common.grpc_serving import add_health_and_reflection, mark_serving, new_server
 from common.kv.host_ops import Reserve
 from common.kv.reuse_index import (
     FingerprintMismatch,
@@ -201,9 +196,7 @@ class StoreServer:
             self._commit = GroupCommit(store.backend.storage, store.backend.async_client)
         self.servicer = KVStoreServicer(store, self._commit)
         self.metrics = metrics or StoreMetrics()
-        self.server = grpc.aio.server(
-            interceptors=[self.metrics.rpc_errors, *token_interceptors(token),
-                          RefuseUndecodable()], options=SERVER_OPTIONS)
+        self.server = new_server([self.metrics.rpc_errors, *token_interceptors(token)])
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self.servicer, self.server)
         self.health = add_health_and_reflection(self.server, SERVICE_NAME)
         self._reap_interval = reap_interval or max(0.05, min(5.0, store.lease_seconds / 4))

@@ -36,10 +36,9 @@ from common.auth import (
 )
 from common.chat_template import ChatTemplate, ChatTemplateError, find_template
 from common.grpc_serving import (
-    SERVER_OPTIONS,
-    RefuseUndecodable,
     add_health_and_reflection,
     mark_serving,
+    new_server,
     wait_for_stop_signal,
 )
 from common.key_reload import ReloadingKeys
@@ -384,8 +383,7 @@ async def serve(args: argparse.Namespace) -> None:
     planner = Planner(config, POLICIES[args.policy](), desc.model_fingerprint,
                       PREEMPTION_POLICIES[args.preemption or config.mode.preemption]())
     metrics = SchedulerMetrics()
-    server = grpc.aio.server(interceptors=[metrics.rpc_errors, RefuseUndecodable()],
-                             options=SERVER_OPTIONS)
+    server = new_server([metrics.rpc_errors])
     health_servicer = add_health_and_reflection(server, SERVICE)
 
     async def on_health(ok: bool) -> None:

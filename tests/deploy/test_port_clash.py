@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.grpc_serving import SERVER_OPTIONS
+from common.grpc_serving import new_server
 from common.tls import ADDRESS_UNAVAILABLE, listen
 from services import launch
 from services.launch import ChildExited, LocalStack, StackConfig
@@ -36,7 +36,7 @@ async def held_port() -> AsyncIterator[int]:
 async def test_grpcs_default_would_share_the_port_ours_refuses_it(held_port: int) -> None:
     shared = grpc.aio.server()
     assert shared.add_insecure_port(f"127.0.0.1:{held_port}") == held_port  # the hazard
-    ours = grpc.aio.server(options=SERVER_OPTIONS)
+    ours = new_server()
     with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{held_port}: it is in use"):
         listen(ours, f"127.0.0.1:{held_port}", None)
 

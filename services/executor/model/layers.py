@@ -26,8 +26,8 @@ class Projection(nn.Linear):
     bytes again; it is made at the first such call, and again once the weight has changed.
     """
 
-    _by_column: torch.Tensor | None = None
-    _by_column_of: tuple[torch.Tensor, int, int] | None = None  # (weight, pointer, version)
+    # The copy, and the weight, data pointer and version it was copied from.
+    _by_column: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or x.numel() < BY_COLUMN_FROM_ROWS * x.shape[-1]
@@ -43,12 +43,12 @@ class Projection(nn.Linear):
         (which has none): write the parameter itself."""
         weight = self.weight
         version = 0 if weight.is_inference() else weight._version
-        source = self._by_column_of
-        if (self._by_column is None or source is None or source[0] is not weight
-                or source[1:] != (weight.data_ptr(), version)):
-            self._by_column = weight.detach().t().contiguous()
-            self._by_column_of = (weight, weight.data_ptr(), version)
-        return self._by_column
+        cached = self._by_column
+        if (cached is None or cached[1] is not weight
+                or cached[2:] != (weight.data_ptr(), version)):
+            cached = (weight.detach().t().contiguous(), weight, weight.data_ptr(), version)
+            self._by_column = cached
+        return cached[0]
 
 
 class RMSNorm(nn.Module):
