@@ -88,7 +88,8 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                  step_threads: int = 0) -> None:
         """`step_threads`: torch's intra-op threads for launching steps, where the forward
         pass runs, and one for every other thread (`compute_on`); 0: leave torch's as they
-        are."""
+        are. The model's projections are packed on that thread before this returns
+        (`DecoderModel.pack_projections`)."""
         self._engine = engine
         self._metrics = metrics or ExecutorMetrics()
         # One thread each, so that each stage takes the steps in the order they arrived.
@@ -97,6 +98,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         self._collect_worker = ThreadPoolExecutor(1, thread_name_prefix="step-collect")
         if step_threads:
             compute_on(self._launch_worker, step_threads)
+        self._launch_worker.submit(engine.model.pack_projections).result()
         self._streams: set[CompletionStream] = set()
         self._settled = asyncio.Condition()  # notified whenever a step begins, or is refused
         self._recently_settled: deque[int] = deque(maxlen=SETTLED_KEPT)  # their iterations

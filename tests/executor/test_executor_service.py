@@ -602,3 +602,25 @@ def test_steps_compute_on_their_threads_and_every_other_thread_on_one() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, check=True)
     assert json.loads(done.stdout) == [3, 1, 1]
+
+
+def test_the_service_packs_the_models_projections_on_the_steps_thread_count() -> None:
+    """In a process of its own (the count is process-wide): MKL fixes a packed weight's
+    threads, so the weights are packed where the steps run, on their count, before the
+    service is built; nothing is packed for the main thread's count."""
+    script = (
+        "import json, torch\n"
+        "from services.executor.engine import ExecutorEngine\n"
+        "from services.executor.model.layers import Projection\n"
+        "from services.executor.model.tiny_checkpoint import tiny_checkpoint\n"
+        "from services.executor.service import ExecutorService\n"
+        "engine = ExecutorEngine.load(tiny_checkpoint(), num_gpu_blocks=8)\n"
+        "service = ExecutorService(engine, step_threads=3)\n"
+        "packed = {json.dumps(sorted(m._packed[0]) if m._packed else [])\n"
+        "          for m in engine.model.modules() if isinstance(m, Projection)}\n"
+        "service.close()\n"
+        "print(json.dumps(sorted(packed)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert json.loads(done.stdout) == [json.dumps([[8, 3], [16, 3], [32, 3]])]

@@ -15,7 +15,8 @@ from services.executor.model import (
     SequenceStep,
     load_checkpoint,
 )
-from services.executor.model.layers import Projection
+from services.executor.model.decoder import ROWS_PER_TILE
+from services.executor.model.layers import PACKED_HEIGHTS, Projection, packed_height
 from services.executor.model.tiny_checkpoint import make_tiny_checkpoint
 
 BLOCK = 16
@@ -220,36 +221,78 @@ def test_the_fast_path_is_the_default(fast: DecoderModel) -> None:
     assert not DecoderModel(fast.config).batch_invariant
 
 
-def test_cpu_projections_of_four_rows_and_more_read_a_column_major_copy(tmp_path: Path
-                                                                       ) -> None:
+def test_cpu_projections_of_4_to_32_rows_multiply_weights_packed_for_their_height(
+        tmp_path: Path) -> None:
     """`Projection`: HF's row-major weight stays the parameter (ties and state_dict as they
-    were); 4 rows or more multiply a column-major copy, made once and again after the
-    weight changes, to the same values as `F.linear` on the weight."""
+    were); 4 to 32 rows are padded to a height of 8, 16 or 32 and multiply the weight packed
+    for it, packed once and again after the weight changes, to the same values as `F.linear`
+    on the weight."""
     _, model = load_checkpoint(make_tiny_checkpoint(tmp_path, arch="qwen2", seed=4))
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as Qwen2's are
-    assert not [name for name in model.state_dict() if "by_column" in name]
+    assert not [name for name in model.state_dict() if "packed" in name]
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, Projection) and q.bias is not None and q.weight.is_contiguous()
-    for rows in (1, 3, 4, 32):
+    assert [packed_height(rows) for rows in (1, 3, 4, 8, 9, 17, 32, 33)] == [
+        None, None, 8, 8, 16, 32, 32, None]
+    for rows, heights in ((1, set()), (3, set()), (33, set()), (5, {8}), (32, {8, 32}),
+                          (9, {8, 16, 32})):
         assert_same_product(q, rows)
-        assert (q._by_column is not None) == (rows >= 4)  # 1-3 rows never make the copy
-    by_column = q.weight_by_column()
-    assert by_column.is_contiguous() and torch.equal(by_column, q.weight.t())
-    assert q.weight_by_column() is by_column
+        assert packed_heights(q) == heights  # 1-3 and 33 rows: none
+    packed = q.packed_weight(8)
+    assert q.packed_weight(8) is packed
+    assert_same_product(q, 6, leading=(2, 3))  # any leading shape, as nn.Linear takes
     with torch.no_grad():
-        q.weight.mul_(2)
-    assert torch.equal(q.weight_by_column(), q.weight.t())
+        q.weight.mul_(2)  # in place: packed again
     assert_same_product(q, 8)
+    assert q.packed_weight(8) is not packed and packed_heights(q) == {8}
     q.weight = torch.nn.Parameter(q.weight.detach() + 1, requires_grad=False)  # another one
     assert_same_product(q, 8)
-    q.weight.requires_grad_(True)  # with gradients, HF's weight: the copy has no gradient
+    threads = torch.get_num_threads()
+    try:  # MKL fixes a packed weight's threads: another count packs its own
+        torch.set_num_threads(threads + 1)
+        assert packed_heights(q) == set()
+        assert_same_product(q, 8)
+        assert packed_heights(q) == {8} and len(q._packed[0]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    q.weight.requires_grad_(True)  # with gradients, HF's weight: the copies have none
     q(torch.ones(8, q.in_features)).sum().backward()
     assert q.weight.grad is not None
 
 
-def assert_same_product(projection: Projection, rows: int) -> None:
-    """`projection` on `rows` rows gives `F.linear`'s values, to float rounding."""
-    x = torch.randn(rows, projection.in_features, generator=torch.Generator().manual_seed(rows))
+@pytest.mark.parametrize("invariant", [False, True], ids=["fast", "invariant"])
+def test_pack_projections_packs_every_height_the_mode_steps_at(folder: Path, invariant: bool
+                                                               ) -> None:
+    """After `pack_projections` (as the engine's `load` runs it) a step packs nothing more:
+    the batch-invariant mode's tiles need only their own height, the fast mode all of them;
+    in bfloat16 nothing is packed."""
+    model = load_checkpoint(folder, batch_invariant=invariant)[1]
+    model.pack_projections()
+    projections = [m for m in model.modules() if isinstance(m, Projection)]
+    heights = {ROWS_PER_TILE} if invariant else set(PACKED_HEIGHTS)
+
+    assert [packed_heights(p) for p in projections] == [heights] * len(projections)
+    cache = new_cache(model)
+    for rows in (5, 12, 30):  # through heights 8, 16 and 32
+        model.forward_step(cache, [SequenceStep(list(range(4)), 0, prompt(rows, rows))])
+    assert [packed_heights(p) for p in projections] == [heights] * len(projections)
+    bf16 = load_checkpoint(folder, dtype=torch.bfloat16)[1]
+    bf16.pack_projections()
+    assert not [m for m in bf16.modules() if isinstance(m, Projection) and m._packed]
+
+
+def packed_heights(projection: Projection) -> set[int]:
+    """The heights `projection` has packed its weight for, on this thread's thread count."""
+    packed = projection._packed[0] if projection._packed else {}
+    return {height for height, threads in packed if threads == torch.get_num_threads()}
+
+
+def assert_same_product(projection: Projection, rows: int, leading: tuple[int, ...] = ()
+                        ) -> None:
+    """`projection` on `rows` rows (shaped `leading` where given) gives `F.linear`'s values,
+    to float rounding."""
+    x = torch.randn(*(leading or (rows,)), projection.in_features,
+                    generator=torch.Generator().manual_seed(rows))
     expected = F.linear(x, projection.weight, projection.bias)
     torch.testing.assert_close(projection(x), expected, rtol=0,
                                atol=1e-6 * expected.abs().max().item())

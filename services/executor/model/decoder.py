@@ -40,7 +40,13 @@ from services.executor.model.batch import PackedInputs, SequenceStep, StepInputs
 from services.executor.model.config import ModelConfig
 from services.executor.model.fingerprint import weights_digest
 from services.executor.model.kv_cache import KVCacheGeometry
-from services.executor.model.layers import DecoderLayer, Projection, RMSNorm, RotaryTable
+from services.executor.model.layers import (
+    PACKED_HEIGHTS,
+    DecoderLayer,
+    Projection,
+    RMSNorm,
+    RotaryTable,
+)
 
 ROWS_PER_TILE = 32
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -173,6 +179,16 @@ class DecoderModel(nn.Module):
         """
         plan = self.plan_step(KVCacheGeometry.of(cache), batch, all_positions=all_positions)
         return self.forward(cache, self.pack(plan).to(self.device))
+
+    def pack_projections(self) -> None:
+        """Packs every projection's weight now for each GEMM height this mode's steps run at
+        (`Projection`; on a CPU, in float32), so that no step pays for it: the
+        batch-invariant mode's `ROWS_PER_TILE`-row tiles need one, the fast mode all. Call
+        it on the thread that will run the steps, on their intra-op thread count."""
+        heights = (ROWS_PER_TILE,) if self.batch_invariant else PACKED_HEIGHTS
+        for module in self.modules():
+            if isinstance(module, Projection):
+                module.pack(heights)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(x))

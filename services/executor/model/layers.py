@@ -9,46 +9,83 @@ from torch import nn
 from services.executor.model.config import ModelConfig
 from services.executor.model.rope import rope_frequencies
 
-BY_COLUMN_FROM_ROWS = 4  # a CPU projection of this many rows or more reads its weight by column
+# A CPU projection of PACKED_FROM_ROWS to PACKED_HEIGHTS[-1] rows pads them to the next height
+# and multiplies a copy of its weight that MKL packed for that many rows.
+PACKED_FROM_ROWS = 4
+PACKED_HEIGHTS = (8, 16, 32)
+MKL_PACKING = torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()
+
+
+def packed_height(rows: int) -> int | None:
+    """The GEMM height a CPU projection of `rows` rows pads them to, or None: by HF's weight."""
+    if rows < PACKED_FROM_ROWS:
+        return None
+    return next((height for height in PACKED_HEIGHTS if height >= rows), None)
 
 
 class Projection(nn.Linear):
     """`nn.Linear`, with HF's row-major `[out, in]` weight (the one it loads, saves and
-    names), that on a CPU multiplies `BY_COLUMN_FROM_ROWS` or more rows by a column-major
-    copy of that weight.
+    names), that on a CPU multiplies 4 to 32 float32 rows by copies of that weight which MKL
+    packed for a GEMM of 8, 16 or 32 rows (`cblas_sgemm_pack`), padding the rows up to one.
 
-    MKL repacks a row-major weight on every GEMM of 4 rows or more, but reads an
-    `[in, out]`-contiguous one as it lies; from 1 to 3 rows it runs a GEMV-like kernel that
-    is faster on the row-major weight. Measured on 2 cores (SmolLM2's projections, fp32, 30
-    layers of distinct weights): by column, 1.6x faster at 4-8 rows and 2-2.4x at 16-32;
-    by row, 1.2x faster at 2-3 rows, and a batch-1 step 1.2x faster while another process
-    takes a core (as the scheduler does, beside the executor). The copy costs the weight's
-    bytes again; it is made at the first such call, and again once the weight has changed.
+    MKL packs the weight into its GEMM kernel's layout on every call of 4 rows or more; a
+    weight packed once for a height skips that. Measured side by side in one process
+    (SmolLM2, fast mode, 2 cores): a step 1.3x faster at batch 8, 1.15x at 16 and 1.1x at 32,
+    and the output head alone 2.3x at 8 rows; from 1 to 3 rows MKL runs a GEMV on HF's
+    weight, which packing does not beat. MKL also fixes, when it packs, how many threads
+    share the product: a weight packed on one thread ran a batch-8 step on two as slowly as
+    on one (90-95 ms against 59-62). So a copy is packed for a height and the calling
+    thread's intra-op thread count; pack on the thread that runs the steps
+    (`DecoderModel.pack_projections`). Each copy costs the weight's bytes again (540 MB for
+    SmolLM2); one is made at its first call, and again once the weight has changed.
+    Elsewhere (another device or dtype, other row counts, gradients wanted, a torch without
+    MKL) it is `F.linear` on HF's weight.
     """
 
-    # The copy, and the weight, data pointer and version it was copied from.
-    _by_column: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
+    # Packed copies by (height, threads), and the weight, data pointer and version they were
+    # packed from.
+    _packed: tuple[dict[tuple[int, int], torch.Tensor], torch.Tensor, int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.numel() < BY_COLUMN_FROM_ROWS * x.shape[-1]
-                or (torch.is_grad_enabled() and self.weight.requires_grad)):  # the copy has none
+        rows = x.numel() // self.in_features
+        height = packed_height(rows)
+        if height is None or not self.packs_for(x):
             return F.linear(x, self.weight, self.bias)
-        out = torch.matmul(x, self.weight_by_column())
-        return out if self.bias is None else out + self.bias
+        flat = x.reshape(rows, self.in_features)
+        if rows < height:
+            flat = F.pad(flat, (0, 0, 0, height - rows))
+        out = torch.ops.mkl._mkl_linear(flat, self.packed_weight(height), self.weight,
+                                        self.bias, height)
+        return out[:rows].reshape(*x.shape[:-1], self.out_features)
 
-    def weight_by_column(self) -> torch.Tensor:
-        """The weight as `[in, out]`, contiguous: its transpose, copied. Copied again once the
-        weight is another tensor, holds other memory or was written in place, but not after a
-        write through `weight.data` (a version counter of its own) or to an inference tensor
-        (which has none): write the parameter itself."""
+    def packs_for(self, x: torch.Tensor) -> bool:
+        """Whether `x` (of a packed height) multiplies a packed weight: float32 on a CPU,
+        with MKL, and no gradient wanted (the copies have none)."""
+        return (MKL_PACKING and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+                and not (torch.is_grad_enabled() and self.weight.requires_grad))
+
+    def pack(self, heights: tuple[int, ...]) -> None:
+        """Packs the weight for each of `heights` now, where a call would use them."""
+        if self.packs_for(self.weight):
+            for height in heights:
+                self.packed_weight(height)
+
+    def packed_weight(self, height: int) -> torch.Tensor:
+        """The weight packed by MKL for GEMMs of `height` rows on this thread's intra-op
+        thread count (an opaque MKL-DNN tensor). Packed again once the weight is another
+        tensor, holds other memory or was written in place, but not after a write through
+        `weight.data` (a version counter of its own) or to an inference tensor (which has
+        none): write the parameter itself."""
         weight = self.weight
-        version = 0 if weight.is_inference() else weight._version
-        cached = self._by_column
-        if (cached is None or cached[1] is not weight
-                or cached[2:] != (weight.data_ptr(), version)):
-            cached = (weight.detach().t().contiguous(), weight, weight.data_ptr(), version)
-            self._by_column = cached
-        return cached[0]
+        source = (weight, weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+        if self._packed is None or self._packed[1] is not weight or self._packed[2:] != source[1:]:
+            self._packed = ({}, *source)
+        packed = self._packed[0]
+        key = (height, torch.get_num_threads())
+        if key not in packed:
+            packed[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), height)
+        return packed[key]
 
 
 class RMSNorm(nn.Module):
