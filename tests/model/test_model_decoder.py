@@ -3,6 +3,7 @@ any chunking, batching, placement; without it, the same answers to float roundin
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -255,15 +256,25 @@ def test_cpu_projections_of_4_to_32_rows_multiply_weights_packed_for_their_heigh
         assert packed_heights(q) == {8} and len(q._packed[0]) == 2
     finally:
         torch.set_num_threads(threads)
-    q.weight.requires_grad_(True)  # with gradients, HF's weight: the copies have none
+    x = torch.ones(8, q.in_features, requires_grad=True)  # gradients wanted: F.linear's
+    q(x).sum().backward()
+    assert x.grad is not None
+    q.weight.requires_grad_(True)
     q(torch.ones(8, q.in_features)).sum().backward()
     assert q.weight.grad is not None
+    q.weight.requires_grad_(False)
+    assert_same_product(q, 8)
+    copied = copy.deepcopy(q)  # without the packed copies, which MKL-DNN cannot copy
+    assert copied._packed is None and q._packed is not None
+    assert_same_product(copied, 8)
+    q.to(torch.float64)  # moved or cast: the copies are dropped
+    assert q._packed is None
 
 
 @pytest.mark.parametrize("invariant", [False, True], ids=["fast", "invariant"])
 def test_pack_projections_packs_every_height_the_mode_steps_at(folder: Path, invariant: bool
                                                                ) -> None:
-    """After `pack_projections` (as the engine's `load` runs it) a step packs nothing more:
+    """After `pack_projections` (as `ExecutorService` runs it) a step packs nothing more:
     the batch-invariant mode's tiles need only their own height, the fast mode all of them;
     in bfloat16 nothing is packed."""
     model = load_checkpoint(folder, batch_invariant=invariant)[1]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,10 +63,22 @@ class Projection(nn.Linear):
 
     def packs_for(self, x: torch.Tensor) -> bool:
         """Whether `x` (of a packed height) multiplies a packed weight: float32 on a CPU,
-        with MKL, and no gradient wanted (the copies have none)."""
+        with MKL, and no gradient wanted (MKL's product has none)."""
         return (MKL_PACKING and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
-                and not (torch.is_grad_enabled() and self.weight.requires_grad))
+                and not (torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (x, self.weight, self.bias))))
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Projection:
+        self._packed = None  # moved or cast (`to`, `half`, ...): the copies are of the old one
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """As `nn.Linear`'s, without the packed copies (MKL-DNN tensors, which cannot be
+        copied or saved): a copy packs its own."""
+        state = dict(super().__getstate__())
+        state.pop("_packed", None)
+        return state
 
     def pack(self, heights: tuple[int, ...]) -> None:
         """Packs the weight for each of `heights` now, where a call would use them."""
