@@ -161,6 +161,19 @@ def test_runs_are_pooled_before_the_percentiles_are_taken() -> None:
                                 "throughput_tok_s": 8.0}
 
 
+def test_the_ttft_spread_is_how_far_redrawn_turns_move_a_percentile() -> None:
+    # 94 turns of 0.1 s and 6 of 1 s: the P95 is 1 s, and about half of all redraws of the
+    # turns hold fewer than 6 slow ones, which makes it 0.1 s; the median never moves.
+    turns = sim_vs_real.Latencies([0.1] * 94 + [1.0] * 6, [], 0, 1.0)
+    assert turns.metrics()["p95_ttft_s"] == 1.0
+    assert turns.ttft_spread() == {"p50_ttft_s": 0.0, "p95_ttft_s": pytest.approx(0.45)}
+    assert turns.ttft_spread(seed=3) == turns.ttft_spread(seed=3)
+    assert sim_vs_real.Latencies([0.2] * 50, [], 0, 1.0).ttft_spread() == {
+        "p50_ttft_s": 0.0, "p95_ttft_s": 0.0}
+    assert sim_vs_real.Latencies([], [], 0, 0.0).ttft_spread() == {
+        "p50_ttft_s": 0.0, "p95_ttft_s": 0.0}
+
+
 def test_seeds_are_distinct_integers() -> None:
     assert parse_seeds("0, 1,2") == [0, 1, 2]
     for bad in ("", "1,1", "a"):
@@ -196,6 +209,7 @@ def test_a_small_run_reports_every_error(tmp_path: Path) -> None:
     assert row["real_measured"]["turns"] == sum(run["real_measured"]["turns"]
                                                 for run in row["runs"]) > 0
     assert len(row["sim"]["ttft_deciles_s"]) == len(row["real_measured"]["ttft_deciles_s"]) == 9
+    assert set(row["real_measured"]["ttft_spread"]) == {"p50_ttft_s", "p95_ttft_s"}
     errors = [k for k in doc["modes"]["fastswitch"] if "error" in k]
     assert {"p50_ttft_error", "p95_ttft_error", "p99_tbt_error", "throughput_tok_error"} <= set(
         errors)
