@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from common.auth import AUTHORIZATION, bearer_matches
 from common.grpc_serving import before_each_call, handler_kind
+from common.tls import cannot_listen
 
 log = logging.getLogger("fastswitch.metrics")
 T = TypeVar("T")
@@ -107,11 +108,15 @@ class _Quiet(WSGIRequestHandler):
 def serve_metrics(port: int, address: str, registry: CollectorRegistry, token: str = ""
                   ) -> int | None:
     """Serves `registry` at http://address:port/metrics on a daemon thread, to scrapes that
-    send `token` when it is set; returns the bound port, or None when `port` is 0 (off)."""
+    send `token` when it is set; returns the bound port, or None when `port` is 0 (off).
+    Exits with `ADDRESS_UNAVAILABLE` where the port cannot be bound."""
     if port == 0:
         return None
-    server = make_server(address.strip("[]"), port, metrics_app(registry, token),
-                         _Server6 if ":" in address else _Server, handler_class=_Quiet)
+    try:
+        server = make_server(address.strip("[]"), port, metrics_app(registry, token),
+                             _Server6 if ":" in address else _Server, handler_class=_Quiet)
+    except OSError as error:
+        raise cannot_listen(f"{address}:{port}", error) from None
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     bound = int(server.server_port)
     log.info("metrics on %s:%d/metrics%s", address, bound, " (token required)" if token else "")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -92,8 +93,27 @@ def listen(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
             return server.add_secure_port(address, tls.credentials())
         return server.add_insecure_port(address)
     except RuntimeError as error:
-        raise AddressUnavailable(f"cannot listen on {address}: it is in use or not an address "
-                                 f"of this host ({error})") from None
+        raise cannot_listen(address, error) from None
+
+
+def cannot_listen(address: str, error: BaseException) -> AddressUnavailable:
+    """What a service that cannot bind `address` exits with (`ADDRESS_UNAVAILABLE`)."""
+    return AddressUnavailable(f"cannot listen on {address}: it is in use or not an address of "
+                              f"this host ({error})")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on `host` (a name, an IPv4 or an IPv6 address, bracketed or
+    not) and `port`, or an exit with `ADDRESS_UNAVAILABLE` where it cannot be bound: for the
+    HTTP servers, whose own binding fails with a status a launcher cannot tell from others.
+    Unlike grpc's, it sets no SO_REUSEPORT: a held port is refused, never shared."""
+    bare = host.strip("[]")
+    try:
+        return socket.create_server((bare, port),
+                                    family=socket.AF_INET6 if ":" in bare else socket.AF_INET)
+    except OSError as error:
+        raise cannot_listen(f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}",
+                            error) from None
 
 
 @dataclass(frozen=True, slots=True)

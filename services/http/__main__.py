@@ -14,7 +14,7 @@ import os
 import uvicorn
 
 from common.metrics import add_metrics_token_flags, metrics_token, serve_metrics
-from common.tls import add_client_flags, client_tls
+from common.tls import add_client_flags, client_tls, listening_socket
 from services.http.app import Frontend, Settings
 from services.http.protocol import Defaults
 
@@ -68,8 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     serve_metrics(int(args.metrics_port), args.host, frontend.metrics.registry, token)
     log.info("OpenAI-compatible API on http://%s:%s/v1 over the scheduler at %s",
              args.host, args.port, args.scheduler)
-    uvicorn.run(frontend.app(), host=args.host, port=int(args.port), log_level="warning",
-                timeout_graceful_shutdown=float(args.shutdown_grace))
+    # Bound here: uvicorn's own bind exits 1 where the port is taken, which a launcher cannot
+    # tell from other failures (`listening_socket` exits with ADDRESS_UNAVAILABLE).
+    listening = listening_socket(args.host, int(args.port))
+    uvicorn.Server(uvicorn.Config(
+        frontend.app(), host=args.host, port=int(args.port), log_level="warning",
+        timeout_graceful_shutdown=float(args.shutdown_grace),
+    )).run(sockets=[listening])
 
 
 if __name__ == "__main__":

@@ -78,3 +78,18 @@ async def test_a_port_asked_for_is_not_swapped_for_another(held_port: int, tmp_p
     with pytest.raises(ChildExited, match=f"kvstore exited with code {ADDRESS_UNAVAILABLE}"):
         await asyncio.to_thread(stack.spawn, "kvstore", KVSTORE_ARGS, 60, held_port)
     assert not stack.children
+
+
+@pytest.mark.parametrize("held", ["api", "metrics"])
+async def test_the_http_front_door_on_a_held_port_exits_saying_so(held_port: int, held: str
+                                                                  ) -> None:
+    """Its API port (bound for uvicorn, whose own bind would exit 1) and its metrics port
+    alike, so that `LocalStack.spawn` picks another."""
+    ports = {"api": fresh_port(), "metrics": fresh_port(), held: held_port}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.http", "--port", str(ports["api"]),
+         "--metrics-port", str(ports["metrics"])],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == ADDRESS_UNAVAILABLE
+    assert f"cannot listen on 127.0.0.1:{held_port}: it is in use" in done.stderr
+    assert "Traceback" not in done.stderr
