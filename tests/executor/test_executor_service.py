@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -587,29 +588,24 @@ def test_steps_compute_on_their_threads_and_every_other_thread_on_one() -> None:
     """`compute_on`, in a process of its own: it sets torch's process-wide count. The launch
     thread keeps its count after torch's first setup of that thread (which would reset it),
     and neither this thread nor one started later opens a team of OpenMP threads."""
-    script = (
-        "import json, torch\n"
+    assert printed_json(
         "from concurrent.futures import ThreadPoolExecutor\n"
         "from services.executor.service import compute_on\n"
         "torch.set_num_threads(2)\n"
         "launch = ThreadPoolExecutor(1)\n"
         "compute_on(launch, 3)\n"
         "later = ThreadPoolExecutor(1)\n"
-        "counts = [launch.submit(torch.get_num_threads).result(), torch.get_num_threads(),\n"
-        "          later.submit(torch.get_num_threads).result()]\n"
-        "print(json.dumps(counts))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, check=True)
-    assert json.loads(done.stdout) == [3, 1, 1]
+        "print(json.dumps([launch.submit(torch.get_num_threads).result(),\n"
+        "                  torch.get_num_threads(),\n"
+        "                  later.submit(torch.get_num_threads).result()]))\n"
+    ) == [3, 1, 1]
 
 
 def test_the_service_packs_the_models_projections_on_the_steps_thread_count() -> None:
     """In a process of its own (the count is process-wide): MKL fixes a packed weight's
     threads, so the weights are packed where the steps run, on their count, before the
     service is built; nothing is packed for the main thread's count."""
-    script = (
-        "import json, torch\n"
+    assert printed_json(
         "from services.executor.engine import ExecutorEngine\n"
         "from services.executor.model.layers import Projection\n"
         "from services.executor.model.tiny_checkpoint import tiny_checkpoint\n"
@@ -620,7 +616,12 @@ def test_the_service_packs_the_models_projections_on_the_steps_thread_count() ->
         "          for m in engine.model.modules() if isinstance(m, Projection)}\n"
         "service.close()\n"
         "print(json.dumps(sorted(packed)))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, check=True)
-    assert json.loads(done.stdout) == [json.dumps([[8, 3], [16, 3], [32, 3]])]
+    ) == [json.dumps([[8, 3], [16, 3], [32, 3]])]
+
+
+def printed_json(script: str) -> Any:
+    """What `script` prints as JSON, run in a fresh interpreter (`json` and `torch`
+    imported): torch's thread counts are process-wide."""
+    done = subprocess.run([sys.executable, "-c", "import json, torch\n" + script],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout)
