@@ -60,6 +60,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ from protos import kvstore_pb2_grpc as kv_grpc
 from services.executor.__main__ import cpu_threads, tiny_checkpoint
 from services.executor.engine import ExecutorEngine, StepSequence
 from services.executor.model.decoder import ROWS_PER_TILE
+from services.executor.service import compute_on
 from services.launch import LocalStack, StackConfig
 from services.scheduler.core.config import Mode
 from services.scheduler.remote_host import RemoteHostKV, StoreIdentity
@@ -292,8 +294,9 @@ def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 async def _time_step(engine: ExecutorEngine, batch: Sequence[SequenceWork],
-                     first_block: int = 0) -> float:
-    """One step of `batch` on blocks from `first_block` on; the executor's time for it."""
+                     launch: ThreadPoolExecutor, first_block: int = 0) -> float:
+    """One step of `batch` on blocks from `first_block` on, run on `launch`; the executor's
+    time for it."""
     tables, next_block = [], first_block
     for start, new in batch:
         blocks = -(-(start + new) // BLOCK_SIZE)
@@ -302,29 +305,35 @@ async def _time_step(engine: ExecutorEngine, batch: Sequence[SequenceWork],
     claim = engine.begin_step([StepSequence(f"s{i}", table, start, [1] * new, sample=True)
                                for i, (table, (start, new)) in enumerate(zip(tables, batch,
                                                                              strict=True))])
-    return (await asyncio.to_thread(engine.run_step, claim)).duration_s
+    return (await asyncio.get_running_loop().run_in_executor(launch, engine.run_step, claim)
+            ).duration_s
 
 
 async def calibrate(checkpoint: Path, repeats: int) -> dict[str, Any]:
-    """Microbenchmarks of the in-process engine with the executor's own thread count: the
-    step and copy fits, their inputs, and what a stream of copies takes from a step."""
+    """Microbenchmarks of the in-process engine, its steps run as the executor runs them: on
+    one thread with the executor's own thread count, and every other thread on one
+    (`compute_on`: two OpenMP teams on the same cores slow each other). The step and copy
+    fits, their inputs, and what a stream of copies takes from a step."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads())
+    launch = ThreadPoolExecutor(1, thread_name_prefix="calibration-steps")
+    compute_on(launch, cpu_threads())
     try:
-        return await _calibrate(checkpoint, repeats)
+        return await _calibrate(checkpoint, repeats, launch)
     finally:
+        launch.shutdown()
         torch.set_num_threads(threads)
 
 
-async def _calibrate(checkpoint: Path, repeats: int) -> dict[str, Any]:
+async def _calibrate(checkpoint: Path, repeats: int, launch: ThreadPoolExecutor
+                     ) -> dict[str, Any]:
     engine = ExecutorEngine.load(checkpoint, num_gpu_blocks=1024, block_size=BLOCK_SIZE,
                                  batch_invariant=True)
-    await _time_step(engine, [(0, 8)])
+    await _time_step(engine, [(0, 8)], launch)
     # Round robin, so that a burst of load elsewhere on the machine spreads over the points.
     samples: list[list[float]] = [[] for _ in STEP_GRID]
     for _ in range(repeats):
         for times, batch in zip(samples, STEP_GRID, strict=True):
-            times.append(await _time_step(engine, batch))
+            times.append(await _time_step(engine, batch, launch))
     step_s = [statistics.median(times) for times in samples]
     base, per_tile, per_width, per_row_block = _fit(
         [step_features(batch) for batch in STEP_GRID], step_s)
@@ -349,7 +358,7 @@ async def _calibrate(checkpoint: Path, repeats: int) -> dict[str, Any]:
             copy_rows.append([copies, copies * blocks * block_bytes])
             copy_s.append(statistics.median([await swap(copies, blocks)
                                              for _ in range(repeats)]))
-        contention = await _copy_contention(engine, swap, repeats)
+        contention = await _copy_contention(engine, swap, repeats, launch)
     engine.close()
     per_copy, per_byte = _fit(copy_rows, copy_s)
     return {
@@ -366,7 +375,7 @@ async def _calibrate(checkpoint: Path, repeats: int) -> dict[str, Any]:
 
 
 async def _copy_contention(engine: ExecutorEngine, swap: Callable[[int, int], Awaitable[float]],
-                           repeats: int) -> dict[str, float]:
+                           repeats: int, launch: ThreadPoolExecutor) -> dict[str, float]:
     """What copying takes from a step on this machine's shared cores: one step timed alone
     and with swaps copying back to back beside it (round robin, medians); the step's extra
     seconds over the copy seconds that ran meanwhile."""
@@ -378,12 +387,12 @@ async def _copy_contention(engine: ExecutorEngine, swap: Callable[[int, int], Aw
 
     alone, together, copying = [], [], []
     for _ in range(repeats):
-        alone.append(await _time_step(engine, CONTENDED_STEP, first_block=512))
+        alone.append(await _time_step(engine, CONTENDED_STEP, launch, first_block=512))
         stop = asyncio.Event()
         copier = asyncio.ensure_future(copy_until(stop))
         await asyncio.sleep(0)  # the first swap is submitted before the step starts
         # On blocks the swaps leave alone: they copy the cache's first 128.
-        together.append(await _time_step(engine, CONTENDED_STEP, first_block=512))
+        together.append(await _time_step(engine, CONTENDED_STEP, launch, first_block=512))
         stop.set()
         copying.append(await copier)
     extra = statistics.median(together) - statistics.median(alone)
