@@ -33,7 +33,8 @@ from common.metrics import add_metrics_token_flags, metrics_token, serve_metrics
 from common.tls import ServerTls, add_server_flags, listen, server_tls
 from services.executor.engine import BackendUnavailable, ExecutorEngine, PreconditionFailed
 from services.executor.metrics import ExecutorMetrics
-from services.executor.model.decoder import ATTENTION_BACKENDS
+from services.executor.model.decoder import ATTENTION_BACKENDS, ROWS_PER_TILE
+from services.executor.model.layers import PACKED_FROM_ROWS, PACKED_HEIGHTS
 from services.executor.model.tiny_checkpoint import tiny_checkpoint
 from services.executor.options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from services.executor.service import SERVICE_NAME, ExecutorService, add_to_server
@@ -80,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch's intra-op threads; 0: on the cpu backend every core but "
                              "one, which the scheduler and the KV store need between steps; "
                              "on cupy torch's default")
+    parser.add_argument("--packed-heights", type=packed_heights,
+                        default=env("packed-heights", ",".join(map(str, PACKED_HEIGHTS))),
+                        help="on the cpu backend in float32, the row counts (ascending, "
+                             "comma-separated, each at least "
+                             f"{PACKED_FROM_ROWS}) that projections pad to and keep a copy of "
+                             "their weight packed for, each the weights' bytes again; 'none': "
+                             "no copies (the batch-invariant mode uses only "
+                             f"{ROWS_PER_TILE})")
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=env("attention", "auto"),
                         help="paged attention: auto (triton on CUDA, torch on CPU), torch, "
                              "or triton")
@@ -117,6 +126,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def packed_heights(text: str) -> tuple[int, ...]:
+    """`--packed-heights`: 'none' (or nothing), or ascending row counts of at least
+    `PACKED_FROM_ROWS`."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        heights = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated integers: {text!r}") from None
+    if heights[0] < PACKED_FROM_ROWS or list(heights) != sorted(set(heights)):
+        raise argparse.ArgumentTypeError(
+            f"heights must ascend, each at least {PACKED_FROM_ROWS}: {text!r}")
+    return heights
+
+
 def cpu_threads() -> int:
     """Every core this process may use but one, at least one: the scheduler and the KV store
     keep a core, and OpenMP's workers, spinning after each parallel region, do not steal it.
@@ -135,7 +159,8 @@ async def serve(args: argparse.Namespace, engine: ExecutorEngine, token: str = "
     completions = engine.subscribe()
     recording = asyncio.create_task(metrics.record_swaps(completions))
     server = new_server([metrics.rpc_errors, *token_interceptors(token)])
-    service = ExecutorService(engine, metrics, step_threads=args.threads)
+    service = ExecutorService(engine, metrics, step_threads=args.threads,
+                              packed_heights=args.packed_heights)
     health = add_to_server(service, server)
     serve_metrics(args.metrics_port, args.listen, metrics.registry,
                   metrics_token(args.metrics_token, args.metrics_token_file))

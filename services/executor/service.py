@@ -48,6 +48,7 @@ from services.executor.engine import (
 )
 from services.executor.metrics import ExecutorMetrics
 from services.executor.model import SamplingParams
+from services.executor.model.layers import PACKED_HEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,12 @@ def _set_threads(threads: int) -> None:
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: ExecutorEngine, metrics: ExecutorMetrics | None = None, *,
-                 step_threads: int = 0) -> None:
+                 step_threads: int = 0, packed_heights: tuple[int, ...] = PACKED_HEIGHTS
+                 ) -> None:
         """`step_threads`: torch's intra-op threads for launching steps, where the forward
         pass runs, and one for every other thread (`compute_on`); 0: leave torch's as they
-        are. The model's projections are packed on that thread before this returns
-        (`DecoderModel.pack_projections`)."""
+        are. The model's projections are packed for `packed_heights` on that thread before
+        this returns (`DecoderModel.pack_projections`)."""
         self._engine = engine
         self._metrics = metrics or ExecutorMetrics()
         # One thread each, so that each stage takes the steps in the order they arrived.
@@ -98,7 +100,7 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         self._collect_worker = ThreadPoolExecutor(1, thread_name_prefix="step-collect")
         if step_threads:
             compute_on(self._launch_worker, step_threads)
-        self._launch_worker.submit(engine.model.pack_projections).result()
+        self._launch_worker.submit(engine.model.pack_projections, packed_heights).result()
         self._streams: set[CompletionStream] = set()
         self._settled = asyncio.Condition()  # notified whenever a step begins, or is refused
         self._recently_settled: deque[int] = deque(maxlen=SETTLED_KEPT)  # their iterations

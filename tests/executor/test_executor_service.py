@@ -584,6 +584,18 @@ def test_threads_default_to_every_core_but_one_and_refuse_a_negative_count(
         parse_args(["--threads", "-1"])
 
 
+def test_packed_heights_default_to_every_height_and_refuse_what_no_call_would_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_args([]).packed_heights == (8, 16, 32)
+    assert parse_args(["--packed-heights", "none"]).packed_heights == ()
+    assert parse_args(["--packed-heights", "8, 32"]).packed_heights == (8, 32)
+    monkeypatch.setenv("FASTSWITCH_EXECUTOR_PACKED_HEIGHTS", "16")
+    assert parse_args([]).packed_heights == (16,)
+    for bad in ("3,8", "16,8", "8,8", "eight"):  # 1-3 rows never pack; ascending, distinct
+        with pytest.raises(SystemExit):
+            parse_args(["--packed-heights", bad])
+
+
 def test_steps_compute_on_their_threads_and_every_other_thread_on_one() -> None:
     """`compute_on`, in a process of its own: it sets torch's process-wide count. The launch
     thread keeps its count after torch's first setup of that thread (which would reset it),
@@ -611,12 +623,12 @@ def test_the_service_packs_the_models_projections_on_the_steps_thread_count() ->
         "from services.executor.model.tiny_checkpoint import tiny_checkpoint\n"
         "from services.executor.service import ExecutorService\n"
         "engine = ExecutorEngine.load(tiny_checkpoint(), num_gpu_blocks=8)\n"
-        "service = ExecutorService(engine, step_threads=3)\n"
+        "service = ExecutorService(engine, step_threads=3, packed_heights=(8, 32))\n"
         "packed = {json.dumps(sorted(m._packed[0]) if m._packed else [])\n"
         "          for m in engine.model.modules() if isinstance(m, Projection)}\n"
         "service.close()\n"
         "print(json.dumps(sorted(packed)))\n"
-    ) == [json.dumps([[8, 3], [16, 3], [32, 3]])]
+    ) == [json.dumps([[8, 3], [32, 3]])]
 
 
 def printed_json(script: str) -> Any:

@@ -287,6 +287,10 @@ def test_pack_projections_packs_every_height_the_mode_steps_at(folder: Path, inv
     for rows in (5, 12, 30):  # through heights 8, 16 and 32
         model.forward_step(cache, [SequenceStep(list(range(4)), 0, prompt(rows, rows))])
     assert [packed_heights(p) for p in projections] == [heights] * len(projections)
+    model.pack_projections(() if invariant else (8,))  # fewer: 9 rows and more, unpacked
+    model.forward_step(cache, [SequenceStep(list(range(4)), 0, prompt(12, 12))])
+    assert [packed_heights(p) for p in projections] == [set() if invariant else {8}] * len(
+        projections)  # the copies for other heights are not kept either
     bf16 = load_checkpoint(folder, dtype=torch.bfloat16)[1]
     bf16.pack_projections()
     assert not [m for m in bf16.modules() if isinstance(m, Projection) and m._packed]

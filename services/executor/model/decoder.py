@@ -180,12 +180,14 @@ class DecoderModel(nn.Module):
         plan = self.plan_step(KVCacheGeometry.of(cache), batch, all_positions=all_positions)
         return self.forward(cache, self.pack(plan).to(self.device))
 
-    def pack_projections(self) -> None:
-        """Packs every projection's weight now for each GEMM height this mode's steps run at
-        (`Projection`; on a CPU, in float32), so that no step pays for it: the
-        batch-invariant mode's `ROWS_PER_TILE`-row tiles need one, the fast mode all. Call
-        it on the thread that will run the steps, on their intra-op thread count."""
-        heights = (ROWS_PER_TILE,) if self.batch_invariant else PACKED_HEIGHTS
+    def pack_projections(self, heights: tuple[int, ...] = PACKED_HEIGHTS) -> None:
+        """Has every projection pad its rows to `heights` (`Projection`; on a CPU, in
+        float32; () packs none), and packs their weights now for those this mode's steps
+        run at, so that no step pays for it: the batch-invariant mode's `ROWS_PER_TILE`-row
+        tiles need only that one, the fast mode all. Call it on the thread that will run the
+        steps, on their intra-op thread count."""
+        if self.batch_invariant:
+            heights = tuple(h for h in heights if h == ROWS_PER_TILE)
         for module in self.modules():
             if isinstance(module, Projection):
                 module.pack(heights)

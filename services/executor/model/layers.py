@@ -12,18 +12,19 @@ from torch import nn
 from services.executor.model.config import ModelConfig
 from services.executor.model.rope import rope_frequencies
 
-# A CPU projection of PACKED_FROM_ROWS to PACKED_HEIGHTS[-1] rows pads them to the next height
-# and multiplies a copy of its weight that MKL packed for that many rows.
+# A CPU projection of PACKED_FROM_ROWS rows or more, up to its largest packed height, pads them
+# to the next height and multiplies a copy of its weight that MKL packed for that many rows.
 PACKED_FROM_ROWS = 4
-PACKED_HEIGHTS = (8, 16, 32)
+PACKED_HEIGHTS = (8, 16, 32)  # by default
 MKL_PACKING = torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()
 
 
-def packed_height(rows: int) -> int | None:
-    """The GEMM height a CPU projection of `rows` rows pads them to, or None: by HF's weight."""
+def packed_height(rows: int, heights: tuple[int, ...] = PACKED_HEIGHTS) -> int | None:
+    """The GEMM height, of ascending `heights`, a CPU projection of `rows` rows pads them to,
+    or None: by HF's weight."""
     if rows < PACKED_FROM_ROWS:
         return None
-    return next((height for height in PACKED_HEIGHTS if height >= rows), None)
+    return next((height for height in heights if height >= rows), None)
 
 
 class Projection(nn.Linear):
@@ -39,8 +40,9 @@ class Projection(nn.Linear):
     share the product: a weight packed on one thread ran a batch-8 step on two as slowly as
     on one (90-95 ms against 59-62). So a copy is packed for a height and the calling
     thread's intra-op thread count; pack on the thread that runs the steps
-    (`DecoderModel.pack_projections`). Each copy costs the weight's bytes again (540 MB for
-    SmolLM2); one is made at its first call, and again once the weight has changed.
+    (`DecoderModel.pack_projections`, which also sets the heights). Each copy costs the
+    weight's bytes again (540 MB for SmolLM2); one is made at its first call, and again once
+    the weight has changed.
     Elsewhere (another device or dtype, other row counts, gradients wanted, a torch without
     MKL) it is `F.linear` on HF's weight.
     """
@@ -48,10 +50,11 @@ class Projection(nn.Linear):
     # Packed copies by (height, threads), and the weight, data pointer and version they were
     # packed from.
     _packed: tuple[dict[tuple[int, int], torch.Tensor], torch.Tensor, int, int] | None = None
+    heights: tuple[int, ...] = PACKED_HEIGHTS  # ascending; () packs none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        height = packed_height(rows)
+        height = packed_height(rows, self.heights)
         if height is None or not self.packs_for(x):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)
@@ -81,7 +84,13 @@ class Projection(nn.Linear):
         return state
 
     def pack(self, heights: tuple[int, ...]) -> None:
-        """Packs the weight for each of `heights` now, where a call would use them."""
+        """From now on pads rows to `heights` (ascending; () packs none), drops the copies
+        packed for other heights, and packs the weight for each of `heights` now, where a
+        call would use them."""
+        self.heights = heights
+        if self._packed is not None:
+            for key in [key for key in self._packed[0] if key[0] not in heights]:
+                del self._packed[0][key]
         if self.packs_for(self.weight):
             for height in heights:
                 self.packed_weight(height)
